@@ -1,0 +1,1 @@
+//! Builds and steps as actors (queue monitor, build, step, dispatcher, machine, supervisor).

@@ -1,0 +1,1 @@
+//! The database: Hydra's tables on SQLite and PostgreSQL, typed queries, queue notifications.

@@ -1,0 +1,12 @@
+//! `qr`: an actor-model queue runner for Nix builds.
+//!
+//! The folder tree is the architecture: `store` (Nix's formats, the `Store` trait and the native
+//! store), `db` (the runner's journal), `actors` (builds and steps as actors), `grpc` (builder and
+//! admin protocols), `cli` (the `qr` command) and `config`.
+
+pub mod actors;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod grpc;
+pub mod store;

@@ -1,0 +1,1 @@
+//! Nix's formats and algorithms, reproduced byte for byte, and the store.
