@@ -1,3 +1,80 @@
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The `qr` command line: global flags, configuration loading and the subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "qr", version, about = "An actor-model queue runner for Nix builds")]
+pub struct Cli {
+    /// Configuration file (TOML); a missing file means defaults.
+    #[arg(long, global = true, env = "QR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the default SQLite database, the store root and logs live.
+    #[arg(long, global = true, env = "QR_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the effective configuration (defaults, file and environment merged).
+    Config,
+}
+
+/// What every subcommand gets: the loaded configuration and the state dir.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub config: Config,
+    pub state_dir: PathBuf,
+}
+
+impl Context {
+    /// Loads the configuration the way every subcommand does.
+    pub fn load(config_file: Option<&Path>, state_dir: Option<&Path>) -> anyhow::Result<Self> {
+        let state_dir = state_dir.map(Path::to_path_buf).unwrap_or_else(config::default_state_dir);
+        let state_dir = config::prepare_state_dir(&state_dir)?;
+        let config = Config::load(config_file, &state_dir, std::env::vars())?;
+        Ok(Context { config, state_dir })
+    }
+
+    /// The store's physical directory.
+    pub fn store_root(&self) -> PathBuf {
+        PathBuf::from(&self.config.store.root)
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Entry point of the `qr` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qr: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = Context::load(cli.config.as_deref(), cli.state_dir.as_deref())?;
+    match cli.command {
+        Command::Config => {
+            let text = toml::to_string_pretty(&ctx.config).context("rendering the configuration")?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
