@@ -10,13 +10,23 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("environment variable {var}={value:?}: expected {expected}")]
-    Env { var: String, value: String, expected: &'static str },
+    Env {
+        var: String,
+        value: String,
+        expected: &'static str,
+    },
     #[error("cannot create state dir {path}: {source}")]
-    StateDir { path: PathBuf, source: std::io::Error },
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -40,7 +50,10 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "sqlite://{state_dir}/qr.db".into(), max_connections: 8 }
+        DatabaseConfig {
+            url: "sqlite://{state_dir}/qr.db".into(),
+            max_connections: 8,
+        }
     }
 }
 
@@ -94,7 +107,9 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: "127.0.0.1:8080".into() }
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+        }
     }
 }
 
@@ -111,7 +126,12 @@ pub struct LocalBuilderConfig {
 
 impl Default for LocalBuilderConfig {
     fn default() -> Self {
-        LocalBuilderConfig { enabled: true, max_jobs: 0, systems: vec![], features: vec![] }
+        LocalBuilderConfig {
+            enabled: true,
+            max_jobs: 0,
+            systems: vec![],
+            features: vec![],
+        }
     }
 }
 
@@ -158,30 +178,42 @@ impl Config {
         state_dir: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut value = toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<defaults>"),
-            message: e.to_string(),
-        })?;
+        let mut value =
+            toml::Value::try_from(Config::default()).map_err(|e| ConfigError::Parse {
+                path: PathBuf::from("<defaults>"),
+                message: e.to_string(),
+            })?;
         if let Some(path) = file {
             match std::fs::read_to_string(path) {
                 Ok(text) => {
-                    let parsed: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                        path: path.to_path_buf(),
-                        message: e.to_string(),
-                    })?;
+                    let parsed: toml::Value =
+                        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                            path: path.to_path_buf(),
+                            message: e.to_string(),
+                        })?;
                     merge(&mut value, parsed);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     tracing::warn!(path = %path.display(), "config file not found: using defaults");
                 }
-                Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
             }
         }
         apply_env(&mut value, env)?;
-        let mut cfg: Config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<environment>")),
-            message: e.to_string(),
-        })?;
+        let mut cfg: Config =
+            value
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: file
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| PathBuf::from("<environment>")),
+                    message: e.to_string(),
+                })?;
         cfg.expand_state_dir(state_dir);
         Ok(cfg)
     }
@@ -203,7 +235,9 @@ impl Config {
     /// Builds per step run concurrently on the local builder.
     pub fn local_max_jobs(&self) -> usize {
         match self.local_builder.max_jobs {
-            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             n => n as usize,
         }
     }
@@ -216,8 +250,14 @@ pub fn this_system() -> String {
 
 /// Makes the state dir absolute and creates it.
 pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, ConfigError> {
-    std::fs::create_dir_all(dir).map_err(|source| ConfigError::StateDir { path: dir.to_path_buf(), source })?;
-    std::path::absolute(dir).map_err(|source| ConfigError::StateDir { path: dir.to_path_buf(), source })
+    std::fs::create_dir_all(dir).map_err(|source| ConfigError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    std::path::absolute(dir).map_err(|source| ConfigError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 fn merge(base: &mut toml::Value, over: toml::Value) {
@@ -243,17 +283,29 @@ fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     let env: std::collections::HashMap<String, String> = env.into_iter().collect();
-    let Some(sections) = value.as_table_mut() else { return Ok(()) };
+    let Some(sections) = value.as_table_mut() else {
+        return Ok(());
+    };
     for (section, table) in sections.iter_mut() {
-        let Some(table) = table.as_table_mut() else { continue };
+        let Some(table) = table.as_table_mut() else {
+            continue;
+        };
         for (key, slot) in table.iter_mut() {
             let var = format!("QR_{}_{}", section.to_uppercase(), key.to_uppercase());
             let Some(raw) = env.get(&var) else { continue };
-            let bad = |expected| ConfigError::Env { var: var.clone(), value: raw.clone(), expected };
+            let bad = |expected| ConfigError::Env {
+                var: var.clone(),
+                value: raw.clone(),
+                expected,
+            };
             *slot = match slot {
                 toml::Value::String(_) => toml::Value::String(raw.clone()),
-                toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?),
-                toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?),
+                toml::Value::Integer(_) => {
+                    toml::Value::Integer(raw.trim().parse().map_err(|_| bad("an integer"))?)
+                }
+                toml::Value::Float(_) => {
+                    toml::Value::Float(raw.trim().parse().map_err(|_| bad("a number"))?)
+                }
                 toml::Value::Boolean(_) => toml::Value::Boolean(match raw.trim() {
                     "1" | "true" | "yes" | "on" => true,
                     "0" | "false" | "no" | "off" => false,
@@ -293,14 +345,22 @@ mod tests {
         let all = toml::Value::try_from(Config::default()).unwrap();
         for (section, keys) in all.as_table().unwrap() {
             for key in keys.as_table().unwrap().keys() {
-                assert!(table.get(section).and_then(|s| s.get(key)).is_some(), "config.toml lacks [{section}] {key}");
+                assert!(
+                    table.get(section).and_then(|s| s.get(key)).is_some(),
+                    "config.toml lacks [{section}] {key}"
+                );
             }
         }
     }
 
     #[test]
     fn missing_file_means_defaults_and_state_dir_expands() {
-        let cfg = Config::load(Some(Path::new("/nonexistent/qr.toml")), Path::new("/var/lib/qr"), no_env()).unwrap();
+        let cfg = Config::load(
+            Some(Path::new("/nonexistent/qr.toml")),
+            Path::new("/var/lib/qr"),
+            no_env(),
+        )
+        .unwrap();
         assert_eq!(cfg.database.url, "sqlite:///var/lib/qr/qr.db");
         assert_eq!(cfg.store.root, "/var/lib/qr/store");
         assert_eq!(cfg.scheduler.max_tries, 5);
@@ -309,11 +369,17 @@ mod tests {
     #[test]
     fn env_overrides_every_type() {
         let env = vec![
-            ("QR_DATABASE_URL".to_string(), "postgres://x@127.0.0.1/test".to_string()),
+            (
+                "QR_DATABASE_URL".to_string(),
+                "postgres://x@127.0.0.1/test".to_string(),
+            ),
             ("QR_DATABASE_MAX_CONNECTIONS".to_string(), "3".to_string()),
             ("QR_SCHEDULER_RETRY_BACKOFF".to_string(), "1.5".to_string()),
             ("QR_LOCAL_BUILDER_ENABLED".to_string(), "false".to_string()),
-            ("QR_LOCAL_BUILDER_SYSTEMS".to_string(), "x86_64-linux, aarch64-linux".to_string()),
+            (
+                "QR_LOCAL_BUILDER_SYSTEMS".to_string(),
+                "x86_64-linux, aarch64-linux".to_string(),
+            ),
             ("QR_STORE_DIR".to_string(), "/nix/store".to_string()),
         ];
         let cfg = Config::load(None, Path::new("/sd"), env).unwrap();
@@ -321,19 +387,32 @@ mod tests {
         assert_eq!(cfg.database.max_connections, 3);
         assert_eq!(cfg.scheduler.retry_backoff, 1.5);
         assert!(!cfg.local_builder.enabled);
-        assert_eq!(cfg.local_builder.systems, vec!["x86_64-linux", "aarch64-linux"]);
+        assert_eq!(
+            cfg.local_builder.systems,
+            vec!["x86_64-linux", "aarch64-linux"]
+        );
         assert_eq!(cfg.store.dir, "/nix/store");
     }
 
     #[test]
     fn bad_env_and_unknown_keys_are_clear_errors() {
-        let env = vec![("QR_DATABASE_MAX_CONNECTIONS".to_string(), "many".to_string())];
-        let e = Config::load(None, Path::new("/sd"), env).unwrap_err().to_string();
-        assert!(e.contains("QR_DATABASE_MAX_CONNECTIONS") && e.contains("integer"), "{e}");
+        let env = vec![(
+            "QR_DATABASE_MAX_CONNECTIONS".to_string(),
+            "many".to_string(),
+        )];
+        let e = Config::load(None, Path::new("/sd"), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("QR_DATABASE_MAX_CONNECTIONS") && e.contains("integer"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "[database]\nulr = \"x\"\n").unwrap();
-        let e = Config::load(Some(&f), Path::new("/sd"), no_env()).unwrap_err().to_string();
+        let e = Config::load(Some(&f), Path::new("/sd"), no_env())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ulr"), "{e}");
     }
 }

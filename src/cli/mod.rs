@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "qr", version, about = "An actor-model queue runner for Nix builds")]
+#[command(
+    name = "qr",
+    version,
+    about = "An actor-model queue runner for Nix builds"
+)]
 pub struct Cli {
     /// Configuration file (TOML); a missing file means defaults.
     #[arg(long, global = true, env = "QR_CONFIG", value_name = "FILE")]
@@ -37,7 +41,9 @@ pub struct Context {
 impl Context {
     /// Loads the configuration the way every subcommand does.
     pub fn load(config_file: Option<&Path>, state_dir: Option<&Path>) -> anyhow::Result<Self> {
-        let state_dir = state_dir.map(Path::to_path_buf).unwrap_or_else(config::default_state_dir);
+        let state_dir = state_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(config::default_state_dir);
         let state_dir = config::prepare_state_dir(&state_dir)?;
         let config = Config::load(config_file, &state_dir, std::env::vars())?;
         Ok(Context { config, state_dir })
@@ -52,7 +58,10 @@ impl Context {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("QR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Entry point of the `qr` binary.
@@ -72,7 +81,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let ctx = Context::load(cli.config.as_deref(), cli.state_dir.as_deref())?;
     match cli.command {
         Command::Config => {
-            let text = toml::to_string_pretty(&ctx.config).context("rendering the configuration")?;
+            let text =
+                toml::to_string_pretty(&ctx.config).context("rendering the configuration")?;
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
