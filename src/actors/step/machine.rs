@@ -1,0 +1,425 @@
+//! The step's logic as a plain state machine: `on(event) -> effects`, no runtime, no I/O.
+//!
+//! A step is one derivation still to build, shared by every build and step that needs it. It waits
+//! for `OutputsLanded` from each input step; then an IA step is runnable as it is, while a CA floating
+//! or deferred step resolves itself (I/O done by the adapter, which reports `Resolved`) and either runs
+//! (the resolved drv is itself) or attaches to the child step of the resolved drv and aliases its
+//! outputs. Outputs and failures are passed on to every waiter, including waiters that come late.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::actors::types::{Failure, Outputs, Status, Waiter};
+
+/// Retry policy for transient failures (from `[scheduler]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub max_tries: u32,
+    pub interval: Duration,
+    pub backoff: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_tries: 5,
+            interval: Duration::from_secs(60),
+            backoff: 3.0,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before try number `next_try` (2 for the first retry).
+    pub fn delay_before(&self, next_try: u32) -> Duration {
+        let exp = next_try.saturating_sub(2) as i32;
+        self.interval.mul_f64(self.backoff.max(1.0).powi(exp))
+    }
+}
+
+/// Where the step is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    WaitingForInputs,
+    /// The adapter is resolving the drv (compute, write to the store, record in the database).
+    Resolving,
+    /// Waiting in the dispatcher's queue for a machine.
+    Runnable,
+    Building {
+        machine: String,
+    },
+    RetryWait,
+    /// Resolved to another drv: waiting for that child step's outputs.
+    AwaitingResolved {
+        resolved: String,
+    },
+    Succeeded(Outputs),
+    Failed(Failure),
+}
+
+/// What the adapter learned by resolving.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// The resolved drv is the step's own drv: run it as it is.
+    Same,
+    /// The resolved drv (already written and recorded in one transaction).
+    Child(String),
+    /// Resolution is impossible (e.g. a missing realisation): the step fails.
+    Impossible(String),
+}
+
+/// How a build on a machine ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildOutcome {
+    Built(Outputs),
+    Failed {
+        status: Status,
+        message: String,
+        transient: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Sent once after creation.
+    Start,
+    InputLanded {
+        drv: String,
+        outputs: Outputs,
+    },
+    InputFailed {
+        drv: String,
+        failure: Failure,
+    },
+    WaiterAdded(Waiter),
+    WaiterRemoved(Waiter),
+    Resolved(Resolution),
+    ChildLanded(Outputs),
+    ChildFailed(Failure),
+    Dispatched {
+        machine: String,
+    },
+    BuildDone(BuildOutcome),
+    RetryDue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Resolve the drv with these input realisations ((drv, output) → path); report `Resolved`.
+    Resolve {
+        inputs: BTreeMap<(String, String), String>,
+    },
+    /// Attach to the step for the resolved drv (through the registry), as a waiter of it.
+    AttachChild {
+        resolved: String,
+    },
+    /// Put the step in the dispatcher's queue.
+    MakeRunnable,
+    /// Record that a machine started building it.
+    RecordStart {
+        machine: String,
+    },
+    /// Record the step's outputs: realisations for its own drv; `built` when a builder ran it.
+    RecordSuccess {
+        outputs: Outputs,
+        built: bool,
+    },
+    /// Record a failed attempt that will be retried.
+    RecordRetry {
+        try_number: u32,
+        status: Status,
+        message: String,
+    },
+    /// Record the step's own final failure.
+    RecordFailure(Failure),
+    ScheduleRetry {
+        after: Duration,
+    },
+    NotifyLanded {
+        to: Vec<Waiter>,
+        outputs: Outputs,
+    },
+    NotifyFailed {
+        to: Vec<Waiter>,
+        failure: Failure,
+    },
+    /// Nobody waits any more: leave the queue, abort a running build, stop.
+    Abandon,
+}
+
+/// The step state machine.
+#[derive(Debug, Clone)]
+pub struct StepMachine {
+    drv_path: String,
+    needs_resolution: bool,
+    /// Input drvs still to land, with the outputs wanted from each.
+    waiting_for: BTreeMap<String, BTreeSet<String>>,
+    /// Real paths of the inputs' outputs: (drv, output) → path.
+    landed: BTreeMap<(String, String), String>,
+    waiters: BTreeSet<Waiter>,
+    phase: Phase,
+    /// Attempts that ended (failed) so far.
+    tries: u32,
+    retry: RetryPolicy,
+    /// Set at restart when the database already records this step as Resolved.
+    preresolved: Option<String>,
+}
+
+impl StepMachine {
+    /// A step for `drv_path` waiting for `inputs` (drv → wanted outputs) that are still to build;
+    /// `already_landed` holds the realisations of inputs that are already valid.
+    pub fn new(
+        drv_path: impl Into<String>,
+        needs_resolution: bool,
+        inputs: BTreeMap<String, BTreeSet<String>>,
+        already_landed: BTreeMap<(String, String), String>,
+        retry: RetryPolicy,
+    ) -> Self {
+        StepMachine {
+            drv_path: drv_path.into(),
+            needs_resolution,
+            waiting_for: inputs,
+            landed: already_landed,
+            waiters: BTreeSet::new(),
+            phase: Phase::WaitingForInputs,
+            tries: 0,
+            retry,
+            preresolved: None,
+        }
+    }
+
+    /// At restart: the database says this step was resolved to `resolved`; attach straight to it.
+    pub fn with_recorded_resolution(mut self, resolved: impl Into<String>) -> Self {
+        self.preresolved = Some(resolved.into());
+        self
+    }
+
+    pub fn drv_path(&self) -> &str {
+        &self.drv_path
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn waiters(&self) -> impl Iterator<Item = &Waiter> {
+        self.waiters.iter()
+    }
+
+    /// Input drvs not landed yet (what the step waits on).
+    pub fn waiting_on(&self) -> impl Iterator<Item = &String> {
+        self.waiting_for.keys()
+    }
+
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Succeeded(_) | Phase::Failed(_))
+    }
+
+    /// Feeds one event; returns the effects to perform, in order.
+    pub fn on(&mut self, ev: Event) -> Vec<Effect> {
+        match ev {
+            Event::Start => self.start(),
+            Event::InputLanded { drv, outputs } => self.input_landed(drv, outputs),
+            Event::InputFailed { drv, failure } => {
+                if self.is_finished() || !self.waiting_for.contains_key(&drv) {
+                    return vec![];
+                }
+                self.fail(failure.propagate(&drv), true)
+            }
+            Event::WaiterAdded(w) => self.waiter_added(w),
+            Event::WaiterRemoved(w) => {
+                self.waiters.remove(&w);
+                if self.waiters.is_empty() && !self.is_finished() {
+                    self.phase = Phase::Failed(Failure::new(
+                        Status::Cancelled,
+                        "no build needs this step any more",
+                    ));
+                    vec![Effect::Abandon]
+                } else {
+                    vec![]
+                }
+            }
+            Event::Resolved(r) => self.resolved(r),
+            Event::ChildLanded(outputs) => match &self.phase {
+                Phase::AwaitingResolved { .. } => self.succeed(outputs, false),
+                _ => vec![],
+            },
+            Event::ChildFailed(failure) => match &self.phase {
+                // The resolved drv is this step's build: its failure is ours, unchanged. Our own row
+                // stays Resolved, so there is nothing of ours to record.
+                Phase::AwaitingResolved { .. } => self.fail(failure, false),
+                _ => vec![],
+            },
+            Event::Dispatched { machine } => match self.phase {
+                Phase::Runnable => {
+                    self.phase = Phase::Building {
+                        machine: machine.clone(),
+                    };
+                    vec![Effect::RecordStart { machine }]
+                }
+                _ => vec![],
+            },
+            Event::BuildDone(outcome) => self.build_done(outcome),
+            Event::RetryDue => match self.phase {
+                Phase::RetryWait => {
+                    self.phase = Phase::Runnable;
+                    vec![Effect::MakeRunnable]
+                }
+                _ => vec![],
+            },
+        }
+    }
+
+    fn start(&mut self) -> Vec<Effect> {
+        if self.phase != Phase::WaitingForInputs {
+            return vec![];
+        }
+        if let Some(resolved) = self.preresolved.take() {
+            self.phase = Phase::AwaitingResolved {
+                resolved: resolved.clone(),
+            };
+            return vec![Effect::AttachChild { resolved }];
+        }
+        if self.waiting_for.is_empty() {
+            self.inputs_complete()
+        } else {
+            vec![]
+        }
+    }
+
+    fn input_landed(&mut self, drv: String, outputs: Outputs) -> Vec<Effect> {
+        if self.phase != Phase::WaitingForInputs {
+            return vec![];
+        }
+        let Some(wanted) = self.waiting_for.remove(&drv) else {
+            return vec![];
+        };
+        for o in wanted {
+            match outputs.get(&o) {
+                Some(p) => {
+                    self.landed.insert((drv.clone(), o), p.clone());
+                }
+                None => {
+                    let msg = format!("input {drv} landed without its output '{o}'");
+                    return self.fail(Failure::new(Status::Failed, msg), true);
+                }
+            }
+        }
+        if self.waiting_for.is_empty() && self.preresolved.is_none() {
+            self.inputs_complete()
+        } else {
+            vec![]
+        }
+    }
+
+    fn inputs_complete(&mut self) -> Vec<Effect> {
+        if self.needs_resolution {
+            self.phase = Phase::Resolving;
+            vec![Effect::Resolve {
+                inputs: self.landed.clone(),
+            }]
+        } else {
+            self.phase = Phase::Runnable;
+            vec![Effect::MakeRunnable]
+        }
+    }
+
+    fn waiter_added(&mut self, w: Waiter) -> Vec<Effect> {
+        self.waiters.insert(w.clone());
+        match &self.phase {
+            Phase::Succeeded(outputs) => vec![Effect::NotifyLanded {
+                to: vec![w],
+                outputs: outputs.clone(),
+            }],
+            Phase::Failed(f) => vec![Effect::NotifyFailed {
+                to: vec![w],
+                failure: f.clone(),
+            }],
+            _ => vec![],
+        }
+    }
+
+    fn resolved(&mut self, r: Resolution) -> Vec<Effect> {
+        if self.phase != Phase::Resolving {
+            return vec![];
+        }
+        match r {
+            Resolution::Same => {
+                self.phase = Phase::Runnable;
+                vec![Effect::MakeRunnable]
+            }
+            Resolution::Child(resolved) => {
+                self.phase = Phase::AwaitingResolved {
+                    resolved: resolved.clone(),
+                };
+                vec![Effect::AttachChild { resolved }]
+            }
+            Resolution::Impossible(msg) => {
+                let msg = format!("cannot resolve {}: {msg}", self.drv_path);
+                self.fail(Failure::new(Status::Failed, msg), true)
+            }
+        }
+    }
+
+    fn build_done(&mut self, outcome: BuildOutcome) -> Vec<Effect> {
+        if !matches!(self.phase, Phase::Building { .. }) {
+            return vec![];
+        }
+        match outcome {
+            BuildOutcome::Built(outputs) => self.succeed(outputs, true),
+            BuildOutcome::Failed {
+                status,
+                message,
+                transient,
+            } => {
+                self.tries += 1;
+                if transient && self.tries < self.retry.max_tries {
+                    self.phase = Phase::RetryWait;
+                    vec![
+                        Effect::RecordRetry {
+                            try_number: self.tries,
+                            status,
+                            message,
+                        },
+                        Effect::ScheduleRetry {
+                            after: self.retry.delay_before(self.tries + 1),
+                        },
+                    ]
+                } else {
+                    self.fail(Failure::new(status, message), true)
+                }
+            }
+        }
+    }
+
+    fn succeed(&mut self, outputs: Outputs, built: bool) -> Vec<Effect> {
+        self.phase = Phase::Succeeded(outputs.clone());
+        let to = self.waiters.iter().cloned().collect();
+        vec![
+            Effect::RecordSuccess {
+                outputs: outputs.clone(),
+                built,
+            },
+            Effect::NotifyLanded { to, outputs },
+        ]
+    }
+
+    fn fail(&mut self, failure: Failure, record: bool) -> Vec<Effect> {
+        self.phase = Phase::Failed(failure.clone());
+        let to = self.waiters.iter().cloned().collect();
+        let mut effects = Vec::with_capacity(2);
+        if record {
+            effects.push(Effect::RecordFailure(failure.clone()));
+        }
+        effects.push(Effect::NotifyFailed { to, failure });
+        effects
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,428 @@
+use super::*;
+
+const A: &str = "/s/aaaa-a.drv";
+const B: &str = "/s/bbbb-b.drv";
+const R: &str = "/s/rrrr-b.drv";
+
+fn outs(pairs: &[(&str, &str)]) -> Outputs {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn wants(pairs: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+    pairs
+        .iter()
+        .map(|(d, os)| (d.to_string(), os.iter().map(|o| o.to_string()).collect()))
+        .collect()
+}
+
+fn step(needs_resolution: bool, inputs: &[(&str, &[&str])]) -> StepMachine {
+    let mut s = StepMachine::new(
+        B,
+        needs_resolution,
+        wants(inputs),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    );
+    s.on(Event::WaiterAdded(Waiter::Build(1)));
+    s
+}
+
+#[test]
+fn ia_step_without_inputs_is_runnable_at_start() {
+    let mut s = step(false, &[]);
+    assert_eq!(s.on(Event::Start), vec![Effect::MakeRunnable]);
+    assert_eq!(s.phase(), &Phase::Runnable);
+    // a second Start changes nothing
+    assert_eq!(s.on(Event::Start), vec![]);
+}
+
+#[test]
+fn ia_step_waits_for_every_input_then_runs_without_resolving() {
+    let mut s = step(false, &[(A, &["out"])]);
+    assert_eq!(s.on(Event::Start), vec![]);
+    assert_eq!(s.waiting_on().collect::<Vec<_>>(), vec![A]);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: A.into(),
+            outputs: outs(&[("out", "/s/x-a")])
+        }),
+        vec![Effect::MakeRunnable]
+    );
+}
+
+#[test]
+fn ca_step_resolves_from_the_landed_realisations() {
+    let mut s = StepMachine::new(
+        B,
+        true,
+        wants(&[(A, &["out"])]),
+        [((R.to_string(), "dev".to_string()), "/s/already".to_string())].into(),
+        RetryPolicy::default(),
+    );
+    s.on(Event::Start);
+    let fx = s.on(Event::InputLanded {
+        drv: A.into(),
+        outputs: outs(&[("out", "/s/x-a"), ("dev", "/s/x-a-dev")]),
+    });
+    let expected: BTreeMap<(String, String), String> = [
+        ((A.to_string(), "out".to_string()), "/s/x-a".to_string()),
+        ((R.to_string(), "dev".to_string()), "/s/already".to_string()),
+    ]
+    .into();
+    assert_eq!(fx, vec![Effect::Resolve { inputs: expected }]);
+    assert_eq!(s.phase(), &Phase::Resolving);
+}
+
+#[test]
+fn duplicate_and_unknown_landings_are_ignored() {
+    let mut s = step(false, &[(A, &["out"]), (R, &["out"])]);
+    s.on(Event::Start);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: A.into(),
+            outputs: outs(&[("out", "/p")])
+        }),
+        vec![]
+    );
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: A.into(),
+            outputs: outs(&[("out", "/p")])
+        }),
+        vec![]
+    );
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: "/s/zzzz-z.drv".into(),
+            outputs: outs(&[])
+        }),
+        vec![]
+    );
+    assert_eq!(s.phase(), &Phase::WaitingForInputs);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: R.into(),
+            outputs: outs(&[("out", "/q")])
+        }),
+        vec![Effect::MakeRunnable]
+    );
+}
+
+#[test]
+fn an_input_landing_without_a_wanted_output_fails_the_step() {
+    let mut s = step(true, &[(A, &["dev"])]);
+    s.on(Event::Start);
+    let fx = s.on(Event::InputLanded {
+        drv: A.into(),
+        outputs: outs(&[("out", "/p")]),
+    });
+    let Phase::Failed(f) = s.phase() else {
+        panic!("not failed: {:?}", s.phase())
+    };
+    assert_eq!(f.status, Status::Failed);
+    assert!(
+        f.message.contains("without its output 'dev'"),
+        "{}",
+        f.message
+    );
+    assert!(matches!(
+        &fx[..],
+        [Effect::RecordFailure(_), Effect::NotifyFailed { .. }]
+    ));
+}
+
+#[test]
+fn resolving_to_itself_makes_the_step_runnable() {
+    let mut s = step(true, &[]);
+    assert!(matches!(&s.on(Event::Start)[..], [Effect::Resolve { .. }]));
+    assert_eq!(
+        s.on(Event::Resolved(Resolution::Same)),
+        vec![Effect::MakeRunnable]
+    );
+}
+
+#[test]
+fn resolving_to_a_child_attaches_and_aliases_its_outputs() {
+    let mut s = step(true, &[(A, &["out"])]);
+    s.on(Event::Start);
+    s.on(Event::InputLanded {
+        drv: A.into(),
+        outputs: outs(&[("out", "/s/x-a")]),
+    });
+    assert_eq!(
+        s.on(Event::Resolved(Resolution::Child(R.into()))),
+        vec![Effect::AttachChild { resolved: R.into() }]
+    );
+    assert_eq!(s.phase(), &Phase::AwaitingResolved { resolved: R.into() });
+    // a machine never gets a resolved parent
+    assert_eq!(
+        s.on(Event::Dispatched {
+            machine: "m".into()
+        }),
+        vec![]
+    );
+    let o = outs(&[("out", "/s/y-b")]);
+    assert_eq!(
+        s.on(Event::ChildLanded(o.clone())),
+        vec![
+            Effect::RecordSuccess {
+                outputs: o.clone(),
+                built: false
+            },
+            Effect::NotifyLanded {
+                to: vec![Waiter::Build(1)],
+                outputs: o.clone()
+            },
+        ]
+    );
+    assert_eq!(s.phase(), &Phase::Succeeded(o));
+}
+
+#[test]
+fn impossible_resolution_fails_with_a_clear_message() {
+    let mut s = step(true, &[]);
+    s.on(Event::Start);
+    let fx = s.on(Event::Resolved(Resolution::Impossible(
+        "no realisation for /s/aaaa-a.drv^out".into(),
+    )));
+    let f = Failure::new(
+        Status::Failed,
+        format!("cannot resolve {B}: no realisation for /s/aaaa-a.drv^out"),
+    );
+    assert_eq!(
+        fx,
+        vec![
+            Effect::RecordFailure(f.clone()),
+            Effect::NotifyFailed {
+                to: vec![Waiter::Build(1)],
+                failure: f
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_child_failure_is_the_parents_own_failure_and_not_recorded_twice() {
+    let mut s = step(true, &[]);
+    s.on(Event::Start);
+    s.on(Event::Resolved(Resolution::Child(R.into())));
+    let f = Failure::new(Status::Failed, "builder exited with 1");
+    assert_eq!(
+        s.on(Event::ChildFailed(f.clone())),
+        vec![Effect::NotifyFailed {
+            to: vec![Waiter::Build(1)],
+            failure: f
+        }]
+    );
+}
+
+#[test]
+fn a_recorded_resolution_attaches_straight_to_the_child_at_restart() {
+    let mut s = StepMachine::new(
+        B,
+        true,
+        wants(&[(A, &["out"])]),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    )
+    .with_recorded_resolution(R);
+    assert_eq!(
+        s.on(Event::Start),
+        vec![Effect::AttachChild { resolved: R.into() }]
+    );
+    // inputs landing later do not resolve again
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: A.into(),
+            outputs: outs(&[("out", "/p")])
+        }),
+        vec![]
+    );
+}
+
+#[test]
+fn input_failure_propagates_as_dep_failed_from_the_failing_drv() {
+    let mut s = step(false, &[(A, &["out"])]);
+    s.on(Event::Start);
+    let fx = s.on(Event::InputFailed {
+        drv: A.into(),
+        failure: Failure::new(Status::Failed, "boom"),
+    });
+    let Phase::Failed(f) = s.phase().clone() else {
+        panic!()
+    };
+    assert_eq!(f.status, Status::DepFailed);
+    assert_eq!(f.propagated_from.as_deref(), Some(A));
+    assert_eq!(
+        fx,
+        vec![
+            Effect::RecordFailure(f.clone()),
+            Effect::NotifyFailed {
+                to: vec![Waiter::Build(1)],
+                failure: f.clone()
+            }
+        ]
+    );
+    // further up, the origin is kept
+    let up = f.propagate(B);
+    assert_eq!(up.propagated_from.as_deref(), Some(A));
+}
+
+#[test]
+fn dispatch_then_success_records_built_outputs_and_notifies() {
+    let mut s = step(false, &[]);
+    s.on(Event::WaiterAdded(Waiter::Step("/s/cccc-c.drv".into())));
+    s.on(Event::Start);
+    assert_eq!(
+        s.on(Event::Dispatched {
+            machine: "local".into()
+        }),
+        vec![Effect::RecordStart {
+            machine: "local".into()
+        }]
+    );
+    let o = outs(&[("out", "/s/z-b")]);
+    let fx = s.on(Event::BuildDone(BuildOutcome::Built(o.clone())));
+    assert_eq!(
+        fx,
+        vec![
+            Effect::RecordSuccess {
+                outputs: o.clone(),
+                built: true
+            },
+            Effect::NotifyLanded {
+                to: vec![Waiter::Step("/s/cccc-c.drv".into()), Waiter::Build(1)],
+                outputs: o
+            },
+        ]
+    );
+    // a stray result after the end changes nothing
+    assert_eq!(
+        s.on(Event::BuildDone(BuildOutcome::Built(outs(&[])))),
+        vec![]
+    );
+}
+
+#[test]
+fn transient_failures_retry_with_backoff_until_max_tries() {
+    let retry = RetryPolicy {
+        max_tries: 3,
+        interval: Duration::from_secs(10),
+        backoff: 2.0,
+    };
+    let mut s = StepMachine::new(B, false, BTreeMap::new(), BTreeMap::new(), retry);
+    s.on(Event::WaiterAdded(Waiter::Build(7)));
+    s.on(Event::Start);
+    let fail = || BuildOutcome::Failed {
+        status: Status::Aborted,
+        message: "machine lost".into(),
+        transient: true,
+    };
+    s.on(Event::Dispatched {
+        machine: "m".into(),
+    });
+    assert_eq!(
+        s.on(Event::BuildDone(fail())),
+        vec![
+            Effect::RecordRetry {
+                try_number: 1,
+                status: Status::Aborted,
+                message: "machine lost".into()
+            },
+            Effect::ScheduleRetry {
+                after: Duration::from_secs(10)
+            },
+        ]
+    );
+    assert_eq!(s.phase(), &Phase::RetryWait);
+    assert_eq!(s.on(Event::RetryDue), vec![Effect::MakeRunnable]);
+    s.on(Event::Dispatched {
+        machine: "m".into(),
+    });
+    assert_eq!(
+        s.on(Event::BuildDone(fail()))[1],
+        Effect::ScheduleRetry {
+            after: Duration::from_secs(20)
+        }
+    );
+    s.on(Event::RetryDue);
+    s.on(Event::Dispatched {
+        machine: "m".into(),
+    });
+    let fx = s.on(Event::BuildDone(fail()));
+    assert!(
+        matches!(&fx[..], [Effect::RecordFailure(f), Effect::NotifyFailed { .. }] if f.status == Status::Aborted)
+    );
+    assert_eq!(s.tries(), 3);
+}
+
+#[test]
+fn permanent_failures_do_not_retry() {
+    let mut s = step(false, &[]);
+    s.on(Event::Start);
+    s.on(Event::Dispatched {
+        machine: "m".into(),
+    });
+    let fx = s.on(Event::BuildDone(BuildOutcome::Failed {
+        status: Status::Failed,
+        message: "exit 1".into(),
+        transient: false,
+    }));
+    assert!(
+        matches!(&fx[..], [Effect::RecordFailure(f), Effect::NotifyFailed { .. }] if f.status == Status::Failed)
+    );
+    assert_eq!(s.on(Event::RetryDue), vec![]);
+}
+
+#[test]
+fn late_waiters_get_the_result_at_once() {
+    let mut s = step(false, &[]);
+    s.on(Event::Start);
+    s.on(Event::Dispatched {
+        machine: "m".into(),
+    });
+    let o = outs(&[("out", "/s/z")]);
+    s.on(Event::BuildDone(BuildOutcome::Built(o.clone())));
+    assert_eq!(
+        s.on(Event::WaiterAdded(Waiter::Build(2))),
+        vec![Effect::NotifyLanded {
+            to: vec![Waiter::Build(2)],
+            outputs: o
+        }]
+    );
+    let mut f = step(false, &[(A, &["out"])]);
+    f.on(Event::InputFailed {
+        drv: A.into(),
+        failure: Failure::new(Status::Failed, "x"),
+    });
+    assert!(
+        matches!(&f.on(Event::WaiterAdded(Waiter::Build(3)))[..], [Effect::NotifyFailed { to, .. }] if to == &vec![Waiter::Build(3)])
+    );
+}
+
+#[test]
+fn losing_every_waiter_abandons_an_unfinished_step() {
+    let mut s = step(false, &[(A, &["out"])]);
+    s.on(Event::WaiterAdded(Waiter::Build(2)));
+    assert_eq!(s.on(Event::WaiterRemoved(Waiter::Build(1))), vec![]);
+    assert_eq!(
+        s.on(Event::WaiterRemoved(Waiter::Build(2))),
+        vec![Effect::Abandon]
+    );
+    assert!(s.is_finished());
+}
+
+#[test]
+fn retry_delays_grow_geometrically() {
+    let p = RetryPolicy {
+        max_tries: 9,
+        interval: Duration::from_secs(60),
+        backoff: 3.0,
+    };
+    assert_eq!(p.delay_before(2), Duration::from_secs(60));
+    assert_eq!(p.delay_before(3), Duration::from_secs(180));
+    assert_eq!(p.delay_before(4), Duration::from_secs(540));
+}

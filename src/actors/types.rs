@@ -1,0 +1,72 @@
+//! Vocabulary shared by the actors: outputs, failures and who waits on whom.
+
+use std::collections::BTreeMap;
+
+/// Output name → store path, as carried by `OutputsLanded`.
+pub type Outputs = BTreeMap<String, String>;
+
+/// Hydra's build and step status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Success = 0,
+    Failed = 1,
+    DepFailed = 2,
+    Aborted = 3,
+    Cancelled = 4,
+    FailedWithOutput = 6,
+    TimedOut = 7,
+    CachedFailure = 8,
+    Unsupported = 9,
+    LogLimitExceeded = 10,
+    NarSizeLimitExceeded = 11,
+    NotDeterministic = 12,
+    Resolved = 13,
+}
+
+impl Status {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// Something that waits for a step's outputs: a dependent step (by drv path) or a build.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Waiter {
+    Step(String),
+    Build(i64),
+}
+
+/// Why a step did not produce outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub status: Status,
+    /// The drv whose own failure this is, when it is propagated from a dependency.
+    pub propagated_from: Option<String>,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            propagated_from: None,
+            message: message.into(),
+        }
+    }
+
+    /// The failure a dependent sees: DepFailed, pointing at the step that really failed.
+    pub fn propagate(&self, failed_drv: &str) -> Failure {
+        Failure {
+            status: Status::DepFailed,
+            propagated_from: Some(
+                self.propagated_from
+                    .clone()
+                    .unwrap_or_else(|| failed_drv.to_string()),
+            ),
+            message: match &self.propagated_from {
+                Some(_) => self.message.clone(),
+                None => format!("dependency {failed_drv} failed: {}", self.message),
+            },
+        }
+    }
+}
