@@ -1,0 +1,295 @@
+use super::*;
+
+fn set(xs: &[&str]) -> BTreeSet<String> {
+    xs.iter().map(|s| s.to_string()).collect()
+}
+
+fn machine(id: &str, systems: &[&str], jobs: u32, speed: f64) -> MachineInfo {
+    MachineInfo {
+        id: id.into(),
+        systems: set(systems),
+        supported_features: set(&[]),
+        mandatory_features: set(&[]),
+        max_jobs: jobs,
+        speed_factor: speed,
+    }
+}
+
+fn step(
+    drv: &str,
+    system: &str,
+    global: i32,
+    jobset: &str,
+    local: i32,
+    build: i64,
+) -> RunnableStep {
+    RunnableStep {
+        drv: drv.into(),
+        system: system.into(),
+        features: set(&[]),
+        priority: Priority {
+            global_priority: global,
+            jobset: jobset.into(),
+            local_priority: local,
+            build_id: build,
+        },
+    }
+}
+
+fn assigned(fx: &[Effect]) -> Vec<(String, String)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Assign { drv, machine } => Some((drv.clone(), machine.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn orders_by_global_then_local_priority_then_lowest_build_id() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    for s in [
+        step("low-global", "x86_64-linux", 0, "js", 100, 1),
+        step("high-local-late", "x86_64-linux", 5, "js", 10, 9),
+        step("high-local-early", "x86_64-linux", 5, "js", 10, 3),
+        step("high-global-low-local", "x86_64-linux", 5, "js", 0, 1),
+    ] {
+        assert_eq!(d.on(Event::Runnable(s)), vec![]);
+    }
+    assert_eq!(d.runnable(), 4);
+    let fx = d.on(Event::MachineJoined(machine(
+        "m",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    assert_eq!(assigned(&fx), vec![("high-local-early".into(), "m".into())]);
+    let order: Vec<String> = (0..3)
+        .flat_map(|_| assigned(&d.on(Event::SlotFreed("m".into()))))
+        .map(|a| a.0)
+        .collect();
+    assert_eq!(
+        order,
+        vec!["high-local-late", "high-global-low-local", "low-global"]
+    );
+    assert_eq!(d.runnable(), 0);
+}
+
+#[test]
+fn jobset_with_less_share_use_goes_first_at_equal_global_priority() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::JobsetShares {
+        jobset: "big".into(),
+        shares: 100,
+    });
+    d.on(Event::JobsetUsed {
+        jobset: "big".into(),
+        seconds: 1000.0,
+    }); // 10 s per share
+    d.on(Event::JobsetUsed {
+        jobset: "small".into(),
+        seconds: 50.0,
+    }); // 50 s per share
+    d.on(Event::Runnable(step(
+        "small-step",
+        "x86_64-linux",
+        0,
+        "small",
+        50,
+        1,
+    )));
+    d.on(Event::Runnable(step(
+        "big-step",
+        "x86_64-linux",
+        0,
+        "big",
+        0,
+        2,
+    )));
+    let fx = d.on(Event::MachineJoined(machine(
+        "m",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    assert_eq!(assigned(&fx), vec![("big-step".into(), "m".into())]);
+}
+
+#[test]
+fn machines_get_steps_of_their_system_only_and_fill_free_slots() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine(
+        "arm",
+        &["aarch64-linux"],
+        2,
+        1.0,
+    )));
+    d.on(Event::MachineJoined(machine(
+        "x86",
+        &["x86_64-linux"],
+        2,
+        1.0,
+    )));
+    let mut all = vec![];
+    for (i, sys) in [
+        "x86_64-linux",
+        "aarch64-linux",
+        "x86_64-linux",
+        "x86_64-linux",
+    ]
+    .iter()
+    .enumerate()
+    {
+        all.extend(assigned(&d.on(Event::Runnable(step(
+            &format!("s{i}"),
+            sys,
+            0,
+            "js",
+            0,
+            i as i64,
+        )))));
+    }
+    assert_eq!(
+        all,
+        vec![
+            ("s0".into(), "x86".into()),
+            ("s1".into(), "arm".into()),
+            ("s2".into(), "x86".into())
+        ]
+    );
+    assert_eq!(d.runnable(), 1, "x86 is full, s3 waits");
+    assert_eq!(d.running_on("x86"), Some(2));
+    assert_eq!(
+        assigned(&d.on(Event::SlotFreed("x86".into()))),
+        vec![("s3".into(), "x86".into())]
+    );
+}
+
+#[test]
+fn faster_machines_are_preferred() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine(
+        "slow",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    d.on(Event::MachineJoined(machine(
+        "fast",
+        &["x86_64-linux"],
+        1,
+        4.0,
+    )));
+    let fx = d.on(Event::Runnable(step("s", "x86_64-linux", 0, "js", 0, 1)));
+    assert_eq!(assigned(&fx), vec![("s".into(), "fast".into())]);
+}
+
+#[test]
+fn features_supported_and_mandatory() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    let mut kvm = machine("kvm", &["x86_64-linux"], 4, 1.0);
+    kvm.supported_features = set(&["kvm"]);
+    let mut bench = machine("bench", &["x86_64-linux"], 4, 1.0);
+    bench.mandatory_features = set(&["benchmark"]);
+    d.on(Event::MachineJoined(kvm));
+    d.on(Event::MachineJoined(bench));
+    let mut needs_kvm = step("vm-test", "x86_64-linux", 0, "js", 0, 1);
+    needs_kvm.features = set(&["kvm"]);
+    let mut bench_step = step("perf", "x86_64-linux", 0, "js", 0, 2);
+    bench_step.features = set(&["benchmark"]);
+    let plain = step("plain", "x86_64-linux", 0, "js", 0, 3);
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(needs_kvm))),
+        vec![("vm-test".into(), "kvm".into())]
+    );
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(bench_step))),
+        vec![("perf".into(), "bench".into())]
+    );
+    // the bench machine only takes steps that require its mandatory feature
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(plain))),
+        vec![("plain".into(), "kvm".into())]
+    );
+}
+
+#[test]
+fn unsupported_steps_fail_after_the_wait_unless_a_machine_joins() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine(
+        "x86",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    d.on(Event::Tick(1_000));
+    d.on(Event::Runnable(step(
+        "riscv",
+        "riscv64-linux",
+        0,
+        "js",
+        0,
+        1,
+    )));
+    d.on(Event::Runnable(step("arm", "aarch64-linux", 0, "js", 0, 2)));
+    assert_eq!(d.on(Event::Tick(30_000)), vec![]);
+    // an arm machine joins and takes its step: only riscv times out
+    assert_eq!(
+        assigned(&d.on(Event::MachineJoined(machine(
+            "arm",
+            &["aarch64-linux"],
+            1,
+            1.0
+        )))),
+        vec![("arm".into(), "arm".into())]
+    );
+    assert_eq!(
+        d.on(Event::Tick(61_000)),
+        vec![Effect::Unsupported {
+            drv: "riscv".into()
+        }]
+    );
+    assert_eq!(d.runnable(), 0);
+}
+
+#[test]
+fn a_machine_leaving_makes_its_steps_unsupported_again() {
+    let mut d = Dispatcher::new(Duration::from_secs(10));
+    d.on(Event::MachineJoined(machine(
+        "arm",
+        &["aarch64-linux"],
+        0,
+        1.0,
+    )));
+    d.on(Event::Runnable(step("a", "aarch64-linux", 0, "js", 0, 1)));
+    assert_eq!(
+        d.on(Event::Tick(20_000)),
+        vec![],
+        "supported (though the machine has no slots)"
+    );
+    d.on(Event::MachineLeft("arm".into()));
+    assert_eq!(d.on(Event::Tick(25_000)), vec![]);
+    assert_eq!(
+        d.on(Event::Tick(30_000)),
+        vec![Effect::Unsupported { drv: "a".into() }]
+    );
+}
+
+#[test]
+fn removed_and_requeued_steps() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::Runnable(step("a", "x86_64-linux", 0, "js", 0, 1)));
+    d.on(Event::Runnable(step("b", "x86_64-linux", 0, "js", 0, 2)));
+    d.on(Event::Removed("a".into()));
+    // requeueing with a bumped priority replaces the old entry
+    d.on(Event::Runnable(step("b", "x86_64-linux", 9, "js", 0, 2)));
+    assert_eq!(d.runnable(), 1);
+    assert_eq!(d.runnable_per_system().get("x86_64-linux"), Some(&1));
+    let fx = d.on(Event::MachineJoined(machine(
+        "m",
+        &["x86_64-linux"],
+        5,
+        1.0,
+    )));
+    assert_eq!(assigned(&fx), vec![("b".into(), "m".into())]);
+}

@@ -1,0 +1,5 @@
+//! The dispatcher: runnable steps per system, matched to machines with free slots.
+
+pub mod machine;
+
+pub use machine::{Dispatcher, Effect, Event, MachineInfo, Priority, RunnableStep};
