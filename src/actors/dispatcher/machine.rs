@@ -80,6 +80,10 @@ pub enum Effect {
     },
 }
 
+/// How good a jobset's head step is: higher global priority, lower share use, higher local
+/// priority, lower build id.
+type Rank = (Reverse<i32>, f64, Reverse<i32>, i64);
+
 /// Per-jobset queue key: higher global, higher local, then lower build id first.
 type QueueKey = (Reverse<i32>, Reverse<i32>, i64, String);
 
@@ -278,13 +282,11 @@ impl Dispatcher {
             .collect();
         order.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
         for (id, _, _) in order {
-            loop {
-                let Some(m) = self.machines.get(&id) else {
-                    break;
-                };
-                if m.running >= m.info.max_jobs {
-                    break;
-                }
+            while let Some(m) = self
+                .machines
+                .get(&id)
+                .filter(|m| m.running < m.info.max_jobs)
+            {
                 let Some(drv) = self.best_for(&m.info) else {
                     break;
                 };
@@ -303,7 +305,7 @@ impl Dispatcher {
 
     /// The best queued step this machine supports.
     fn best_for(&self, machine: &MachineInfo) -> Option<String> {
-        let mut best: Option<((Reverse<i32>, f64, Reverse<i32>, i64), &String)> = None;
+        let mut best: Option<(Rank, &String)> = None;
         for ((system, features), q) in &self.queues {
             if !machine.supports(system, features) {
                 continue;
