@@ -1,0 +1,268 @@
+//! The build's logic as a plain state machine: a build waits for its top-level step (or finds its
+//! outputs already there) and finishes once, with Hydra's status codes.
+
+use crate::actors::types::{Failure, Outputs, Status};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Its drv closure is being expanded into steps.
+    Expanding,
+    /// Waiting for the step of its top-level drv.
+    Waiting {
+        top: String,
+    },
+    Finished {
+        status: Status,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Expansion found every output of the build's drv already valid (or realised).
+    AlreadyBuilt(Outputs),
+    /// Expansion made (or found) the step for the top-level drv; the build waits on it.
+    WaitingOn(String),
+    /// The top-level step's outputs landed; `failed_marker` when an output holds `nix-support/failed`.
+    TopLanded {
+        outputs: Outputs,
+        failed_marker: bool,
+    },
+    TopFailed(Failure),
+    /// Expansion itself failed (e.g. a malformed or missing drv).
+    ExpansionFailed(String),
+    Cancel,
+    Bump {
+        global_priority: i32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Finish the build row (only if unfinished) with its outputs.
+    Finish {
+        status: Status,
+        outputs: Outputs,
+        cached: bool,
+        message: Option<String>,
+    },
+    /// Stop waiting on the top-level step (so unneeded steps are abandoned).
+    Release { top: String },
+    /// Requeue its runnable steps with the new priority.
+    Reprioritise { global_priority: i32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildMachine {
+    pub id: i64,
+    phase: Phase,
+}
+
+impl BuildMachine {
+    pub fn new(id: i64) -> Self {
+        BuildMachine {
+            id,
+            phase: Phase::Expanding,
+        }
+    }
+
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished { .. })
+    }
+
+    pub fn on(&mut self, ev: Event) -> Vec<Effect> {
+        if self.is_finished() {
+            return vec![];
+        }
+        match ev {
+            Event::AlreadyBuilt(outputs) => self.finish(Status::Success, outputs, true, None),
+            Event::WaitingOn(top) => {
+                self.phase = Phase::Waiting { top };
+                vec![]
+            }
+            Event::TopLanded {
+                outputs,
+                failed_marker,
+            } => {
+                let status = if failed_marker {
+                    Status::FailedWithOutput
+                } else {
+                    Status::Success
+                };
+                self.finish(status, outputs, false, None)
+            }
+            Event::TopFailed(f) => {
+                let status = if f.propagated_from.is_some() {
+                    Status::DepFailed
+                } else {
+                    f.status
+                };
+                self.finish(status, Outputs::new(), false, Some(f.message))
+            }
+            Event::ExpansionFailed(msg) => {
+                self.finish(Status::Failed, Outputs::new(), false, Some(msg))
+            }
+            Event::Cancel => {
+                let mut fx = match &self.phase {
+                    Phase::Waiting { top } => vec![Effect::Release { top: top.clone() }],
+                    _ => vec![],
+                };
+                fx.extend(self.finish(Status::Cancelled, Outputs::new(), false, None));
+                fx
+            }
+            Event::Bump { global_priority } => vec![Effect::Reprioritise { global_priority }],
+        }
+    }
+
+    fn finish(
+        &mut self,
+        status: Status,
+        outputs: Outputs,
+        cached: bool,
+        message: Option<String>,
+    ) -> Vec<Effect> {
+        self.phase = Phase::Finished { status };
+        vec![Effect::Finish {
+            status,
+            outputs,
+            cached,
+            message,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outs() -> Outputs {
+        [("out".to_string(), "/s/x-a".to_string())].into()
+    }
+
+    #[test]
+    fn already_built_finishes_as_cached_success() {
+        let mut b = BuildMachine::new(1);
+        assert_eq!(
+            b.on(Event::AlreadyBuilt(outs())),
+            vec![Effect::Finish {
+                status: Status::Success,
+                outputs: outs(),
+                cached: true,
+                message: None
+            }]
+        );
+        assert!(b.is_finished());
+        // a finished build is never touched again
+        assert_eq!(b.on(Event::Cancel), vec![]);
+        assert_eq!(
+            b.on(Event::TopFailed(Failure::new(Status::Failed, "x"))),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn top_landing_finishes_successfully_or_failed_with_output() {
+        let mut b = BuildMachine::new(1);
+        assert_eq!(b.on(Event::WaitingOn("/s/t.drv".into())), vec![]);
+        assert_eq!(
+            b.phase(),
+            &Phase::Waiting {
+                top: "/s/t.drv".into()
+            }
+        );
+        let fx = b.on(Event::TopLanded {
+            outputs: outs(),
+            failed_marker: false,
+        });
+        assert!(matches!(
+            &fx[..],
+            [Effect::Finish {
+                status: Status::Success,
+                cached: false,
+                ..
+            }]
+        ));
+        let mut b = BuildMachine::new(2);
+        b.on(Event::WaitingOn("/s/t.drv".into()));
+        let fx = b.on(Event::TopLanded {
+            outputs: outs(),
+            failed_marker: true,
+        });
+        assert!(matches!(
+            &fx[..],
+            [Effect::Finish {
+                status: Status::FailedWithOutput,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn own_failures_keep_their_status_and_propagated_ones_are_dep_failed() {
+        let mut b = BuildMachine::new(1);
+        b.on(Event::WaitingOn("/s/t.drv".into()));
+        let fx = b.on(Event::TopFailed(Failure::new(
+            Status::TimedOut,
+            "silent for 10s",
+        )));
+        assert_eq!(
+            fx,
+            vec![Effect::Finish {
+                status: Status::TimedOut,
+                outputs: Outputs::new(),
+                cached: false,
+                message: Some("silent for 10s".into())
+            }]
+        );
+        let mut b = BuildMachine::new(2);
+        b.on(Event::WaitingOn("/s/t.drv".into()));
+        let f = Failure::new(Status::Failed, "boom").propagate("/s/dep.drv");
+        assert!(matches!(
+            &b.on(Event::TopFailed(f))[..],
+            [Effect::Finish {
+                status: Status::DepFailed,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn cancel_releases_the_top_step_and_bump_reprioritises() {
+        let mut b = BuildMachine::new(1);
+        b.on(Event::WaitingOn("/s/t.drv".into()));
+        assert_eq!(
+            b.on(Event::Bump {
+                global_priority: 10
+            }),
+            vec![Effect::Reprioritise {
+                global_priority: 10
+            }]
+        );
+        let fx = b.on(Event::Cancel);
+        assert_eq!(
+            fx[0],
+            Effect::Release {
+                top: "/s/t.drv".into()
+            }
+        );
+        assert!(matches!(
+            fx[1],
+            Effect::Finish {
+                status: Status::Cancelled,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn expansion_failure_fails_the_build_with_its_message() {
+        let mut b = BuildMachine::new(1);
+        let fx = b.on(Event::ExpansionFailed("malformed drv at byte 12".into()));
+        assert!(
+            matches!(&fx[..], [Effect::Finish { status: Status::Failed, message: Some(m), .. }] if m.contains("byte 12"))
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! The build actor: one per unfinished build, waiting for its top-level step.
+
+pub mod machine;
+
+pub use machine::{BuildMachine, Effect, Event, Phase};
