@@ -501,7 +501,7 @@ pub fn print_modulo(
 mod tests {
     use super::*;
 
-    const CHAIN_B: &str = r#"Derive([("out","","r:sha256","")],[("/nix/store/bb2hv5vpc898gbqnr314h9367m8ambvj-chain-a.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","echo /1382g89hyjxy1s6s14v4dfnvlf6fa133igny84dz8n2wzxqzswyf > $out; cat /1382g89hyjxy1s6s14v4dfnvlf6fa133igny84dz8n2wzxqzswyf >> $out"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("dep","/1382g89hyjxy1s6s14v4dfnvlf6fa133igny84dz8n2wzxqzswyf"),("name","chain-b"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"),("outputHashAlgo","sha256"),("outputHashMode","recursive"),("system","x86_64-linux")])"#;
+    use super::tests_seed::CHAIN_B;
 
     fn err(s: &str) -> ParseError {
         parse(s.as_bytes()).expect_err("should not parse")
@@ -592,4 +592,184 @@ mod tests {
         let m = print_modulo(&d, false, &inputs);
         assert!(m.contains(r#"],[("abc",["out"])],[]"#));
     }
+
+    #[test]
+    fn large_inputs_are_linear() {
+        // 200k args and 50k env entries, many escapes: must parse quickly (no quadratic work).
+        let mut d = parse(CHAIN_B.as_bytes()).unwrap();
+        d.args = (0..200_000).map(|i| format!("a\"{i}\\\n")).collect();
+        for i in 0..50_000 {
+            d.env.insert(format!("k{i:06}"), "v\t".repeat(10));
+        }
+        d.builder = "\"".repeat(1 << 20);
+        let text = print(&d);
+        let t = std::time::Instant::now();
+        let back = parse(text.as_bytes()).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(10));
+        assert_eq!(back, d);
+        // A long unterminated string fails at its end, quickly.
+        let mut bad = b"Derive([],[],[],\"".to_vec();
+        bad.extend(std::iter::repeat_n(b'x', 1 << 22));
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.offset, bad.len());
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEEDS: &[&str] = &[
+        super::tests_seed::CHAIN_B,
+        r#"Derive([("out","/nix/store/ys815iw6x4amdbmrqjzficz815kkixhy-mx-fod","sha256","2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")],[],[],"x86_64-linux","/bin/sh",["-c","printf hello > $out"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("name","mx-fod"),("out","/nix/store/ys815iw6x4amdbmrqjzficz815kkixhy-mx-fod"),("outputHash","2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),("outputHashAlgo","sha256"),("system","x86_64-linux")])"#,
+        r#"Derive([("dev","","r:sha256",""),("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",["-c","a\"b\\c\nd\re\tf"],[("dev","/02qcpld1y6xhs5gz9bchpxaw0xdhmsp5dv88lh25r2ss44kh8dxz"),("name","mo-lib"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9")])"#,
+        r#"Derive([("out","","","")],[("/nix/store/kgl69vyd5yssfkn9a7jvb6s21zfah5ja-mx-ca1.drv",["out"]),("/nix/store/p1qxcx8sbmi2zvx8dk4944x7hnlh4fly-mx-ia-leaf.drv",["dev","out"])],["/nix/store/igp3ry331i6rq512l5i84f06s7mhvf65-mx-src.txt"],"x86_64-linux","/bin/sh",[],[("name","mx-ia-on-ca"),("out","")])"#,
+    ];
+
+    /// Strings heavy in the characters that need escaping, plus arbitrary Unicode.
+    fn any_string() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                3 => any::<char>(),
+                1 => prop::sample::select(vec!['"', '\\', '\n', '\r', '\t', '(', ')', '[', ']', ',']),
+            ],
+            0..12,
+        )
+        .prop_map(String::from_iter)
+    }
+
+    fn abs_path() -> impl Strategy<Value = String> {
+        any_string().prop_map(|s| format!("/{s}"))
+    }
+
+    fn method_algo() -> impl Strategy<Value = (String, usize)> {
+        (
+            prop::sample::select(vec!["", "r:", "text:"]),
+            prop::sample::select(vec![
+                ("md5", 32),
+                ("sha1", 40),
+                ("sha256", 64),
+                ("sha512", 128),
+            ]),
+        )
+            .prop_map(|(m, (a, n))| (format!("{m}{a}"), n))
+    }
+
+    fn output() -> impl Strategy<Value = DerivationOutput> {
+        prop_oneof![
+            abs_path().prop_map(|path| DerivationOutput::InputAddressed { path }),
+            (method_algo(), any::<u64>(), abs_path()).prop_map(|((method_algo, n), seed, path)| {
+                let hash: String = (0..n)
+                    .map(|i| b"0123456789abcdef"[((seed >> (i % 61)) as usize + i) % 16] as char)
+                    .collect();
+                DerivationOutput::CaFixed {
+                    method_algo,
+                    hash,
+                    path,
+                }
+            }),
+            method_algo().prop_map(|(method_algo, _)| DerivationOutput::CaFloating { method_algo }),
+            Just(DerivationOutput::Deferred),
+        ]
+    }
+
+    prop_compose! {
+        fn derivation()(
+            outputs in prop::collection::btree_map(any_string(), output(), 0..5),
+            input_drvs in prop::collection::btree_map(
+                abs_path(), prop::collection::btree_set(any_string(), 0..4), 0..6),
+            input_srcs in prop::collection::btree_set(abs_path(), 0..6),
+            system in any_string(),
+            builder in any_string(),
+            args in prop::collection::vec(any_string(), 0..6),
+            env in prop::collection::btree_map(any_string(), any_string(), 0..8),
+        ) -> Derivation {
+            let name = env.get("name").cloned().unwrap_or_default();
+            Derivation { name, outputs, input_drvs, input_srcs, system, builder, args, env }
+        }
+    }
+
+    /// The parser never panics; any error lies within the input; anything it accepts prints back
+    /// to the identical bytes.
+    fn check_total(input: &[u8]) -> std::result::Result<(), TestCaseError> {
+        match parse(input) {
+            Ok(d) => {
+                let printed = print(&d);
+                prop_assert_eq!(printed.as_bytes(), input)
+            }
+            Err(e) => prop_assert!(
+                e.offset <= input.len(),
+                "offset {} > {}",
+                e.offset,
+                input.len()
+            ),
+        }
+        Ok(())
+    }
+
+    fn seed_or_generated() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::sample::select(SEEDS).prop_map(|s| s.as_bytes().to_vec()),
+            derivation().prop_map(|d| print(&d).into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn print_parse_is_identity(d in derivation()) {
+            let text = print(&d);
+            let back = parse(text.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&back, &d);
+            prop_assert_eq!(print(&back), text);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            check_total(&bytes)?;
+        }
+
+        #[test]
+        fn arbitrary_bytes_after_prefix_never_panic(
+            prefix in prop::sample::select(vec!["", "Derive(", "Derive([", "Derive([(\"out\",\"", "Derive([],[],[],\"s\",\"b\",[],["]),
+            bytes in prop::collection::vec(prop_oneof![any::<u8>(), prop::sample::select(b"()[],\"\\/".to_vec())], 0..128),
+        ) {
+            let mut input = prefix.as_bytes().to_vec();
+            input.extend(bytes);
+            check_total(&input)?;
+        }
+
+        #[test]
+        fn truncations_are_errors(text in seed_or_generated(), cut in any::<prop::sample::Index>()) {
+            let at = cut.index(text.len());
+            let e = parse(&text[..at]);
+            prop_assert!(e.is_err(), "a proper prefix parsed");
+            prop_assert!(e.unwrap_err().offset <= at);
+        }
+
+        #[test]
+        fn byte_flips_never_panic(
+            text in seed_or_generated(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..4),
+        ) {
+            let mut t = text;
+            for (at, b, op) in edits {
+                if t.is_empty() { break; }
+                let i = at.index(t.len());
+                match op {
+                    0 => t[i] = b,
+                    1 => t.insert(i, b),
+                    _ => { t.remove(i); }
+                }
+            }
+            check_total(&t)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests_seed {
+    pub const CHAIN_B: &str = r#"Derive([("out","","r:sha256","")],[("/nix/store/bb2hv5vpc898gbqnr314h9367m8ambvj-chain-a.drv",["out"])],[],"x86_64-linux","/bin/sh",["-c","echo /1382g89hyjxy1s6s14v4dfnvlf6fa133igny84dz8n2wzxqzswyf > $out; cat /1382g89hyjxy1s6s14v4dfnvlf6fa133igny84dz8n2wzxqzswyf >> $out"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("dep","/1382g89hyjxy1s6s14v4dfnvlf6fa133igny84dz8n2wzxqzswyf"),("name","chain-b"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"),("outputHashAlgo","sha256"),("outputHashMode","recursive"),("system","x86_64-linux")])"#;
 }
