@@ -1,3 +1,5 @@
+pub mod drv;
+
 pub fn main() -> std::process::ExitCode {
     std::process::ExitCode::SUCCESS
 }

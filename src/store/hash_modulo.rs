@@ -61,11 +61,10 @@ impl DrvHash {
 /// Why a modulo hash could not be computed from a derivation and its inputs' hashes.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ModuloError {
-    #[error("{drv}: {source}")]
+    #[error("{drv}: {error}")]
     Type {
         drv: String,
-        #[source]
-        source: DerivationTypeError,
+        error: DerivationTypeError,
     },
     #[error("{drv}: input derivation {input} has no output {output:?}")]
     MissingOutput {
@@ -80,12 +79,8 @@ pub enum ModuloError {
 /// Why a modulo hash over a store (with a derivation loader) could not be computed.
 #[derive(Debug, Error)]
 pub enum HashModuloError<E> {
-    #[error("cannot load derivation {drv_path}: {source}")]
-    Load {
-        drv_path: String,
-        #[source]
-        source: E,
-    },
+    #[error("cannot load derivation {drv_path}: {error}")]
+    Load { drv_path: String, error: E },
     #[error("the derivation graph has a cycle through {0}")]
     Cycle(String),
     #[error(transparent)]
@@ -102,9 +97,9 @@ pub fn hash_derivation_modulo<'h>(
     label: &str,
     input_hash: impl Fn(&str) -> Option<&'h DrvHash>,
 ) -> Result<DrvHash, ModuloError> {
-    let ty = drv.drv_type().map_err(|source| ModuloError::Type {
+    let ty = drv.drv_type().map_err(|error| ModuloError::Type {
         drv: label.to_string(),
-        source,
+        error,
     })?;
     if ty == DerivationType::CaFixed {
         let hashes = drv
@@ -240,9 +235,9 @@ impl DrvHashes {
                 if on_path.contains(&top.path) {
                     return Err(HashModuloError::Cycle(top.path.clone()));
                 }
-                let drv = load(&top.path).map_err(|source| HashModuloError::Load {
+                let drv = load(&top.path).map_err(|error| HashModuloError::Load {
                     drv_path: top.path.clone(),
-                    source,
+                    error,
                 })?;
                 let children: Vec<String> = drv
                     .input_drvs
@@ -311,7 +306,7 @@ impl DrvHashes {
         let label = format!("derivation {:?}", drv.name);
         let ty = drv
             .drv_type()
-            .map_err(|source| ModuloError::Type { drv: label, source })?;
+            .map_err(|error| ModuloError::Type { drv: label, error })?;
         let mut paths = BTreeMap::new();
         match ty {
             DerivationType::CaFixed => {

@@ -168,7 +168,7 @@ mod tests {
 
     #[test]
     fn realisation_arg() {
-        let r: Realisation = format!("/nix/store/x-a=b.drv^dev=/nix/store/y-a=b-dev")
+        let r: Realisation = "/nix/store/x-a=b.drv^dev=/nix/store/y-a=b-dev"
             .parse()
             .unwrap();
         assert_eq!(r.id, DrvOutput::new("/nix/store/x-a=b.drv", "dev"));

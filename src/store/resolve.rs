@@ -26,12 +26,8 @@ pub enum ResolveError {
     /// Some input outputs have no known real path; nothing may be built from a half-resolved drv.
     #[error("no realisation for {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
     MissingRealisations(Vec<DrvOutput>),
-    #[error("input derivation {path}: {source}")]
-    BadInputPath {
-        path: String,
-        #[source]
-        source: StorePathError,
-    },
+    #[error("input derivation {path}: {error}")]
+    BadInputPath { path: String, error: StorePathError },
     #[error("resolving: {0}")]
     Modulo(#[from] ModuloError),
 }
@@ -71,9 +67,9 @@ pub fn try_resolve(
     for (input, outs) in &drv.input_drvs {
         let sp = store_dir
             .parse(input)
-            .map_err(|source| ResolveError::BadInputPath {
+            .map_err(|error| ResolveError::BadInputPath {
                 path: input.clone(),
-                source,
+                error,
             })?;
         for o in outs {
             match lookup(input, o) {
