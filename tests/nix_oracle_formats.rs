@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use qr::store::aterm;
-use qr::store::derivation::{Derivation, DerivationOutput};
+use qr::store::derivation::{Derivation, DerivationOutput, derivations_from_show_json};
 use qr::store::hash::to_hex;
 use qr::store::hash_modulo::DrvHashes;
 use qr::store::placeholder::{downstream_placeholder, hash_placeholder};
@@ -26,6 +26,7 @@ struct Counts {
     resolved_aterm_round_trips: usize,
     json_agreements: usize,
     json_imports: usize,
+    json_documents: usize,
     hash_placeholders: usize,
     env_hash_placeholders: usize,
     interpolated: usize,
@@ -117,6 +118,60 @@ fn every_fixture_matches_nix() {
         };
         let mut hashes = DrvHashes::new(sd.clone());
         let reals = realisation_map(&fx);
+
+        // The whole graph as one `derivation show` document without output paths.
+        let mut doc = serde_json::Map::new();
+        for (p, v) in derivations(&fx) {
+            let mut show = v["show_derivation"].clone();
+            let outs: Vec<String> = show["outputs"]
+                .as_object()
+                .expect("outputs")
+                .keys()
+                .cloned()
+                .collect();
+            for o in outs {
+                if show["outputs"][&o]
+                    .as_object_mut()
+                    .expect("output")
+                    .remove("path")
+                    .is_some()
+                {
+                    show["env"].as_object_mut().expect("env").remove(&o);
+                }
+            }
+            doc.insert(p.to_string(), show);
+        }
+        let mut no_external =
+            |p: &str| -> Result<Derivation, String> { Err(format!("{p} not in document")) };
+        match derivations_from_show_json(
+            &Value::Object(doc),
+            &mut DrvHashes::new(sd.clone()),
+            &mut no_external,
+        ) {
+            Ok(list) => {
+                let mut seen = std::collections::HashSet::new();
+                for (path, d) in &list {
+                    let key = sd.print(path);
+                    for input in d.input_drvs.keys() {
+                        ck.eq(
+                            &format!("{fname}: {key}: input {input} imported first"),
+                            seen.contains(input),
+                            true,
+                        );
+                    }
+                    ck.eq(
+                        &format!("{fname}: imported {key}"),
+                        Some(d),
+                        parsed.get(&key),
+                    );
+                    seen.insert(key);
+                }
+                if ck.eq(&format!("{fname}: document size"), list.len(), parsed.len()) {
+                    c.json_documents += 1;
+                }
+            }
+            Err(e) => ck.failures.push(format!("{fname}: document import: {e}")),
+        }
 
         for (p, v) in derivations(&fx) {
             let Some(drv) = parsed.get(p) else { continue };
@@ -420,6 +475,7 @@ fn every_fixture_matches_nix() {
         ("resolved ATerm round trips", c.resolved_aterm_round_trips),
         ("JSON agreements", c.json_agreements),
         ("JSON imports", c.json_imports),
+        ("JSON documents", c.json_documents),
         ("hash placeholders", c.hash_placeholders),
         ("env hash placeholders", c.env_hash_placeholders),
         ("interpolated", c.interpolated),

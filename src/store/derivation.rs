@@ -4,12 +4,13 @@
 //! Paths are kept as full printed store paths (`/nix/store/…`), exactly as the ATerm holds them, so
 //! that printing gives back the bytes Nix wrote.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{Map, Value, json};
 use thiserror::Error;
 
 use super::hash::from_hex;
+use super::hash_modulo::{DrvHashes, HashModuloError};
 use super::path::{StoreDir, StorePath, StorePathError, output_path_name, validate_name};
 use super::placeholder::hash_placeholder;
 
@@ -453,6 +454,123 @@ pub enum JsonError {
     Derivation(#[from] DerivationError),
 }
 
+/// Why a `derivation show` document (drv path → derivation) could not be imported.
+#[derive(Debug, Error)]
+pub enum ShowJsonError<E> {
+    #[error("expected a JSON object mapping derivation paths to derivations")]
+    NotAnObject,
+    #[error("{key:?} is not a derivation path: {error}")]
+    BadKey { key: String, error: StorePathError },
+    #[error("{key}: {error}")]
+    Entry { key: String, error: JsonError },
+    #[error("{key}: {error}")]
+    Hash {
+        key: String,
+        error: HashModuloError<E>,
+    },
+    #[error("{key}: the derivation's contents give the path {computed}")]
+    KeyMismatch { key: String, computed: String },
+    #[error("the derivations have a dependency cycle through {0}")]
+    Cycle(String),
+}
+
+/// Imports a `derivation show` document (`{"<drv path>": {…}, …}`), computing missing output
+/// paths (inputs first; inputs not in the document are read with `load_external`). Returns the
+/// derivations in dependency order (inputs before dependents), each with its store path, which
+/// must equal its key.
+pub fn derivations_from_show_json<E, F>(
+    doc: &Value,
+    hashes: &mut DrvHashes,
+    load_external: &mut F,
+) -> Result<Vec<(StorePath, Derivation)>, ShowJsonError<E>>
+where
+    F: FnMut(&str) -> Result<Derivation, E>,
+{
+    let sd = hashes.store_dir().clone();
+    let obj = doc.as_object().ok_or(ShowJsonError::NotAnObject)?;
+    let mut raw: BTreeMap<&str, Derivation> = BTreeMap::new();
+    for (key, v) in obj {
+        let sp = sd.parse(key).map_err(|error| ShowJsonError::BadKey {
+            key: key.clone(),
+            error,
+        })?;
+        let drv = Derivation::from_show_json(v, Some(sp.drv_name()), &sd).map_err(|error| {
+            ShowJsonError::Entry {
+                key: key.clone(),
+                error,
+            }
+        })?;
+        raw.insert(key.as_str(), drv);
+    }
+    // Topological order over the document's own derivations (iterative DFS).
+    let mut order: Vec<&str> = Vec::with_capacity(raw.len());
+    let mut state: HashMap<&str, bool> = HashMap::new(); // false = on the path, true = done
+    for &root in raw.keys() {
+        if state.contains_key(root) {
+            continue;
+        }
+        let mut stack: Vec<(&str, bool)> = vec![(root, false)];
+        while let Some((key, expanded)) = stack.pop() {
+            if expanded {
+                state.insert(key, true);
+                order.push(key);
+                continue;
+            }
+            match state.get(key) {
+                Some(true) => continue,
+                Some(false) => return Err(ShowJsonError::Cycle(key.to_string())),
+                None => {}
+            }
+            state.insert(key, false);
+            stack.push((key, true));
+            if let Some(d) = raw.get(key) {
+                for input in d.input_drvs.keys() {
+                    if let Some((&k, _)) = raw.get_key_value(input.as_str()) {
+                        match state.get(k) {
+                            Some(true) => {}
+                            Some(false) => return Err(ShowJsonError::Cycle(k.to_string())),
+                            None => stack.push((k, false)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut done: HashMap<String, Derivation> = HashMap::new();
+    let mut result = Vec::with_capacity(order.len());
+    for key in order {
+        let Some(mut drv) = raw.remove(key) else {
+            continue;
+        };
+        {
+            let mut load = |p: &str| match done.get(p) {
+                Some(d) => Ok(d.clone()),
+                None => load_external(p),
+            };
+            hashes
+                .fill_input_addressed_paths(&mut drv, &mut load)
+                .map_err(|error| ShowJsonError::Hash {
+                    key: key.to_string(),
+                    error,
+                })?;
+        }
+        let path = drv.drv_path(&sd).map_err(|error| ShowJsonError::Entry {
+            key: key.to_string(),
+            error: error.into(),
+        })?;
+        let computed = sd.print(&path);
+        if computed != key {
+            return Err(ShowJsonError::KeyMismatch {
+                key: key.to_string(),
+                computed,
+            });
+        }
+        done.insert(key.to_string(), drv.clone());
+        result.push((path, drv));
+    }
+    Ok(result)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,5 +679,42 @@ mod tests {
             Err(JsonError::BadOutput(_))
         ));
         assert!(Derivation::from_show_json(&json!([]), None, &sd).is_err());
+    }
+
+    #[test]
+    fn show_json_documents() {
+        let sd = StoreDir::default();
+        let fod = json!({
+            "outputs": {"out": {"hashAlgo": "sha256", "hash": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}},
+            "inputSrcs": [], "inputDrvs": {}, "system": "x86_64-linux", "builder": "/bin/sh",
+            "args": ["-c", "printf hello > $out"],
+            "env": {"PATH": "/usr/bin:/bin", "builder": "/bin/sh", "name": "mx-fod",
+                    "outputHash": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+                    "outputHashAlgo": "sha256", "outputHashMode": "flat", "system": "x86_64-linux"}
+        });
+        let key = "/nix/store/jxkwkrwv1n4dzis261s21aj8aavxw98c-mx-fod.drv";
+        let mut ext = |p: &str| -> Result<Derivation, String> { Err(p.to_string()) };
+        let mut hs = DrvHashes::new(sd.clone());
+        let doc = json!({ key: fod.clone() });
+        let list = derivations_from_show_json(&doc, &mut hs, &mut ext).unwrap();
+        assert_eq!(sd.print(&list[0].0), key);
+        let wrong = "/nix/store/00000000000000000000000000000000-mx-fod.drv";
+        let doc = json!({ wrong: fod.clone() });
+        assert!(matches!(
+            derivations_from_show_json(&doc, &mut hs, &mut ext),
+            Err(ShowJsonError::KeyMismatch { .. })
+        ));
+        // Two derivations depending on each other.
+        let a = "/nix/store/00000000000000000000000000000000-a.drv";
+        let b = "/nix/store/11111111111111111111111111111111-b.drv";
+        let mut da = fod.clone();
+        da["inputDrvs"] = json!({ b: ["out"] });
+        let mut db = fod;
+        db["inputDrvs"] = json!({ a: ["out"] });
+        let doc = json!({ a: da, b: db });
+        assert!(matches!(
+            derivations_from_show_json(&doc, &mut hs, &mut ext),
+            Err(ShowJsonError::Cycle(_))
+        ));
     }
 }
