@@ -11,6 +11,10 @@
 //!   hash algorithms are known and fixed hashes are lower-case hex of the algorithm's length;
 //! - paths are absolute; nothing may follow the closing `)`.
 //!
+//! The printer escapes every string the same way. (Nix prints output fields and input paths
+//! without escaping; they never contain characters that need it, so the bytes are identical for
+//! every real derivation, and ours stay parseable for arbitrary strings.)
+//!
 //! Parsing is a single linear pass with fixed nesting depth (no recursion), and every failure is a
 //! [`ParseError`] carrying the byte offset and what was expected.
 

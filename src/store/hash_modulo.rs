@@ -1,7 +1,9 @@
 //! `hashDerivationModulo`: the hash that input-addressed output paths are made from, and (in
 //! Nix ≤ 2.34) the key of realisations.
 //!
-//! - A fixed-output derivation gets one hash per output: `sha256("fixed:out:<algo>:<hex>:<path>")`.
+//! - A fixed-output derivation gets one hash per output: `sha256("fixed:out:<algo>:<hex>:<path>")`
+//!   (`<path>` is the output path recorded in the derivation; [`DrvHashes::output_paths`]
+//!   recomputes it from the hash, so a mismatch can be detected).
 //! - Any other derivation is hashed as its ATerm with every input derivation replaced by the hex of
 //!   that input's own (unmasked, memoised) modulo hash; inputs with equal hashes merge their output
 //!   sets. With `mask`, output paths and output env vars are printed blank. One hash serves every
