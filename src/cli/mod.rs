@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
 
+pub mod drv;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "qr",
@@ -29,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Show the effective configuration (defaults, file and environment merged).
     Config,
+    /// Inspect derivations the way Nix computes them (paths, placeholders, hash modulo, resolution).
+    #[command(subcommand)]
+    Drv(drv::DrvCommand),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -86,5 +91,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Drv(cmd) => drv::run(cmd, &ctx.store_root()),
     }
 }

@@ -1,7 +1,15 @@
 //! Nix's formats and algorithms, reproduced byte for byte, and the store.
 
+pub mod aterm;
+pub mod derivation;
 pub mod hash;
+pub mod hash_modulo;
 pub mod nix32;
 pub mod path;
+pub mod placeholder;
+pub mod realisation;
+pub mod resolve;
 
+pub use derivation::{Derivation, DerivationOutput, DerivationType};
 pub use path::{StoreDir, StorePath, StorePathError};
+pub use realisation::{DrvOutput, LegacyDrvOutput};
