@@ -1,5 +1,6 @@
 //! Nix's formats and algorithms, reproduced byte for byte, and the store.
 
+pub mod api;
 pub mod aterm;
 pub mod derivation;
 pub mod hash;
@@ -10,6 +11,7 @@ pub mod placeholder;
 pub mod realisation;
 pub mod resolve;
 
+pub use api::{PathInfo, Store, StoreError};
 pub use derivation::{Derivation, DerivationOutput, DerivationType};
 pub use path::{StoreDir, StorePath, StorePathError};
 pub use realisation::{DrvOutput, LegacyDrvOutput};
