@@ -1,6 +1,7 @@
 //! Nix's formats and algorithms, reproduced byte for byte, and the store.
 
 pub mod hash;
+pub mod nar;
 pub mod nix32;
 pub mod path;
 
