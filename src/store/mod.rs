@@ -4,5 +4,6 @@ pub mod hash;
 pub mod nar;
 pub mod nix32;
 pub mod path;
+pub mod refscan;
 
 pub use path::{StoreDir, StorePath, StorePathError};
