@@ -25,8 +25,6 @@ pub use write::{
     HashingWriter, NarWriteError, dump_path, nar_hash_and_size, tree_hash_and_size, write_tree,
 };
 
-pub(crate) use write::COPY_BUF;
-
 /// The magic string every NAR starts with.
 pub const NAR_MAGIC: &str = "nix-archive-1";
 
