@@ -126,6 +126,22 @@ impl NarSource for NarTree {
     }
 }
 
+/// Writes everything to both writers.
+struct Tee<A: Write, B: Write>(A, B);
+
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
 /// One output as the builder left it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScratchOutput {
@@ -236,18 +252,26 @@ fn plan<S: NarSource + ?Sized>(
     // Scan every output for the referenceable paths: the inputs' closure and the scratch outputs.
     let mut referenceable: BTreeSet<StorePath> = candidates.iter().cloned().collect();
     referenceable.extend(scratch.iter().cloned());
+    // The same pass hashes each output modulo its scratch hash part: that is the final hash of
+    // every output that refers to no sibling (nothing to rewrite first), the common case.
     let mut scanned: Vec<BTreeSet<StorePath>> = Vec::with_capacity(outputs.len());
-    for (name, src) in outputs {
-        let mut s = BufWriter::with_capacity(CHUNK, RefScanner::new(referenceable.iter().cloned()));
-        src.dump(&mut s).map_err(|source| CaOutputError::Nar {
+    let mut first_modulo: Vec<Option<HashModulo>> = Vec::with_capacity(outputs.len());
+    for (i, (name, src)) in outputs.iter().enumerate() {
+        let nar_err = |source| CaOutputError::Nar {
             output: name.to_string(),
             source,
-        })?;
-        let s = s.into_inner().map_err(|e| CaOutputError::Nar {
-            output: name.to_string(),
-            source: NarWriteError::Write(e.into_error()),
-        })?;
-        scanned.push(s.found());
+        };
+        let tee = Tee(
+            RefScanner::new(referenceable.iter().cloned()),
+            HashModuloWriter::new(scratch[i].hash_part())?,
+        );
+        let mut w = BufWriter::with_capacity(CHUNK, tee);
+        src.dump(&mut w).map_err(nar_err)?;
+        let Tee(scanner, hm) = w
+            .into_inner()
+            .map_err(|e| nar_err(NarWriteError::Write(e.into_error())))?;
+        scanned.push(scanner.found());
+        first_modulo.push(Some(hm.finish()));
     }
 
     // Dependency order (dependencies first), visiting outputs by name for determinism.
@@ -309,19 +333,24 @@ fn plan<S: NarSource + ?Sized>(
             source,
         };
         // Hash modulo the scratch hash part, after rewriting the finished siblings.
-        let hm = HashModuloWriter::new(scratch[i].hash_part())?;
-        let pairs: Vec<(&str, &[u8])> = done_rewrites
-            .iter()
-            .map(|(f, t)| (f.as_str(), t.as_bytes()))
-            .collect();
-        let mut w = BufWriter::with_capacity(CHUNK, RewritingWriter::new(hm, pairs)?);
-        src.dump(&mut w).map_err(nar_err)?;
-        let (hm, _, _) = w
-            .into_inner()
-            .map_err(|e| nar_err(NarWriteError::Write(e.into_error())))?
-            .finish()
-            .map_err(|e| nar_err(NarWriteError::Write(e)))?;
-        let modulo = hm.finish();
+        let modulo = match first_modulo[i].take() {
+            Some(m) if deps[i].is_empty() => m,
+            _ => {
+                let hm = HashModuloWriter::new(scratch[i].hash_part())?;
+                let pairs: Vec<(&str, &[u8])> = done_rewrites
+                    .iter()
+                    .map(|(f, t)| (f.as_str(), t.as_bytes()))
+                    .collect();
+                let mut w = BufWriter::with_capacity(CHUNK, RewritingWriter::new(hm, pairs)?);
+                src.dump(&mut w).map_err(nar_err)?;
+                let (hm, _, _) = w
+                    .into_inner()
+                    .map_err(|e| nar_err(NarWriteError::Write(e.into_error())))?
+                    .finish()
+                    .map_err(|e| nar_err(NarWriteError::Write(e)))?;
+                hm.finish()
+            }
+        };
 
         let mut self_ref = false;
         let mut others: BTreeSet<StorePath> = BTreeSet::new();

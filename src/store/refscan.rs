@@ -398,4 +398,53 @@ mod tests {
         assert_eq!(out, A.as_bytes());
         assert!(m.is_empty());
     }
+
+    fn piece() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(A.as_bytes().to_vec()),
+            Just(B.as_bytes().to_vec()),
+            Just(A.as_bytes()[..20].to_vec()),
+            "[0-9a-z]{0,40}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..10),
+        ]
+    }
+
+    /// Nix's `RewritingSink` on the whole string: find from the match position after replacing.
+    fn naive_rewrite(data: &[u8], from: &[u8], to: &[u8]) -> (Vec<u8>, Vec<u64>) {
+        let mut s = data.to_vec();
+        let mut m = Vec::new();
+        let mut j = 0;
+        while j + from.len() <= s.len() {
+            if &s[j..j + from.len()] == from {
+                m.push(j as u64);
+                s[j..j + from.len()].copy_from_slice(to);
+            }
+            j += 1;
+        }
+        (s, m)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn chunked_scan_and_rewrite_match_naive(
+            pieces in proptest::collection::vec(piece(), 0..12),
+            chunks in proptest::collection::vec(0usize..50, 0..20),
+        ) {
+            let data: Vec<u8> = pieces.concat();
+            let windows: BTreeSet<&[u8]> = data.windows(32).collect();
+            let expected: BTreeSet<StorePath> = cands()
+                .into_iter()
+                .filter(|c| windows.contains(c.hash_part().as_bytes()))
+                .collect();
+            proptest::prop_assert_eq!(scan_chunked(&data, &chunks), expected);
+            let (out, m, total) = rewrite_chunked(&data, &chunks, &[0u8; 32]);
+            let (nout, nm) = naive_rewrite(&data, A.as_bytes(), &[0u8; 32]);
+            proptest::prop_assert_eq!(out, nout);
+            proptest::prop_assert_eq!(m, nm);
+            proptest::prop_assert_eq!(total, data.len() as u64);
+        }
+    }
 }

@@ -99,7 +99,7 @@ pub enum NarEvent {
     },
     EndDirectory,
     /// A regular file of `size` bytes; read them with [`NarReader::read_contents`] (whatever is not
-    /// read is skipped by the next [`NarReader::next`]).
+    /// read is skipped by the next [`NarReader::next_event`]).
     Regular {
         path: PathBuf,
         executable: bool,
@@ -173,7 +173,7 @@ impl<R: Read> NarReader<R> {
     }
 
     /// The next event, or `None` after the root node.
-    pub fn next(&mut self) -> Result<Option<NarEvent>, NarError> {
+    pub fn next_event(&mut self) -> Result<Option<NarEvent>, NarError> {
         if self.poisoned {
             return Err(self.err(self.pos, NarErrorKind::Poisoned));
         }
@@ -516,7 +516,7 @@ pub fn restore<R: Read>(nar: &mut NarReader<R>, dest: &Path) -> Result<(), Resto
             dest.join(rel)
         }
     };
-    while let Some(ev) = nar.next()? {
+    while let Some(ev) = nar.next_event()? {
         match ev {
             NarEvent::Directory { path } => {
                 let p = target_of(&path);

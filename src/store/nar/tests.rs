@@ -196,7 +196,7 @@ fn events_are_streamed_in_order() {
     let nar = sample_tree().to_nar().unwrap();
     let mut nar_r = NarReader::new(nar.as_slice());
     let mut evs = Vec::new();
-    while let Some(e) = nar_r.next().unwrap() {
+    while let Some(e) = nar_r.next_event().unwrap() {
         // Contents left unread are skipped.
         evs.push(e);
     }
@@ -468,8 +468,11 @@ fn other_malformations() {
     assert!(matches!(e.kind, NarErrorKind::TooLarge(100)));
     // a poisoned reader stays failed
     let mut r = NarReader::new(&b"garbage!"[..]);
-    assert!(r.next().is_err());
-    assert!(matches!(r.next().unwrap_err().kind, NarErrorKind::Poisoned));
+    assert!(r.next_event().is_err());
+    assert!(matches!(
+        r.next_event().unwrap_err().kind,
+        NarErrorKind::Poisoned
+    ));
 }
 
 #[test]

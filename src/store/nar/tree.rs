@@ -7,6 +7,9 @@ use std::path::Path;
 use super::read::{NarError, NarErrorKind, NarEvent, NarLimits, NarReader};
 use super::write::{NarWriteError, dump_path, write_tree};
 
+/// A directory's entries by name.
+type Entries = BTreeMap<Vec<u8>, NarTree>;
+
 /// A filesystem object as a NAR sees it. Directory entries are kept in byte order of their names,
 /// which is the NAR order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +90,7 @@ impl NarTree {
     /// Like [`from_nar`](Self::from_nar), on an existing reader (which is left after the NAR).
     pub fn from_reader<R: Read>(nar: &mut NarReader<R>, max_bytes: u64) -> Result<Self, NarError> {
         // Open directories: (entry name in the parent, entries so far).
-        let mut stack: Vec<(Vec<u8>, BTreeMap<Vec<u8>, NarTree>)> = Vec::new();
+        let mut stack: Vec<(Vec<u8>, Entries)> = Vec::new();
         let mut used: u64 = 0;
         let mut charge = |n: u64, at: u64| -> Result<(), NarError> {
             used = used.saturating_add(n);
@@ -102,7 +105,7 @@ impl NarTree {
         };
         let mut buf = vec![0u8; 64 * 1024];
         let mut root: Option<NarTree> = None;
-        while let Some(ev) = nar.next()? {
+        while let Some(ev) = nar.next_event()? {
             let at = nar.offset();
             let (name, node) = match ev {
                 NarEvent::Directory { path } => {
