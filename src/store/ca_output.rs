@@ -896,4 +896,52 @@ mod tests {
         let e = finalize_ca_outputs(&sd(), store, &d, &dup, &[]).unwrap_err();
         assert!(matches!(e, CaOutputError::DuplicateOutput { .. }), "{e}");
     }
+
+    #[test]
+    fn large_outputs_stream_with_matches_across_chunks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path();
+        let d = drv("1clrh13xr4sr7m2pdc17jr7m2364xcpi-mo-lib.drv");
+        let out = sd().print(&scratch_path(&sd(), &d, "out"));
+        let dev = sd().print(&scratch_path(&sd(), &d, "dev"));
+        // References placed around the 64 KiB chunk boundaries of the streams.
+        let mut big = vec![b'x'; 300 * 1024];
+        for (k, at) in [65_500usize, 131_060, 196_600, 262_130].iter().enumerate() {
+            let p = if k % 2 == 0 { &out } else { &dev };
+            big[*at..*at + p.len()].copy_from_slice(p.as_bytes());
+        }
+        let trees = BTreeMap::from([
+            (
+                "out".to_string(),
+                NarTree::dir([
+                    ("big", NarTree::executable(big)),
+                    ("l", NarTree::symlink(dev.clone())),
+                ]),
+            ),
+            ("dev".to_string(), NarTree::file(format!("{dev}\n"))),
+        ]);
+        let mem = finalize_ca_trees(&sd(), &d, &trees, &[]).unwrap();
+        let mut outs = Vec::new();
+        for (name, t) in &trees {
+            let scratch = scratch_path(&sd(), &d, name);
+            let phys = store.join(scratch.base_name());
+            restore(&mut NarReader::new(t.to_nar().unwrap().as_slice()), &phys).unwrap();
+            outs.push(ScratchOutput {
+                name: name.clone(),
+                physical: phys,
+            });
+        }
+        let disk = finalize_ca_outputs(&sd(), store, &d, &outs, &[]).unwrap();
+        for f in &disk {
+            let (m, tree) = &mem[&f.name];
+            assert_eq!(
+                (&m.path, m.nar_hash, m.nar_size, &m.references, &m.ca),
+                (&f.path, f.nar_hash, f.nar_size, &f.references, &f.ca)
+            );
+            assert_eq!(&NarTree::from_path(&f.physical).unwrap(), tree);
+        }
+        let o = &mem["out"].0;
+        assert!(o.references.contains(&o.path));
+        assert!(o.references.contains(&mem["dev"].0.path));
+    }
 }
