@@ -2,13 +2,16 @@
 
 pub mod api;
 pub mod aterm;
+pub mod ca_output;
 pub mod derivation;
 pub mod hash;
 pub mod hash_modulo;
+pub mod nar;
 pub mod nix32;
 pub mod path;
 pub mod placeholder;
 pub mod realisation;
+pub mod refscan;
 pub mod resolve;
 
 pub use api::{PathInfo, Store, StoreError};
