@@ -1,1 +1,392 @@
-//! The database: Hydra's tables on SQLite and PostgreSQL, typed queries, queue notifications.
+//! The database: the runner's journal. Every state the actors reach that must survive a crash is
+//! committed here (and nothing else is), in Hydra's tables, on SQLite (the embedded default) or
+//! PostgreSQL (production). `docs/schema.md` shows the schema, the query plans and where it
+//! differs from Hydra's.
+//!
+//! - [`Db`] is one cheap, cloneable handle over either backend. [`Db::connect`] opens the database
+//!   named by a `sqlite://…` or `postgres://…` URL (creating an SQLite file and its directory if
+//!   missing) and applies the embedded migrations (`migrations/{sqlite,postgres}`); running them
+//!   again on restart is a no-op. A database that cannot be reached at start is one clear
+//!   [`DbError::Unreachable`] line.
+//! - Every operation is typed (rows in [`types`]) and is one transaction where it writes more than
+//!   one row: creating a step allocates its number and inserts it with its outputs; finishing a
+//!   step writes the step row, its outputs and its realisations; resolving a step inserts the
+//!   resolved step row and then marks the original `Resolved` pointing at it.
+//! - Step numbers come from a per-build counter (`builds.laststepnr`) bumped with
+//!   `UPDATE … RETURNING` inside the inserting transaction: the row lock (PostgreSQL) or the write
+//!   lock (SQLite, whose write transactions start with `BEGIN IMMEDIATE`) serialises allocation
+//!   per build, so concurrent writers never collide.
+//! - Transient failures (PostgreSQL 40001/40P01, SQLite `SQLITE_BUSY`/`SQLITE_LOCKED`, a lost
+//!   connection or a pool timeout) re-run the whole operation, bounded by [`RetryPolicy`], logging
+//!   each retry; the last error is returned after the last attempt. A connection lost during
+//!   `COMMIT` is not retried ([`DbError::CommitOutcomeUnknown`]).
+//! - Queue changes arrive through [`Db::listen`] as [`QueueEvent`]s: LISTEN/NOTIFY with triggers
+//!   on PostgreSQL, an in-process broadcast on SQLite, and a periodic `Rescan` on both.
+//! - Timestamps are unix seconds passed in by the caller (the clock is injected).
+//! - [`FaultPoint`]s let tests fail a transaction between its statements; unarmed (always, in
+//!   production) they cost one atomic load.
+
+mod error;
+mod fault;
+mod notify;
+mod ops;
+mod plans;
+mod retry;
+mod rows;
+mod sql;
+pub mod types;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::broadcast;
+
+pub use error::{DbError, Transient, classify, classify_code, redact_url};
+pub use fault::FaultPoint;
+pub use notify::{CHANNELS, QueueEvent, QueueListener};
+pub use plans::QueryPlan;
+pub use retry::{RetryPolicy, retry};
+pub use types::{
+    Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
+    NewBuild, NewStep, Output, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step,
+    StepNr, StepType, UnknownCode,
+};
+
+use fault::Faults;
+
+/// The embedded migrations.
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+/// The embedded migrations.
+pub static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The database file under a state directory: `sqlite://<state_dir>/qr.db`.
+pub fn default_url(state_dir: &Path) -> String {
+    let path = state_dir.join("qr.db");
+    let mut url = String::from("sqlite://");
+    // sqlx percent-decodes the path; keep '%', '?' and '#' literal.
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => url.push_str("%25"),
+            '?' => url.push_str("%3F"),
+            '#' => url.push_str("%23"),
+            c => url.push(c),
+        }
+    }
+    url
+}
+
+/// Which database is behind a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Tuning for [`Db::connect_with`]; [`Db::connect`] uses the defaults.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    pub max_connections: u32,
+    /// How long an operation waits for a pooled connection (including reconnecting) before it
+    /// fails with a (retryable) pool timeout.
+    pub acquire_timeout: Duration,
+    /// How long the first connection at start may take.
+    pub connect_timeout: Duration,
+    /// SQLite's `busy_timeout`: how long a statement waits for another writer's lock.
+    pub sqlite_busy_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// How often [`QueueListener::next`] yields [`QueueEvent::Rescan`] as a safety net.
+    pub rescan_interval: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            sqlite_busy_timeout: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
+            rescan_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool, Box<PgConnectOptions>),
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: Pool,
+    url: String,
+    options: DbOptions,
+    events: broadcast::Sender<QueueEvent>,
+    faults: Faults,
+}
+
+/// The handle every actor holds: cheap to clone, shared pool inside.
+#[derive(Debug, Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool (the body is compiled once per backend).
+macro_rules! on_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db.inner.pool {
+            $crate::db::Pool::Sqlite($pool) => $body,
+            $crate::db::Pool::Postgres($pool, _) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `url` with default options.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        Db::connect_with(
+            url,
+            DbOptions {
+                max_connections,
+                ..DbOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Opens (creating if needed) and migrates the database at `url`.
+    pub async fn connect_with(url: &str, options: DbOptions) -> Result<Db, DbError> {
+        let shown = redact_url(url);
+        let pool = if url.starts_with("sqlite:") {
+            Pool::Sqlite(open_sqlite(url, &shown, &options).await?)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let (pool, opts) = open_postgres(url, &shown, &options).await?;
+            Pool::Postgres(pool, Box::new(opts))
+        } else {
+            return Err(DbError::UnsupportedUrl { url: shown });
+        };
+        let (events, _) = broadcast::channel(1024);
+        let db = Db {
+            inner: Arc::new(Inner {
+                pool,
+                url: shown,
+                options,
+                events,
+                faults: Faults::default(),
+            }),
+        };
+        tracing::info!(url = %db.inner.url, backend = ?db.backend(), "database ready");
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.inner.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(..) => Backend::Postgres,
+        }
+    }
+
+    /// The URL, without any password.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    pub fn options(&self) -> &DbOptions {
+        &self.inner.options
+    }
+
+    /// The SQLite pool, for tooling and tests.
+    pub fn sqlite_pool(&self) -> Option<&SqlitePool> {
+        match &self.inner.pool {
+            Pool::Sqlite(p) => Some(p),
+            Pool::Postgres(..) => None,
+        }
+    }
+
+    /// The PostgreSQL pool, for tooling and tests.
+    pub fn postgres_pool(&self) -> Option<&PgPool> {
+        match &self.inner.pool {
+            Pool::Postgres(p, _) => Some(p),
+            Pool::Sqlite(_) => None,
+        }
+    }
+
+    /// Closes the pool (all clones of this handle); later operations fail.
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+
+    /// Arms a one-shot fault: the next operation reaching `point` fails with
+    /// [`DbError::FaultInjected`] and rolls back. For tests.
+    pub fn arm_fault(&self, point: FaultPoint) {
+        self.inner.faults.arm(point);
+    }
+
+    pub fn disarm_faults(&self) {
+        self.inner.faults.disarm_all();
+    }
+
+    pub(crate) fn fault(&self, point: FaultPoint) -> Result<(), DbError> {
+        self.inner.faults.check(point)
+    }
+
+    /// Waits for queue changes; `Rescan` every [`DbOptions::rescan_interval`].
+    pub async fn listen(&self) -> Result<QueueListener, DbError> {
+        self.listen_every(self.inner.options.rescan_interval).await
+    }
+
+    /// Like [`Db::listen`] with its own rescan interval. On PostgreSQL the LISTEN is in place
+    /// when this returns.
+    pub async fn listen_every(&self, rescan: Duration) -> Result<QueueListener, DbError> {
+        match &self.inner.pool {
+            Pool::Sqlite(_) => Ok(QueueListener::local(self.inner.events.subscribe(), rescan)),
+            Pool::Postgres(_, opts) => {
+                // Its own small pool, so LISTEN never holds one of the workers' connections.
+                let pool = PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(self.inner.options.acquire_timeout)
+                    .connect_lazy_with((**opts).clone());
+                QueueListener::postgres(pool, rescan, Duration::from_secs(30)).await
+            }
+        }
+    }
+
+    /// Delivers `ev` to in-process listeners (SQLite; PostgreSQL's triggers do it there).
+    pub(crate) fn emit(&self, ev: QueueEvent) {
+        if self.backend() == Backend::Sqlite {
+            // No receivers is fine.
+            let _ = self.inner.events.send(ev);
+        }
+    }
+
+    pub(crate) async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
+    {
+        retry(&self.inner.options.retry, what, op).await
+    }
+}
+
+fn io_timeout(what: &str, after: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out after {after:?}"),
+    ))
+}
+
+async fn open_sqlite(url: &str, shown: &str, o: &DbOptions) -> Result<SqlitePool, DbError> {
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|source| DbError::InvalidUrl {
+            url: shown.to_string(),
+            source,
+        })?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(o.sqlite_busy_timeout)
+        .foreign_keys(true);
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    if !in_memory
+        && let Some(dir) = opts.get_filename().parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let mut pool_opts = SqlitePoolOptions::new()
+        .max_connections(o.max_connections.max(1))
+        .acquire_timeout(o.acquire_timeout);
+    if in_memory {
+        // The database lives as long as one connection does.
+        pool_opts = pool_opts
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None);
+    }
+    let unreachable = |source| DbError::Unreachable {
+        url: shown.to_string(),
+        source,
+    };
+    let pool = tokio::time::timeout(o.connect_timeout, pool_opts.connect_with(opts))
+        .await
+        .map_err(|_| unreachable(io_timeout("opening the database", o.connect_timeout)))?
+        .map_err(unreachable)?;
+    SQLITE_MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| DbError::Migrate {
+            url: shown.to_string(),
+            source,
+        })?;
+    Ok(pool)
+}
+
+async fn open_postgres(
+    url: &str,
+    shown: &str,
+    o: &DbOptions,
+) -> Result<(PgPool, PgConnectOptions), DbError> {
+    let opts = PgConnectOptions::from_str(url).map_err(|source| DbError::InvalidUrl {
+        url: shown.to_string(),
+        source,
+    })?;
+    let unreachable = |source| DbError::Unreachable {
+        url: shown.to_string(),
+        source,
+    };
+    // One direct connection first: the pool would retry a refused connection until its acquire
+    // timeout and then report only "pool timed out"; this reports the cause, at once.
+    let probe = tokio::time::timeout(o.connect_timeout, opts.connect())
+        .await
+        .map_err(|_| unreachable(io_timeout("connecting", o.connect_timeout)))?
+        .map_err(unreachable)?;
+    let _ = sqlx::Connection::close(probe).await;
+    let pool = PgPoolOptions::new()
+        .max_connections(o.max_connections.max(1))
+        .acquire_timeout(o.acquire_timeout)
+        .connect_with(opts.clone())
+        .await
+        .map_err(unreachable)?;
+    POSTGRES_MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|source| DbError::Migrate {
+            url: shown.to_string(),
+            source,
+        })?;
+    Ok((pool, opts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_url_is_under_the_state_dir() {
+        assert_eq!(
+            default_url(Path::new("/var/lib/qr")),
+            "sqlite:///var/lib/qr/qr.db"
+        );
+        assert_eq!(
+            default_url(Path::new("/tmp/a?b#c%d")),
+            "sqlite:///tmp/a%3Fb%23c%25d/qr.db"
+        );
+        let opts = SqliteConnectOptions::from_str(&default_url(Path::new("/tmp/a?b#c%d")));
+        assert_eq!(
+            opts.ok().map(|o| o.get_filename().to_path_buf()),
+            Some(Path::new("/tmp/a?b#c%d/qr.db").to_path_buf())
+        );
+    }
+}

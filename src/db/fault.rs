@@ -1,0 +1,78 @@
+//! Fault injection between the statements of multi-statement transactions, so tests can prove
+//! they are all-or-nothing. Nothing is armed in production: a check costs one atomic load.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::error::DbError;
+
+/// A place inside a transaction where an armed fault makes the operation fail (and roll back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// `resolve_step`: after the resolved step row is inserted, before the original is updated.
+    ResolveAfterInsert,
+    /// `finish_step`: after the step row is updated, before its outputs and realisations.
+    FinishStepAfterStepRow,
+    /// `create_step`: after the step number is allocated, before the row is inserted.
+    CreateStepAfterAlloc,
+    /// `finish_build`: after the build row is updated, before its outputs.
+    FinishBuildAfterBuildRow,
+}
+
+/// The armed fault points of one `Db`. Each fires once, then disarms.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    any: AtomicBool,
+    armed: Mutex<Vec<FaultPoint>>,
+}
+
+impl Faults {
+    pub(crate) fn arm(&self, point: FaultPoint) {
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        armed.push(point);
+        self.any.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn disarm_all(&self) {
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        armed.clear();
+        self.any.store(false, Ordering::SeqCst);
+    }
+
+    /// `Err(FaultInjected)` if `point` is armed (and disarms it).
+    pub(crate) fn check(&self, point: FaultPoint) -> Result<(), DbError> {
+        if !self.any.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = armed.iter().position(|p| *p == point) {
+            armed.remove(i);
+            if armed.is_empty() {
+                self.any.store(false, Ordering::SeqCst);
+            }
+            return Err(DbError::FaultInjected(point));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fires_once() {
+        let f = Faults::default();
+        assert!(f.check(FaultPoint::ResolveAfterInsert).is_ok());
+        f.arm(FaultPoint::ResolveAfterInsert);
+        assert!(f.check(FaultPoint::FinishStepAfterStepRow).is_ok());
+        assert!(matches!(
+            f.check(FaultPoint::ResolveAfterInsert),
+            Err(DbError::FaultInjected(FaultPoint::ResolveAfterInsert))
+        ));
+        assert!(f.check(FaultPoint::ResolveAfterInsert).is_ok());
+        f.arm(FaultPoint::CreateStepAfterAlloc);
+        f.disarm_all();
+        assert!(f.check(FaultPoint::CreateStepAfterAlloc).is_ok());
+    }
+}

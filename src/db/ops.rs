@@ -1,0 +1,884 @@
+//! The typed operations of [`Db`]. Each runs under the retry wrapper; each that writes more
+//! than one row is one transaction (SQLite: `BEGIN IMMEDIATE`, so the write lock is taken up
+//! front and a transaction never fails half-way for a lock upgrade).
+
+use sqlx::postgres::{PgPool, Postgres};
+use sqlx::sqlite::{Sqlite, SqlitePool};
+use sqlx::{Database, Transaction};
+
+use super::error::DbError;
+use super::fault::FaultPoint;
+use super::notify::QueueEvent;
+use super::rows::RowExt;
+use super::sql;
+use super::types::{
+    Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
+    NewBuild, NewStep, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step, StepNr,
+};
+use super::{Db, on_pool};
+
+/// Starting a write transaction, per backend.
+pub(crate) trait WritePool {
+    type Db: Database;
+    async fn begin_write(&self) -> Result<Transaction<'static, Self::Db>, sqlx::Error>;
+}
+
+impl WritePool for SqlitePool {
+    type Db = Sqlite;
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl WritePool for PgPool {
+    type Db = Postgres;
+    async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
+/// Commits; a connection lost during `COMMIT` leaves the outcome unknown, so it is reported as
+/// such (and not retried) rather than as a transient error.
+async fn commit<DB: Database>(tx: Transaction<'static, DB>) -> Result<(), DbError> {
+    tx.commit().await.map_err(|e| match e {
+        sqlx::Error::Database(_) => DbError::Sql(e),
+        e => DbError::CommitOutcomeUnknown(e),
+    })
+}
+
+/// The error for an update of step `(build, stepnr)` that matched no row.
+macro_rules! step_miss {
+    ($exec:expr, $build:expr, $stepnr:expr) => {{
+        let (build, stepnr): (BuildId, StepNr) = ($build, $stepnr);
+        let st: Option<Option<i32>> = sqlx::query_scalar(sql::STEP_STATUS)
+            .bind(build.0)
+            .bind(stepnr)
+            .fetch_optional($exec)
+            .await?;
+        match st {
+            None => DbError::StepNotFound { build, stepnr },
+            Some(_) => DbError::StepFinished { build, stepnr },
+        }
+    }};
+}
+
+/// `Ok(false)` if build `$id` exists (the update's condition did not hold), else `BuildNotFound`.
+macro_rules! build_miss {
+    ($exec:expr, $id:expr) => {{
+        let id: BuildId = $id;
+        let f: Option<i32> = sqlx::query_scalar(sql::BUILD_FINISHED)
+            .bind(id.0)
+            .fetch_optional($exec)
+            .await?;
+        match f {
+            None => Err(DbError::BuildNotFound(id)),
+            Some(_) => Ok(false),
+        }
+    }};
+}
+
+/// Inserts step row `$nr` of `$build` from a `NewStep`, and its outputs.
+macro_rules! insert_step {
+    ($tx:expr, $build:expr, $nr:expr, $step:expr) => {{
+        let (build, nr, s): (BuildId, StepNr, &NewStep) = ($build, $nr, $step);
+        sqlx::query(sql::INSERT_STEP)
+            .bind(build.0)
+            .bind(nr)
+            .bind(s.step_type.code())
+            .bind(&s.drv_path)
+            .bind(s.busy.code())
+            .bind(s.status.map(BuildStatus::code))
+            .bind(&s.error_msg)
+            .bind(s.start_time)
+            .bind(s.stop_time)
+            .bind(&s.machine)
+            .bind(&s.system)
+            .bind(s.propagated_from.map(|b| b.0))
+            .bind(s.times_built)
+            .bind(None::<i32>)
+            .execute(&mut *$tx)
+            .await?;
+        for (name, path) in &s.outputs {
+            sqlx::query(sql::UPSERT_STEP_OUTPUT)
+                .bind(build.0)
+                .bind(nr)
+                .bind(name)
+                .bind(path)
+                .execute(&mut *$tx)
+                .await?;
+        }
+    }};
+}
+
+/// Allocates the next step number of `$build` inside transaction `$tx`.
+macro_rules! alloc_stepnr {
+    ($tx:expr, $build:expr) => {{
+        let build: BuildId = $build;
+        let nr: Option<StepNr> = sqlx::query_scalar(sql::ALLOC_STEPNR)
+            .bind(build.0)
+            .fetch_optional(&mut *$tx)
+            .await?;
+        nr.ok_or(DbError::BuildNotFound(build))?
+    }};
+}
+
+/// Inserts a realisation unless one is recorded; `Some(conflict)` if the recorded one differs.
+macro_rules! insert_realisation {
+    ($exec:expr, $r:expr) => {{
+        let r: &Realisation = $r;
+        let inserted = sqlx::query(sql::INSERT_REALISATION)
+            .bind(&r.drv_path)
+            .bind(&r.output_name)
+            .bind(&r.out_path)
+            .bind(r.build.map(|b| b.0))
+            .bind(r.stepnr)
+            .execute(&mut *$exec)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            let existing = sqlx::query(sql::REALISATION)
+                .bind(&r.drv_path)
+                .bind(&r.output_name)
+                .fetch_optional(&mut *$exec)
+                .await?
+                .map(|row| row.realisation())
+                .transpose()?;
+            match existing {
+                Some(e) if e.out_path != r.out_path => Some(RealisationConflict {
+                    drv_path: r.drv_path.clone(),
+                    output_name: r.output_name.clone(),
+                    existing: e.out_path,
+                    attempted: r.out_path.clone(),
+                }),
+                _ => None,
+            }
+        } else {
+            None
+        }
+    }};
+}
+
+fn check_new_step(s: &NewStep) -> Result<(), DbError> {
+    if s.status == Some(BuildStatus::Resolved) {
+        return Err(DbError::Invalid(
+            "a step is marked Resolved only by resolve_step".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl Db {
+    // ---------------------------------------------------------------- jobsets
+
+    /// Creates the jobset, or sets its scheduling shares if it exists.
+    pub async fn create_jobset(&self, name: &str, shares: i32) -> Result<(), DbError> {
+        if shares <= 0 {
+            return Err(DbError::Invalid(format!(
+                "scheduling shares must be positive, not {shares}"
+            )));
+        }
+        self.retrying("create_jobset", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::UPSERT_JOBSET)
+                    .bind(name)
+                    .bind(shares)
+                    .execute(pool)
+                    .await?;
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn jobsets(&self) -> Result<Vec<Jobset>, DbError> {
+        self.retrying("jobsets", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::JOBSETS)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.jobset())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// Step seconds per jobset for steps that stopped at or after `since` (scheduling shares).
+    pub async fn jobset_seconds_since(&self, since: i64) -> Result<Vec<JobsetSeconds>, DbError> {
+        self.retrying("jobset_seconds_since", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::JOBSET_SECONDS)
+                    .bind(since)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.jobset_seconds())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- builds
+
+    /// Queues a build (with its `buildoutputs` rows) and announces it (`builds_added`).
+    pub async fn create_build(&self, b: &NewBuild) -> Result<BuildId, DbError> {
+        let id = self
+            .retrying("create_build", || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let id: i64 = sqlx::query_scalar(sql::INSERT_BUILD)
+                        .bind(&b.jobset)
+                        .bind(&b.job)
+                        .bind(&b.drv_path)
+                        .bind(&b.system)
+                        .bind(b.priority)
+                        .bind(b.global_priority)
+                        .bind(b.max_silent)
+                        .bind(b.timeout)
+                        .bind(b.timestamp)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|e| match DbError::from(e) {
+                            e if e.is_foreign_key_violation() => {
+                                DbError::JobsetNotFound(b.jobset.clone())
+                            }
+                            e => e,
+                        })?;
+                    for (name, path) in &b.outputs {
+                        sqlx::query(sql::UPSERT_BUILD_OUTPUT)
+                            .bind(id)
+                            .bind(name)
+                            .bind(path)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    commit(tx).await?;
+                    Ok(BuildId(id))
+                })
+            })
+            .await?;
+        self.emit(QueueEvent::BuildsAdded(Some(id)));
+        Ok(id)
+    }
+
+    pub async fn get_build(&self, id: BuildId) -> Result<Build, DbError> {
+        self.retrying("get_build", || async move {
+            let row = on_pool!(self, |pool| {
+                sqlx::query(sql::GET_BUILD)
+                    .bind(id.0)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| r.build())
+                    .transpose()?
+            });
+            row.ok_or(DbError::BuildNotFound(id))
+        })
+        .await
+    }
+
+    pub async fn build_outputs(&self, id: BuildId) -> Result<Vec<OutputRow>, DbError> {
+        self.retrying("build_outputs", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::BUILD_OUTPUTS)
+                    .bind(id.0)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.output())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// The queue: unfinished builds by global priority (desc), priority (desc), id.
+    pub async fn unfinished_builds(&self) -> Result<Vec<Build>, DbError> {
+        self.retrying("unfinished_builds", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::UNFINISHED_BUILDS)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.build())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// Unfinished builds with an id above `after`, by id (incremental queue reads).
+    pub async fn unfinished_builds_since(&self, after: BuildId) -> Result<Vec<Build>, DbError> {
+        self.retrying("unfinished_builds_since", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::UNFINISHED_BUILDS_SINCE)
+                    .bind(after.0)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.build())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// Finishes a build with its outputs, in one transaction. `Ok(false)` (and nothing written)
+    /// if it was already finished: a finished build is never touched again.
+    pub async fn finish_build(&self, f: &FinishBuild) -> Result<bool, DbError> {
+        if f.status == BuildStatus::Resolved {
+            return Err(DbError::Invalid("a build cannot finish as Resolved".into()));
+        }
+        self.retrying("finish_build", || async move {
+            on_pool!(self, |pool| {
+                let mut tx = pool.begin_write().await?;
+                let n = sqlx::query(sql::FINISH_BUILD)
+                    .bind(f.build.0)
+                    .bind(f.status.code())
+                    .bind(f.start_time)
+                    .bind(f.stop_time)
+                    .bind(i32::from(f.is_cached))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return build_miss!(&mut *tx, f.build);
+                }
+                self.fault(FaultPoint::FinishBuildAfterBuildRow)?;
+                for (name, path) in &f.outputs {
+                    sqlx::query(sql::UPSERT_BUILD_OUTPUT)
+                        .bind(f.build.0)
+                        .bind(name)
+                        .bind(path)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                commit(tx).await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// Cancels an unfinished build (status 4) and announces it (`builds_cancelled`).
+    /// `Ok(false)` if it was already finished.
+    pub async fn cancel_build(&self, id: BuildId, stop_time: i64) -> Result<bool, DbError> {
+        let done = self
+            .retrying("cancel_build", || async move {
+                on_pool!(self, |pool| {
+                    let n = sqlx::query(sql::CANCEL_BUILD)
+                        .bind(id.0)
+                        .bind(stop_time)
+                        .execute(pool)
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return build_miss!(pool, id);
+                    }
+                    Ok(true)
+                })
+            })
+            .await?;
+        if done {
+            self.emit(QueueEvent::BuildsCancelled(Some(id)));
+        }
+        Ok(done)
+    }
+
+    /// Puts a finished build back in the queue (clearing its status and the cached failures of
+    /// its steps) and announces it (`builds_restarted`). `Ok(false)` if it was not finished.
+    /// Its steps stay as history; new steps get new numbers.
+    pub async fn restart_build(&self, id: BuildId) -> Result<bool, DbError> {
+        let done = self
+            .retrying("restart_build", || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let n = sqlx::query(sql::RESTART_BUILD)
+                        .bind(id.0)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return build_miss!(&mut *tx, id);
+                    }
+                    for q in [sql::CLEAR_FAILED_STEP_DRVS, sql::CLEAR_FAILED_STEP_OUTPUTS] {
+                        sqlx::query(q).bind(id.0).execute(&mut *tx).await?;
+                    }
+                    commit(tx).await?;
+                    Ok(true)
+                })
+            })
+            .await?;
+        if done {
+            self.emit(QueueEvent::BuildsRestarted(Some(id)));
+        }
+        Ok(done)
+    }
+
+    /// Sets an unfinished build's global priority and announces it (`builds_bumped`).
+    /// `Ok(false)` if the build is finished or already has that priority.
+    pub async fn bump_build(&self, id: BuildId, global_priority: i32) -> Result<bool, DbError> {
+        let done = self
+            .retrying("bump_build", || async move {
+                on_pool!(self, |pool| {
+                    let n = sqlx::query(sql::BUMP_BUILD)
+                        .bind(id.0)
+                        .bind(global_priority)
+                        .execute(pool)
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return build_miss!(pool, id);
+                    }
+                    Ok(true)
+                })
+            })
+            .await?;
+        if done {
+            self.emit(QueueEvent::BuildsBumped(Some(id)));
+        }
+        Ok(done)
+    }
+
+    // ---------------------------------------------------------------- steps
+
+    /// Inserts a step of `build` (with its outputs) under a freshly allocated number, in one
+    /// transaction; concurrent callers never get the same number.
+    pub async fn create_step(&self, build: BuildId, step: &NewStep) -> Result<StepNr, DbError> {
+        check_new_step(step)?;
+        self.retrying("create_step", || async move {
+            on_pool!(self, |pool| {
+                let mut tx = pool.begin_write().await?;
+                let nr = alloc_stepnr!(tx, build);
+                self.fault(FaultPoint::CreateStepAfterAlloc)?;
+                insert_step!(tx, build, nr, step);
+                commit(tx).await?;
+                Ok(nr)
+            })
+        })
+        .await
+    }
+
+    pub async fn step(&self, build: BuildId, stepnr: StepNr) -> Result<Step, DbError> {
+        self.retrying("step", || async move {
+            let row = on_pool!(self, |pool| {
+                sqlx::query(sql::STEP)
+                    .bind(build.0)
+                    .bind(stepnr)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| r.step(""))
+                    .transpose()?
+            });
+            row.ok_or(DbError::StepNotFound { build, stepnr })
+        })
+        .await
+    }
+
+    pub async fn steps_of_build(&self, build: BuildId) -> Result<Vec<Step>, DbError> {
+        self.retrying("steps_of_build", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::STEPS_OF_BUILD)
+                    .bind(build.0)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.step(""))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    pub async fn step_outputs(
+        &self,
+        build: BuildId,
+        stepnr: StepNr,
+    ) -> Result<Vec<OutputRow>, DbError> {
+        self.retrying("step_outputs", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::STEP_OUTPUTS)
+                    .bind(build.0)
+                    .bind(stepnr)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.output())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// Marks an unfinished step as running on `machine` since `start_time`, in phase `busy`.
+    pub async fn start_step(
+        &self,
+        build: BuildId,
+        stepnr: StepNr,
+        machine: &str,
+        busy: BusyPhase,
+        start_time: i64,
+    ) -> Result<(), DbError> {
+        self.retrying("start_step", || async move {
+            on_pool!(self, |pool| {
+                let n = sqlx::query(sql::START_STEP)
+                    .bind(build.0)
+                    .bind(stepnr)
+                    .bind(busy.code())
+                    .bind(machine)
+                    .bind(start_time)
+                    .execute(pool)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(step_miss!(pool, build, stepnr));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Sets an unfinished step's busy phase.
+    pub async fn set_step_busy(
+        &self,
+        build: BuildId,
+        stepnr: StepNr,
+        busy: BusyPhase,
+    ) -> Result<(), DbError> {
+        self.retrying("set_step_busy", || async move {
+            on_pool!(self, |pool| {
+                let n = sqlx::query(sql::SET_STEP_BUSY)
+                    .bind(build.0)
+                    .bind(stepnr)
+                    .bind(busy.code())
+                    .execute(pool)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(step_miss!(pool, build, stepnr));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Finishes a step in ONE transaction: the step row (busy 0, status, stop time, …), its
+    /// outputs (upserted) and its realisations. A realisation already recorded with a different
+    /// output path is kept (first writer wins, as in Nix's build trace); such disagreements are
+    /// returned, and the rest is committed. Fails with `StepFinished` if the step already has a
+    /// status.
+    pub async fn finish_step(&self, f: &FinishStep) -> Result<Vec<RealisationConflict>, DbError> {
+        if f.status == BuildStatus::Resolved {
+            return Err(DbError::Invalid(
+                "finish_step cannot mark a step Resolved; use resolve_step".into(),
+            ));
+        }
+        self.retrying("finish_step", || async move {
+            on_pool!(self, |pool| {
+                let mut tx = pool.begin_write().await?;
+                let n = sqlx::query(sql::FINISH_STEP)
+                    .bind(f.build.0)
+                    .bind(f.stepnr)
+                    .bind(f.status.code())
+                    .bind(&f.error_msg)
+                    .bind(f.stop_time)
+                    .bind(f.times_built)
+                    .bind(&f.machine)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(step_miss!(&mut *tx, f.build, f.stepnr));
+                }
+                self.fault(FaultPoint::FinishStepAfterStepRow)?;
+                for (name, path) in &f.outputs {
+                    sqlx::query(sql::UPSERT_STEP_OUTPUT)
+                        .bind(f.build.0)
+                        .bind(f.stepnr)
+                        .bind(name)
+                        .bind(path)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let mut conflicts = Vec::new();
+                for r in &f.realisations {
+                    if let Some(c) = insert_realisation!(tx, r) {
+                        conflicts.push(c);
+                    }
+                }
+                commit(tx).await?;
+                Ok(conflicts)
+            })
+        })
+        .await
+    }
+
+    /// The resolve transaction: inserts the step row for the resolved derivation (with its
+    /// outputs) under a new number, THEN marks step `stepnr` `Resolved` (status 13, busy 0,
+    /// `stop_time`) pointing at it — all or nothing. Returns the new step's number. The original
+    /// must be unfinished (`StepFinished` otherwise, and nothing is written).
+    pub async fn resolve_step(
+        &self,
+        build: BuildId,
+        stepnr: StepNr,
+        resolved: &NewStep,
+        stop_time: i64,
+    ) -> Result<StepNr, DbError> {
+        check_new_step(resolved)?;
+        self.retrying("resolve_step", || async move {
+            on_pool!(self, |pool| {
+                let mut tx = pool.begin_write().await?;
+                let nr = alloc_stepnr!(tx, build);
+                insert_step!(tx, build, nr, resolved);
+                self.fault(FaultPoint::ResolveAfterInsert)?;
+                let n = sqlx::query(sql::MARK_RESOLVED)
+                    .bind(build.0)
+                    .bind(stepnr)
+                    .bind(stop_time)
+                    .bind(nr)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(step_miss!(&mut *tx, build, stepnr));
+                }
+                commit(tx).await?;
+                Ok(nr)
+            })
+        })
+        .await
+    }
+
+    /// The steps of `build` marked Resolved with `resolvedtostep = stepnr`.
+    pub async fn steps_resolved_to(
+        &self,
+        build: BuildId,
+        stepnr: StepNr,
+    ) -> Result<Vec<Step>, DbError> {
+        self.retrying("steps_resolved_to", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::STEPS_RESOLVED_TO)
+                    .bind(build.0)
+                    .bind(stepnr)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.step(""))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    /// Rows left busy (by a crash, at start), by build and step number.
+    pub async fn busy_steps(&self) -> Result<Vec<Step>, DbError> {
+        self.retrying("busy_steps", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::BUSY_STEPS)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.step(""))
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    /// Closes every busy step without a status as Aborted (status 3, busy 0, `stop_time`,
+    /// `error_msg`) in one transaction, and returns those rows (as now stored) by build and step
+    /// number. Busy flags on rows that already have a status are cleared too.
+    pub async fn abort_busy_steps(
+        &self,
+        stop_time: i64,
+        error_msg: &str,
+    ) -> Result<Vec<Step>, DbError> {
+        self.retrying("abort_busy_steps", || async move {
+            let mut steps: Vec<Step> = on_pool!(self, |pool| {
+                let mut tx = pool.begin_write().await?;
+                let rows = sqlx::query(sql::ABORT_BUSY_STEPS)
+                    .bind(stop_time)
+                    .bind(error_msg)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let steps = rows
+                    .iter()
+                    .map(|r| r.step(""))
+                    .collect::<Result<Vec<_>, _>>()?;
+                sqlx::query(sql::CLEAR_STRAY_BUSY).execute(&mut *tx).await?;
+                commit(tx).await?;
+                steps
+            });
+            steps.sort_by_key(|s| (s.build, s.stepnr));
+            Ok(steps)
+        })
+        .await
+    }
+
+    /// Every step marked Resolved with the step it points at, by build and step number.
+    pub async fn resolved_steps(&self) -> Result<Vec<ResolvedPair>, DbError> {
+        self.retrying("resolved_steps", || async move {
+            let mut pairs: Vec<ResolvedPair> = on_pool!(self, |pool| {
+                sqlx::query(sql::RESOLVED_STEPS)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(ResolvedPair {
+                            original: r.step("o_")?,
+                            resolved: r.step("r_")?,
+                        })
+                    })
+                    .collect::<Result<_, DbError>>()?
+            });
+            pairs.sort_by_key(|p| (p.original.build, p.original.stepnr));
+            Ok(pairs)
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- failed paths
+
+    /// Records a cached failure (idempotent).
+    pub async fn add_failed_path(&self, path: &str) -> Result<(), DbError> {
+        self.retrying("add_failed_path", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::ADD_FAILED_PATH)
+                    .bind(path)
+                    .execute(pool)
+                    .await?;
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forgets a cached failure; `Ok(false)` if there was none.
+    pub async fn remove_failed_path(&self, path: &str) -> Result<bool, DbError> {
+        self.retrying("remove_failed_path", || async move {
+            let n = on_pool!(self, |pool| {
+                sqlx::query(sql::REMOVE_FAILED_PATH)
+                    .bind(path)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            });
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn is_failed_path(&self, path: &str) -> Result<bool, DbError> {
+        self.retrying("is_failed_path", || async move {
+            let hit: Option<String> = on_pool!(self, |pool| {
+                sqlx::query_scalar(sql::IS_FAILED_PATH)
+                    .bind(path)
+                    .fetch_optional(pool)
+                    .await?
+            });
+            Ok(hit.is_some())
+        })
+        .await
+    }
+
+    /// The cached failures among `paths`, sorted, without duplicates.
+    pub async fn failed_paths_among(&self, paths: &[String]) -> Result<Vec<String>, DbError> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retrying("failed_paths_among", || async move {
+            let mut out: Vec<String> = match &self.inner.pool {
+                super::Pool::Postgres(pool, _) => {
+                    sqlx::query_scalar(sql::FAILED_PATHS_AMONG_PG)
+                        .bind(paths)
+                        .fetch_all(pool)
+                        .await?
+                }
+                super::Pool::Sqlite(pool) => {
+                    let mut out = Vec::new();
+                    for chunk in paths.chunks(500) {
+                        let q = sql::failed_paths_among_sqlite(chunk.len());
+                        let mut query = sqlx::query_scalar::<_, String>(&q).persistent(false);
+                        for p in chunk {
+                            query = query.bind(p);
+                        }
+                        out.extend(query.fetch_all(pool).await?);
+                    }
+                    out
+                }
+            };
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- realisations
+
+    /// Records a realisation. Idempotent: the same one again is `Ok`; a different out path for a
+    /// recorded `(drv_path, output_name)` is `Err(RealisationConflict)` and the recorded one stays.
+    pub async fn insert_realisation(&self, r: &Realisation) -> Result<(), DbError> {
+        self.retrying("insert_realisation", || async move {
+            let conflict = on_pool!(self, |pool| {
+                let mut conn = pool.acquire().await?;
+                insert_realisation!(conn, r)
+            });
+            match conflict {
+                Some(c) => Err(DbError::RealisationConflict(c)),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    pub async fn realisation(
+        &self,
+        drv_path: &str,
+        output_name: &str,
+    ) -> Result<Option<Realisation>, DbError> {
+        self.retrying("realisation", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::REALISATION)
+                    .bind(drv_path)
+                    .bind(output_name)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(|r| r.realisation())
+                    .transpose()
+            })
+        })
+        .await
+    }
+
+    /// The recorded realisations of a derivation, by output name.
+    pub async fn realisations_for_drv(&self, drv_path: &str) -> Result<Vec<Realisation>, DbError> {
+        self.retrying("realisations_for_drv", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::REALISATIONS_FOR_DRV)
+                    .bind(drv_path)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.realisation())
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- escape hatch
+
+    /// Runs one SQL statement as given: no retry, no types, no notifications. For tooling and
+    /// tests (e.g. proving a constraint rejects a row the typed API would never write).
+    pub async fn execute_unchecked(&self, statement: &str) -> Result<u64, DbError> {
+        Ok(on_pool!(self, |pool| {
+            sqlx::query(statement).execute(pool).await?.rows_affected()
+        }))
+    }
+}

@@ -1,0 +1,321 @@
+//! Query plans of the hot queries, so tests (and operators) can check that none of them scans a
+//! whole table: SQLite's `EXPLAIN QUERY PLAN`, PostgreSQL's `EXPLAIN (COSTS OFF)` with
+//! `enable_seqscan = off` (a sequential scan then appears only where no index can serve).
+
+use super::error::DbError;
+use super::{Backend, Db, Pool, sql};
+
+/// One hot query and its plan, one line per plan node (indented by depth).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryPlan {
+    pub name: &'static str,
+    pub sql: String,
+    pub plan: Vec<String>,
+}
+
+/// Partial indexes whose full scan is the intended plan: they hold only the rows the query wants
+/// (unfinished builds, busy steps, Resolved steps).
+pub const BOUNDED_INDEXES: [&str; 3] = [
+    "indexbuildsonunfinished",
+    "indexbuildstepsonbusy",
+    "indexbuildstepsonresolvedtostep",
+];
+
+impl QueryPlan {
+    /// The plan lines that read a whole table: a sequential scan, or a scan of a whole index
+    /// (no index condition) that is not one of [`BOUNDED_INDEXES`]. Empty for a good plan.
+    pub fn full_scans(&self, backend: Backend) -> Vec<&str> {
+        let bounded = |l: &str| BOUNDED_INDEXES.iter().any(|i| l.contains(i));
+        let mut bad = Vec::new();
+        for (n, line) in self.plan.iter().enumerate() {
+            let l = line.trim();
+            let full = match backend {
+                Backend::Sqlite => {
+                    // "SCAN t", "SCAN t USING [COVERING] INDEX i": every row of t or of i.
+                    l.starts_with("SCAN ") && !l.starts_with("SCAN CONSTANT ROW") && !bounded(l)
+                }
+                Backend::Postgres => {
+                    let node = l.trim_start_matches("->").trim();
+                    if node.starts_with("Seq Scan") {
+                        true
+                    } else if node.contains("Index Scan") || node.contains("Index Only Scan") {
+                        // An index scan without an "Index Cond" among its detail lines (the
+                        // following lines indented deeper, up to the next node) reads it all.
+                        let indent = line.len() - line.trim_start().len();
+                        let has_cond = self.plan[n + 1..]
+                            .iter()
+                            .take_while(|d| {
+                                let t = d.trim_start();
+                                d.len() - t.len() > indent && !t.starts_with("->")
+                            })
+                            .any(|d| d.contains("Index Cond"));
+                        !has_cond && !bounded(node)
+                    } else {
+                        false
+                    }
+                }
+            };
+            if full {
+                bad.push(l);
+            }
+        }
+        bad
+    }
+}
+
+enum P {
+    I64(i64),
+    I32(i32),
+    Text(&'static str),
+    Texts(Vec<String>),
+}
+
+fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
+    use P::*;
+    let b = || I64(1);
+    let s = || I32(1);
+    let drv = || Text("/nix/store/00000000000000000000000000000000-x.drv");
+    let mut q: Vec<(&'static str, String, Vec<P>)> = vec![
+        ("unfinished_builds", sql::UNFINISHED_BUILDS.into(), vec![]),
+        (
+            "unfinished_builds_since",
+            sql::UNFINISHED_BUILDS_SINCE.into(),
+            vec![b()],
+        ),
+        ("get_build", sql::GET_BUILD.into(), vec![b()]),
+        ("build_outputs", sql::BUILD_OUTPUTS.into(), vec![b()]),
+        (
+            "finish_build",
+            sql::FINISH_BUILD.into(),
+            vec![b(), I32(0), I64(0), I64(0), I32(0)],
+        ),
+        ("cancel_build", sql::CANCEL_BUILD.into(), vec![b(), I64(0)]),
+        ("restart_build", sql::RESTART_BUILD.into(), vec![b()]),
+        (
+            "restart_build: clear failed drvs",
+            sql::CLEAR_FAILED_STEP_DRVS.into(),
+            vec![b()],
+        ),
+        (
+            "restart_build: clear failed outputs",
+            sql::CLEAR_FAILED_STEP_OUTPUTS.into(),
+            vec![b()],
+        ),
+        ("bump_build", sql::BUMP_BUILD.into(), vec![b(), I32(1)]),
+        ("allocate step number", sql::ALLOC_STEPNR.into(), vec![b()]),
+        ("step", sql::STEP.into(), vec![b(), s()]),
+        ("step status", sql::STEP_STATUS.into(), vec![b(), s()]),
+        ("steps_of_build", sql::STEPS_OF_BUILD.into(), vec![b()]),
+        ("step_outputs", sql::STEP_OUTPUTS.into(), vec![b(), s()]),
+        (
+            "start_step",
+            sql::START_STEP.into(),
+            vec![b(), s(), I32(30), Text("m"), I64(0)],
+        ),
+        (
+            "set_step_busy",
+            sql::SET_STEP_BUSY.into(),
+            vec![b(), s(), I32(30)],
+        ),
+        (
+            "finish_step",
+            sql::FINISH_STEP.into(),
+            vec![b(), s(), I32(0), Text("e"), I64(0), I32(1), Text("m")],
+        ),
+        (
+            "resolve_step: mark original",
+            sql::MARK_RESOLVED.into(),
+            vec![b(), s(), I64(0), I32(2)],
+        ),
+        (
+            "steps_resolved_to",
+            sql::STEPS_RESOLVED_TO.into(),
+            vec![b(), s()],
+        ),
+        ("busy_steps", sql::BUSY_STEPS.into(), vec![]),
+        (
+            "abort_busy_steps",
+            sql::ABORT_BUSY_STEPS.into(),
+            vec![I64(0), Text("aborted")],
+        ),
+        (
+            "abort_busy_steps: stray",
+            sql::CLEAR_STRAY_BUSY.into(),
+            vec![],
+        ),
+        ("resolved_steps", sql::RESOLVED_STEPS.into(), vec![]),
+        (
+            "jobset_seconds_since",
+            sql::JOBSET_SECONDS.into(),
+            // A recent window.
+            vec![I64(1_700_000_000)],
+        ),
+        (
+            "is_failed_path",
+            sql::IS_FAILED_PATH.into(),
+            vec![Text("/nix/store/x")],
+        ),
+        (
+            "realisation",
+            sql::REALISATION.into(),
+            vec![drv(), Text("out")],
+        ),
+        (
+            "realisations_for_drv",
+            sql::REALISATIONS_FOR_DRV.into(),
+            vec![drv()],
+        ),
+    ];
+    q.push(match backend {
+        Backend::Postgres => (
+            "failed_paths_among",
+            sql::FAILED_PATHS_AMONG_PG.into(),
+            vec![Texts(vec!["/nix/store/a".into(), "/nix/store/b".into()])],
+        ),
+        Backend::Sqlite => (
+            "failed_paths_among",
+            sql::failed_paths_among_sqlite(2),
+            vec![Text("/nix/store/a"), Text("/nix/store/b")],
+        ),
+    });
+    q
+}
+
+/// Binds `$params` to `$q`; `$texts` says what to do with an array (`$v`) on this backend.
+macro_rules! bind_all {
+    ($q:expr, $params:expr, |$acc:ident, $v:ident| $texts:expr) => {{
+        let mut $acc = $q;
+        for p in $params {
+            $acc = match p {
+                P::I64(x) => $acc.bind(*x),
+                P::I32(x) => $acc.bind(*x),
+                P::Text(x) => $acc.bind(*x),
+                P::Texts($v) => $texts,
+            };
+        }
+        $acc
+    }};
+}
+
+impl Db {
+    /// The plans of the runner's hot queries on this database.
+    pub async fn explain_hot_queries(&self) -> Result<Vec<QueryPlan>, DbError> {
+        let backend = self.backend();
+        let mut out = Vec::new();
+        match &self.inner.pool {
+            Pool::Sqlite(pool) => {
+                use sqlx::Row;
+                for (name, sql, params) in hot_queries(backend) {
+                    let text = format!("EXPLAIN QUERY PLAN {sql}");
+                    let rows = bind_all!(sqlx::query(&text), &params, |q, _v| q)
+                        .fetch_all(pool)
+                        .await?;
+                    // (id, parent, notused, detail); indent by depth.
+                    let mut depth: Vec<(i64, usize)> = Vec::new();
+                    let mut plan = Vec::new();
+                    for r in rows {
+                        let id: i64 = r.try_get(0)?;
+                        let parent: i64 = r.try_get(1)?;
+                        let detail: String = r.try_get(3)?;
+                        let d = depth
+                            .iter()
+                            .find(|(i, _)| *i == parent)
+                            .map_or(0, |(_, d)| d + 1);
+                        depth.push((id, d));
+                        plan.push(format!("{}{}", "  ".repeat(d), detail));
+                    }
+                    out.push(QueryPlan { name, sql, plan });
+                }
+            }
+            Pool::Postgres(pool, _) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SET LOCAL enable_seqscan = off")
+                    .execute(&mut *tx)
+                    .await?;
+                for (name, sql, params) in hot_queries(backend) {
+                    let text = format!("EXPLAIN (COSTS OFF) {sql}");
+                    let plan: Vec<String> =
+                        bind_all!(sqlx::query_scalar(&text), &params, |q, v| q.bind(v.clone()))
+                            .fetch_all(&mut *tx)
+                            .await?;
+                    out.push(QueryPlan { name, sql, plan });
+                }
+                tx.rollback().await?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(lines: &[&str]) -> QueryPlan {
+        QueryPlan {
+            name: "t",
+            sql: String::new(),
+            plan: lines.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn detects_full_scans() {
+        let bad = plan(&["SCAN buildsteps"]);
+        assert_eq!(bad.full_scans(Backend::Sqlite), ["SCAN buildsteps"]);
+        let bad = plan(&["SCAN b USING INDEX sqlite_autoindex_buildsteps_1"]);
+        assert_eq!(bad.full_scans(Backend::Sqlite).len(), 1);
+        let ok = plan(&[
+            "SCAN builds USING INDEX indexbuildsonunfinished",
+            "SEARCH buildsteps USING INDEX sqlite_autoindex_buildsteps_1 (build=?)",
+            "  USE TEMP B-TREE FOR ORDER BY",
+        ]);
+        assert!(ok.full_scans(Backend::Sqlite).is_empty());
+        let bad = plan(&["SCAN s USING COVERING INDEX indexbuildstepsonstoptime"]);
+        assert_eq!(bad.full_scans(Backend::Sqlite).len(), 1);
+        let bad = plan(&["Sort", "  ->  Seq Scan on buildsteps"]);
+        assert_eq!(bad.full_scans(Backend::Postgres).len(), 1);
+        let ok = plan(&[
+            "Nested Loop",
+            "  ->  Index Scan using buildsteps_pkey on buildsteps",
+            "        Index Cond: ((build = 1) AND (stepnr = 1))",
+            "  ->  Index Scan using indexbuildsonunfinished on builds",
+        ]);
+        assert!(ok.full_scans(Backend::Postgres).is_empty());
+        let bad = plan(&[
+            "Hash Join",
+            "  ->  Bitmap Heap Scan on buildsteps s",
+            "        Recheck Cond: (stoptime >= 0)",
+            "        ->  Bitmap Index Scan on indexbuildstepsonstoptime",
+            "              Index Cond: (stoptime >= 0)",
+            "  ->  Hash",
+            "        ->  Index Scan using indexbuildsonjobset on builds b",
+            "  ->  Index Only Scan using builds_pkey on builds",
+            "        Filter: (finished = 0)",
+        ]);
+        assert_eq!(
+            bad.full_scans(Backend::Postgres),
+            [
+                "->  Index Scan using indexbuildsonjobset on builds b",
+                "->  Index Only Scan using builds_pkey on builds"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_query_has_its_parameters() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            for (name, sql, params) in hot_queries(backend) {
+                let max = (1..=20)
+                    .filter(|i| sql.contains(&format!("${i}")))
+                    .max()
+                    .unwrap_or(0);
+                let n = match params.first() {
+                    Some(P::Texts(_)) => 1,
+                    _ => params.len(),
+                };
+                assert_eq!(max, n, "{name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The SQL the runner sends. The same text runs on both backends (sqlx's SQLite driver accepts
+//! `$N` parameters) except where a function says otherwise. Every query here is covered by
+//! `Db::explain_hot_queries`.
+
+macro_rules! build_cols {
+    () => {
+        "id, jobset, job, drvpath, system, priority, globalpriority, maxsilent, timeout, \
+         timestamp, finished, buildstatus, starttime, stoptime, iscachedbuild, laststepnr"
+    };
+}
+
+macro_rules! step_cols {
+    () => {
+        "build, stepnr, type, drvpath, busy, status, errormsg, starttime, stoptime, machine, \
+         system, propagatedfrom, timesbuilt, resolvedtostep"
+    };
+    ($p:ident) => {
+        concat!(
+            stringify!($p),
+            ".build as ",
+            stringify!($p),
+            "_build, ",
+            stringify!($p),
+            ".stepnr as ",
+            stringify!($p),
+            "_stepnr, ",
+            stringify!($p),
+            ".type as ",
+            stringify!($p),
+            "_type, ",
+            stringify!($p),
+            ".drvpath as ",
+            stringify!($p),
+            "_drvpath, ",
+            stringify!($p),
+            ".busy as ",
+            stringify!($p),
+            "_busy, ",
+            stringify!($p),
+            ".status as ",
+            stringify!($p),
+            "_status, ",
+            stringify!($p),
+            ".errormsg as ",
+            stringify!($p),
+            "_errormsg, ",
+            stringify!($p),
+            ".starttime as ",
+            stringify!($p),
+            "_starttime, ",
+            stringify!($p),
+            ".stoptime as ",
+            stringify!($p),
+            "_stoptime, ",
+            stringify!($p),
+            ".machine as ",
+            stringify!($p),
+            "_machine, ",
+            stringify!($p),
+            ".system as ",
+            stringify!($p),
+            "_system, ",
+            stringify!($p),
+            ".propagatedfrom as ",
+            stringify!($p),
+            "_propagatedfrom, ",
+            stringify!($p),
+            ".timesbuilt as ",
+            stringify!($p),
+            "_timesbuilt, ",
+            stringify!($p),
+            ".resolvedtostep as ",
+            stringify!($p),
+            "_resolvedtostep"
+        )
+    };
+}
+
+macro_rules! realisation_cols {
+    () => {
+        "drvpath, outputname, outpath, build, stepnr"
+    };
+}
+
+// --- jobsets ---
+
+pub(crate) const UPSERT_JOBSET: &str = "insert into jobsets (name, schedulingshares) values ($1, $2) \
+     on conflict (name) do update set schedulingshares = excluded.schedulingshares";
+
+pub(crate) const JOBSETS: &str = "select name, schedulingshares from jobsets order by name";
+
+// --- builds ---
+
+pub(crate) const INSERT_BUILD: &str = "insert into builds (jobset, job, drvpath, system, priority, \
+     globalpriority, maxsilent, timeout, timestamp) values ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+     returning id";
+
+pub(crate) const GET_BUILD: &str = concat!("select ", build_cols!(), " from builds where id = $1");
+
+/// The queue, in scheduling order (index `indexbuildsonunfinished`).
+pub(crate) const UNFINISHED_BUILDS: &str = concat!(
+    "select ",
+    build_cols!(),
+    " from builds where finished = 0 order by globalpriority desc, priority desc, id"
+);
+
+/// New queue entries after the last id seen (primary key range).
+pub(crate) const UNFINISHED_BUILDS_SINCE: &str = concat!(
+    "select ",
+    build_cols!(),
+    " from builds where id > $1 and finished = 0 order by id"
+);
+
+pub(crate) const BUILD_FINISHED: &str = "select finished from builds where id = $1";
+
+pub(crate) const UPSERT_BUILD_OUTPUT: &str = "insert into buildoutputs (build, name, path) values ($1, $2, $3) \
+     on conflict (build, name) do update set path = coalesce(excluded.path, buildoutputs.path)";
+
+pub(crate) const BUILD_OUTPUTS: &str =
+    "select name, path from buildoutputs where build = $1 order by name";
+
+pub(crate) const FINISH_BUILD: &str = "update builds set finished = 1, buildstatus = $2, \
+     starttime = coalesce($3, starttime), stoptime = $4, iscachedbuild = $5 \
+     where id = $1 and finished = 0";
+
+pub(crate) const CANCEL_BUILD: &str = "update builds set finished = 1, buildstatus = 4, \
+     starttime = coalesce(starttime, $2), stoptime = $2, iscachedbuild = 0 \
+     where id = $1 and finished = 0";
+
+pub(crate) const RESTART_BUILD: &str = "update builds set finished = 0, buildstatus = null, \
+     starttime = null, stoptime = null, iscachedbuild = 0 where id = $1 and finished = 1";
+
+/// Restarting forgets the cached failures of the build's steps (by drv path and output path).
+pub(crate) const CLEAR_FAILED_STEP_DRVS: &str = "delete from failedpaths where path in \
+     (select drvpath from buildsteps where build = $1 and drvpath is not null)";
+
+pub(crate) const CLEAR_FAILED_STEP_OUTPUTS: &str = "delete from failedpaths where path in \
+     (select path from buildstepoutputs where build = $1 and path is not null)";
+
+pub(crate) const BUMP_BUILD: &str =
+    "update builds set globalpriority = $2 where id = $1 and finished = 0";
+
+// --- steps ---
+
+/// Step-number allocation: bumping the build's counter locks its row until commit, so
+/// concurrent writers of one build serialise here (both backends).
+pub(crate) const ALLOC_STEPNR: &str =
+    "update builds set laststepnr = laststepnr + 1 where id = $1 returning laststepnr";
+
+pub(crate) const INSERT_STEP: &str = "insert into buildsteps (build, stepnr, type, drvpath, busy, \
+     status, errormsg, starttime, stoptime, machine, system, propagatedfrom, timesbuilt, \
+     resolvedtostep) values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+
+pub(crate) const UPSERT_STEP_OUTPUT: &str = "insert into buildstepoutputs (build, stepnr, name, path) \
+     values ($1, $2, $3, $4) on conflict (build, stepnr, name) \
+     do update set path = coalesce(excluded.path, buildstepoutputs.path)";
+
+pub(crate) const STEP: &str = concat!(
+    "select ",
+    step_cols!(),
+    " from buildsteps where build = $1 and stepnr = $2"
+);
+
+pub(crate) const STEP_STATUS: &str =
+    "select status from buildsteps where build = $1 and stepnr = $2";
+
+pub(crate) const STEPS_OF_BUILD: &str = concat!(
+    "select ",
+    step_cols!(),
+    " from buildsteps where build = $1 order by stepnr"
+);
+
+pub(crate) const STEP_OUTPUTS: &str =
+    "select name, path from buildstepoutputs where build = $1 and stepnr = $2 order by name";
+
+pub(crate) const START_STEP: &str = "update buildsteps set busy = $3, machine = $4, starttime = $5 \
+     where build = $1 and stepnr = $2 and status is null";
+
+pub(crate) const SET_STEP_BUSY: &str =
+    "update buildsteps set busy = $3 where build = $1 and stepnr = $2 and status is null";
+
+pub(crate) const FINISH_STEP: &str = "update buildsteps set busy = 0, status = $3, errormsg = $4, \
+     stoptime = $5, timesbuilt = $6, machine = coalesce($7, machine) \
+     where build = $1 and stepnr = $2 and status is null";
+
+/// The second statement of the resolve transaction.
+pub(crate) const MARK_RESOLVED: &str = "update buildsteps set status = 13, busy = 0, stoptime = $3, \
+     resolvedtostep = $4 where build = $1 and stepnr = $2 and status is null";
+
+/// Restart recovery: rows left busy (index `indexbuildstepsonbusy`).
+pub(crate) const BUSY_STEPS: &str = concat!(
+    "select ",
+    step_cols!(),
+    " from buildsteps where busy != 0 order by build, stepnr"
+);
+
+pub(crate) const ABORT_BUSY_STEPS: &str = concat!(
+    "update buildsteps set busy = 0, status = 3, errormsg = $2, stoptime = $1 \
+     where busy != 0 and status is null returning ",
+    step_cols!()
+);
+
+/// Busy flags left on rows that already have a status (should not happen; cleared anyway).
+pub(crate) const CLEAR_STRAY_BUSY: &str = "update buildsteps set busy = 0 where busy != 0";
+
+/// Restart recovery: Resolved rows and their targets (index `indexbuildstepsonresolvedtostep`,
+/// then the primary key). Unordered: an `order by` makes SQLite walk the whole primary key
+/// instead; the caller sorts.
+pub(crate) const RESOLVED_STEPS: &str = concat!(
+    "select ",
+    step_cols!(o),
+    ", ",
+    step_cols!(r),
+    " from buildsteps o join buildsteps r on r.build = o.build and r.stepnr = o.resolvedtostep \
+     where o.status = 13"
+);
+
+/// The steps that resolved to a given step.
+pub(crate) const STEPS_RESOLVED_TO: &str = concat!(
+    "select ",
+    step_cols!(),
+    " from buildsteps where build = $1 and resolvedtostep = $2 and status = 13 order by stepnr"
+);
+
+/// Step seconds per jobset since `$1` (index `indexbuildstepsonstoptime`).
+pub(crate) const JOBSET_SECONDS: &str = "select b.jobset as jobset, \
+     cast(sum(s.stoptime - s.starttime) as bigint) as seconds \
+     from buildsteps s join builds b on b.id = s.build \
+     where s.starttime is not null and s.stoptime is not null and s.stoptime >= $1 \
+     group by b.jobset order by b.jobset";
+
+// --- failed paths ---
+
+pub(crate) const ADD_FAILED_PATH: &str =
+    "insert into failedpaths (path) values ($1) on conflict (path) do nothing";
+
+pub(crate) const IS_FAILED_PATH: &str = "select path from failedpaths where path = $1";
+
+pub(crate) const REMOVE_FAILED_PATH: &str = "delete from failedpaths where path = $1";
+
+/// PostgreSQL only: one array parameter.
+pub(crate) const FAILED_PATHS_AMONG_PG: &str =
+    "select path from failedpaths where path = any($1) order by path";
+
+/// SQLite: `select path from failedpaths where path in ($1, …, $n) order by path`.
+pub(crate) fn failed_paths_among_sqlite(n: usize) -> String {
+    let mut s = String::from("select path from failedpaths where path in (");
+    for i in 1..=n {
+        if i > 1 {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&i.to_string());
+    }
+    s.push_str(") order by path");
+    s
+}
+
+// --- realisations ---
+
+pub(crate) const INSERT_REALISATION: &str = "insert into realisations (drvpath, outputname, outpath, \
+     build, stepnr) values ($1, $2, $3, $4, $5) on conflict (drvpath, outputname) do nothing";
+
+pub(crate) const REALISATION: &str = concat!(
+    "select ",
+    realisation_cols!(),
+    " from realisations where drvpath = $1 and outputname = $2"
+);
+
+pub(crate) const REALISATIONS_FOR_DRV: &str = concat!(
+    "select ",
+    realisation_cols!(),
+    " from realisations where drvpath = $1 order by outputname"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders() {
+        assert_eq!(
+            failed_paths_among_sqlite(3),
+            "select path from failedpaths where path in ($1, $2, $3) order by path"
+        );
+    }
+
+    #[test]
+    fn prefixed_columns() {
+        assert!(RESOLVED_STEPS.contains("o.resolvedtostep as o_resolvedtostep"));
+        assert!(RESOLVED_STEPS.contains("r.build as r_build"));
+    }
+}
