@@ -5,29 +5,8 @@ use std::collections::BTreeMap;
 /// Output name → store path, as carried by `OutputsLanded`.
 pub type Outputs = BTreeMap<String, String>;
 
-/// Hydra's build and step status codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
-    Success = 0,
-    Failed = 1,
-    DepFailed = 2,
-    Aborted = 3,
-    Cancelled = 4,
-    FailedWithOutput = 6,
-    TimedOut = 7,
-    CachedFailure = 8,
-    Unsupported = 9,
-    LogLimitExceeded = 10,
-    NarSizeLimitExceeded = 11,
-    NotDeterministic = 12,
-    Resolved = 13,
-}
-
-impl Status {
-    pub fn code(self) -> i32 {
-        self as i32
-    }
-}
+/// Hydra's build and step status codes (the database's own enum).
+pub use crate::db::types::BuildStatus as Status;
 
 /// Something that waits for a step's outputs: a dependent step (by drv path) or a build.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
