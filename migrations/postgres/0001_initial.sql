@@ -23,7 +23,9 @@ create table builds (
     stoptime       bigint,
     iscachedbuild  integer not null default 0 check (iscachedbuild in (0, 1)),
     laststepnr     integer not null default 0, -- qr: step-number allocator (see docs/schema.md)
-    check (finished = 0 or buildstatus is not null)
+    check (finished = 0 or buildstatus is not null),
+    check (finished = 0 or (stoptime is not null and stoptime != 0)),
+    check (finished = 0 or (starttime is not null and starttime != 0))
 );
 
 -- The queue: unfinished builds in scheduling order.
@@ -41,7 +43,7 @@ create table buildsteps (
     build          bigint not null references builds(id) on delete cascade,
     stepnr         integer not null,
     type           integer not null,          -- 0 = build, 1 = substitution
-    drvpath        text,
+    drvpath        text not null,
     busy           integer not null default 0, -- 0 = not busy, else the busy phase
     status         integer,                   -- null while pending/running
     errormsg       text,
