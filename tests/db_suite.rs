@@ -1211,7 +1211,20 @@ async fn query_plans_use_indexes(ctx: Ctx) -> Result<()> {
     let backend = ctx.backend();
     populate(&ctx.db).await?;
     let plans = ctx.db.explain_hot_queries().await?;
-    let mut out = String::new();
+    let version: String = match (ctx.db.sqlite_pool(), ctx.db.postgres_pool()) {
+        (Some(p), _) => {
+            sqlx::query_scalar("select sqlite_version()")
+                .fetch_one(p)
+                .await?
+        }
+        (_, Some(p)) => {
+            sqlx::query_scalar("show server_version")
+                .fetch_one(p)
+                .await?
+        }
+        _ => bail!("no pool"),
+    };
+    let mut out = format!("-- {backend:?} {version}, after populate()\n");
     let mut bad = Vec::new();
     for p in &plans {
         out.push_str(&format!("-- {} ({backend:?})\n", p.name));

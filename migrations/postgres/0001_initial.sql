@@ -14,8 +14,8 @@ create table builds (
     system         text not null,
     priority       integer not null default 0,
     globalpriority integer not null default 0,
-    maxsilent      integer default 3600,
-    timeout        integer default 36000,
+    maxsilent      integer not null default 3600,
+    timeout        integer not null default 36000,
     timestamp      bigint not null,           -- queue time
     finished       integer not null default 0 check (finished in (0, 1)),
     buildstatus    integer,                   -- status codes as in Hydra; set when finished
