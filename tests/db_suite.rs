@@ -310,8 +310,8 @@ async fn check_constraint_ties_status_13_to_resolvedtostep(ctx: Ctx) -> Result<(
     ensure!(one == 1);
     let insert = |nr: i32, status: &str, resolved: &str| {
         format!(
-            "insert into buildsteps (build, stepnr, type, busy, status, resolvedtostep) \
-             values ({b}, {nr}, 0, 0, {status}, {resolved})"
+            "insert into buildsteps (build, stepnr, type, drvpath, busy, status, resolvedtostep) \
+             values ({b}, {nr}, 0, '/nix/store/x.drv', 0, {status}, {resolved})"
         )
     };
     // Status 13 without resolvedtostep.
@@ -409,7 +409,7 @@ async fn resolve_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
     ensure!(orig.busy == BusyPhase::NotBusy);
     ensure!(orig.stop_time == Some(1_700_000_020));
     let new = db.step(b, s2).await?;
-    ensure!(new.drv_path.as_deref() == Some(drv("ca-resolved").as_str()));
+    ensure!(new.drv_path == drv("ca-resolved"));
     ensure!(new.status.is_none() && new.resolved_to_step.is_none());
     ensure!(
         db.step_outputs(b, s2).await?
@@ -726,6 +726,33 @@ async fn build_lifecycle(ctx: Ctx) -> Result<()> {
     let c = db.get_build(id).await?;
     ensure!(c.finished && c.build_status == Some(BuildStatus::Cancelled));
     ensure!(c.stop_time == Some(1_700_001_000));
+    ensure!(
+        c.start_time == Some(1_700_001_000),
+        "never started: start = stop"
+    );
+    // Finishing without a start time (e.g. cached) records start = stop, as Hydra requires.
+    ensure!(db.restart_build(id).await?);
+    let cached = FinishBuild {
+        start_time: None,
+        stop_time: 1_700_002_000,
+        is_cached: true,
+        status: BuildStatus::Success,
+        ..f
+    };
+    ensure!(db.finish_build(&cached).await?);
+    let c = db.get_build(id).await?;
+    ensure!(c.start_time == Some(1_700_002_000) && c.stop_time == Some(1_700_002_000));
+    // The schema refuses a finished build without times.
+    let e = db
+        .execute_unchecked(&format!(
+            "update builds set finished = 0, starttime = null where id = {id}"
+        ))
+        .await;
+    ensure!(e.is_ok(), "{e:?}");
+    let e = db
+        .execute_unchecked(&format!("update builds set finished = 1 where id = {id}"))
+        .await;
+    ensure!(e.as_ref().is_err_and(|e| e.is_check_violation()), "{e:?}");
     Ok(())
 }
 
@@ -1137,11 +1164,12 @@ async fn populate(db: &Db) -> Result<()> {
     let statements = [
         format!(
             "{} insert into builds (jobset, job, drvpath, system, timestamp, finished, \
-             buildstatus, laststepnr, priority, globalpriority) \
+             buildstatus, laststepnr, priority, globalpriority, starttime, stoptime) \
              select case when i % 3 = 0 then 'other' else 'main' end, 'job' || i, \
              '/nix/store/b' || i || '.drv', 'x86_64-linux', i, \
              case when i % 100 = 0 then 0 else 1 end, case when i % 100 = 0 then null else 0 end, \
-             4, i % 7, 0 from n",
+             4, i % 7, 0, case when i % 100 = 0 then null else i end, \
+             case when i % 100 = 0 then null else i + 1 end from n",
             series(5000)
         ),
         format!(
@@ -1183,7 +1211,20 @@ async fn query_plans_use_indexes(ctx: Ctx) -> Result<()> {
     let backend = ctx.backend();
     populate(&ctx.db).await?;
     let plans = ctx.db.explain_hot_queries().await?;
-    let mut out = String::new();
+    let version: String = match (ctx.db.sqlite_pool(), ctx.db.postgres_pool()) {
+        (Some(p), _) => {
+            sqlx::query_scalar("select sqlite_version()")
+                .fetch_one(p)
+                .await?
+        }
+        (_, Some(p)) => {
+            sqlx::query_scalar("show server_version")
+                .fetch_one(p)
+                .await?
+        }
+        _ => bail!("no pool"),
+    };
+    let mut out = format!("-- {backend:?} {version}, after populate()\n");
     let mut bad = Vec::new();
     for p in &plans {
         out.push_str(&format!("-- {} ({backend:?})\n", p.name));
@@ -1251,4 +1292,21 @@ async fn default_url_opens_under_the_state_dir() {
         .await
         .expect("pragma");
     assert_eq!(fk, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_sqlite_works_across_connections() {
+    let db = Db::connect("sqlite::memory:", 4).await.expect("open");
+    db.create_jobset("main", 1).await.expect("jobset");
+    let mut hs = Vec::new();
+    for i in 0..8 {
+        let db = db.clone();
+        hs.push(tokio::spawn(async move {
+            db.create_build(&new_build(&format!("m{i}"), 0, 0)).await
+        }));
+    }
+    for h in hs {
+        h.await.expect("join").expect("create_build");
+    }
+    assert_eq!(db.unfinished_builds().await.expect("read").len(), 8);
 }

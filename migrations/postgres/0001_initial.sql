@@ -14,8 +14,8 @@ create table builds (
     system         text not null,
     priority       integer not null default 0,
     globalpriority integer not null default 0,
-    maxsilent      integer default 3600,
-    timeout        integer default 36000,
+    maxsilent      integer not null default 3600,
+    timeout        integer not null default 36000,
     timestamp      bigint not null,           -- queue time
     finished       integer not null default 0 check (finished in (0, 1)),
     buildstatus    integer,                   -- status codes as in Hydra; set when finished
@@ -23,7 +23,9 @@ create table builds (
     stoptime       bigint,
     iscachedbuild  integer not null default 0 check (iscachedbuild in (0, 1)),
     laststepnr     integer not null default 0, -- qr: step-number allocator (see docs/schema.md)
-    check (finished = 0 or buildstatus is not null)
+    check (finished = 0 or buildstatus is not null),
+    check (finished = 0 or (stoptime is not null and stoptime != 0)),
+    check (finished = 0 or (starttime is not null and starttime != 0))
 );
 
 -- The queue: unfinished builds in scheduling order.
@@ -41,7 +43,7 @@ create table buildsteps (
     build          bigint not null references builds(id) on delete cascade,
     stepnr         integer not null,
     type           integer not null,          -- 0 = build, 1 = substitution
-    drvpath        text,
+    drvpath        text not null,
     busy           integer not null default 0, -- 0 = not busy, else the busy phase
     status         integer,                   -- null while pending/running
     errormsg       text,

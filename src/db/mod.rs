@@ -118,13 +118,11 @@ impl Default for DbOptions {
     }
 }
 
-#[derive(Debug)]
 pub(crate) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool, Box<PgConnectOptions>),
 }
 
-#[derive(Debug)]
 struct Inner {
     pool: Pool,
     url: String,
@@ -134,9 +132,19 @@ struct Inner {
 }
 
 /// The handle every actor holds: cheap to clone, shared pool inside.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Db {
     inner: Arc<Inner>,
+}
+
+/// Shows the backend and the URL without its password (the connect options hold it).
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.backend())
+            .field("url", &self.inner.url)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Runs `$body` with `$pool` bound to the backend's pool (the body is compiled once per backend).

@@ -120,7 +120,7 @@ pub(crate) const BUILD_OUTPUTS: &str =
     "select name, path from buildoutputs where build = $1 order by name";
 
 pub(crate) const FINISH_BUILD: &str = "update builds set finished = 1, buildstatus = $2, \
-     starttime = coalesce($3, starttime), stoptime = $4, iscachedbuild = $5 \
+     starttime = coalesce($3, starttime, $4), stoptime = $4, iscachedbuild = $5 \
      where id = $1 and finished = 0";
 
 pub(crate) const CANCEL_BUILD: &str = "update builds set finished = 1, buildstatus = 4, \
@@ -132,7 +132,7 @@ pub(crate) const RESTART_BUILD: &str = "update builds set finished = 0, buildsta
 
 /// Restarting forgets the cached failures of the build's steps (by drv path and output path).
 pub(crate) const CLEAR_FAILED_STEP_DRVS: &str = "delete from failedpaths where path in \
-     (select drvpath from buildsteps where build = $1 and drvpath is not null)";
+     (select drvpath from buildsteps where build = $1)";
 
 pub(crate) const CLEAR_FAILED_STEP_OUTPUTS: &str = "delete from failedpaths where path in \
      (select path from buildstepoutputs where build = $1 and path is not null)";

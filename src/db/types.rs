@@ -224,7 +224,7 @@ pub struct Step {
     pub build: BuildId,
     pub stepnr: StepNr,
     pub step_type: StepType,
-    pub drv_path: Option<String>,
+    pub drv_path: String,
     pub busy: BusyPhase,
     pub status: Option<BuildStatus>,
     pub error_msg: Option<String>,
@@ -261,7 +261,8 @@ pub struct FinishStep {
 pub struct FinishBuild {
     pub build: BuildId,
     pub status: BuildStatus,
-    /// `Some` sets `starttime` (kept if `None`).
+    /// `Some` sets `starttime`; if `None` it is kept, or set to `stop_time` if the build never
+    /// started (a finished build has both times, as in Hydra).
     pub start_time: Option<i64>,
     pub stop_time: i64,
     pub is_cached: bool,
