@@ -1,9 +1,16 @@
-//! Builds and steps as actors (queue monitor, build, step, dispatcher, machine, supervisor).
+//! Builds and steps as actors (queue monitor, build, step, dispatcher, machine).
 //!
 //! Each actor's logic is a plain state machine (`on(event) -> effects`) tested with no runtime; the
-//! actix handlers perform the effects.
+//! actix handlers perform the effects. Strong references point down the graph (build → step →
+//! input step / resolved step), weak ones up, and one registry keyed by drv path deduplicates steps.
 
 pub mod build;
 pub mod dispatcher;
+pub mod env;
+pub mod machine;
+pub mod messages;
+pub mod queue_monitor;
+pub mod registry;
+pub mod scheduler;
 pub mod step;
 pub mod types;

@@ -1,5 +1,7 @@
 //! The build actor: one per unfinished build, waiting for its top-level step.
 
+pub mod actor;
+pub mod expand;
 pub mod machine;
 
 pub use machine::{BuildMachine, Effect, Event, Phase};

@@ -1,0 +1,248 @@
+//! The build actor: the thin adapter around [`BuildMachine`]. It expands its drv closure (I/O, then
+//! one synchronous graph change), waits on its top-level step and finishes its row once.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::expand::{self, RecordedLookup, Top};
+use super::machine::{BuildMachine, Effect, Event};
+use crate::actors::dispatcher::actor::DispatcherActor;
+use crate::actors::env::{Env, SchedEvent, Stats, persist};
+use crate::actors::messages::*;
+use crate::actors::step::actor::StepActor;
+use crate::actors::types::{Outputs, Status, Waiter};
+use crate::db::types::{Build, FinishBuild, NewStep};
+
+/// Told to whoever watches builds (the queue monitor) when a build actor is done.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct BuildActorDone(pub i64);
+
+pub struct BuildActor {
+    env: Arc<Env>,
+    dispatcher: Addr<DispatcherActor>,
+    row: Build,
+    machine: BuildMachine,
+    top: Option<Addr<StepActor>>,
+    recorded: RecordedLookup,
+    done: Option<Recipient<BuildActorDone>>,
+}
+
+impl BuildActor {
+    pub fn new(
+        env: Arc<Env>,
+        dispatcher: Addr<DispatcherActor>,
+        row: Build,
+        recorded: RecordedLookup,
+        done: Option<Recipient<BuildActorDone>>,
+    ) -> Self {
+        let machine = BuildMachine::new(row.id.0);
+        BuildActor {
+            env,
+            dispatcher,
+            row,
+            machine,
+            top: None,
+            recorded,
+            done,
+        }
+    }
+
+    fn prio(&self) -> BuildPrio {
+        BuildPrio {
+            global_priority: self.row.global_priority,
+            local_priority: self.row.priority,
+            jobset: self.row.jobset.clone(),
+        }
+    }
+
+    fn expand(&mut self, ctx: &mut Context<Self>) {
+        let env = self.env.clone();
+        let top = self.row.drv_path.clone();
+        let recorded = self.recorded.clone();
+        ctx.wait(
+            async move { expand::plan(&env, &top, &*recorded).await }
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Err(msg) => act.feed(Event::ExpansionFailed(msg), ctx),
+                    Ok(plan) => {
+                        let cached = expand::cached_failures(&plan);
+                        let top = plan.top.clone();
+                        match expand::attach(
+                            &act.env,
+                            &act.dispatcher,
+                            plan,
+                            act.row.id.0,
+                            act.prio(),
+                        ) {
+                            Top::Replan => act.expand(ctx),
+                            Top::Built(outputs) => act.feed(Event::AlreadyBuilt(outputs), ctx),
+                            Top::Failed(f) => {
+                                act.record_cached_failures(cached, ctx);
+                                act.feed(Event::TopFailed(f), ctx);
+                            }
+                            Top::Step(step) => {
+                                act.record_cached_failures(cached, ctx);
+                                step.do_send(AddWaiter(WaiterAddr::Build(
+                                    act.row.id.0,
+                                    ctx.address().downgrade(),
+                                )));
+                                act.top = Some(step);
+                                act.feed(Event::WaitingOn(top), ctx);
+                            }
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// As in Hydra: a step row with status CachedFailure for each cached failure met.
+    fn record_cached_failures(&mut self, drvs: Vec<String>, ctx: &mut Context<Self>) {
+        if drvs.is_empty() {
+            return;
+        }
+        let env = self.env.clone();
+        let build = self.row.id;
+        let system = self.row.system.clone();
+        ctx.wait(
+            async move {
+                let now = env.now();
+                for d in drvs {
+                    let mut s = NewStep::build(&d, &system);
+                    s.status = Some(Status::CachedFailure);
+                    s.start_time = Some(now);
+                    s.stop_time = Some(now);
+                    s.error_msg = Some("cached failure".into());
+                    let _ =
+                        persist("record cached failure", || env.db.create_step(build, &s)).await;
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn feed(&mut self, ev: Event, ctx: &mut Context<Self>) {
+        for effect in self.machine.on(ev) {
+            match effect {
+                Effect::Finish {
+                    status,
+                    outputs,
+                    cached,
+                    message,
+                } => self.finish(status, outputs, cached, message, ctx),
+                Effect::Release { .. } => {
+                    if let Some(top) = self.top.take() {
+                        top.do_send(RemoveWaiter(Waiter::Build(self.row.id.0)));
+                    }
+                }
+                Effect::Reprioritise { global_priority } => {
+                    self.row.global_priority = global_priority;
+                    if let Some(top) = &self.top {
+                        top.do_send(AddBuilds(vec![(self.row.id.0, self.prio())]));
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        status: Status,
+        outputs: Outputs,
+        cached: bool,
+        message: Option<String>,
+        ctx: &mut Context<Self>,
+    ) {
+        let env = self.env.clone();
+        let id = self.row.id;
+        if let Some(m) = &message {
+            tracing::info!(build = id.0, status = status.code(), message = %m, "build finished");
+        } else {
+            tracing::info!(build = id.0, status = status.code(), "build finished");
+        }
+        let f = FinishBuild {
+            build: id,
+            status,
+            start_time: None,
+            stop_time: env.now(),
+            is_cached: cached,
+            outputs: outputs.into_iter().map(|(o, p)| (o, Some(p))).collect(),
+        };
+        ctx.wait(
+            async move {
+                let _ = persist("finish build", || env.db.finish_build(&f)).await;
+                Stats::inc(&env.stats.builds_finished);
+                env.emit(SchedEvent::BuildFinished {
+                    build: id.0,
+                    status: status.code(),
+                });
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| {
+                act.top = None;
+                if let Some(d) = &act.done {
+                    d.do_send(BuildActorDone(act.row.id.0));
+                }
+                ctx.stop();
+            }),
+        );
+    }
+}
+
+impl Actor for BuildActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.env.emit(SchedEvent::BuildStarted {
+            build: self.row.id.0,
+        });
+        self.expand(ctx);
+    }
+}
+
+impl Handler<OutputsLanded> for BuildActor {
+    type Result = ();
+    fn handle(&mut self, msg: OutputsLanded, ctx: &mut Context<Self>) {
+        // As in Hydra: an output holding `nix-support/failed` finishes the build as FailedWithOutput.
+        let failed_marker = msg.outputs.values().any(|p| {
+            self.env
+                .store
+                .physical_path(p)
+                .is_some_and(|phys| phys.join("nix-support/failed").exists())
+        });
+        self.feed(
+            Event::TopLanded {
+                outputs: msg.outputs,
+                failed_marker,
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<StepFailed> for BuildActor {
+    type Result = ();
+    fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
+        self.feed(Event::TopFailed(msg.failure), ctx);
+    }
+}
+
+impl Handler<CancelBuild> for BuildActor {
+    type Result = ();
+    fn handle(&mut self, _: CancelBuild, ctx: &mut Context<Self>) {
+        self.feed(Event::Cancel, ctx);
+    }
+}
+
+impl Handler<BumpBuild> for BuildActor {
+    type Result = ();
+    fn handle(&mut self, msg: BumpBuild, ctx: &mut Context<Self>) {
+        self.feed(
+            Event::Bump {
+                global_priority: msg.0,
+            },
+            ctx,
+        );
+    }
+}

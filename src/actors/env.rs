@@ -1,0 +1,157 @@
+//! What every actor shares: the database, the store, the clock, the step registry, counters and the
+//! event stream. Actors run on one arbiter; the environment is reference-counted, never locked.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::broadcast;
+
+use crate::actors::registry::Registry;
+use crate::actors::step::RetryPolicy;
+use crate::db::{Db, DbError};
+use crate::store::Store;
+
+/// Wall-clock time in unix seconds, injected so tests control it.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Counters every actor updates (read by progress lines, `/metrics` and benchmarks).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub steps_created: AtomicU64,
+    pub steps_runnable: AtomicU64,
+    pub steps_running: AtomicU64,
+    pub steps_built: AtomicU64,
+    pub steps_failed: AtomicU64,
+    pub resolutions: AtomicU64,
+    pub early_cutoffs: AtomicU64,
+    pub builds_finished: AtomicU64,
+    pub actor_restarts: AtomicU64,
+    /// Executor runs per drv path: a drv run twice shows here.
+    pub runs: DashMap<String, u32>,
+}
+
+impl Stats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn dec(counter: &AtomicU64) {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            Some(v.saturating_sub(1))
+        });
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What happened, for watchers (progress line, admin event stream, dashboard).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SchedEvent {
+    BuildStarted {
+        build: i64,
+    },
+    BuildFinished {
+        build: i64,
+        status: i32,
+    },
+    StepStarted {
+        drv: String,
+        machine: String,
+    },
+    StepFinished {
+        drv: String,
+        status: i32,
+        built: bool,
+    },
+    StepResolved {
+        drv: String,
+        resolved: String,
+    },
+    EarlyCutoff {
+        drv: String,
+    },
+}
+
+/// The environment shared by the actors.
+pub struct Env {
+    pub db: Db,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub registry: Registry,
+    pub retry: RetryPolicy,
+    pub stats: Stats,
+    pub events: broadcast::Sender<SchedEvent>,
+    /// This runner's default timeouts, used where a build sets none.
+    pub max_silent: Duration,
+    pub timeout: Duration,
+}
+
+impl Env {
+    pub fn new(db: Db, store: Arc<dyn Store>, clock: Arc<dyn Clock>, retry: RetryPolicy) -> Self {
+        Env {
+            db,
+            store,
+            clock,
+            registry: Registry::default(),
+            retry,
+            stats: Stats::default(),
+            events: broadcast::channel(4096).0,
+            max_silent: Duration::from_secs(3600),
+            timeout: Duration::from_secs(36000),
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    pub fn emit(&self, ev: SchedEvent) {
+        let _ = self.events.send(ev);
+    }
+}
+
+/// Runs a database write until it succeeds or fails for good: the database layer already retries
+/// transient errors a few times; past that (the database is away) the actor keeps retrying with a
+/// capped backoff and logs each failure, so no state it must journal is dropped. A permanent error
+/// (a constraint, a missing row) is logged and returned.
+pub async fn persist<T, F, Fut>(what: &str, mut op: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() || matches!(e, DbError::Unreachable { .. }) => {
+                tracing::error!(what, error = %e, retry_in_ms = delay.as_millis() as u64, "database write failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                tracing::error!(what, error = %e, "database write failed");
+                return Err(e);
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The port between a machine actor and whatever really builds: the native executor, a Nix
+//! executor, or the simulated zero-time builder of the benchmarks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::actors::types::{Outputs, Status};
+use crate::store::Derivation;
+
+/// One build to run: a resolved (or input-addressed) derivation with no input drvs left to build.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub drv_path: String,
+    pub drv: Arc<Derivation>,
+    pub max_silent: Duration,
+    pub timeout: Duration,
+}
+
+/// Why a job produced no outputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecFailure {
+    pub status: Status,
+    pub message: String,
+    /// Worth retrying (the machine or the I/O failed), as opposed to the builder's own failure.
+    pub transient: bool,
+}
+
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Builds the job; returns its outputs (name → store path), registered in the store.
+    async fn execute(&self, job: Job) -> Result<Outputs, ExecFailure>;
+}

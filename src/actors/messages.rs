@@ -1,0 +1,106 @@
+//! Messages between actors.
+
+use std::sync::Arc;
+
+use actix::{Message, Recipient, WeakAddr};
+
+use crate::actors::build::actor::BuildActor;
+use crate::actors::step::BuildOutcome;
+use crate::actors::step::actor::StepActor;
+use crate::actors::types::{Failure, Outputs, Waiter};
+use crate::store::Derivation;
+
+/// A step's outputs landed: output name → store path (its realisations).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct OutputsLanded {
+    pub from: String,
+    pub outputs: Outputs,
+}
+
+/// A step failed (or a dependency of it did).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct StepFailed {
+    pub from: String,
+    pub failure: Failure,
+}
+
+/// How to reach a waiter (weakly: references point up the graph weakly).
+#[derive(Clone)]
+pub enum WaiterAddr {
+    Step(String, WeakAddr<StepActor>),
+    Build(i64, WeakAddr<BuildActor>),
+}
+
+impl WaiterAddr {
+    pub fn key(&self) -> Waiter {
+        match self {
+            WaiterAddr::Step(d, _) => Waiter::Step(d.clone()),
+            WaiterAddr::Build(id, _) => Waiter::Build(*id),
+        }
+    }
+}
+
+/// Where a build stands in the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildPrio {
+    pub global_priority: i32,
+    pub local_priority: i32,
+    pub jobset: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddWaiter(pub WaiterAddr);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoveWaiter(pub Waiter);
+
+/// These builds need the step (and so everything below it).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct AddBuilds(pub Vec<(i64, BuildPrio)>);
+
+/// A step row created for this step elsewhere (the resolved row of a resolution), still pending.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct AdoptRow {
+    pub build: i64,
+    pub stepnr: i32,
+}
+
+/// A job for a machine.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct RunJob {
+    pub drv_path: String,
+    pub drv: Arc<Derivation>,
+    pub step: WeakAddr<StepActor>,
+    pub max_silent: std::time::Duration,
+    pub timeout: std::time::Duration,
+}
+
+/// The dispatcher gave the step a machine slot.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct Assigned {
+    pub machine: String,
+    pub runner: Recipient<RunJob>,
+}
+
+/// A machine finished (or lost) the step's job.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct JobDone(pub BuildOutcome);
+
+/// Cancel a build.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct CancelBuild;
+
+/// Change a build's global priority.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct BumpBuild(pub i32);

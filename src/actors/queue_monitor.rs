@@ -1,0 +1,171 @@
+//! The queue monitor: reads the queued builds at start and whenever the database says the queue
+//! changed (or the periodic rescan fires), and keeps one build actor per unfinished build.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::actors::build::actor::{BuildActor, BuildActorDone};
+use crate::actors::build::expand::RecordedLookup;
+use crate::actors::dispatcher::actor::{DispatcherActor, JobsetUsage};
+use crate::actors::env::Env;
+use crate::actors::messages::{BumpBuild, CancelBuild};
+use crate::db::QueueEvent;
+use crate::db::types::Build;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Queue(QueueEvent);
+
+/// Number of build actors alive.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct ActiveBuilds;
+
+pub struct QueueMonitor {
+    env: Arc<Env>,
+    dispatcher: Addr<DispatcherActor>,
+    builds: HashMap<i64, Addr<BuildActor>>,
+    recorded: RecordedLookup,
+    last_id: i64,
+}
+
+impl QueueMonitor {
+    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, recorded: RecordedLookup) -> Self {
+        QueueMonitor {
+            env,
+            dispatcher,
+            builds: HashMap::new(),
+            recorded,
+            last_id: 0,
+        }
+    }
+
+    fn spawn_builds(&mut self, rows: Vec<Build>, ctx: &mut Context<Self>) {
+        for row in rows {
+            let id = row.id.0;
+            self.last_id = self.last_id.max(id);
+            if row.finished || self.builds.get(&id).is_some_and(|a| a.connected()) {
+                continue;
+            }
+            tracing::info!(build = id, drv = %row.drv_path, job = %row.job, "build queued");
+            let actor = BuildActor::new(
+                self.env.clone(),
+                self.dispatcher.clone(),
+                row,
+                self.recorded.clone(),
+                Some(ctx.address().recipient()),
+            )
+            .start();
+            self.builds.insert(id, actor);
+        }
+    }
+
+    fn read(&mut self, ctx: &mut Context<Self>, all: bool) {
+        let env = self.env.clone();
+        let since = self.last_id;
+        ctx.wait(
+            async move {
+                let shares = env.db.jobsets().await.unwrap_or_default();
+                let rows = if all { env.db.unfinished_builds().await } else { env.db.unfinished_builds_since(crate::db::types::BuildId(since)).await };
+                (shares, rows)
+            }
+            .into_actor(self)
+            .map(|(shares, rows), act, ctx| {
+                for j in shares {
+                    act.dispatcher.do_send(JobsetUsage {
+                        jobset: j.name,
+                        shares: Some(j.scheduling_shares.max(1) as u32),
+                        seconds: 0.0,
+                    });
+                }
+                match rows {
+                    Ok(rows) => act.spawn_builds(rows, ctx),
+                    Err(e) => tracing::error!(error = %e, "cannot read the queue; will retry at the next rescan"),
+                }
+            }),
+        );
+    }
+}
+
+impl Actor for QueueMonitor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let env = self.env.clone();
+        let me = ctx.address();
+        // Listen first, so no notification between the first read and the LISTEN is lost.
+        actix::spawn(async move {
+            let mut listener = match env.db.listen().await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for queue changes");
+                    return;
+                }
+            };
+            loop {
+                match listener.next().await {
+                    Ok(ev) => {
+                        if me.try_send(Queue(ev)).is_err() && !me.connected() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "queue listener error");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        self.read(ctx, true);
+    }
+}
+
+impl Handler<Queue> for QueueMonitor {
+    type Result = ();
+    fn handle(&mut self, msg: Queue, ctx: &mut Context<Self>) {
+        match msg.0 {
+            QueueEvent::BuildsAdded(_) => self.read(ctx, false),
+            QueueEvent::BuildsRestarted(_) | QueueEvent::Rescan => self.read(ctx, true),
+            QueueEvent::BuildsCancelled(Some(id)) => {
+                if let Some(a) = self.builds.get(&id.0) {
+                    a.do_send(CancelBuild);
+                }
+            }
+            QueueEvent::BuildsCancelled(None) => self.read(ctx, true),
+            QueueEvent::BuildsBumped(id) => {
+                let env = self.env.clone();
+                let targets: Vec<(i64, Addr<BuildActor>)> = match id {
+                    Some(id) => self
+                        .builds
+                        .get(&id.0)
+                        .map(|a| vec![(id.0, a.clone())])
+                        .unwrap_or_default(),
+                    None => self.builds.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                };
+                actix::spawn(async move {
+                    for (id, a) in targets {
+                        if let Ok(b) = env.db.get_build(crate::db::types::BuildId(id)).await {
+                            a.do_send(BumpBuild(b.global_priority));
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl Handler<BuildActorDone> for QueueMonitor {
+    type Result = ();
+    fn handle(&mut self, msg: BuildActorDone, _: &mut Context<Self>) {
+        self.builds.remove(&msg.0);
+    }
+}
+
+impl Handler<ActiveBuilds> for QueueMonitor {
+    type Result = usize;
+    fn handle(&mut self, _: ActiveBuilds, _: &mut Context<Self>) -> usize {
+        self.builds.values().filter(|a| a.connected()).count()
+    }
+}

@@ -1,0 +1,880 @@
+//! The step actor: the thin actix adapter around [`StepMachine`]. It feeds messages to the machine
+//! and performs the effects in order: database and store I/O first (blocking its own mailbox while it
+//! runs), then the messages to other actors.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::machine::{Effect, Event, Phase, Resolution, StepMachine};
+use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, StepLeft};
+use crate::actors::dispatcher::{Priority, RunnableStep};
+use crate::actors::env::{Env, SchedEvent, Stats, persist};
+use crate::actors::messages::*;
+use crate::actors::types::{Failure, Outputs, Status, Waiter};
+use crate::db::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation};
+use crate::store::{Derivation, DrvOutput};
+
+/// A step row: (build id, step number).
+pub type Row = (i64, i32);
+
+pub struct StepActor {
+    env: Arc<Env>,
+    dispatcher: Addr<DispatcherActor>,
+    machine: StepMachine,
+    drv_path: String,
+    drv: Arc<Derivation>,
+    /// Strong references down the graph: the input steps and the resolved child.
+    deps: Vec<Addr<StepActor>>,
+    /// Weak references up the graph.
+    waiters: HashMap<Waiter, WaiterAddr>,
+    /// Builds needing this step, with their priorities.
+    builds: BTreeMap<i64, BuildPrio>,
+    /// Rows made for this step by resolutions, still pending (not started).
+    pending_rows: Vec<Row>,
+    /// The row of the running attempt.
+    running_row: Option<Row>,
+    /// This step's own Resolved row, and the row of the resolved step it points at.
+    resolved_row: Option<Row>,
+    child_row: Option<Row>,
+    runner: Option<Recipient<RunJob>>,
+    machine_name: String,
+    /// Effects waiting while an earlier one does I/O.
+    queue: VecDeque<Effect>,
+    busy: bool,
+}
+
+impl StepActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        env: Arc<Env>,
+        dispatcher: Addr<DispatcherActor>,
+        machine: StepMachine,
+        drv: Arc<Derivation>,
+        deps: Vec<Addr<StepActor>>,
+        builds: BTreeMap<i64, BuildPrio>,
+        recorded: Option<(Row, Row)>,
+    ) -> Self {
+        let drv_path = machine.drv_path().to_string();
+        let (resolved_row, child_row) = match recorded {
+            Some((own, child)) => (Some(own), Some(child)),
+            None => (None, None),
+        };
+        StepActor {
+            env,
+            dispatcher,
+            machine,
+            drv_path,
+            drv,
+            deps,
+            waiters: HashMap::new(),
+            builds,
+            pending_rows: Vec::new(),
+            running_row: None,
+            resolved_row,
+            child_row,
+            runner: None,
+            machine_name: String::new(),
+            queue: VecDeque::new(),
+            busy: false,
+        }
+    }
+
+    /// The build that owns this step's rows: the oldest build that needs it.
+    fn owner(&self) -> Option<i64> {
+        self.builds.keys().next().copied()
+    }
+
+    fn priority(&self) -> Priority {
+        let best = self.builds.iter().max_by(|a, b| {
+            a.1.global_priority
+                .cmp(&b.1.global_priority)
+                .then(b.0.cmp(a.0))
+        });
+        match best {
+            Some((id, p)) => Priority {
+                global_priority: p.global_priority,
+                jobset: p.jobset.clone(),
+                local_priority: self
+                    .builds
+                    .values()
+                    .map(|b| b.local_priority)
+                    .max()
+                    .unwrap_or(0),
+                build_id: *id,
+            },
+            None => Priority {
+                global_priority: 0,
+                jobset: String::new(),
+                local_priority: 0,
+                build_id: i64::MAX,
+            },
+        }
+    }
+
+    fn feed(&mut self, ev: Event, ctx: &mut Context<Self>) {
+        let effects = self.machine.on(ev);
+        self.queue.extend(effects);
+        self.drain(ctx);
+    }
+
+    /// Performs queued effects in order; an effect with I/O blocks the mailbox until it is done.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        while !self.busy {
+            let Some(effect) = self.queue.pop_front() else {
+                return;
+            };
+            self.perform(effect, ctx);
+        }
+    }
+
+    fn perform(&mut self, effect: Effect, ctx: &mut Context<Self>) {
+        match effect {
+            Effect::Resolve { inputs } => self.resolve(inputs, ctx),
+            Effect::AttachChild { resolved } => self.attach_child(resolved, ctx),
+            Effect::MakeRunnable => {
+                Stats::inc(&self.env.stats.steps_runnable);
+                self.dispatcher.do_send(Runnable {
+                    step: RunnableStep {
+                        drv: self.drv_path.clone(),
+                        system: self.drv.system.clone(),
+                        features: required_features(&self.drv),
+                        priority: self.priority(),
+                    },
+                    addr: ctx.address().downgrade(),
+                });
+            }
+            Effect::RecordStart { machine } => self.record_start(machine, ctx),
+            Effect::RecordSuccess { outputs, built } => self.record_success(outputs, built, ctx),
+            Effect::RecordRetry {
+                status, message, ..
+            } => {
+                if let Some(row) = self.running_row.take() {
+                    let f = self.finish_row(row, status, Some(message), Outputs::new(), Some(0));
+                    self.io(ctx, f);
+                }
+            }
+            Effect::RecordFailure(failure) => self.record_failure(failure, ctx),
+            Effect::ScheduleRetry { after } => {
+                ctx.run_later(after, |act, ctx| act.feed(Event::RetryDue, ctx));
+            }
+            Effect::NotifyLanded { to, outputs } => {
+                for w in to {
+                    match self.waiters.get(&w) {
+                        Some(WaiterAddr::Step(_, a)) => {
+                            if let Some(a) = a.upgrade() {
+                                a.do_send(OutputsLanded {
+                                    from: self.drv_path.clone(),
+                                    outputs: outputs.clone(),
+                                });
+                            }
+                        }
+                        Some(WaiterAddr::Build(_, a)) => {
+                            if let Some(a) = a.upgrade() {
+                                a.do_send(OutputsLanded {
+                                    from: self.drv_path.clone(),
+                                    outputs: outputs.clone(),
+                                });
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Effect::NotifyFailed { to, failure } => {
+                for w in to {
+                    let msg = StepFailed {
+                        from: self.drv_path.clone(),
+                        failure: failure.clone(),
+                    };
+                    match self.waiters.get(&w) {
+                        Some(WaiterAddr::Step(_, a)) => {
+                            if let Some(a) = a.upgrade() {
+                                a.do_send(msg);
+                            }
+                        }
+                        Some(WaiterAddr::Build(_, a)) => {
+                            if let Some(a) = a.upgrade() {
+                                a.do_send(msg);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Effect::Abandon => {
+                self.dispatcher.do_send(StepLeft(self.drv_path.clone()));
+                ctx.stop();
+            }
+        }
+    }
+
+    /// Runs `fut` with the mailbox blocked, then the effects queued behind it.
+    fn io<F>(&mut self, ctx: &mut Context<Self>, fut: F)
+    where
+        F: std::future::Future<Output = ()> + 'static,
+    {
+        self.busy = true;
+        ctx.wait(fut.into_actor(self).map(|_, act, ctx| {
+            act.busy = false;
+            act.drain(ctx);
+        }));
+    }
+
+    /// Like [`io`](Self::io), feeding the event the I/O produced back into the machine.
+    fn io_then<F>(&mut self, ctx: &mut Context<Self>, fut: F)
+    where
+        F: std::future::Future<Output = (Event, After)> + 'static,
+    {
+        self.busy = true;
+        ctx.wait(fut.into_actor(self).map(|(ev, after), act, ctx| {
+            act.busy = false;
+            after.apply(act);
+            act.feed(ev, ctx);
+        }));
+    }
+
+    fn finish_row(
+        &self,
+        row: Row,
+        status: Status,
+        message: Option<String>,
+        outputs: Outputs,
+        times_built: Option<i32>,
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let env = self.env.clone();
+        let drv_path = self.drv_path.clone();
+        let machine = (!self.machine_name.is_empty() && times_built.unwrap_or(0) > 0)
+            .then(|| self.machine_name.clone());
+        async move {
+            let realisations: Vec<Realisation> = if status == Status::Success {
+                outputs
+                    .iter()
+                    .map(|(o, p)| Realisation {
+                        drv_path: drv_path.clone(),
+                        output_name: o.clone(),
+                        out_path: p.clone(),
+                        build: Some(BuildId(row.0)),
+                        stepnr: Some(row.1),
+                    })
+                    .collect()
+            } else {
+                vec![]
+            };
+            let f = FinishStep {
+                build: BuildId(row.0),
+                stepnr: row.1,
+                status,
+                error_msg: message,
+                stop_time: env.now(),
+                times_built,
+                outputs: outputs
+                    .iter()
+                    .map(|(o, p)| (o.clone(), Some(p.clone())))
+                    .collect(),
+                realisations,
+                machine,
+            };
+            let conflicts = persist("finish step", || env.db.finish_step(&f))
+                .await
+                .unwrap_or_default();
+            for c in conflicts {
+                tracing::error!(drv = %drv_path, conflict = %c, "realisation disagrees with the recorded one");
+            }
+        }
+    }
+
+    fn resolve(&mut self, inputs: BTreeMap<(String, String), String>, ctx: &mut Context<Self>) {
+        let env = self.env.clone();
+        let drv = self.drv.clone();
+        let drv_path = self.drv_path.clone();
+        let owner = self.owner();
+        let existing_row = self
+            .owner()
+            .and_then(|o| self.pending_rows.iter().find(|r| r.0 == o).copied());
+        let fut = async move {
+            let sd = env.store.store_dir().clone();
+            let resolved = match crate::store::resolve::try_resolve(&drv, &sd, |d, o| {
+                inputs.get(&(d.to_string(), o.to_string())).cloned()
+            }) {
+                Ok(r) => r,
+                Err(e) => {
+                    return (
+                        Event::Resolved(Resolution::Impossible(e.to_string())),
+                        After::None,
+                    );
+                }
+            };
+            let rpath = match resolved.drv_path(&sd) {
+                Ok(p) => sd.print(&p),
+                Err(e) => {
+                    return (
+                        Event::Resolved(Resolution::Impossible(e.to_string())),
+                        After::None,
+                    );
+                }
+            };
+            if rpath == drv_path {
+                return (Event::Resolved(Resolution::Same), After::None);
+            }
+            // I/O first: the resolved drv into the store (kept alive by a GC root) ...
+            let written = match env.store.add_derivation(&resolved).await {
+                Ok(p) => p,
+                Err(e) => {
+                    return (
+                        Event::Resolved(Resolution::Impossible(format!(
+                            "cannot write {rpath}: {e}"
+                        ))),
+                        After::None,
+                    );
+                }
+            };
+            let root = format!(
+                "resolved-{}",
+                written.rsplit('/').next().unwrap_or(&written)
+            );
+            if let Err(e) = env.store.add_gc_root(&root, &written).await {
+                tracing::warn!(drv = %drv_path, error = %e, "cannot add GC root for the resolved drv");
+            }
+            let Some(owner) = owner else {
+                return (Event::Resolved(Resolution::Child(written)), After::None);
+            };
+            // ... then the database, in one transaction: the resolved row, then ours marked Resolved.
+            let own_step = NewStep::build(&drv_path, &drv.system);
+            let resolved_step = NewStep::build(&written, &drv.system);
+            let own = match existing_row {
+                Some(r) => Ok(r.1),
+                None => {
+                    persist("create step", || {
+                        env.db.create_step(BuildId(owner), &own_step)
+                    })
+                    .await
+                }
+            };
+            let now = env.now();
+            let child = match own {
+                Ok(own) => persist("resolve step", || {
+                    env.db
+                        .resolve_step(BuildId(owner), own, &resolved_step, now)
+                })
+                .await
+                .map(|c| (own, c)),
+                Err(e) => Err(e),
+            };
+            let (own, child) = match child {
+                Ok(v) => v,
+                Err(e) => {
+                    let msg = format!("cannot record the resolution in the database: {e}");
+                    return (Event::Resolved(Resolution::Impossible(msg)), After::None);
+                }
+            };
+            Stats::inc(&env.stats.resolutions);
+            env.emit(SchedEvent::StepResolved {
+                drv: drv_path.clone(),
+                resolved: written.clone(),
+            });
+            tracing::info!(drv = %drv_path, resolved = %written, build = owner, "resolved");
+            (
+                Event::Resolved(Resolution::Child(written)),
+                After::Resolved {
+                    own: (owner, own),
+                    child: (owner, child),
+                },
+            )
+        };
+        self.io_then(ctx, fut);
+    }
+
+    /// Attaches to the step of the resolved drv: a live one through the registry, an already built
+    /// one by early cutoff, or a new one.
+    fn attach_child(&mut self, resolved: String, ctx: &mut Context<Self>) {
+        let me = ctx.address().downgrade();
+        if let Some(child) = self.env.registry.get(&resolved) {
+            if let Some((b, n)) = self.child_row {
+                child.do_send(AdoptRow {
+                    build: b,
+                    stepnr: n,
+                });
+            }
+            child.do_send(AddBuilds(
+                self.builds.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            ));
+            child.do_send(AddWaiter(WaiterAddr::Step(self.drv_path.clone(), me)));
+            self.deps.push(child);
+            return;
+        }
+        let env = self.env.clone();
+        let dispatcher = self.dispatcher.clone();
+        let child_row = self.child_row;
+        let builds = self.builds.clone();
+        let parent = self.drv_path.clone();
+        self.busy = true;
+        let r = resolved.clone();
+        let fut = async move {
+            let resolved = r;
+            let drv = env.store.read_derivation(&resolved).await;
+            let built = match &drv {
+                Ok(d) => crate::actors::build::expand::built_outputs(&env, &resolved, d).await,
+                Err(_) => None,
+            };
+            (drv, built)
+        };
+        ctx.wait(fut.into_actor(self).map(move |(drv, built), act, ctx| {
+            act.busy = false;
+            match (drv, built) {
+                (Err(e), _) => {
+                    let msg = format!("cannot read resolved derivation {resolved}: {e}");
+                    act.feed(Event::ChildFailed(Failure::new(Status::Failed, msg)), ctx);
+                }
+                (Ok(_), Some(outputs)) => {
+                    // Early cutoff: the resolved drv is already built.
+                    Stats::inc(&act.env.stats.early_cutoffs);
+                    act.env.emit(SchedEvent::EarlyCutoff { drv: resolved.clone() });
+                    tracing::info!(drv = %parent, resolved = %resolved, "early cutoff: resolved drv already built");
+                    if let Some(row) = child_row {
+                        let env = act.env.clone();
+                        let f = finish_cached(env, resolved.clone(), row, outputs.clone());
+                        act.io(ctx, f);
+                    }
+                    act.feed(Event::ChildLanded(outputs), ctx);
+                }
+                (Ok(d), None) => {
+                    // A race is impossible here: the registry is only changed on this thread, and it
+                    // did not hold the child when we looked. Look again after the I/O all the same.
+                    let child = match act.env.registry.get(&resolved) {
+                        Some(c) => c,
+                        None => {
+                            let machine = StepMachine::new(
+                                resolved.clone(),
+                                false,
+                                BTreeMap::new(),
+                                BTreeMap::new(),
+                                act.env.retry.clone(),
+                            );
+                            let a = StepActor::new(act.env.clone(), dispatcher, machine, Arc::new(d), vec![], builds, None)
+                                .start();
+                            act.env.registry.insert(&resolved, &a);
+                            Stats::inc(&act.env.stats.steps_created);
+                            a
+                        }
+                    };
+                    if let Some((b, n)) = child_row {
+                        child.do_send(AdoptRow { build: b, stepnr: n });
+                    }
+                    child.do_send(AddWaiter(WaiterAddr::Step(act.drv_path.clone(), me)));
+                    act.deps.push(child);
+                }
+            }
+            act.drain(ctx);
+        }));
+    }
+
+    fn record_start(&mut self, machine: String, ctx: &mut Context<Self>) {
+        Stats::dec(&self.env.stats.steps_runnable);
+        Stats::inc(&self.env.stats.steps_running);
+        self.machine_name = machine.clone();
+        let env = self.env.clone();
+        let drv_path = self.drv_path.clone();
+        let system = self.drv.system.clone();
+        let pending = self
+            .owner()
+            .and_then(|o| self.pending_rows.iter().position(|r| r.0 == o))
+            .or(if self.pending_rows.is_empty() {
+                None
+            } else {
+                Some(0)
+            });
+        let pending = pending.map(|i| self.pending_rows.remove(i));
+        let owner = self.owner();
+        env.emit(SchedEvent::StepStarted {
+            drv: drv_path.clone(),
+            machine: machine.clone(),
+        });
+        let job = RunJob {
+            drv_path: drv_path.clone(),
+            drv: self.drv.clone(),
+            step: ctx.address().downgrade(),
+            max_silent: self.env.max_silent,
+            timeout: self.env.timeout,
+        };
+        let runner = self.runner.clone();
+        let fut = async move {
+            let now = env.now();
+            let row = match (pending, owner) {
+                (Some(r), _) => persist("start step", || {
+                    env.db
+                        .start_step(BuildId(r.0), r.1, &machine, BusyPhase::Building, now)
+                })
+                .await
+                .ok()
+                .map(|_| r),
+                (None, Some(o)) => {
+                    let mut s = NewStep::build(&drv_path, &system);
+                    s.busy = BusyPhase::Building;
+                    s.start_time = Some(now);
+                    s.machine = machine.clone();
+                    persist("create step", || env.db.create_step(BuildId(o), &s))
+                        .await
+                        .ok()
+                        .map(|n| (o, n))
+                }
+                (None, None) => None,
+            };
+            if let Some(r) = runner {
+                r.do_send(job);
+            }
+            (Event::Start, After::Running(row))
+        };
+        // `Event::Start` is a no-op past WaitingForInputs: the event only carries `After`.
+        self.io_then(ctx, fut);
+    }
+
+    fn record_success(&mut self, outputs: Outputs, built: bool, ctx: &mut Context<Self>) {
+        let env = self.env.clone();
+        if built {
+            Stats::dec(&env.stats.steps_running);
+            Stats::inc(&env.stats.steps_built);
+            env.emit(SchedEvent::StepFinished {
+                drv: self.drv_path.clone(),
+                status: 0,
+                built: true,
+            });
+            let running = self.running_row.take();
+            let main = running
+                .map(|row| self.finish_row(row, Status::Success, None, outputs.clone(), Some(1)));
+            let cached: Vec<_> = std::mem::take(&mut self.pending_rows)
+                .into_iter()
+                .map(|row| finish_cached(env.clone(), self.drv_path.clone(), row, outputs.clone()))
+                .collect();
+            let store_side = register_in_store(env.clone(), self.drv_path.clone(), outputs.clone());
+            self.io(ctx, async move {
+                store_side.await;
+                if let Some(m) = main {
+                    m.await;
+                }
+                for c in cached {
+                    c.await;
+                }
+            });
+        } else {
+            // A resolved parent aliases its child's outputs: realisations for its own drv outputs.
+            env.emit(SchedEvent::StepFinished {
+                drv: self.drv_path.clone(),
+                status: 0,
+                built: false,
+            });
+            let row = self.resolved_row;
+            let drv_path = self.drv_path.clone();
+            let store_side = register_in_store(env.clone(), drv_path.clone(), outputs.clone());
+            self.io(ctx, async move {
+                store_side.await;
+                for (o, p) in &outputs {
+                    let r = Realisation {
+                        drv_path: drv_path.clone(),
+                        output_name: o.clone(),
+                        out_path: p.clone(),
+                        build: row.map(|r| BuildId(r.0)),
+                        stepnr: row.map(|r| r.1),
+                    };
+                    let _ = persist("record realisation", || env.db.insert_realisation(&r)).await;
+                }
+            });
+        }
+    }
+
+    fn record_failure(&mut self, failure: Failure, ctx: &mut Context<Self>) {
+        Stats::inc(&self.env.stats.steps_failed);
+        if self.running_row.is_some() {
+            Stats::dec(&self.env.stats.steps_running);
+        }
+        self.env.emit(SchedEvent::StepFinished {
+            drv: self.drv_path.clone(),
+            status: failure.status.code(),
+            built: false,
+        });
+        if failure.status == Status::DepFailed {
+            // Not this step's own failure: the failing step records it.
+            return;
+        }
+        let env = self.env.clone();
+        let drv_path = self.drv_path.clone();
+        let system = self.drv.system.clone();
+        let owner = self.owner();
+        let others: Vec<i64> = self
+            .builds
+            .keys()
+            .copied()
+            .filter(|b| Some(*b) != owner)
+            .collect();
+        let running = self.running_row.take();
+        let pending = std::mem::take(&mut self.pending_rows);
+        let own_finish = running.map(|row| {
+            self.finish_row(
+                row,
+                failure.status,
+                Some(failure.message.clone()),
+                Outputs::new(),
+                Some(1),
+            )
+        });
+        let fut = async move {
+            let now = env.now();
+            let own_build = match (own_finish, owner) {
+                (Some(f), _) => {
+                    f.await;
+                    running.map(|r| r.0)
+                }
+                (None, Some(o)) => {
+                    let mut s = NewStep::build(&drv_path, &system);
+                    s.status = Some(failure.status);
+                    s.error_msg = Some(failure.message.clone());
+                    s.start_time = Some(now);
+                    s.stop_time = Some(now);
+                    let _ =
+                        persist("create failed step", || env.db.create_step(BuildId(o), &s)).await;
+                    Some(o)
+                }
+                (None, None) => None,
+            };
+            for row in pending {
+                let f = FinishStep {
+                    build: BuildId(row.0),
+                    stepnr: row.1,
+                    status: failure.status,
+                    error_msg: Some(failure.message.clone()),
+                    stop_time: now,
+                    times_built: Some(0),
+                    outputs: vec![],
+                    realisations: vec![],
+                    machine: None,
+                };
+                let _ = persist("finish step", || env.db.finish_step(&f)).await;
+            }
+            // As in Hydra: the other builds get a row saying where the failure was recorded.
+            for b in others {
+                let mut s = NewStep::build(&drv_path, &system);
+                s.status = Some(failure.status);
+                s.error_msg = Some(failure.message.clone());
+                s.start_time = Some(now);
+                s.stop_time = Some(now);
+                s.propagated_from = own_build.map(BuildId);
+                let _ = persist("create propagated step", || {
+                    env.db.create_step(BuildId(b), &s)
+                })
+                .await;
+            }
+            if matches!(failure.status, Status::Failed | Status::FailedWithOutput) {
+                let _ = persist("add failed path", || env.db.add_failed_path(&drv_path)).await;
+            }
+        };
+        self.io(ctx, fut);
+    }
+}
+
+/// What an I/O effect changes in the actor besides the event it feeds.
+pub enum After {
+    None,
+    Resolved { own: Row, child: Row },
+    Running(Option<Row>),
+}
+
+impl After {
+    fn apply(self, act: &mut StepActor) {
+        match self {
+            After::None => {}
+            After::Resolved { own, child } => {
+                act.pending_rows.retain(|r| *r != own);
+                act.resolved_row = Some(own);
+                act.child_row = Some(child);
+            }
+            After::Running(row) => act.running_row = row,
+        }
+    }
+}
+
+fn required_features(drv: &Derivation) -> std::collections::BTreeSet<String> {
+    drv.env
+        .get("requiredSystemFeatures")
+        .map(|s| s.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Finishes a pending row of a step whose drv was built elsewhere: Success, not built here.
+async fn finish_cached(env: Arc<Env>, drv_path: String, row: Row, outputs: Outputs) {
+    {
+        let f = FinishStep {
+            build: BuildId(row.0),
+            stepnr: row.1,
+            status: Status::Success,
+            error_msg: None,
+            stop_time: env.now(),
+            times_built: Some(0),
+            outputs: outputs
+                .iter()
+                .map(|(o, p)| (o.clone(), Some(p.clone())))
+                .collect(),
+            realisations: outputs
+                .iter()
+                .map(|(o, p)| Realisation {
+                    drv_path: drv_path.clone(),
+                    output_name: o.clone(),
+                    out_path: p.clone(),
+                    build: Some(BuildId(row.0)),
+                    stepnr: Some(row.1),
+                })
+                .collect(),
+            machine: None,
+        };
+        let _ = persist("finish cached step", || env.db.finish_step(&f)).await;
+    }
+}
+
+/// Records the drv's realisations in the store too (Nix's own realisation table).
+async fn register_in_store(env: Arc<Env>, drv_path: String, outputs: Outputs) {
+    {
+        for (o, p) in outputs {
+            if let Err(e) = env
+                .store
+                .register_realisation(&DrvOutput::new(drv_path.clone(), o), &p)
+                .await
+            {
+                tracing::error!(drv = %drv_path, error = %e, "cannot register realisation in the store");
+            }
+        }
+    }
+}
+
+impl Actor for StepActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        tracing::debug!(drv = %self.drv_path, "step started");
+        self.feed(Event::Start, ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.env.registry.remove(&self.drv_path);
+    }
+}
+
+impl Handler<OutputsLanded> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: OutputsLanded, ctx: &mut Context<Self>) {
+        let ev = match self.machine.phase() {
+            Phase::AwaitingResolved { resolved } if *resolved == msg.from => {
+                Event::ChildLanded(msg.outputs)
+            }
+            _ => Event::InputLanded {
+                drv: msg.from,
+                outputs: msg.outputs,
+            },
+        };
+        self.feed(ev, ctx);
+    }
+}
+
+impl Handler<StepFailed> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
+        let ev = match self.machine.phase() {
+            Phase::AwaitingResolved { resolved } if *resolved == msg.from => {
+                Event::ChildFailed(msg.failure)
+            }
+            _ => Event::InputFailed {
+                drv: msg.from,
+                failure: msg.failure,
+            },
+        };
+        self.feed(ev, ctx);
+    }
+}
+
+impl Handler<AddWaiter> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: AddWaiter, ctx: &mut Context<Self>) {
+        let key = msg.0.key();
+        self.waiters.insert(key.clone(), msg.0);
+        self.feed(Event::WaiterAdded(key), ctx);
+    }
+}
+
+impl Handler<RemoveWaiter> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: RemoveWaiter, ctx: &mut Context<Self>) {
+        self.waiters.remove(&msg.0);
+        if let Waiter::Build(id) = &msg.0 {
+            self.builds.remove(id);
+        }
+        self.feed(Event::WaiterRemoved(msg.0), ctx);
+    }
+}
+
+impl Handler<AddBuilds> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: AddBuilds, _ctx: &mut Context<Self>) {
+        let mut new = false;
+        for (id, prio) in &msg.0 {
+            new |= self.builds.insert(*id, prio.clone()).as_ref() != Some(prio);
+        }
+        if new {
+            for d in &self.deps {
+                d.do_send(msg.clone());
+            }
+            if matches!(self.machine.phase(), Phase::Runnable) {
+                // requeue with the new priority
+                self.queue.push_back(Effect::MakeRunnable);
+                Stats::dec(&self.env.stats.steps_runnable);
+            }
+        }
+    }
+}
+
+impl Handler<AdoptRow> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: AdoptRow, ctx: &mut Context<Self>) {
+        let row = (msg.build, msg.stepnr);
+        match self.machine.phase().clone() {
+            Phase::Succeeded(outputs) => {
+                // Early cutoff within the running graph: the resolved drv is built already.
+                Stats::inc(&self.env.stats.early_cutoffs);
+                self.env.emit(SchedEvent::EarlyCutoff {
+                    drv: self.drv_path.clone(),
+                });
+                let f = finish_cached(self.env.clone(), self.drv_path.clone(), row, outputs);
+                self.io(ctx, f);
+            }
+            Phase::Failed(f) => {
+                let fin = self.finish_row(row, f.status, Some(f.message), Outputs::new(), Some(0));
+                self.io(ctx, fin);
+            }
+            _ => self.pending_rows.push(row),
+        }
+    }
+}
+
+impl Handler<Assigned> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: Assigned, ctx: &mut Context<Self>) {
+        if !matches!(self.machine.phase(), Phase::Runnable) {
+            // Assigned while no longer runnable: give the slot back.
+            self.dispatcher
+                .do_send(crate::actors::dispatcher::actor::SlotFreed(msg.machine));
+            return;
+        }
+        self.runner = Some(msg.runner);
+        self.feed(
+            Event::Dispatched {
+                machine: msg.machine,
+            },
+            ctx,
+        );
+    }
+}
+
+impl Handler<JobDone> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
+        self.feed(Event::BuildDone(msg.0), ctx);
+    }
+}
