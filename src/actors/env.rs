@@ -104,6 +104,11 @@ pub struct Env {
     /// This runner's default timeouts, used where a build sets none.
     pub max_silent: Duration,
     pub timeout: Duration,
+    /// Where each successful executor run is appended (drv path per line), for operators and the
+    /// restart tests that check no drv is built twice across processes.
+    pub runs_ledger: Option<std::path::PathBuf>,
+    /// Test hook: `QR_CRASH_AT=<point>` kills the process (SIGKILL) when it reaches that point.
+    crash_at: Option<String>,
 }
 
 impl Env {
@@ -118,6 +123,36 @@ impl Env {
             events: broadcast::channel(4096).0,
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
+            runs_ledger: None,
+            crash_at: std::env::var("QR_CRASH_AT").ok().filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// Kills the process with SIGKILL if `QR_CRASH_AT` names this point (crash tests only).
+    pub fn crash_point(&self, point: &str) {
+        if self.crash_at.as_deref() == Some(point) {
+            tracing::warn!(point, "QR_CRASH_AT reached: killing the process");
+            // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Appends a successful executor run to the ledger.
+    pub fn record_run(&self, drv_path: &str) {
+        *self.stats.runs.entry(drv_path.to_string()).or_insert(0) += 1;
+        if let Some(path) = &self.runs_ledger {
+            use std::io::Write;
+            let line = format!("{drv_path}\n");
+            let res = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()));
+            if let Err(e) = res {
+                tracing::warn!(path = %path.display(), error = %e, "cannot append to the runs ledger");
+            }
         }
     }
 

@@ -1,6 +1,8 @@
 //! Shared helpers for tests that read the Nix oracle fixtures.
 #![allow(dead_code)]
 
+pub mod qr;
+
 use std::path::PathBuf;
 
 use serde_json::Value;

@@ -31,12 +31,13 @@ pub enum Node {
     },
 }
 
-/// A resolution recorded before a restart: the resolved drv, our Resolved row and its target row.
+/// A resolution recorded before a restart: the resolved drv, our Resolved row and its target row
+/// (`child`, when that row is still pending and so to be adopted by the resolved step).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     pub resolved: String,
     pub own: Row,
-    pub child: Row,
+    pub child: Option<Row>,
 }
 
 /// Finds (and takes) the recorded resolution of a drv.

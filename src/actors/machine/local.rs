@@ -49,7 +49,7 @@ impl Actor for LocalMachine {
 impl Handler<RunJob> for LocalMachine {
     type Result = ();
     fn handle(&mut self, msg: RunJob, ctx: &mut Context<Self>) {
-        *self.env.stats.runs.entry(msg.drv_path.clone()).or_insert(0) += 1;
+        let env = self.env.clone();
         let executor = self.executor.clone();
         let dispatcher = self.dispatcher.clone();
         let machine = self.info.id.clone();
@@ -64,7 +64,10 @@ impl Handler<RunJob> for LocalMachine {
         ctx.spawn(
             async move {
                 let outcome = match executor.execute(job).await {
-                    Ok(outputs) => BuildOutcome::Built(outputs),
+                    Ok(outputs) => {
+                        env.record_run(&drv_path);
+                        BuildOutcome::Built(outputs)
+                    }
                     Err(f) => {
                         tracing::info!(drv = %drv_path, status = f.status.code(), message = %f.message, "build failed");
                         BuildOutcome::Failed { status: f.status, message: f.message, transient: f.transient }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 
@@ -43,6 +44,8 @@ pub struct StepActor {
     /// Effects waiting while an earlier one does I/O.
     queue: VecDeque<Effect>,
     busy: bool,
+    /// This step builds the resolved drv of another step.
+    pub resolved_child: bool,
 }
 
 impl StepActor {
@@ -54,11 +57,11 @@ impl StepActor {
         drv: Arc<Derivation>,
         deps: Vec<Addr<StepActor>>,
         builds: BTreeMap<i64, BuildPrio>,
-        recorded: Option<(Row, Row)>,
+        recorded: Option<(Row, Option<Row>)>,
     ) -> Self {
         let drv_path = machine.drv_path().to_string();
         let (resolved_row, child_row) = match recorded {
-            Some((own, child)) => (Some(own), Some(child)),
+            Some((own, child)) => (Some(own), child),
             None => (None, None),
         };
         StepActor {
@@ -78,6 +81,7 @@ impl StepActor {
             machine_name: String::new(),
             queue: VecDeque::new(),
             busy: false,
+            resolved_child: false,
         }
     }
 
@@ -340,6 +344,7 @@ impl StepActor {
             let Some(owner) = owner else {
                 return (Event::Resolved(Resolution::Child(written)), After::None);
             };
+            env.crash_point("before-resolve-tx");
             // ... then the database, in one transaction: the resolved row, then ours marked Resolved.
             let own_step = NewStep::build(&drv_path, &drv.system);
             let resolved_step = NewStep::build(&written, &drv.system);
@@ -369,6 +374,7 @@ impl StepActor {
                     return (Event::Resolved(Resolution::Impossible(msg)), After::None);
                 }
             };
+            env.crash_point("after-resolve-tx");
             Stats::inc(&env.stats.resolutions);
             env.emit(SchedEvent::StepResolved {
                 drv: drv_path.clone(),
@@ -452,8 +458,9 @@ impl StepActor {
                                 BTreeMap::new(),
                                 act.env.retry.clone(),
                             );
-                            let a = StepActor::new(act.env.clone(), dispatcher, machine, Arc::new(d), vec![], builds, None)
-                                .start();
+                            let mut a = StepActor::new(act.env.clone(), dispatcher, machine, Arc::new(d), vec![], builds, None);
+                            a.resolved_child = true;
+                            let a = a.start();
                             act.env.registry.insert(&resolved, &a);
                             Stats::inc(&act.env.stats.steps_created);
                             a
@@ -499,6 +506,7 @@ impl StepActor {
             timeout: self.env.timeout,
         };
         let runner = self.runner.clone();
+        let resolved_child = self.resolved_child;
         let fut = async move {
             let now = env.now();
             let row = match (pending, owner) {
@@ -523,6 +531,11 @@ impl StepActor {
             };
             if let Some(r) = runner {
                 r.do_send(job);
+            }
+            if resolved_child {
+                // let the job start, then die while the resolved step builds
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                env.crash_point("building-resolved");
             }
             (Event::Start, After::Running(row))
         };
