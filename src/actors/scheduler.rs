@@ -83,11 +83,7 @@ pub async fn recover(env: &Env) -> Result<(Recovery, HashMap<String, Recorded>),
         let rec = Recorded {
             resolved: res,
             own: (b, pair.original.stepnr),
-            child: if child_pending {
-                (b, pair.resolved.stepnr)
-            } else {
-                (b, -1)
-            },
+            child: child_pending.then_some((b, pair.resolved.stepnr)),
         };
         recorded.entry(orig).or_insert(rec);
     }
