@@ -12,6 +12,7 @@ pub mod path;
 pub mod placeholder;
 pub mod realisation;
 pub mod refscan;
+pub mod relocate;
 pub mod resolve;
 
 pub use api::{PathInfo, Store, StoreError};
