@@ -6,6 +6,7 @@ pub mod ca_output;
 pub mod derivation;
 pub mod hash;
 pub mod hash_modulo;
+pub mod local;
 pub mod nar;
 pub mod nix32;
 pub mod path;
@@ -17,5 +18,6 @@ pub mod resolve;
 
 pub use api::{PathInfo, Store, StoreError};
 pub use derivation::{Derivation, DerivationOutput, DerivationType};
+pub use local::LocalStore;
 pub use path::{StoreDir, StorePath, StorePathError};
 pub use realisation::{DrvOutput, LegacyDrvOutput};

@@ -1,0 +1,774 @@
+//! The native local store: store objects as plain files under a physical root, metadata in SQLite.
+//!
+//! - The logical store dir (the prefix of every path, e.g. `/nix/store`) and the physical root (where
+//!   the files are) may differ, like Nix's `local?root=X`: `<dir>/<hash>-<name>` lives at
+//!   `<root>/<hash>-<name>`.
+//! - Metadata (valid paths, references, realisations, GC roots) is in
+//!   `<root>/.qr-meta/store.sqlite` (a dot-name is never a store path).
+//! - Crash safety: a path's contents are written under a temporary dot-name in the root,
+//!   canonicalised and fsynced, renamed into place and the root fsynced, and only then is the
+//!   metadata transaction committed. On open (when no other process has the store open), every
+//!   entry of the root that is not registered is removed, as is every temporary dot-entry, and a
+//!   registered path whose contents are missing is invalidated (with its referrers). So a killed
+//!   process never leaves a path registered without contents, nor contents visible without
+//!   registration.
+//! - Concurrency: in-process operations that put contents in place hold a reservation on the base
+//!   name (so build-time checks for stray writes ignore them) and a write lock (an async mutex plus
+//!   an `flock` on `.qr-meta/write.lock` for other processes) around "rename, commit".
+
+mod fsutil;
+mod import;
+mod meta;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::api::{PathInfo, Store, StoreError};
+use super::aterm;
+use super::derivation::Derivation;
+use super::hash::{Sha256Hash, render_nix32, sha256};
+use super::nar::{HashingWriter, NarEvent, NarReader, dump_path, nar_hash_and_size, restore};
+use super::nix32;
+use super::path::{StoreDir, StorePath};
+use super::realisation::DrvOutput;
+
+pub use fsutil::remove_tree;
+pub(crate) use fsutil::{canonicalise, fsync_tree, move_tree};
+pub use import::ImportReport;
+
+use fsutil::{FileLock, LockMode, fsync_dir, rename_noreplace};
+use meta::MetaDb;
+
+/// The directory under the root that holds the metadata (never a store path: it starts with a dot).
+pub const META_DIR: &str = ".qr-meta";
+
+/// Points where a fault can be injected (tests of crash safety).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Contents are in place and fsynced; the metadata transaction has not been committed.
+    BeforeRegister,
+}
+
+/// A fault-injection hook: returning `Err(message)` makes the operation fail at that point (as a
+/// crash would, without cleaning up); it may also abort the process.
+pub type FaultHook = Arc<dyn Fn(FaultPoint) -> Result<(), String> + Send + Sync>;
+
+/// The environment variable that installs a fault at open time (for crash tests of the binary):
+/// `abort-before-register` aborts the process at [`FaultPoint::BeforeRegister`].
+pub const FAULT_ENV: &str = "QR_STORE_FAULT";
+
+/// A path whose contents are ready (under a temporary name in the root, or already at their final
+/// place) and the metadata to register them with.
+#[derive(Debug, Clone)]
+pub struct StagedPath {
+    pub info: PathInfo,
+    /// Where the contents are now; must be on the root's filesystem for an atomic rename.
+    pub staged: PathBuf,
+}
+
+/// A temporary directory in the root (`.qr-tmp-…`), removed (even if read-only) on drop.
+#[derive(Debug)]
+pub struct StagingDir {
+    path: PathBuf,
+}
+
+impl StagingDir {
+    /// Creates `<root>/.qr-<kind>-XXXXXX`.
+    pub fn new(root: &Path, kind: &str) -> Result<Self, StoreError> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".qr-{kind}-"))
+            .tempdir_in(root)
+            .map_err(|source| StoreError::Io {
+                op: "creating a staging directory in",
+                path: root.to_path_buf(),
+                source,
+            })?;
+        Ok(StagingDir { path: dir.keep() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_tree(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a staging directory");
+        }
+    }
+}
+
+type ReservationMap = Arc<Mutex<HashMap<String, usize>>>;
+
+/// Base names reserved by an in-process operation (a build's outputs, a path being added): their
+/// appearance in the root is expected. Released on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    names: Vec<String>,
+    map: ReservationMap,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for n in &self.names {
+            if let Some(c) = m.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    m.remove(n);
+                }
+            }
+        }
+    }
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub deleted: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+/// The native local store.
+pub struct LocalStore {
+    store_dir: StoreDir,
+    root: PathBuf,
+    db: MetaDb,
+    rt: tokio::runtime::Handle,
+    reservations: ReservationMap,
+    write_mutex: tokio::sync::Mutex<()>,
+    fault: Mutex<Option<FaultHook>>,
+    _open_lock: FileLock,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("store_dir", &self.store_dir)
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Metadata(format!("a blocking store task failed: {e}")))?
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the store with logical dir `store_dir` at physical `root`.
+    /// Must be called inside a tokio runtime (its handle serves the blocking NAR methods).
+    pub async fn open(store_dir: StoreDir, root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = std::path::absolute(root.into()).map_err(io_err("resolving", Path::new(".")))?;
+        let meta_dir = root.join(META_DIR);
+        fs::create_dir_all(&meta_dir).map_err(io_err("creating", &meta_dir))?;
+        let lock_path = meta_dir.join("lock");
+        // Exclusive: nobody else has the store open, so unregistered entries are garbage.
+        let (open_lock, recover) = {
+            let lp = lock_path.clone();
+            blocking(move || match FileLock::try_lock(&lp, LockMode::Exclusive) {
+                Ok(Some(l)) => Ok((l, true)),
+                Ok(None) => FileLock::lock(&lp, LockMode::Shared)
+                    .map(|l| (l, false))
+                    .map_err(io_err("locking", &lp)),
+                Err(e) => Err(io_err("locking", &lp)(e)),
+            })
+            .await?
+        };
+        let db = MetaDb::open(&meta_dir.join("store.sqlite")).await?;
+        let fault: Option<FaultHook> = match std::env::var(FAULT_ENV).as_deref() {
+            Ok("abort-before-register") => Some(Arc::new(|p| {
+                if p == FaultPoint::BeforeRegister {
+                    eprintln!("qr: {FAULT_ENV}: aborting before registering a path");
+                    std::process::abort();
+                }
+                Ok(())
+            })),
+            _ => None,
+        };
+        let store = LocalStore {
+            store_dir,
+            root,
+            db,
+            rt: tokio::runtime::Handle::current(),
+            reservations: Arc::new(Mutex::new(HashMap::new())),
+            write_mutex: tokio::sync::Mutex::new(()),
+            fault: Mutex::new(fault),
+            _open_lock: open_lock,
+        };
+        if recover {
+            store.recover().await?;
+            store
+                ._open_lock
+                .set(LockMode::Shared, true)
+                .map_err(io_err("locking", &lock_path))?;
+        }
+        Ok(store)
+    }
+
+    /// Opens the store a configuration names (`[store] dir` and `root`).
+    pub async fn open_config(cfg: &crate::config::StoreConfig) -> Result<Self, StoreError> {
+        Self::open(StoreDir::new(cfg.dir.clone())?, PathBuf::from(&cfg.root)).await
+    }
+
+    /// Closes the metadata database (pending writes are already committed).
+    pub async fn close(&self) {
+        self.db.close().await;
+    }
+
+    /// The physical root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// True when the logical store dir is not where the files are, so builders must see the store
+    /// through a private mount namespace.
+    pub fn needs_namespace(&self) -> bool {
+        Path::new(self.store_dir.as_str()) != self.root
+    }
+
+    /// Installs (or removes) a fault-injection hook.
+    pub fn set_fault_hook(&self, hook: Option<FaultHook>) {
+        *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    fn fault(&self, point: FaultPoint) -> Result<(), StoreError> {
+        let hook = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match hook {
+            Some(h) => h(point).map_err(|m| StoreError::Metadata(format!("injected fault: {m}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Reserves base names (see [`Reservation`]).
+    pub fn reserve(&self, names: impl IntoIterator<Item = String>) -> Reservation {
+        let names: Vec<String> = names.into_iter().collect();
+        let mut m = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+        for n in &names {
+            *m.entry(n.clone()).or_insert(0) += 1;
+        }
+        Reservation {
+            names,
+            map: self.reservations.clone(),
+        }
+    }
+
+    /// Whether an in-process operation expects `base_name` to appear in the root.
+    pub fn is_reserved(&self, base_name: &str) -> bool {
+        self.reservations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(base_name)
+    }
+
+    /// The physical location of a store path (given as a [`StorePath`]).
+    pub fn physical(&self, p: &StorePath) -> PathBuf {
+        self.root.join(p.base_name())
+    }
+
+    /// The closure of `paths` under references (valid paths only).
+    pub async fn closure(
+        &self,
+        paths: impl IntoIterator<Item = &str>,
+    ) -> Result<BTreeSet<String>, StoreError> {
+        self.db.closure(paths).await
+    }
+
+    /// Every valid path.
+    pub async fn valid_paths(&self) -> Result<BTreeSet<String>, StoreError> {
+        self.db.valid_paths().await
+    }
+
+    /// Every GC root: (name, path).
+    pub async fn gc_roots(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.db.roots().await
+    }
+
+    /// Takes the write lock: in-process mutex, then the cross-process `flock`.
+    async fn write_lock(&self) -> Result<(tokio::sync::MutexGuard<'_, ()>, FileLock), StoreError> {
+        let g = self.write_mutex.lock().await;
+        let p = self.root.join(META_DIR).join("write.lock");
+        let l = blocking(move || {
+            FileLock::lock(&p, LockMode::Exclusive).map_err(io_err("locking", &p))
+        })
+        .await?;
+        Ok((g, l))
+    }
+
+    /// Registers paths whose contents are staged (or already in place), with `realisations`, in
+    /// one transaction: contents are canonicalised and fsynced, renamed into place, the root is
+    /// fsynced, then the metadata is committed. Paths already valid keep their existing contents
+    /// (the staged copy is discarded). Returns the registered infos (the store's, for paths that
+    /// were already valid).
+    pub async fn register_staged(
+        &self,
+        items: Vec<StagedPath>,
+        realisations: Vec<(DrvOutput, String)>,
+    ) -> Result<Vec<PathInfo>, StoreError> {
+        let mut dests = Vec::with_capacity(items.len());
+        for it in &items {
+            let sp = self.store_dir.parse(&it.info.path)?;
+            dests.push(self.physical(&sp));
+        }
+        let _res = self.reserve(
+            items
+                .iter()
+                .filter_map(|i| self.store_dir.parse(&i.info.path).ok())
+                .map(|p| p.base_name()),
+        );
+        {
+            let staged: Vec<PathBuf> = items.iter().map(|i| i.staged.clone()).collect();
+            blocking(move || {
+                for s in &staged {
+                    canonicalise(s).map_err(io_err("canonicalising", s))?;
+                    fsync_tree(s).map_err(io_err("syncing", s))?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let (_g, _l) = self.write_lock().await?;
+        let mut to_register = Vec::new();
+        for (it, dest) in items.iter().zip(&dests) {
+            if self.db.is_valid(&it.info.path).await? {
+                if it.staged != *dest {
+                    remove_tree(&it.staged).map_err(io_err("removing", &it.staged))?;
+                }
+                continue;
+            }
+            if it.staged != *dest {
+                if fs::symlink_metadata(dest).is_ok() {
+                    // Unregistered leftovers (e.g. of a failed build): replace them.
+                    remove_tree(dest).map_err(io_err("removing", dest))?;
+                }
+                rename_noreplace(&it.staged, dest).map_err(io_err("moving into place", dest))?;
+            }
+            to_register.push(it.info.clone());
+        }
+        if !to_register.is_empty() {
+            fsync_dir(&self.root).map_err(io_err("syncing", &self.root))?;
+        }
+        self.fault(FaultPoint::BeforeRegister)?;
+        self.db.register(&to_register, &realisations).await?;
+        let mut out = Vec::with_capacity(items.len());
+        for it in &items {
+            match self.db.path_info(&it.info.path).await? {
+                Some(i) => out.push(i),
+                None => return Err(StoreError::NotValid(it.info.path.clone())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the tree at `src` (copied) as a source path named `name` with no references; returns
+    /// its path.
+    pub async fn add_source_path(&self, name: &str, src: &Path) -> Result<String, StoreError> {
+        let staging = StagingDir::new(&self.root, "tmp")?;
+        let staged = staging.path().join("o");
+        let (src2, st2) = (src.to_path_buf(), staged.clone());
+        let (hash, size) = blocking(move || {
+            fsutil::copy_tree(&src2, &st2).map_err(io_err("copying", &src2))?;
+            nar_hash_and_size(&st2).map_err(|e| StoreError::Nar {
+                path: st2.display().to_string(),
+                message: e.to_string(),
+            })
+        })
+        .await?;
+        let path = self
+            .store_dir
+            .print(&self.store_dir.make_source_path(name, &hash, [], false));
+        let info = PathInfo {
+            path: path.clone(),
+            nar_hash: hash,
+            nar_size: size,
+            references: BTreeSet::new(),
+            ca: Some(format!("fixed:r:sha256:{}", nix32::encode(&hash))),
+            deriver: None,
+        };
+        self.register_staged(vec![StagedPath { info, staged }], vec![])
+            .await?;
+        Ok(path)
+    }
+
+    /// On open with the exclusive lock: removes temporary and unregistered entries, invalidates
+    /// registered paths without contents.
+    async fn recover(&self) -> Result<(), StoreError> {
+        let entries = fs::read_dir(&self.root).map_err(io_err("listing", &self.root))?;
+        for e in entries {
+            let e = e.map_err(io_err("listing", &self.root))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name == META_DIR {
+                continue;
+            }
+            let remove = if name.starts_with('.') {
+                true
+            } else {
+                let logical = format!("{}/{}", self.store_dir, name);
+                !self.db.is_valid(&logical).await?
+            };
+            if remove {
+                tracing::warn!(entry = %name, root = %self.root.display(),
+                    "removing an unregistered store entry (left by an interrupted operation)");
+                let p = e.path();
+                remove_tree(&p).map_err(io_err("removing", &p))?;
+            }
+        }
+        let mut missing = BTreeSet::new();
+        for p in self.db.valid_paths().await? {
+            let phys = match self.store_dir.parse(&p) {
+                Ok(sp) => self.physical(&sp),
+                Err(_) => {
+                    missing.insert(p);
+                    continue;
+                }
+            };
+            if fs::symlink_metadata(&phys).is_err() {
+                missing.insert(p);
+            }
+        }
+        if !missing.is_empty() {
+            // A valid path's referrers must go too (the closure invariant).
+            loop {
+                let more = self.db.referrers(&missing).await?;
+                if more.is_empty() {
+                    break;
+                }
+                missing.extend(more);
+            }
+            tracing::warn!(
+                count = missing.len(),
+                "invalidating registered paths whose contents are missing"
+            );
+            self.db.invalidate(&missing).await?;
+            for p in &missing {
+                if let Ok(sp) = self.store_dir.parse(p) {
+                    let phys = self.physical(&sp);
+                    remove_tree(&phys).map_err(io_err("removing", &phys))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every valid path not reachable from a GC root or from an in-process reservation
+    /// (a running build's inputs and outputs). Metadata goes first, then the contents (moved aside,
+    /// then removed), so a crash in between leaves unregistered contents that the next open
+    /// removes.
+    pub async fn collect_garbage(&self) -> Result<GcReport, StoreError> {
+        let (_g, _l) = self.write_lock().await?;
+        let mut live_roots: Vec<String> =
+            self.db.roots().await?.into_iter().map(|(_, p)| p).collect();
+        {
+            let m = self.reservations.lock().unwrap_or_else(|p| p.into_inner());
+            live_roots.extend(m.keys().map(|b| format!("{}/{}", self.store_dir, b)));
+        }
+        let live = self
+            .db
+            .closure(live_roots.iter().map(String::as_str))
+            .await?;
+        let dead: BTreeSet<String> = self
+            .db
+            .valid_paths()
+            .await?
+            .into_iter()
+            .filter(|p| !live.contains(p))
+            .collect();
+        let mut report = GcReport::default();
+        if dead.is_empty() {
+            return Ok(report);
+        }
+        let mut sizes = 0u64;
+        for p in &dead {
+            if let Some(i) = self.db.path_info(p).await? {
+                sizes += i.nar_size;
+            }
+        }
+        self.db.invalidate(&dead).await?;
+        let trash = StagingDir::new(&self.root, "trash")?;
+        for p in &dead {
+            if let Ok(sp) = self.store_dir.parse(p) {
+                let phys = self.physical(&sp);
+                match fs::rename(&phys, trash.path().join(sp.base_name())) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("moving aside", &phys)(e)),
+                }
+            }
+            report.deleted.push(p.clone());
+        }
+        report.bytes_freed = sizes;
+        drop(trash);
+        Ok(report)
+    }
+
+    /// Copies drvs and their closures from a directory laid out as a store (see [`import`]).
+    pub async fn import_from_dir(
+        &self,
+        dir: &Path,
+        drv_paths: &[String],
+    ) -> Result<ImportReport, StoreError> {
+        import::import_from_dir(self, dir, drv_paths).await
+    }
+
+    fn drain_nar(nar: &mut dyn Read, path: &str) -> Result<(Sha256Hash, u64), StoreError> {
+        let mut hr = HashingReader::new(nar);
+        {
+            let mut r = NarReader::new(&mut hr);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let ev = r.next_event().map_err(|e| StoreError::Nar {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                })?;
+                match ev {
+                    None => break,
+                    Some(NarEvent::Regular { .. }) => loop {
+                        let n = r.read_contents(&mut buf).map_err(|e| StoreError::Nar {
+                            path: path.to_string(),
+                            message: e.to_string(),
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                    },
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(hr.finish())
+    }
+}
+
+/// A reader that hashes (sha256) and counts what is read through it.
+struct HashingReader<R: Read> {
+    inner: R,
+    h: HashingWriter,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            h: HashingWriter::new(),
+        }
+    }
+
+    fn finish(self) -> (Sha256Hash, u64) {
+        let (h, n, _) = self.h.finish();
+        (h, n)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.h.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+fn hash_desc(h: &Sha256Hash, size: u64) -> String {
+    format!("{} ({size} bytes)", render_nix32(h))
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
+    }
+
+    async fn read_derivation(&self, drv_path: &str) -> Result<Derivation, StoreError> {
+        let sp = self.store_dir.parse(drv_path)?;
+        if !sp.is_derivation() {
+            return Err(StoreError::BadDerivation {
+                path: drv_path.to_string(),
+                message: "not a .drv path".into(),
+            });
+        }
+        if !self.db.is_valid(drv_path).await? {
+            return Err(StoreError::NotValid(drv_path.to_string()));
+        }
+        let phys = self.physical(&sp);
+        let bytes = tokio::fs::read(&phys)
+            .await
+            .map_err(io_err("reading", &phys))?;
+        aterm::parse_named(&bytes, sp.drv_name()).map_err(|e| StoreError::BadDerivation {
+            path: drv_path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    async fn is_valid_path(&self, path: &str) -> Result<bool, StoreError> {
+        self.store_dir.parse(path)?;
+        self.db.is_valid(path).await
+    }
+
+    async fn query_path_info(&self, path: &str) -> Result<Option<PathInfo>, StoreError> {
+        self.store_dir.parse(path)?;
+        self.db.path_info(path).await
+    }
+
+    async fn add_text(
+        &self,
+        name: &str,
+        contents: &str,
+        references: &BTreeSet<String>,
+    ) -> Result<String, StoreError> {
+        for r in references {
+            self.store_dir.parse(r)?;
+        }
+        let sp = self.store_dir.make_text_path(
+            name,
+            contents.as_bytes(),
+            references.iter().map(String::as_str),
+        );
+        crate::store::path::validate_name(name).map_err(|why| {
+            StoreError::BadPath(crate::store::StorePathError::BadName {
+                path: name.to_string(),
+                why,
+            })
+        })?;
+        let path = self.store_dir.print(&sp);
+        if self.db.is_valid(&path).await? {
+            return Ok(path);
+        }
+        for r in references {
+            if !self.db.is_valid(r).await? {
+                return Err(StoreError::NotValid(r.clone()));
+            }
+        }
+        let staging = StagingDir::new(&self.root, "tmp")?;
+        let staged = staging.path().join(sp.base_name());
+        fs::write(&staged, contents).map_err(io_err("writing", &staged))?;
+        let (nar_hash, nar_size) = nar_hash_and_size(&staged).map_err(|e| StoreError::Nar {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let info = PathInfo {
+            path: path.clone(),
+            nar_hash,
+            nar_size,
+            references: references.clone(),
+            ca: Some(format!(
+                "text:sha256:{}",
+                nix32::encode(&sha256(contents.as_bytes()))
+            )),
+            deriver: None,
+        };
+        self.register_staged(vec![StagedPath { info, staged }], vec![])
+            .await?;
+        Ok(path)
+    }
+
+    async fn query_realisation(&self, key: &DrvOutput) -> Result<Option<String>, StoreError> {
+        self.db.realisation(key).await
+    }
+
+    async fn register_realisation(
+        &self,
+        key: &DrvOutput,
+        out_path: &str,
+    ) -> Result<(), StoreError> {
+        self.store_dir.parse(out_path)?;
+        self.db.add_realisation(key, out_path).await
+    }
+
+    async fn add_gc_root(&self, name: &str, path: &str) -> Result<(), StoreError> {
+        self.store_dir.parse(path)?;
+        if !self.db.is_valid(path).await? {
+            return Err(StoreError::NotValid(path.to_string()));
+        }
+        self.db.add_root(name, path).await
+    }
+
+    async fn remove_gc_root(&self, name: &str) -> Result<(), StoreError> {
+        self.db.remove_root(name).await
+    }
+
+    fn export_nar(&self, path: &str, out: &mut dyn Write) -> Result<u64, StoreError> {
+        let sp = self.store_dir.parse(path)?;
+        if !self.rt.block_on(self.db.is_valid(path))? {
+            return Err(StoreError::NotValid(path.to_string()));
+        }
+        let mut w = BufWriter::with_capacity(64 * 1024, out);
+        let n = dump_path(&self.physical(&sp), &mut w).map_err(|e| StoreError::Nar {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        w.flush().map_err(|e| StoreError::Nar {
+            path: path.to_string(),
+            message: format!("writing the NAR: {e}"),
+        })?;
+        Ok(n)
+    }
+
+    fn import_nar(&self, info: &PathInfo, nar: &mut dyn Read) -> Result<(), StoreError> {
+        let sp = self.store_dir.parse(&info.path)?;
+        let check = |hash: Sha256Hash, size: u64| {
+            if hash != info.nar_hash || size != info.nar_size {
+                Err(StoreError::HashMismatch {
+                    path: info.path.clone(),
+                    expected: hash_desc(&info.nar_hash, info.nar_size),
+                    got: hash_desc(&hash, size),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        if self.rt.block_on(self.db.is_valid(&info.path))? {
+            let (h, n) = Self::drain_nar(nar, &info.path)?;
+            return check(h, n);
+        }
+        for r in &info.references {
+            self.store_dir.parse(r)?;
+            if *r != info.path && !self.rt.block_on(self.db.is_valid(r))? {
+                return Err(StoreError::NotValid(r.clone()));
+            }
+        }
+        let staging = StagingDir::new(&self.root, "tmp")?;
+        let staged = staging.path().join(sp.base_name());
+        let mut hr = HashingReader::new(nar);
+        {
+            let mut r = NarReader::new(&mut hr);
+            restore(&mut r, &staged).map_err(|e| StoreError::Nar {
+                path: info.path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let (h, n) = hr.finish();
+        check(h, n)?;
+        self.rt.block_on(self.register_staged(
+            vec![StagedPath {
+                info: info.clone(),
+                staged,
+            }],
+            vec![],
+        ))?;
+        Ok(())
+    }
+
+    fn physical_path(&self, path: &str) -> Option<PathBuf> {
+        self.store_dir.parse(path).ok().map(|sp| self.physical(&sp))
+    }
+}
+
+#[cfg(test)]
+mod tests;

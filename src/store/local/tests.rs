@@ -1,0 +1,325 @@
+use super::*;
+use crate::store::nar::NarTree;
+
+const DRV: &str = r#"Derive([("out","/nix/store/9g88l3kmpnlsx5wamsbfm5h9s30i7ba3-mx-ia-leaf","","")],[],[],"x86_64-linux","/bin/sh",["-c","echo ia-leaf > $out"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("name","mx-ia-leaf"),("out","/nix/store/9g88l3kmpnlsx5wamsbfm5h9s30i7ba3-mx-ia-leaf"),("system","x86_64-linux")])"#;
+const DRV_PATH: &str = "/nix/store/p1qxcx8sbmi2zvx8dk4944x7hnlh4fly-mx-ia-leaf.drv";
+
+async fn open(root: &Path) -> LocalStore {
+    LocalStore::open(StoreDir::default(), root).await.unwrap()
+}
+
+fn entries(root: &Path) -> BTreeSet<String> {
+    fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != META_DIR)
+        .collect()
+}
+
+fn nar_of(tree: &NarTree) -> Vec<u8> {
+    tree.to_nar().unwrap()
+}
+
+fn info_for(store: &LocalStore, name: &str, tree: &NarTree) -> PathInfo {
+    let nar = nar_of(tree);
+    let h = sha256(&nar);
+    let sd = store.store_dir();
+    PathInfo {
+        path: sd.print(&sd.make_source_path(name, &h, [], false)),
+        nar_hash: h,
+        nar_size: nar.len() as u64,
+        references: BTreeSet::new(),
+        ca: None,
+        deriver: None,
+    }
+}
+
+#[tokio::test]
+async fn text_paths_and_derivations() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let p = store
+        .add_text("mx-ia-leaf.drv", DRV, &BTreeSet::new())
+        .await
+        .unwrap();
+    assert_eq!(p, DRV_PATH);
+    // Idempotent.
+    assert_eq!(
+        store
+            .add_text("mx-ia-leaf.drv", DRV, &BTreeSet::new())
+            .await
+            .unwrap(),
+        DRV_PATH
+    );
+    let drv = store.read_derivation(DRV_PATH).await.unwrap();
+    assert_eq!(drv.name, "mx-ia-leaf");
+    assert_eq!(drv.to_aterm(), DRV);
+    let info = store.query_path_info(DRV_PATH).await.unwrap().unwrap();
+    assert!(info.ca.as_deref().unwrap().starts_with("text:sha256:"));
+    let phys = store.physical_path(DRV_PATH).unwrap();
+    assert_eq!(fs::read_to_string(&phys).unwrap(), DRV);
+    // Canonical metadata: read-only, mtime 1.
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(&phys).unwrap();
+    assert_eq!((m.mode() & 0o777, m.mtime()), (0o444, 1));
+    // A reference that is not valid.
+    let refs: BTreeSet<String> = [DRV_PATH.replace("p1qx", "p1qy")].into();
+    assert!(matches!(
+        store.add_text("x", "y", &refs).await,
+        Err(StoreError::NotValid(_))
+    ));
+    // Not in the store dir.
+    assert!(matches!(
+        store.is_valid_path("/tmp/x").await,
+        Err(StoreError::BadPath(_))
+    ));
+}
+
+#[tokio::test]
+async fn malformed_derivation_names_the_byte_offset() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let p = store
+        .add_text("bad.drv", "Derive([(\"out\",", &BTreeSet::new())
+        .await
+        .unwrap();
+    let e = store.read_derivation(&p).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("malformed derivation {p}: unexpected end of input, expected '\"' at byte 15")
+    );
+    let e = store
+        .read_derivation("/nix/store/p1qxcx8sbmi2zvx8dk4944x7hnlh4fly-other.drv")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NotValid(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nar_export_import_round_trip_and_verification() {
+    let d = tempfile::tempdir().unwrap();
+    let a = Arc::new(open(&d.path().join("a")).await);
+    let b = Arc::new(open(&d.path().join("b")).await);
+    let tree = NarTree::dir([
+        (
+            "bin",
+            NarTree::dir([("hello", NarTree::executable("#!/bin/sh\n"))]),
+        ),
+        ("link", NarTree::symlink("bin/hello")),
+        ("data", NarTree::file(vec![7u8; 100_000])),
+    ]);
+    let info = info_for(&a, "pkg", &tree);
+    let nar = nar_of(&tree);
+    {
+        let (a, info, nar) = (a.clone(), info.clone(), nar.clone());
+        tokio::task::spawn_blocking(move || a.import_nar(&info, &mut &nar[..]))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        a.query_path_info(&info.path).await.unwrap(),
+        Some(info.clone())
+    );
+    // Export from a, import into b.
+    let exported = {
+        let (a, p) = (a.clone(), info.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let n = a.export_nar(&p, &mut out).unwrap();
+            assert_eq!(n as usize, out.len());
+            out
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(exported, nar);
+
+    // A wrong narHash is refused and nothing becomes valid or stays on disk.
+    let mut wrong = info.clone();
+    wrong.nar_hash = sha256(b"something else");
+    let before = entries(b.root());
+    let r = {
+        let (b, exported) = (b.clone(), exported.clone());
+        tokio::task::spawn_blocking(move || b.import_nar(&wrong, &mut &exported[..]))
+            .await
+            .unwrap()
+    };
+    assert!(matches!(r, Err(StoreError::HashMismatch { .. })), "{r:?}");
+    assert!(!b.is_valid_path(&info.path).await.unwrap());
+    assert_eq!(entries(b.root()), before);
+
+    // A corrupted NAR (a flipped byte in a file's contents) is refused too.
+    let mut corrupt = exported.clone();
+    let pos = corrupt.windows(4).position(|w| w == [7, 7, 7, 7]).unwrap();
+    corrupt[pos] = 8;
+    let r = {
+        let (b, info) = (b.clone(), info.clone());
+        tokio::task::spawn_blocking(move || b.import_nar(&info, &mut &corrupt[..]))
+            .await
+            .unwrap()
+    };
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("NAR hash or size mismatch"), "{e}");
+    // A truncated NAR is a NAR error.
+    let r = {
+        let (b, info, t) = (
+            b.clone(),
+            info.clone(),
+            exported[..exported.len() - 9].to_vec(),
+        );
+        tokio::task::spawn_blocking(move || b.import_nar(&info, &mut &t[..]))
+            .await
+            .unwrap()
+    };
+    assert!(matches!(r, Err(StoreError::Nar { .. })), "{r:?}");
+    assert!(!b.is_valid_path(&info.path).await.unwrap());
+    assert_eq!(entries(b.root()), before);
+
+    // The genuine NAR imports, and the contents match.
+    {
+        let (b, info) = (b.clone(), info.clone());
+        tokio::task::spawn_blocking(move || b.import_nar(&info, &mut &exported[..]))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let phys = b.physical_path(&info.path).unwrap();
+    assert_eq!(NarTree::from_path(&phys).unwrap(), tree);
+    assert_eq!(b.query_path_info(&info.path).await.unwrap(), Some(info));
+}
+
+#[tokio::test]
+async fn gc_roots_keep_closures_alive() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let leaf = store
+        .add_text("leaf", "leaf", &BTreeSet::new())
+        .await
+        .unwrap();
+    let mid = store
+        .add_text("mid", &format!("uses {leaf}"), &[leaf.clone()].into())
+        .await
+        .unwrap();
+    let other = store
+        .add_text("other", "x", &BTreeSet::new())
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .add_gc_root("r", "/nix/store/00000000000000000000000000000000-none")
+            .await,
+        Err(StoreError::NotValid(_))
+    ));
+    store.add_gc_root("r", &mid).await.unwrap();
+    // A reservation (a running build) keeps its path alive too.
+    let res = store.reserve([store.store_dir().parse(&other).unwrap().base_name()]);
+    let report = store.collect_garbage().await.unwrap();
+    assert!(report.deleted.is_empty(), "{report:?}");
+    drop(res);
+    let report = store.collect_garbage().await.unwrap();
+    assert_eq!(report.deleted, vec![other.clone()]);
+    assert!(!store.is_valid_path(&other).await.unwrap());
+    assert!(
+        store
+            .physical_path(&other)
+            .unwrap()
+            .symlink_metadata()
+            .is_err()
+    );
+    assert_eq!(
+        store.gc_roots().await.unwrap(),
+        vec![("r".into(), mid.clone())]
+    );
+    store.remove_gc_root("r").await.unwrap();
+    let report = store.collect_garbage().await.unwrap();
+    assert_eq!(report.deleted.len(), 2);
+    assert!(
+        entries(store.root()).is_empty(),
+        "{:?}",
+        entries(store.root())
+    );
+    assert!(store.valid_paths().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn realisations_through_the_trait() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let out = store.add_text("o", "o", &BTreeSet::new()).await.unwrap();
+    let key = DrvOutput::new(DRV_PATH, "out");
+    assert_eq!(store.query_realisation(&key).await.unwrap(), None);
+    store.register_realisation(&key, &out).await.unwrap();
+    assert_eq!(store.query_realisation(&key).await.unwrap(), Some(out));
+}
+
+#[tokio::test]
+async fn interrupted_registration_is_rolled_back_on_open() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("s");
+    let store = open(&root).await;
+    let kept = store
+        .add_text("kept", "kept", &BTreeSet::new())
+        .await
+        .unwrap();
+    store.set_fault_hook(Some(Arc::new(|_| Err("simulated crash".into()))));
+    let e = store
+        .add_text("lost", "lost", &BTreeSet::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "store metadata: injected fault: simulated crash"
+    );
+    let lost = store
+        .store_dir()
+        .print(&store.store_dir().make_text_path("lost", b"lost", []));
+    // Contents are in place (as after a crash at that point) but not registered.
+    assert!(store.physical_path(&lost).unwrap().exists());
+    assert!(!store.is_valid_path(&lost).await.unwrap());
+    // Leftover staging directories, as a crash would leave them.
+    fs::create_dir(root.join(".qr-tmp-leftover")).unwrap();
+    store.close().await;
+    drop(store);
+
+    let store = open(&root).await;
+    let base = |p: &str| StoreDir::default().parse(p).unwrap().base_name();
+    assert_eq!(entries(&root), [base(&kept)].into());
+    assert!(store.is_valid_path(&kept).await.unwrap());
+    // Re-adding works.
+    assert_eq!(
+        store
+            .add_text("lost", "lost", &BTreeSet::new())
+            .await
+            .unwrap(),
+        lost
+    );
+    assert!(store.is_valid_path(&lost).await.unwrap());
+    // A registered path whose contents vanished is invalidated on open, with its referrers.
+    let user = store
+        .add_text("user", &lost, &[lost.clone()].into())
+        .await
+        .unwrap();
+    remove_tree(&store.physical_path(&lost).unwrap()).unwrap();
+    store.close().await;
+    drop(store);
+    let store = open(&root).await;
+    assert!(!store.is_valid_path(&lost).await.unwrap());
+    assert!(!store.is_valid_path(&user).await.unwrap());
+    assert!(store.is_valid_path(&kept).await.unwrap());
+    assert_eq!(entries(&root), [base(&kept)].into());
+}
+
+#[tokio::test]
+async fn a_second_opener_does_not_sweep_in_flight_entries() {
+    let d = tempfile::tempdir().unwrap();
+    let first = open(d.path()).await;
+    fs::write(d.path().join(".qr-tmp-inflight"), "x").unwrap();
+    let second = open(d.path()).await;
+    assert!(d.path().join(".qr-tmp-inflight").exists());
+    drop(second);
+    first.close().await;
+    drop(first);
+    let _third = open(d.path()).await;
+    assert!(!d.path().join(".qr-tmp-inflight").exists());
+}
