@@ -122,6 +122,8 @@ pub struct LocalBuilderConfig {
     /// Systems it builds for; empty means this machine's own (e.g. `x86_64-linux`).
     pub systems: Vec<String>,
     pub features: Vec<String>,
+    /// `native` (builds like Nix, no Nix needed) or `simulated` (zero-time, for benchmarks).
+    pub executor: String,
 }
 
 impl Default for LocalBuilderConfig {
@@ -131,6 +133,7 @@ impl Default for LocalBuilderConfig {
             max_jobs: 0,
             systems: vec![],
             features: vec![],
+            executor: "native".into(),
         }
     }
 }

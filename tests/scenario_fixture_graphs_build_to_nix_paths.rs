@@ -11,23 +11,37 @@ use common::qr::{Backend, Qr, all_steps, fixture_doc};
 use serde_json::Value;
 
 fn check_fixture(backend: Backend, name: &str, fixture: &Value) {
-    let Some(qr) = Qr::new(backend, true) else { return };
+    let Some(qr) = Qr::new(backend, true) else {
+        return;
+    };
     let file = qr.write_json(&format!("{name}.json"), &fixture_doc(fixture));
     let (out, builds) = qr.run_json(&[&file], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{name} ({backend:?}): qr run failed\n{stderr}\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{name} ({backend:?}): qr run failed\n{stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(!builds.is_empty(), "{name}: no builds reported");
 
     // Every build's outputs are Nix's.
     let drvs = fixture["derivations"].as_object().expect("derivations");
     for b in &builds {
         let drv = b["drvPath"].as_str().expect("drvPath");
-        assert_eq!(b["status"], 0, "{name}: build of {drv} did not succeed: {b}");
+        assert_eq!(
+            b["status"], 0,
+            "{name}: build of {drv} did not succeed: {b}"
+        );
         let want: BTreeMap<String, String> = drvs[drv]["realisations"]
             .as_object()
             .expect("realisations")
             .iter()
-            .map(|(o, r)| (o.clone(), r["out_path"].as_str().unwrap_or_default().to_string()))
+            .map(|(o, r)| {
+                (
+                    o.clone(),
+                    r["out_path"].as_str().unwrap_or_default().to_string(),
+                )
+            })
             .collect();
         let got: BTreeMap<String, String> = b["outputs"]
             .as_object()
@@ -40,18 +54,28 @@ fn check_fixture(backend: Backend, name: &str, fixture: &Value) {
 
     // One Resolved row per resolution Nix made, pointing at a step for the same resolved drv.
     let steps = all_steps(&builds);
-    let by_row: BTreeMap<(i64, i64), &Value> =
-        steps.iter().map(|(b, s)| ((*b, s["stepnr"].as_i64().unwrap_or(0)), s)).collect();
+    let by_row: BTreeMap<(i64, i64), &Value> = steps
+        .iter()
+        .map(|(b, s)| ((*b, s["stepnr"].as_i64().unwrap_or(0)), s))
+        .collect();
     let mut resolved: BTreeMap<String, String> = BTreeMap::new();
     for (b, s) in &steps {
         if s["status"] == 13 {
-            let to = s["resolvedToStep"].as_i64().expect("Resolved row without resolvedToStep");
-            let target = by_row.get(&(*b, to)).expect("resolvedToStep names a step of the same build");
+            let to = s["resolvedToStep"]
+                .as_i64()
+                .expect("Resolved row without resolvedToStep");
+            let target = by_row
+                .get(&(*b, to))
+                .expect("resolvedToStep names a step of the same build");
             let prev = resolved.insert(
                 s["drvPath"].as_str().unwrap_or_default().to_string(),
                 target["drvPath"].as_str().unwrap_or_default().to_string(),
             );
-            assert!(prev.is_none(), "{name}: two Resolved rows for {}", s["drvPath"]);
+            assert!(
+                prev.is_none(),
+                "{name}: two Resolved rows for {}",
+                s["drvPath"]
+            );
         }
     }
     let nix: BTreeMap<String, String> = fixture["resolutions"]
@@ -67,11 +91,20 @@ fn check_fixture(backend: Backend, name: &str, fixture: &Value) {
         .as_array()
         .expect("log")
         .iter()
-        .filter_map(|l| l.as_str()?.strip_prefix("building '")?.strip_suffix("'...").map(str::to_string))
+        .filter_map(|l| {
+            l.as_str()?
+                .strip_prefix("building '")?
+                .strip_suffix("'...")
+                .map(str::to_string)
+        })
         .collect();
     let runs = qr.runs();
     let ran: BTreeSet<String> = runs.iter().cloned().collect();
-    assert_eq!(ran.len(), runs.len(), "{name}: a drv was built twice: {runs:?}");
+    assert_eq!(
+        ran.len(),
+        runs.len(),
+        "{name}: a drv was built twice: {runs:?}"
+    );
     assert_eq!(ran, nix_built, "{name}: the drvs built");
 }
 

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 
 pub mod drv;
+pub mod run;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +35,8 @@ pub enum Command {
     /// Inspect derivations the way Nix computes them (paths, placeholders, hash modulo, resolution).
     #[command(subcommand)]
     Drv(drv::DrvCommand),
+    /// Build TARGETs (drv paths or JSON files of derivations) in one process and wait for them.
+    Run(run::RunArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -92,5 +95,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Drv(cmd) => drv::run(cmd, &ctx.store_root()),
+        Command::Run(args) => run::run(ctx, args),
     }
 }

@@ -38,42 +38,61 @@ pub struct RunArgs {
 
 /// Reads the TARGETs: drv paths as they are, JSON files added to the store (re-instantiated into
 /// the configured store dir when written for another). Returns the top-level drvs.
-pub async fn targets_to_drvs(store: &dyn Store, targets: &[String]) -> anyhow::Result<Vec<(String, Derivation)>> {
+pub async fn targets_to_drvs(
+    store: &dyn Store,
+    targets: &[String],
+) -> anyhow::Result<Vec<(String, Derivation)>> {
     let mut tops = Vec::new();
     for t in targets {
         if t.ends_with(".json") {
             tops.extend(add_json_file(store, Path::new(t)).await?);
         } else {
-            let drv = store
-                .read_derivation(t)
-                .await
-                .with_context(|| format!("{t} is not a derivation in the store (add it with `qr import`)"))?;
+            let drv = store.read_derivation(t).await.with_context(|| {
+                format!("{t} is not a derivation in the store (add it with `qr import`)")
+            })?;
             tops.push((t.clone(), drv));
         }
     }
     Ok(tops)
 }
 
-async fn add_json_file(store: &dyn Store, file: &Path) -> anyhow::Result<Vec<(String, Derivation)>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let doc: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+async fn add_json_file(
+    store: &dyn Store,
+    file: &Path,
+) -> anyhow::Result<Vec<(String, Derivation)>> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let first = doc
         .as_object()
         .and_then(|o| o.keys().next())
-        .with_context(|| format!("{}: expected an object of derivations keyed by drv path", file.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: expected an object of derivations keyed by drv path",
+                file.display()
+            )
+        })?;
     let from = StoreDir::new(first.rsplit_once('/').map(|(d, _)| d).unwrap_or("/"))
         .with_context(|| format!("{}: {first} is not an absolute store path", file.display()))?;
     let mut hashes = crate::store::hash_modulo::DrvHashes::new(from.clone());
-    let mut no_external = |p: &str| -> Result<Derivation, String> { Err(format!("{p} is not in the file")) };
-    let drvs = crate::store::derivation::derivations_from_show_json(&doc, &mut hashes, &mut no_external)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let drvs: Vec<(String, Derivation)> = drvs.into_iter().map(|(p, d)| (from.print(&p), d)).collect();
+    let mut no_external =
+        |p: &str| -> Result<Derivation, String> { Err(format!("{p} is not in the file")) };
+    let drvs =
+        crate::store::derivation::derivations_from_show_json(&doc, &mut hashes, &mut no_external)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let drvs: Vec<(String, Derivation)> =
+        drvs.into_iter().map(|(p, d)| (from.print(&p), d)).collect();
     let drvs = crate::store::relocate::relocate(&drvs, &from, store.store_dir())
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let used: std::collections::BTreeSet<&String> = drvs.iter().flat_map(|(_, d)| d.input_drvs.keys()).collect();
+    let used: std::collections::BTreeSet<&String> =
+        drvs.iter().flat_map(|(_, d)| d.input_drvs.keys()).collect();
     let mut tops = Vec::new();
     for (path, drv) in &drvs {
-        let added = store.add_derivation(drv).await.with_context(|| format!("adding {path} to the store"))?;
+        let added = store
+            .add_derivation(drv)
+            .await
+            .with_context(|| format!("adding {path} to the store"))?;
         if added != *path {
             bail!("{}: the store computed {added} for {path}", file.display());
         }
@@ -86,12 +105,20 @@ async fn add_json_file(store: &dyn Store, file: &Path) -> anyhow::Result<Vec<(St
 
 /// Queues a build per top-level drv, reusing an unfinished build of the same drv in the jobset
 /// (so running the same command after a crash resumes instead of duplicating).
-pub async fn queue_builds(db: &Db, jobset: &str, tops: &[(String, Derivation)], now: i64) -> anyhow::Result<Vec<BuildId>> {
+pub async fn queue_builds(
+    db: &Db,
+    jobset: &str,
+    tops: &[(String, Derivation)],
+    now: i64,
+) -> anyhow::Result<Vec<BuildId>> {
     db.create_jobset(jobset, 100).await?;
     let unfinished = db.unfinished_builds().await?;
     let mut ids = Vec::new();
     for (path, drv) in tops {
-        if let Some(b) = unfinished.iter().find(|b| b.jobset == jobset && &b.drv_path == path) {
+        if let Some(b) = unfinished
+            .iter()
+            .find(|b| b.jobset == jobset && &b.drv_path == path)
+        {
             ids.push(b.id);
             continue;
         }
@@ -105,7 +132,11 @@ pub async fn queue_builds(db: &Db, jobset: &str, tops: &[(String, Derivation)], 
             max_silent: 0,
             timeout: 0,
             timestamp: now,
-            outputs: drv.outputs.iter().map(|(o, out)| (o.clone(), out.path().map(str::to_string))).collect(),
+            outputs: drv
+                .outputs
+                .iter()
+                .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
+                .collect(),
         };
         ids.push(db.create_build(&nb).await?);
     }
@@ -123,9 +154,18 @@ pub async fn report(db: &Db, ids: &[BuildId]) -> anyhow::Result<Vec<Report>> {
     let mut out = Vec::new();
     for id in ids {
         let build = db.get_build(*id).await?;
-        let outputs = db.build_outputs(*id).await?.into_iter().map(|o| (o.name, o.path)).collect();
+        let outputs = db
+            .build_outputs(*id)
+            .await?
+            .into_iter()
+            .map(|o| (o.name, o.path))
+            .collect();
         let steps = db.steps_of_build(*id).await?;
-        out.push(Report { build, outputs, steps });
+        out.push(Report {
+            build,
+            outputs,
+            steps,
+        });
     }
     Ok(out)
 }
@@ -164,12 +204,25 @@ pub fn report_table(reports: &[Report]) -> String {
     use std::fmt::Write;
     let mut t = String::new();
     for r in reports {
-        let outs: Vec<String> = r.outputs.iter().map(|(o, p)| format!("{o}={}", p.as_deref().unwrap_or("-"))).collect();
-        let _ = writeln!(t, "build {:<4} {:<24} {:<16} {}", r.build.id.0, r.build.job, status_name(r.build.build_status), outs.join(" "));
+        let outs: Vec<String> = r
+            .outputs
+            .iter()
+            .map(|(o, p)| format!("{o}={}", p.as_deref().unwrap_or("-")))
+            .collect();
+        let _ = writeln!(
+            t,
+            "build {:<4} {:<24} {:<16} {}",
+            r.build.id.0,
+            r.build.job,
+            status_name(r.build.build_status),
+            outs.join(" ")
+        );
         for s in &r.steps {
             let how = match (s.status, s.resolved_to_step) {
                 (Some(BuildStatus::Resolved), Some(to)) => format!("resolved -> step {to}"),
-                (Some(BuildStatus::Success), _) if s.times_built.unwrap_or(0) > 0 => format!("built on {}", s.machine),
+                (Some(BuildStatus::Success), _) if s.times_built.unwrap_or(0) > 0 => {
+                    format!("built on {}", s.machine)
+                }
                 (Some(BuildStatus::Success), _) => "cached (already built)".into(),
                 _ => String::new(),
             };
@@ -177,13 +230,20 @@ pub fn report_table(reports: &[Report]) -> String {
                 t,
                 "  step {:<3} {:<52} {:<16} {}",
                 s.stepnr,
-                base(s.drv_path.as_deref().unwrap_or("")),
+                base(&s.drv_path),
                 status_name(s.status),
                 how
             );
             if let (Some(st), Some(msg)) = (s.status, &s.error_msg) {
                 if st != BuildStatus::Success {
-                    for line in msg.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev() {
+                    for line in msg
+                        .lines()
+                        .rev()
+                        .take(10)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                    {
                         let _ = writeln!(t, "      | {line}");
                     }
                 }
@@ -204,7 +264,11 @@ pub async fn open_store(ctx: &Context) -> anyhow::Result<Arc<crate::store::local
 
 /// Opens the database (one clear line and a non-zero exit when unreachable).
 pub async fn open_db(ctx: &Context) -> anyhow::Result<Db> {
-    Ok(Db::connect(&ctx.config.database.url, ctx.config.database.max_connections).await?)
+    Ok(Db::connect(
+        &ctx.config.database.url,
+        ctx.config.database.max_connections,
+    )
+    .await?)
 }
 
 pub fn local_machine(ctx: &Context) -> MachineInfo {
@@ -218,9 +282,32 @@ pub fn local_machine(ctx: &Context) -> MachineInfo {
         systems,
         supported_features: ctx.config.local_builder.features.iter().cloned().collect(),
         mandatory_features: Default::default(),
-        max_jobs: ctx.local_max_jobs() as u32,
+        max_jobs: ctx.config.local_max_jobs() as u32,
         speed_factor: 1.0,
     }
+}
+
+/// The local builder's executor, as `[local_builder] executor` says.
+pub fn local_executor(
+    ctx: &Context,
+    store: Arc<crate::store::LocalStore>,
+) -> anyhow::Result<Arc<dyn Executor>> {
+    match ctx.config.local_builder.executor.as_str() {
+        "simulated" => Ok(Arc::new(
+            crate::actors::machine::simulated::SimulatedExecutor::new(store),
+        )),
+        "native" => native_executor(ctx, store),
+        other => {
+            bail!("[local_builder] executor = {other:?}: expected \"native\" or \"simulated\"")
+        }
+    }
+}
+
+fn native_executor(
+    _ctx: &Context,
+    _store: Arc<crate::store::LocalStore>,
+) -> anyhow::Result<Arc<dyn Executor>> {
+    bail!("the native executor is not built yet")
 }
 
 pub fn retry_policy(ctx: &Context) -> RetryPolicy {
@@ -242,16 +329,31 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&ctx).await?;
     let tops = targets_to_drvs(&*store, &args.targets).await?;
     let clock = Arc::new(SystemClock);
-    let ids = queue_builds(&db, &args.jobset, &tops, crate::actors::env::Clock::now(&*clock)).await?;
+    let ids = queue_builds(
+        &db,
+        &args.jobset,
+        &tops,
+        crate::actors::env::Clock::now(&*clock),
+    )
+    .await?;
     let mut env = Env::new(db.clone(), store.clone(), clock, retry_policy(&ctx));
     env.max_silent = Duration::from_secs(ctx.config.scheduler.max_silent_time_s);
     env.timeout = Duration::from_secs(ctx.config.scheduler.build_timeout_s);
+    let executor = local_executor(&ctx, store.clone())?;
+    env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
     let env = Arc::new(env);
     let mut events = env.events.subscribe();
-    let executor: Arc<dyn Executor> = crate::builder::local_executor(&ctx, store.clone())?;
-    let machines = if ctx.config.local_builder.enabled { vec![(local_machine(&ctx), executor)] } else { vec![] };
-    let (_sched, recovery) =
-        Scheduler::start(env.clone(), machines, Duration::from_secs(ctx.config.scheduler.unsupported_wait_s)).await?;
+    let machines = if ctx.config.local_builder.enabled {
+        vec![(local_machine(&ctx), executor)]
+    } else {
+        vec![]
+    };
+    let (_sched, recovery) = Scheduler::start(
+        env.clone(),
+        machines,
+        Duration::from_secs(ctx.config.scheduler.unsupported_wait_s),
+    )
+    .await?;
     if recovery.aborted > 0 || recovery.resolutions > 0 {
         eprintln!(
             "recovered: {} busy step(s) aborted and retried, {} recorded resolution(s) re-attached",
@@ -300,7 +402,13 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         print!("{}", report_table(&reports));
     }
-    let ok = reports.iter().all(|r| r.build.build_status == Some(BuildStatus::Success));
+    let ok = reports
+        .iter()
+        .all(|r| r.build.build_status == Some(BuildStatus::Success));
     actix_rt::System::current().stop();
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -20,7 +20,8 @@ pub struct Qr {
 }
 
 fn pg_base() -> String {
-    std::env::var("QR_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("QR_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn psql(url: &str, sql: &str) -> Result<(), String> {
@@ -28,7 +29,11 @@ fn psql(url: &str, sql: &str) -> Result<(), String> {
         .args([url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
         .output()
         .map_err(|e| format!("psql: {e}"))?;
-    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 impl Qr {
@@ -55,7 +60,12 @@ impl Qr {
                 (url, Some((base, name)))
             }
         };
-        Some(Qr { state, db_url, nix_paths, pg })
+        Some(Qr {
+            state,
+            db_url,
+            nix_paths,
+            pg,
+        })
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -117,7 +127,10 @@ impl Qr {
 impl Drop for Qr {
     fn drop(&mut self) {
         if let Some((base, name)) = &self.pg {
-            let _ = psql(base, &format!("drop database if exists {name} with (force)"));
+            let _ = psql(
+                base,
+                &format!("drop database if exists {name} with (force)"),
+            );
         }
     }
 }
@@ -125,7 +138,12 @@ impl Drop for Qr {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
     h.finish() % 1_000_000_000
 }
 
@@ -144,7 +162,12 @@ pub fn all_steps(builds: &[Value]) -> Vec<(i64, Value)> {
         .iter()
         .flat_map(|b| {
             let id = b["id"].as_i64().unwrap_or(0);
-            b["steps"].as_array().cloned().unwrap_or_default().into_iter().map(move |s| (id, s))
+            b["steps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |s| (id, s))
         })
         .collect()
 }
