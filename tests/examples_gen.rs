@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use qr::store::ca_output::finalize_ca_trees;
-use qr::store::derivation::{Derivation, DerivationOutput, derivations_from_show_json};
+use qr::store::derivation::{Derivation, derivations_from_show_json};
 use qr::store::hash_modulo::DrvHashes;
 use qr::store::nar::NarTree;
-use qr::store::placeholder::{downstream_placeholder, hash_placeholder};
 use qr::store::relocate::relocate;
 use qr::store::resolve::try_resolve;
 use qr::store::{StoreDir, StorePath};
@@ -25,124 +24,7 @@ use serde_json::{Map, Value};
 
 use common::load_fixtures;
 
-const SYSTEM: &str = "x86_64-linux";
-
-/// How an output is addressed (the fixtures' `lib.nix`: `ca` and `ia`).
-#[derive(Clone, Copy)]
-enum Kind {
-    /// Floating content-addressed: `__contentAddressed = true`, recursive sha256.
-    Ca,
-    /// Input-addressed (deferred when an input is CA or deferred).
-    Ia,
-}
-
-/// Instantiates derivations in memory as `derivation { name; system; builder = "/bin/sh";
-/// args = ["-c" script]; PATH = "/usr/bin:/bin"; … }` does, inputs first.
-struct Gen {
-    sd: StoreDir,
-    hashes: DrvHashes,
-    drvs: BTreeMap<String, Derivation>,
-}
-
-impl Gen {
-    fn new() -> Self {
-        let sd = StoreDir::default();
-        Gen {
-            hashes: DrvHashes::new(sd.clone()),
-            sd,
-            drvs: BTreeMap::new(),
-        }
-    }
-
-    /// What `${drv}` (its `out`) evaluates to: a downstream placeholder for a CA or deferred
-    /// input, else its output path.
-    fn out(&self, drv_path: &str) -> String {
-        match self.drvs[drv_path].outputs["out"].path() {
-            Some(p) => p.to_string(),
-            None => downstream_placeholder(&self.sd.parse(drv_path).unwrap(), "out"),
-        }
-    }
-
-    /// Adds a derivation; `inputs` are the drv paths whose `out` the script or `attrs` mention
-    /// (the string context). Returns its drv path.
-    fn add(
-        &mut self,
-        kind: Kind,
-        name: &str,
-        script: &str,
-        attrs: &[(&str, &str)],
-        inputs: &[&str],
-    ) -> String {
-        let mut env: BTreeMap<String, String> = [
-            ("PATH", "/usr/bin:/bin"),
-            ("builder", "/bin/sh"),
-            ("name", name),
-            ("system", SYSTEM),
-        ]
-        .into_iter()
-        .chain(attrs.iter().copied())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let out = match kind {
-            Kind::Ca => {
-                env.insert("outputHashAlgo".into(), "sha256".into());
-                env.insert("outputHashMode".into(), "recursive".into());
-                env.insert("out".into(), hash_placeholder("out"));
-                DerivationOutput::CaFloating {
-                    method_algo: "r:sha256".into(),
-                }
-            }
-            Kind::Ia => DerivationOutput::Deferred,
-        };
-        for i in inputs {
-            assert!(self.drvs.contains_key(*i), "{name}: unknown input {i}");
-        }
-        let mut drv = Derivation {
-            name: name.into(),
-            outputs: BTreeMap::from([("out".to_string(), out)]),
-            input_drvs: inputs
-                .iter()
-                .map(|i| (i.to_string(), BTreeSet::from(["out".to_string()])))
-                .collect(),
-            input_srcs: BTreeSet::new(),
-            system: SYSTEM.into(),
-            builder: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            env,
-        };
-        let drvs = &self.drvs;
-        let mut load = |p: &str| drvs.get(p).cloned().ok_or_else(|| p.to_string());
-        self.hashes
-            .fill_input_addressed_paths(&mut drv, &mut load)
-            .unwrap();
-        let path = self.sd.print(&drv.drv_path(&self.sd).unwrap());
-        self.drvs.insert(path.clone(), drv);
-        path
-    }
-
-    /// The `derivation show` document: drv path → derivation, keys sorted as Nix prints them.
-    fn doc(&self) -> Value {
-        Value::Object(
-            self.drvs
-                .iter()
-                .map(|(p, d)| (p.clone(), sorted(d.to_show_json())))
-                .collect(),
-        )
-    }
-}
-
-/// `v` with every object's keys sorted (as Nix's JSON output has them).
-fn sorted(v: Value) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut entries: Vec<(String, Value)> = m.into_iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
-        }
-        Value::Array(a) => Value::Array(a.into_iter().map(sorted).collect()),
-        v => v,
-    }
-}
+use common::instantiate::{Gen, Kind, SYSTEM};
 
 /// The example graphs, by file stem. The drv names say which graph a derivation belongs to; the
 /// comments give the Nix expression (with the fixtures' `lib.nix`, `examples/nix/lib.nix`).
