@@ -1,0 +1,209 @@
+//! The builder's environment, as Nix's `LocalDerivationGoal::initEnv` builds it (Nix 2.8 … 2.34):
+//!
+//! 1. `PATH=/path-not-set`, `HOME=/homeless-shelter`, `NIX_STORE=<store dir>`,
+//!    `NIX_BUILD_CORES=<cores>`;
+//! 2. the derivation's `env` (overriding the above, e.g. its own `PATH`), except the names listed in
+//!    `passAsFile`, which are written to `<build dir>/.attr-<nix32(sha256(name))>` and passed as
+//!    `<name>Path`;
+//! 3. `NIX_BUILD_TOP`, `TMPDIR`, `TEMPDIR`, `TMP`, `TEMP`, `PWD` = the build dir as the builder
+//!    sees it (`/build` in a sandbox);
+//! 4. `NIX_OUTPUT_CHECKED=1` for a fixed-output derivation, and its `impureEnvVars` from the
+//!    caller's environment;
+//! 5. `NIX_LOG_FD=2`, `TERM=xterm-256color`.
+//!
+//! Finally every name and value (and the `passAsFile` contents) goes through the input rewrites:
+//! each CA floating output's hash placeholder becomes its scratch path.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use thiserror::Error;
+
+use crate::store::derivation::Derivation;
+use crate::store::hash::sha256;
+use crate::store::nix32;
+
+/// Why an environment could not be built.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EnvError {
+    #[error(
+        "derivation uses structured attributes (__json), which the native executor does not support yet"
+    )]
+    StructuredAttrs,
+}
+
+/// The environment and the files to create in the build dir before the builder starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuilderEnv {
+    pub vars: BTreeMap<String, String>,
+    /// (file name in the build dir, contents).
+    pub files: Vec<(String, String)>,
+}
+
+/// Nix's `rewriteStrings`: each rewrite in key order, every occurrence.
+pub fn rewrite(s: &str, rewrites: &BTreeMap<String, String>) -> String {
+    let mut s = s.to_string();
+    for (from, to) in rewrites {
+        if !from.is_empty() && from != to && s.contains(from.as_str()) {
+            s = s.replace(from.as_str(), to);
+        }
+    }
+    s
+}
+
+/// Builds the environment of `drv`. `store_dir` is the logical store dir, `build_top` the build dir
+/// as the builder sees it, `impure(name)` reads the caller's environment (fixed-output only).
+pub fn builder_env(
+    drv: &Derivation,
+    store_dir: &str,
+    build_top: &str,
+    cores: usize,
+    rewrites: &BTreeMap<String, String>,
+    impure: impl Fn(&str) -> Option<String>,
+) -> Result<BuilderEnv, EnvError> {
+    if drv.env.contains_key("__json") {
+        return Err(EnvError::StructuredAttrs);
+    }
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let mut files = Vec::new();
+    env.insert("PATH".into(), "/path-not-set".into());
+    env.insert("HOME".into(), "/homeless-shelter".into());
+    env.insert("NIX_STORE".into(), store_dir.into());
+    env.insert("NIX_BUILD_CORES".into(), cores.to_string());
+    let pass_as_file: BTreeSet<&str> = drv
+        .env
+        .get("passAsFile")
+        .map(|s| s.split_ascii_whitespace().collect())
+        .unwrap_or_default();
+    for (k, v) in &drv.env {
+        if pass_as_file.contains(k.as_str()) {
+            let file = format!(".attr-{}", nix32::encode(&sha256(k.as_bytes())));
+            env.insert(format!("{k}Path"), format!("{build_top}/{file}"));
+            files.push((file, rewrite(v, rewrites)));
+        } else {
+            env.insert(k.clone(), v.clone());
+        }
+    }
+    for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
+        env.insert(k.into(), build_top.into());
+    }
+    if drv.is_fixed_output() {
+        env.insert("NIX_OUTPUT_CHECKED".into(), "1".into());
+        if let Some(vars) = drv.env.get("impureEnvVars") {
+            for name in vars.split_ascii_whitespace() {
+                env.insert(name.into(), impure(name).unwrap_or_default());
+            }
+        }
+    }
+    env.insert("NIX_LOG_FD".into(), "2".into());
+    env.insert("TERM".into(), "xterm-256color".into());
+    let vars = env
+        .into_iter()
+        .map(|(k, v)| (rewrite(&k, rewrites), rewrite(&v, rewrites)))
+        .collect();
+    Ok(BuilderEnv { vars, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::aterm;
+    use crate::store::placeholder::hash_placeholder;
+
+    const CA1: &str = r#"Derive([("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",["-c","echo ca1 > $out"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("name","mx-ca1"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"),("outputHashAlgo","sha256"),("outputHashMode","recursive"),("system","x86_64-linux")])"#;
+
+    fn pairs(e: &BuilderEnv) -> Vec<(&str, &str)> {
+        e.vars
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn nix_environment_with_placeholder_rewritten() {
+        let drv = aterm::parse(CA1.as_bytes()).unwrap();
+        let scratch = "/nix/store/ad2n5slxflrm5nvc2ykyjqk6d9x3dgr0-mx-ca1";
+        let rewrites: BTreeMap<String, String> =
+            [(hash_placeholder("out"), scratch.to_string())].into();
+        let e = builder_env(&drv, "/nix/store", "/build", 4, &rewrites, |_| None).unwrap();
+        assert_eq!(
+            pairs(&e),
+            vec![
+                ("HOME", "/homeless-shelter"),
+                ("NIX_BUILD_CORES", "4"),
+                ("NIX_BUILD_TOP", "/build"),
+                ("NIX_LOG_FD", "2"),
+                ("NIX_STORE", "/nix/store"),
+                ("PATH", "/usr/bin:/bin"),
+                ("PWD", "/build"),
+                ("TEMP", "/build"),
+                ("TEMPDIR", "/build"),
+                ("TERM", "xterm-256color"),
+                ("TMP", "/build"),
+                ("TMPDIR", "/build"),
+                ("builder", "/bin/sh"),
+                ("name", "mx-ca1"),
+                ("out", scratch),
+                ("outputHashAlgo", "sha256"),
+                ("outputHashMode", "recursive"),
+                ("system", "x86_64-linux"),
+            ]
+        );
+        assert!(e.files.is_empty());
+    }
+
+    #[test]
+    fn defaults_can_be_overridden_but_build_dir_vars_cannot() {
+        let mut drv = aterm::parse(CA1.as_bytes()).unwrap();
+        drv.env.remove("PATH");
+        drv.env.insert("HOME".into(), "/h".into());
+        drv.env.insert("TMPDIR".into(), "/mine".into());
+        drv.env.insert("NIX_LOG_FD".into(), "7".into());
+        let e = builder_env(&drv, "/s", "/tmp/b", 1, &BTreeMap::new(), |_| None).unwrap();
+        assert_eq!(e.vars["PATH"], "/path-not-set");
+        assert_eq!(e.vars["HOME"], "/h");
+        assert_eq!(e.vars["TMPDIR"], "/tmp/b");
+        assert_eq!(e.vars["NIX_LOG_FD"], "2");
+        assert_eq!(e.vars["NIX_STORE"], "/s");
+        assert!(!e.vars.contains_key("NIX_OUTPUT_CHECKED"));
+    }
+
+    #[test]
+    fn pass_as_file_fixed_outputs_and_structured_attrs() {
+        let mut drv = aterm::parse(CA1.as_bytes()).unwrap();
+        drv.env.insert("passAsFile".into(), "big other".into());
+        drv.env
+            .insert("big".into(), format!("x {}", hash_placeholder("out")));
+        let rewrites: BTreeMap<String, String> =
+            [(hash_placeholder("out"), "/s/o".to_string())].into();
+        let e = builder_env(&drv, "/s", "/build", 1, &rewrites, |_| None).unwrap();
+        assert!(!e.vars.contains_key("big"));
+        let file = format!(".attr-{}", nix32::encode(&sha256(b"big")));
+        assert_eq!(e.vars["bigPath"], format!("/build/{file}"));
+        assert_eq!(e.files, vec![(file, "x /s/o".to_string())]);
+
+        let mut fod = aterm::parse(CA1.as_bytes()).unwrap();
+        fod.outputs.insert(
+            "out".into(),
+            crate::store::DerivationOutput::CaFixed {
+                method_algo: "sha256".into(),
+                hash: "00".repeat(32),
+                path: "/s/x".into(),
+            },
+        );
+        fod.env
+            .insert("impureEnvVars".into(), "http_proxy NOPE".into());
+        let e = builder_env(&fod, "/s", "/build", 1, &BTreeMap::new(), |n| {
+            (n == "http_proxy").then(|| "p:1".to_string())
+        })
+        .unwrap();
+        assert_eq!(e.vars["NIX_OUTPUT_CHECKED"], "1");
+        assert_eq!(e.vars["http_proxy"], "p:1");
+        assert_eq!(e.vars["NOPE"], "");
+
+        drv.env.insert("__json".into(), "{}".into());
+        assert_eq!(
+            builder_env(&drv, "/s", "/b", 1, &BTreeMap::new(), |_| None),
+            Err(EnvError::StructuredAttrs)
+        );
+    }
+}

@@ -1,0 +1,960 @@
+//! The native executor: builds one derivation into a [`LocalStore`] exactly as Nix (2.8 … 2.34)
+//! would, with no Nix installed.
+//!
+//! - Accepted: any derivation that needs no resolution (input-addressed or fixed-output with
+//!   input drvs whose outputs are statically known, CA floating without input drvs, resolved
+//!   drvs). Inputs are `inputSrcs` plus the input drvs' outputs; all must be valid.
+//! - A fresh build dir, Nix's environment ([`super::env`]), CA floating outputs built at their
+//!   scratch paths (each `hashPlaceholder(o)` rewritten to it in builder, args and env) and then
+//!   finalised with [`finalize_ca_outputs`]; input-addressed and fixed outputs built at their
+//!   paths. References are scanned against the input closure and the drv's own outputs.
+//! - When the store's physical root differs from its logical dir, the builder runs in a private
+//!   mount namespace ([`super::sandbox`]); otherwise directly in the store (no namespace).
+//! - The log goes to a file; timeouts, max-silent-time and the log limit kill the whole process
+//!   group ([`super::log`]).
+//! - Outputs are registered with deriver = the built drv, and a realisation
+//!   `DrvOutput{built drv, output}` is recorded for every output (as Nix does with
+//!   `ca-derivations`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256, Sha512};
+
+use super::env::{builder_env, rewrite};
+use super::log::{Outcome, SuperviseLimits, TimeLimit, kill_group, supervise};
+use super::sandbox::{SANDBOX_BUILD_DIR, Sandbox, SandboxSpec, cloexec_pipe, read_failed_step};
+use super::{BuildResult, ExecError, ExecutorConfig, Limits};
+use crate::store::api::{PathInfo, Store};
+use crate::store::ca_output::{CaOutputError, ScratchOutput, finalize_ca_outputs, scratch_path};
+use crate::store::derivation::{Derivation, DerivationOutput, DerivationType, split_method_algo};
+use crate::store::hash::{render_sri, to_hex};
+use crate::store::local::{LocalStore, StagedPath, StagingDir, move_tree, remove_tree};
+use crate::store::nar::dump_path;
+use crate::store::nix32;
+use crate::store::path::{StoreDir, StorePath};
+use crate::store::placeholder::hash_placeholder;
+use crate::store::realisation::DrvOutput;
+use crate::store::refscan::hash_and_scan_path;
+
+#[derive(Debug, Default)]
+struct Counters {
+    total: AtomicU64,
+    by_drv: Mutex<HashMap<String, u64>>,
+}
+
+impl Counters {
+    fn count(&self, drv_path: &str) {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        *self
+            .by_drv
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(drv_path.to_string())
+            .or_insert(0) += 1;
+    }
+}
+
+/// Builds derivations into a [`LocalStore`] (see the module doc).
+#[derive(Debug)]
+pub struct NativeExecutor {
+    store: Arc<LocalStore>,
+    cfg: ExecutorConfig,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Clone)]
+enum OutKind {
+    InputAddressed,
+    Fixed { method_algo: String, hash: String },
+    Floating,
+}
+
+/// One output: where the builder writes it (its path, or its scratch path if CA floating).
+#[derive(Debug, Clone)]
+struct OutPlan {
+    name: String,
+    kind: OutKind,
+    build_path: StorePath,
+}
+
+/// Everything the blocking part of a build needs.
+#[derive(Debug, Clone)]
+struct Job {
+    drv_path: String,
+    drv: Derivation,
+    drv_sp: StorePath,
+    store_dir: StoreDir,
+    root: PathBuf,
+    namespace: bool,
+    plans: Vec<OutPlan>,
+    inputs: Vec<StorePath>,
+    cfg: ExecutorConfig,
+    limits: SuperviseLimits,
+}
+
+/// A directory removed (even if read-only) on drop.
+#[derive(Debug)]
+struct OwnedDir(PathBuf);
+
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        if let Err(e) = remove_tree(&self.0) {
+            tracing::warn!(path = %self.0.display(), error = %e, "cannot remove a build directory");
+        }
+    }
+}
+
+/// What the builder left.
+#[derive(Debug)]
+struct Ran {
+    _build_dir: OwnedDir,
+    /// Keeps the chroot (and the outputs in it) until the outputs are processed.
+    _sandbox: Option<Arc<Sandbox>>,
+    log_path: PathBuf,
+    /// Output name → where the builder's output is on disk.
+    locations: BTreeMap<String, PathBuf>,
+    /// Base names of new entries in the store that are not outputs (to be confirmed).
+    strays: Vec<String>,
+}
+
+/// Removes this build's unregistered outputs from the root (no-namespace mode) unless disarmed.
+struct OutputCleanup {
+    paths: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for OutputCleanup {
+    fn drop(&mut self) {
+        if self.armed {
+            for p in &self.paths {
+                let _ = remove_tree(p);
+            }
+        }
+    }
+}
+
+fn io_msg(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ExecError {
+    move |e| ExecError::Io {
+        message: format!("{what}: {e}"),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        d.as_secs().to_string()
+    } else {
+        let s = format!("{:.3}", d.as_secs_f64());
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+fn with_tail(message: String, tail: &[String]) -> String {
+    if tail.is_empty() {
+        return message;
+    }
+    let mut m = format!("{message}; last {} log lines:", tail.len());
+    for l in tail {
+        m.push_str("\n> ");
+        m.push_str(l);
+    }
+    m
+}
+
+impl NativeExecutor {
+    pub fn new(store: Arc<LocalStore>, cfg: ExecutorConfig) -> Self {
+        NativeExecutor {
+            store,
+            cfg,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ExecutorConfig {
+        &self.cfg
+    }
+
+    /// How many builders this executor has started (cached results do not count).
+    pub fn runs(&self) -> u64 {
+        self.counters.total.load(Ordering::SeqCst)
+    }
+
+    /// How many times the builder of `drv_path` was started.
+    pub fn runs_of(&self, drv_path: &str) -> u64 {
+        self.counters
+            .by_drv
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(drv_path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Builds `drv` (whose store path is `drv_path`) and registers its outputs.
+    pub async fn build(
+        &self,
+        drv_path: &str,
+        drv: &Derivation,
+        limits: Limits,
+    ) -> Result<BuildResult, ExecError> {
+        let start = Instant::now();
+        let store = &self.store;
+        let sd = store.store_dir().clone();
+        let bad = |m: String| ExecError::BadDerivation { message: m };
+        let drv_sp = sd.parse(drv_path).map_err(|e| bad(e.to_string()))?;
+        let computed = drv
+            .drv_path(&sd)
+            .map_err(|e| bad(format!("derivation {drv_path}: {e}")))?;
+        if computed != drv_sp {
+            return Err(bad(format!(
+                "derivation {drv_path} does not match its path (its contents give {})",
+                sd.print(&computed)
+            )));
+        }
+        let ty = drv
+            .drv_type()
+            .map_err(|e| bad(format!("derivation {drv_path}: {e}")))?;
+        if drv.needs_resolution() || ty == DerivationType::DeferredInputAddressed {
+            return Err(bad(format!(
+                "derivation {drv_path} must be resolved before it is built (it is CA floating with input derivations, or has deferred outputs)"
+            )));
+        }
+        if drv.builder.starts_with("builtin:") {
+            return Err(ExecError::Unsupported {
+                message: format!(
+                    "derivation {drv_path} uses the built-in builder {:?}, which the native executor does not provide",
+                    drv.builder
+                ),
+            });
+        }
+        if !self.cfg.systems.contains(&drv.system) {
+            return Err(ExecError::Unsupported {
+                message: format!(
+                    "derivation {drv_path} is for system {:?}; this executor builds for {}",
+                    drv.system,
+                    self.cfg.systems.join(", ")
+                ),
+            });
+        }
+
+        // Outputs: where the builder writes each.
+        let mut plans = Vec::new();
+        for (name, out) in &drv.outputs {
+            let (kind, build_path) = match out {
+                DerivationOutput::InputAddressed { path } => (
+                    OutKind::InputAddressed,
+                    sd.parse(path).map_err(|e| bad(e.to_string()))?,
+                ),
+                DerivationOutput::CaFixed {
+                    method_algo,
+                    hash,
+                    path,
+                } => (
+                    OutKind::Fixed {
+                        method_algo: method_algo.clone(),
+                        hash: hash.clone(),
+                    },
+                    sd.parse(path).map_err(|e| bad(e.to_string()))?,
+                ),
+                DerivationOutput::CaFloating { method_algo } => {
+                    if method_algo != "r:sha256" {
+                        return Err(ExecError::Unsupported {
+                            message: format!(
+                                "derivation {drv_path}: floating output {name:?} uses {method_algo:?}; only r:sha256 is supported"
+                            ),
+                        });
+                    }
+                    (OutKind::Floating, scratch_path(&sd, &drv_sp, name))
+                }
+                DerivationOutput::Deferred => {
+                    return Err(bad(format!(
+                        "derivation {drv_path} has a deferred output {name:?}"
+                    )));
+                }
+            };
+            plans.push(OutPlan {
+                name: name.clone(),
+                kind,
+                build_path,
+            });
+        }
+
+        // Every output statically known and valid: nothing to do.
+        let static_paths: Vec<String> = drv
+            .outputs
+            .values()
+            .filter_map(|o| o.path().map(str::to_string))
+            .collect();
+        if static_paths.len() == drv.outputs.len() {
+            let mut outputs = BTreeMap::new();
+            for (name, out) in &drv.outputs {
+                if let Some(p) = out.path() {
+                    if let Some(info) = store.query_path_info(p).await? {
+                        outputs.insert(name.clone(), info);
+                    }
+                }
+            }
+            if outputs.len() == drv.outputs.len() {
+                return Ok(BuildResult {
+                    outputs,
+                    log_path: None,
+                    duration: start.elapsed(),
+                    ran: false,
+                });
+            }
+        }
+
+        // Inputs: sources plus the input drvs' (static) outputs; all must be valid.
+        let mut input_paths: BTreeSet<String> = drv.input_srcs.clone();
+        for (input, wanted) in &drv.input_drvs {
+            let idrv = store.read_derivation(input).await?;
+            for o in wanted {
+                match idrv.outputs.get(o).and_then(|x| x.path()) {
+                    Some(p) => {
+                        input_paths.insert(p.to_string());
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "derivation {drv_path} must be resolved before it is built: output {o:?} of its input {input} has no static path"
+                        )));
+                    }
+                }
+            }
+        }
+        for p in &input_paths {
+            if !store.is_valid_path(p).await? {
+                return Err(ExecError::Io {
+                    message: format!("input path {p} of {drv_path} is not valid in the store"),
+                });
+            }
+        }
+        let closure = store
+            .closure(input_paths.iter().map(String::as_str))
+            .await?;
+        let inputs: Vec<StorePath> = closure
+            .iter()
+            .map(|p| sd.parse(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+
+        let namespace = store.needs_namespace();
+        let root = store.root().to_path_buf();
+        if !namespace {
+            for p in &plans {
+                let logical = sd.print(&p.build_path);
+                if store.is_valid_path(&logical).await? {
+                    return Err(ExecError::Unsupported {
+                        message: format!(
+                            "output {:?} of {drv_path} ({logical}) is already valid but others are not; rebuilding beside a valid output needs a store whose dir differs from its root",
+                            p.name
+                        ),
+                    });
+                }
+            }
+        }
+        let _reservation = store.reserve(
+            plans
+                .iter()
+                .map(|p| p.build_path.base_name())
+                .chain(inputs.iter().map(StorePath::base_name)),
+        );
+        let mut cleanup = OutputCleanup {
+            paths: if namespace {
+                vec![]
+            } else {
+                plans
+                    .iter()
+                    .map(|p| root.join(p.build_path.base_name()))
+                    .collect()
+            },
+            armed: true,
+        };
+
+        let job = Arc::new(Job {
+            drv_path: drv_path.to_string(),
+            drv: drv.clone(),
+            drv_sp: drv_sp.clone(),
+            store_dir: sd.clone(),
+            root: root.clone(),
+            namespace,
+            plans,
+            inputs,
+            cfg: self.cfg.clone(),
+            limits: SuperviseLimits {
+                timeout: limits.timeout.or(self.cfg.timeout),
+                max_silent: limits.max_silent.or(self.cfg.max_silent),
+                max_log_bytes: Some(limits.max_log_bytes.unwrap_or(self.cfg.max_log_bytes)),
+            },
+        });
+
+        // The build is cancelled (its process group killed) if this future is dropped: the
+        // supervisor watches the read end of this pipe, whose write end lives here.
+        let (cancel_r, cancel_w) = cloexec_pipe().map_err(io_msg("creating a pipe"))?;
+        let ran = {
+            let (job, counters) = (job.clone(), self.counters.clone());
+            tokio::task::spawn_blocking(move || run_builder(&job, &counters, cancel_r))
+                .await
+                .map_err(|e| ExecError::Io {
+                    message: format!("the build task failed: {e}"),
+                })??
+        };
+        drop(cancel_w);
+
+        // Writes outside the outputs.
+        let mut strays = Vec::new();
+        for base in &ran.strays {
+            let logical = format!("{sd}/{base}");
+            if !namespace
+                && (store.is_reserved(base)
+                    || (sd.parse(&logical).is_ok() && store.is_valid_path(&logical).await?))
+            {
+                continue; // another operation's path
+            }
+            if !namespace {
+                let p = root.join(base);
+                remove_tree(&p).map_err(io_msg(format!("removing {}", p.display())))?;
+            }
+            strays.push(logical);
+        }
+        if !strays.is_empty() {
+            return Err(ExecError::OutputRejected {
+                message: format!(
+                    "builder for '{drv_path}' wrote outside its outputs: {} (removed)",
+                    strays.join(", ")
+                ),
+            });
+        }
+
+        let (staged, realisations, _staging) = {
+            let job = job.clone();
+            tokio::task::spawn_blocking(move || process_outputs(&job, ran))
+                .await
+                .map_err(|e| ExecError::Io {
+                    message: format!("the output processing task failed: {e}"),
+                })??
+        };
+        let names: Vec<String> = job.plans.iter().map(|p| p.name.clone()).collect();
+        let infos = store.register_staged(staged, realisations).await?;
+        cleanup.armed = false;
+        drop(cleanup);
+        Ok(BuildResult {
+            outputs: names.into_iter().zip(infos).collect(),
+            log_path: Some(_staging.log_path.clone()),
+            duration: start.elapsed(),
+            ran: true,
+        })
+    }
+}
+
+/// Directories kept alive until registration, and the log path.
+#[derive(Debug)]
+struct ProcessedDirs {
+    _staging: StagingDir,
+    _ran: Ran,
+    log_path: PathBuf,
+}
+
+/// Runs the builder (blocking).
+fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran, ExecError> {
+    let cfg = &job.cfg;
+    let sd = &job.store_dir;
+    let drv_path = &job.drv_path;
+    for d in [&cfg.build_dir_base, &cfg.log_dir] {
+        fs::create_dir_all(d).map_err(io_msg(format!("creating {}", d.display())))?;
+    }
+    let build_dir = tempfile::Builder::new()
+        .prefix(&format!("qr-build-{}-", job.drv.name))
+        .tempdir_in(&cfg.build_dir_base)
+        .map_err(io_msg(format!(
+            "creating a build directory in {}",
+            cfg.build_dir_base.display()
+        )))?
+        .keep();
+    let build_dir = OwnedDir(build_dir);
+    fs::set_permissions(&build_dir.0, fs::Permissions::from_mode(0o700))
+        .map_err(io_msg("chmod of the build directory"))?;
+    let (mut log, log_path) = tempfile::Builder::new()
+        .prefix(&format!("{}.", job.drv_sp.base_name()))
+        .suffix(".log")
+        .tempfile_in(&cfg.log_dir)
+        .map_err(io_msg(format!(
+            "creating a log file in {}",
+            cfg.log_dir.display()
+        )))?
+        .keep()
+        .map_err(|e| ExecError::Io {
+            message: format!("keeping the log file: {e}"),
+        })?;
+
+    let rewrites: BTreeMap<String, String> = job
+        .plans
+        .iter()
+        .filter(|p| matches!(p.kind, OutKind::Floating))
+        .map(|p| (hash_placeholder(&p.name), sd.print(&p.build_path)))
+        .collect();
+    let build_top = if job.namespace {
+        SANDBOX_BUILD_DIR.to_string()
+    } else {
+        build_dir.0.to_string_lossy().into_owned()
+    };
+    let env = builder_env(
+        &job.drv,
+        sd.as_str(),
+        &build_top,
+        cfg.cores,
+        &rewrites,
+        |n| std::env::var(n).ok(),
+    )
+    .map_err(|e| ExecError::Unsupported {
+        message: format!("{drv_path}: {e}"),
+    })?;
+    for (name, contents) in &env.files {
+        let p = build_dir.0.join(name);
+        fs::write(&p, contents).map_err(io_msg(format!("writing {}", p.display())))?;
+    }
+
+    let plan_bases: HashSet<String> = job.plans.iter().map(|p| p.build_path.base_name()).collect();
+    let list = |dir: &Path| -> Result<HashSet<OsString>, ExecError> {
+        let mut s = HashSet::new();
+        for e in fs::read_dir(dir).map_err(io_msg(format!("listing {}", dir.display())))? {
+            s.insert(
+                e.map_err(io_msg(format!("listing {}", dir.display())))?
+                    .file_name(),
+            );
+        }
+        Ok(s)
+    };
+
+    let (sandbox, before) = if job.namespace {
+        let spec = SandboxSpec {
+            root: &job.root,
+            store_dir: sd.as_str(),
+            build_dir: &build_dir.0,
+            inputs: job
+                .inputs
+                .iter()
+                .map(|p| (p.base_name(), job.root.join(p.base_name())))
+                .collect(),
+            system_paths: &cfg.sandbox_paths,
+            private_network: !job.drv.is_fixed_output(),
+        };
+        let sb = Sandbox::prepare(&spec).map_err(|e| ExecError::Sandbox {
+            message: format!("preparing the build sandbox for '{drv_path}': {e}"),
+        })?;
+        (Some(Arc::new(sb)), HashSet::new())
+    } else {
+        // Leftovers of an earlier attempt at our (reserved, not valid) output paths.
+        for b in &plan_bases {
+            let p = job.root.join(b);
+            remove_tree(&p).map_err(io_msg(format!("removing {}", p.display())))?;
+        }
+        (None, list(&job.root)?)
+    };
+
+    let builder = rewrite(&job.drv.builder, &rewrites);
+    let args: Vec<String> = job.drv.args.iter().map(|a| rewrite(a, &rewrites)).collect();
+    let (out_r, out_w) = cloexec_pipe().map_err(io_msg("creating a pipe"))?;
+    let (err_r, err_w) = cloexec_pipe().map_err(io_msg("creating a pipe"))?;
+    // SAFETY: O_NONBLOCK on a descriptor we own.
+    unsafe {
+        let fl = libc::fcntl(err_r.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(err_r.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let out_w2 = out_w.try_clone().map_err(io_msg("duplicating a pipe"))?;
+    let mut cmd = Command::new(&builder);
+    cmd.arg0(
+        Path::new(&builder)
+            .file_name()
+            .map(|f| f.to_os_string())
+            .unwrap_or_else(|| builder.clone().into()),
+    )
+    .args(&args)
+    .env_clear()
+    .envs(&env.vars)
+    .stdin(Stdio::null())
+    .stdout(Stdio::from(out_w))
+    .stderr(Stdio::from(out_w2));
+    if !job.namespace {
+        cmd.current_dir(&build_dir.0);
+    }
+    {
+        let sb = sandbox.clone();
+        let err_w = err_w;
+        // SAFETY: the closure runs between fork and exec and only makes system calls (see
+        // `Sandbox::child_setup`); everything it touches was allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                match &sb {
+                    Some(sb) => sb.child_setup(err_w.as_raw_fd()),
+                    None => Ok(()),
+                }
+            });
+        }
+    }
+    let spawned = cmd.spawn();
+    drop(cmd); // closes our copies of the pipes' write ends
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            if let (Some(sb), Some((step, idx))) = (&sandbox, read_failed_step(&err_r)) {
+                let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                    " (this needs root, or unprivileged user namespaces: check kernel.unprivileged_userns_clone / user.max_user_namespaces and the container's seccomp profile)"
+                } else {
+                    ""
+                };
+                return Err(ExecError::Sandbox {
+                    message: format!(
+                        "cannot set up the private mount namespace for '{drv_path}' (the store dir {sd} differs from its physical root {}): {} failed: {e}{hint}",
+                        job.root.display(),
+                        sb.describe_step(step, idx)
+                    ),
+                });
+            }
+            return Err(match e.kind() {
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => ExecError::Failed {
+                    message: format!(
+                        "builder for '{drv_path}' could not be executed: {builder}: {e}"
+                    ),
+                    log_tail: vec![],
+                },
+                _ => ExecError::Io {
+                    message: format!("starting the builder {builder} for '{drv_path}': {e}"),
+                },
+            });
+        }
+    };
+    counters.count(drv_path);
+    let pgid = child.id() as i32;
+    let sup = supervise(&mut child, out_r, Some(&cancel_r), &mut log, job.limits);
+    kill_group(pgid);
+    let sup = sup.map_err(io_msg(format!("supervising the builder of '{drv_path}'")))?;
+    match sup.outcome {
+        Outcome::Exited(status) if status.success() => {}
+        Outcome::Exited(status) => {
+            let what = match (status.code(), status.signal()) {
+                (Some(c), _) => format!("failed with exit code {c}"),
+                (None, Some(s)) => format!("was killed by signal {s}"),
+                _ => "failed".to_string(),
+            };
+            return Err(ExecError::Failed {
+                message: with_tail(format!("builder for '{drv_path}' {what}"), &sup.tail),
+                log_tail: sup.tail,
+            });
+        }
+        Outcome::TimedOut(limit) => {
+            let message = match limit {
+                TimeLimit::Timeout(d) => format!(
+                    "building '{drv_path}' timed out after {} seconds (build timeout)",
+                    secs(d)
+                ),
+                TimeLimit::MaxSilent(d) => format!(
+                    "building '{drv_path}' timed out after {} seconds of silence (max-silent-time)",
+                    secs(d)
+                ),
+            };
+            return Err(ExecError::TimedOut {
+                message,
+                log_tail: sup.tail,
+            });
+        }
+        Outcome::LogLimitExceeded(max) => {
+            return Err(ExecError::LogLimitExceeded {
+                message: format!(
+                    "building '{drv_path}' was killed after writing more than {max} bytes of log output"
+                ),
+            });
+        }
+        Outcome::Cancelled => {
+            return Err(ExecError::Cancelled {
+                message: format!("building '{drv_path}' was cancelled"),
+            });
+        }
+    }
+
+    let out_dir: PathBuf = match &sandbox {
+        Some(sb) => sb.store_in_chroot().to_path_buf(),
+        None => job.root.clone(),
+    };
+    let locations = job
+        .plans
+        .iter()
+        .map(|p| (p.name.clone(), out_dir.join(p.build_path.base_name())))
+        .collect();
+    let after = list(&out_dir)?;
+    let input_bases: HashSet<String> = job.inputs.iter().map(StorePath::base_name).collect();
+    let mut strays: Vec<String> = after
+        .iter()
+        .filter(|n| !before.contains(*n))
+        .map(|n| n.to_string_lossy().into_owned())
+        // The store's own temporary entries (staging, chroots) are `.qr-*`.
+        .filter(|n| job.namespace || !n.starts_with(".qr-"))
+        .filter(|n| !plan_bases.contains(n) && !input_bases.contains(n))
+        .collect();
+    strays.sort();
+    Ok(Ran {
+        _build_dir: build_dir,
+        _sandbox: sandbox,
+        log_path,
+        locations,
+        strays,
+    })
+}
+
+/// Hashes a fixed output as its derivation says: (hash bytes, `ca` string), or why not.
+fn fixed_output_hash(
+    job: &Job,
+    location: &Path,
+    method_algo: &str,
+    nar_sha256: &[u8; 32],
+) -> Result<(Vec<u8>, String), ExecError> {
+    let unsupported = || ExecError::Unsupported {
+        message: format!(
+            "derivation {}: fixed-output hash {method_algo:?} is not supported by the native executor (sha256 and sha512, flat or recursive)",
+            job.drv_path
+        ),
+    };
+    let (method, algo) = split_method_algo(method_algo).ok_or_else(unsupported)?;
+    let hash: Vec<u8> = match (method, algo) {
+        ("r:", "sha256") => nar_sha256.to_vec(),
+        ("r:", "sha512") => {
+            let mut h = Sha512::new();
+            dump_path(location, DigestWriter(&mut h)).map_err(|e| ExecError::Io {
+                message: format!("hashing {}: {e}", location.display()),
+            })?;
+            h.finalize().to_vec()
+        }
+        ("", "sha256" | "sha512") => {
+            let m = fs::symlink_metadata(location).map_err(io_msg(location.display()))?;
+            if !m.is_file() {
+                return Err(ExecError::OutputRejected {
+                    message: format!(
+                        "output of fixed-output derivation '{}' must be a regular file (flat hash)",
+                        job.drv_path
+                    ),
+                });
+            }
+            let mut f = fs::File::open(location).map_err(io_msg(location.display()))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut h256 = Sha256::new();
+            let mut h512 = Sha512::new();
+            loop {
+                let n = f.read(&mut buf).map_err(io_msg(location.display()))?;
+                if n == 0 {
+                    break;
+                }
+                if algo == "sha256" {
+                    h256.update(&buf[..n]);
+                } else {
+                    h512.update(&buf[..n]);
+                }
+            }
+            if algo == "sha256" {
+                h256.finalize().to_vec()
+            } else {
+                h512.finalize().to_vec()
+            }
+        }
+        _ => return Err(unsupported()),
+    };
+    let ca = format!("fixed:{method}{algo}:{}", nix32::encode(&hash));
+    Ok((hash, ca))
+}
+
+struct DigestWriter<'a, D: Digest>(&'a mut D);
+
+impl<D: Digest> io::Write for DigestWriter<'_, D> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn sri(algo: &str, hash: &[u8]) -> String {
+    use base64::Engine;
+    if algo == "sha256" {
+        if let Ok(h) = <[u8; 32]>::try_from(hash) {
+            return render_sri(&h);
+        }
+    }
+    format!(
+        "{algo}-{}",
+        base64::engine::general_purpose::STANDARD.encode(hash)
+    )
+}
+
+type Processed = (Vec<StagedPath>, Vec<(DrvOutput, String)>, ProcessedDirs);
+
+/// Checks and hashes the outputs (blocking): CA floating ones are finalised, the others scanned.
+fn process_outputs(job: &Job, ran: Ran) -> Result<Processed, ExecError> {
+    let sd = &job.store_dir;
+    let drv_path = &job.drv_path;
+    for p in &job.plans {
+        let loc = &ran.locations[&p.name];
+        if fs::symlink_metadata(loc).is_err() {
+            return Err(ExecError::OutputRejected {
+                message: format!(
+                    "builder for '{drv_path}' did not produce output '{}' (expected at {})",
+                    p.name,
+                    sd.print(&p.build_path)
+                ),
+            });
+        }
+    }
+    let staging = StagingDir::new(&job.root, "tmp")?;
+    let mut staged = Vec::new();
+    let mut realisations = Vec::new();
+
+    let floating: Vec<ScratchOutput> = job
+        .plans
+        .iter()
+        .filter(|p| matches!(p.kind, OutKind::Floating))
+        .map(|p| ScratchOutput {
+            name: p.name.clone(),
+            physical: ran.locations[&p.name].clone(),
+        })
+        .collect();
+    if !floating.is_empty() {
+        let finals = finalize_ca_outputs(sd, staging.path(), &job.drv_sp, &floating, &job.inputs)
+            .map_err(|e| match e {
+            CaOutputError::Cycle { .. } | CaOutputError::MissingOutput { .. } => {
+                ExecError::OutputRejected {
+                    message: e.to_string(),
+                }
+            }
+            other => ExecError::Io {
+                message: format!("finalising the outputs of '{drv_path}': {other}"),
+            },
+        })?;
+        for f in finals {
+            let path = sd.print(&f.path);
+            realisations.push((
+                DrvOutput::new(drv_path.clone(), f.name.clone()),
+                path.clone(),
+            ));
+            staged.push((
+                f.name.clone(),
+                StagedPath {
+                    info: PathInfo {
+                        path,
+                        nar_hash: f.nar_hash,
+                        nar_size: f.nar_size,
+                        references: f.references.iter().map(|r| sd.print(r)).collect(),
+                        ca: Some(f.ca),
+                        deriver: Some(drv_path.clone()),
+                    },
+                    staged: f.physical,
+                },
+            ));
+        }
+    }
+
+    // Input-addressed and fixed outputs may refer to the inputs and to the drv's own outputs.
+    let mut candidates: Vec<StorePath> = job.inputs.clone();
+    candidates.extend(
+        job.plans
+            .iter()
+            .filter(|p| !matches!(p.kind, OutKind::Floating))
+            .map(|p| p.build_path.clone()),
+    );
+    for p in &job.plans {
+        if matches!(p.kind, OutKind::Floating) {
+            continue;
+        }
+        let loc = &ran.locations[&p.name];
+        let (nar_hash, nar_size, refs) = hash_and_scan_path(loc, candidates.iter().cloned())
+            .map_err(|e| ExecError::Io {
+                message: format!("hashing output '{}' of '{drv_path}': {e}", p.name),
+            })?;
+        let path = sd.print(&p.build_path);
+        let ca = match &p.kind {
+            OutKind::Fixed { method_algo, hash } => {
+                let (got, ca) = fixed_output_hash(job, loc, method_algo, &nar_hash)?;
+                let algo = split_method_algo(method_algo).map_or("sha256", |(_, a)| a);
+                if to_hex(&got) != *hash {
+                    let wanted = crate::store::hash::from_hex(hash)
+                        .map(|h| sri(algo, &h))
+                        .unwrap_or_else(|| format!("{algo}:{hash}"));
+                    return Err(ExecError::OutputRejected {
+                        message: format!(
+                            "hash mismatch in fixed-output derivation '{drv_path}':\n  specified: {wanted}\n     got:    {}",
+                            sri(algo, &got)
+                        ),
+                    });
+                }
+                if !refs.is_empty() {
+                    let list: Vec<String> = refs.iter().map(|r| sd.print(r)).collect();
+                    return Err(ExecError::OutputRejected {
+                        message: format!(
+                            "fixed-output derivation '{drv_path}' must not refer to store paths, but its output refers to {}",
+                            list.join(", ")
+                        ),
+                    });
+                }
+                Some(ca)
+            }
+            _ => None,
+        };
+        let staged_at = if job.namespace {
+            let dest = staging.path().join(p.build_path.base_name());
+            move_tree(loc, &dest).map_err(io_msg(format!(
+                "moving output '{}' out of the sandbox",
+                p.name
+            )))?;
+            dest
+        } else {
+            loc.clone()
+        };
+        realisations.push((
+            DrvOutput::new(drv_path.clone(), p.name.clone()),
+            path.clone(),
+        ));
+        staged.push((
+            p.name.clone(),
+            StagedPath {
+                info: PathInfo {
+                    path,
+                    nar_hash,
+                    nar_size,
+                    references: refs.iter().map(|r| sd.print(r)).collect(),
+                    ca,
+                    deriver: Some(drv_path.clone()),
+                },
+                staged: staged_at,
+            },
+        ));
+    }
+    // In the order of the plans (output names).
+    staged.sort_by(|a, b| a.0.cmp(&b.0));
+    let staged = staged.into_iter().map(|(_, s)| s).collect();
+    let log_path = ran.log_path.clone();
+    Ok((
+        staged,
+        realisations,
+        ProcessedDirs {
+            _staging: staging,
+            _ran: ran,
+            log_path,
+        },
+    ))
+}
