@@ -17,14 +17,34 @@ fn graph() -> Value {
     let mut g = Gen::new();
     let a = g.add(Kind::Ca, "rs-a", "echo a > $out", &[], &[]);
     let oa = g.out(&a);
-    let b = g.add(Kind::Ca, "rs-b", &format!("sleep 1; cat {oa} > $out; echo b >> $out"), &[], &[&a]);
+    let b = g.add(
+        Kind::Ca,
+        "rs-b",
+        &format!("sleep 1; cat {oa} > $out; echo b >> $out"),
+        &[],
+        &[&a],
+    );
     let ob = g.out(&b);
-    g.add(Kind::Ca, "rs-c", &format!("cat {ob} > $out; echo c >> $out"), &[], &[&b]);
+    g.add(
+        Kind::Ca,
+        "rs-c",
+        &format!("cat {ob} > $out; echo c >> $out"),
+        &[],
+        &[&b],
+    );
     g.doc()
 }
 
 fn outputs(builds: &[Value]) -> BTreeMap<String, Value> {
-    builds.iter().map(|b| (b["drvPath"].as_str().unwrap_or_default().to_string(), b["outputs"].clone())).collect()
+    builds
+        .iter()
+        .map(|b| {
+            (
+                b["drvPath"].as_str().unwrap_or_default().to_string(),
+                b["outputs"].clone(),
+            )
+        })
+        .collect()
 }
 
 fn check_rows(builds: &[Value], what: &str) {
@@ -35,40 +55,86 @@ fn check_rows(builds: &[Value], what: &str) {
     for (b, s) in &steps {
         let drv = s["drvPath"].as_str().unwrap_or_default().to_string();
         if s["status"] == 13 {
-            assert!(resolved.insert(drv.clone()), "{what}: two Resolved rows for {drv}: {steps:?}");
+            assert!(
+                resolved.insert(drv.clone()),
+                "{what}: two Resolved rows for {drv}: {steps:?}"
+            );
         }
         if s["status"] == 0 {
-            assert!(succeeded.insert((*b, drv.clone())), "{what}: two successful rows for {drv}: {steps:?}");
+            assert!(
+                succeeded.insert((*b, drv.clone())),
+                "{what}: two successful rows for {drv}: {steps:?}"
+            );
         }
-        assert!(s["status"] != Value::Null, "{what}: a row left unfinished: {s}");
+        assert!(
+            s["status"] != Value::Null,
+            "{what}: a row left unfinished: {s}"
+        );
     }
-    assert_eq!(resolved.len(), 2, "{what}: rs-b and rs-c are Resolved once each: {steps:?}");
+    assert_eq!(
+        resolved.len(),
+        2,
+        "{what}: rs-b and rs-c are Resolved once each: {steps:?}"
+    );
 }
 
 fn kill_at_each_phase(backend: Backend) {
     let doc = graph();
     // Logical store dir /nix/store for every runner, so output paths compare across runners.
-    let Some(clean) = Qr::new(backend, true) else { return };
+    let Some(clean) = Qr::new(backend, true) else {
+        return;
+    };
     let file = clean.write_json("g.json", &doc);
     let (out, reference) = clean.run_json(&[&file], &[]);
-    assert!(out.status.success(), "uninterrupted run: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "uninterrupted run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     check_rows(&reference, "uninterrupted");
     let want = outputs(&reference);
 
     for point in ["before-resolve-tx", "after-resolve-tx", "building-resolved"] {
-        let Some(qr) = Qr::new(backend, true) else { return };
+        let Some(qr) = Qr::new(backend, true) else {
+            return;
+        };
         let file = qr.write_json("g.json", &doc);
         let (out, _) = qr.run_json(&[&file], &[("QR_CRASH_AT", point)]);
-        assert_eq!(out.status.signal(), Some(9), "{point}: the runner was killed there\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{point}: the runner was killed there\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let (out, builds) = qr.run_json(&[&file], &[]);
-        assert!(out.status.success(), "{point}: restart: {}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(builds.len(), 1, "{point}: the restart resumed the build instead of queueing another");
+        assert!(
+            out.status.success(),
+            "{point}: restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            builds.len(),
+            1,
+            "{point}: the restart resumed the build instead of queueing another"
+        );
         assert_eq!(builds[0]["status"], 0, "{point}: {:?}", builds[0]);
-        assert_eq!(outputs(&builds), want, "{point}: the outputs of an uninterrupted run");
+        assert_eq!(
+            outputs(&builds),
+            want,
+            "{point}: the outputs of an uninterrupted run"
+        );
         let runs = qr.runs();
         let uniq: BTreeSet<&String> = runs.iter().collect();
-        assert_eq!(uniq.len(), runs.len(), "{point}: a drv was built twice: {runs:?}");
-        assert_eq!(runs.len(), 3, "{point}: a, resolved b and resolved c each built once: {runs:?}");
+        assert_eq!(
+            uniq.len(),
+            runs.len(),
+            "{point}: a drv was built twice: {runs:?}"
+        );
+        assert_eq!(
+            runs.len(),
+            3,
+            "{point}: a, resolved b and resolved c each built once: {runs:?}"
+        );
         check_rows(&builds, point);
     }
 }

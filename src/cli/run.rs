@@ -304,10 +304,13 @@ pub fn local_executor(
 }
 
 fn native_executor(
-    _ctx: &Context,
-    _store: Arc<crate::store::LocalStore>,
+    ctx: &Context,
+    store: Arc<crate::store::LocalStore>,
 ) -> anyhow::Result<Arc<dyn Executor>> {
-    bail!("the native executor is not built yet")
+    let cfg = crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir);
+    Ok(Arc::new(crate::builder::executor::NativeExecutor::new(
+        store, cfg,
+    )))
 }
 
 pub fn retry_policy(ctx: &Context) -> RetryPolicy {

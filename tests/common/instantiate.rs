@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use qr::store::StoreDir;
 use qr::store::derivation::{Derivation, DerivationOutput};
 use qr::store::hash_modulo::DrvHashes;
 use qr::store::placeholder::{downstream_placeholder, hash_placeholder};
-use qr::store::StoreDir;
 use serde_json::Value;
 
 pub const SYSTEM: &str = "x86_64-linux";
@@ -127,4 +127,3 @@ pub fn sorted(v: Value) -> Value {
         v => v,
     }
 }
-

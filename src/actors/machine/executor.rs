@@ -27,8 +27,16 @@ pub struct ExecFailure {
     pub transient: bool,
 }
 
+/// A successful job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Built {
+    /// Output name → store path, registered in the store.
+    pub outputs: Outputs,
+    /// False when every output was already valid, so nothing was executed.
+    pub ran: bool,
+}
+
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
-    /// Builds the job; returns its outputs (name → store path), registered in the store.
-    async fn execute(&self, job: Job) -> Result<Outputs, ExecFailure>;
+    async fn execute(&self, job: Job) -> Result<Built, ExecFailure>;
 }

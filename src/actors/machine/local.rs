@@ -64,9 +64,11 @@ impl Handler<RunJob> for LocalMachine {
         ctx.spawn(
             async move {
                 let outcome = match executor.execute(job).await {
-                    Ok(outputs) => {
-                        env.record_run(&drv_path);
-                        BuildOutcome::Built(outputs)
+                    Ok(built) => {
+                        if built.ran {
+                            env.record_run(&drv_path);
+                        }
+                        BuildOutcome::Built(built.outputs)
                     }
                     Err(f) => {
                         tracing::info!(drv = %drv_path, status = f.status.code(), message = %f.message, "build failed");

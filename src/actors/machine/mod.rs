@@ -2,6 +2,7 @@
 
 pub mod executor;
 pub mod local;
+pub mod native;
 pub mod simulated;
 
-pub use executor::{ExecFailure, Executor, Job};
+pub use executor::{Built, ExecFailure, Executor, Job};

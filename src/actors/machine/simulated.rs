@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::executor::{ExecFailure, Executor, Job};
+use super::executor::{Built, ExecFailure, Executor, Job};
 use crate::actors::types::{Outputs, Status};
 use crate::store::hash::sha256;
 use crate::store::nar::NarTree;
@@ -57,7 +57,7 @@ impl SimulatedExecutor {
 
 #[async_trait]
 impl Executor for SimulatedExecutor {
-    async fn execute(&self, job: Job) -> Result<Outputs, ExecFailure> {
+    async fn execute(&self, job: Job) -> Result<Built, ExecFailure> {
         let mut outputs = Outputs::new();
         for (name, out) in &job.drv.outputs {
             let path = match out.path() {
@@ -83,6 +83,6 @@ impl Executor for SimulatedExecutor {
                 transient: false,
             });
         }
-        Ok(outputs)
+        Ok(Built { outputs, ran: true })
     }
 }

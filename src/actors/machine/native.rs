@@ -1,0 +1,34 @@
+//! The native executor (builds as Nix would, no Nix needed) behind the machine port.
+
+use async_trait::async_trait;
+
+use super::executor::{Built, ExecFailure, Executor, Job};
+use crate::actors::types::Status;
+use crate::builder::executor::Limits;
+use crate::builder::executor::NativeExecutor;
+
+#[async_trait]
+impl Executor for NativeExecutor {
+    async fn execute(&self, job: Job) -> Result<Built, ExecFailure> {
+        let limits = Limits {
+            max_silent: Some(job.max_silent),
+            timeout: Some(job.timeout),
+            max_log_bytes: None,
+        };
+        match self.build(&job.drv_path, &job.drv, limits).await {
+            Ok(r) => Ok(Built {
+                outputs: r
+                    .outputs
+                    .into_iter()
+                    .map(|(o, info)| (o, info.path))
+                    .collect(),
+                ran: r.ran,
+            }),
+            Err(e) => Err(ExecFailure {
+                status: Status::from_code(e.status()).unwrap_or(Status::Failed),
+                message: e.to_string(),
+                transient: e.is_transient(),
+            }),
+        }
+    }
+}
