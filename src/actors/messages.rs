@@ -82,12 +82,20 @@ pub struct RunJob {
     pub timeout: std::time::Duration,
 }
 
+/// Stop a machine's job (the build is no longer wanted): its builder is killed, its slot freed.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct AbortJob {
+    pub drv_path: String,
+}
+
 /// The dispatcher gave the step a machine slot.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Assigned {
     pub machine: String,
     pub runner: Recipient<RunJob>,
+    pub abort: Option<Recipient<AbortJob>>,
 }
 
 /// A machine finished (or lost) the step's job.

@@ -9,7 +9,7 @@ use actix::prelude::*;
 use crate::actors::build::actor::{BuildActor, BuildActorDone};
 use crate::actors::build::expand::RecordedLookup;
 use crate::actors::dispatcher::actor::{DispatcherActor, JobsetUsage};
-use crate::actors::env::Env;
+use crate::actors::env::{Env, Stats};
 use crate::actors::messages::{BumpBuild, CancelBuild};
 use crate::db::QueueEvent;
 use crate::db::types::Build;
@@ -17,6 +17,12 @@ use crate::db::types::Build;
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Queue(QueueEvent);
+
+/// Stops the monitor; its supervisor restarts it (it then re-reads the whole queue). Sent when its
+/// listener gives up, and by operators.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Restart(pub String);
 
 /// Number of build actors alive.
 #[derive(Message)]
@@ -29,6 +35,7 @@ pub struct QueueMonitor {
     builds: HashMap<i64, Addr<BuildActor>>,
     recorded: RecordedLookup,
     last_id: i64,
+    listener: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl QueueMonitor {
@@ -39,6 +46,7 @@ impl QueueMonitor {
             builds: HashMap::new(),
             recorded,
             last_id: 0,
+            listener: None,
         }
     }
 
@@ -96,11 +104,13 @@ impl Actor for QueueMonitor {
         let env = self.env.clone();
         let me = ctx.address();
         // Listen first, so no notification between the first read and the LISTEN is lost.
-        actix::spawn(async move {
+        self.listener = Some(actix::spawn(async move {
             let mut listener = match env.db.listen().await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot listen for queue changes");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    me.do_send(Restart(format!("cannot listen: {e}")));
                     return;
                 }
             };
@@ -117,8 +127,26 @@ impl Actor for QueueMonitor {
                     }
                 }
             }
-        });
+        }));
         self.read(ctx, true);
+    }
+}
+
+impl actix::Supervised for QueueMonitor {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        Stats::inc(&self.env.stats.actor_restarts);
+        tracing::warn!("queue monitor restarting");
+        if let Some(l) = self.listener.take() {
+            l.abort();
+        }
+    }
+}
+
+impl Handler<Restart> for QueueMonitor {
+    type Result = ();
+    fn handle(&mut self, msg: Restart, ctx: &mut Context<Self>) {
+        tracing::warn!(reason = %msg.0, "queue monitor stopping to be restarted");
+        ctx.stop();
     }
 }
 

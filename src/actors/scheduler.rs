@@ -110,7 +110,8 @@ impl Scheduler {
             .into_iter()
             .map(|(info, ex)| LocalMachine::new(env.clone(), info, ex, dispatcher.clone()).start())
             .collect();
-        let monitor = QueueMonitor::new(env.clone(), dispatcher.clone(), lookup).start();
+        let (e, d) = (env.clone(), dispatcher.clone());
+        let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, lookup));
         Ok((
             Scheduler {
                 env,

@@ -30,7 +30,11 @@ pub struct Gen {
 
 impl Gen {
     pub fn new() -> Self {
-        let sd = StoreDir::default();
+        Self::in_store_dir(StoreDir::default())
+    }
+
+    /// Instantiates into another logical store dir.
+    pub fn in_store_dir(sd: StoreDir) -> Self {
         Gen {
             hashes: DrvHashes::new(sd.clone()),
             sd,

@@ -10,7 +10,7 @@ use actix::prelude::*;
 
 use super::machine::{Dispatcher, Effect, Event, MachineInfo, RunnableStep};
 use crate::actors::env::Env;
-use crate::actors::messages::{Assigned, JobDone, RunJob};
+use crate::actors::messages::{AbortJob, Assigned, JobDone, RunJob};
 use crate::actors::step::BuildOutcome;
 use crate::actors::step::actor::StepActor;
 use crate::actors::types::Status;
@@ -32,6 +32,7 @@ pub struct StepLeft(pub String);
 pub struct MachineJoined {
     pub info: MachineInfo,
     pub runner: Recipient<RunJob>,
+    pub abort: Option<Recipient<AbortJob>>,
 }
 
 #[derive(Message)]
@@ -68,7 +69,7 @@ pub struct DispatcherActor {
     env: Arc<Env>,
     logic: Dispatcher,
     steps: HashMap<String, WeakAddr<StepActor>>,
-    runners: HashMap<String, Recipient<RunJob>>,
+    runners: HashMap<String, (Recipient<RunJob>, Option<Recipient<AbortJob>>)>,
     start: Instant,
     decision_ns: Vec<u64>,
 }
@@ -103,11 +104,12 @@ impl DispatcherActor {
                 Effect::Assign { drv, machine } => {
                     let step = self.steps.remove(&drv).and_then(|w| w.upgrade());
                     match (step, self.runners.get(&machine)) {
-                        (Some(step), Some(runner)) => {
+                        (Some(step), Some((runner, abort))) => {
                             tracing::debug!(drv = %drv, machine = %machine, "assigned");
                             step.do_send(Assigned {
                                 machine,
                                 runner: runner.clone(),
+                                abort: abort.clone(),
                             });
                         }
                         _ => {
@@ -162,7 +164,7 @@ impl Handler<MachineJoined> for DispatcherActor {
     type Result = ();
     fn handle(&mut self, msg: MachineJoined, _: &mut Context<Self>) {
         tracing::info!(machine = %msg.info.id, systems = ?msg.info.systems, jobs = msg.info.max_jobs, "machine joined");
-        self.runners.insert(msg.info.id.clone(), msg.runner);
+        self.runners.insert(msg.info.id.clone(), (msg.runner, msg.abort));
         self.feed(Event::MachineJoined(msg.info));
     }
 }

@@ -1,6 +1,7 @@
 //! The in-process local builder: a machine actor running jobs on an [`Executor`] with a fixed number
 //! of slots (the dispatcher counts them).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -9,7 +10,7 @@ use super::executor::{Executor, Job};
 use crate::actors::dispatcher::MachineInfo;
 use crate::actors::dispatcher::actor::{DispatcherActor, MachineJoined, SlotFreed};
 use crate::actors::env::Env;
-use crate::actors::messages::{JobDone, RunJob};
+use crate::actors::messages::{AbortJob, JobDone, RunJob};
 use crate::actors::step::BuildOutcome;
 
 pub struct LocalMachine {
@@ -17,6 +18,8 @@ pub struct LocalMachine {
     info: MachineInfo,
     executor: Arc<dyn Executor>,
     dispatcher: Addr<DispatcherActor>,
+    /// Running jobs by drv path (dropping a job's future kills its builder).
+    running: HashMap<String, SpawnHandle>,
 }
 
 impl LocalMachine {
@@ -31,6 +34,7 @@ impl LocalMachine {
             info,
             executor,
             dispatcher,
+            running: HashMap::new(),
         }
     }
 }
@@ -42,6 +46,7 @@ impl Actor for LocalMachine {
         self.dispatcher.do_send(MachineJoined {
             info: self.info.clone(),
             runner: ctx.address().recipient(),
+            abort: Some(ctx.address().recipient()),
         });
     }
 }
@@ -61,7 +66,8 @@ impl Handler<RunJob> for LocalMachine {
         };
         let step = msg.step;
         let drv_path = msg.drv_path;
-        ctx.spawn(
+        let key = drv_path.clone();
+        let handle = ctx.spawn(
             async move {
                 let outcome = match executor.execute(job).await {
                     Ok(built) => {
@@ -79,8 +85,24 @@ impl Handler<RunJob> for LocalMachine {
                     step.do_send(JobDone(outcome));
                 }
                 dispatcher.do_send(SlotFreed(machine));
+                drv_path
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(|drv_path, act, _| {
+                act.running.remove(&drv_path);
+            }),
         );
+        self.running.insert(key, handle);
+    }
+}
+
+impl Handler<AbortJob> for LocalMachine {
+    type Result = ();
+    fn handle(&mut self, msg: AbortJob, ctx: &mut Context<Self>) {
+        if let Some(h) = self.running.remove(&msg.drv_path) {
+            tracing::info!(drv = %msg.drv_path, "aborting the build: no longer wanted");
+            ctx.cancel_future(h);
+            self.dispatcher.do_send(SlotFreed(self.info.id.clone()));
+        }
     }
 }

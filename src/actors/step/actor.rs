@@ -40,6 +40,7 @@ pub struct StepActor {
     resolved_row: Option<Row>,
     child_row: Option<Row>,
     runner: Option<Recipient<RunJob>>,
+    abort: Option<Recipient<AbortJob>>,
     machine_name: String,
     /// Effects waiting while an earlier one does I/O.
     queue: VecDeque<Effect>,
@@ -78,6 +79,7 @@ impl StepActor {
             resolved_row,
             child_row,
             runner: None,
+            abort: None,
             machine_name: String::new(),
             queue: VecDeque::new(),
             busy: false,
@@ -207,10 +209,7 @@ impl StepActor {
                     }
                 }
             }
-            Effect::Abandon => {
-                self.dispatcher.do_send(StepLeft(self.drv_path.clone()));
-                ctx.stop();
-            }
+            Effect::Abandon => self.abandon(ctx),
         }
     }
 
@@ -596,6 +595,28 @@ impl StepActor {
         }
     }
 
+    /// Nobody needs the step any more: out of the queue, its running build killed, its rows closed
+    /// as Cancelled, then the actor stops.
+    fn abandon(&mut self, ctx: &mut Context<Self>) {
+        tracing::info!(drv = %self.drv_path, "step abandoned: no build needs it");
+        self.dispatcher.do_send(StepLeft(self.drv_path.clone()));
+        if let (Some(abort), Some(_)) = (&self.abort, &self.running_row) {
+            abort.do_send(AbortJob { drv_path: self.drv_path.clone() });
+            Stats::dec(&self.env.stats.steps_running);
+        }
+        let rows: Vec<Row> = self.running_row.take().into_iter().chain(std::mem::take(&mut self.pending_rows)).collect();
+        let finishes: Vec<_> = rows
+            .into_iter()
+            .map(|row| self.finish_row(row, Status::Cancelled, Some("cancelled: no build needs this step".into()), Outputs::new(), Some(0)))
+            .collect();
+        self.io(ctx, async move {
+            for f in finishes {
+                f.await;
+            }
+        });
+        ctx.run_later(Duration::ZERO, |_, ctx| ctx.stop());
+    }
+
     fn record_failure(&mut self, failure: Failure, ctx: &mut Context<Self>) {
         Stats::inc(&self.env.stats.steps_failed);
         if self.running_row.is_some() {
@@ -825,7 +846,7 @@ impl Handler<RemoveWaiter> for StepActor {
 
 impl Handler<AddBuilds> for StepActor {
     type Result = ();
-    fn handle(&mut self, msg: AddBuilds, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: AddBuilds, ctx: &mut Context<Self>) {
         let mut new = false;
         for (id, prio) in &msg.0 {
             new |= self.builds.insert(*id, prio.clone()).as_ref() != Some(prio);
@@ -838,6 +859,7 @@ impl Handler<AddBuilds> for StepActor {
                 // requeue with the new priority
                 self.queue.push_back(Effect::MakeRunnable);
                 Stats::dec(&self.env.stats.steps_runnable);
+                self.drain(ctx);
             }
         }
     }
