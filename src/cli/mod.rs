@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 
 pub mod drv;
+pub mod import;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +35,9 @@ pub enum Command {
     /// Inspect derivations the way Nix computes them (paths, placeholders, hash modulo, resolution).
     #[command(subcommand)]
     Drv(drv::DrvCommand),
+    /// Copy `.drv` closures (input drvs and sources) from a directory laid out as a store into
+    /// the configured store, verifying each drv's path.
+    Import(import::ImportArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -92,5 +96,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Drv(cmd) => drv::run(cmd, &ctx.store_root()),
+        Command::Import(args) => import::run(args, &ctx),
     }
 }

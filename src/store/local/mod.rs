@@ -270,6 +270,13 @@ impl LocalStore {
         }
     }
 
+    /// [`Store::is_valid_path`] from a blocking context (a `spawn_blocking` thread; not from a
+    /// runtime worker).
+    pub fn is_valid_path_blocking(&self, path: &str) -> Result<bool, StoreError> {
+        self.store_dir.parse(path)?;
+        self.rt.block_on(self.db.is_valid(path))
+    }
+
     /// Whether an in-process operation expects `base_name` to appear in the root.
     pub fn is_reserved(&self, base_name: &str) -> bool {
         self.reservations
