@@ -323,3 +323,36 @@ async fn a_second_opener_does_not_sweep_in_flight_entries() {
     let _third = open(d.path()).await;
     assert!(!d.path().join(".qr-tmp-inflight").exists());
 }
+
+#[tokio::test]
+async fn a_failed_registration_takes_the_contents_back() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let staging = StagingDir::new(store.root(), "tmp").unwrap();
+    let staged = staging.path().join("x");
+    fs::write(&staged, "x").unwrap();
+    let (h, n) = nar_hash_and_size(&staged).unwrap();
+    let sd = store.store_dir().clone();
+    let path = sd.print(&sd.make_source_path("x", &h, [], false));
+    let info = PathInfo {
+        path: path.clone(),
+        nar_hash: h,
+        nar_size: n,
+        // Not valid: the metadata transaction refuses it.
+        references: ["/nix/store/00000000000000000000000000000000-missing".to_string()].into(),
+        ca: None,
+        deriver: None,
+    };
+    let e = store
+        .register_staged(vec![StagedPath { info, staged }], vec![])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not valid"), "{e}");
+    assert!(!store.is_valid_path(&path).await.unwrap());
+    drop(staging);
+    assert!(
+        entries(store.root()).is_empty(),
+        "{:?}",
+        entries(store.root())
+    );
+}
