@@ -356,3 +356,23 @@ async fn a_failed_registration_takes_the_contents_back() {
         entries(store.root())
     );
 }
+
+#[tokio::test]
+async fn source_paths_are_content_addressed() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(&d.path().join("s")).await;
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/a"), "a").unwrap();
+    let p = store.add_source_path("src", &src).await.unwrap();
+    let (h, n) = nar_hash_and_size(&src).unwrap();
+    let sd = store.store_dir();
+    assert_eq!(p, sd.print(&sd.make_source_path("src", &h, [], false)));
+    let info = store.query_path_info(&p).await.unwrap().unwrap();
+    assert_eq!((info.nar_hash, info.nar_size), (h, n));
+    assert_eq!(
+        info.ca,
+        Some(format!("fixed:r:sha256:{}", nix32::encode(&h)))
+    );
+    assert_eq!(store.add_source_path("src", &src).await.unwrap(), p);
+}
