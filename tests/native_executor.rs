@@ -101,7 +101,9 @@ async fn a_failing_builder_reports_its_exit_code_and_log_tail() {
         let tmp = tempfile::tempdir().unwrap();
         let store = store(tmp.path(), namespace).await;
         let exec = executor(store.clone(), tmp.path());
-        let script = "for i in $(seq 1 25); do echo line $i; done; echo oops >&2; exit 3";
+        // It also leaves junk in the store and a partial output: both are removed.
+        let script = "for i in $(seq 1 25); do echo line $i; done; echo oops >&2; \
+                      echo j > $NIX_STORE/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-junk; echo partial > $out; exit 3";
         let d = ia_drv(store.store_dir(), "fails", script, &[]);
         let p = add(&store, &d).await;
         let before = root_entries(&store);

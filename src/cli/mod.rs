@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 
 pub mod drv;
+pub mod import;
 pub mod run;
 
 #[derive(Debug, Parser)]
@@ -37,6 +38,9 @@ pub enum Command {
     Drv(drv::DrvCommand),
     /// Build TARGETs (drv paths or JSON files of derivations) in one process and wait for them.
     Run(run::RunArgs),
+    /// Copy `.drv` closures (input drvs and sources) from a directory laid out as a store into
+    /// the configured store, verifying each drv's path.
+    Import(import::ImportArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -96,5 +100,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Drv(cmd) => drv::run(cmd, &ctx.store_root()),
         Command::Run(args) => run::run(ctx, args),
+        Command::Import(args) => import::run(args, &ctx),
     }
 }

@@ -170,3 +170,50 @@ impl ExecError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_and_status_codes() {
+        let mut cfg = crate::config::Config::default();
+        cfg.scheduler.max_silent_time_s = 0;
+        cfg.scheduler.build_timeout_s = 5;
+        cfg.store.max_log_bytes = 10;
+        let c = ExecutorConfig::from_config(&cfg, Path::new("/state"));
+        assert_eq!(c.max_silent, None);
+        assert_eq!(c.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(c.max_log_bytes, 10);
+        assert_eq!(c.build_dir_base, Path::new("/state/builds"));
+        assert_eq!(c.systems, vec![crate::config::this_system()]);
+        let m = |message: &str| message.to_string();
+        let cases = [
+            (
+                ExecError::Failed {
+                    message: m("x"),
+                    log_tail: vec![],
+                },
+                1,
+                false,
+            ),
+            (
+                ExecError::TimedOut {
+                    message: m("x"),
+                    log_tail: vec![],
+                },
+                7,
+                false,
+            ),
+            (ExecError::LogLimitExceeded { message: m("x") }, 10, false),
+            (ExecError::OutputRejected { message: m("x") }, 1, false),
+            (ExecError::Unsupported { message: m("x") }, 9, false),
+            (ExecError::Cancelled { message: m("x") }, 4, false),
+            (ExecError::Sandbox { message: m("x") }, 3, true),
+            (ExecError::Io { message: m("x") }, 3, true),
+        ];
+        for (e, status, transient) in cases {
+            assert_eq!((e.status(), e.is_transient()), (status, transient), "{e:?}");
+        }
+    }
+}

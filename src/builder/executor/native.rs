@@ -91,6 +91,7 @@ struct OutPlan {
 /// Everything the blocking part of a build needs.
 #[derive(Debug, Clone)]
 struct Job {
+    store: Arc<LocalStore>,
     drv_path: String,
     drv: Derivation,
     drv_sp: StorePath,
@@ -124,8 +125,6 @@ struct Ran {
     log_path: PathBuf,
     /// Output name → where the builder's output is on disk.
     locations: BTreeMap<String, PathBuf>,
-    /// Base names of new entries in the store that are not outputs (to be confirmed).
-    strays: Vec<String>,
 }
 
 /// Removes this build's unregistered outputs from the root (no-namespace mode) unless disarmed.
@@ -385,6 +384,7 @@ impl NativeExecutor {
         };
 
         let job = Arc::new(Job {
+            store: store.clone(),
             drv_path: drv_path.to_string(),
             drv: drv.clone(),
             drv_sp: drv_sp.clone(),
@@ -413,31 +413,6 @@ impl NativeExecutor {
                 })??
         };
         drop(cancel_w);
-
-        // Writes outside the outputs.
-        let mut strays = Vec::new();
-        for base in &ran.strays {
-            let logical = format!("{sd}/{base}");
-            if !namespace
-                && (store.is_reserved(base)
-                    || (sd.parse(&logical).is_ok() && store.is_valid_path(&logical).await?))
-            {
-                continue; // another operation's path
-            }
-            if !namespace {
-                let p = root.join(base);
-                remove_tree(&p).map_err(io_msg(format!("removing {}", p.display())))?;
-            }
-            strays.push(logical);
-        }
-        if !strays.is_empty() {
-            return Err(ExecError::OutputRejected {
-                message: format!(
-                    "builder for '{drv_path}' wrote outside its outputs: {} (removed)",
-                    strays.join(", ")
-                ),
-            });
-        }
 
         let (staged, realisations, _staging) = {
             let job = job.clone();
@@ -528,17 +503,6 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     }
 
     let plan_bases: HashSet<String> = job.plans.iter().map(|p| p.build_path.base_name()).collect();
-    let list = |dir: &Path| -> Result<HashSet<OsString>, ExecError> {
-        let mut s = HashSet::new();
-        for e in fs::read_dir(dir).map_err(io_msg(format!("listing {}", dir.display())))? {
-            s.insert(
-                e.map_err(io_msg(format!("listing {}", dir.display())))?
-                    .file_name(),
-            );
-        }
-        Ok(s)
-    };
-
     let (sandbox, before) = if job.namespace {
         let spec = SandboxSpec {
             root: &job.root,
@@ -562,7 +526,7 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
             let p = job.root.join(b);
             remove_tree(&p).map_err(io_msg(format!("removing {}", p.display())))?;
         }
-        (None, list(&job.root)?)
+        (None, list_dir(&job.root)?)
     };
 
     let builder = rewrite(&job.drv.builder, &rewrites);
@@ -645,18 +609,18 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     let sup = supervise(&mut child, out_r, Some(&cancel_r), &mut log, job.limits);
     kill_group(pgid);
     let sup = sup.map_err(io_msg(format!("supervising the builder of '{drv_path}'")))?;
-    match sup.outcome {
-        Outcome::Exited(status) if status.success() => {}
+    let failure = match sup.outcome {
+        Outcome::Exited(status) if status.success() => None,
         Outcome::Exited(status) => {
             let what = match (status.code(), status.signal()) {
                 (Some(c), _) => format!("failed with exit code {c}"),
                 (None, Some(s)) => format!("was killed by signal {s}"),
                 _ => "failed".to_string(),
             };
-            return Err(ExecError::Failed {
+            Some(ExecError::Failed {
                 message: with_tail(format!("builder for '{drv_path}' {what}"), &sup.tail),
                 log_tail: sup.tail,
-            });
+            })
         }
         Outcome::TimedOut(limit) => {
             let message = match limit {
@@ -669,52 +633,112 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
                     secs(d)
                 ),
             };
-            return Err(ExecError::TimedOut {
+            Some(ExecError::TimedOut {
                 message,
                 log_tail: sup.tail,
-            });
+            })
         }
-        Outcome::LogLimitExceeded(max) => {
-            return Err(ExecError::LogLimitExceeded {
-                message: format!(
-                    "building '{drv_path}' was killed after writing more than {max} bytes of log output"
-                ),
-            });
-        }
-        Outcome::Cancelled => {
-            return Err(ExecError::Cancelled {
-                message: format!("building '{drv_path}' was cancelled"),
-            });
-        }
-    }
-
+        Outcome::LogLimitExceeded(max) => Some(ExecError::LogLimitExceeded {
+            message: format!(
+                "building '{drv_path}' was killed after writing more than {max} bytes of log output"
+            ),
+        }),
+        Outcome::Cancelled => Some(ExecError::Cancelled {
+            message: format!("building '{drv_path}' was cancelled"),
+        }),
+    };
     let out_dir: PathBuf = match &sandbox {
         Some(sb) => sb.store_in_chroot().to_path_buf(),
         None => job.root.clone(),
     };
+    if let Some(e) = failure {
+        if !job.namespace {
+            // Whatever the builder left in the store (the group is dead by now).
+            for b in &plan_bases {
+                let _ = remove_tree(&job.root.join(b));
+            }
+            match remove_strays(job, &before, &out_dir, &plan_bases) {
+                Ok(s) if !s.is_empty() => {
+                    tracing::warn!(drv = %drv_path, strays = ?s, "a failed builder wrote outside its outputs: removed");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(drv = %drv_path, error = %e, "cannot check for writes outside the outputs")
+                }
+            }
+        }
+        return Err(e);
+    }
+    let strays = remove_strays(job, &before, &out_dir, &plan_bases)?;
+    if !strays.is_empty() {
+        return Err(ExecError::OutputRejected {
+            message: format!(
+                "builder for '{drv_path}' wrote outside its outputs: {} (removed)",
+                strays.join(", ")
+            ),
+        });
+    }
     let locations = job
         .plans
         .iter()
         .map(|p| (p.name.clone(), out_dir.join(p.build_path.base_name())))
         .collect();
-    let after = list(&out_dir)?;
-    let input_bases: HashSet<String> = job.inputs.iter().map(StorePath::base_name).collect();
-    let mut strays: Vec<String> = after
-        .iter()
-        .filter(|n| !before.contains(*n))
-        .map(|n| n.to_string_lossy().into_owned())
-        // The store's own temporary entries (staging, chroots) are `.qr-*`.
-        .filter(|n| job.namespace || !n.starts_with(".qr-"))
-        .filter(|n| !plan_bases.contains(n) && !input_bases.contains(n))
-        .collect();
-    strays.sort();
     Ok(Ran {
         _build_dir: build_dir,
         _sandbox: sandbox,
         log_path,
         locations,
-        strays,
     })
+}
+
+fn list_dir(dir: &Path) -> Result<HashSet<OsString>, ExecError> {
+    let mut s = HashSet::new();
+    for e in fs::read_dir(dir).map_err(io_msg(format!("listing {}", dir.display())))? {
+        s.insert(
+            e.map_err(io_msg(format!("listing {}", dir.display())))?
+                .file_name(),
+        );
+    }
+    Ok(s)
+}
+
+/// Finds the entries a builder added to the store dir besides its outputs (`out_dir` is the root,
+/// or the store dir in the chroot), removes them (from the root; a chroot goes as a whole), and
+/// returns their logical paths. Without a namespace, entries another operation of this process
+/// expects (reserved) or registered meanwhile are not the builder's.
+fn remove_strays(
+    job: &Job,
+    before: &HashSet<OsString>,
+    out_dir: &Path,
+    plan_bases: &HashSet<String>,
+) -> Result<Vec<String>, ExecError> {
+    let sd = &job.store_dir;
+    let input_bases: HashSet<String> = job.inputs.iter().map(StorePath::base_name).collect();
+    let mut strays = Vec::new();
+    for n in list_dir(out_dir)? {
+        if before.contains(&n) {
+            continue;
+        }
+        let n = n.to_string_lossy().into_owned();
+        if plan_bases.contains(&n) || input_bases.contains(&n) {
+            continue;
+        }
+        let logical = format!("{sd}/{n}");
+        if !job.namespace {
+            // The store's own temporary entries (staging, chroots) are `.qr-*`.
+            if n.starts_with(".qr-")
+                || job.store.is_reserved(&n)
+                || (sd.parse(&logical).is_ok() && job.store.is_valid_path_blocking(&logical)?)
+            {
+                continue;
+            }
+            let p = out_dir.join(&n);
+            remove_tree(&p).map_err(io_msg(format!("removing {}", p.display())))?;
+        }
+        strays.push(logical);
+    }
+    strays.sort();
+    Ok(strays)
 }
 
 /// Hashes a fixed output as its derivation says: (hash bytes, `ca` string), or why not.

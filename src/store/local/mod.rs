@@ -270,6 +270,13 @@ impl LocalStore {
         }
     }
 
+    /// [`Store::is_valid_path`] from a blocking context (a `spawn_blocking` thread; not from a
+    /// runtime worker).
+    pub fn is_valid_path_blocking(&self, path: &str) -> Result<bool, StoreError> {
+        self.store_dir.parse(path)?;
+        self.rt.block_on(self.db.is_valid(path))
+    }
+
     /// Whether an in-process operation expects `base_name` to appear in the root.
     pub fn is_reserved(&self, base_name: &str) -> bool {
         self.reservations
@@ -346,6 +353,7 @@ impl LocalStore {
         }
         let (_g, _l) = self.write_lock().await?;
         let mut to_register = Vec::new();
+        let mut moved: Vec<&PathBuf> = Vec::new();
         for (it, dest) in items.iter().zip(&dests) {
             if self.db.is_valid(&it.info.path).await? {
                 if it.staged != *dest {
@@ -359,14 +367,24 @@ impl LocalStore {
                     remove_tree(dest).map_err(io_err("removing", dest))?;
                 }
                 rename_noreplace(&it.staged, dest).map_err(io_err("moving into place", dest))?;
+                moved.push(dest);
             }
             to_register.push(it.info.clone());
         }
         if !to_register.is_empty() {
             fsync_dir(&self.root).map_err(io_err("syncing", &self.root))?;
         }
+        // An injected fault stands for a crash: nothing is cleaned up (the next open does it).
         self.fault(FaultPoint::BeforeRegister)?;
-        self.db.register(&to_register, &realisations).await?;
+        if let Err(e) = self.db.register(&to_register, &realisations).await {
+            // Nothing was registered: take the contents back out of sight.
+            for d in moved {
+                if let Err(re) = remove_tree(d) {
+                    tracing::warn!(path = %d.display(), error = %re, "cannot remove unregistered contents");
+                }
+            }
+            return Err(e);
+        }
         let mut out = Vec::with_capacity(items.len());
         for it in &items {
             match self.db.path_info(&it.info.path).await? {

@@ -323,3 +323,56 @@ async fn a_second_opener_does_not_sweep_in_flight_entries() {
     let _third = open(d.path()).await;
     assert!(!d.path().join(".qr-tmp-inflight").exists());
 }
+
+#[tokio::test]
+async fn a_failed_registration_takes_the_contents_back() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let staging = StagingDir::new(store.root(), "tmp").unwrap();
+    let staged = staging.path().join("x");
+    fs::write(&staged, "x").unwrap();
+    let (h, n) = nar_hash_and_size(&staged).unwrap();
+    let sd = store.store_dir().clone();
+    let path = sd.print(&sd.make_source_path("x", &h, [], false));
+    let info = PathInfo {
+        path: path.clone(),
+        nar_hash: h,
+        nar_size: n,
+        // Not valid: the metadata transaction refuses it.
+        references: ["/nix/store/00000000000000000000000000000000-missing".to_string()].into(),
+        ca: None,
+        deriver: None,
+    };
+    let e = store
+        .register_staged(vec![StagedPath { info, staged }], vec![])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("is not valid"), "{e}");
+    assert!(!store.is_valid_path(&path).await.unwrap());
+    drop(staging);
+    assert!(
+        entries(store.root()).is_empty(),
+        "{:?}",
+        entries(store.root())
+    );
+}
+
+#[tokio::test]
+async fn source_paths_are_content_addressed() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(&d.path().join("s")).await;
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("sub/a"), "a").unwrap();
+    let p = store.add_source_path("src", &src).await.unwrap();
+    let (h, n) = nar_hash_and_size(&src).unwrap();
+    let sd = store.store_dir();
+    assert_eq!(p, sd.print(&sd.make_source_path("src", &h, [], false)));
+    let info = store.query_path_info(&p).await.unwrap().unwrap();
+    assert_eq!((info.nar_hash, info.nar_size), (h, n));
+    assert_eq!(
+        info.ca,
+        Some(format!("fixed:r:sha256:{}", nix32::encode(&h)))
+    );
+    assert_eq!(store.add_source_path("src", &src).await.unwrap(), p);
+}
