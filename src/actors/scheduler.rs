@@ -32,6 +32,8 @@ pub struct Recovery {
     pub aborted: usize,
     /// Resolutions recorded before the restart, re-attached instead of redone.
     pub resolutions: usize,
+    /// The aborted rows' (drv path, machine): a remote builder may still hold those builds.
+    pub busy: Vec<(String, String)>,
 }
 
 /// Restart recovery: closes rows left busy as Aborted (they are retried as new attempts) and loads
@@ -88,6 +90,10 @@ pub async fn recover(env: &Env) -> Result<(Recovery, HashMap<String, Recorded>),
         recorded.entry(orig).or_insert(rec);
     }
     let rec = Recovery {
+        busy: aborted
+            .iter()
+            .map(|s| (s.drv_path.clone(), s.machine.clone()))
+            .collect(),
         aborted: aborted.len(),
         resolutions: recorded.len(),
     };

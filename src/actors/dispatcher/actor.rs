@@ -43,6 +43,25 @@ pub struct MachineLeft(pub String);
 #[rtype(result = "()")]
 pub struct SlotFreed(pub String);
 
+/// The builds a machine still holds (drv paths), sent before its `MachineJoined`: their steps are
+/// assigned to it when runnable (adopted, not built again).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct MachineHolds {
+    pub machine: String,
+    pub drvs: std::collections::BTreeSet<String>,
+}
+
+/// After a restart: keep this step for `machine` (it was building it) until the machine rejoins
+/// or `wait` passes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reserve {
+    pub drv: String,
+    pub machine: String,
+    pub wait: Duration,
+}
+
 /// Jobset shares changed or time was used.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -164,7 +183,8 @@ impl Handler<MachineJoined> for DispatcherActor {
     type Result = ();
     fn handle(&mut self, msg: MachineJoined, _: &mut Context<Self>) {
         tracing::info!(machine = %msg.info.id, systems = ?msg.info.systems, jobs = msg.info.max_jobs, "machine joined");
-        self.runners.insert(msg.info.id.clone(), (msg.runner, msg.abort));
+        self.runners
+            .insert(msg.info.id.clone(), (msg.runner, msg.abort));
         self.feed(Event::MachineJoined(msg.info));
     }
 }
@@ -174,6 +194,27 @@ impl Handler<MachineLeft> for DispatcherActor {
     fn handle(&mut self, msg: MachineLeft, _: &mut Context<Self>) {
         self.runners.remove(&msg.0);
         self.feed(Event::MachineLeft(msg.0));
+    }
+}
+
+impl Handler<MachineHolds> for DispatcherActor {
+    type Result = ();
+    fn handle(&mut self, msg: MachineHolds, _: &mut Context<Self>) {
+        self.feed(Event::Holds {
+            machine: msg.machine,
+            drvs: msg.drvs,
+        });
+    }
+}
+
+impl Handler<Reserve> for DispatcherActor {
+    type Result = ();
+    fn handle(&mut self, msg: Reserve, _: &mut Context<Self>) {
+        self.feed(Event::Reserve {
+            drv: msg.drv,
+            machine: msg.machine,
+            wait_ms: msg.wait.as_millis() as u64,
+        });
     }
 }
 

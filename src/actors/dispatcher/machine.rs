@@ -66,6 +66,20 @@ pub enum Event {
     },
     /// Time passes (milliseconds since an arbitrary start): unsupported steps time out.
     Tick(u64),
+    /// The builds a machine still holds (from before a runner restart or a reconnection), by drv
+    /// path; replaces what it held before. A runnable step whose drv a connected machine holds is
+    /// assigned to it (adopted), whatever its free slots, so it is not built twice.
+    Holds {
+        machine: String,
+        drvs: BTreeSet<String>,
+    },
+    /// After a restart: the step was building on `machine`; keep it for that machine (it may still
+    /// hold the build) until it rejoins or `wait_ms` pass.
+    Reserve {
+        drv: String,
+        machine: String,
+        wait_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +126,12 @@ pub struct Dispatcher {
     unsupported_since: BTreeMap<String, u64>,
     unsupported_wait: Duration,
     now_ms: u64,
+    /// drv → the machine that holds a build of it.
+    holds: HashMap<String, String>,
+    /// drv → (machine, until ms): runnable steps kept for a machine that may rejoin holding them.
+    reserved: HashMap<String, (String, u64)>,
+    /// Runnable steps waiting for their reserved machine (not in `queues`).
+    parked: HashMap<String, RunnableStep>,
 }
 
 impl Dispatcher {
@@ -125,12 +145,15 @@ impl Dispatcher {
             unsupported_since: BTreeMap::new(),
             unsupported_wait,
             now_ms: 0,
+            holds: HashMap::new(),
+            reserved: HashMap::new(),
+            parked: HashMap::new(),
         }
     }
 
     /// Number of runnable steps waiting for a machine.
     pub fn runnable(&self) -> usize {
-        self.steps.len()
+        self.steps.len() + self.parked.len()
     }
 
     /// Runnable steps per system.
@@ -153,14 +176,45 @@ impl Dispatcher {
             Event::MachineJoined(info) => {
                 let id = info.id.clone();
                 let running = self.machines.remove(&id).map(|m| m.running).unwrap_or(0);
-                self.machines.insert(id, MachineState { info, running });
+                self.machines
+                    .insert(id.clone(), MachineState { info, running });
                 self.recheck_unsupported();
-                self.dispatch()
+                let mut fx = self.adopt(&id);
+                fx.extend(self.dispatch());
+                fx
             }
             Event::MachineLeft(id) => {
                 self.machines.remove(&id);
+                self.holds.retain(|_, m| *m != id);
                 self.recheck_unsupported();
                 vec![]
+            }
+            Event::Holds { machine, drvs } => {
+                self.holds.retain(|_, m| *m != machine);
+                for d in drvs {
+                    self.holds.insert(d, machine.clone());
+                }
+                if self.machines.contains_key(&machine) {
+                    self.adopt(&machine)
+                } else {
+                    vec![]
+                }
+            }
+            Event::Reserve {
+                drv,
+                machine,
+                wait_ms,
+            } => {
+                self.reserved
+                    .insert(drv.clone(), (machine, self.now_ms.saturating_add(wait_ms)));
+                match self.steps.get(&drv).cloned() {
+                    // Already queued: take it back (or hand it to its holder).
+                    Some(step) => {
+                        self.remove(&drv);
+                        self.on(Event::Runnable(step))
+                    }
+                    None => vec![],
+                }
             }
             Event::SlotFreed(id) => {
                 if let Some(m) = self.machines.get_mut(&id) {
@@ -170,26 +224,32 @@ impl Dispatcher {
             }
             Event::Runnable(step) => {
                 self.remove(&step.drv);
-                let key = queue_key(&step);
-                self.queues
-                    .entry((step.system.clone(), step.features.clone()))
-                    .or_default()
-                    .by_jobset
-                    .entry(step.priority.jobset.clone())
-                    .or_default()
-                    .insert(key);
-                if !self
-                    .machines
-                    .values()
-                    .any(|m| m.info.supports(&step.system, &step.features))
-                {
-                    self.unsupported_since.insert(step.drv.clone(), self.now_ms);
+                if let Some(m) = self.holder(&step.drv) {
+                    // Adopt: the machine already holds this build.
+                    self.reserved.remove(&step.drv);
+                    if let Some(ms) = self.machines.get_mut(&m) {
+                        ms.running += 1;
+                    }
+                    return vec![Effect::Assign {
+                        drv: step.drv,
+                        machine: m,
+                    }];
                 }
-                self.steps.insert(step.drv.clone(), step);
-                self.dispatch()
+                match self.reserved.get(&step.drv) {
+                    Some((_, until)) if *until > self.now_ms => {
+                        self.parked.insert(step.drv.clone(), step);
+                        return vec![];
+                    }
+                    Some(_) => {
+                        self.reserved.remove(&step.drv);
+                    }
+                    None => {}
+                }
+                self.enqueue(step)
             }
             Event::Removed(drv) => {
                 self.remove(&drv);
+                self.reserved.remove(&drv);
                 vec![]
             }
             Event::JobsetUsed { jobset, seconds } => {
@@ -202,6 +262,19 @@ impl Dispatcher {
             }
             Event::Tick(now_ms) => {
                 self.now_ms = self.now_ms.max(now_ms);
+                let now = self.now_ms;
+                self.reserved.retain(|_, (_, until)| *until > now);
+                let released: Vec<String> = self
+                    .parked
+                    .keys()
+                    .filter(|d| !self.reserved.contains_key(*d))
+                    .cloned()
+                    .collect();
+                for d in released {
+                    if let Some(step) = self.parked.remove(&d) {
+                        self.enqueue_quiet(step);
+                    }
+                }
                 let wait = self.unsupported_wait.as_millis() as u64;
                 let expired: Vec<String> = self
                     .unsupported_since
@@ -209,18 +282,93 @@ impl Dispatcher {
                     .filter(|(_, since)| self.now_ms.saturating_sub(**since) >= wait)
                     .map(|(d, _)| d.clone())
                     .collect();
-                expired
+                let mut fx: Vec<Effect> = expired
                     .into_iter()
                     .map(|drv| {
                         self.remove(&drv);
                         Effect::Unsupported { drv }
                     })
-                    .collect()
+                    .collect();
+                fx.extend(self.dispatch());
+                fx
             }
         }
     }
 
+    /// The connected machine holding a build of `drv`, if any.
+    fn holder(&self, drv: &str) -> Option<String> {
+        self.holds
+            .get(drv)
+            .filter(|m| self.machines.contains_key(*m))
+            .cloned()
+    }
+
+    /// A machine (re)joined or said what it holds: its held runnable steps are assigned to it, and
+    /// steps reserved for it that it does not hold are released to everyone.
+    fn adopt(&mut self, machine: &str) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let held: Vec<String> = self
+            .holds
+            .iter()
+            .filter(|(d, m)| {
+                *m == machine && (self.steps.contains_key(*d) || self.parked.contains_key(*d))
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        for drv in held {
+            self.remove(&drv);
+            self.reserved.remove(&drv);
+            if let Some(ms) = self.machines.get_mut(machine) {
+                ms.running += 1;
+            }
+            fx.push(Effect::Assign {
+                drv,
+                machine: machine.to_string(),
+            });
+        }
+        let released: Vec<String> = self
+            .parked
+            .keys()
+            .filter(|d| self.reserved.get(*d).is_some_and(|(m, _)| m == machine))
+            .cloned()
+            .collect();
+        for d in released {
+            self.reserved.remove(&d);
+            if let Some(step) = self.parked.remove(&d) {
+                self.enqueue_quiet(step);
+            }
+        }
+        fx
+    }
+
+    /// Queues a runnable step and dispatches.
+    fn enqueue(&mut self, step: RunnableStep) -> Vec<Effect> {
+        self.enqueue_quiet(step);
+        self.dispatch()
+    }
+
+    /// Queues a runnable step without dispatching.
+    fn enqueue_quiet(&mut self, step: RunnableStep) {
+        let key = queue_key(&step);
+        self.queues
+            .entry((step.system.clone(), step.features.clone()))
+            .or_default()
+            .by_jobset
+            .entry(step.priority.jobset.clone())
+            .or_default()
+            .insert(key);
+        if !self
+            .machines
+            .values()
+            .any(|m| m.info.supports(&step.system, &step.features))
+        {
+            self.unsupported_since.insert(step.drv.clone(), self.now_ms);
+        }
+        self.steps.insert(step.drv.clone(), step);
+    }
+
     fn remove(&mut self, drv: &str) {
+        self.parked.remove(drv);
         let Some(step) = self.steps.remove(drv) else {
             return;
         };

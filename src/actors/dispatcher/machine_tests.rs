@@ -293,3 +293,102 @@ fn removed_and_requeued_steps() {
     )));
     assert_eq!(assigned(&fx), vec![("b".into(), "m".into())]);
 }
+
+#[test]
+fn a_held_build_is_adopted_by_its_holder_whatever_its_slots() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine("fast", &["x86_64-linux"], 4, 10.0)));
+    d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 1, 1.0)));
+    // b is busy, then says it still holds "held"
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(step("other", "x86_64-linux", 0, "js", 0, 1))))
+            .len(),
+        1
+    );
+    d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 0, 1.0)));
+    d.on(Event::Holds {
+        machine: "b".into(),
+        drvs: set(&["held"]),
+    });
+    let fx = d.on(Event::Runnable(step("held", "x86_64-linux", 0, "js", 0, 2)));
+    assert_eq!(assigned(&fx), vec![("held".into(), "b".into())]);
+    assert_eq!(d.running_on("b"), Some(1));
+    // a held drv that is already queued is taken when the holder says so
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::Runnable(step("q", "x86_64-linux", 0, "js", 0, 1)));
+    d.on(Event::Holds {
+        machine: "b".into(),
+        drvs: set(&["q"]),
+    });
+    let fx = d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 1, 1.0)));
+    assert_eq!(assigned(&fx), vec![("q".into(), "b".into())]);
+    assert_eq!(d.runnable(), 0);
+}
+
+#[test]
+fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine("other", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::Reserve {
+        drv: "r".into(),
+        machine: "gone".into(),
+        wait_ms: 5_000,
+    });
+    // runnable, but kept for "gone" although "other" is free
+    assert_eq!(
+        d.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1))),
+        vec![]
+    );
+    assert_eq!(d.runnable(), 1);
+    // "gone" rejoins holding it: adopted
+    d.on(Event::Holds {
+        machine: "gone".into(),
+        drvs: set(&["r"]),
+    });
+    let fx = d.on(Event::MachineJoined(machine("gone", &["x86_64-linux"], 1, 1.0)));
+    assert_eq!(assigned(&fx), vec![("r".into(), "gone".into())]);
+
+    // rejoins without it: released at once
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine("other", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::Reserve {
+        drv: "r".into(),
+        machine: "gone".into(),
+        wait_ms: 5_000,
+    });
+    d.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1)));
+    let fx = d.on(Event::MachineJoined(machine("gone", &["x86_64-linux"], 0, 2.0)));
+    assert_eq!(assigned(&fx), vec![("r".into(), "other".into())]);
+
+    // never rejoins: released when the wait is over
+    let mut d2 = Dispatcher::new(Duration::from_secs(60));
+    d2.on(Event::Reserve {
+        drv: "r".into(),
+        machine: "gone".into(),
+        wait_ms: 5_000,
+    });
+    d2.on(Event::MachineJoined(machine("other", &["x86_64-linux"], 1, 1.0)));
+    assert_eq!(
+        d2.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1))),
+        vec![]
+    );
+    assert_eq!(assigned(&d2.on(Event::Tick(4_000))), vec![]);
+    assert_eq!(
+        assigned(&d2.on(Event::Tick(5_000))),
+        vec![("r".into(), "other".into())]
+    );
+}
+
+#[test]
+fn holds_of_a_machine_that_left_are_forgotten() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine("a", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::Holds {
+        machine: "a".into(),
+        drvs: set(&["h"]),
+    });
+    d.on(Event::MachineLeft("a".into()));
+    let fx = d.on(Event::Runnable(step("h", "x86_64-linux", 0, "js", 0, 1)));
+    assert_eq!(assigned(&fx), vec![("h".into(), "b".into())]);
+}

@@ -601,13 +601,28 @@ impl StepActor {
         tracing::info!(drv = %self.drv_path, "step abandoned: no build needs it");
         self.dispatcher.do_send(StepLeft(self.drv_path.clone()));
         if let (Some(abort), Some(_)) = (&self.abort, &self.running_row) {
-            abort.do_send(AbortJob { drv_path: self.drv_path.clone() });
+            abort.do_send(AbortJob {
+                drv_path: self.drv_path.clone(),
+            });
             Stats::dec(&self.env.stats.steps_running);
         }
-        let rows: Vec<Row> = self.running_row.take().into_iter().chain(std::mem::take(&mut self.pending_rows)).collect();
+        let rows: Vec<Row> = self
+            .running_row
+            .take()
+            .into_iter()
+            .chain(std::mem::take(&mut self.pending_rows))
+            .collect();
         let finishes: Vec<_> = rows
             .into_iter()
-            .map(|row| self.finish_row(row, Status::Cancelled, Some("cancelled: no build needs this step".into()), Outputs::new(), Some(0)))
+            .map(|row| {
+                self.finish_row(
+                    row,
+                    Status::Cancelled,
+                    Some("cancelled: no build needs this step".into()),
+                    Outputs::new(),
+                    Some(0),
+                )
+            })
             .collect();
         self.io(ctx, async move {
             for f in finishes {
