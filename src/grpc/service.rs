@@ -1,0 +1,284 @@
+//! The tonic service builders talk to: sessions, NAR transfer both ways, logs.
+
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use actix::Addr;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::hub::{BuilderHub, Join, Lookup, RemoteSettings};
+use super::info_from_proto;
+use super::nar::{ChunkReader, export};
+use super::remote_machine::{
+    CheckUpload, Disconnected, FromBuilder, Refuse, RemoteMachine, UploadDone,
+};
+use super::runner_v1::runner_service_server::RunnerService;
+use super::runner_v1::{
+    BuilderMessage, FetchNarRequest, LogChunk, NarChunk, RunnerMessage, StreamLogResponse,
+    UploadNarRequest, UploadNarResponse, builder_message, upload_nar_request,
+};
+use crate::store::{LocalStore, Store};
+
+pub struct RunnerServiceImpl {
+    hub: Addr<BuilderHub>,
+    store: Arc<LocalStore>,
+    settings: Arc<RemoteSettings>,
+}
+
+impl RunnerServiceImpl {
+    pub fn new(hub: Addr<BuilderHub>, store: Arc<LocalStore>, settings: RemoteSettings) -> Self {
+        RunnerServiceImpl {
+            hub,
+            store,
+            settings: Arc::new(settings),
+        }
+    }
+
+    async fn session(&self, id: &str) -> Result<Addr<RemoteMachine>, Status> {
+        self.hub
+            .send(Lookup(id.to_string()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::permission_denied(format!("no live session {id:?}")))
+    }
+}
+
+fn mailbox(e: actix::MailboxError) -> Status {
+    Status::unavailable(format!("the runner is shutting down: {e}"))
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl RunnerService for RunnerServiceImpl {
+    type SessionStream = BoxStream<RunnerMessage>;
+    type FetchNarStream = BoxStream<NarChunk>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<BuilderMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the session closed before joining"))?;
+        let Some(builder_message::Msg::Join(join)) = first.msg else {
+            return Err(Status::invalid_argument("the first message must be a join"));
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let session = self
+            .hub
+            .send(Join {
+                join,
+                tx,
+                peer: peer.clone(),
+            })
+            .await
+            .map_err(mailbox)??;
+        let addr = session.addr.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(m)) => {
+                        if addr.try_send(FromBuilder(m)).is_err() && !addr.connected() {
+                            break "the session actor stopped".to_string();
+                        }
+                    }
+                    Ok(None) => break "the builder closed the session".to_string(),
+                    Err(e) => break format!("the session stream broke: {}", e.message()),
+                }
+            };
+            addr.do_send(Disconnected(why));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_nar(
+        &self,
+        request: Request<FetchNarRequest>,
+    ) -> Result<Response<Self::FetchNarStream>, Status> {
+        let r = request.into_inner();
+        self.session(&r.session_id).await?;
+        let valid = self
+            .store
+            .is_valid_path(&r.path)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !valid {
+            return Err(Status::not_found(format!("{} is not valid on the runner", r.path)));
+        }
+        let store: Arc<dyn Store> = self.store.clone();
+        let rx = export(store, r.path);
+        let s = ReceiverStream::new(rx).map(|c| match c {
+            Ok(data) => Ok(NarChunk { data }),
+            Err(e) => Err(Status::internal(e)),
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn upload_nar(
+        &self,
+        request: Request<Streaming<UploadNarRequest>>,
+    ) -> Result<Response<UploadNarResponse>, Status> {
+        let mut s = request.into_inner();
+        let Some(upload_nar_request::Msg::Header(h)) = s.message().await?.and_then(|m| m.msg)
+        else {
+            return Err(Status::invalid_argument("an upload starts with its header"));
+        };
+        let addr = self.session(&h.session_id).await?;
+        let info = match h.info.as_ref().map(info_from_proto) {
+            Some(Ok(i)) => i,
+            Some(Err(e)) => {
+                addr.do_send(Refuse(e.clone()));
+                return Err(Status::invalid_argument(e));
+            }
+            None => return Err(Status::invalid_argument("an upload header without info")),
+        };
+        let permit = addr
+            .send(CheckUpload {
+                job_id: h.job_id.clone(),
+                output: h.output_name.clone(),
+                info: info.clone(),
+            })
+            .await
+            .map_err(mailbox)?
+            .map_err(Status::permission_denied)?;
+        let already = self
+            .store
+            .query_path_info(&info.path)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(4);
+        let imported = already.is_none();
+        let task = {
+            let store = self.store.clone();
+            let settings = self.settings.clone();
+            let info = info.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                let mut r = ChunkReader::new(rx, settings.max_nar_bytes);
+                if already.is_some() {
+                    // Valid already: nothing enters the store; drop the bytes.
+                    let _ = std::io::copy(&mut r, &mut std::io::sink());
+                    return Ok(());
+                }
+                let mut file = super::verify::spool_and_verify(
+                    &mut r,
+                    &info,
+                    &permit.expected,
+                    &permit.inputs,
+                    &settings.store_dir,
+                    settings.max_nar_bytes,
+                    &settings.spool_dir,
+                )?;
+                store
+                    .import_nar(&info, &mut file)
+                    .map_err(|e| format!("importing {}: {e}", info.path))
+            })
+        };
+        let mut stream_err = None;
+        loop {
+            match s.message().await {
+                Ok(Some(m)) => match m.msg {
+                    Some(upload_nar_request::Msg::Data(d)) => {
+                        if tx.send(Ok(d)).await.is_err() {
+                            break; // the checker stopped reading (it failed)
+                        }
+                    }
+                    _ => {
+                        stream_err = Some("a second header in one upload".to_string());
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e.message().to_string())).await;
+                    stream_err = Some(format!("the upload broke: {}", e.message()));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let res = task
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Some(e) = stream_err {
+            // A broken stream is not a lie; the session decides (it usually broke too).
+            return Err(Status::aborted(e));
+        }
+        match res {
+            Ok(()) => {
+                addr.send(UploadDone {
+                    job_id: h.job_id,
+                    output: h.output_name,
+                    info,
+                })
+                .await
+                .map_err(mailbox)?;
+                Ok(Response::new(UploadNarResponse { imported }))
+            }
+            Err(reason) => {
+                tracing::error!(path = %info.path, reason = %reason, "refused an uploaded output");
+                addr.do_send(Refuse(reason.clone()));
+                Err(Status::invalid_argument(reason))
+            }
+        }
+    }
+
+    async fn stream_log(
+        &self,
+        request: Request<Streaming<LogChunk>>,
+    ) -> Result<Response<StreamLogResponse>, Status> {
+        let mut s = request.into_inner();
+        let mut file: Option<std::fs::File> = None;
+        let mut bytes = 0u64;
+        let mut checked = false;
+        while let Some(c) = s.message().await? {
+            if !checked {
+                self.session(&c.session_id).await?;
+                let sp = self
+                    .settings
+                    .store_dir
+                    .parse(&c.drv_path)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let job: String = c
+                    .job_id
+                    .chars()
+                    .filter(|ch| ch.is_ascii_alphanumeric() || *ch == '-')
+                    .collect();
+                std::fs::create_dir_all(&self.settings.log_dir)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let p = self
+                    .settings
+                    .log_dir
+                    .join(format!("{}.{job}.log", sp.base_name()));
+                file = Some(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&p)
+                        .map_err(|e| Status::internal(format!("{}: {e}", p.display())))?,
+                );
+                checked = true;
+            }
+            if bytes + c.data.len() as u64 > self.settings.max_log_bytes {
+                return Err(Status::resource_exhausted("the log exceeds the limit"));
+            }
+            bytes += c.data.len() as u64;
+            if let Some(f) = &mut file {
+                f.write_all(&c.data)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+            }
+        }
+        Ok(Response::new(StreamLogResponse { bytes }))
+    }
+}
