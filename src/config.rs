@@ -46,6 +46,9 @@ pub struct DatabaseConfig {
     /// `sqlite://PATH` or `postgres://…`.
     pub url: String,
     pub max_connections: u32,
+    /// Seconds between re-reads of the queue (the safety net behind notifications; on SQLite the
+    /// only way a running `qr serve` sees builds another process queued).
+    pub rescan_interval_s: f64,
 }
 
 impl Default for DatabaseConfig {
@@ -53,6 +56,7 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             url: "sqlite://{state_dir}/qr.db".into(),
             max_connections: 8,
+            rescan_interval_s: 30.0,
         }
     }
 }
@@ -86,6 +90,15 @@ pub struct GrpcConfig {
     pub token_file: String,
     pub tls_cert: String,
     pub tls_key: String,
+    /// Builders send a heartbeat this often; one silent for three intervals is dropped.
+    pub heartbeat_interval_s: f64,
+    /// Largest NAR sent to or accepted from a builder.
+    pub max_nar_bytes: u64,
+    /// After a restart, how long a step that was building on a builder waits for that builder
+    /// to rejoin (and have its build adopted) before it goes to any machine.
+    pub rejoin_grace_s: f64,
+    /// How long a builder that broke the protocol (lied about outputs) is refused.
+    pub quarantine_s: f64,
 }
 
 impl Default for GrpcConfig {
@@ -95,6 +108,10 @@ impl Default for GrpcConfig {
             token_file: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
+            heartbeat_interval_s: 10.0,
+            max_nar_bytes: 4 << 30,
+            rejoin_grace_s: 30.0,
+            quarantine_s: 300.0,
         }
     }
 }

@@ -8,9 +8,13 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
 
+pub mod builder;
 pub mod drv;
 pub mod import;
 pub mod run;
+pub mod serve;
+pub mod submit;
+pub mod tls;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +45,12 @@ pub enum Command {
     /// Copy `.drv` closures (input drvs and sources) from a directory laid out as a store into
     /// the configured store, verifying each drv's path.
     Import(import::ImportArgs),
+    /// The long-running runner: actors, gRPC for builders, the local builder if configured.
+    Serve(serve::ServeArgs),
+    /// A remote build agent: dials the runner, builds what it is sent.
+    Builder(builder::BuilderArgs),
+    /// Queue builds for a running `qr serve` (and optionally wait for them).
+    Submit(submit::SubmitArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -101,5 +111,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drv(cmd) => drv::run(cmd, &ctx.store_root()),
         Command::Run(args) => run::run(ctx, args),
         Command::Import(args) => import::run(args, &ctx),
+        Command::Serve(args) => serve::run(ctx, args),
+        Command::Builder(args) => builder::run(ctx, args),
+        Command::Submit(args) => submit::run(ctx, args),
     }
 }

@@ -35,7 +35,9 @@ pub fn check(meta: &MetadataMap, expected: Option<&str>) -> Result<(), &'static 
     let Some(given) = meta.get("authorization") else {
         return Err("no token given");
     };
-    let given = given.to_str().map_err(|_| "malformed authorization header")?;
+    let given = given
+        .to_str()
+        .map_err(|_| "malformed authorization header")?;
     let given = given
         .strip_prefix("Bearer ")
         .ok_or("authorization is not a bearer token")?;

@@ -142,8 +142,7 @@ pub fn admit(j: &runner_v1::Join, store_dir: &StoreDir) -> Result<MachineInfo, S
     }
     let id_ok = !j.machine_id.is_empty()
         && j.machine_id.len() <= 200
-        && j
-            .machine_id
+        && j.machine_id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c));
     if !id_ok {

@@ -29,10 +29,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/qr_descriptor.bin"));
 
 /// This build's protocol version. A peer with another major version is refused.
-pub const PROTOCOL_VERSION: runner_v1::ProtocolVersion = runner_v1::ProtocolVersion {
-    major: 1,
-    minor: 0,
-};
+pub const PROTOCOL_VERSION: runner_v1::ProtocolVersion =
+    runner_v1::ProtocolVersion { major: 1, minor: 0 };
 
 /// NAR chunk size on the wire.
 pub const CHUNK_BYTES: usize = 256 * 1024;

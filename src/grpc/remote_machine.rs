@@ -127,9 +127,7 @@ impl RemoteMachine {
 
     fn send(&mut self, msg: runner_message::Msg, ctx: &mut Context<Self>) {
         let ok = match &self.tx {
-            Some(tx) => tx
-                .try_send(Ok(RunnerMessage { msg: Some(msg) }))
-                .is_ok(),
+            Some(tx) => tx.try_send(Ok(RunnerMessage { msg: Some(msg) })).is_ok(),
             None => false,
         };
         if !ok {
@@ -208,13 +206,15 @@ impl RemoteMachine {
                 tracing::debug!(job = %r.job_id, "result for an aborted job dropped");
                 return;
             }
-            let reason = format!("result for job {} ({}), which it was not given", r.job_id, r.drv_path);
+            let reason = format!(
+                "result for job {} ({}), which it was not given",
+                r.job_id, r.drv_path
+            );
             return self.refuse(ctx, reason);
         }
         match r.outcome {
             Some(job_result::Outcome::Failure(f)) => {
-                let status =
-                    BuildStatus::from_code(f.status).unwrap_or(BuildStatus::Failed);
+                let status = BuildStatus::from_code(f.status).unwrap_or(BuildStatus::Failed);
                 tracing::info!(machine = %self.info.id, drv = %r.drv_path, status = f.status, "remote build failed");
                 self.finish(
                     &r.job_id,
@@ -288,7 +288,10 @@ impl RemoteMachine {
                     }
                 }));
             }
-            None => self.refuse(ctx, format!("result for job {} without an outcome", r.job_id)),
+            None => self.refuse(
+                ctx,
+                format!("result for job {} without an outcome", r.job_id),
+            ),
         }
     }
 }
@@ -458,7 +461,9 @@ impl Handler<Superseded> for RemoteMachine {
     fn handle(&mut self, _: Superseded, ctx: &mut Context<Self>) {
         self.close(
             ctx,
-            Some(Status::aborted("replaced by a newer session of this builder")),
+            Some(Status::aborted(
+                "replaced by a newer session of this builder",
+            )),
             "replaced by a newer session",
         );
     }

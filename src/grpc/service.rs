@@ -115,7 +115,10 @@ impl RunnerService for RunnerServiceImpl {
             .await
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !valid {
-            return Err(Status::not_found(format!("{} is not valid on the runner", r.path)));
+            return Err(Status::not_found(format!(
+                "{} is not valid on the runner",
+                r.path
+            )));
         }
         let store: Arc<dyn Store> = self.store.clone();
         let rx = export(store, r.path);
@@ -208,9 +211,7 @@ impl RunnerService for RunnerServiceImpl {
             }
         }
         drop(tx);
-        let res = task
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let res = task.await.map_err(|e| Status::internal(e.to_string()))?;
         if let Some(e) = stream_err {
             // A broken stream is not a lie; the session decides (it usually broke too).
             return Err(Status::aborted(e));

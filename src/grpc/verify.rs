@@ -88,11 +88,7 @@ pub fn spool_and_verify(
             render_nix32(&hash),
         ));
     }
-    let found: BTreeSet<String> = scanner
-        .found()
-        .iter()
-        .map(|p| store_dir.print(p))
-        .collect();
+    let found: BTreeSet<String> = scanner.found().iter().map(|p| store_dir.print(p)).collect();
     if found != info.references {
         return Err(format!(
             "{}: claimed references {:?}, the content refers to {:?}",
@@ -107,7 +103,8 @@ pub fn spool_and_verify(
             .iter()
             .filter(|r| **r != info.path)
             .map(String::as_str);
-        let want_path = store_dir.print(&store_dir.make_source_path(sp.name(), &h, others, self_ref));
+        let want_path =
+            store_dir.print(&store_dir.make_source_path(sp.name(), &h, others, self_ref));
         let want_ca = ca_string(&h);
         if want_path != info.path {
             return Err(format!(
@@ -200,7 +197,11 @@ mod tests {
         // right hash, wrong path
         let mut moved = info.clone();
         moved.path = "/nix/store/1b7vq5hmgmp4r1pqy7r6g4qdq9w2j1d1-out-name".into();
-        assert!(check(&nar, &moved).unwrap_err().contains("content-addressed path"));
+        assert!(
+            check(&nar, &moved)
+                .unwrap_err()
+                .contains("content-addressed path")
+        );
         // wrong ca
         let mut ca = info.clone();
         ca.ca = Some(ca_string(&[0; 32]));

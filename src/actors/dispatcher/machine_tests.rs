@@ -297,15 +297,37 @@ fn removed_and_requeued_steps() {
 #[test]
 fn a_held_build_is_adopted_by_its_holder_whatever_its_slots() {
     let mut d = Dispatcher::new(Duration::from_secs(60));
-    d.on(Event::MachineJoined(machine("fast", &["x86_64-linux"], 4, 10.0)));
-    d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::MachineJoined(machine(
+        "fast",
+        &["x86_64-linux"],
+        4,
+        10.0,
+    )));
+    d.on(Event::MachineJoined(machine(
+        "b",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     // b is busy, then says it still holds "held"
     assert_eq!(
-        assigned(&d.on(Event::Runnable(step("other", "x86_64-linux", 0, "js", 0, 1))))
-            .len(),
+        assigned(&d.on(Event::Runnable(step(
+            "other",
+            "x86_64-linux",
+            0,
+            "js",
+            0,
+            1
+        ))))
+        .len(),
         1
     );
-    d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 0, 1.0)));
+    d.on(Event::MachineJoined(machine(
+        "b",
+        &["x86_64-linux"],
+        0,
+        1.0,
+    )));
     d.on(Event::Holds {
         machine: "b".into(),
         drvs: set(&["held"]),
@@ -320,7 +342,12 @@ fn a_held_build_is_adopted_by_its_holder_whatever_its_slots() {
         machine: "b".into(),
         drvs: set(&["q"]),
     });
-    let fx = d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 1, 1.0)));
+    let fx = d.on(Event::MachineJoined(machine(
+        "b",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     assert_eq!(assigned(&fx), vec![("q".into(), "b".into())]);
     assert_eq!(d.runnable(), 0);
 }
@@ -328,7 +355,12 @@ fn a_held_build_is_adopted_by_its_holder_whatever_its_slots() {
 #[test]
 fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
     let mut d = Dispatcher::new(Duration::from_secs(60));
-    d.on(Event::MachineJoined(machine("other", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::MachineJoined(machine(
+        "other",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     d.on(Event::Reserve {
         drv: "r".into(),
         machine: "gone".into(),
@@ -345,19 +377,34 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
         machine: "gone".into(),
         drvs: set(&["r"]),
     });
-    let fx = d.on(Event::MachineJoined(machine("gone", &["x86_64-linux"], 1, 1.0)));
+    let fx = d.on(Event::MachineJoined(machine(
+        "gone",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     assert_eq!(assigned(&fx), vec![("r".into(), "gone".into())]);
 
     // rejoins without it: released at once
     let mut d = Dispatcher::new(Duration::from_secs(60));
-    d.on(Event::MachineJoined(machine("other", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::MachineJoined(machine(
+        "other",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     d.on(Event::Reserve {
         drv: "r".into(),
         machine: "gone".into(),
         wait_ms: 5_000,
     });
     d.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1)));
-    let fx = d.on(Event::MachineJoined(machine("gone", &["x86_64-linux"], 0, 2.0)));
+    let fx = d.on(Event::MachineJoined(machine(
+        "gone",
+        &["x86_64-linux"],
+        0,
+        2.0,
+    )));
     assert_eq!(assigned(&fx), vec![("r".into(), "other".into())]);
 
     // never rejoins: released when the wait is over
@@ -367,7 +414,12 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
         machine: "gone".into(),
         wait_ms: 5_000,
     });
-    d2.on(Event::MachineJoined(machine("other", &["x86_64-linux"], 1, 1.0)));
+    d2.on(Event::MachineJoined(machine(
+        "other",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     assert_eq!(
         d2.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1))),
         vec![]
@@ -382,8 +434,18 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
 #[test]
 fn holds_of_a_machine_that_left_are_forgotten() {
     let mut d = Dispatcher::new(Duration::from_secs(60));
-    d.on(Event::MachineJoined(machine("a", &["x86_64-linux"], 1, 1.0)));
-    d.on(Event::MachineJoined(machine("b", &["x86_64-linux"], 1, 1.0)));
+    d.on(Event::MachineJoined(machine(
+        "a",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    d.on(Event::MachineJoined(machine(
+        "b",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
     d.on(Event::Holds {
         machine: "a".into(),
         drvs: set(&["h"]),

@@ -6,6 +6,7 @@
 pub mod env;
 pub mod log;
 mod native;
+pub mod nix;
 pub mod sandbox;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,124 @@
+//! `qr builder --runner URL --token-file F …`: a remote build agent. It keeps its own store (the
+//! configured `[store]`, whose logical dir must be the runner's), dials the runner, builds what it
+//! is sent with the native executor or a real Nix, and reconnects with backoff when the runner
+//! goes away.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+
+use super::Context;
+use super::run::open_store;
+use crate::actors::machine::Executor;
+use crate::builder::agent::{AgentConfig, Fault, hostname};
+
+#[derive(Debug, clap::Args)]
+pub struct BuilderArgs {
+    /// The runner's gRPC address, e.g. `http://runner:50051` (`https://` for TLS).
+    #[arg(long, value_name = "URL")]
+    pub runner: String,
+    /// File holding the token the runner expects.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Systems to build for (comma-separated); default: this machine's.
+    #[arg(long, value_delimiter = ',')]
+    pub systems: Vec<String>,
+    /// Supported system features (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub features: Vec<String>,
+    /// Features a step must require to be sent here (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub mandatory_features: Vec<String>,
+    /// Concurrent builds; default: the number of cores.
+    #[arg(long)]
+    pub max_jobs: Option<u32>,
+    /// Relative speed (the runner prefers faster builders).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed_factor: f64,
+    /// `native` (builds as Nix would, no Nix needed) or `nix` (calls a real Nix).
+    #[arg(long, default_value = "native")]
+    pub executor: String,
+    /// The name this builder has on the runner; default: the host name.
+    #[arg(long)]
+    pub machine_id: Option<String>,
+    /// For the nix executor: the Nix store to build in (`--store` of Nix's commands); default:
+    /// Nix's own configuration.
+    #[arg(long, value_name = "URI")]
+    pub nix_store: Option<String>,
+    /// PEM file of the CA (or certificate) to trust for an `https://` runner.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the runner's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+}
+
+pub fn run(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(builder(ctx, args))
+}
+
+async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
+    let token = crate::grpc::auth::read_token_file(&args.token_file)?;
+    let store = open_store(&ctx).await?;
+    let systems = if args.systems.is_empty() {
+        vec![crate::config::this_system()]
+    } else {
+        args.systems.clone()
+    };
+    let max_jobs = args
+        .max_jobs
+        .unwrap_or_else(|| ctx.config.local_max_jobs() as u32);
+    let mut exec_cfg =
+        crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir);
+    exec_cfg.systems = systems.clone();
+    let log_dir = exec_cfg.log_dir.clone();
+    let executor: Arc<dyn Executor> = match args.executor.as_str() {
+        "native" => Arc::new(crate::builder::executor::NativeExecutor::new(
+            store.clone(),
+            exec_cfg,
+        )),
+        "nix" => Arc::new(crate::builder::executor::nix::NixExecutor::new(
+            store.clone(),
+            crate::builder::executor::nix::NixConfig {
+                store_uri: args.nix_store.clone(),
+                systems: systems.clone(),
+                log_dir: log_dir.clone(),
+            },
+        )),
+        other => bail!("--executor {other:?}: expected native or nix"),
+    };
+    let tls = if args.runner.starts_with("https://") {
+        Some(super::tls::client_config(
+            args.tls_ca.as_deref(),
+            args.tls_domain.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let host = hostname();
+    let cfg = AgentConfig {
+        runner: args.runner,
+        token,
+        tls,
+        machine_id: args.machine_id.unwrap_or_else(|| host.clone()),
+        hostname: host,
+        systems,
+        supported_features: args.features,
+        mandatory_features: args.mandatory_features,
+        max_jobs,
+        speed_factor: args.speed_factor,
+        store,
+        executor,
+        log_dir: Some(log_dir),
+        runs_ledger: Some(ctx.state_dir.join("runs.log")),
+        fault: Fault::from_env(),
+    };
+    crate::builder::agent::run(cfg).await?;
+    Ok(ExitCode::SUCCESS)
+}

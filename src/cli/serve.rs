@@ -1,0 +1,179 @@
+//! `qr serve`: the long-running runner. Opens the database and the store, recovers, starts the
+//! actors (with the in-process local builder if `[local_builder] enabled`), and serves builders
+//! over gRPC (`[grpc]`: the runner service behind the token, plus health and reflection) until
+//! SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Actor;
+use anyhow::Context as _;
+use tonic::service::interceptor::InterceptedService;
+
+use super::Context;
+use super::run::{local_executor, local_machine, open_store, retry_policy};
+use crate::actors::dispatcher::actor::Reserve;
+use crate::actors::env::{Env, SystemClock};
+use crate::actors::scheduler::Scheduler;
+use crate::db::{Db, DbOptions};
+use crate::grpc::auth::{ServerAuth, read_token_file};
+use crate::grpc::hub::{BuilderHub, RemoteSettings};
+use crate::grpc::runner_v1::runner_service_server::RunnerServiceServer;
+use crate::grpc::service::RunnerServiceImpl;
+use crate::store::Store;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Listen here instead of `[grpc] listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+}
+
+pub fn run(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let system = actix_rt::System::new();
+    system.block_on(serve(ctx, args))
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+/// The gRPC settings for builders, from the configuration.
+pub fn remote_settings(ctx: &Context, store_dir: crate::store::StoreDir) -> RemoteSettings {
+    let g = &ctx.config.grpc;
+    RemoteSettings {
+        store_dir,
+        heartbeat: secs(g.heartbeat_interval_s).max(Duration::from_millis(100)),
+        max_nar_bytes: g.max_nar_bytes,
+        max_log_bytes: ctx.config.store.max_log_bytes,
+        quarantine: secs(g.quarantine_s),
+        adopt_grace: secs(g.rejoin_grace_s),
+        spool_dir: ctx.state_dir.join("uploads"),
+        log_dir: ctx.state_dir.join("logs").join("remote"),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let db = Db::connect_with(
+        &ctx.config.database.url,
+        DbOptions {
+            max_connections: ctx.config.database.max_connections,
+            rescan_interval: secs(ctx.config.database.rescan_interval_s)
+                .max(Duration::from_millis(50)),
+            ..DbOptions::default()
+        },
+    )
+    .await?;
+    let store = open_store(&ctx).await?;
+    let token = match ctx.config.grpc.token_file.as_str() {
+        "" => {
+            tracing::warn!("[grpc] token_file is not set: every builder will be refused");
+            None
+        }
+        f => Some(read_token_file(std::path::Path::new(f))?),
+    };
+    let listen = args
+        .listen
+        .unwrap_or_else(|| ctx.config.grpc.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let local_addr = listener.local_addr()?;
+
+    let mut env = Env::new(db, store.clone(), Arc::new(SystemClock), retry_policy(&ctx));
+    env.max_silent = Duration::from_secs(ctx.config.scheduler.max_silent_time_s);
+    env.timeout = Duration::from_secs(ctx.config.scheduler.build_timeout_s);
+    env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
+    let env = Arc::new(env);
+    let machines = if ctx.config.local_builder.enabled {
+        vec![(local_machine(&ctx), local_executor(&ctx, store.clone())?)]
+    } else {
+        vec![]
+    };
+    let settings = remote_settings(&ctx, store.store_dir().clone());
+    let (sched, recovery) = Scheduler::start(
+        env.clone(),
+        machines,
+        Duration::from_secs(ctx.config.scheduler.unsupported_wait_s),
+    )
+    .await?;
+    // Steps that were building on a builder when the runner stopped: that builder may still hold
+    // them. Keep them for it until it rejoins (and its build is adopted) or the grace passes.
+    // Sent before the queue monitor has read anything, so before any step is runnable.
+    for (drv, machine) in &recovery.busy {
+        if machine.is_empty() || machine == "localhost" {
+            continue;
+        }
+        tracing::info!(drv = %drv, machine = %machine, "was building on a builder at the restart: waiting for it to rejoin");
+        sched.dispatcher.do_send(Reserve {
+            drv: drv.clone(),
+            machine: machine.clone(),
+            wait: settings.adopt_grace,
+        });
+    }
+    if recovery.aborted > 0 || recovery.resolutions > 0 {
+        tracing::warn!(
+            aborted = recovery.aborted,
+            resolutions = recovery.resolutions,
+            "recovered from a restart"
+        );
+    }
+    let hub = BuilderHub::new(
+        env.clone(),
+        store.clone(),
+        sched.dispatcher.clone(),
+        settings.clone(),
+    )
+    .start();
+    let runner = RunnerServiceServer::new(RunnerServiceImpl::new(hub, store.clone(), settings))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let runner = InterceptedService::new(runner, ServerAuth::new(token));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RunnerServiceServer<RunnerServiceImpl>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::grpc::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let mut server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    let tls = super::tls::server_config(&ctx)?;
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("[grpc] TLS configuration")?;
+    }
+    eprintln!("qr serve: listening on {local_addr}");
+    tracing::info!(addr = %local_addr, "serving builders");
+    server
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(runner)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown_signal(),
+        )
+        .await
+        .context("serving gRPC")?;
+    tracing::info!("shutting down");
+    drop(sched);
+    actix_rt::System::current().stop();
+    Ok(ExitCode::SUCCESS)
+}
