@@ -360,9 +360,25 @@ impl Handler<RunJob> for RemoteMachine {
             .add(&msg.drv_path, &msg.drv, BTreeSet::new(), msg.step.clone());
         tracing::info!(machine = %self.info.id, drv = %msg.drv_path, job = %job_id, adopting, "sending a build");
         let store = self.store.clone();
-        let srcs: Vec<String> = msg.drv.input_srcs.iter().cloned().collect();
+        let drv = msg.drv.clone();
+        let drv_path = msg.drv_path.clone();
         let fut = async move {
-            let closure = store.closure(srcs.iter().map(String::as_str)).await?;
+            // What the builder needs: the drv's closure (its sources, and for a drv with input
+            // drvs those drvs, so the builder can read their output paths) and the input drvs'
+            // outputs.
+            let mut roots: Vec<String> = drv.input_srcs.iter().cloned().collect();
+            if store.is_valid_path(&drv_path).await? {
+                roots.push(drv_path.clone());
+            }
+            for (input, wanted) in &drv.input_drvs {
+                let idrv = store.read_derivation(input).await?;
+                for o in wanted {
+                    if let Some(p) = idrv.outputs.get(o).and_then(|x| x.path()) {
+                        roots.push(p.to_string());
+                    }
+                }
+            }
+            let closure = store.closure(roots.iter().map(String::as_str)).await?;
             let mut infos = Vec::with_capacity(closure.len());
             for p in &closure {
                 match store.query_path_info(p).await? {

@@ -1,6 +1,7 @@
 //! Shared helpers for tests that read the Nix oracle fixtures.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod instantiate;
 pub mod qr;
 

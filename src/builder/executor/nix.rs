@@ -254,13 +254,6 @@ impl Executor for NixExecutor {
                 transient: false,
             });
         }
-        if !drv.input_drvs.is_empty() {
-            return Err(ExecFailure {
-                status: Status::Failed,
-                message: format!("{} must be resolved before it is built", job.drv_path),
-                transient: false,
-            });
-        }
         // The drv into the builder's store (checks that its contents give its path).
         let added = self
             .store
@@ -274,10 +267,33 @@ impl Executor for NixExecutor {
                 transient: false,
             });
         }
-        // Its closure into Nix's store.
+        // Its closure, and the outputs of its input drvs (built already), into Nix's store.
+        let mut roots = vec![job.drv_path.clone()];
+        for (input, wanted) in &drv.input_drvs {
+            let idrv = self
+                .store
+                .read_derivation(input)
+                .await
+                .map_err(|e| fail(format!("{input}: {e}")))?;
+            for o in wanted {
+                match idrv.outputs.get(o).and_then(|x| x.path()) {
+                    Some(p) => roots.push(p.to_string()),
+                    None => {
+                        return Err(ExecFailure {
+                            status: Status::Failed,
+                            message: format!(
+                                "{} must be resolved before it is built",
+                                job.drv_path
+                            ),
+                            transient: false,
+                        });
+                    }
+                }
+            }
+        }
         let closure = self
             .store
-            .closure([job.drv_path.as_str()])
+            .closure(roots.iter().map(String::as_str))
             .await
             .map_err(|e| fail(e.to_string()))?;
         let all: Vec<String> = closure.into_iter().collect();
