@@ -7,7 +7,7 @@
 //!    paths Nix does not have yet.
 //! 2. `nix-store --realise <drv>` builds it; its stderr is the build log.
 //! 3. Each output Nix produced is described by `nix path-info --json` (narHash, narSize,
-//!    references, ca) and copied with `nix-store --dump` into the builder's store, which checks the
+//!    references, ca) and copied with `nix store dump-path` into the builder's store, which checks the
 //!    NAR hash. The runner checks everything again when the outputs are uploaded.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -221,9 +221,11 @@ impl NixExecutor {
         if self.store.is_valid_path(&info.path).await.unwrap_or(false) {
             return Ok(());
         }
-        let mut c = self.command("nix-store");
-        c.args(["--dump", &info.path]);
-        let nar = self.output(c, "nix-store --dump").await?;
+        // Through the store (`nix-store --dump` would read the logical path from the file system,
+        // which is wrong for a store whose files are elsewhere).
+        let mut c = self.command("nix");
+        c.args(["store", "dump-path", &info.path]);
+        let nar = self.output(c, "nix store dump-path").await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.import_nar(&info, &mut nar.as_slice()))
             .await
@@ -333,8 +335,11 @@ impl Executor for NixExecutor {
             c.args(["--option", "timeout", &job.timeout.as_secs().to_string()]);
         }
         c.stdout(Stdio::piped()).stderr(Stdio::from(log));
+        // (`output()` would capture stderr instead of writing it to the log)
         let out = c
-            .output()
+            .spawn()
+            .map_err(|e| fail(format!("running nix-store --realise: {e}")))?
+            .wait_with_output()
             .await
             .map_err(|e| fail(format!("running nix-store --realise: {e}")))?;
         let tail = log_tail(&log_path, 25);
