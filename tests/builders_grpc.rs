@@ -516,3 +516,116 @@ fn lying_builders_are_refused_and_their_steps_retried() {
     }
     assert!(checked > 0);
 }
+
+/// A CA and a certificate for `localhost` signed by it (openssl), in `dir`: (ca, cert, key).
+fn make_certs(dir: &std::path::Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let ok = run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=qr test CA",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "req.csr",
+        "-subj",
+        "/CN=localhost",
+    ]) && {
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ])
+    };
+    ok.then(|| {
+        (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        )
+    })
+}
+
+#[test]
+fn builders_reach_the_runner_over_tls() {
+    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+        return;
+    };
+    let certs = c.qr.state_dir().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let Some((ca, cert, key)) = make_certs(&certs) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "openssl could not make certificates"
+        );
+        eprintln!("openssl unavailable: skipped");
+        return;
+    };
+    c.serve_env = vec![
+        ("QR_GRPC_TLS_CERT".into(), cert.display().to_string()),
+        ("QR_GRPC_TLS_KEY".into(), key.display().to_string()),
+    ];
+    c.start_serve();
+    let url = format!("https://localhost:{}", c.port);
+    let ca_s = ca.display().to_string();
+    let b = c.builder_at(
+        "tls",
+        &url,
+        &c.token,
+        &["--systems", X86, "--tls-ca", &ca_s],
+        &[],
+    );
+    assert!(
+        c.wait_joined("tls", 1, Duration::from_secs(20)),
+        "{}",
+        c.logs(&[&b])
+    );
+    let mut g = Gen::new();
+    g.add(Kind::Ca, "tls-one", "echo over tls > $out", &[], &[]);
+    let file = c.qr.write_json("one.json", &g.doc());
+    let (out, builds) = c.finish(c.submit(&[&file], 60));
+    assert!(out.status.success(), "{}", c.logs(&[&b]));
+    assert_eq!(builds[0]["status"], 0);
+    // A plain-text client is not served.
+    let plain = c.builder("plain", &["--systems", X86], &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !c.wait_joined("plain", 1, Duration::from_millis(100)),
+        "{}",
+        c.logs(&[&plain])
+    );
+}

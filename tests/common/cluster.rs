@@ -196,6 +196,18 @@ impl Cluster {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Builder {
+        self.builder_at(id, &self.url(), token, args, env)
+    }
+
+    /// A builder dialling `url`.
+    pub fn builder_at(
+        &self,
+        id: &str,
+        url: &str,
+        token: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Builder {
         let state = tempfile::tempdir().expect("temp dir");
         let mut c = Command::new(env!("CARGO_BIN_EXE_qr"));
         c.arg("--state-dir").arg(state.path());
@@ -204,7 +216,7 @@ impl Cluster {
             .env("QR_LOG", "info,h2=warn,tower=warn,hyper=warn")
             .env_remove("QR_DATABASE_URL")
             .env_remove("QR_BUILDER_FAULT");
-        c.args(["builder", "--runner", &self.url(), "--token-file"])
+        c.args(["builder", "--runner", url, "--token-file"])
             .arg(token)
             .args(["--machine-id", id]);
         c.args(args);
