@@ -164,7 +164,8 @@ impl Handler<MachineJoined> for DispatcherActor {
     type Result = ();
     fn handle(&mut self, msg: MachineJoined, _: &mut Context<Self>) {
         tracing::info!(machine = %msg.info.id, systems = ?msg.info.systems, jobs = msg.info.max_jobs, "machine joined");
-        self.runners.insert(msg.info.id.clone(), (msg.runner, msg.abort));
+        self.runners
+            .insert(msg.info.id.clone(), (msg.runner, msg.abort));
         self.feed(Event::MachineJoined(msg.info));
     }
 }
