@@ -3,6 +3,7 @@
 
 pub mod instantiate;
 pub mod qr;
+pub mod sources;
 
 use std::path::PathBuf;
 
