@@ -26,6 +26,8 @@ pub struct Gen {
     pub sd: StoreDir,
     pub hashes: DrvHashes,
     pub drvs: BTreeMap<String, Derivation>,
+    /// The `system` of the derivations added next.
+    pub system: String,
 }
 
 impl Gen {
@@ -39,6 +41,7 @@ impl Gen {
             hashes: DrvHashes::new(sd.clone()),
             sd,
             drvs: BTreeMap::new(),
+            system: SYSTEM.into(),
         }
     }
 
@@ -65,7 +68,7 @@ impl Gen {
             ("PATH", "/usr/bin:/bin"),
             ("builder", "/bin/sh"),
             ("name", name),
-            ("system", SYSTEM),
+            ("system", self.system.as_str()),
         ]
         .into_iter()
         .chain(attrs.iter().copied())
@@ -93,7 +96,7 @@ impl Gen {
                 .map(|i| (i.to_string(), BTreeSet::from(["out".to_string()])))
                 .collect(),
             input_srcs: BTreeSet::new(),
-            system: SYSTEM.into(),
+            system: self.system.clone(),
             builder: "/bin/sh".into(),
             args: vec!["-c".into(), script.into()],
             env,

@@ -941,3 +941,11 @@ impl Handler<JobDone> for StepActor {
         self.feed(Event::BuildDone(msg.0), ctx);
     }
 }
+
+impl Handler<NoMachine> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: NoMachine, ctx: &mut Context<Self>) {
+        Stats::dec(&self.env.stats.steps_runnable);
+        self.feed(Event::NoMachine(msg.0), ctx);
+    }
+}
