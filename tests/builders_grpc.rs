@@ -12,11 +12,20 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, Proc};
 use common::instantiate::{Gen, Kind};
-use common::qr::{Backend, all_steps, fixture_doc};
+use common::qr::{Backend, all_steps};
 use serde_json::Value;
 
 const X86: &str = "x86_64-linux";
 const I686: &str = "i686-linux";
+
+/// The `derivation show` document of a fixture (its drvs keyed by path).
+fn fixture_doc(fixture: &Value) -> Value {
+    let mut doc = serde_json::Map::new();
+    for (path, d) in fixture["derivations"].as_object().expect("derivations") {
+        doc.insert(path.clone(), d["show_derivation"].clone());
+    }
+    Value::Object(doc)
+}
 
 fn outputs_of(b: &Value) -> BTreeMap<String, String> {
     b["outputs"]

@@ -1,5 +1,6 @@
-//! Every fixture graph, queued through `qr run` (real actors, native executor, store dir
-//! `/nix/store` over a temp root), builds to exactly Nix's output paths, with one Resolved row per
+//! Every fixture graph, imported with `qr import` (drvs and sources, from a store-shaped dir) and
+//! queued through `qr run` (real actors, native executor, store dir `/nix/store` over a temp
+//! root), builds to exactly Nix's output paths, with one Resolved row per
 //! resolution Nix made, pointing at a step for the same resolved drv, and builds exactly the drvs
 //! Nix built, once each. On SQLite and on PostgreSQL.
 
@@ -7,15 +8,60 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::qr::{Backend, Qr, all_steps, fixture_doc};
+use std::path::Path;
+
+use common::qr::{Backend, Qr, all_steps};
+use common::sources::fixture_sources;
+use qr::store::aterm;
 use serde_json::Value;
 
 fn check_fixture(backend: Backend, name: &str, fixture: &Value) {
     let Some(qr) = Qr::new(backend, true) else {
         return;
     };
-    let file = qr.write_json(&format!("{name}.json"), &fixture_doc(fixture));
-    let (out, builds) = qr.run_json(&[&file], &[]);
+    // A store-shaped dir with the drvs (their ATerms) and the `builtins.toFile` sources.
+    let dir = qr.state_dir().join("from");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut drvs = BTreeMap::new();
+    for (path, d) in fixture["derivations"].as_object().expect("derivations") {
+        let aterm = d["aterm"].as_str().expect("aterm");
+        let base = path.rsplit('/').next().expect("base name");
+        std::fs::write(dir.join(base), aterm).expect("write drv");
+        let name = base
+            .split_once('-')
+            .map(|x| x.1)
+            .unwrap_or(base)
+            .trim_end_matches(".drv");
+        drvs.insert(
+            path.clone(),
+            aterm::parse_named(aterm.as_bytes(), name).expect("aterm"),
+        );
+    }
+    for (src, content) in fixture_sources(fixture, &drvs) {
+        std::fs::write(dir.join(src.rsplit('/').next().expect("base")), content)
+            .expect("write source");
+    }
+    let mut args = vec![
+        "import".to_string(),
+        "--from".to_string(),
+        dir.display().to_string(),
+    ];
+    args.extend(drvs.keys().cloned());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let imported = qr.run(&argv, &[]);
+    assert!(
+        imported.status.success(),
+        "{name}: qr import: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    // One build per top-level drv (one no other drv of the graph uses).
+    let used: BTreeSet<&String> = drvs.values().flat_map(|d| d.input_drvs.keys()).collect();
+    let tops: Vec<&Path> = drvs
+        .keys()
+        .filter(|p| !used.contains(p))
+        .map(Path::new)
+        .collect();
+    let (out, builds) = qr.run_json(&tops, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),

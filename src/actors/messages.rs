@@ -112,3 +112,8 @@ pub struct CancelBuild;
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct BumpBuild(pub i32);
+
+/// No machine supports the step (after the configured wait).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct NoMachine(pub String);

@@ -19,12 +19,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use thiserror::Error;
 
+use super::fsutil::{remove_tree, rename_noreplace};
 use super::hash::Sha256Hash;
 use super::nar::{
     HashingWriter, NarReader, NarTree, NarWriteError, RestoreError, dump_path, restore, write_tree,
@@ -613,63 +613,6 @@ impl Read for ChanReader {
         buf[..n].copy_from_slice(&self.cur[self.off..self.off + n]);
         self.off += n;
         Ok(n)
-    }
-}
-
-/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::ffi::CString;
-        use std::os::unix::ffi::OsStrExt;
-        let f = CString::new(from.as_os_str().as_bytes())?;
-        let t = CString::new(to.as_os_str().as_bytes())?;
-        // SAFETY: two valid NUL-terminated paths; AT_FDCWD resolves them as usual.
-        let r = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                f.as_ptr(),
-                libc::AT_FDCWD,
-                t.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        // Filesystems without RENAME_NOREPLACE: fall back below.
-        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-            return Err(e);
-        }
-    }
-    if fs::symlink_metadata(to).is_ok() {
-        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
-    }
-    fs::rename(from, to)
-}
-
-/// Deletes a tree even if the builder left read-only directories in it.
-fn remove_tree(path: &Path) -> io::Result<()> {
-    fn make_writable(p: &Path) -> io::Result<()> {
-        let m = fs::symlink_metadata(p)?;
-        if m.is_dir() {
-            let mode = m.permissions().mode();
-            if mode & 0o700 != 0o700 {
-                fs::set_permissions(p, fs::Permissions::from_mode(mode | 0o700))?;
-            }
-            for e in fs::read_dir(p)? {
-                make_writable(&e?.path())?;
-            }
-        }
-        Ok(())
-    }
-    let m = fs::symlink_metadata(path)?;
-    if m.is_dir() {
-        make_writable(path)?;
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
     }
 }
 

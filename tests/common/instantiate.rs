@@ -26,7 +26,7 @@ pub struct Gen {
     pub sd: StoreDir,
     pub hashes: DrvHashes,
     pub drvs: BTreeMap<String, Derivation>,
-    /// The `system` of the derivations added next (default [`SYSTEM`]).
+    /// The `system` of the derivations added next.
     pub system: String,
 }
 

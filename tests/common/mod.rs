@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod instantiate;
 pub mod qr;
+pub mod sources;
 
 use std::path::PathBuf;
 

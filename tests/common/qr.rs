@@ -147,15 +147,6 @@ fn rand_suffix() -> u64 {
     h.finish() % 1_000_000_000
 }
 
-/// The `derivation show` document of a fixture (its drvs keyed by path).
-pub fn fixture_doc(fixture: &Value) -> Value {
-    let mut doc = serde_json::Map::new();
-    for (path, d) in fixture["derivations"].as_object().expect("derivations") {
-        doc.insert(path.clone(), d["show_derivation"].clone());
-    }
-    Value::Object(doc)
-}
-
 /// Every step of every build.
 pub fn all_steps(builds: &[Value]) -> Vec<(i64, Value)> {
     builds

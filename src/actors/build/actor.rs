@@ -1,6 +1,7 @@
 //! The build actor: the thin adapter around [`BuildMachine`]. It expands its drv closure (I/O, then
 //! one synchronous graph change), waits on its top-level step and finishes its row once.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -79,11 +80,16 @@ impl BuildActor {
                             Top::Replan => act.expand(ctx),
                             Top::Built(outputs) => act.feed(Event::AlreadyBuilt(outputs), ctx),
                             Top::Failed(f) => {
-                                act.record_cached_failures(cached, ctx);
-                                act.feed(Event::TopFailed(f), ctx);
+                                // The rows first, then the build finishes.
+                                let rows = act.record_cached_failures(cached);
+                                ctx.wait(
+                                    rows.into_actor(act)
+                                        .map(move |_, act, ctx| act.feed(Event::TopFailed(f), ctx)),
+                                );
                             }
                             Top::Step(step) => {
-                                act.record_cached_failures(cached, ctx);
+                                let rows = act.record_cached_failures(cached);
+                                ctx.wait(rows.into_actor(act));
                                 step.do_send(AddWaiter(WaiterAddr::Build(
                                     act.row.id.0,
                                     ctx.address().downgrade(),
@@ -98,15 +104,12 @@ impl BuildActor {
     }
 
     /// As in Hydra: a step row with status CachedFailure for each cached failure met.
-    fn record_cached_failures(&mut self, drvs: Vec<String>, ctx: &mut Context<Self>) {
-        if drvs.is_empty() {
-            return;
-        }
+    fn record_cached_failures(&self, drvs: Vec<String>) -> impl Future<Output = ()> + 'static {
         let env = self.env.clone();
         let build = self.row.id;
         let system = self.row.system.clone();
-        ctx.wait(
-            async move {
+        async move {
+            {
                 let now = env.now();
                 for d in drvs {
                     let mut s = NewStep::build(&d, &system);
@@ -118,8 +121,7 @@ impl BuildActor {
                         persist("record cached failure", || env.db.create_step(build, &s)).await;
                 }
             }
-            .into_actor(self),
-        );
+        }
     }
 
     fn feed(&mut self, ev: Event, ctx: &mut Context<Self>) {

@@ -10,10 +10,8 @@ use actix::prelude::*;
 
 use super::machine::{Dispatcher, Effect, Event, MachineInfo, RunnableStep};
 use crate::actors::env::Env;
-use crate::actors::messages::{AbortJob, Assigned, JobDone, RunJob};
-use crate::actors::step::BuildOutcome;
+use crate::actors::messages::{AbortJob, Assigned, NoMachine, RunJob};
 use crate::actors::step::actor::StepActor;
-use crate::actors::types::Status;
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -140,11 +138,9 @@ impl DispatcherActor {
                 Effect::Unsupported { drv } => {
                     if let Some(step) = self.steps.remove(&drv).and_then(|w| w.upgrade()) {
                         tracing::warn!(drv = %drv, "no machine supports this step");
-                        step.do_send(JobDone(BuildOutcome::Failed {
-                            status: Status::Unsupported,
-                            message: "no machine supports this step's system and features".into(),
-                            transient: false,
-                        }));
+                        step.do_send(NoMachine(
+                            "no machine supports this step's system and required features".into(),
+                        ));
                     }
                 }
             }

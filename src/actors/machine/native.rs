@@ -24,11 +24,24 @@ impl Executor for NativeExecutor {
                     .collect(),
                 ran: r.ran,
             }),
-            Err(e) => Err(ExecFailure {
-                status: Status::from_code(e.status()).unwrap_or(Status::Failed),
-                message: e.to_string(),
-                transient: e.is_transient(),
-            }),
+            Err(e) => {
+                // Keep the log tail with every failure that has one (some messages already end
+                // with it), so "why did this fail" is answered without a shell on the builder.
+                let mut message = e.to_string();
+                let tail = e.log_tail();
+                if !tail.is_empty() && !tail.iter().all(|l| message.contains(l.as_str())) {
+                    message.push_str(&format!("; last {} log lines:", tail.len()));
+                    for l in tail {
+                        message.push_str("\n> ");
+                        message.push_str(l);
+                    }
+                }
+                Err(ExecFailure {
+                    status: Status::from_code(e.status()).unwrap_or(Status::Failed),
+                    message,
+                    transient: e.is_transient(),
+                })
+            }
         }
     }
 }

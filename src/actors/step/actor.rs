@@ -47,6 +47,8 @@ pub struct StepActor {
     busy: bool,
     /// This step builds the resolved drv of another step.
     pub resolved_child: bool,
+    /// A machine has (or is being sent) this step's job.
+    in_flight: bool,
 }
 
 impl StepActor {
@@ -84,6 +86,7 @@ impl StepActor {
             queue: VecDeque::new(),
             busy: false,
             resolved_child: false,
+            in_flight: false,
         }
     }
 
@@ -480,6 +483,7 @@ impl StepActor {
         Stats::dec(&self.env.stats.steps_runnable);
         Stats::inc(&self.env.stats.steps_running);
         self.machine_name = machine.clone();
+        self.in_flight = true;
         let env = self.env.clone();
         let drv_path = self.drv_path.clone();
         let system = self.drv.system.clone();
@@ -600,10 +604,12 @@ impl StepActor {
     fn abandon(&mut self, ctx: &mut Context<Self>) {
         tracing::info!(drv = %self.drv_path, "step abandoned: no build needs it");
         self.dispatcher.do_send(StepLeft(self.drv_path.clone()));
-        if let (Some(abort), Some(_)) = (&self.abort, &self.running_row) {
-            abort.do_send(AbortJob {
-                drv_path: self.drv_path.clone(),
-            });
+        if self.in_flight {
+            if let Some(abort) = &self.abort {
+                abort.do_send(AbortJob {
+                    drv_path: self.drv_path.clone(),
+                });
+            }
             Stats::dec(&self.env.stats.steps_running);
         }
         let rows: Vec<Row> = self
@@ -624,12 +630,17 @@ impl StepActor {
                 )
             })
             .collect();
-        self.io(ctx, async move {
-            for f in finishes {
-                f.await;
+        // The actor stops once its rows are closed.
+        self.busy = true;
+        ctx.wait(
+            async move {
+                for f in finishes {
+                    f.await;
+                }
             }
-        });
-        ctx.run_later(Duration::ZERO, |_, ctx| ctx.stop());
+            .into_actor(self)
+            .map(|_, _, ctx| ctx.stop()),
+        );
     }
 
     fn record_failure(&mut self, failure: Failure, ctx: &mut Context<Self>) {
@@ -913,6 +924,7 @@ impl Handler<Assigned> for StepActor {
             return;
         }
         self.runner = Some(msg.runner);
+        self.abort = msg.abort;
         self.feed(
             Event::Dispatched {
                 machine: msg.machine,
@@ -925,6 +937,15 @@ impl Handler<Assigned> for StepActor {
 impl Handler<JobDone> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
+        self.in_flight = false;
         self.feed(Event::BuildDone(msg.0), ctx);
+    }
+}
+
+impl Handler<NoMachine> for StepActor {
+    type Result = ();
+    fn handle(&mut self, msg: NoMachine, ctx: &mut Context<Self>) {
+        Stats::dec(&self.env.stats.steps_runnable);
+        self.feed(Event::NoMachine(msg.0), ctx);
     }
 }

@@ -99,6 +99,8 @@ pub enum Event {
     Dispatched {
         machine: String,
     },
+    /// No machine supports the step (after the configured wait): it fails as Unsupported.
+    NoMachine(String),
     BuildDone(BuildOutcome),
     RetryDue,
 }
@@ -261,6 +263,10 @@ impl StepMachine {
                     };
                     vec![Effect::RecordStart { machine }]
                 }
+                _ => vec![],
+            },
+            Event::NoMachine(message) => match self.phase {
+                Phase::Runnable => self.fail(Failure::new(Status::Unsupported, message), true),
                 _ => vec![],
             },
             Event::BuildDone(outcome) => self.build_done(outcome),

@@ -426,3 +426,17 @@ fn retry_delays_grow_geometrically() {
     assert_eq!(p.delay_before(3), Duration::from_secs(180));
     assert_eq!(p.delay_before(4), Duration::from_secs(540));
 }
+
+#[test]
+fn a_runnable_step_no_machine_supports_fails_unsupported() {
+    let mut s = step(false, &[]);
+    s.on(Event::Start);
+    let fx = s.on(Event::NoMachine("no machine for riscv64-linux".into()));
+    assert!(
+        matches!(&fx[..], [Effect::RecordFailure(f), Effect::NotifyFailed { .. }] if f.status == Status::Unsupported)
+    );
+    // only a queued step can be unsupported
+    let mut w = step(false, &[(A, &["out"])]);
+    w.on(Event::Start);
+    assert_eq!(w.on(Event::NoMachine("x".into())), vec![]);
+}

@@ -12,10 +12,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::fsutil::copy_tree;
 use super::{LocalStore, StagedPath, StagingDir, blocking, io_err};
 use crate::store::api::{PathInfo, Store, StoreError};
 use crate::store::aterm;
+use crate::store::fsutil::copy_tree;
 use crate::store::hash::sha256;
 use crate::store::nix32;
 use crate::store::path::StorePath;

@@ -16,7 +16,6 @@
 //!   name (so build-time checks for stray writes ignore them) and a write lock (an async mutex plus
 //!   an `flock` on `.qr-meta/write.lock` for other processes) around "rename, commit".
 
-mod fsutil;
 mod import;
 mod meta;
 
@@ -37,11 +36,11 @@ use super::nix32;
 use super::path::{StoreDir, StorePath};
 use super::realisation::DrvOutput;
 
-pub use fsutil::remove_tree;
-pub(crate) use fsutil::{canonicalise, fsync_tree, move_tree};
+pub use super::fsutil::remove_tree;
+pub(crate) use super::fsutil::{canonicalise, fsync_tree, move_tree};
 pub use import::ImportReport;
 
-use fsutil::{FileLock, LockMode, fsync_dir, rename_noreplace};
+use super::fsutil::{self, FileLock, LockMode, fsync_dir, rename_noreplace};
 use meta::MetaDb;
 
 /// The directory under the root that holds the metadata (never a store path: it starts with a dot).

@@ -1,5 +1,6 @@
-//! Filesystem helpers for the local store: fsync of trees, canonical permissions and timestamps,
-//! atomic renames, removal of read-only trees, copies, and `flock` locks.
+//! Filesystem helpers shared by the local store and CA output finalisation: fsync of trees,
+//! canonical permissions and timestamps, atomic renames, removal of read-only trees, copies, and
+//! `flock` locks.
 
 use std::ffi::CString;
 use std::fs::{self, File};

@@ -1,0 +1,156 @@
+//! Failures end with Hydra's statuses through `qr run`: a step for a system no machine has ends
+//! Unsupported after the configured wait; a build exceeding its time limit ends TimedOut; an output
+//! holding `nix-support/failed` ends FailedWithOutput; a drv that failed before is a CachedFailure
+//! the next time, without running. On SQLite and on PostgreSQL.
+
+mod common;
+
+use common::instantiate::{Gen, Kind};
+use common::qr::{Backend, Qr, all_steps};
+use serde_json::Value;
+
+fn one(qr: &Qr, g: &Gen, envs: &[(&str, &str)]) -> Value {
+    let file = qr.write_json("g.json", &g.doc());
+    let (out, builds) = qr.run_json(&[&file], envs);
+    assert_eq!(builds.len(), 1, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(if builds[0]["status"] == 0 { 0 } else { 1 })
+    );
+    builds.into_iter().next().expect("a build")
+}
+
+fn unsupported(backend: Backend) {
+    let Some(qr) = Qr::new(backend, false) else {
+        return;
+    };
+    let mut g = Gen::in_store_dir(
+        qr::store::StoreDir::new(qr.state_dir().join("store").display().to_string()).expect("dir"),
+    );
+    g.system = "riscv64-linux".into();
+    g.add(Kind::Ca, "st-riscv", "echo hi > $out", &[], &[]);
+    let b = one(&qr, &g, &[("QR_SCHEDULER_UNSUPPORTED_WAIT_S", "1")]);
+    assert_eq!(b["status"], 9, "Unsupported: {b}");
+    let steps = all_steps(&[b]);
+    assert!(
+        steps.iter().any(|(_, s)| s["status"] == 9),
+        "an Unsupported step row: {steps:?}"
+    );
+    assert!(qr.runs().is_empty());
+}
+
+fn timed_out(backend: Backend) {
+    let Some(qr) = Qr::new(backend, false) else {
+        return;
+    };
+    let mut g = Gen::new();
+    g.add(
+        Kind::Ca,
+        "st-slow",
+        "echo started; sleep 30; echo late > $out",
+        &[],
+        &[],
+    );
+    let b = one(&qr, &g, &[("QR_SCHEDULER_BUILD_TIMEOUT_S", "1")]);
+    assert_eq!(b["status"], 7, "TimedOut: {b}");
+    let steps = all_steps(&[b]);
+    let msg = steps
+        .iter()
+        .find(|(_, s)| s["status"] == 7)
+        .map(|(_, s)| s["errorMsg"].to_string())
+        .expect("a TimedOut step");
+    assert!(msg.contains("started"), "the log tail is kept: {msg}");
+}
+
+fn failed_with_output(backend: Backend) {
+    let Some(qr) = Qr::new(backend, false) else {
+        return;
+    };
+    let mut g = Gen::new();
+    g.add(
+        Kind::Ca,
+        "st-failed-output",
+        "mkdir -p $out/nix-support; echo report > $out/log; touch $out/nix-support/failed",
+        &[],
+        &[],
+    );
+    let b = one(&qr, &g, &[]);
+    assert_eq!(b["status"], 6, "FailedWithOutput: {b}");
+    assert!(
+        b["outputs"]["out"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("-st-failed-output")),
+        "{b}"
+    );
+}
+
+fn cached_failure(backend: Backend) {
+    let Some(qr) = Qr::new(backend, false) else {
+        return;
+    };
+    let mut g = Gen::new();
+    let bad = g.add(Kind::Ca, "st-bad", "echo broken; exit 1", &[], &[]);
+    let first = one(&qr, &g, &[]);
+    assert_eq!(first["status"], 1);
+    // The same drv queued again (another jobset, so a new build): not run again.
+    let file = qr.write_json("g.json", &g.doc());
+    let out = qr.run(
+        &[
+            "run",
+            "--json",
+            "--jobset",
+            "again",
+            &file.display().to_string(),
+        ],
+        &[],
+    );
+    let second: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("a build"),
+    )
+    .expect("json");
+    assert_eq!(second["status"], 8, "CachedFailure: {second}");
+    let steps = all_steps(&[second]);
+    assert!(
+        steps.iter().any(|(_, s)| s["status"] == 8
+            && s["drvPath"]
+                .as_str()
+                .is_some_and(|d| d.ends_with(bad.rsplit('-').next().unwrap_or("")))),
+        "a CachedFailure step row: {steps:?}"
+    );
+}
+
+#[test]
+fn unsupported_on_sqlite() {
+    unsupported(Backend::Sqlite);
+}
+#[test]
+fn unsupported_on_postgres() {
+    unsupported(Backend::Postgres);
+}
+#[test]
+fn timed_out_on_sqlite() {
+    timed_out(Backend::Sqlite);
+}
+#[test]
+fn timed_out_on_postgres() {
+    timed_out(Backend::Postgres);
+}
+#[test]
+fn failed_with_output_on_sqlite() {
+    failed_with_output(Backend::Sqlite);
+}
+#[test]
+fn failed_with_output_on_postgres() {
+    failed_with_output(Backend::Postgres);
+}
+#[test]
+fn cached_failure_on_sqlite() {
+    cached_failure(Backend::Sqlite);
+}
+#[test]
+fn cached_failure_on_postgres() {
+    cached_failure(Backend::Postgres);
+}
