@@ -12,15 +12,16 @@ use common::instantiate::{Gen, Kind};
 use common::qr::{Backend, Qr, all_steps};
 use serde_json::Value;
 
-/// a → b → c, all floating CA; b's builder takes a second (so a kill lands while it builds).
-fn graph() -> Value {
+/// a → b → c, all floating CA; b's builder takes over a second (so a kill lands while it builds),
+/// sleeping `nap` seconds (a value only this test uses, to find its process).
+fn graph(nap: &str) -> Value {
     let mut g = Gen::new();
     let a = g.add(Kind::Ca, "rs-a", "echo a > $out", &[], &[]);
     let oa = g.out(&a);
     let b = g.add(
         Kind::Ca,
         "rs-b",
-        &format!("sleep 1; cat {oa} > $out; echo b >> $out"),
+        &format!("sleep {nap}; cat {oa} > $out; echo b >> $out"),
         &[],
         &[&a],
     );
@@ -79,7 +80,12 @@ fn check_rows(builds: &[Value], what: &str) {
 }
 
 fn kill_at_each_phase(backend: Backend) {
-    let doc = graph();
+    let nap = if backend == Backend::Sqlite {
+        "1.11"
+    } else {
+        "1.12"
+    };
+    let doc = graph(nap);
     // Logical store dir /nix/store for every runner, so output paths compare across runners.
     let Some(clean) = Qr::new(backend, true) else {
         return;
@@ -106,6 +112,17 @@ fn kill_at_each_phase(backend: Backend) {
             "{point}: the runner was killed there\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if point == "building-resolved" {
+            // The builder's main process died with the runner (parent-death signal), so the
+            // interrupted build cannot go on to write its output (a `sleep` it had forked may
+            // linger until it ends; it writes nothing).
+            let orphan = std::process::Command::new("pgrep")
+                .args(["-f", &format!("sleep {nap}; cat")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            assert!(!orphan, "the killed runner's builder is still running");
+        }
         let (out, builds) = qr.run_json(&[&file], &[]);
         assert!(
             out.status.success(),

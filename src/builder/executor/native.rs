@@ -565,6 +565,12 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
                 if libc::setsid() < 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // If the runner dies (even by SIGKILL), so does the builder: a restarted runner
+                // never races an orphaned build for the same scratch paths. The forking thread is
+                // the one that supervises the build, so it lives as long as the builder does.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
                 match &sb {
                     Some(sb) => sb.child_setup(err_w.as_raw_fd()),
                     None => Ok(()),
