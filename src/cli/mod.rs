@@ -94,7 +94,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("qr: {e:#}");
+            eprintln!("qr: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -115,5 +115,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(ctx, args),
         Command::Builder(args) => builder::run(ctx, args),
         Command::Submit(args) => submit::run(ctx, args),
+    }
+}
+
+/// An error and its causes on one line, each cause once (errors that already print their source
+/// are not repeated by the chain).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_prints_each_cause_once() {
+        let inner = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(inner)
+            .context("cannot connect to database x: connection refused")
+            .context("opening");
+        assert_eq!(
+            one_line(&e),
+            "opening: cannot connect to database x: connection refused"
+        );
     }
 }
