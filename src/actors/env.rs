@@ -90,6 +90,12 @@ pub enum SchedEvent {
     EarlyCutoff {
         drv: String,
     },
+    MachineJoined {
+        machine: String,
+    },
+    MachineLeft {
+        machine: String,
+    },
 }
 
 /// The environment shared by the actors.
@@ -101,6 +107,10 @@ pub struct Env {
     pub retry: RetryPolicy,
     pub stats: Stats,
     pub events: broadcast::Sender<SchedEvent>,
+    /// Live actors for the admin API and the dashboard.
+    pub actors: crate::actors::introspect::Actors,
+    /// When this runner started (unix seconds).
+    pub started_at: i64,
     /// This runner's default timeouts, used where a build sets none.
     pub max_silent: Duration,
     pub timeout: Duration,
@@ -113,6 +123,7 @@ pub struct Env {
 
 impl Env {
     pub fn new(db: Db, store: Arc<dyn Store>, clock: Arc<dyn Clock>, retry: RetryPolicy) -> Self {
+        let started_at = clock.now();
         Env {
             db,
             store,
@@ -121,6 +132,8 @@ impl Env {
             retry,
             stats: Stats::default(),
             events: broadcast::channel(4096).0,
+            actors: Default::default(),
+            started_at,
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
             runs_ledger: None,
