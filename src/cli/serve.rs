@@ -17,6 +17,8 @@ use crate::actors::dispatcher::actor::Reserve;
 use crate::actors::env::{Env, SystemClock};
 use crate::actors::scheduler::Scheduler;
 use crate::db::{Db, DbOptions};
+use crate::grpc::admin::AdminServiceImpl;
+use crate::grpc::admin::admin_v1::admin_service_server::AdminServiceServer;
 use crate::grpc::auth::{ServerAuth, read_token_file};
 use crate::grpc::hub::{BuilderHub, RemoteSettings};
 use crate::grpc::runner_v1::runner_service_server::RunnerServiceServer;
@@ -143,7 +145,13 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runner = RunnerServiceServer::new(RunnerServiceImpl::new(hub, store.clone(), settings))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let runner = InterceptedService::new(runner, ServerAuth::new(token));
+    let auth = ServerAuth::new(token);
+    let runner = InterceptedService::new(runner, auth.clone());
+    let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone());
+    let admin_service = InterceptedService::new(
+        AdminServiceServer::new(AdminServiceImpl::new(admin.clone())),
+        auth,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<RunnerServiceServer<RunnerServiceImpl>>()
@@ -166,6 +174,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(runner)
+        .add_service(admin_service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown_signal(),

@@ -257,6 +257,41 @@ impl Handler<JobsetUsage> for DispatcherActor {
     }
 }
 
+/// An operator enables or disables (drains) a machine. Answers whether the machine is known.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct SetMachineEnabled {
+    pub machine: String,
+    pub enabled: bool,
+}
+
+impl Handler<SetMachineEnabled> for DispatcherActor {
+    type Result = bool;
+    fn handle(&mut self, msg: SetMachineEnabled, _: &mut Context<Self>) -> bool {
+        let known = self.runners.contains_key(&msg.machine);
+        if known {
+            tracing::info!(machine = %msg.machine, enabled = msg.enabled, "machine enabled changed by an operator");
+            self.feed(Event::SetEnabled {
+                machine: msg.machine,
+                enabled: msg.enabled,
+            });
+        }
+        known
+    }
+}
+
+/// The machines as the dispatcher sees them.
+#[derive(Message)]
+#[rtype(result = "Vec<super::machine::MachineView>")]
+pub struct GetMachines;
+
+impl Handler<GetMachines> for DispatcherActor {
+    type Result = MessageResult<GetMachines>;
+    fn handle(&mut self, _: GetMachines, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.logic.machines())
+    }
+}
+
 impl Handler<GetStatus> for DispatcherActor {
     type Result = DispatchStatus;
     fn handle(&mut self, _: GetStatus, _: &mut Context<Self>) -> DispatchStatus {
