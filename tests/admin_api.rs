@@ -389,6 +389,87 @@ fn admin_api(backend: Backend) {
             assert!(kinds.contains(k), "no {k} event: {kinds:?}");
         }
 
+        // The same through `qr admin` (JSON and tables).
+        let admin = |args: &[&str]| {
+            let mut cmd = c.qr.command();
+            cmd.args(["admin", "--runner", &url, "--token-file"])
+                .arg(&c.token)
+                .args(args);
+            cmd.output().expect("qr admin")
+        };
+        let json = |args: &[&str]| -> serde_json::Value {
+            let mut a = args.to_vec();
+            a.push("--json");
+            let out = admin(&a);
+            assert!(
+                out.status.success(),
+                "qr admin {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).expect("JSON")
+        };
+        let id = build.id.to_string();
+        assert!(json(&["status"])["resolutions"].as_u64().unwrap() >= 1);
+        assert_eq!(json(&["builds"])["builds"][0]["id"], build.id);
+        assert_eq!(json(&["build", &id])["build"]["status"], 0);
+        assert_eq!(
+            json(&["steps", &id])["steps"].as_array().unwrap().len(),
+            steps.len()
+        );
+        let chain = json(&["step", &id, &resolved.stepnr.to_string()]);
+        assert_eq!(chain["resolved_chain"].as_array().unwrap().len(), 2);
+        assert!(
+            json(&["actors"])["actors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["id"] == "dispatcher")
+        );
+        assert_eq!(json(&["machines"])["machines"][0]["id"], "localhost");
+        for a in ["disable", "drain", "enable"] {
+            assert!(
+                json(&[a, "localhost"])["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("localhost")
+            );
+        }
+        for args in [
+            &["status"][..],
+            &["builds"],
+            &["steps", &id],
+            &["actors"],
+            &["machines"],
+        ] {
+            let out = admin(args);
+            assert!(out.status.success());
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.lines().count() >= 2, "qr admin {args:?}: {text}");
+        }
+        let out = admin(&["bump", &id, "3"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"));
+        let wrong = c.qr.state_dir().join("wrong-token");
+        std::fs::write(&wrong, "nope\n").unwrap();
+        let mut cmd = c.qr.command();
+        let out = cmd
+            .args(["admin", "--runner", &url, "--token-file"])
+            .arg(&wrong)
+            .arg("status")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+        let mut watch = c.qr.command();
+        let watch = watch
+            .args(["admin", "--runner", &url, "--token-file"])
+            .arg(&c.token)
+            .args(["watch", "--json", "--count", "1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
         // Finished: cancel and bump do not apply; restart does, then the status counts.
         let e = adm
             .cancel_build(BuildAction { id: build.id })
@@ -411,6 +492,21 @@ fn admin_api(backend: Backend) {
             Ok(_) => {}
             Err(e) => assert_eq!(e.code(), Code::FailedPrecondition),
         }
+        // The watcher may connect late on a loaded machine: make events until it has printed one.
+        let mut watch = watch;
+        let t = Instant::now();
+        while watch.try_wait().unwrap().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "qr admin watch saw no event"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = adm.restart_build(BuildAction { id: build.id }).await;
+            let _ = adm.cancel_build(BuildAction { id: build.id }).await;
+        }
+        let out = watch.wait_with_output().unwrap();
+        let ev: serde_json::Value = serde_json::from_slice(&out.stdout).expect("an event");
+        assert!(ev["kind"].as_str().unwrap().starts_with("build_"), "{ev}");
         let st = adm.status(StatusRequest {}).await.unwrap().into_inner();
         assert!(st.steps_built >= 2 && st.resolutions >= 1, "{st:?}");
         assert!(st.uptime_s < 600);
