@@ -44,6 +44,10 @@ pub struct Stats {
     pub early_cutoffs: AtomicU64,
     pub builds_finished: AtomicU64,
     pub actor_restarts: AtomicU64,
+    /// Time from runnable to started on a machine.
+    pub dispatch: Summary,
+    /// Build durations, queued to finished.
+    pub build_seconds: Summary,
     /// Executor runs per drv path: a drv run twice shows here.
     pub runs: DashMap<String, u32>,
 }
@@ -61,6 +65,29 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A sum and a count of durations (a Prometheus summary without quantiles).
+#[derive(Debug, Default)]
+pub struct Summary {
+    micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Summary {
+    pub fn observe(&self, d: Duration) {
+        self.micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count).
+    pub fn snapshot(&self) -> (f64, u64) {
+        (
+            self.micros.load(Ordering::Relaxed) as f64 / 1e6,
+            self.count.load(Ordering::Relaxed),
+        )
     }
 }
 

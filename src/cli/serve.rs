@@ -148,6 +148,19 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let auth = ServerAuth::new(token);
     let runner = InterceptedService::new(runner, auth.clone());
     let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone());
+    let http_listen = ctx.config.http.listen.clone();
+    if !http_listen.is_empty() {
+        let l = tokio::net::TcpListener::bind(&http_listen)
+            .await
+            .with_context(|| format!("listening on {http_listen} ([http] listen)"))?;
+        eprintln!("qr serve: dashboard on http://{}", l.local_addr()?);
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::web::serve(l, admin).await {
+                tracing::error!(error = %e, "the HTTP server stopped");
+            }
+        });
+    }
     let admin_service = InterceptedService::new(
         AdminServiceServer::new(AdminServiceImpl::new(admin.clone())),
         auth,

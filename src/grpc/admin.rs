@@ -464,7 +464,7 @@ impl Admin {
     }
 
     /// The event stream: every scheduler event from now on (a slow watcher skips what it missed).
-    pub fn events(&self) -> impl Stream<Item = admin_v1::Event> + Send + 'static {
+    pub fn events(&self) -> impl Stream<Item = admin_v1::Event> + Send + 'static + use<> {
         let env = self.env.clone();
         let rx = env.events.subscribe();
         futures::stream::unfold((rx, env), |(mut rx, env)| async move {

@@ -189,6 +189,7 @@ impl BuildActor {
     ) {
         let env = self.env.clone();
         let id = self.row.id;
+        let queued = self.row.timestamp;
         if let Some(m) = &message {
             tracing::info!(build = id.0, status = status.code(), message = %m, "build finished");
         } else {
@@ -206,6 +207,11 @@ impl BuildActor {
             async move {
                 let _ = persist("finish build", || env.db.finish_build(&f)).await;
                 Stats::inc(&env.stats.builds_finished);
+                env.stats
+                    .build_seconds
+                    .observe(std::time::Duration::from_secs(
+                        (f.stop_time - queued).max(0) as u64,
+                    ));
                 env.emit(SchedEvent::BuildFinished {
                     build: id.0,
                     status: status.code(),

@@ -54,6 +54,8 @@ pub struct StepActor {
     cell: Arc<ActorCell>,
     /// The drv this step resolved to (its child in the supervision tree).
     resolved_to: Option<String>,
+    /// When it last became runnable (dispatch latency).
+    runnable_since: Option<std::time::Instant>,
 }
 
 impl StepActor {
@@ -97,6 +99,7 @@ impl StepActor {
             in_flight: false,
             cell,
             resolved_to: None,
+            runnable_since: None,
         }
     }
 
@@ -213,6 +216,8 @@ impl StepActor {
             Effect::AttachChild { resolved } => self.attach_child(resolved, ctx),
             Effect::MakeRunnable => {
                 Stats::inc(&self.env.stats.steps_runnable);
+                self.runnable_since
+                    .get_or_insert_with(std::time::Instant::now);
                 self.dispatcher.do_send(Runnable {
                     step: RunnableStep {
                         drv: self.drv_path.clone(),
@@ -1021,6 +1026,9 @@ impl Handler<Assigned> for StepActor {
         }
         self.runner = Some(msg.runner);
         self.abort = msg.abort;
+        if let Some(t) = self.runnable_since.take() {
+            self.env.stats.dispatch.observe(t.elapsed());
+        }
         self.feed(
             Event::Dispatched {
                 machine: msg.machine,
