@@ -53,6 +53,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/actors", get(actors))
         .route("/api/machines", get(machines))
         .route("/api/events", get(events))
+        .route("/api/settle/{ms}", get(settle))
         .with_state(state)
 }
 
@@ -93,6 +94,14 @@ async fn dashboard() -> Response {
         DASHBOARD,
     )
         .into_response()
+}
+
+/// Answers after `ms` milliseconds (at most 10 s): the dashboard loads it when opened with
+/// `?settle=MS`, which holds the page's load event back while it renders live data, so a headless
+/// browser's `--dump-dom` or `--screenshot` (taken at load) shows the page after MS of real time.
+async fn settle(Path(ms): Path<u64>) -> Response {
+    tokio::time::sleep(std::time::Duration::from_millis(ms.min(10_000))).await;
+    ([(header::CONTENT_TYPE, "text/css")], "").into_response()
 }
 
 async fn status(State(s): State<AppState>) -> Response {
