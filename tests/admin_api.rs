@@ -368,6 +368,42 @@ fn admin_api(backend: Backend) {
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
 
+        // The log of the step that built the resolved drv; the build's default log; not found.
+        let log = adm
+            .get_log(GetLogRequest {
+                build: build.id,
+                stepnr: resolved.resolved_to_step,
+                tail_lines: 5,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(log.stepnr, resolved.resolved_to_step);
+        assert!(log.file.ends_with(".log"), "{log:?}");
+        let any = adm
+            .get_log(GetLogRequest {
+                build: build.id,
+                stepnr: 0,
+                tail_lines: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(any.stepnr > 0);
+        let e = adm
+            .get_log(GetLogRequest {
+                build: build.id,
+                stepnr: resolved.stepnr,
+                tail_lines: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::NotFound,
+            "a Resolved step built nothing itself"
+        );
+
         // Events seen meanwhile.
         let mut kinds = BTreeSet::new();
         let t = Instant::now();
@@ -446,6 +482,12 @@ fn admin_api(backend: Backend) {
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(text.lines().count() >= 2, "qr admin {args:?}: {text}");
         }
+        let out = admin(&["log", &id, &resolved.resolved_to_step.to_string(), "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let out = admin(&["bump", &id, "3"]);
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"));

@@ -229,6 +229,14 @@ fn metrics_and_status(backend: Backend) {
     let sd: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(sd["resolved_chain"].as_array().unwrap().len(), 2);
     assert_eq!(c.http_get("/api/builds/99999").0, 404);
+    let child_nr = resolved["resolved_to_step"].as_i64().unwrap();
+    let (code, _, body) = c.http_get(&format!("/api/builds/{id}/steps/{child_nr}/log"));
+    assert_eq!(code, 200, "{body}");
+    let (code, _, _) = c.http_get(&format!(
+        "/api/builds/{id}/steps/{}/log",
+        resolved["stepnr"]
+    ));
+    assert_eq!(code, 404);
     assert_eq!(c.http_get("/api/actors").0, 200);
     assert_eq!(c.http_get("/api/machines").0, 200);
 

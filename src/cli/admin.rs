@@ -71,6 +71,14 @@ pub enum AdminCommand {
     Disable { machine: String },
     /// Like disable; the machine shows as draining until its jobs are done.
     Drain { machine: String },
+    /// A step's build log (default: the build's last failed step, else its last step with a log).
+    Log {
+        build: i64,
+        stepnr: Option<i32>,
+        /// Only the last lines.
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+    },
     /// Print scheduler events as they happen.
     Watch {
         /// Stop after this many events (0: never).
@@ -461,6 +469,26 @@ async fn admin(ctx: Context, args: AdminArgs) -> anyhow::Result<ExitCode> {
                 })
                 .await;
             return action(json, r).await;
+        }
+        AdminCommand::Log {
+            build,
+            stepnr,
+            tail,
+        } => {
+            let r = c
+                .get_log(GetLogRequest {
+                    build,
+                    stepnr: stepnr.unwrap_or(0),
+                    tail_lines: tail,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                return print_json(&r).map(|_| ExitCode::SUCCESS);
+            }
+            eprintln!("build {} step {} ({})", r.build, r.stepnr, r.drv_path);
+            print!("{}", r.text);
         }
         AdminCommand::Watch { count } => {
             let mut s = c

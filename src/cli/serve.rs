@@ -108,6 +108,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         vec![]
     };
     let settings = remote_settings(&ctx, store.store_dir().clone());
+    let remote_logs = settings.log_dir.clone();
     let (sched, recovery) = Scheduler::start(
         env.clone(),
         machines,
@@ -147,7 +148,12 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .max_encoding_message_size(64 << 20);
     let auth = ServerAuth::new(token);
     let runner = InterceptedService::new(runner, auth.clone());
-    let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone());
+    let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
+        .with_log_dirs(vec![
+            crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir)
+                .log_dir,
+            remote_logs,
+        ]);
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)

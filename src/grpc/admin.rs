@@ -153,6 +153,8 @@ pub struct Admin {
     dispatcher: Addr<DispatcherActor>,
     /// Machines an operator asked to drain (as opposed to disable).
     draining: Arc<Mutex<BTreeSet<String>>>,
+    /// Where build logs are (`<drv base name>.<suffix>.log`).
+    log_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Admin {
@@ -161,7 +163,96 @@ impl Admin {
             env,
             dispatcher,
             draining: Arc::default(),
+            log_dirs: vec![],
         }
+    }
+
+    /// Serves logs found in these directories.
+    pub fn with_log_dirs(mut self, dirs: Vec<std::path::PathBuf>) -> Self {
+        self.log_dirs = dirs;
+        self
+    }
+
+    /// The newest log file of `drv_path`.
+    fn log_file(&self, drv_path: &str) -> Option<std::path::PathBuf> {
+        let base = drv_path.rsplit('/').next()?;
+        let prefix = format!("{base}.");
+        let mut best: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
+        for d in &self.log_dirs {
+            let Ok(rd) = std::fs::read_dir(d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !(name.starts_with(&prefix) && name.ends_with(".log")) {
+                    continue;
+                }
+                let t = e.metadata().and_then(|m| m.modified()).ok()?;
+                if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+                    best = Some((t, e.path()));
+                }
+            }
+        }
+        best.map(|(_, p)| p)
+    }
+
+    pub async fn log(&self, r: GetLogRequest) -> Result<LogResponse, Status> {
+        let id = check_id(r.build)?;
+        if r.stepnr < 0 {
+            return Err(Status::invalid_argument("invalid step number"));
+        }
+        self.env.db.get_build(id).await.map_err(db_status)?;
+        let steps = self.env.db.steps_of_build(id).await.map_err(db_status)?;
+        let step = if r.stepnr > 0 {
+            steps
+                .iter()
+                .find(|s| s.stepnr == r.stepnr)
+                .ok_or_else(|| Status::not_found(format!("step {} of build {}", r.stepnr, id.0)))?
+        } else {
+            let failed = steps.iter().rev().find(|s| {
+                s.status.is_some_and(|st| {
+                    !st.is_success()
+                        && st != crate::db::types::BuildStatus::Resolved
+                        && s.propagated_from.is_none()
+                }) && self.log_file(&s.drv_path).is_some()
+            });
+            failed
+                .or_else(|| {
+                    steps
+                        .iter()
+                        .rev()
+                        .find(|s| self.log_file(&s.drv_path).is_some())
+                })
+                .ok_or_else(|| {
+                    Status::not_found(format!("build {} has no step with a log", id.0))
+                })?
+        };
+        let file = self.log_file(&step.drv_path).ok_or_else(|| {
+            Status::not_found(format!(
+                "no log for step {} of build {} ({})",
+                step.stepnr, id.0, step.drv_path
+            ))
+        })?;
+        let bytes = std::fs::read(&file).map_err(|e| Status::unavailable(e.to_string()))?;
+        const MAX: usize = 1 << 20;
+        let mut truncated = bytes.len() > MAX;
+        let mut text =
+            String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(MAX)..]).into_owned();
+        if r.tail_lines > 0 {
+            let lines: Vec<&str> = text.lines().collect();
+            if lines.len() > r.tail_lines as usize {
+                truncated = true;
+                text = lines[lines.len() - r.tail_lines as usize..].join("\n") + "\n";
+            }
+        }
+        Ok(LogResponse {
+            build: id.0,
+            stepnr: step.stepnr,
+            drv_path: step.drv_path.clone(),
+            file: file.display().to_string(),
+            text,
+            truncated,
+        })
     }
 
     pub fn env(&self) -> &Arc<Env> {
@@ -596,6 +687,10 @@ impl AdminService for AdminServiceImpl {
             .set_machine(&r.machine, r.action)
             .await
             .map(Response::new)
+    }
+
+    async fn get_log(&self, r: Request<GetLogRequest>) -> Result<Response<LogResponse>, Status> {
+        self.admin.log(r.into_inner()).await.map(Response::new)
     }
 
     type WatchEventsStream = EventStream;

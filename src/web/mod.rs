@@ -50,6 +50,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/builds", get(builds))
         .route("/api/builds/{id}", get(build))
         .route("/api/builds/{id}/steps/{nr}", get(step))
+        .route("/api/builds/{id}/steps/{nr}/log", get(log))
         .route("/api/actors", get(actors))
         .route("/api/machines", get(machines))
         .route("/api/events", get(events))
@@ -125,6 +126,18 @@ async fn build(State(s): State<AppState>, Path(id): Path<i64>) -> Response {
 
 async fn step(State(s): State<AppState>, Path((id, nr)): Path<(i64, i32)>) -> Response {
     answer(s.admin.get_step(id, nr).await)
+}
+
+async fn log(State(s): State<AppState>, Path((id, nr)): Path<(i64, i32)>) -> Response {
+    answer(
+        s.admin
+            .log(crate::grpc::admin::admin_v1::GetLogRequest {
+                build: id,
+                stepnr: nr,
+                tail_lines: 0,
+            })
+            .await,
+    )
 }
 
 async fn actors(State(s): State<AppState>) -> Response {
