@@ -229,6 +229,28 @@ fn metrics_and_status(backend: Backend) {
     let sd: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(sd["resolved_chain"].as_array().unwrap().len(), 2);
     assert_eq!(c.http_get("/api/builds/99999").0, 404);
+    // Finished steps' logs are kept gzip-compressed (a few seconds after the step ends).
+    let logs = c.qr.state_dir().join("logs");
+    let t = std::time::Instant::now();
+    loop {
+        let names: Vec<String> = std::fs::read_dir(&logs)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let gz = names.iter().filter(|n| n.ends_with(".log.gz")).count();
+        let plain = names.iter().filter(|n| n.ends_with(".log")).count();
+        if gz >= 2 && plain == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "logs not compressed: {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let child_nr = resolved["resolved_to_step"].as_i64().unwrap();
     let (code, _, body) = c.http_get(&format!("/api/builds/{id}/steps/{child_nr}/log"));
     assert_eq!(code, 200, "{body}");

@@ -148,12 +148,13 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .max_encoding_message_size(64 << 20);
     let auth = ServerAuth::new(token);
     let runner = InterceptedService::new(runner, auth.clone());
+    let log_dirs = vec![
+        crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir).log_dir,
+        remote_logs,
+    ];
+    crate::grpc::admin::spawn_log_compressor(env.clone(), log_dirs.clone());
     let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
-        .with_log_dirs(vec![
-            crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir)
-                .log_dir,
-            remote_logs,
-        ]);
+        .with_log_dirs(log_dirs);
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)

@@ -184,7 +184,9 @@ impl Admin {
             };
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !(name.starts_with(&prefix) && name.ends_with(".log")) {
+                if !(name.starts_with(&prefix)
+                    && (name.ends_with(".log") || name.ends_with(".log.gz")))
+                {
                     continue;
                 }
                 let t = e.metadata().and_then(|m| m.modified()).ok()?;
@@ -233,7 +235,7 @@ impl Admin {
                 step.stepnr, id.0, step.drv_path
             ))
         })?;
-        let bytes = std::fs::read(&file).map_err(|e| Status::unavailable(e.to_string()))?;
+        let bytes = read_log(&file).map_err(|e| Status::unavailable(e.to_string()))?;
         const MAX: usize = 1 << 20;
         let mut truncated = bytes.len() > MAX;
         let mut text =
@@ -575,6 +577,96 @@ impl Admin {
     }
 }
 
+/// A log file's contents (gunzipped for `.log.gz`).
+pub fn read_log(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let raw = std::fs::read(path)?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out)?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Compresses `<dir>/<drv base>.*.log` files that have not changed for `quiet` into `.log.gz`
+/// (then removes the plain file). Returns how many were compressed.
+pub fn compress_logs(
+    dirs: &[std::path::PathBuf],
+    drv_path: &str,
+    quiet: std::time::Duration,
+) -> usize {
+    let Some(base) = drv_path.rsplit('/').next() else {
+        return 0;
+    };
+    let prefix = format!("{base}.");
+    let mut n = 0;
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !(name.starts_with(&prefix) && name.ends_with(".log")) {
+                continue;
+            }
+            let fresh = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < quiet);
+            if fresh {
+                continue;
+            }
+            let src = e.path();
+            let dst = src.with_extension("log.gz");
+            let res = (|| -> std::io::Result<()> {
+                let data = std::fs::read(&src)?;
+                let tmp = src.with_extension("log.gz.tmp");
+                let f = std::fs::File::create(&tmp)?;
+                let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
+                std::io::Write::write_all(&mut gz, &data)?;
+                gz.finish()?.sync_all()?;
+                std::fs::rename(&tmp, &dst)?;
+                std::fs::remove_file(&src)
+            })();
+            match res {
+                Ok(()) => n += 1,
+                Err(err) => {
+                    tracing::warn!(log = %src.display(), error = %err, "cannot compress a build log")
+                }
+            }
+        }
+    }
+    n
+}
+
+/// Compresses each step's logs a few seconds after it finished (so a remote builder's log stream
+/// has ended), for as long as the runner runs.
+pub fn spawn_log_compressor(env: Arc<Env>, dirs: Vec<std::path::PathBuf>) {
+    let mut rx = env.events.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(SchedEvent::StepFinished { drv, built: _, .. }) => {
+                    let dirs = dirs.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                        let _ = tokio::task::spawn_blocking(move || {
+                            compress_logs(&dirs, &drv, std::time::Duration::from_secs(2))
+                        })
+                        .await;
+                    });
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
 /// The tonic service.
 pub struct AdminServiceImpl {
     admin: Admin,
@@ -702,5 +794,29 @@ impl AdminService for AdminServiceImpl {
         use futures::StreamExt;
         let s = self.admin.events().map(Ok);
         Ok(Response::new(Box::pin(s)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logs_are_compressed_once_quiet_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let drv = "/nix/store/aaaa-x.drv";
+        let log = d.path().join("aaaa-x.drv.123.log");
+        std::fs::write(&log, "line 1\nline 2\n").unwrap();
+        let dirs = vec![d.path().to_path_buf()];
+        // too fresh
+        assert_eq!(
+            super::compress_logs(&dirs, drv, std::time::Duration::from_secs(60)),
+            0
+        );
+        assert_eq!(
+            super::compress_logs(&dirs, drv, std::time::Duration::ZERO),
+            1
+        );
+        assert!(!log.exists());
+        let gz = d.path().join("aaaa-x.drv.123.log.gz");
+        assert_eq!(super::read_log(&gz).unwrap(), b"line 1\nline 2\n");
     }
 }
