@@ -2,7 +2,7 @@
 //!
 //! The folder tree is the architecture: `store` (Nix's formats, the `Store` trait and the native
 //! store), `db` (the runner's journal), `actors` (builds and steps as actors), `grpc` (builder and
-//! admin protocols), `cli` (the `qr` command) and `config`.
+//! admin protocols), `web` (dashboard, `/status`, `/metrics`), `cli` (the `qr` command) and `config`.
 
 pub mod actors;
 pub mod builder;
@@ -11,3 +11,4 @@ pub mod config;
 pub mod db;
 pub mod grpc;
 pub mod store;
+pub mod web;

@@ -44,6 +44,10 @@ pub struct Stats {
     pub early_cutoffs: AtomicU64,
     pub builds_finished: AtomicU64,
     pub actor_restarts: AtomicU64,
+    /// Time from runnable to started on a machine.
+    pub dispatch: Summary,
+    /// Build durations, queued to finished.
+    pub build_seconds: Summary,
     /// Executor runs per drv path: a drv run twice shows here.
     pub runs: DashMap<String, u32>,
 }
@@ -61,6 +65,29 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A sum and a count of durations (a Prometheus summary without quantiles).
+#[derive(Debug, Default)]
+pub struct Summary {
+    micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Summary {
+    pub fn observe(&self, d: Duration) {
+        self.micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count).
+    pub fn snapshot(&self) -> (f64, u64) {
+        (
+            self.micros.load(Ordering::Relaxed) as f64 / 1e6,
+            self.count.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -90,6 +117,12 @@ pub enum SchedEvent {
     EarlyCutoff {
         drv: String,
     },
+    MachineJoined {
+        machine: String,
+    },
+    MachineLeft {
+        machine: String,
+    },
 }
 
 /// The environment shared by the actors.
@@ -101,6 +134,10 @@ pub struct Env {
     pub retry: RetryPolicy,
     pub stats: Stats,
     pub events: broadcast::Sender<SchedEvent>,
+    /// Live actors for the admin API and the dashboard.
+    pub actors: crate::actors::introspect::Actors,
+    /// When this runner started (unix seconds).
+    pub started_at: i64,
     /// This runner's default timeouts, used where a build sets none.
     pub max_silent: Duration,
     pub timeout: Duration,
@@ -113,6 +150,7 @@ pub struct Env {
 
 impl Env {
     pub fn new(db: Db, store: Arc<dyn Store>, clock: Arc<dyn Clock>, retry: RetryPolicy) -> Self {
+        let started_at = clock.now();
         Env {
             db,
             store,
@@ -121,6 +159,8 @@ impl Env {
             retry,
             stats: Stats::default(),
             events: broadcast::channel(4096).0,
+            actors: Default::default(),
+            started_at,
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
             runs_ledger: None,

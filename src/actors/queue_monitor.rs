@@ -10,6 +10,7 @@ use crate::actors::build::actor::{BuildActor, BuildActorDone};
 use crate::actors::build::expand::RecordedLookup;
 use crate::actors::dispatcher::actor::{DispatcherActor, JobsetUsage};
 use crate::actors::env::{Env, Stats};
+use crate::actors::introspect::{ActorCell, ActorKind};
 use crate::actors::messages::{BumpBuild, CancelBuild};
 use crate::db::QueueEvent;
 use crate::db::types::Build;
@@ -36,12 +37,18 @@ pub struct QueueMonitor {
     recorded: RecordedLookup,
     last_id: i64,
     listener: Option<tokio::task::JoinHandle<()>>,
+    cell: Arc<ActorCell>,
 }
 
 impl QueueMonitor {
     pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, recorded: RecordedLookup) -> Self {
+        let cell = env
+            .actors
+            .register("queue-monitor".into(), ActorKind::QueueMonitor, env.now());
+        cell.set_state("reading");
         QueueMonitor {
             env,
+            cell,
             dispatcher,
             builds: HashMap::new(),
             recorded,
@@ -68,6 +75,7 @@ impl QueueMonitor {
             .start();
             self.builds.insert(id, actor);
         }
+        self.describe();
     }
 
     fn read(&mut self, ctx: &mut Context<Self>, all: bool) {
@@ -94,6 +102,20 @@ impl QueueMonitor {
                 }
             }),
         );
+    }
+}
+
+impl QueueMonitor {
+    fn describe(&self) {
+        let mut ids: Vec<i64> = self.builds.keys().copied().collect();
+        ids.sort_unstable();
+        self.cell.describe(|d| {
+            d.state = "watching".into();
+            d.children = ids
+                .into_iter()
+                .map(crate::actors::introspect::build_id)
+                .collect();
+        });
     }
 }
 
@@ -135,6 +157,8 @@ impl Actor for QueueMonitor {
 impl actix::Supervised for QueueMonitor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         Stats::inc(&self.env.stats.actor_restarts);
+        self.cell.restarted();
+        self.cell.set_state("restarting");
         tracing::warn!("queue monitor restarting");
         if let Some(l) = self.listener.take() {
             l.abort();
@@ -153,6 +177,7 @@ impl Handler<Restart> for QueueMonitor {
 impl Handler<Queue> for QueueMonitor {
     type Result = ();
     fn handle(&mut self, msg: Queue, ctx: &mut Context<Self>) {
+        self.cell.handled();
         match msg.0 {
             QueueEvent::BuildsAdded(_) => self.read(ctx, false),
             QueueEvent::BuildsRestarted(_) | QueueEvent::Rescan => self.read(ctx, true),
@@ -187,7 +212,9 @@ impl Handler<Queue> for QueueMonitor {
 impl Handler<BuildActorDone> for QueueMonitor {
     type Result = ();
     fn handle(&mut self, msg: BuildActorDone, _: &mut Context<Self>) {
+        self.cell.handled();
         self.builds.remove(&msg.0);
+        self.describe();
     }
 }
 

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
 
+pub mod admin;
 pub mod builder;
 pub mod drv;
 pub mod import;
@@ -51,6 +52,8 @@ pub enum Command {
     Builder(builder::BuilderArgs),
     /// Queue builds for a running `qr serve` (and optionally wait for them).
     Submit(submit::SubmitArgs),
+    /// The admin API of a running `qr serve`: status, builds, steps, actors, machines, actions.
+    Admin(admin::AdminArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -115,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(ctx, args),
         Command::Builder(args) => builder::run(ctx, args),
         Command::Submit(args) => submit::run(ctx, args),
+        Command::Admin(args) => admin::run(ctx, args),
     }
 }
 

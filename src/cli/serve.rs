@@ -17,6 +17,8 @@ use crate::actors::dispatcher::actor::Reserve;
 use crate::actors::env::{Env, SystemClock};
 use crate::actors::scheduler::Scheduler;
 use crate::db::{Db, DbOptions};
+use crate::grpc::admin::AdminServiceImpl;
+use crate::grpc::admin::admin_v1::admin_service_server::AdminServiceServer;
 use crate::grpc::auth::{ServerAuth, read_token_file};
 use crate::grpc::hub::{BuilderHub, RemoteSettings};
 use crate::grpc::runner_v1::runner_service_server::RunnerServiceServer;
@@ -106,6 +108,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         vec![]
     };
     let settings = remote_settings(&ctx, store.store_dir().clone());
+    let remote_logs = settings.log_dir.clone();
     let (sched, recovery) = Scheduler::start(
         env.clone(),
         machines,
@@ -143,7 +146,32 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runner = RunnerServiceServer::new(RunnerServiceImpl::new(hub, store.clone(), settings))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let runner = InterceptedService::new(runner, ServerAuth::new(token));
+    let auth = ServerAuth::new(token);
+    let runner = InterceptedService::new(runner, auth.clone());
+    let log_dirs = vec![
+        crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir).log_dir,
+        remote_logs,
+    ];
+    crate::grpc::admin::spawn_log_compressor(env.clone(), log_dirs.clone());
+    let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
+        .with_log_dirs(log_dirs);
+    let http_listen = ctx.config.http.listen.clone();
+    if !http_listen.is_empty() {
+        let l = tokio::net::TcpListener::bind(&http_listen)
+            .await
+            .with_context(|| format!("listening on {http_listen} ([http] listen)"))?;
+        eprintln!("qr serve: dashboard on http://{}", l.local_addr()?);
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::web::serve(l, admin).await {
+                tracing::error!(error = %e, "the HTTP server stopped");
+            }
+        });
+    }
+    let admin_service = InterceptedService::new(
+        AdminServiceServer::new(AdminServiceImpl::new(admin.clone())),
+        auth,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<RunnerServiceServer<RunnerServiceImpl>>()
@@ -166,6 +194,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(runner)
+        .add_service(admin_service)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown_signal(),

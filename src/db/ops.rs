@@ -293,6 +293,22 @@ impl Db {
         .await
     }
 
+    /// The `limit` most recent builds, newest first (admin listing).
+    pub async fn recent_builds(&self, limit: i64) -> Result<Vec<Build>, DbError> {
+        self.retrying("recent_builds", || async move {
+            on_pool!(self, |pool| {
+                sqlx::query(sql::RECENT_BUILDS)
+                    .bind(limit)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.build())
+                    .collect()
+            })
+        })
+        .await
+    }
+
     /// The queue: unfinished builds by global priority (desc), priority (desc), id.
     pub async fn unfinished_builds(&self) -> Result<Vec<Build>, DbError> {
         self.retrying("unfinished_builds", || async move {

@@ -97,6 +97,13 @@ pub(crate) const INSERT_BUILD: &str = "insert into builds (jobset, job, drvpath,
 
 pub(crate) const GET_BUILD: &str = concat!("select ", build_cols!(), " from builds where id = $1");
 
+/// The most recent builds, newest first (admin listing).
+pub(crate) const RECENT_BUILDS: &str = concat!(
+    "select ",
+    build_cols!(),
+    " from builds order by id desc limit $1"
+);
+
 /// The queue, in scheduling order (index `indexbuildsonunfinished`).
 pub(crate) const UNFINISHED_BUILDS: &str = concat!(
     "select ",

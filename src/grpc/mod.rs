@@ -6,6 +6,7 @@
 //!   [`jobs`] (its job table, a plain state machine), [`verify`] (checking uploaded outputs).
 //! - Both sides: [`nar`] (NAR streams over gRPC chunks).
 
+pub mod admin;
 pub mod auth;
 pub mod hub;
 pub mod jobs;

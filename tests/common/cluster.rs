@@ -115,6 +115,8 @@ pub struct Cluster {
     pub token: PathBuf,
     pub serve: Option<Proc>,
     pub serve_env: Vec<(String, String)>,
+    /// The dashboard's port (`[http] listen`).
+    pub http_port: u16,
     serves: usize,
 }
 
@@ -133,6 +135,7 @@ impl Cluster {
             token,
             serve: None,
             serve_env: vec![],
+            http_port: free_port(),
             serves: 0,
         })
     }
@@ -141,12 +144,43 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// `GET path` on the dashboard's port: (status code, content type, body).
+    pub fn http_get(&self, path: &str) -> (u16, String, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("read");
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let ctype = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type: ")
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        (code, ctype, body.to_string())
+    }
+
     /// Starts `qr serve` (no local builder) and waits until it listens.
     pub fn start_serve(&mut self) {
         let mut c = self.qr.command();
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)]);
         c.env("QR_LOG", "info,h2=warn,tower=warn,hyper=warn")
             .env("QR_GRPC_TOKEN_FILE", &self.token)
+            .env("QR_HTTP_LISTEN", format!("127.0.0.1:{}", self.http_port))
             .env("QR_LOCAL_BUILDER_ENABLED", "false")
             .env("QR_DATABASE_RESCAN_INTERVAL_S", "0.2")
             .env("QR_GRPC_HEARTBEAT_INTERVAL_S", "1")

@@ -10,6 +10,7 @@ use super::expand::{self, RecordedLookup, Top};
 use super::machine::{BuildMachine, Effect, Event};
 use crate::actors::dispatcher::actor::DispatcherActor;
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
+use crate::actors::introspect::{ActorCell, ActorKind, build_id, step_id};
 use crate::actors::messages::*;
 use crate::actors::step::actor::StepActor;
 use crate::actors::types::{Outputs, Status, Waiter};
@@ -28,6 +29,7 @@ pub struct BuildActor {
     top: Option<Addr<StepActor>>,
     recorded: RecordedLookup,
     done: Option<Recipient<BuildActorDone>>,
+    cell: Arc<ActorCell>,
 }
 
 impl BuildActor {
@@ -39,6 +41,14 @@ impl BuildActor {
         done: Option<Recipient<BuildActorDone>>,
     ) -> Self {
         let machine = BuildMachine::new(row.id.0);
+        let cell = env
+            .actors
+            .register(build_id(row.id.0), ActorKind::Build, env.now());
+        cell.describe(|d| {
+            d.state = "expanding".into();
+            d.parents = vec!["queue-monitor".into()];
+            d.detail = format!("{} {}", row.job, row.drv_path);
+        });
         BuildActor {
             env,
             dispatcher,
@@ -47,7 +57,26 @@ impl BuildActor {
             top: None,
             recorded,
             done,
+            cell,
         }
+    }
+
+    fn describe(&self) {
+        use super::machine::Phase;
+        let (state, top) = match self.machine.phase() {
+            Phase::Expanding => ("expanding".to_string(), None),
+            Phase::Waiting { top } => ("waiting".to_string(), Some(step_id(top))),
+            Phase::Finished { status } => (format!("finished({})", status.code()), None),
+        };
+        self.cell.describe(|d| {
+            d.state = state;
+            if let Some(t) = top {
+                d.children = vec![t.clone()];
+                d.waiting_on = vec![t];
+            } else {
+                d.waiting_on.clear();
+            }
+        });
     }
 
     fn prio(&self) -> BuildPrio {
@@ -125,7 +154,9 @@ impl BuildActor {
     }
 
     fn feed(&mut self, ev: Event, ctx: &mut Context<Self>) {
-        for effect in self.machine.on(ev) {
+        let effects = self.machine.on(ev);
+        self.describe();
+        for effect in effects {
             match effect {
                 Effect::Finish {
                     status,
@@ -158,6 +189,7 @@ impl BuildActor {
     ) {
         let env = self.env.clone();
         let id = self.row.id;
+        let queued = self.row.timestamp;
         if let Some(m) = &message {
             tracing::info!(build = id.0, status = status.code(), message = %m, "build finished");
         } else {
@@ -175,6 +207,11 @@ impl BuildActor {
             async move {
                 let _ = persist("finish build", || env.db.finish_build(&f)).await;
                 Stats::inc(&env.stats.builds_finished);
+                env.stats
+                    .build_seconds
+                    .observe(std::time::Duration::from_secs(
+                        (f.stop_time - queued).max(0) as u64,
+                    ));
                 env.emit(SchedEvent::BuildFinished {
                     build: id.0,
                     status: status.code(),
@@ -183,6 +220,7 @@ impl BuildActor {
             .into_actor(self)
             .map(|_, act, ctx| {
                 act.top = None;
+                act.env.actors.unregister(&act.cell);
                 if let Some(d) = &act.done {
                     d.do_send(BuildActorDone(act.row.id.0));
                 }
@@ -201,11 +239,16 @@ impl Actor for BuildActor {
         });
         self.expand(ctx);
     }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.env.actors.unregister(&self.cell);
+    }
 }
 
 impl Handler<OutputsLanded> for BuildActor {
     type Result = ();
     fn handle(&mut self, msg: OutputsLanded, ctx: &mut Context<Self>) {
+        self.cell.handled();
         // As in Hydra: an output holding `nix-support/failed` finishes the build as FailedWithOutput.
         let failed_marker = msg.outputs.values().any(|p| {
             self.env
@@ -226,6 +269,7 @@ impl Handler<OutputsLanded> for BuildActor {
 impl Handler<StepFailed> for BuildActor {
     type Result = ();
     fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
+        self.cell.handled();
         self.feed(Event::TopFailed(msg.failure), ctx);
     }
 }
@@ -233,6 +277,7 @@ impl Handler<StepFailed> for BuildActor {
 impl Handler<CancelBuild> for BuildActor {
     type Result = ();
     fn handle(&mut self, _: CancelBuild, ctx: &mut Context<Self>) {
+        self.cell.handled();
         self.feed(Event::Cancel, ctx);
     }
 }
@@ -240,6 +285,7 @@ impl Handler<CancelBuild> for BuildActor {
 impl Handler<BumpBuild> for BuildActor {
     type Result = ();
     fn handle(&mut self, msg: BumpBuild, ctx: &mut Context<Self>) {
+        self.cell.handled();
         self.feed(
             Event::Bump {
                 global_priority: msg.0,

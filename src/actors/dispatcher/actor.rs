@@ -9,7 +9,8 @@ use actix::WeakAddr;
 use actix::prelude::*;
 
 use super::machine::{Dispatcher, Effect, Event, MachineInfo, RunnableStep};
-use crate::actors::env::Env;
+use crate::actors::env::{Env, SchedEvent};
+use crate::actors::introspect::{ActorCell, ActorKind};
 use crate::actors::messages::{AbortJob, Assigned, NoMachine, RunJob};
 use crate::actors::step::actor::StepActor;
 
@@ -89,12 +90,18 @@ pub struct DispatcherActor {
     runners: HashMap<String, (Recipient<RunJob>, Option<Recipient<AbortJob>>)>,
     start: Instant,
     decision_ns: Vec<u64>,
+    cell: Arc<ActorCell>,
 }
 
 impl DispatcherActor {
     pub fn new(env: Arc<Env>, unsupported_wait: Duration) -> Self {
+        let cell = env
+            .actors
+            .register("dispatcher".into(), ActorKind::Dispatcher, env.now());
+        cell.set_state("dispatching");
         DispatcherActor {
             env,
+            cell,
             logic: Dispatcher::new(unsupported_wait),
             steps: HashMap::new(),
             runners: HashMap::new(),
@@ -104,6 +111,7 @@ impl DispatcherActor {
     }
 
     fn feed(&mut self, ev: Event) {
+        self.cell.handled();
         let mut events = std::collections::VecDeque::from([ev]);
         while let Some(ev) = events.pop_front() {
             let t = Instant::now();
@@ -151,6 +159,10 @@ impl DispatcherActor {
 impl Actor for DispatcherActor {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        self.env.actors.unregister(&self.cell);
+    }
+
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(Duration::from_secs(1), |act, _| {
             let now = act.start.elapsed().as_millis() as u64;
@@ -181,6 +193,9 @@ impl Handler<MachineJoined> for DispatcherActor {
         tracing::info!(machine = %msg.info.id, systems = ?msg.info.systems, jobs = msg.info.max_jobs, "machine joined");
         self.runners
             .insert(msg.info.id.clone(), (msg.runner, msg.abort));
+        self.env.emit(SchedEvent::MachineJoined {
+            machine: msg.info.id.clone(),
+        });
         self.feed(Event::MachineJoined(msg.info));
     }
 }
@@ -189,6 +204,9 @@ impl Handler<MachineLeft> for DispatcherActor {
     type Result = ();
     fn handle(&mut self, msg: MachineLeft, _: &mut Context<Self>) {
         self.runners.remove(&msg.0);
+        self.env.emit(SchedEvent::MachineLeft {
+            machine: msg.0.clone(),
+        });
         self.feed(Event::MachineLeft(msg.0));
     }
 }
@@ -236,6 +254,41 @@ impl Handler<JobsetUsage> for DispatcherActor {
                 seconds: msg.seconds,
             });
         }
+    }
+}
+
+/// An operator enables or disables (drains) a machine. Answers whether the machine is known.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct SetMachineEnabled {
+    pub machine: String,
+    pub enabled: bool,
+}
+
+impl Handler<SetMachineEnabled> for DispatcherActor {
+    type Result = bool;
+    fn handle(&mut self, msg: SetMachineEnabled, _: &mut Context<Self>) -> bool {
+        let known = self.runners.contains_key(&msg.machine);
+        if known {
+            tracing::info!(machine = %msg.machine, enabled = msg.enabled, "machine enabled changed by an operator");
+            self.feed(Event::SetEnabled {
+                machine: msg.machine,
+                enabled: msg.enabled,
+            });
+        }
+        known
+    }
+}
+
+/// The machines as the dispatcher sees them.
+#[derive(Message)]
+#[rtype(result = "Vec<super::machine::MachineView>")]
+pub struct GetMachines;
+
+impl Handler<GetMachines> for DispatcherActor {
+    type Result = MessageResult<GetMachines>;
+    fn handle(&mut self, _: GetMachines, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.logic.machines())
     }
 }
 

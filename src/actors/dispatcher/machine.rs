@@ -80,6 +80,11 @@ pub enum Event {
         machine: String,
         wait_ms: u64,
     },
+    /// An operator enables or disables (drains) a machine.
+    SetEnabled {
+        machine: String,
+        enabled: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +118,14 @@ struct MachineState {
     running: u32,
 }
 
+/// A machine as the dispatcher sees it (for status pages).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineView {
+    pub info: MachineInfo,
+    pub running: u32,
+    pub enabled: bool,
+}
+
 /// The dispatcher state machine.
 #[derive(Debug)]
 pub struct Dispatcher {
@@ -132,6 +145,9 @@ pub struct Dispatcher {
     reserved: HashMap<String, (String, u64)>,
     /// Runnable steps waiting for their reserved machine (not in `queues`).
     parked: HashMap<String, RunnableStep>,
+    /// Machines an operator disabled (or is draining): no new jobs; running jobs finish. Kept
+    /// across a machine leaving and rejoining.
+    disabled: std::collections::BTreeSet<String>,
 }
 
 impl Dispatcher {
@@ -148,6 +164,7 @@ impl Dispatcher {
             holds: HashMap::new(),
             reserved: HashMap::new(),
             parked: HashMap::new(),
+            disabled: Default::default(),
         }
     }
 
@@ -164,6 +181,18 @@ impl Dispatcher {
                 q.by_jobset.values().map(BTreeSet::len).sum::<usize>();
         }
         m
+    }
+
+    /// The machines, by id.
+    pub fn machines(&self) -> Vec<MachineView> {
+        self.machines
+            .values()
+            .map(|m| MachineView {
+                info: m.info.clone(),
+                running: m.running,
+                enabled: !self.disabled.contains(&m.info.id),
+            })
+            .collect()
     }
 
     /// Jobs running on a machine.
@@ -214,6 +243,15 @@ impl Dispatcher {
                         self.on(Event::Runnable(step))
                     }
                     None => vec![],
+                }
+            }
+            Event::SetEnabled { machine, enabled } => {
+                if enabled {
+                    self.disabled.remove(&machine);
+                    self.dispatch()
+                } else {
+                    self.disabled.insert(machine);
+                    vec![]
                 }
             }
             Event::SlotFreed(id) => {
@@ -419,7 +457,7 @@ impl Dispatcher {
         let mut order: Vec<(String, f64, u32)> = self
             .machines
             .values()
-            .filter(|m| m.running < m.info.max_jobs)
+            .filter(|m| !self.disabled.contains(&m.info.id) && m.running < m.info.max_jobs)
             .map(|m| {
                 (
                     m.info.id.clone(),

@@ -454,3 +454,37 @@ fn holds_of_a_machine_that_left_are_forgotten() {
     let fx = d.on(Event::Runnable(step("h", "x86_64-linux", 0, "js", 0, 1)));
     assert_eq!(assigned(&fx), vec![("h".into(), "b".into())]);
 }
+
+#[test]
+fn a_disabled_machine_gets_no_new_jobs_until_enabled_even_across_a_rejoin() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::MachineJoined(machine(
+        "m",
+        &["x86_64-linux"],
+        2,
+        1.0,
+    )));
+    let fx = d.on(Event::SetEnabled {
+        machine: "m".into(),
+        enabled: false,
+    });
+    assert!(fx.is_empty());
+    assert!(assigned(&d.on(Event::Runnable(step("a", "x86_64-linux", 0, "js", 0, 1)))).is_empty());
+    d.on(Event::MachineLeft("m".into()));
+    assert!(
+        assigned(&d.on(Event::MachineJoined(machine(
+            "m",
+            &["x86_64-linux"],
+            2,
+            1.0
+        ))))
+        .is_empty()
+    );
+    assert!(!d.machines()[0].enabled);
+    let fx = d.on(Event::SetEnabled {
+        machine: "m".into(),
+        enabled: true,
+    });
+    assert_eq!(assigned(&fx), vec![("a".to_string(), "m".to_string())]);
+    assert_eq!(d.machines()[0].running, 1);
+}

@@ -12,6 +12,7 @@ use super::machine::{Effect, Event, Phase, Resolution, StepMachine};
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, StepLeft};
 use crate::actors::dispatcher::{Priority, RunnableStep};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
+use crate::actors::introspect::{ActorCell, ActorKind, step_id};
 use crate::actors::messages::*;
 use crate::actors::types::{Failure, Outputs, Status, Waiter};
 use crate::db::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation};
@@ -49,6 +50,12 @@ pub struct StepActor {
     pub resolved_child: bool,
     /// A machine has (or is being sent) this step's job.
     in_flight: bool,
+    /// This actor's introspection cell.
+    cell: Arc<ActorCell>,
+    /// The drv this step resolved to (its child in the supervision tree).
+    resolved_to: Option<String>,
+    /// When it last became runnable (dispatch latency).
+    runnable_since: Option<std::time::Instant>,
 }
 
 impl StepActor {
@@ -63,6 +70,9 @@ impl StepActor {
         recorded: Option<(Row, Option<Row>)>,
     ) -> Self {
         let drv_path = machine.drv_path().to_string();
+        let cell = env
+            .actors
+            .register(step_id(&drv_path), ActorKind::Step, env.now());
         let (resolved_row, child_row) = match recorded {
             Some((own, child)) => (Some(own), child),
             None => (None, None),
@@ -87,7 +97,55 @@ impl StepActor {
             busy: false,
             resolved_child: false,
             in_flight: false,
+            cell,
+            resolved_to: None,
+            runnable_since: None,
         }
+    }
+
+    /// Refreshes the introspection cell after a change (state, parents, children, waiting-on).
+    fn describe(&self) {
+        let phase = self.machine.phase();
+        let state = phase_name(phase);
+        let waiting: Vec<String> = match phase {
+            Phase::WaitingForInputs => self.machine.waiting_on().map(|d| step_id(d)).collect(),
+            Phase::AwaitingResolved { resolved } => vec![step_id(resolved)],
+            _ => vec![],
+        };
+        let detail = match phase {
+            Phase::Building { machine } => format!("building on {machine}"),
+            Phase::AwaitingResolved { resolved } => format!("resolved to {resolved}"),
+            Phase::Succeeded(_) if self.resolved_to.is_some() => "resolved; child built".into(),
+            _ if self.resolved_child => "resolved child".into(),
+            Phase::Failed(f) => f.message.clone(),
+            Phase::RetryWait => format!("retry {} pending", self.machine.tries()),
+            _ => String::new(),
+        };
+        self.cell.describe(|d| {
+            if d.state != state {
+                d.state = state.to_string();
+            }
+            d.waiting_on = waiting;
+            d.detail = detail;
+            d.parents = self
+                .waiters
+                .keys()
+                .map(|w| match w {
+                    Waiter::Build(b) => crate::actors::introspect::build_id(*b),
+                    Waiter::Step(s) => step_id(s),
+                })
+                .collect();
+            d.parents.sort();
+            d.children = self.deps_drvs();
+        });
+    }
+
+    fn deps_drvs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.drv.input_drvs.keys().map(|d| step_id(d)).collect();
+        if let Some(r) = &self.resolved_to {
+            v.push(step_id(r));
+        }
+        v
     }
 
     /// The build that owns this step's rows: the oldest build that needs it.
@@ -123,7 +181,19 @@ impl StepActor {
     }
 
     fn feed(&mut self, ev: Event, ctx: &mut Context<Self>) {
+        let before = std::mem::discriminant(self.machine.phase());
+        let landed = match &ev {
+            Event::InputLanded { drv, .. } => Some(drv.clone()),
+            _ => None,
+        };
         let effects = self.machine.on(ev);
+        if std::mem::discriminant(self.machine.phase()) != before {
+            self.describe();
+        } else if let Some(drv) = landed {
+            // Still waiting: drop just the input that landed (no rebuild of the lists).
+            let id = step_id(&drv);
+            self.cell.describe(|d| d.waiting_on.retain(|w| *w != id));
+        }
         self.queue.extend(effects);
         self.drain(ctx);
     }
@@ -132,10 +202,12 @@ impl StepActor {
     fn drain(&mut self, ctx: &mut Context<Self>) {
         while !self.busy {
             let Some(effect) = self.queue.pop_front() else {
-                return;
+                break;
             };
             self.perform(effect, ctx);
         }
+        self.cell.set_blocked(self.busy);
+        self.cell.set_queued(self.queue.len());
     }
 
     fn perform(&mut self, effect: Effect, ctx: &mut Context<Self>) {
@@ -144,6 +216,8 @@ impl StepActor {
             Effect::AttachChild { resolved } => self.attach_child(resolved, ctx),
             Effect::MakeRunnable => {
                 Stats::inc(&self.env.stats.steps_runnable);
+                self.runnable_since
+                    .get_or_insert_with(std::time::Instant::now);
                 self.dispatcher.do_send(Runnable {
                     step: RunnableStep {
                         drv: self.drv_path.clone(),
@@ -398,6 +472,8 @@ impl StepActor {
     /// one by early cutoff, or a new one.
     fn attach_child(&mut self, resolved: String, ctx: &mut Context<Self>) {
         let me = ctx.address().downgrade();
+        self.resolved_to = Some(resolved.clone());
+        self.describe();
         if let Some(child) = self.env.registry.get(&resolved) {
             if let Some((b, n)) = self.child_row {
                 child.do_send(AdoptRow {
@@ -753,6 +829,20 @@ impl After {
     }
 }
 
+/// The state name operators see.
+fn phase_name(p: &Phase) -> &'static str {
+    match p {
+        Phase::WaitingForInputs => "waiting_for_inputs",
+        Phase::Resolving => "resolving",
+        Phase::Runnable => "runnable",
+        Phase::Building { .. } => "building",
+        Phase::RetryWait => "retry_wait",
+        Phase::AwaitingResolved { .. } => "awaiting_resolved",
+        Phase::Succeeded(_) => "succeeded",
+        Phase::Failed(_) => "failed",
+    }
+}
+
 fn required_features(drv: &Derivation) -> std::collections::BTreeSet<String> {
     drv.env
         .get("requiredSystemFeatures")
@@ -810,17 +900,20 @@ impl Actor for StepActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         tracing::debug!(drv = %self.drv_path, "step started");
+        self.describe();
         self.feed(Event::Start, ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         self.env.registry.remove(&self.drv_path);
+        self.env.actors.unregister(&self.cell);
     }
 }
 
 impl Handler<OutputsLanded> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: OutputsLanded, ctx: &mut Context<Self>) {
+        self.cell.handled();
         let ev = match self.machine.phase() {
             Phase::AwaitingResolved { resolved } if *resolved == msg.from => {
                 Event::ChildLanded(msg.outputs)
@@ -837,6 +930,7 @@ impl Handler<OutputsLanded> for StepActor {
 impl Handler<StepFailed> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
+        self.cell.handled();
         let ev = match self.machine.phase() {
             Phase::AwaitingResolved { resolved } if *resolved == msg.from => {
                 Event::ChildFailed(msg.failure)
@@ -853,26 +947,31 @@ impl Handler<StepFailed> for StepActor {
 impl Handler<AddWaiter> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AddWaiter, ctx: &mut Context<Self>) {
+        self.cell.handled();
         let key = msg.0.key();
         self.waiters.insert(key.clone(), msg.0);
         self.feed(Event::WaiterAdded(key), ctx);
+        self.describe();
     }
 }
 
 impl Handler<RemoveWaiter> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: RemoveWaiter, ctx: &mut Context<Self>) {
+        self.cell.handled();
         self.waiters.remove(&msg.0);
         if let Waiter::Build(id) = &msg.0 {
             self.builds.remove(id);
         }
         self.feed(Event::WaiterRemoved(msg.0), ctx);
+        self.describe();
     }
 }
 
 impl Handler<AddBuilds> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AddBuilds, ctx: &mut Context<Self>) {
+        self.cell.handled();
         let mut new = false;
         for (id, prio) in &msg.0 {
             new |= self.builds.insert(*id, prio.clone()).as_ref() != Some(prio);
@@ -894,6 +993,7 @@ impl Handler<AddBuilds> for StepActor {
 impl Handler<AdoptRow> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AdoptRow, ctx: &mut Context<Self>) {
+        self.cell.handled();
         let row = (msg.build, msg.stepnr);
         match self.machine.phase().clone() {
             Phase::Succeeded(outputs) => {
@@ -917,6 +1017,7 @@ impl Handler<AdoptRow> for StepActor {
 impl Handler<Assigned> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: Assigned, ctx: &mut Context<Self>) {
+        self.cell.handled();
         if !matches!(self.machine.phase(), Phase::Runnable) {
             // Assigned while no longer runnable: give the slot back.
             self.dispatcher
@@ -925,6 +1026,9 @@ impl Handler<Assigned> for StepActor {
         }
         self.runner = Some(msg.runner);
         self.abort = msg.abort;
+        if let Some(t) = self.runnable_since.take() {
+            self.env.stats.dispatch.observe(t.elapsed());
+        }
         self.feed(
             Event::Dispatched {
                 machine: msg.machine,
@@ -937,6 +1041,7 @@ impl Handler<Assigned> for StepActor {
 impl Handler<JobDone> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
+        self.cell.handled();
         self.in_flight = false;
         self.feed(Event::BuildDone(msg.0), ctx);
     }
@@ -945,6 +1050,7 @@ impl Handler<JobDone> for StepActor {
 impl Handler<NoMachine> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: NoMachine, ctx: &mut Context<Self>) {
+        self.cell.handled();
         Stats::dec(&self.env.stats.steps_runnable);
         self.feed(Event::NoMachine(msg.0), ctx);
     }

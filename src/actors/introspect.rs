@@ -1,0 +1,220 @@
+//! Actor introspection: a registry of live actors (builds, steps, the dispatcher, the queue monitor)
+//! that the admin API and the dashboard read without sending the actors a message.
+//!
+//! Each actor owns an [`ActorCell`] (shared through an `Arc`): counters are atomics bumped by its
+//! handlers, and the descriptive part (state name, parents, children, what it waits on) sits behind
+//! a small mutex the actor touches only when that part changes (phase transitions, waiters added or
+//! removed), so the per-message cost is one relaxed atomic add.
+//!
+//! Mailbox length: actix 0.13 exposes no mailbox length, and counting sends would mean wrapping
+//! every `do_send` to every actor. Instead each cell reports what can be known honestly from the
+//! inside: `blocked` (the actor's mailbox is paused while it waits on database/store I/O, so
+//! messages are queuing) and `queued_effects` (effects decided but not yet performed).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+/// What kind of actor a cell describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorKind {
+    QueueMonitor,
+    Dispatcher,
+    Build,
+    Step,
+    Machine,
+}
+
+impl ActorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::QueueMonitor => "queue_monitor",
+            ActorKind::Dispatcher => "dispatcher",
+            ActorKind::Build => "build",
+            ActorKind::Step => "step",
+            ActorKind::Machine => "machine",
+        }
+    }
+}
+
+/// The descriptive part of a cell, changed on transitions only.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Described {
+    pub state: String,
+    pub parents: Vec<String>,
+    pub children: Vec<String>,
+    pub waiting_on: Vec<String>,
+    /// Free-form detail: the machine building a step, the resolved drv, a failure message.
+    pub detail: String,
+}
+
+/// One live actor.
+#[derive(Debug)]
+pub struct ActorCell {
+    pub id: String,
+    pub kind: ActorKind,
+    pub started_at: i64,
+    handled: AtomicU64,
+    restarts: AtomicU64,
+    blocked: AtomicBool,
+    queued: AtomicU64,
+    described: Mutex<Described>,
+}
+
+impl ActorCell {
+    /// One message handled (the hot path: one relaxed add).
+    #[inline]
+    pub fn handled(&self) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn restarted(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn set_blocked(&self, b: bool) {
+        self.blocked.store(b, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn set_queued(&self, n: usize) {
+        self.queued.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Changes the descriptive part.
+    pub fn describe(&self, f: impl FnOnce(&mut Described)) {
+        if let Ok(mut d) = self.described.lock() {
+            f(&mut d);
+        }
+    }
+
+    /// Sets the state name if it changed (no allocation when it did not).
+    pub fn set_state(&self, state: &str) {
+        self.describe(|d| {
+            if d.state != state {
+                d.state.clear();
+                d.state.push_str(state);
+            }
+        });
+    }
+
+    pub fn snapshot(&self) -> ActorSnapshot {
+        let d = self.described.lock().map(|d| d.clone()).unwrap_or_default();
+        ActorSnapshot {
+            id: self.id.clone(),
+            kind: self.kind,
+            started_at: self.started_at,
+            handled: self.handled.load(Ordering::Relaxed),
+            restarts: self.restarts.load(Ordering::Relaxed),
+            blocked: self.blocked.load(Ordering::Relaxed),
+            queued_effects: self.queued.load(Ordering::Relaxed),
+            state: d.state,
+            parents: d.parents,
+            children: d.children,
+            waiting_on: d.waiting_on,
+            detail: d.detail,
+        }
+    }
+}
+
+/// A copy of a cell at one moment.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ActorSnapshot {
+    pub id: String,
+    pub kind: ActorKind,
+    pub started_at: i64,
+    pub handled: u64,
+    pub restarts: u64,
+    pub blocked: bool,
+    pub queued_effects: u64,
+    pub state: String,
+    pub parents: Vec<String>,
+    pub children: Vec<String>,
+    pub waiting_on: Vec<String>,
+    pub detail: String,
+}
+
+/// Actor ids: `build:<id>`, `step:<drv path>`, `dispatcher`, `queue-monitor`, `machine:<name>`.
+pub fn build_id(id: i64) -> String {
+    format!("build:{id}")
+}
+
+pub fn step_id(drv: &str) -> String {
+    format!("step:{drv}")
+}
+
+/// The registry of live actors.
+#[derive(Debug, Default)]
+pub struct Actors {
+    cells: DashMap<String, Arc<ActorCell>>,
+}
+
+impl Actors {
+    /// Registers an actor (replacing a stopped one with the same id) and returns its cell.
+    pub fn register(&self, id: String, kind: ActorKind, now: i64) -> Arc<ActorCell> {
+        let cell = Arc::new(ActorCell {
+            id: id.clone(),
+            kind,
+            started_at: now,
+            handled: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            blocked: AtomicBool::new(false),
+            queued: AtomicU64::new(0),
+            described: Mutex::new(Described::default()),
+        });
+        self.cells.insert(id, cell.clone());
+        cell
+    }
+
+    /// Forgets the actor if `cell` is still the registered one.
+    pub fn unregister(&self, cell: &Arc<ActorCell>) {
+        self.cells.remove_if(&cell.id, |_, c| Arc::ptr_eq(c, cell));
+    }
+
+    pub fn get(&self, id: &str) -> Option<ActorSnapshot> {
+        self.cells.get(id).map(|c| c.snapshot())
+    }
+
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    /// Every live actor, sorted by id.
+    pub fn snapshot(&self) -> Vec<ActorSnapshot> {
+        let mut v: Vec<ActorSnapshot> = self.cells.iter().map(|c| c.snapshot()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_register_count_and_unregister() {
+        let a = Actors::default();
+        let c = a.register(step_id("/s/x.drv"), ActorKind::Step, 5);
+        c.handled();
+        c.handled();
+        c.set_state("runnable");
+        c.describe(|d| d.parents.push(build_id(1)));
+        let s = a.get("step:/s/x.drv").unwrap();
+        assert_eq!((s.handled, s.state.as_str()), (2, "runnable"));
+        assert_eq!(s.parents, ["build:1"]);
+        // A newer actor with the same id is not removed by the old one's stop.
+        let c2 = a.register(step_id("/s/x.drv"), ActorKind::Step, 6);
+        a.unregister(&c);
+        assert_eq!(a.len(), 1);
+        a.unregister(&c2);
+        assert!(a.is_empty());
+    }
+}

@@ -1,0 +1,365 @@
+//! HTTP for operators (`[http] listen`): the supervision dashboard (static HTML+JS embedded in the
+//! binary), JSON endpoints backed by the admin service's functions ([`Admin`]), a server-sent
+//! event stream, `/status` (JSON) and `/metrics` (Prometheus text format).
+//!
+//! Everything here is read-only, so it needs no token; actions go through the token-protected
+//! gRPC admin service (`qr admin …`).
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::{Stream, StreamExt};
+
+use crate::actors::env::Stats;
+use crate::grpc::admin::Admin;
+
+/// The dashboard page.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Counters only the web side keeps (scrapes), besides the actors' `Stats`.
+#[derive(Default)]
+struct WebStats {
+    scrapes: AtomicU64,
+}
+
+#[derive(Clone)]
+struct AppState {
+    admin: Admin,
+    stats: Arc<WebStats>,
+}
+
+/// The router (also used by tests).
+pub fn router(admin: Admin) -> Router {
+    let state = AppState {
+        admin,
+        stats: Arc::default(),
+    };
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
+        .route("/api/builds", get(builds))
+        .route("/api/builds/{id}", get(build))
+        .route("/api/builds/{id}/steps/{nr}", get(step))
+        .route("/api/builds/{id}/steps/{nr}/log", get(log))
+        .route("/api/actors", get(actors))
+        .route("/api/machines", get(machines))
+        .route("/api/events", get(events))
+        .route("/api/settle/{ms}", get(settle))
+        .with_state(state)
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, admin: Admin) -> std::io::Result<()> {
+    axum::serve(listener, router(admin)).await
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// A gRPC status as an HTTP error.
+fn error(s: tonic::Status) -> Response {
+    let code = match s.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (code, s.message().to_string()).into_response()
+}
+
+fn answer<T: serde::Serialize>(r: Result<T, tonic::Status>) -> Response {
+    match r {
+        Ok(v) => json(&v),
+        Err(s) => error(s),
+    }
+}
+
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+/// Answers after `ms` milliseconds (at most 10 s): the dashboard loads it when opened with
+/// `?settle=MS`, which holds the page's load event back while it renders live data, so a headless
+/// browser's `--dump-dom` or `--screenshot` (taken at load) shows the page after MS of real time.
+async fn settle(Path(ms): Path<u64>) -> Response {
+    tokio::time::sleep(std::time::Duration::from_millis(ms.min(10_000))).await;
+    ([(header::CONTENT_TYPE, "text/css")], "").into_response()
+}
+
+async fn status(State(s): State<AppState>) -> Response {
+    answer(s.admin.status().await)
+}
+
+async fn builds(State(s): State<AppState>) -> Response {
+    answer(
+        s.admin
+            .list_builds(crate::grpc::admin::admin_v1::ListBuildsRequest {
+                limit: 50,
+                unfinished_only: false,
+            })
+            .await,
+    )
+}
+
+async fn build(State(s): State<AppState>, Path(id): Path<i64>) -> Response {
+    answer(s.admin.get_build(id).await)
+}
+
+async fn step(State(s): State<AppState>, Path((id, nr)): Path<(i64, i32)>) -> Response {
+    answer(s.admin.get_step(id, nr).await)
+}
+
+async fn log(State(s): State<AppState>, Path((id, nr)): Path<(i64, i32)>) -> Response {
+    answer(
+        s.admin
+            .log(crate::grpc::admin::admin_v1::GetLogRequest {
+                build: id,
+                stepnr: nr,
+                tail_lines: 0,
+            })
+            .await,
+    )
+}
+
+async fn actors(State(s): State<AppState>) -> Response {
+    answer(s.admin.actors(""))
+}
+
+async fn machines(State(s): State<AppState>) -> Response {
+    answer(
+        s.admin
+            .machines()
+            .await
+            .map(|machines| crate::grpc::admin::admin_v1::ListMachinesResponse { machines }),
+    )
+}
+
+async fn events(
+    State(s): State<AppState>,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = s.admin.events().map(|e| {
+        Ok(SseEvent::default()
+            .event("sched")
+            .data(serde_json::to_string(&e).unwrap_or_default()))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// One metric family in the Prometheus text format.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {v}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+fn label(k: &str, v: &str) -> String {
+    let v = v
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n");
+    format!("{k}=\"{v}\"")
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    s.stats.scrapes.fetch_add(1, Ordering::Relaxed);
+    let st = match s.admin.status().await {
+        Ok(st) => st,
+        Err(e) => return error(e),
+    };
+    let machines = s.admin.machines().await.unwrap_or_default();
+    let env = s.admin.env();
+    let c = |a: &AtomicU64| Stats::get(a) as f64;
+    let one = |v: f64| vec![(String::new(), v)];
+    let mut o = String::new();
+    family(
+        &mut o,
+        "qr_uptime_seconds",
+        "gauge",
+        "Seconds since the runner started.",
+        &one(st.uptime_s as f64),
+    );
+    family(
+        &mut o,
+        "qr_builds_queued",
+        "gauge",
+        "Unfinished builds in the database.",
+        &one(st.builds_queued as f64),
+    );
+    family(
+        &mut o,
+        "qr_builds_active",
+        "gauge",
+        "Builds with a live actor.",
+        &one(st.builds_active as f64),
+    );
+    family(
+        &mut o,
+        "qr_builds_finished_total",
+        "counter",
+        "Builds finished since start.",
+        &one(c(&env.stats.builds_finished)),
+    );
+    family(
+        &mut o,
+        "qr_steps",
+        "gauge",
+        "Live step actors by state.",
+        &st.steps_by_state
+            .iter()
+            .map(|x| (label("state", &x.key), x.count as f64))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut o,
+        "qr_runnable_steps",
+        "gauge",
+        "Steps waiting for a machine.",
+        &one(st.runnable as f64),
+    );
+    family(
+        &mut o,
+        "qr_runnable_steps_by_system",
+        "gauge",
+        "Steps waiting for a machine, per system.",
+        &st.runnable_per_system
+            .iter()
+            .map(|x| (label("system", &x.key), x.count as f64))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut o,
+        "qr_steps_created_total",
+        "counter",
+        "Step actors created.",
+        &one(c(&env.stats.steps_created)),
+    );
+    family(
+        &mut o,
+        "qr_steps_built_total",
+        "counter",
+        "Steps built by a machine.",
+        &one(c(&env.stats.steps_built)),
+    );
+    family(
+        &mut o,
+        "qr_steps_failed_total",
+        "counter",
+        "Steps failed.",
+        &one(c(&env.stats.steps_failed)),
+    );
+    family(
+        &mut o,
+        "qr_resolutions_total",
+        "counter",
+        "CA steps resolved to another drv.",
+        &one(c(&env.stats.resolutions)),
+    );
+    family(
+        &mut o,
+        "qr_early_cutoffs_total",
+        "counter",
+        "Resolved drvs found already built.",
+        &one(c(&env.stats.early_cutoffs)),
+    );
+    family(
+        &mut o,
+        "qr_actor_restarts_total",
+        "counter",
+        "Supervised actor restarts.",
+        &one(c(&env.stats.actor_restarts)),
+    );
+    family(
+        &mut o,
+        "qr_actors",
+        "gauge",
+        "Live actors.",
+        &one(env.actors.len() as f64),
+    );
+    let slot = |f: fn(&crate::grpc::admin::admin_v1::Machine) -> u32| -> Vec<(String, f64)> {
+        machines
+            .iter()
+            .map(|m| (label("machine", &m.id), f64::from(f(m))))
+            .collect()
+    };
+    family(
+        &mut o,
+        "qr_machine_slots",
+        "gauge",
+        "Job slots per machine.",
+        &slot(|m| m.max_jobs),
+    );
+    family(
+        &mut o,
+        "qr_machine_slots_busy",
+        "gauge",
+        "Busy job slots per machine.",
+        &slot(|m| m.running),
+    );
+    family(
+        &mut o,
+        "qr_machine_enabled",
+        "gauge",
+        "1 if the machine takes new jobs.",
+        &slot(|m| u32::from(m.enabled)),
+    );
+    let ds = env.stats.dispatch.snapshot();
+    family(
+        &mut o,
+        "qr_dispatch_latency_seconds",
+        "summary",
+        "Time from a step becoming runnable to its start on a machine.",
+        &[],
+    );
+    let _ = writeln!(o, "qr_dispatch_latency_seconds_sum {}", ds.0);
+    let _ = writeln!(o, "qr_dispatch_latency_seconds_count {}", ds.1);
+    let bd = env.stats.build_seconds.snapshot();
+    family(
+        &mut o,
+        "qr_build_duration_seconds",
+        "summary",
+        "Build durations (queued to finished).",
+        &[],
+    );
+    let _ = writeln!(o, "qr_build_duration_seconds_sum {}", bd.0);
+    let _ = writeln!(o, "qr_build_duration_seconds_count {}", bd.1);
+    family(
+        &mut o,
+        "qr_metrics_scrapes_total",
+        "counter",
+        "Scrapes of this endpoint.",
+        &one(s.stats.scrapes.load(Ordering::Relaxed) as f64),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        o,
+    )
+        .into_response()
+}
