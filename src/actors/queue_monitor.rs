@@ -123,34 +123,44 @@ impl Actor for QueueMonitor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // LISTEN first (on PostgreSQL it is in place when `listen` returns), then read the queue:
+        // a build queued in between is seen by the read or notified, never lost.
         let env = self.env.clone();
-        let me = ctx.address();
-        // Listen first, so no notification between the first read and the LISTEN is lost.
-        self.listener = Some(actix::spawn(async move {
-            let mut listener = match env.db.listen().await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for queue changes");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    me.do_send(Restart(format!("cannot listen: {e}")));
-                    return;
-                }
-            };
-            loop {
-                match listener.next().await {
-                    Ok(ev) => {
-                        if me.try_send(Queue(ev)).is_err() && !me.connected() {
-                            return;
+        ctx.wait(
+            async move { env.db.listen().await }
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    let me = ctx.address();
+                    match res {
+                        Ok(mut listener) => {
+                            act.listener = Some(actix::spawn(async move {
+                                loop {
+                                    match listener.next().await {
+                                        Ok(ev) => {
+                                            if me.try_send(Queue(ev)).is_err() && !me.connected() {
+                                                return;
+                                            }
+                                        }
+                                        Err(e) => {
+                                            tracing::warn!(error = %e, "queue listener error");
+                                            tokio::time::sleep(std::time::Duration::from_secs(1))
+                                                .await;
+                                        }
+                                    }
+                                }
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot listen for queue changes");
+                            act.listener = Some(actix::spawn(async move {
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                me.do_send(Restart(format!("cannot listen: {e}")));
+                            }));
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "queue listener error");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        }));
-        self.read(ctx, true);
+                    act.read(ctx, true);
+                }),
+        );
     }
 }
 
