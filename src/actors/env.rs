@@ -64,6 +64,61 @@ impl Stats {
     }
 }
 
+/// Timestamps for the benchmarks (`qr bench`): off unless [`Probe::enable`]d, and then only the
+/// moments a latency is measured between. Off, each hook costs one atomic load.
+#[derive(Debug, Default)]
+pub struct Probe {
+    on: std::sync::atomic::AtomicBool,
+    data: std::sync::Mutex<ProbeData>,
+}
+
+#[derive(Debug, Default)]
+pub struct ProbeData {
+    /// drv → when its last input landed and it started resolving.
+    pub resolving: std::collections::HashMap<String, std::time::Instant>,
+    /// (drv, the resolved drv it attached to).
+    pub resolved: Vec<(String, String)>,
+    /// drv → when the dispatcher first queued it.
+    pub runnable: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl Probe {
+    pub fn enable(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    fn record(&self, f: impl FnOnce(&mut ProbeData)) {
+        if self.on.load(Ordering::Relaxed) {
+            let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut d);
+        }
+    }
+
+    pub fn resolving(&self, drv: &str) {
+        self.record(|d| {
+            d.resolving
+                .insert(drv.to_string(), std::time::Instant::now());
+        });
+    }
+
+    pub fn resolved(&self, drv: &str, resolved: &str) {
+        self.record(|d| d.resolved.push((drv.to_string(), resolved.to_string())));
+    }
+
+    pub fn runnable(&self, drv: &str) {
+        self.record(|d| {
+            d.runnable
+                .entry(drv.to_string())
+                .or_insert_with(std::time::Instant::now);
+        });
+    }
+
+    /// Takes what was recorded.
+    pub fn take(&self) -> ProbeData {
+        std::mem::take(&mut *self.data.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// What happened, for watchers (progress line, admin event stream, dashboard).
 #[derive(Debug, Clone, PartialEq)]
 pub enum SchedEvent {
@@ -101,6 +156,8 @@ pub struct Env {
     pub retry: RetryPolicy,
     pub stats: Stats,
     pub events: broadcast::Sender<SchedEvent>,
+    /// Benchmark timestamps (off by default).
+    pub probe: Probe,
     /// This runner's default timeouts, used where a build sets none.
     pub max_silent: Duration,
     pub timeout: Duration,
@@ -121,6 +178,7 @@ impl Env {
             retry,
             stats: Stats::default(),
             events: broadcast::channel(4096).0,
+            probe: Probe::default(),
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
             runs_ledger: None,

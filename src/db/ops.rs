@@ -39,11 +39,14 @@ impl WritePool for PgPool {
 
 /// Commits; a connection lost during `COMMIT` leaves the outcome unknown, so it is reported as
 /// such (and not retried) rather than as a transient error.
-async fn commit<DB: Database>(tx: Transaction<'static, DB>) -> Result<(), DbError> {
+/// Counts the committed write transaction ([`Db::write_transactions`]).
+async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(), DbError> {
     tx.commit().await.map_err(|e| match e {
         sqlx::Error::Database(_) => DbError::Sql(e),
         e => DbError::CommitOutcomeUnknown(e),
-    })
+    })?;
+    db.count_write();
+    Ok(())
 }
 
 /// The error for an update of step `(build, stepnr)` that matched no row.
@@ -185,6 +188,7 @@ impl Db {
                     .execute(pool)
                     .await?;
             });
+            self.count_write();
             Ok(())
         })
         .await
@@ -254,7 +258,7 @@ impl Db {
                             .execute(&mut *tx)
                             .await?;
                     }
-                    commit(tx).await?;
+                    commit(self, tx).await?;
                     Ok(BuildId(id))
                 })
             })
@@ -354,7 +358,7 @@ impl Db {
                         .execute(&mut *tx)
                         .await?;
                 }
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(true)
             })
         })
@@ -373,6 +377,7 @@ impl Db {
                         .execute(pool)
                         .await?
                         .rows_affected();
+                    self.count_write();
                     if n == 0 {
                         return build_miss!(pool, id);
                     }
@@ -405,7 +410,7 @@ impl Db {
                     for q in [sql::CLEAR_FAILED_STEP_DRVS, sql::CLEAR_FAILED_STEP_OUTPUTS] {
                         sqlx::query(q).bind(id.0).execute(&mut *tx).await?;
                     }
-                    commit(tx).await?;
+                    commit(self, tx).await?;
                     Ok(true)
                 })
             })
@@ -428,6 +433,7 @@ impl Db {
                         .execute(pool)
                         .await?
                         .rows_affected();
+                    self.count_write();
                     if n == 0 {
                         return build_miss!(pool, id);
                     }
@@ -453,7 +459,7 @@ impl Db {
                 let nr = alloc_stepnr!(tx, build);
                 self.fault(FaultPoint::CreateStepAfterAlloc)?;
                 insert_step!(tx, build, nr, step);
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(nr)
             })
         })
@@ -531,6 +537,7 @@ impl Db {
                     .execute(pool)
                     .await?
                     .rows_affected();
+                self.count_write();
                 if n == 0 {
                     return Err(step_miss!(pool, build, stepnr));
                 }
@@ -556,6 +563,7 @@ impl Db {
                     .execute(pool)
                     .await?
                     .rows_affected();
+                self.count_write();
                 if n == 0 {
                     return Err(step_miss!(pool, build, stepnr));
                 }
@@ -609,7 +617,7 @@ impl Db {
                         conflicts.push(c);
                     }
                 }
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(conflicts)
             })
         })
@@ -645,7 +653,7 @@ impl Db {
                 if n == 0 {
                     return Err(step_miss!(&mut *tx, build, stepnr));
                 }
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(nr)
             })
         })
@@ -711,7 +719,7 @@ impl Db {
                     .map(|r| r.step(""))
                     .collect::<Result<Vec<_>, _>>()?;
                 sqlx::query(sql::CLEAR_STRAY_BUSY).execute(&mut *tx).await?;
-                commit(tx).await?;
+                commit(self, tx).await?;
                 steps
             });
             steps.sort_by_key(|s| (s.build, s.stepnr));
@@ -753,6 +761,7 @@ impl Db {
                     .execute(pool)
                     .await?;
             });
+            self.count_write();
             Ok(())
         })
         .await
@@ -768,6 +777,7 @@ impl Db {
                     .await?
                     .rows_affected()
             });
+            self.count_write();
             Ok(n > 0)
         })
         .await
@@ -829,6 +839,7 @@ impl Db {
                 let mut conn = pool.acquire().await?;
                 insert_realisation!(conn, r)
             });
+            self.count_write();
             match conflict {
                 Some(c) => Err(DbError::RealisationConflict(c)),
                 None => Ok(()),

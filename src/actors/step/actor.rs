@@ -140,8 +140,14 @@ impl StepActor {
 
     fn perform(&mut self, effect: Effect, ctx: &mut Context<Self>) {
         match effect {
-            Effect::Resolve { inputs } => self.resolve(inputs, ctx),
-            Effect::AttachChild { resolved } => self.attach_child(resolved, ctx),
+            Effect::Resolve { inputs } => {
+                self.env.probe.resolving(&self.drv_path);
+                self.resolve(inputs, ctx)
+            }
+            Effect::AttachChild { resolved } => {
+                self.env.probe.resolved(&self.drv_path, &resolved);
+                self.attach_child(resolved, ctx)
+            }
             Effect::MakeRunnable => {
                 Stats::inc(&self.env.stats.steps_runnable);
                 self.dispatcher.do_send(Runnable {
