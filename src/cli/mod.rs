@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
 
+pub mod bench;
 pub mod drv;
 pub mod import;
 pub mod run;
@@ -41,6 +42,8 @@ pub enum Command {
     /// Copy `.drv` closures (input drvs and sources) from a directory laid out as a store into
     /// the configured store, verifying each drv's path.
     Import(import::ImportArgs),
+    /// Synthetic workloads through the real actors and database: the performance figures.
+    Bench(bench::BenchArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -101,5 +104,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Drv(cmd) => drv::run(cmd, &ctx.store_root()),
         Command::Run(args) => run::run(ctx, args),
         Command::Import(args) => import::run(args, &ctx),
+        Command::Bench(args) => bench::run(ctx, args),
     }
 }
