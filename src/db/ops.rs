@@ -883,6 +883,44 @@ impl Db {
         .await
     }
 
+    /// The recorded realisations of any output of `drv_paths` (queue expansion asks for a
+    /// level of a closure at once).
+    pub async fn realisations_for_drvs(
+        &self,
+        drv_paths: &[String],
+    ) -> Result<Vec<Realisation>, DbError> {
+        if drv_paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retrying("realisations_for_drvs", || async move {
+            let rows = match &self.inner.pool {
+                super::Pool::Postgres(pool, _) => sqlx::query(sql::REALISATIONS_FOR_DRVS_PG)
+                    .bind(drv_paths)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.realisation())
+                    .collect::<Result<Vec<_>, _>>()?,
+                super::Pool::Sqlite(pool) => {
+                    let mut out = Vec::new();
+                    for chunk in drv_paths.chunks(500) {
+                        let q = sql::realisations_for_drvs_sqlite(chunk.len());
+                        let mut query = sqlx::query(&q).persistent(false);
+                        for p in chunk {
+                            query = query.bind(p);
+                        }
+                        for r in query.fetch_all(pool).await? {
+                            out.push(r.realisation()?);
+                        }
+                    }
+                    out
+                }
+            };
+            Ok(rows)
+        })
+        .await
+    }
+
     // ---------------------------------------------------------------- escape hatch
 
     /// Runs one SQL statement as given: no retry, no types, no notifications. For tooling and

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::expand::{self, RecordedLookup, Top};
+use super::expand::Top;
+use super::expander::{Expand, Expanded, Expander};
 use super::machine::{BuildMachine, Effect, Event};
-use crate::actors::dispatcher::actor::DispatcherActor;
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
 use crate::actors::messages::*;
 use crate::actors::step::actor::StepActor;
@@ -22,30 +22,27 @@ pub struct BuildActorDone(pub i64);
 
 pub struct BuildActor {
     env: Arc<Env>,
-    dispatcher: Addr<DispatcherActor>,
     row: Build,
     machine: BuildMachine,
     top: Option<Addr<StepActor>>,
-    recorded: RecordedLookup,
+    expander: Addr<Expander>,
     done: Option<Recipient<BuildActorDone>>,
 }
 
 impl BuildActor {
     pub fn new(
         env: Arc<Env>,
-        dispatcher: Addr<DispatcherActor>,
         row: Build,
-        recorded: RecordedLookup,
+        expander: Addr<Expander>,
         done: Option<Recipient<BuildActorDone>>,
     ) -> Self {
         let machine = BuildMachine::new(row.id.0);
         BuildActor {
             env,
-            dispatcher,
             row,
             machine,
             top: None,
-            recorded,
+            expander,
             done,
         }
     }
@@ -59,46 +56,46 @@ impl BuildActor {
     }
 
     fn expand(&mut self, ctx: &mut Context<Self>) {
-        let env = self.env.clone();
-        let top = self.row.drv_path.clone();
-        let recorded = self.recorded.clone();
+        let req = Expand {
+            build: self.row.id.0,
+            top: self.row.drv_path.clone(),
+            prio: self.prio(),
+        };
         ctx.wait(
-            async move { expand::plan(&env, &top, &*recorded).await }
+            self.expander
+                .send(req)
                 .into_actor(self)
                 .map(|res, act, ctx| match res {
-                    Err(msg) => act.feed(Event::ExpansionFailed(msg), ctx),
-                    Ok(plan) => {
-                        let cached = expand::cached_failures(&plan);
-                        let top = plan.top.clone();
-                        match expand::attach(
-                            &act.env,
-                            &act.dispatcher,
-                            plan,
-                            act.row.id.0,
-                            act.prio(),
-                        ) {
-                            Top::Replan => act.expand(ctx),
-                            Top::Built(outputs) => act.feed(Event::AlreadyBuilt(outputs), ctx),
-                            Top::Failed(f) => {
-                                // The rows first, then the build finishes.
-                                let rows = act.record_cached_failures(cached);
-                                ctx.wait(
-                                    rows.into_actor(act)
-                                        .map(move |_, act, ctx| act.feed(Event::TopFailed(f), ctx)),
-                                );
-                            }
-                            Top::Step(step) => {
-                                let rows = act.record_cached_failures(cached);
-                                ctx.wait(rows.into_actor(act));
-                                step.do_send(AddWaiter(WaiterAddr::Build(
-                                    act.row.id.0,
-                                    ctx.address().downgrade(),
-                                )));
-                                act.top = Some(step);
-                                act.feed(Event::WaitingOn(top), ctx);
-                            }
-                        }
+                    Err(e) => act.feed(Event::ExpansionFailed(format!("expander: {e}")), ctx),
+                    Ok(Expanded { top: Err(msg), .. }) => {
+                        act.feed(Event::ExpansionFailed(msg), ctx)
                     }
+                    Ok(Expanded {
+                        top: Ok(top),
+                        cached,
+                    }) => match top {
+                        Top::Replan => act.expand(ctx),
+                        Top::Built(outputs) => act.feed(Event::AlreadyBuilt(outputs), ctx),
+                        Top::Failed(f) => {
+                            // The rows first, then the build finishes.
+                            let rows = act.record_cached_failures(cached);
+                            ctx.wait(
+                                rows.into_actor(act)
+                                    .map(move |_, act, ctx| act.feed(Event::TopFailed(f), ctx)),
+                            );
+                        }
+                        Top::Step(step) => {
+                            let rows = act.record_cached_failures(cached);
+                            ctx.wait(rows.into_actor(act));
+                            step.do_send(AddWaiter(WaiterAddr::Build(
+                                act.row.id.0,
+                                ctx.address().downgrade(),
+                            )));
+                            let top = act.row.drv_path.clone();
+                            act.top = Some(step);
+                            act.feed(Event::WaitingOn(top), ctx);
+                        }
+                    },
                 }),
         );
     }

@@ -639,6 +639,116 @@ impl Store for LocalStore {
         self.db.is_valid(path).await
     }
 
+    /// One validity query per 500 paths, then the files read and parsed on blocking threads.
+    async fn read_derivations(&self, drv_paths: &[String]) -> Vec<Result<Derivation, StoreError>> {
+        let mut out: Vec<Option<Result<Derivation, StoreError>>> = Vec::new();
+        let mut to_read: Vec<(usize, String, PathBuf)> = Vec::new();
+        for (i, p) in drv_paths.iter().enumerate() {
+            match self.store_dir.parse(p) {
+                Ok(sp) if sp.is_derivation() => {
+                    out.push(None);
+                    to_read.push((i, sp.drv_name().to_string(), self.physical(&sp)));
+                }
+                Ok(_) => out.push(Some(Err(StoreError::BadDerivation {
+                    path: p.clone(),
+                    message: "not a .drv path".into(),
+                }))),
+                Err(e) => out.push(Some(Err(e.into()))),
+            }
+        }
+        let candidates: Vec<String> = to_read
+            .iter()
+            .map(|(i, ..)| drv_paths[*i].clone())
+            .collect();
+        let valid = match self.db.valid_among(&candidates).await {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e.to_string();
+                return drv_paths
+                    .iter()
+                    .map(|_| Err(StoreError::Metadata(msg.clone())))
+                    .collect();
+            }
+        };
+        to_read.retain(|(i, ..)| {
+            let ok = valid.contains(&drv_paths[*i]);
+            if !ok {
+                out[*i] = Some(Err(StoreError::NotValid(drv_paths[*i].clone())));
+            }
+            ok
+        });
+        let tasks: Vec<_> = to_read
+            .chunks(512)
+            .map(|chunk| {
+                let chunk: Vec<(usize, String, PathBuf)> = chunk.to_vec();
+                let paths: Vec<String> =
+                    chunk.iter().map(|(i, ..)| drv_paths[*i].clone()).collect();
+                tokio::task::spawn_blocking(move || {
+                    chunk
+                        .into_iter()
+                        .zip(paths)
+                        .map(|((i, name, phys), path)| {
+                            let r = fs::read(&phys).map_err(io_err("reading", &phys)).and_then(
+                                |bytes| {
+                                    aterm::parse_named(&bytes, &name).map_err(|e| {
+                                        StoreError::BadDerivation {
+                                            path,
+                                            message: e.to_string(),
+                                        }
+                                    })
+                                },
+                            );
+                            (i, r)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for t in futures::future::join_all(tasks).await {
+            match t {
+                Ok(results) => {
+                    for (i, r) in results {
+                        out[i] = Some(r);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "a blocking derivation read failed"),
+            }
+        }
+        out.into_iter()
+            .zip(drv_paths)
+            .map(|(r, p)| {
+                r.unwrap_or_else(|| Err(StoreError::Metadata(format!("{p} was not read"))))
+            })
+            .collect()
+    }
+
+    async fn valid_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.db.valid_among(paths).await
+    }
+
+    async fn query_realisations(
+        &self,
+        keys: &[DrvOutput],
+    ) -> Result<Vec<(DrvOutput, String)>, StoreError> {
+        let drvs: Vec<String> = keys
+            .iter()
+            .map(|k| k.drv_path.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let wanted: std::collections::HashSet<&DrvOutput> = keys.iter().collect();
+        Ok(self
+            .db
+            .realisations_of(&drvs)
+            .await?
+            .into_iter()
+            .filter(|(k, _)| wanted.contains(k))
+            .collect())
+    }
+
     async fn query_path_info(&self, path: &str) -> Result<Option<PathInfo>, StoreError> {
         self.store_dir.parse(path)?;
         self.db.path_info(path).await
