@@ -73,6 +73,11 @@ pub struct Params {
     /// `synchronous_commit = off` (PostgreSQL) and `synchronous = OFF` would remove the commit
     /// fsyncs; when set, the scenario reports it. (PostgreSQL only: set through the URL.)
     pub pg_async_commit: bool,
+    /// Layered: stop after the load (no machine joins).
+    pub load_only: bool,
+    /// The store does not fsync contents during the measured phases either (shows what the
+    /// scheduler does when the disk is not the bound).
+    pub no_fsync: bool,
 }
 
 /// Untimed preparation.
@@ -133,7 +138,8 @@ pub struct Layered {
     pub spec: GraphSpec,
     pub setup: Setup,
     pub load: Load,
-    pub build: Build,
+    /// `None` with `--load-only`.
+    pub build: Option<Build>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -285,7 +291,11 @@ async fn setup_and_load(
     let graph = graph::generate(spec, store.store_dir(), &crate::config::this_system())?;
     let generate_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    graph::add_to_store(&**store, &graph, p.setup_parallel).await?;
+    // Setup is not measured: the scratch store is filled without fsyncs, then they are back on.
+    store.set_fsync(false);
+    let added = graph::add_to_store(&**store, &graph, p.setup_parallel).await;
+    store.set_fsync(!p.no_fsync);
+    added?;
     let store_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let clock = SystemClock;
@@ -368,6 +378,17 @@ pub async fn layered(spec: GraphSpec, p: Params, target: DbTarget) -> anyhow::Re
     let db = fresh.db.clone();
     let result = async {
         let loaded = setup_and_load(&spec, &p, &store, &db).await?;
+        if p.load_only {
+            return Ok(Layered {
+                backend: target.name(),
+                executor: p.executor,
+                slots: p.slots,
+                spec: spec.clone(),
+                setup: loaded.setup,
+                load: loaded.load,
+                build: None,
+            });
+        }
         let env = loaded.env.clone();
         let s = &env.stats;
         env.probe.enable();
@@ -424,7 +445,7 @@ pub async fn layered(spec: GraphSpec, p: Params, target: DbTarget) -> anyhow::Re
             spec: spec.clone(),
             setup: loaded.setup,
             load: loaded.load,
-            build,
+            build: Some(build),
         })
     }
     .await;
@@ -478,6 +499,18 @@ pub async fn dispatch(
         let status = loaded.sched.dispatcher.send(GetStatus).await?;
         let decisions =
             &status.decision_ns[loaded.decisions_before.min(status.decision_ns.len())..];
+        // The machine leaves; the jobs it runs finish before the scenario ends.
+        loaded
+            .sched
+            .dispatcher
+            .send(crate::actors::dispatcher::actor::MachineLeft(
+                "bench".into(),
+            ))
+            .await?;
+        let _ = wait_until("the running jobs", Duration::from_secs(60), || {
+            Ok(Stats::get(&s.steps_running) == 0)
+        })
+        .await;
         Ok::<_, anyhow::Error>(Dispatch {
             backend: target.name(),
             slots: p.slots,
@@ -504,7 +537,10 @@ where
     std::thread::spawn(move || {
         let system = actix_rt::System::new();
         let r = system.block_on(f());
-        drop(system);
+        // Not dropped: tearing the runtime down under live actors drops database connections
+        // outside any runtime (sqlx panics there). The frozen system is leaked instead; the
+        // next scenario measures its own RSS baseline.
+        std::mem::forget(system);
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
