@@ -44,6 +44,10 @@ pub struct Stats {
     pub early_cutoffs: AtomicU64,
     pub builds_finished: AtomicU64,
     pub actor_restarts: AtomicU64,
+    /// `AddBuilds` messages sent (build membership flowing down a closure), and those not yet
+    /// handled: the queue is fully loaded only when none is in flight.
+    pub membership_sent: AtomicU64,
+    pub membership_in_flight: AtomicU64,
     /// Executor runs per drv path: a drv run twice shows here.
     pub runs: DashMap<String, u32>,
 }
@@ -57,6 +61,12 @@ impl Stats {
         let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
             Some(v.saturating_sub(1))
         });
+    }
+
+    /// Counts an `AddBuilds` message about to be sent.
+    pub fn membership(&self) {
+        Stats::inc(&self.membership_sent);
+        Stats::inc(&self.membership_in_flight);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {

@@ -103,8 +103,15 @@ pub struct Load {
     pub rss_before_bytes: u64,
     pub rss_after_bytes: u64,
     /// (RSS after − RSS before) / live step actors; includes the build actors, the dispatcher's
-    /// queue entries and the registry.
+    /// queue entries and the registry. Both readings follow `malloc_trim`, so what the allocator
+    /// keeps from the load's transient peak (parsed plans) is not counted.
     pub rss_per_step_bytes: f64,
+    /// RSS before that trim: the transient peak's leftovers included.
+    pub rss_untrimmed_bytes: u64,
+    pub rss_per_step_untrimmed_bytes: f64,
+    /// `AddBuilds` messages the load sent: one per (build, step of its closure below the part
+    /// another build attached first).
+    pub membership_messages: u64,
 }
 
 /// Building everything once a machine joined.
@@ -341,9 +348,17 @@ async fn setup_and_load(
         Ok(Stats::get(&s.steps_runnable) >= leaves as u64)
     })
     .await?;
+    // Every step knows every build that needs it (priorities, failure rows) only once the
+    // membership messages flowing down the closures are handled.
+    wait_until("build membership to settle", p.timeout, || {
+        Ok(Stats::get(&s.membership_in_flight) == 0)
+    })
+    .await?;
     // Mailboxes are FIFO: once this answers, the dispatcher has handled every Runnable sent.
     let status = sched.dispatcher.send(GetStatus).await?;
     let seconds = t0.elapsed().as_secs_f64();
+    let rss_untrimmed = rss_bytes();
+    trim_heap();
     let rss_after = rss_bytes();
     let live = env.registry.len();
     let load = Load {
@@ -354,6 +369,10 @@ async fn setup_and_load(
         rss_before_bytes: rss_before,
         rss_after_bytes: rss_after,
         rss_per_step_bytes: rss_after.saturating_sub(rss_before) as f64 / live.max(1) as f64,
+        rss_untrimmed_bytes: rss_untrimmed,
+        membership_messages: Stats::get(&s.membership_sent),
+        rss_per_step_untrimmed_bytes: rss_untrimmed.saturating_sub(rss_before) as f64
+            / live.max(1) as f64,
     };
     Ok(Loaded {
         env,

@@ -138,6 +138,7 @@ impl BuildActor {
                 Effect::Reprioritise { global_priority } => {
                     self.row.global_priority = global_priority;
                     if let Some(top) = &self.top {
+                        self.env.stats.membership();
                         top.do_send(AddBuilds(vec![(self.row.id.0, self.prio())]));
                     }
                 }

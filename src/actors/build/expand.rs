@@ -315,6 +315,7 @@ pub fn attach(
     let builds: BTreeMap<i64, BuildPrio> = [(build, prio.clone())].into();
     for drv_path in &plan.order {
         if let Some(live) = env.registry.get(drv_path) {
+            env.stats.membership();
             live.do_send(AddBuilds(vec![(build, prio.clone())]));
             actors.insert(drv_path.clone(), live);
             continue;
@@ -361,7 +362,7 @@ pub fn attach(
             env.clone(),
             dispatcher.clone(),
             machine,
-            drv.clone(),
+            drv,
             deps.clone(),
             builds.clone(),
             rec_rows,

@@ -25,7 +25,10 @@ pub struct StepActor {
     dispatcher: Addr<DispatcherActor>,
     machine: StepMachine,
     drv_path: String,
-    drv: Arc<Derivation>,
+    /// What the step keeps of its derivation: the rest is read back from the store when it
+    /// resolves or builds, so a waiting step does not hold its parsed derivation (~4 KiB).
+    system: String,
+    features: std::collections::BTreeSet<String>,
     /// Strong references down the graph: the input steps and the resolved child.
     deps: Vec<Addr<StepActor>>,
     /// Weak references up the graph.
@@ -57,7 +60,7 @@ impl StepActor {
         env: Arc<Env>,
         dispatcher: Addr<DispatcherActor>,
         machine: StepMachine,
-        drv: Arc<Derivation>,
+        drv: &Derivation,
         deps: Vec<Addr<StepActor>>,
         builds: BTreeMap<i64, BuildPrio>,
         recorded: Option<(Row, Option<Row>)>,
@@ -72,7 +75,8 @@ impl StepActor {
             dispatcher,
             machine,
             drv_path,
-            drv,
+            system: drv.system.clone(),
+            features: required_features(drv),
             deps,
             waiters: HashMap::new(),
             builds,
@@ -153,8 +157,8 @@ impl StepActor {
                 self.dispatcher.do_send(Runnable {
                     step: RunnableStep {
                         drv: self.drv_path.clone(),
-                        system: self.drv.system.clone(),
-                        features: required_features(&self.drv),
+                        system: self.system.clone(),
+                        features: self.features.clone(),
                         priority: self.priority(),
                     },
                     addr: ctx.address().downgrade(),
@@ -299,13 +303,23 @@ impl StepActor {
 
     fn resolve(&mut self, inputs: BTreeMap<(String, String), String>, ctx: &mut Context<Self>) {
         let env = self.env.clone();
-        let drv = self.drv.clone();
         let drv_path = self.drv_path.clone();
         let owner = self.owner();
         let existing_row = self
             .owner()
             .and_then(|o| self.pending_rows.iter().find(|r| r.0 == o).copied());
         let fut = async move {
+            let drv = match env.store.read_derivation(&drv_path).await {
+                Ok(d) => d,
+                Err(e) => {
+                    return (
+                        Event::Resolved(Resolution::Impossible(format!(
+                            "cannot read {drv_path}: {e}"
+                        ))),
+                        After::None,
+                    );
+                }
+            };
             let sd = env.store.store_dir().clone();
             let resolved = match crate::store::resolve::try_resolve(&drv, &sd, |d, o| {
                 inputs.get(&(d.to_string(), o.to_string())).cloned()
@@ -411,6 +425,7 @@ impl StepActor {
                     stepnr: n,
                 });
             }
+            self.env.stats.membership();
             child.do_send(AddBuilds(
                 self.builds.iter().map(|(k, v)| (*k, v.clone())).collect(),
             ));
@@ -466,7 +481,7 @@ impl StepActor {
                                 BTreeMap::new(),
                                 act.env.retry.clone(),
                             );
-                            let mut a = StepActor::new(act.env.clone(), dispatcher, machine, Arc::new(d), vec![], builds, None);
+                            let mut a = StepActor::new(act.env.clone(), dispatcher, machine, &d, vec![], builds, None);
                             a.resolved_child = true;
                             let a = a.start();
                             act.env.registry.insert(&resolved, &a);
@@ -492,7 +507,7 @@ impl StepActor {
         self.in_flight = true;
         let env = self.env.clone();
         let drv_path = self.drv_path.clone();
-        let system = self.drv.system.clone();
+        let system = self.system.clone();
         let pending = self
             .owner()
             .and_then(|o| self.pending_rows.iter().position(|r| r.0 == o))
@@ -509,7 +524,7 @@ impl StepActor {
         });
         let job = RunJob {
             drv_path: drv_path.clone(),
-            drv: self.drv.clone(),
+            drv: None,
             step: ctx.address().downgrade(),
             max_silent: self.env.max_silent,
             timeout: self.env.timeout,
@@ -665,7 +680,7 @@ impl StepActor {
         }
         let env = self.env.clone();
         let drv_path = self.drv_path.clone();
-        let system = self.drv.system.clone();
+        let system = self.system.clone();
         let owner = self.owner();
         let others: Vec<i64> = self
             .builds
@@ -879,15 +894,19 @@ impl Handler<RemoveWaiter> for StepActor {
 impl Handler<AddBuilds> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AddBuilds, ctx: &mut Context<Self>) {
+        Stats::dec(&self.env.stats.membership_in_flight);
+        let before = self.priority();
         let mut new = false;
         for (id, prio) in &msg.0 {
             new |= self.builds.insert(*id, prio.clone()).as_ref() != Some(prio);
         }
         if new {
             for d in &self.deps {
+                self.env.stats.membership();
                 d.do_send(msg.clone());
             }
-            if matches!(self.machine.phase(), Phase::Runnable) {
+            // Requeued only when its place in the queue changes.
+            if matches!(self.machine.phase(), Phase::Runnable) && self.priority() != before {
                 // requeue with the new priority
                 self.queue.push_back(Effect::MakeRunnable);
                 Stats::dec(&self.env.stats.steps_runnable);
