@@ -224,7 +224,36 @@ impl Handler<OutputsLanded> for BuildActor {
 impl Handler<StepFailed> for BuildActor {
     type Result = ();
     fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
-        self.feed(Event::TopFailed(msg.failure), ctx);
+        // As in Hydra: a build that needs a step another build recorded as failed gets a row
+        // saying where the failure was recorded — written before the build finishes.
+        let origin = msg
+            .failure
+            .origin
+            .clone()
+            .filter(|o| o.build != self.row.id.0 && !self.machine.is_finished());
+        match origin {
+            None => self.feed(Event::TopFailed(msg.failure), ctx),
+            Some(o) => {
+                let env = self.env.clone();
+                let build = self.row.id;
+                let row = async move {
+                    let now = env.now();
+                    let mut s = NewStep::build(&o.drv, &o.system);
+                    s.status = Some(o.status);
+                    s.error_msg = Some(o.message.clone());
+                    s.start_time = Some(now);
+                    s.stop_time = Some(now);
+                    s.propagated_from = Some(crate::db::types::BuildId(o.build));
+                    let _ =
+                        persist("create propagated step", || env.db.create_step(build, &s)).await;
+                };
+                let failure = msg.failure;
+                ctx.wait(
+                    row.into_actor(self)
+                        .map(move |_, act, ctx| act.feed(Event::TopFailed(failure), ctx)),
+                );
+            }
+        }
     }
 }
 

@@ -52,6 +52,8 @@ pub struct StepActor {
     pub resolved_child: bool,
     /// A machine has (or is being sent) this step's job.
     in_flight: bool,
+    /// Set when this step recorded its own failure: carried by the failure it passes on.
+    failure_origin: Option<crate::actors::types::FailureOrigin>,
 }
 
 impl StepActor {
@@ -91,6 +93,7 @@ impl StepActor {
             busy: false,
             resolved_child: false,
             in_flight: false,
+            failure_origin: None,
         }
     }
 
@@ -201,7 +204,10 @@ impl StepActor {
                     }
                 }
             }
-            Effect::NotifyFailed { to, failure } => {
+            Effect::NotifyFailed { to, mut failure } => {
+                if failure.origin.is_none() {
+                    failure.origin = self.failure_origin.clone();
+                }
                 for w in to {
                     let msg = StepFailed {
                         from: self.drv_path.clone(),
@@ -682,13 +688,20 @@ impl StepActor {
         let drv_path = self.drv_path.clone();
         let system = self.system.clone();
         let owner = self.owner();
-        let others: Vec<i64> = self
-            .builds
-            .keys()
-            .copied()
-            .filter(|b| Some(*b) != owner)
-            .collect();
         let running = self.running_row.take();
+        // The other builds that need this step learn where it failed from the failure itself
+        // (each records its own row when the failure reaches it).
+        self.failure_origin =
+            running
+                .map(|r| r.0)
+                .or(owner)
+                .map(|build| crate::actors::types::FailureOrigin {
+                    drv: drv_path.clone(),
+                    system: system.clone(),
+                    status: failure.status,
+                    message: failure.message.clone(),
+                    build,
+                });
         let pending = std::mem::take(&mut self.pending_rows);
         let own_finish = running.map(|row| {
             self.finish_row(
@@ -701,11 +714,8 @@ impl StepActor {
         });
         let fut = async move {
             let now = env.now();
-            let own_build = match (own_finish, owner) {
-                (Some(f), _) => {
-                    f.await;
-                    running.map(|r| r.0)
-                }
+            match (own_finish, owner) {
+                (Some(f), _) => f.await,
                 (None, Some(o)) => {
                     let mut s = NewStep::build(&drv_path, &system);
                     s.status = Some(failure.status);
@@ -714,10 +724,9 @@ impl StepActor {
                     s.stop_time = Some(now);
                     let _ =
                         persist("create failed step", || env.db.create_step(BuildId(o), &s)).await;
-                    Some(o)
                 }
-                (None, None) => None,
-            };
+                (None, None) => {}
+            }
             for row in pending {
                 let f = FinishStep {
                     build: BuildId(row.0),
@@ -731,19 +740,6 @@ impl StepActor {
                     machine: None,
                 };
                 let _ = persist("finish step", || env.db.finish_step(&f)).await;
-            }
-            // As in Hydra: the other builds get a row saying where the failure was recorded.
-            for b in others {
-                let mut s = NewStep::build(&drv_path, &system);
-                s.status = Some(failure.status);
-                s.error_msg = Some(failure.message.clone());
-                s.start_time = Some(now);
-                s.stop_time = Some(now);
-                s.propagated_from = own_build.map(BuildId);
-                let _ = persist("create propagated step", || {
-                    env.db.create_step(BuildId(b), &s)
-                })
-                .await;
             }
             if matches!(failure.status, Status::Failed | Status::FailedWithOutput) {
                 let _ = persist("add failed path", || env.db.add_failed_path(&drv_path)).await;
@@ -895,18 +891,21 @@ impl Handler<AddBuilds> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AddBuilds, ctx: &mut Context<Self>) {
         Stats::dec(&self.env.stats.membership_in_flight);
-        let before = self.priority();
-        let mut new = false;
+        let before = (self.owner(), self.priority());
         for (id, prio) in &msg.0 {
-            new |= self.builds.insert(*id, prio.clone()).as_ref() != Some(prio);
+            self.builds.insert(*id, prio.clone());
         }
-        if new {
+        // Passed down only when it changes what the step needs to know of its builds (the
+        // owner, the priority): otherwise the inputs know better already. Failures reach
+        // every dependent build through the waiters, so no step needs the full list (each
+        // build's membership used to flow through its whole closure: quadratic in deep queues).
+        if (self.owner(), self.priority()) != before {
             for d in &self.deps {
                 self.env.stats.membership();
                 d.do_send(msg.clone());
             }
             // Requeued only when its place in the queue changes.
-            if matches!(self.machine.phase(), Phase::Runnable) && self.priority() != before {
+            if matches!(self.machine.phase(), Phase::Runnable) && self.priority() != before.1 {
                 // requeue with the new priority
                 self.queue.push_back(Effect::MakeRunnable);
                 Stats::dec(&self.env.stats.steps_runnable);
