@@ -5,6 +5,7 @@
 //! admin protocols), `web` (dashboard, `/status`, `/metrics`), `cli` (the `qr` command) and `config`.
 
 pub mod actors;
+pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod config;

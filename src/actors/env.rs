@@ -48,6 +48,10 @@ pub struct Stats {
     pub dispatch: Summary,
     /// Build durations, queued to finished.
     pub build_seconds: Summary,
+    /// `AddBuilds` messages sent (build membership flowing down a closure), and those not yet
+    /// handled: the queue is fully loaded only when none is in flight.
+    pub membership_sent: AtomicU64,
+    pub membership_in_flight: AtomicU64,
     /// Executor runs per drv path: a drv run twice shows here.
     pub runs: DashMap<String, u32>,
 }
@@ -61,6 +65,12 @@ impl Stats {
         let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
             Some(v.saturating_sub(1))
         });
+    }
+
+    /// Counts an `AddBuilds` message about to be sent.
+    pub fn membership(&self) {
+        Stats::inc(&self.membership_sent);
+        Stats::inc(&self.membership_in_flight);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
@@ -88,6 +98,61 @@ impl Summary {
             self.micros.load(Ordering::Relaxed) as f64 / 1e6,
             self.count.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Timestamps for the benchmarks (`qr bench`): off unless [`Probe::enable`]d, and then only the
+/// moments a latency is measured between. Off, each hook costs one atomic load.
+#[derive(Debug, Default)]
+pub struct Probe {
+    on: std::sync::atomic::AtomicBool,
+    data: std::sync::Mutex<ProbeData>,
+}
+
+#[derive(Debug, Default)]
+pub struct ProbeData {
+    /// drv → when its last input landed and it started resolving.
+    pub resolving: std::collections::HashMap<String, std::time::Instant>,
+    /// (drv, the resolved drv it attached to).
+    pub resolved: Vec<(String, String)>,
+    /// drv → when the dispatcher first queued it.
+    pub runnable: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl Probe {
+    pub fn enable(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    fn record(&self, f: impl FnOnce(&mut ProbeData)) {
+        if self.on.load(Ordering::Relaxed) {
+            let mut d = self.data.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut d);
+        }
+    }
+
+    pub fn resolving(&self, drv: &str) {
+        self.record(|d| {
+            d.resolving
+                .insert(drv.to_string(), std::time::Instant::now());
+        });
+    }
+
+    pub fn resolved(&self, drv: &str, resolved: &str) {
+        self.record(|d| d.resolved.push((drv.to_string(), resolved.to_string())));
+    }
+
+    pub fn runnable(&self, drv: &str) {
+        self.record(|d| {
+            d.runnable
+                .entry(drv.to_string())
+                .or_insert_with(std::time::Instant::now);
+        });
+    }
+
+    /// Takes what was recorded.
+    pub fn take(&self) -> ProbeData {
+        std::mem::take(&mut *self.data.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -138,6 +203,8 @@ pub struct Env {
     pub actors: crate::actors::introspect::Actors,
     /// When this runner started (unix seconds).
     pub started_at: i64,
+    /// Benchmark timestamps (off by default).
+    pub probe: Probe,
     /// This runner's default timeouts, used where a build sets none.
     pub max_silent: Duration,
     pub timeout: Duration,
@@ -161,6 +228,7 @@ impl Env {
             events: broadcast::channel(4096).0,
             actors: Default::default(),
             started_at,
+            probe: Probe::default(),
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
             runs_ledger: None,

@@ -76,7 +76,8 @@ pub struct AdoptRow {
 #[rtype(result = "()")]
 pub struct RunJob {
     pub drv_path: String,
-    pub drv: Arc<Derivation>,
+    /// `None`: the machine reads the derivation from the store.
+    pub drv: Option<Arc<Derivation>>,
     pub step: WeakAddr<StepActor>,
     pub max_silent: std::time::Duration,
     pub timeout: std::time::Duration,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::actors::build::actor::{BuildActor, BuildActorDone};
-use crate::actors::build::expand::RecordedLookup;
+use crate::actors::build::expander::Expander;
 use crate::actors::dispatcher::actor::{DispatcherActor, JobsetUsage};
 use crate::actors::env::{Env, Stats};
 use crate::actors::introspect::{ActorCell, ActorKind};
@@ -34,14 +34,14 @@ pub struct QueueMonitor {
     env: Arc<Env>,
     dispatcher: Addr<DispatcherActor>,
     builds: HashMap<i64, Addr<BuildActor>>,
-    recorded: RecordedLookup,
+    expander: Addr<Expander>,
     last_id: i64,
     listener: Option<tokio::task::JoinHandle<()>>,
     cell: Arc<ActorCell>,
 }
 
 impl QueueMonitor {
-    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, recorded: RecordedLookup) -> Self {
+    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, expander: Addr<Expander>) -> Self {
         let cell = env
             .actors
             .register("queue-monitor".into(), ActorKind::QueueMonitor, env.now());
@@ -51,7 +51,7 @@ impl QueueMonitor {
             cell,
             dispatcher,
             builds: HashMap::new(),
-            recorded,
+            expander,
             last_id: 0,
             listener: None,
         }
@@ -67,9 +67,8 @@ impl QueueMonitor {
             tracing::info!(build = id, drv = %row.drv_path, job = %row.job, "build queued");
             let actor = BuildActor::new(
                 self.env.clone(),
-                self.dispatcher.clone(),
                 row,
-                self.recorded.clone(),
+                self.expander.clone(),
                 Some(ctx.address().recipient()),
             )
             .start();

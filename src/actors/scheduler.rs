@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::actors::build::expand::{Recorded, RecordedLookup};
+use crate::actors::build::expander::Expander;
 use crate::actors::dispatcher::MachineInfo;
 use crate::actors::dispatcher::actor::DispatcherActor;
 use crate::actors::env::Env;
@@ -116,8 +117,9 @@ impl Scheduler {
             .into_iter()
             .map(|(info, ex)| LocalMachine::new(env.clone(), info, ex, dispatcher.clone()).start())
             .collect();
+        let expander = Expander::new(env.clone(), dispatcher.clone(), lookup).start();
         let (e, d) = (env.clone(), dispatcher.clone());
-        let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, lookup));
+        let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, expander.clone()));
         Ok((
             Scheduler {
                 env,

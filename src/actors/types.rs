@@ -22,6 +22,19 @@ pub struct Failure {
     /// The drv whose own failure this is, when it is propagated from a dependency.
     pub propagated_from: Option<String>,
     pub message: String,
+    /// Where the failing step recorded its own failure; every other build that receives the
+    /// failure records a row pointing there (as Hydra does for a failed step's dependents).
+    pub origin: Option<FailureOrigin>,
+}
+
+/// The failing step's own row: its drv, system, status and message, and the build it is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureOrigin {
+    pub drv: String,
+    pub system: String,
+    pub status: Status,
+    pub message: String,
+    pub build: i64,
 }
 
 impl Failure {
@@ -30,6 +43,7 @@ impl Failure {
             status,
             propagated_from: None,
             message: message.into(),
+            origin: None,
         }
     }
 
@@ -46,6 +60,7 @@ impl Failure {
                 Some(_) => self.message.clone(),
                 None => format!("dependency {failed_drv} failed: {}", self.message),
             },
+            origin: self.origin.clone(),
         }
     }
 }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 
 pub mod admin;
+pub mod bench;
 pub mod builder;
 pub mod drv;
 pub mod import;
@@ -54,6 +55,8 @@ pub enum Command {
     Submit(submit::SubmitArgs),
     /// The admin API of a running `qr serve`: status, builds, steps, actors, machines, actions.
     Admin(admin::AdminArgs),
+    /// Synthetic workloads through the real actors and database: the performance figures.
+    Bench(bench::BenchArgs),
 }
 
 /// What every subcommand gets: the loaded configuration and the state dir.
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Builder(args) => builder::run(ctx, args),
         Command::Submit(args) => submit::run(ctx, args),
         Command::Admin(args) => admin::run(ctx, args),
+        Command::Bench(args) => bench::run(ctx, args),
     }
 }
 

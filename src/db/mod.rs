@@ -129,6 +129,8 @@ struct Inner {
     options: DbOptions,
     events: broadcast::Sender<QueueEvent>,
     faults: Faults,
+    /// Write transactions committed through this handle (benchmarks: transactions per step).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// The handle every actor holds: cheap to clone, shared pool inside.
@@ -190,6 +192,7 @@ impl Db {
                 options,
                 events,
                 faults: Faults::default(),
+                writes: Default::default(),
             }),
         };
         tracing::info!(url = %db.inner.url, backend = ?db.backend(), "database ready");
@@ -231,6 +234,18 @@ impl Db {
     /// Closes the pool (all clones of this handle); later operations fail.
     pub async fn close(&self) {
         on_pool!(self, |pool| pool.close().await)
+    }
+
+    /// Write transactions committed so far through this handle and its clones: each multi-row
+    /// transaction and each single-statement write counts once (reads are not counted).
+    pub fn write_transactions(&self) -> u64 {
+        self.inner.writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_write(&self) {
+        self.inner
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Arms a one-shot fault: the next operation reaching `point` fails with

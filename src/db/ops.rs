@@ -39,11 +39,14 @@ impl WritePool for PgPool {
 
 /// Commits; a connection lost during `COMMIT` leaves the outcome unknown, so it is reported as
 /// such (and not retried) rather than as a transient error.
-async fn commit<DB: Database>(tx: Transaction<'static, DB>) -> Result<(), DbError> {
+/// Counts the committed write transaction ([`Db::write_transactions`]).
+async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(), DbError> {
     tx.commit().await.map_err(|e| match e {
         sqlx::Error::Database(_) => DbError::Sql(e),
         e => DbError::CommitOutcomeUnknown(e),
-    })
+    })?;
+    db.count_write();
+    Ok(())
 }
 
 /// The error for an update of step `(build, stepnr)` that matched no row.
@@ -185,6 +188,7 @@ impl Db {
                     .execute(pool)
                     .await?;
             });
+            self.count_write();
             Ok(())
         })
         .await
@@ -254,7 +258,7 @@ impl Db {
                             .execute(&mut *tx)
                             .await?;
                     }
-                    commit(tx).await?;
+                    commit(self, tx).await?;
                     Ok(BuildId(id))
                 })
             })
@@ -370,7 +374,7 @@ impl Db {
                         .execute(&mut *tx)
                         .await?;
                 }
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(true)
             })
         })
@@ -389,6 +393,7 @@ impl Db {
                         .execute(pool)
                         .await?
                         .rows_affected();
+                    self.count_write();
                     if n == 0 {
                         return build_miss!(pool, id);
                     }
@@ -421,7 +426,7 @@ impl Db {
                     for q in [sql::CLEAR_FAILED_STEP_DRVS, sql::CLEAR_FAILED_STEP_OUTPUTS] {
                         sqlx::query(q).bind(id.0).execute(&mut *tx).await?;
                     }
-                    commit(tx).await?;
+                    commit(self, tx).await?;
                     Ok(true)
                 })
             })
@@ -444,6 +449,7 @@ impl Db {
                         .execute(pool)
                         .await?
                         .rows_affected();
+                    self.count_write();
                     if n == 0 {
                         return build_miss!(pool, id);
                     }
@@ -469,7 +475,7 @@ impl Db {
                 let nr = alloc_stepnr!(tx, build);
                 self.fault(FaultPoint::CreateStepAfterAlloc)?;
                 insert_step!(tx, build, nr, step);
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(nr)
             })
         })
@@ -547,6 +553,7 @@ impl Db {
                     .execute(pool)
                     .await?
                     .rows_affected();
+                self.count_write();
                 if n == 0 {
                     return Err(step_miss!(pool, build, stepnr));
                 }
@@ -572,6 +579,7 @@ impl Db {
                     .execute(pool)
                     .await?
                     .rows_affected();
+                self.count_write();
                 if n == 0 {
                     return Err(step_miss!(pool, build, stepnr));
                 }
@@ -625,7 +633,7 @@ impl Db {
                         conflicts.push(c);
                     }
                 }
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(conflicts)
             })
         })
@@ -661,7 +669,7 @@ impl Db {
                 if n == 0 {
                     return Err(step_miss!(&mut *tx, build, stepnr));
                 }
-                commit(tx).await?;
+                commit(self, tx).await?;
                 Ok(nr)
             })
         })
@@ -727,7 +735,7 @@ impl Db {
                     .map(|r| r.step(""))
                     .collect::<Result<Vec<_>, _>>()?;
                 sqlx::query(sql::CLEAR_STRAY_BUSY).execute(&mut *tx).await?;
-                commit(tx).await?;
+                commit(self, tx).await?;
                 steps
             });
             steps.sort_by_key(|s| (s.build, s.stepnr));
@@ -769,6 +777,7 @@ impl Db {
                     .execute(pool)
                     .await?;
             });
+            self.count_write();
             Ok(())
         })
         .await
@@ -784,6 +793,7 @@ impl Db {
                     .await?
                     .rows_affected()
             });
+            self.count_write();
             Ok(n > 0)
         })
         .await
@@ -845,6 +855,7 @@ impl Db {
                 let mut conn = pool.acquire().await?;
                 insert_realisation!(conn, r)
             });
+            self.count_write();
             match conflict {
                 Some(c) => Err(DbError::RealisationConflict(c)),
                 None => Ok(()),
@@ -884,6 +895,44 @@ impl Db {
                     .map(|r| r.realisation())
                     .collect()
             })
+        })
+        .await
+    }
+
+    /// The recorded realisations of any output of `drv_paths` (queue expansion asks for a
+    /// level of a closure at once).
+    pub async fn realisations_for_drvs(
+        &self,
+        drv_paths: &[String],
+    ) -> Result<Vec<Realisation>, DbError> {
+        if drv_paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.retrying("realisations_for_drvs", || async move {
+            let rows = match &self.inner.pool {
+                super::Pool::Postgres(pool, _) => sqlx::query(sql::REALISATIONS_FOR_DRVS_PG)
+                    .bind(drv_paths)
+                    .fetch_all(pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.realisation())
+                    .collect::<Result<Vec<_>, _>>()?,
+                super::Pool::Sqlite(pool) => {
+                    let mut out = Vec::new();
+                    for chunk in drv_paths.chunks(500) {
+                        let q = sql::realisations_for_drvs_sqlite(chunk.len());
+                        let mut query = sqlx::query(&q).persistent(false);
+                        for p in chunk {
+                            query = query.bind(p);
+                        }
+                        for r in query.fetch_all(pool).await? {
+                            out.push(r.realisation()?);
+                        }
+                    }
+                    out
+                }
+            };
+            Ok(rows)
         })
         .await
     }

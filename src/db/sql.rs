@@ -274,6 +274,30 @@ pub(crate) const REALISATION: &str = concat!(
     " from realisations where drvpath = $1 and outputname = $2"
 );
 
+pub(crate) const REALISATIONS_FOR_DRVS_PG: &str = concat!(
+    "select ",
+    realisation_cols!(),
+    " from realisations where drvpath = any($1)"
+);
+
+/// SQLite: the realisations of the drvs `$1 … $n`.
+pub(crate) fn realisations_for_drvs_sqlite(n: usize) -> String {
+    let mut s = String::from(concat!(
+        "select ",
+        realisation_cols!(),
+        " from realisations where drvpath in ("
+    ));
+    for i in 1..=n {
+        if i > 1 {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&i.to_string());
+    }
+    s.push(')');
+    s
+}
+
 pub(crate) const REALISATIONS_FOR_DRV: &str = concat!(
     "select ",
     realisation_cols!(),

@@ -354,13 +354,49 @@ impl Handler<RunJob> for RemoteMachine {
             }
             return;
         }
+        match msg.drv.clone() {
+            Some(drv) => self.start_job(msg, drv, ctx),
+            None => {
+                // The step does not hold its derivation: read it from the store first.
+                let store = self.store.clone();
+                let path = msg.drv_path.clone();
+                ctx.wait(
+                    async move { store.read_derivation(&path).await }
+                        .into_actor(self)
+                        .map(move |res, act, ctx| match res {
+                            Ok(drv) => act.start_job(msg, Arc::new(drv), ctx),
+                            Err(e) => {
+                                if let Some(step) = msg.step.upgrade() {
+                                    step.do_send(JobDone(BuildOutcome::Failed {
+                                        status: BuildStatus::Aborted,
+                                        message: format!("cannot read {}: {e}", msg.drv_path),
+                                        transient: true,
+                                    }));
+                                }
+                                act.dispatcher.do_send(SlotFreed(act.info.id.clone()));
+                            }
+                        }),
+                );
+            }
+        }
+    }
+}
+
+impl RemoteMachine {
+    /// Sends the job (with its derivation) to the builder.
+    fn start_job(
+        &mut self,
+        msg: RunJob,
+        drv: Arc<crate::store::Derivation>,
+        ctx: &mut Context<Self>,
+    ) {
         let adopting = self.held.remove(&msg.drv_path).is_some();
         let job_id = self
             .jobs
-            .add(&msg.drv_path, &msg.drv, BTreeSet::new(), msg.step.clone());
+            .add(&msg.drv_path, &drv, BTreeSet::new(), msg.step.clone());
         tracing::info!(machine = %self.info.id, drv = %msg.drv_path, job = %job_id, adopting, "sending a build");
         let store = self.store.clone();
-        let drv = msg.drv.clone();
+        let drv_aterm = drv.to_aterm();
         let drv_path = msg.drv_path.clone();
         let fut = async move {
             // What the builder needs: the drv's closure (its sources, and for a drv with input
@@ -383,7 +419,7 @@ impl Handler<RunJob> for RemoteMachine {
             for p in &closure {
                 match store.query_path_info(p).await? {
                     Some(i) => infos.push(i),
-                    None => return Err(crate::store::StoreError::NotValid(p.clone())),
+                    None => return Err(crate::store::StoreError::NotValid(p.to_string())),
                 }
             }
             Ok::<_, crate::store::StoreError>(references_first(infos))
@@ -410,7 +446,7 @@ impl Handler<RunJob> for RemoteMachine {
                     let job = runner_v1::BuildJob {
                         job_id: job_id.clone(),
                         drv_path: msg.drv_path.clone(),
-                        drv: msg.drv.to_aterm(),
+                        drv: drv_aterm,
                         inputs: infos.iter().map(info_to_proto).collect(),
                         max_silent_s: msg.max_silent.as_secs(),
                         timeout_s: msg.timeout.as_secs(),

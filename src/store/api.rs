@@ -75,6 +75,44 @@ pub trait Store: Send + Sync + 'static {
 
     async fn is_valid_path(&self, path: &str) -> Result<bool, StoreError>;
 
+    /// Reads many derivations, each one's result in order (queue expansion reads a level of a
+    /// closure at once). The default reads them one by one.
+    async fn read_derivations(&self, drv_paths: &[String]) -> Vec<Result<Derivation, StoreError>> {
+        let mut out = Vec::with_capacity(drv_paths.len());
+        for p in drv_paths {
+            out.push(self.read_derivation(p).await);
+        }
+        out
+    }
+
+    /// The valid paths among `paths`. The default asks one by one.
+    async fn valid_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        for p in paths {
+            if self.is_valid_path(p).await? {
+                out.insert(p.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The known realisations among `keys`. The default asks one by one.
+    async fn query_realisations(
+        &self,
+        keys: &[DrvOutput],
+    ) -> Result<Vec<(DrvOutput, String)>, StoreError> {
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(p) = self.query_realisation(k).await? {
+                out.push((k.clone(), p));
+            }
+        }
+        Ok(out)
+    }
+
     async fn query_path_info(&self, path: &str) -> Result<Option<PathInfo>, StoreError>;
 
     /// Adds a text path (e.g. a `.drv`): returns its full logical path. Idempotent.

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::expand::{self, RecordedLookup, Top};
+use super::expand::Top;
+use super::expander::{Expand, Expanded, Expander};
 use super::machine::{BuildMachine, Effect, Event};
-use crate::actors::dispatcher::actor::DispatcherActor;
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
 use crate::actors::introspect::{ActorCell, ActorKind, build_id, step_id};
 use crate::actors::messages::*;
@@ -23,11 +23,10 @@ pub struct BuildActorDone(pub i64);
 
 pub struct BuildActor {
     env: Arc<Env>,
-    dispatcher: Addr<DispatcherActor>,
     row: Build,
     machine: BuildMachine,
     top: Option<Addr<StepActor>>,
-    recorded: RecordedLookup,
+    expander: Addr<Expander>,
     done: Option<Recipient<BuildActorDone>>,
     cell: Arc<ActorCell>,
 }
@@ -35,9 +34,8 @@ pub struct BuildActor {
 impl BuildActor {
     pub fn new(
         env: Arc<Env>,
-        dispatcher: Addr<DispatcherActor>,
         row: Build,
-        recorded: RecordedLookup,
+        expander: Addr<Expander>,
         done: Option<Recipient<BuildActorDone>>,
     ) -> Self {
         let machine = BuildMachine::new(row.id.0);
@@ -51,11 +49,10 @@ impl BuildActor {
         });
         BuildActor {
             env,
-            dispatcher,
             row,
             machine,
             top: None,
-            recorded,
+            expander,
             done,
             cell,
         }
@@ -88,46 +85,46 @@ impl BuildActor {
     }
 
     fn expand(&mut self, ctx: &mut Context<Self>) {
-        let env = self.env.clone();
-        let top = self.row.drv_path.clone();
-        let recorded = self.recorded.clone();
+        let req = Expand {
+            build: self.row.id.0,
+            top: self.row.drv_path.clone(),
+            prio: self.prio(),
+        };
         ctx.wait(
-            async move { expand::plan(&env, &top, &*recorded).await }
+            self.expander
+                .send(req)
                 .into_actor(self)
                 .map(|res, act, ctx| match res {
-                    Err(msg) => act.feed(Event::ExpansionFailed(msg), ctx),
-                    Ok(plan) => {
-                        let cached = expand::cached_failures(&plan);
-                        let top = plan.top.clone();
-                        match expand::attach(
-                            &act.env,
-                            &act.dispatcher,
-                            plan,
-                            act.row.id.0,
-                            act.prio(),
-                        ) {
-                            Top::Replan => act.expand(ctx),
-                            Top::Built(outputs) => act.feed(Event::AlreadyBuilt(outputs), ctx),
-                            Top::Failed(f) => {
-                                // The rows first, then the build finishes.
-                                let rows = act.record_cached_failures(cached);
-                                ctx.wait(
-                                    rows.into_actor(act)
-                                        .map(move |_, act, ctx| act.feed(Event::TopFailed(f), ctx)),
-                                );
-                            }
-                            Top::Step(step) => {
-                                let rows = act.record_cached_failures(cached);
-                                ctx.wait(rows.into_actor(act));
-                                step.do_send(AddWaiter(WaiterAddr::Build(
-                                    act.row.id.0,
-                                    ctx.address().downgrade(),
-                                )));
-                                act.top = Some(step);
-                                act.feed(Event::WaitingOn(top), ctx);
-                            }
-                        }
+                    Err(e) => act.feed(Event::ExpansionFailed(format!("expander: {e}")), ctx),
+                    Ok(Expanded { top: Err(msg), .. }) => {
+                        act.feed(Event::ExpansionFailed(msg), ctx)
                     }
+                    Ok(Expanded {
+                        top: Ok(top),
+                        cached,
+                    }) => match top {
+                        Top::Replan => act.expand(ctx),
+                        Top::Built(outputs) => act.feed(Event::AlreadyBuilt(outputs), ctx),
+                        Top::Failed(f) => {
+                            // The rows first, then the build finishes.
+                            let rows = act.record_cached_failures(cached);
+                            ctx.wait(
+                                rows.into_actor(act)
+                                    .map(move |_, act, ctx| act.feed(Event::TopFailed(f), ctx)),
+                            );
+                        }
+                        Top::Step(step) => {
+                            let rows = act.record_cached_failures(cached);
+                            ctx.wait(rows.into_actor(act));
+                            step.do_send(AddWaiter(WaiterAddr::Build(
+                                act.row.id.0,
+                                ctx.address().downgrade(),
+                            )));
+                            let top = act.row.drv_path.clone();
+                            act.top = Some(step);
+                            act.feed(Event::WaitingOn(top), ctx);
+                        }
+                    },
                 }),
         );
     }
@@ -172,6 +169,7 @@ impl BuildActor {
                 Effect::Reprioritise { global_priority } => {
                     self.row.global_priority = global_priority;
                     if let Some(top) = &self.top {
+                        self.env.stats.membership();
                         top.do_send(AddBuilds(vec![(self.row.id.0, self.prio())]));
                     }
                 }
@@ -270,7 +268,36 @@ impl Handler<StepFailed> for BuildActor {
     type Result = ();
     fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
         self.cell.handled();
-        self.feed(Event::TopFailed(msg.failure), ctx);
+        // As in Hydra: a build that needs a step another build recorded as failed gets a row
+        // saying where the failure was recorded — written before the build finishes.
+        let origin = msg
+            .failure
+            .origin
+            .clone()
+            .filter(|o| o.build != self.row.id.0 && !self.machine.is_finished());
+        match origin {
+            None => self.feed(Event::TopFailed(msg.failure), ctx),
+            Some(o) => {
+                let env = self.env.clone();
+                let build = self.row.id;
+                let row = async move {
+                    let now = env.now();
+                    let mut s = NewStep::build(&o.drv, &o.system);
+                    s.status = Some(o.status);
+                    s.error_msg = Some(o.message.clone());
+                    s.start_time = Some(now);
+                    s.stop_time = Some(now);
+                    s.propagated_from = Some(crate::db::types::BuildId(o.build));
+                    let _ =
+                        persist("create propagated step", || env.db.create_step(build, &s)).await;
+                };
+                let failure = msg.failure;
+                ctx.wait(
+                    row.into_actor(self)
+                        .map(move |_, act, ctx| act.feed(Event::TopFailed(failure), ctx)),
+                );
+            }
+        }
     }
 }
 

@@ -75,70 +75,213 @@ pub async fn built_outputs(env: &Env, drv_path: &str, drv: &Derivation) -> Optio
     Some(outputs)
 }
 
-/// The I/O phase: walks the closure of `top` (stopping at built, failed and live drvs).
-pub async fn plan(
+/// The I/O phase for many builds at once: walks the closures of `tops` level by level (stopping at
+/// built, failed and live drvs), each level read with a few batched queries, so builds that share
+/// inputs read them once. A drv that cannot be read fails only the builds that need it.
+pub async fn plan_many(
     env: &Env,
-    top: &str,
+    tops: &[String],
     recorded: &dyn Fn(&str) -> Option<Recorded>,
-) -> Result<Plan, String> {
-    let mut nodes = HashMap::new();
-    let mut order = Vec::new();
-    // Iterative post-order walk: (drv, children pushed?)
-    let mut stack: Vec<(String, bool)> = vec![(top.to_string(), false)];
-    let mut seen: HashSet<String> = HashSet::new();
-    while let Some((drv_path, expanded)) = stack.pop() {
-        if expanded {
-            order.push(drv_path);
-            continue;
+) -> Result<Planned, String> {
+    let mut nodes: HashMap<String, Planned1> = HashMap::new();
+    let mut queued: HashSet<String> = tops.iter().cloned().collect();
+    let mut frontier: Vec<String> = queued.iter().cloned().collect();
+    while !frontier.is_empty() {
+        let mut to_read = Vec::new();
+        for d in frontier.drain(..) {
+            if env.registry.get(&d).is_some() {
+                nodes.insert(d, Planned1::Node(Node::Live));
+            } else {
+                to_read.push(d);
+            }
         }
-        if !seen.insert(drv_path.clone()) {
-            continue;
-        }
-        if env.registry.get(&drv_path).is_some() {
-            nodes.insert(drv_path.clone(), Node::Live);
-            order.push(drv_path);
-            continue;
-        }
-        let drv = env
-            .store
-            .read_derivation(&drv_path)
-            .await
-            .map_err(|e| format!("cannot read {drv_path}: {e}"))?;
-        if let Some(outputs) = built_outputs(env, &drv_path, &drv).await {
-            nodes.insert(drv_path, Node::Built(outputs));
-            continue;
-        }
-        let failed = env
-            .db
-            .is_failed_path(&drv_path)
-            .await
-            .map_err(|e| format!("database: {e}"))?;
-        if failed {
-            nodes.insert(drv_path, Node::CachedFailure);
-            continue;
-        }
-        let rec = recorded(&drv_path);
-        stack.push((drv_path.clone(), true));
-        if rec.is_none() {
-            for input in drv.input_drvs.keys() {
-                if !seen.contains(input) {
-                    stack.push((input.clone(), false));
+        let mut read = Vec::with_capacity(to_read.len());
+        for (path, r) in to_read
+            .iter()
+            .zip(env.store.read_derivations(&to_read).await)
+        {
+            match r {
+                Ok(drv) => read.push((path.clone(), drv)),
+                Err(e) => {
+                    nodes.insert(
+                        path.clone(),
+                        Planned1::Unreadable(format!("cannot read {path}: {e}")),
+                    );
                 }
             }
         }
-        nodes.insert(
-            drv_path,
-            Node::New {
-                drv: Arc::new(drv),
-                recorded: rec,
-            },
-        );
+        let mut built = built_outputs_many(env, &read).await;
+        let not_built: Vec<String> = read
+            .iter()
+            .filter(|(p, _)| !built.contains_key(p))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let failed: HashSet<String> = env
+            .db
+            .failed_paths_among(&not_built)
+            .await
+            .map_err(|e| format!("database: {e}"))?
+            .into_iter()
+            .collect();
+        for (path, drv) in read {
+            let node = if let Some(o) = built.remove(&path) {
+                Node::Built(o)
+            } else if failed.contains(&path) {
+                Node::CachedFailure
+            } else {
+                let rec = recorded(&path);
+                if rec.is_none() {
+                    for input in drv.input_drvs.keys() {
+                        if queued.insert(input.clone()) {
+                            frontier.push(input.clone());
+                        }
+                    }
+                }
+                Node::New {
+                    drv: Arc::new(drv),
+                    recorded: rec,
+                }
+            };
+            nodes.insert(path, Planned1::Node(node));
+        }
     }
-    Ok(Plan {
-        top: top.to_string(),
-        nodes,
-        order,
-    })
+    Ok(Planned { nodes })
+}
+
+/// [`built_outputs`] for many drvs: realisations (database, then store) and validity in batches.
+pub async fn built_outputs_many(
+    env: &Env,
+    drvs: &[(String, Derivation)],
+) -> HashMap<String, Outputs> {
+    let floating: Vec<String> = drvs
+        .iter()
+        .filter(|(_, d)| d.outputs.values().any(|o| o.path().is_none()))
+        .map(|(p, _)| p.clone())
+        .collect();
+    let mut realised: HashMap<(String, String), String> = HashMap::new();
+    if !floating.is_empty() {
+        if let Ok(rs) = env.db.realisations_for_drvs(&floating).await {
+            for r in rs {
+                realised.insert((r.drv_path, r.output_name), r.out_path);
+            }
+        }
+        let missing: Vec<crate::store::DrvOutput> = drvs
+            .iter()
+            .flat_map(|(p, d)| {
+                d.outputs
+                    .iter()
+                    .filter(|(_, o)| o.path().is_none())
+                    .map(move |(name, _)| (p, name))
+            })
+            .filter(|(p, name)| !realised.contains_key(&((*p).clone(), (*name).clone())))
+            .map(|(p, name)| crate::store::DrvOutput::new(p.clone(), name.clone()))
+            .collect();
+        if !missing.is_empty()
+            && let Ok(rs) = env.store.query_realisations(&missing).await
+        {
+            for (k, path) in rs {
+                realised.insert((k.drv_path, k.output), path);
+            }
+        }
+    }
+    let mut candidates: Vec<(&String, Outputs)> = Vec::new();
+    for (p, d) in drvs {
+        let mut outputs = Outputs::new();
+        let complete = d.outputs.iter().all(|(name, out)| {
+            let path = match out.path() {
+                Some(s) => Some(s.to_string()),
+                None => realised.get(&(p.clone(), name.clone())).cloned(),
+            };
+            path.map(|s| outputs.insert(name.clone(), s)).is_some()
+        });
+        if complete {
+            candidates.push((p, outputs));
+        }
+    }
+    let paths: Vec<String> = candidates
+        .iter()
+        .flat_map(|(_, o)| o.values().cloned())
+        .collect();
+    let valid = match env.store.valid_among(&paths).await {
+        Ok(v) => v,
+        Err(_) => return HashMap::new(),
+    };
+    candidates
+        .into_iter()
+        .filter(|(_, o)| o.values().all(|p| valid.contains(p)))
+        .map(|(p, o)| (p.clone(), o))
+        .collect()
+}
+
+/// One drv as [`plan_many`] found it.
+pub enum Planned1 {
+    Node(Node),
+    Unreadable(String),
+}
+
+/// What [`plan_many`] found for a set of builds.
+pub struct Planned {
+    pub nodes: HashMap<String, Planned1>,
+}
+
+/// One build's plan taken from [`Planned`].
+pub enum PlanFor {
+    Plan(Plan),
+    /// A drv this build needs cannot be read.
+    Failed(String),
+    /// A step that was live while planning has gone since: plan again.
+    Replan,
+}
+
+impl Planned {
+    /// The plan of the build of `top`, as of now: the walk stops at live steps (including those
+    /// attached for builds earlier in the same batch), so each step is created once.
+    pub fn plan_for(&self, env: &Env, top: &str) -> PlanFor {
+        let mut nodes = HashMap::new();
+        let mut order = Vec::new();
+        let mut stack: Vec<(String, bool)> = vec![(top.to_string(), false)];
+        let mut seen: HashSet<String> = HashSet::new();
+        while let Some((drv_path, expanded)) = stack.pop() {
+            if expanded {
+                order.push(drv_path);
+                continue;
+            }
+            if !seen.insert(drv_path.clone()) {
+                continue;
+            }
+            if env.registry.get(&drv_path).is_some() {
+                nodes.insert(drv_path.clone(), Node::Live);
+                order.push(drv_path);
+                continue;
+            }
+            let node = match self.nodes.get(&drv_path) {
+                None | Some(Planned1::Node(Node::Live)) => return PlanFor::Replan,
+                Some(Planned1::Unreadable(m)) => return PlanFor::Failed(m.clone()),
+                Some(Planned1::Node(Node::Built(o))) => Node::Built(o.clone()),
+                Some(Planned1::Node(Node::CachedFailure)) => Node::CachedFailure,
+                Some(Planned1::Node(Node::New { drv, recorded })) => {
+                    stack.push((drv_path.clone(), true));
+                    if recorded.is_none() {
+                        for input in drv.input_drvs.keys() {
+                            if !seen.contains(input) {
+                                stack.push((input.clone(), false));
+                            }
+                        }
+                    }
+                    Node::New {
+                        drv: drv.clone(),
+                        recorded: recorded.clone(),
+                    }
+                }
+            };
+            nodes.insert(drv_path, node);
+        }
+        PlanFor::Plan(Plan {
+            top: top.to_string(),
+            nodes,
+            order,
+        })
+    }
 }
 
 /// How the build's top-level drv stands after attaching.
@@ -172,6 +315,7 @@ pub fn attach(
     let builds: BTreeMap<i64, BuildPrio> = [(build, prio.clone())].into();
     for drv_path in &plan.order {
         if let Some(live) = env.registry.get(drv_path) {
+            env.stats.membership();
             live.do_send(AddBuilds(vec![(build, prio.clone())]));
             actors.insert(drv_path.clone(), live);
             continue;
@@ -218,7 +362,7 @@ pub fn attach(
             env.clone(),
             dispatcher.clone(),
             machine,
-            drv.clone(),
+            drv,
             deps.clone(),
             builds.clone(),
             rec_rows,

@@ -2,6 +2,7 @@
 
 pub mod actor;
 pub mod expand;
+pub mod expander;
 pub mod machine;
 
 pub use machine::{BuildMachine, Effect, Event, Phase};

@@ -114,9 +114,10 @@ impl DispatcherActor {
         self.cell.handled();
         let mut events = std::collections::VecDeque::from([ev]);
         while let Some(ev) = events.pop_front() {
+            let timed = matches!(ev, Event::Runnable(_) | Event::SlotFreed(_));
             let t = Instant::now();
             let effects = self.logic.on(ev);
-            if self.decision_ns.len() < 1_000_000 {
+            if timed && self.decision_ns.len() < 1_000_000 {
                 self.decision_ns.push(t.elapsed().as_nanos() as u64);
             }
             self.perform(effects, &mut events);
@@ -174,6 +175,7 @@ impl Actor for DispatcherActor {
 impl Handler<Runnable> for DispatcherActor {
     type Result = ();
     fn handle(&mut self, msg: Runnable, _: &mut Context<Self>) {
+        self.env.probe.runnable(&msg.step.drv);
         self.steps.insert(msg.step.drv.clone(), msg.addr);
         self.feed(Event::Runnable(msg.step));
     }

@@ -58,18 +58,27 @@ impl Handler<RunJob> for LocalMachine {
         let executor = self.executor.clone();
         let dispatcher = self.dispatcher.clone();
         let machine = self.info.id.clone();
-        let job = Job {
-            drv_path: msg.drv_path.clone(),
-            drv: msg.drv,
-            max_silent: msg.max_silent,
-            timeout: msg.timeout,
-        };
+        let (drv, max_silent, timeout) = (msg.drv, msg.max_silent, msg.timeout);
         let step = msg.step;
         let drv_path = msg.drv_path;
         let key = drv_path.clone();
         let handle = ctx.spawn(
             async move {
-                let outcome = match executor.execute(job).await {
+                let drv = match drv {
+                    Some(d) => Ok(d),
+                    None => env.store.read_derivation(&drv_path).await.map(Arc::new).map_err(|e| {
+                        crate::actors::machine::ExecFailure {
+                            status: crate::actors::types::Status::Aborted,
+                            message: format!("cannot read {drv_path}: {e}"),
+                            transient: true,
+                        }
+                    }),
+                };
+                let run = match drv {
+                    Ok(drv) => executor.execute(Job { drv_path: drv_path.clone(), drv, max_silent, timeout }).await,
+                    Err(f) => Err(f),
+                };
+                let outcome = match run {
                     Ok(built) => {
                         if built.ran {
                             env.record_run(&drv_path);

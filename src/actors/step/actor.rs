@@ -26,7 +26,10 @@ pub struct StepActor {
     dispatcher: Addr<DispatcherActor>,
     machine: StepMachine,
     drv_path: String,
-    drv: Arc<Derivation>,
+    /// What the step keeps of its derivation: the rest is read back from the store when it
+    /// resolves or builds, so a waiting step does not hold its parsed derivation (~4 KiB).
+    system: String,
+    features: std::collections::BTreeSet<String>,
     /// Strong references down the graph: the input steps and the resolved child.
     deps: Vec<Addr<StepActor>>,
     /// Weak references up the graph.
@@ -56,6 +59,8 @@ pub struct StepActor {
     resolved_to: Option<String>,
     /// When it last became runnable (dispatch latency).
     runnable_since: Option<std::time::Instant>,
+    /// Set when this step recorded its own failure: carried by the failure it passes on.
+    failure_origin: Option<crate::actors::types::FailureOrigin>,
 }
 
 impl StepActor {
@@ -64,7 +69,7 @@ impl StepActor {
         env: Arc<Env>,
         dispatcher: Addr<DispatcherActor>,
         machine: StepMachine,
-        drv: Arc<Derivation>,
+        drv: &Derivation,
         deps: Vec<Addr<StepActor>>,
         builds: BTreeMap<i64, BuildPrio>,
         recorded: Option<(Row, Option<Row>)>,
@@ -82,7 +87,8 @@ impl StepActor {
             dispatcher,
             machine,
             drv_path,
-            drv,
+            system: drv.system.clone(),
+            features: required_features(drv),
             deps,
             waiters: HashMap::new(),
             builds,
@@ -100,6 +106,7 @@ impl StepActor {
             cell,
             resolved_to: None,
             runnable_since: None,
+            failure_origin: None,
         }
     }
 
@@ -141,7 +148,8 @@ impl StepActor {
     }
 
     fn deps_drvs(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.drv.input_drvs.keys().map(|d| step_id(d)).collect();
+        // The input steps still attached (the step no longer holds its parsed derivation).
+        let mut v: Vec<String> = self.machine.waiting_on().map(|d| step_id(d)).collect();
         if let Some(r) = &self.resolved_to {
             v.push(step_id(r));
         }
@@ -212,8 +220,14 @@ impl StepActor {
 
     fn perform(&mut self, effect: Effect, ctx: &mut Context<Self>) {
         match effect {
-            Effect::Resolve { inputs } => self.resolve(inputs, ctx),
-            Effect::AttachChild { resolved } => self.attach_child(resolved, ctx),
+            Effect::Resolve { inputs } => {
+                self.env.probe.resolving(&self.drv_path);
+                self.resolve(inputs, ctx)
+            }
+            Effect::AttachChild { resolved } => {
+                self.env.probe.resolved(&self.drv_path, &resolved);
+                self.attach_child(resolved, ctx)
+            }
             Effect::MakeRunnable => {
                 Stats::inc(&self.env.stats.steps_runnable);
                 self.runnable_since
@@ -221,8 +235,8 @@ impl StepActor {
                 self.dispatcher.do_send(Runnable {
                     step: RunnableStep {
                         drv: self.drv_path.clone(),
-                        system: self.drv.system.clone(),
-                        features: required_features(&self.drv),
+                        system: self.system.clone(),
+                        features: self.features.clone(),
                         priority: self.priority(),
                     },
                     addr: ctx.address().downgrade(),
@@ -265,7 +279,10 @@ impl StepActor {
                     }
                 }
             }
-            Effect::NotifyFailed { to, failure } => {
+            Effect::NotifyFailed { to, mut failure } => {
+                if failure.origin.is_none() {
+                    failure.origin = self.failure_origin.clone();
+                }
                 for w in to {
                     let msg = StepFailed {
                         from: self.drv_path.clone(),
@@ -367,13 +384,23 @@ impl StepActor {
 
     fn resolve(&mut self, inputs: BTreeMap<(String, String), String>, ctx: &mut Context<Self>) {
         let env = self.env.clone();
-        let drv = self.drv.clone();
         let drv_path = self.drv_path.clone();
         let owner = self.owner();
         let existing_row = self
             .owner()
             .and_then(|o| self.pending_rows.iter().find(|r| r.0 == o).copied());
         let fut = async move {
+            let drv = match env.store.read_derivation(&drv_path).await {
+                Ok(d) => d,
+                Err(e) => {
+                    return (
+                        Event::Resolved(Resolution::Impossible(format!(
+                            "cannot read {drv_path}: {e}"
+                        ))),
+                        After::None,
+                    );
+                }
+            };
             let sd = env.store.store_dir().clone();
             let resolved = match crate::store::resolve::try_resolve(&drv, &sd, |d, o| {
                 inputs.get(&(d.to_string(), o.to_string())).cloned()
@@ -481,6 +508,7 @@ impl StepActor {
                     stepnr: n,
                 });
             }
+            self.env.stats.membership();
             child.do_send(AddBuilds(
                 self.builds.iter().map(|(k, v)| (*k, v.clone())).collect(),
             ));
@@ -536,7 +564,7 @@ impl StepActor {
                                 BTreeMap::new(),
                                 act.env.retry.clone(),
                             );
-                            let mut a = StepActor::new(act.env.clone(), dispatcher, machine, Arc::new(d), vec![], builds, None);
+                            let mut a = StepActor::new(act.env.clone(), dispatcher, machine, &d, vec![], builds, None);
                             a.resolved_child = true;
                             let a = a.start();
                             act.env.registry.insert(&resolved, &a);
@@ -562,7 +590,7 @@ impl StepActor {
         self.in_flight = true;
         let env = self.env.clone();
         let drv_path = self.drv_path.clone();
-        let system = self.drv.system.clone();
+        let system = self.system.clone();
         let pending = self
             .owner()
             .and_then(|o| self.pending_rows.iter().position(|r| r.0 == o))
@@ -579,7 +607,7 @@ impl StepActor {
         });
         let job = RunJob {
             drv_path: drv_path.clone(),
-            drv: self.drv.clone(),
+            drv: None,
             step: ctx.address().downgrade(),
             max_silent: self.env.max_silent,
             timeout: self.env.timeout,
@@ -735,15 +763,22 @@ impl StepActor {
         }
         let env = self.env.clone();
         let drv_path = self.drv_path.clone();
-        let system = self.drv.system.clone();
+        let system = self.system.clone();
         let owner = self.owner();
-        let others: Vec<i64> = self
-            .builds
-            .keys()
-            .copied()
-            .filter(|b| Some(*b) != owner)
-            .collect();
         let running = self.running_row.take();
+        // The other builds that need this step learn where it failed from the failure itself
+        // (each records its own row when the failure reaches it).
+        self.failure_origin =
+            running
+                .map(|r| r.0)
+                .or(owner)
+                .map(|build| crate::actors::types::FailureOrigin {
+                    drv: drv_path.clone(),
+                    system: system.clone(),
+                    status: failure.status,
+                    message: failure.message.clone(),
+                    build,
+                });
         let pending = std::mem::take(&mut self.pending_rows);
         let own_finish = running.map(|row| {
             self.finish_row(
@@ -756,11 +791,8 @@ impl StepActor {
         });
         let fut = async move {
             let now = env.now();
-            let own_build = match (own_finish, owner) {
-                (Some(f), _) => {
-                    f.await;
-                    running.map(|r| r.0)
-                }
+            match (own_finish, owner) {
+                (Some(f), _) => f.await,
                 (None, Some(o)) => {
                     let mut s = NewStep::build(&drv_path, &system);
                     s.status = Some(failure.status);
@@ -769,10 +801,9 @@ impl StepActor {
                     s.stop_time = Some(now);
                     let _ =
                         persist("create failed step", || env.db.create_step(BuildId(o), &s)).await;
-                    Some(o)
                 }
-                (None, None) => None,
-            };
+                (None, None) => {}
+            }
             for row in pending {
                 let f = FinishStep {
                     build: BuildId(row.0),
@@ -786,19 +817,6 @@ impl StepActor {
                     machine: None,
                 };
                 let _ = persist("finish step", || env.db.finish_step(&f)).await;
-            }
-            // As in Hydra: the other builds get a row saying where the failure was recorded.
-            for b in others {
-                let mut s = NewStep::build(&drv_path, &system);
-                s.status = Some(failure.status);
-                s.error_msg = Some(failure.message.clone());
-                s.start_time = Some(now);
-                s.stop_time = Some(now);
-                s.propagated_from = own_build.map(BuildId);
-                let _ = persist("create propagated step", || {
-                    env.db.create_step(BuildId(b), &s)
-                })
-                .await;
             }
             if matches!(failure.status, Status::Failed | Status::FailedWithOutput) {
                 let _ = persist("add failed path", || env.db.add_failed_path(&drv_path)).await;
@@ -972,15 +990,22 @@ impl Handler<AddBuilds> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AddBuilds, ctx: &mut Context<Self>) {
         self.cell.handled();
-        let mut new = false;
+        Stats::dec(&self.env.stats.membership_in_flight);
+        let before = (self.owner(), self.priority());
         for (id, prio) in &msg.0 {
-            new |= self.builds.insert(*id, prio.clone()).as_ref() != Some(prio);
+            self.builds.insert(*id, prio.clone());
         }
-        if new {
+        // Passed down only when it changes what the step needs to know of its builds (the
+        // owner, the priority): otherwise the inputs know better already. Failures reach
+        // every dependent build through the waiters, so no step needs the full list (each
+        // build's membership used to flow through its whole closure: quadratic in deep queues).
+        if (self.owner(), self.priority()) != before {
             for d in &self.deps {
+                self.env.stats.membership();
                 d.do_send(msg.clone());
             }
-            if matches!(self.machine.phase(), Phase::Runnable) {
+            // Requeued only when its place in the queue changes.
+            if matches!(self.machine.phase(), Phase::Runnable) && self.priority() != before.1 {
                 // requeue with the new priority
                 self.queue.push_back(Effect::MakeRunnable);
                 Stats::dec(&self.env.stats.steps_runnable);

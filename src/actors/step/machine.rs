@@ -155,10 +155,12 @@ pub struct StepMachine {
     drv_path: String,
     needs_resolution: bool,
     /// Input drvs still to land, with the outputs wanted from each.
-    waiting_for: BTreeMap<String, BTreeSet<String>>,
+    /// Sorted by drv path; small vectors, not trees: a waiting step's state is most of its memory.
+    waiting_for: Vec<(String, Vec<String>)>,
     /// Real paths of the inputs' outputs: (drv, output) → path.
     landed: BTreeMap<(String, String), String>,
-    waiters: BTreeSet<Waiter>,
+    /// Sorted, without duplicates.
+    waiters: Vec<Waiter>,
     phase: Phase,
     /// Attempts that ended (failed) so far.
     tries: u32,
@@ -180,9 +182,12 @@ impl StepMachine {
         StepMachine {
             drv_path: drv_path.into(),
             needs_resolution,
-            waiting_for: inputs,
+            waiting_for: inputs
+                .into_iter()
+                .map(|(d, outs)| (d, outs.into_iter().collect()))
+                .collect(),
             landed: already_landed,
-            waiters: BTreeSet::new(),
+            waiters: Vec::new(),
             phase: Phase::WaitingForInputs,
             tries: 0,
             retry,
@@ -210,7 +215,7 @@ impl StepMachine {
 
     /// Input drvs not landed yet (what the step waits on).
     pub fn waiting_on(&self) -> impl Iterator<Item = &String> {
-        self.waiting_for.keys()
+        self.waiting_for.iter().map(|(d, _)| d)
     }
 
     pub fn tries(&self) -> u32 {
@@ -227,14 +232,16 @@ impl StepMachine {
             Event::Start => self.start(),
             Event::InputLanded { drv, outputs } => self.input_landed(drv, outputs),
             Event::InputFailed { drv, failure } => {
-                if self.is_finished() || !self.waiting_for.contains_key(&drv) {
+                if self.is_finished() || self.waiting_index(&drv).is_none() {
                     return vec![];
                 }
                 self.fail(failure.propagate(&drv), true)
             }
             Event::WaiterAdded(w) => self.waiter_added(w),
             Event::WaiterRemoved(w) => {
-                self.waiters.remove(&w);
+                if let Ok(i) = self.waiters.binary_search(&w) {
+                    self.waiters.remove(i);
+                }
                 if self.waiters.is_empty() && !self.is_finished() {
                     self.phase = Phase::Failed(Failure::new(
                         Status::Cancelled,
@@ -280,6 +287,12 @@ impl StepMachine {
         }
     }
 
+    fn waiting_index(&self, drv: &str) -> Option<usize> {
+        self.waiting_for
+            .binary_search_by(|(d, _)| d.as_str().cmp(drv))
+            .ok()
+    }
+
     fn start(&mut self) -> Vec<Effect> {
         if self.phase != Phase::WaitingForInputs {
             return vec![];
@@ -301,9 +314,10 @@ impl StepMachine {
         if self.phase != Phase::WaitingForInputs {
             return vec![];
         }
-        let Some(wanted) = self.waiting_for.remove(&drv) else {
+        let Some(i) = self.waiting_index(&drv) else {
             return vec![];
         };
+        let (_, wanted) = self.waiting_for.remove(i);
         for o in wanted {
             match outputs.get(&o) {
                 Some(p) => {
@@ -335,7 +349,9 @@ impl StepMachine {
     }
 
     fn waiter_added(&mut self, w: Waiter) -> Vec<Effect> {
-        self.waiters.insert(w.clone());
+        if let Err(i) = self.waiters.binary_search(&w) {
+            self.waiters.insert(i, w.clone());
+        }
         match &self.phase {
             Phase::Succeeded(outputs) => vec![Effect::NotifyLanded {
                 to: vec![w],
@@ -404,7 +420,7 @@ impl StepMachine {
 
     fn succeed(&mut self, outputs: Outputs, built: bool) -> Vec<Effect> {
         self.phase = Phase::Succeeded(outputs.clone());
-        let to = self.waiters.iter().cloned().collect();
+        let to = self.waiters.to_vec();
         vec![
             Effect::RecordSuccess {
                 outputs: outputs.clone(),
@@ -416,7 +432,7 @@ impl StepMachine {
 
     fn fail(&mut self, failure: Failure, record: bool) -> Vec<Effect> {
         self.phase = Phase::Failed(failure.clone());
-        let to = self.waiters.iter().cloned().collect();
+        let to = self.waiters.to_vec();
         let mut effects = Vec::with_capacity(2);
         if record {
             effects.push(Effect::RecordFailure(failure.clone()));

@@ -196,6 +196,61 @@ impl MetaDb {
         Ok(new.into_iter().map(|i| i.path.clone()).collect())
     }
 
+    /// The valid paths among `paths` (one query per 500).
+    pub(crate) async fn valid_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        for chunk in paths.chunks(500) {
+            let q = format!(
+                "SELECT path FROM ValidPaths WHERE path IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&q).persistent(false);
+            for p in chunk {
+                query = query.bind(p);
+            }
+            out.extend(
+                query
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err("querying validity"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The realisations recorded for any output of `drvs` (one query per 500).
+    pub(crate) async fn realisations_of(
+        &self,
+        drvs: &[String],
+    ) -> Result<Vec<(DrvOutput, String)>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in drvs.chunks(500) {
+            let q = format!(
+                "SELECT r.drvPath, r.outputName, v.path FROM Realisations r
+                 JOIN ValidPaths v ON v.id = r.outputPath WHERE r.drvPath IN ({})",
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query(&q).persistent(false);
+            for p in chunk {
+                query = query.bind(p);
+            }
+            for row in query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err("querying realisations"))?
+            {
+                out.push((
+                    DrvOutput::new(row.get::<String, _>(0), row.get::<String, _>(1)),
+                    row.get(2),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn realisation(&self, key: &DrvOutput) -> Result<Option<String>, StoreError> {
         let row = sqlx::query(
             "SELECT v.path FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath

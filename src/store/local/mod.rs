@@ -142,8 +142,19 @@ pub struct LocalStore {
     rt: tokio::runtime::Handle,
     reservations: ReservationMap,
     write_mutex: tokio::sync::Mutex<()>,
+    /// Registrations waiting for the write lock: whoever takes it commits them all (group commit).
+    group: Mutex<Vec<GroupReq>>,
+    /// Off only to fill a scratch store quickly (`qr bench` setup): contents are not fsynced.
+    no_fsync: std::sync::atomic::AtomicBool,
     fault: Mutex<Option<FaultHook>>,
     _open_lock: FileLock,
+}
+
+/// One caller's registration, waiting to be committed with others.
+struct GroupReq {
+    items: Vec<(PathInfo, PathBuf, PathBuf)>,
+    realisations: Vec<(DrvOutput, String)>,
+    reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -209,6 +220,8 @@ impl LocalStore {
             rt: tokio::runtime::Handle::current(),
             reservations: Arc::new(Mutex::new(HashMap::new())),
             write_mutex: tokio::sync::Mutex::new(()),
+            group: Mutex::new(Vec::new()),
+            no_fsync: Default::default(),
             fault: Mutex::new(fault),
             _open_lock: open_lock,
         };
@@ -241,6 +254,19 @@ impl LocalStore {
     /// through a private mount namespace.
     pub fn needs_namespace(&self) -> bool {
         Path::new(self.store_dir.as_str()) != self.root
+    }
+
+    /// Whether contents (and the root) are fsynced before registration: on unless turned off
+    /// with [`LocalStore::set_fsync`].
+    pub fn fsync(&self) -> bool {
+        !self.no_fsync.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the fsync of contents off (or back on). Off, a power loss may leave registered
+    /// paths with missing contents: only for scratch stores filled in bulk (benchmark setup).
+    pub fn set_fsync(&self, on: bool) {
+        self.no_fsync
+            .store(!on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Installs (or removes) a fault-injection hook.
@@ -341,49 +367,50 @@ impl LocalStore {
         );
         {
             let staged: Vec<PathBuf> = items.iter().map(|i| i.staged.clone()).collect();
+            let sync = self.fsync();
             blocking(move || {
                 for s in &staged {
                     canonicalise(s).map_err(io_err("canonicalising", s))?;
-                    fsync_tree(s).map_err(io_err("syncing", s))?;
+                    if sync {
+                        fsync_tree(s).map_err(io_err("syncing", s))?;
+                    }
                 }
                 Ok(())
             })
             .await?;
         }
-        let (_g, _l) = self.write_lock().await?;
-        let mut to_register = Vec::new();
-        let mut moved: Vec<&PathBuf> = Vec::new();
-        for (it, dest) in items.iter().zip(&dests) {
-            if self.db.is_valid(&it.info.path).await? {
-                if it.staged != *dest {
-                    remove_tree(&it.staged).map_err(io_err("removing", &it.staged))?;
-                }
-                continue;
-            }
-            if it.staged != *dest {
-                if fs::symlink_metadata(dest).is_ok() {
-                    // Unregistered leftovers (e.g. of a failed build): replace them.
-                    remove_tree(dest).map_err(io_err("removing", dest))?;
-                }
-                rename_noreplace(&it.staged, dest).map_err(io_err("moving into place", dest))?;
-                moved.push(dest);
-            }
-            to_register.push(it.info.clone());
-        }
-        if !to_register.is_empty() {
-            fsync_dir(&self.root).map_err(io_err("syncing", &self.root))?;
-        }
-        // An injected fault stands for a crash: nothing is cleaned up (the next open does it).
-        self.fault(FaultPoint::BeforeRegister)?;
-        if let Err(e) = self.db.register(&to_register, &realisations).await {
-            // Nothing was registered: take the contents back out of sight.
-            for d in moved {
-                if let Err(re) = remove_tree(d) {
-                    tracing::warn!(path = %d.display(), error = %re, "cannot remove unregistered contents");
+        // Group commit: queue this registration; whoever holds the write lock next commits every
+        // queued one (one directory fsync, one metadata transaction), so concurrent callers
+        // share the fsyncs. The order per path is unchanged: contents in place and the root
+        // fsynced, then the metadata committed.
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.group
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(GroupReq {
+                items: items
+                    .iter()
+                    .zip(&dests)
+                    .map(|(it, d)| (it.info.clone(), it.staged.clone(), d.clone()))
+                    .collect(),
+                realisations,
+                reply,
+            });
+        {
+            let lock = self.write_lock().await;
+            let batch = std::mem::take(&mut *self.group.lock().unwrap_or_else(|p| p.into_inner()));
+            match lock {
+                Ok(_held) => self.commit_group(batch).await,
+                Err(e) => {
+                    for r in batch {
+                        let _ = r.reply.send(Err(copy_err(&e)));
+                    }
                 }
             }
-            return Err(e);
         }
+        done.await.map_err(|_| {
+            StoreError::Metadata("a registration was dropped before it committed".into())
+        })??;
         let mut out = Vec::with_capacity(items.len());
         for it in &items {
             match self.db.path_info(&it.info.path).await? {
@@ -392,6 +419,109 @@ impl LocalStore {
             }
         }
         Ok(out)
+    }
+
+    /// Commits queued registrations (the write lock is held): moves every one's contents into
+    /// place, fsyncs the root once, then registers all in one transaction. If that transaction
+    /// fails, each registration is committed on its own, so one bad registration fails only its
+    /// caller.
+    async fn commit_group(&self, batch: Vec<GroupReq>) {
+        struct Moved {
+            reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+            infos: Vec<PathInfo>,
+            realisations: Vec<(DrvOutput, String)>,
+            moved: Vec<PathBuf>,
+        }
+        let mut ready: Vec<Moved> = Vec::new();
+        // Paths put in place by this group: a second copy is discarded, as for a valid path.
+        let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for req in batch {
+            let mut m = Moved {
+                reply: req.reply,
+                infos: Vec::new(),
+                realisations: req.realisations,
+                moved: Vec::new(),
+            };
+            let mut failed = None;
+            for (info, staged, dest) in req.items {
+                let step = async {
+                    if placed.contains(&info.path) || self.db.is_valid(&info.path).await? {
+                        if staged != dest {
+                            remove_tree(&staged).map_err(io_err("removing", &staged))?;
+                        }
+                        return Ok::<_, StoreError>(None);
+                    }
+                    if staged != dest {
+                        if fs::symlink_metadata(&dest).is_ok() {
+                            // Unregistered leftovers (e.g. of a failed build): replace them.
+                            remove_tree(&dest).map_err(io_err("removing", &dest))?;
+                        }
+                        rename_noreplace(&staged, &dest)
+                            .map_err(io_err("moving into place", &dest))?;
+                        m.moved.push(dest.clone());
+                    }
+                    Ok(Some(info))
+                };
+                match step.await {
+                    Ok(Some(info)) => {
+                        placed.insert(info.path.clone());
+                        m.infos.push(info);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => {
+                    let _ = m.reply.send(Err(e));
+                }
+                None => ready.push(m),
+            }
+        }
+        if self.fsync()
+            && ready.iter().any(|m| !m.infos.is_empty())
+            && let Err(e) = fsync_dir(&self.root).map_err(io_err("syncing", &self.root))
+        {
+            for m in ready {
+                let _ = m.reply.send(Err(copy_err(&e)));
+            }
+            return;
+        }
+        // An injected fault stands for a crash: nothing is cleaned up (the next open does it).
+        if let Err(e) = self.fault(FaultPoint::BeforeRegister) {
+            for m in ready {
+                let _ = m.reply.send(Err(copy_err(&e)));
+            }
+            return;
+        }
+        let all_infos: Vec<PathInfo> = ready.iter().flat_map(|m| m.infos.clone()).collect();
+        let all_real: Vec<(DrvOutput, String)> =
+            ready.iter().flat_map(|m| m.realisations.clone()).collect();
+        if ready.len() > 1 && self.db.register(&all_infos, &all_real).await.is_ok() {
+            for m in ready {
+                let _ = m.reply.send(Ok(()));
+            }
+            return;
+        }
+        for m in ready {
+            let r = self
+                .db
+                .register(&m.infos, &m.realisations)
+                .await
+                .map(|_| ());
+            if r.is_err() {
+                // Nothing was registered: take the contents back out of sight.
+                for d in &m.moved {
+                    if let Err(re) = remove_tree(d) {
+                        tracing::warn!(path = %d.display(), error = %re, "cannot remove unregistered contents");
+                    }
+                }
+            }
+            let _ = m.reply.send(r);
+        }
     }
 
     /// Adds the tree at `src` (copied) as a source path named `name` with no references; returns
@@ -602,6 +732,19 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The same error for every caller of a group commit (store errors are not `Clone`).
+fn copy_err(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Metadata(m) => StoreError::Metadata(m.clone()),
+        StoreError::Io { op, path, source } => StoreError::Io {
+            op,
+            path: path.clone(),
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        other => StoreError::Metadata(other.to_string()),
+    }
+}
+
 fn hash_desc(h: &Sha256Hash, size: u64) -> String {
     format!("{} ({size} bytes)", render_nix32(h))
 }
@@ -636,6 +779,116 @@ impl Store for LocalStore {
     async fn is_valid_path(&self, path: &str) -> Result<bool, StoreError> {
         self.store_dir.parse(path)?;
         self.db.is_valid(path).await
+    }
+
+    /// One validity query per 500 paths, then the files read and parsed on blocking threads.
+    async fn read_derivations(&self, drv_paths: &[String]) -> Vec<Result<Derivation, StoreError>> {
+        let mut out: Vec<Option<Result<Derivation, StoreError>>> = Vec::new();
+        let mut to_read: Vec<(usize, String, PathBuf)> = Vec::new();
+        for (i, p) in drv_paths.iter().enumerate() {
+            match self.store_dir.parse(p) {
+                Ok(sp) if sp.is_derivation() => {
+                    out.push(None);
+                    to_read.push((i, sp.drv_name().to_string(), self.physical(&sp)));
+                }
+                Ok(_) => out.push(Some(Err(StoreError::BadDerivation {
+                    path: p.clone(),
+                    message: "not a .drv path".into(),
+                }))),
+                Err(e) => out.push(Some(Err(e.into()))),
+            }
+        }
+        let candidates: Vec<String> = to_read
+            .iter()
+            .map(|(i, ..)| drv_paths[*i].clone())
+            .collect();
+        let valid = match self.db.valid_among(&candidates).await {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e.to_string();
+                return drv_paths
+                    .iter()
+                    .map(|_| Err(StoreError::Metadata(msg.clone())))
+                    .collect();
+            }
+        };
+        to_read.retain(|(i, ..)| {
+            let ok = valid.contains(&drv_paths[*i]);
+            if !ok {
+                out[*i] = Some(Err(StoreError::NotValid(drv_paths[*i].clone())));
+            }
+            ok
+        });
+        let tasks: Vec<_> = to_read
+            .chunks(512)
+            .map(|chunk| {
+                let chunk: Vec<(usize, String, PathBuf)> = chunk.to_vec();
+                let paths: Vec<String> =
+                    chunk.iter().map(|(i, ..)| drv_paths[*i].clone()).collect();
+                tokio::task::spawn_blocking(move || {
+                    chunk
+                        .into_iter()
+                        .zip(paths)
+                        .map(|((i, name, phys), path)| {
+                            let r = fs::read(&phys).map_err(io_err("reading", &phys)).and_then(
+                                |bytes| {
+                                    aterm::parse_named(&bytes, &name).map_err(|e| {
+                                        StoreError::BadDerivation {
+                                            path,
+                                            message: e.to_string(),
+                                        }
+                                    })
+                                },
+                            );
+                            (i, r)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for t in futures::future::join_all(tasks).await {
+            match t {
+                Ok(results) => {
+                    for (i, r) in results {
+                        out[i] = Some(r);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "a blocking derivation read failed"),
+            }
+        }
+        out.into_iter()
+            .zip(drv_paths)
+            .map(|(r, p)| {
+                r.unwrap_or_else(|| Err(StoreError::Metadata(format!("{p} was not read"))))
+            })
+            .collect()
+    }
+
+    async fn valid_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.db.valid_among(paths).await
+    }
+
+    async fn query_realisations(
+        &self,
+        keys: &[DrvOutput],
+    ) -> Result<Vec<(DrvOutput, String)>, StoreError> {
+        let drvs: Vec<String> = keys
+            .iter()
+            .map(|k| k.drv_path.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let wanted: std::collections::HashSet<&DrvOutput> = keys.iter().collect();
+        Ok(self
+            .db
+            .realisations_of(&drvs)
+            .await?
+            .into_iter()
+            .filter(|(k, _)| wanted.contains(k))
+            .collect())
     }
 
     async fn query_path_info(&self, path: &str) -> Result<Option<PathInfo>, StoreError> {

@@ -1,0 +1,152 @@
+//! The expander: expands builds' drv closures into steps for every build actor, a batch at a time.
+//! Requests that arrive while a batch does its I/O wait for the next batch; each batch reads its
+//! closures level by level with batched queries ([`expand::plan_many`]), then attaches the builds
+//! one after the other in one synchronous pass, so a drv shared by many builds is read once and
+//! its step created once (as Hydra's queue runner expands one build at a time, without its
+//! one-query-per-drv cost).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::expand::{self, PlanFor, RecordedLookup, Top};
+use crate::actors::dispatcher::actor::DispatcherActor;
+use crate::actors::env::Env;
+use crate::actors::messages::BuildPrio;
+
+/// Expand the closure of `top` for `build`.
+pub struct Expand {
+    pub build: i64,
+    pub top: String,
+    pub prio: BuildPrio,
+}
+
+/// How the build's top-level drv stands, and the cached failures met (each gets a step row).
+pub struct Expanded {
+    pub top: Result<Top, String>,
+    pub cached: Vec<String>,
+}
+
+impl Message for Expand {
+    type Result = Expanded;
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RunBatch;
+
+pub struct Expander {
+    env: Arc<Env>,
+    dispatcher: Addr<DispatcherActor>,
+    recorded: RecordedLookup,
+    pending: Vec<(Expand, oneshot::Sender<Expanded>)>,
+    /// A batch is running or about to.
+    busy: bool,
+}
+
+impl Expander {
+    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, recorded: RecordedLookup) -> Self {
+        Expander {
+            env,
+            dispatcher,
+            recorded,
+            pending: Vec::new(),
+            busy: false,
+        }
+    }
+
+    /// Starts a batch after the messages already queued (so they join it).
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        if !self.busy && !self.pending.is_empty() {
+            self.busy = true;
+            ctx.notify(RunBatch);
+        }
+    }
+
+    fn run_batch(&mut self, ctx: &mut Context<Self>) {
+        let batch = std::mem::take(&mut self.pending);
+        if batch.is_empty() {
+            self.busy = false;
+            return;
+        }
+        let tops: Vec<String> = batch.iter().map(|(r, _)| r.top.clone()).collect();
+        let env = self.env.clone();
+        let recorded = self.recorded.clone();
+        ctx.spawn(
+            async move { expand::plan_many(&env, &tops, &*recorded).await }
+                .into_actor(self)
+                .map(move |planned, act, ctx| {
+                    for (req, reply) in batch {
+                        let planned = match &planned {
+                            Ok(p) => p,
+                            Err(msg) => {
+                                let _ = reply.send(Expanded {
+                                    top: Err(msg.clone()),
+                                    cached: vec![],
+                                });
+                                continue;
+                            }
+                        };
+                        match planned.plan_for(&act.env, &req.top) {
+                            PlanFor::Replan => act.pending.push((req, reply)),
+                            PlanFor::Failed(msg) => {
+                                let _ = reply.send(Expanded {
+                                    top: Err(msg),
+                                    cached: vec![],
+                                });
+                            }
+                            PlanFor::Plan(plan) => {
+                                let cached = expand::cached_failures(&plan);
+                                match expand::attach(
+                                    &act.env,
+                                    &act.dispatcher,
+                                    plan,
+                                    req.build,
+                                    req.prio.clone(),
+                                ) {
+                                    Top::Replan => act.pending.push((req, reply)),
+                                    top => {
+                                        let _ = reply.send(Expanded {
+                                            top: Ok(top),
+                                            cached,
+                                        });
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    act.busy = false;
+                    act.schedule(ctx);
+                }),
+        );
+    }
+}
+
+impl Actor for Expander {
+    type Context = Context<Self>;
+}
+
+impl Handler<Expand> for Expander {
+    type Result = ResponseFuture<Expanded>;
+
+    fn handle(&mut self, msg: Expand, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.pending.push((msg, tx));
+        self.schedule(ctx);
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| Expanded {
+                top: Err("the expander stopped".into()),
+                cached: vec![],
+            })
+        })
+    }
+}
+
+impl Handler<RunBatch> for Expander {
+    type Result = ();
+
+    fn handle(&mut self, _: RunBatch, ctx: &mut Context<Self>) {
+        self.run_batch(ctx);
+    }
+}

@@ -1,0 +1,7 @@
+//! `qr bench`: synthetic workloads through the real actors, database and store, measured inside
+//! one run (percentiles, not single samples). `graph` generates the derivation graphs,
+//! `scenario` runs them, `measure` holds the instruments.
+
+pub mod graph;
+pub mod measure;
+pub mod scenario;

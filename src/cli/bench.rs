@@ -1,0 +1,438 @@
+//! `qr bench`: synthetic build graphs through the real actors, database and store (see
+//! `crate::bench`), on SQLite and/or PostgreSQL; prints a table of the figures against the targets,
+//! or (`--json`) one JSON document with every figure. `BENCHMARKS.md` holds the reference runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::Context;
+use crate::bench::graph::GraphSpec;
+use crate::bench::measure::{MachineInfo, Percentiles};
+use crate::bench::scenario::{self, DbTarget, ExecutorKind, Params};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Sqlite,
+    Postgres,
+    Both,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Derivations (steps) in the layered graph.
+    #[arg(long, default_value_t = 10_000)]
+    pub steps: usize,
+    /// Share of floating content-addressed derivations (the rest are input-addressed, deferred
+    /// when they read a CA or deferred one).
+    #[arg(long, default_value_t = 0.5)]
+    pub ca_fraction: f64,
+    /// Inputs per derivation above the first layer.
+    #[arg(long, default_value_t = 3)]
+    pub fan_in: usize,
+    /// Layers of the graph.
+    #[arg(long, default_value_t = 10)]
+    pub depth: usize,
+    /// Seed of the graph's random choices.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "both")]
+    pub backend: BackendArg,
+    /// Where fresh PostgreSQL databases are created (and dropped afterwards).
+    #[arg(
+        long,
+        env = "QR_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub postgres_url: String,
+    /// Who builds: zero-time simulated builds, or the native executor on the trivial builders.
+    #[arg(long, value_enum, default_value = "simulated")]
+    pub executor: ExecutorKind,
+    /// The machine's slots (default: 64 for simulated builds, the number of cores for native).
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Independent steps queued for the dispatch scenario (default: --steps; 0 skips it).
+    #[arg(long)]
+    pub dispatch_steps: Option<usize>,
+    /// Steps built while dispatch decisions are sampled (default: 5% of --dispatch-steps).
+    #[arg(long)]
+    pub dispatch_sample: Option<u64>,
+    /// Skip the layered scenario (load, build, resolution).
+    #[arg(long)]
+    pub no_layered: bool,
+    /// Layered scenario: measure the load (and memory) only; no machine joins.
+    #[arg(long)]
+    pub load_only: bool,
+    /// PostgreSQL sessions with `synchronous_commit = off` (commits do not wait for the WAL
+    /// flush): shows what the fsync costs.
+    #[arg(long)]
+    pub pg_async_commit: bool,
+    /// The store does not fsync build outputs and resolved drvs during the measured phases
+    /// (combine with --pg-async-commit): what the scheduler does when the disk is not the bound.
+    #[arg(long)]
+    pub no_fsync: bool,
+    /// Scratch directory parent (default: <state dir>/bench); each scenario's is removed after.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Longest a timed phase may take, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_s: u64,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The targets of the performance issue (2-core machine).
+const TARGET_LOAD_STEPS_PER_S: f64 = 20_000.0;
+const TARGET_BUILD_STEPS_PER_S: f64 = 5_000.0;
+const TARGET_DISPATCH_P99_US: f64 = 50.0;
+const TARGET_RESOLUTION_P99_MS: f64 = 2.0;
+const TARGET_RSS_PER_STEP: f64 = 2048.0;
+
+pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| ctx.state_dir.join("bench"));
+    std::fs::create_dir_all(&work_dir)?;
+    let slots = args.slots.unwrap_or(match args.executor {
+        ExecutorKind::Simulated => 64,
+        ExecutorKind::Native => std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+    });
+    let params = Params {
+        executor: args.executor,
+        slots,
+        setup_parallel: 64,
+        work_dir,
+        timeout: Duration::from_secs(args.timeout_s),
+        pg_async_commit: args.pg_async_commit,
+        load_only: args.load_only,
+        no_fsync: args.no_fsync,
+    };
+    let mut targets = Vec::new();
+    if args.backend != BackendArg::Postgres {
+        targets.push(DbTarget::Sqlite);
+    }
+    let mut notes: Vec<String> = Vec::new();
+    if args.backend != BackendArg::Sqlite {
+        let url = args.postgres_url.clone();
+        let up =
+            scenario::in_system(
+                move || async move { Ok(scenario::postgres_reachable(&url).await) },
+            )?;
+        if up {
+            targets.push(DbTarget::Postgres {
+                base_url: args.postgres_url.clone(),
+            });
+        } else if args.backend == BackendArg::Postgres {
+            anyhow::bail!(
+                "PostgreSQL is not reachable at {}",
+                crate::db::redact_url(&args.postgres_url)
+            );
+        } else {
+            let n = format!(
+                "PostgreSQL not reachable at {}: skipped",
+                crate::db::redact_url(&args.postgres_url)
+            );
+            eprintln!("qr bench: {n}");
+            notes.push(n);
+        }
+    }
+    let tag = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    );
+    let spec = GraphSpec {
+        steps: args.steps,
+        ca_fraction: args.ca_fraction,
+        fan_in: args.fan_in,
+        depth: args.depth,
+        seed: args.seed,
+        tag: tag.clone(),
+    };
+    let dispatch_steps = args.dispatch_steps.unwrap_or(args.steps);
+    let sample = args
+        .dispatch_sample
+        .unwrap_or((dispatch_steps as u64 / 20).max(1));
+
+    let mut layered = Vec::new();
+    let mut dispatch = Vec::new();
+    for t in &targets {
+        if !args.no_layered {
+            eprintln!("qr bench: layered, {} steps, {}", args.steps, t.name());
+            let (s, p, t2) = (spec.clone(), params.clone(), t.clone());
+            layered.push(scenario::in_system(move || scenario::layered(s, p, t2))?);
+        }
+        if dispatch_steps > 0 {
+            eprintln!(
+                "qr bench: dispatch, {dispatch_steps} runnable, {}",
+                t.name()
+            );
+            let (p, t2, tag) = (params.clone(), t.clone(), format!("{tag}d"));
+            dispatch.push(scenario::in_system(move || {
+                scenario::dispatch(dispatch_steps, sample, tag, p, t2)
+            })?);
+        }
+    }
+    let pure_n = if dispatch_steps > 0 {
+        dispatch_steps
+    } else {
+        args.steps
+    };
+    let pure = scenario::dispatch_pure(pure_n, slots, 50_000);
+
+    let summary = summarise(&layered, &dispatch, pure_n, &pure);
+    let doc = json!({
+        "qr_version": env!("CARGO_PKG_VERSION"),
+        "machine": MachineInfo::here(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "executor": args.executor,
+        "slots": slots,
+        "layered": layered,
+        "dispatch": dispatch,
+        "dispatch_pure": { "runnable": pure_n, "slots": slots, "decisions_us": pure },
+        "summary": summary,
+        "no_fsync": args.no_fsync,
+        "pg_async_commit": args.pg_async_commit,
+        "notes": notes,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", table(&doc));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One row per figure and backend: `{metric, backend, value, unit, target, met}`.
+fn summarise(
+    layered: &[scenario::Layered],
+    dispatch: &[scenario::Dispatch],
+    pure_n: usize,
+    pure: &Percentiles,
+) -> Vec<Value> {
+    let mut rows = Vec::new();
+    let mut row =
+        |metric: String, backend: &str, value: f64, unit: &str, target: Option<(&str, bool)>| {
+            rows.push(json!({
+                "metric": metric,
+                "backend": backend,
+                "value": value,
+                "unit": unit,
+                "target": target.map(|t| t.0),
+                "met": target.map(|t| t.1),
+            }));
+        };
+    for l in layered {
+        let b = l.backend;
+        let n = l.setup.steps;
+        row(
+            format!("load: steps/s ({n} steps)"),
+            b,
+            l.load.steps_per_s,
+            "steps/s",
+            Some((">= 20000", l.load.steps_per_s >= TARGET_LOAD_STEPS_PER_S)),
+        );
+        row(
+            format!("load: time ({n} steps)"),
+            b,
+            l.load.seconds,
+            "s",
+            None,
+        );
+        row(
+            format!("RSS per live step ({} steps, layered)", l.load.live_steps),
+            b,
+            l.load.rss_per_step_bytes,
+            "bytes",
+            Some(("<= 2048", l.load.rss_per_step_bytes <= TARGET_RSS_PER_STEP)),
+        );
+        let Some(build) = &l.build else {
+            continue;
+        };
+        let exec = match l.executor {
+            ExecutorKind::Simulated => "zero-time",
+            ExecutorKind::Native => "native",
+        };
+        let build_target = (b == "postgres" && l.executor == ExecutorKind::Simulated)
+            .then_some((">= 5000", build.steps_per_s >= TARGET_BUILD_STEPS_PER_S));
+        row(
+            format!(
+                "build: {exec} steps/s, {} slots ({} steps finished)",
+                l.slots, build.steps_finished
+            ),
+            b,
+            build.steps_per_s,
+            "steps/s",
+            build_target,
+        );
+        row(
+            "build: dispatch decision p50".into(),
+            b,
+            build.dispatch_us.p50,
+            "µs",
+            None,
+        );
+        row(
+            "build: dispatch decision p99".into(),
+            b,
+            build.dispatch_us.p99,
+            "µs",
+            None,
+        );
+        row(
+            format!("resolution p50 ({} timed)", build.resolution_ms.count),
+            b,
+            build.resolution_ms.p50,
+            "ms",
+            None,
+        );
+        row(
+            format!("resolution p99 ({} timed)", build.resolution_ms.count),
+            b,
+            build.resolution_ms.p99,
+            "ms",
+            Some((
+                "<= 2 (excl. fsync)",
+                build.resolution_ms.p99 <= TARGET_RESOLUTION_P99_MS,
+            )),
+        );
+        row(
+            "write transactions per finished step".into(),
+            b,
+            build.tx_per_finished_step,
+            "tx",
+            None,
+        );
+    }
+    for d in dispatch {
+        let b = d.backend;
+        row(
+            format!("load: steps/s ({} independent steps)", d.setup.steps),
+            b,
+            d.load.steps_per_s,
+            "steps/s",
+            Some((">= 20000", d.load.steps_per_s >= TARGET_LOAD_STEPS_PER_S)),
+        );
+        row(
+            format!(
+                "RSS per live step ({} steps, independent)",
+                d.load.live_steps
+            ),
+            b,
+            d.load.rss_per_step_bytes,
+            "bytes",
+            Some(("<= 2048", d.load.rss_per_step_bytes <= TARGET_RSS_PER_STEP)),
+        );
+        row(
+            format!("dispatch p50 ({} runnable, actors)", d.runnable_at_join),
+            b,
+            d.decisions_us.p50,
+            "µs",
+            None,
+        );
+        row(
+            format!("dispatch p99 ({} runnable, actors)", d.runnable_at_join),
+            b,
+            d.decisions_us.p99,
+            "µs",
+            Some(("<= 50", d.decisions_us.p99 <= TARGET_DISPATCH_P99_US)),
+        );
+    }
+    row(
+        format!("dispatch p50 ({pure_n} runnable, state machine)"),
+        "-",
+        pure.p50,
+        "µs",
+        None,
+    );
+    row(
+        format!("dispatch p99 ({pure_n} runnable, state machine)"),
+        "-",
+        pure.p99,
+        "µs",
+        Some(("<= 50", pure.p99 <= TARGET_DISPATCH_P99_US)),
+    );
+    rows
+}
+
+/// The summary as a table: one line per figure, a column per backend.
+fn table(doc: &Value) -> String {
+    use std::fmt::Write;
+    let rows = doc["summary"].as_array().cloned().unwrap_or_default();
+    let mut metrics: Vec<String> = Vec::new();
+    for r in &rows {
+        let m = r["metric"].as_str().unwrap_or_default().to_string();
+        if !metrics.contains(&m) {
+            metrics.push(m);
+        }
+    }
+    let cell = |m: &str, b: &str| -> String {
+        rows.iter()
+            .find(|r| r["metric"] == m && (r["backend"] == b || r["backend"] == "-"))
+            .map(|r| {
+                let v = r["value"].as_f64().unwrap_or(f64::NAN);
+                let unit = r["unit"].as_str().unwrap_or_default();
+                let mark = match r["met"].as_bool() {
+                    Some(true) => " ok",
+                    Some(false) => " MISSED",
+                    None => "",
+                };
+                format!("{} {unit}{mark}", fmt_num(v))
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    let target = |m: &str| -> String {
+        rows.iter()
+            .find(|r| r["metric"] == m && !r["target"].is_null())
+            .and_then(|r| r["target"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let mut t = String::new();
+    let m = &doc["machine"];
+    let _ = writeln!(
+        t,
+        "qr bench on {} cores, {}, {} RAM",
+        m["nproc"],
+        m["cpu"].as_str().unwrap_or("?"),
+        m["mem_total"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        t,
+        "{:<52} {:>24} {:>24}  target",
+        "figure", "sqlite", "postgres"
+    );
+    for m in &metrics {
+        let _ = writeln!(
+            t,
+            "{:<52} {:>24} {:>24}  {}",
+            m,
+            cell(m, "sqlite"),
+            cell(m, "postgres"),
+            target(m)
+        );
+    }
+    for n in doc["notes"].as_array().into_iter().flatten() {
+        let _ = writeln!(t, "note: {}", n.as_str().unwrap_or_default());
+    }
+    t
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
