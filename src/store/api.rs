@@ -130,6 +130,20 @@ pub trait Store: Send + Sync + 'static {
             .await
     }
 
+    /// Adds a derivation and keeps it alive under the GC root `<root_prefix><base name of the
+    /// drv>`; returns the drv path. Stores that can do so commit both together.
+    async fn add_derivation_rooted(
+        &self,
+        drv: &Derivation,
+        root_prefix: &str,
+    ) -> Result<String, StoreError> {
+        let path = self.add_derivation(drv).await?;
+        let base = path.rsplit('/').next().unwrap_or(&path).to_string();
+        self.add_gc_root(&format!("{root_prefix}{base}"), &path)
+            .await?;
+        Ok(path)
+    }
+
     /// The output path a drv output was realised to, if known.
     async fn query_realisation(&self, key: &DrvOutput) -> Result<Option<String>, StoreError>;
 

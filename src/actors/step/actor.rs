@@ -425,8 +425,8 @@ impl StepActor {
             if rpath == drv_path {
                 return (Event::Resolved(Resolution::Same), After::None);
             }
-            // I/O first: the resolved drv into the store (kept alive by a GC root) ...
-            let written = match env.store.add_derivation(&resolved).await {
+            // I/O first: the resolved drv into the store, kept alive by a GC root ...
+            let written = match env.store.add_derivation_rooted(&resolved, "resolved-").await {
                 Ok(p) => p,
                 Err(e) => {
                     return (
@@ -437,13 +437,6 @@ impl StepActor {
                     );
                 }
             };
-            let root = format!(
-                "resolved-{}",
-                written.rsplit('/').next().unwrap_or(&written)
-            );
-            if let Err(e) = env.store.add_gc_root(&root, &written).await {
-                tracing::warn!(drv = %drv_path, error = %e, "cannot add GC root for the resolved drv");
-            }
             let Some(owner) = owner else {
                 return (Event::Resolved(Resolution::Child(written)), After::None);
             };

@@ -130,13 +130,15 @@ impl MetaDb {
         }))
     }
 
-    /// Registers `paths` and records `realisations` in one transaction. Paths already valid are
-    /// left as they are; every reference must be valid or among `paths`; every realisation's
-    /// output must be valid afterwards. Returns the paths that were newly registered.
+    /// Registers `paths`, records `realisations` and sets GC `roots` (name, path) in one
+    /// transaction. Paths already valid are left as they are; every reference must be valid or
+    /// among `paths`; every realisation's output and every root's path must be valid afterwards.
+    /// Returns the paths that were newly registered.
     pub(crate) async fn register(
         &self,
         paths: &[Registration],
         realisations: &[(DrvOutput, String)],
+        roots: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
         let mut tx = self
             .pool
@@ -189,6 +191,20 @@ impl MetaDb {
         }
         for (key, out) in realisations {
             insert_realisation(&mut tx, key, out).await?;
+        }
+        for (name, path) in roots {
+            let r = sqlx::query(
+                "INSERT INTO GcRoots (name, path) SELECT ?, path FROM ValidPaths WHERE path = ?
+                 ON CONFLICT(name) DO UPDATE SET path = excluded.path",
+            )
+            .bind(name)
+            .bind(path)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("adding a GC root"))?;
+            if r.rows_affected() == 0 {
+                return Err(StoreError::NotValid(path.clone()));
+            }
         }
         tx.commit()
             .await
@@ -264,6 +280,7 @@ impl MetaDb {
         Ok(row.map(|r| r.get(0)))
     }
 
+    #[cfg(test)]
     pub(crate) async fn add_realisation(
         &self,
         key: &DrvOutput,
@@ -280,6 +297,7 @@ impl MetaDb {
             .map_err(db_err("committing a realisation"))
     }
 
+    #[cfg(test)]
     pub(crate) async fn add_root(&self, name: &str, path: &str) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO GcRoots (name, path) VALUES (?, ?)
@@ -478,12 +496,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = MetaDb::open(&dir.path().join("s.sqlite")).await.unwrap();
         // A reference that is not valid (and not in the batch) is refused, atomically.
-        let e = db.register(&[info(B, &[A])], &[]).await.unwrap_err();
+        let e = db.register(&[info(B, &[A])], &[], &[]).await.unwrap_err();
         assert!(e.to_string().contains("its reference"), "{e}");
         assert!(!db.is_valid(B).await.unwrap());
         // In one batch, with a self-reference and a cycle-free chain.
         let new = db
-            .register(&[info(A, &[A]), info(B, &[A]), info(C, &[B])], &[])
+            .register(&[info(A, &[A]), info(B, &[A]), info(C, &[B])], &[], &[])
             .await
             .unwrap();
         assert_eq!(new.len(), 3);
@@ -493,7 +511,7 @@ mod tests {
         let cl = db.closure([C]).await.unwrap();
         assert_eq!(cl, [A, B, C].iter().map(|s| s.to_string()).collect());
         // Re-registering is a no-op.
-        assert!(db.register(&[info(A, &[])], &[]).await.unwrap().is_empty());
+        assert!(db.register(&[info(A, &[])], &[], &[]).await.unwrap().is_empty());
         // Invalidation must not leave a dangling reference.
         let only_a: BTreeSet<String> = [A.to_string()].into();
         assert!(db.invalidate(&only_a).await.is_err());
@@ -517,6 +535,7 @@ mod tests {
         db.register(
             &[info(A, &[]), info(B, &[])],
             &[(key.clone(), A.to_string())],
+            &[],
         )
         .await
         .unwrap();
@@ -534,7 +553,13 @@ mod tests {
         let file = dir.path().join("s.sqlite");
         {
             let db = MetaDb::open(&file).await.unwrap();
-            db.register(&[info(A, &[])], &[]).await.unwrap();
+            db.register(&[info(A, &[])], &[], &[]).await.unwrap();
+            // A root on a path that is not valid is refused with the rest of its transaction.
+            assert!(matches!(
+                db.register(&[info(B, &[])], &[], &[("r0".into(), C.into())]).await,
+                Err(StoreError::NotValid(_))
+            ));
+            assert!(!db.is_valid(B).await.unwrap());
             db.add_root("r1", A).await.unwrap();
             db.add_root("r2", A).await.unwrap();
             db.add_root("r2", B).await.unwrap();

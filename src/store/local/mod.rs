@@ -95,6 +95,38 @@ impl StagingDir {
     }
 }
 
+/// A unique name in the root (`.qr-tmp-<pid>-<n>-<base name>`) for contents being written, with
+/// no directory around them: whatever is still there on drop (the contents were not moved into
+/// place) is removed. A crash leaves a dot-entry that the next open removes.
+#[derive(Debug)]
+pub struct StagingPath {
+    path: PathBuf,
+}
+
+impl StagingPath {
+    pub fn new(root: &Path, base_name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StagingPath {
+            path: root.join(format!(".qr-tmp-{}-{n}-{base_name}", std::process::id())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for StagingPath {
+    fn drop(&mut self) {
+        if fs::symlink_metadata(&self.path).is_ok()
+            && let Err(e) = remove_tree(&self.path)
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove staged contents");
+        }
+    }
+}
+
 impl Drop for StagingDir {
     fn drop(&mut self) {
         if let Err(e) = remove_tree(&self.path) {
@@ -154,6 +186,7 @@ pub struct LocalStore {
 struct GroupReq {
     items: Vec<(PathInfo, PathBuf, PathBuf)>,
     realisations: Vec<(DrvOutput, String)>,
+    roots: Vec<(String, String)>,
     reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -354,8 +387,29 @@ impl LocalStore {
         items: Vec<StagedPath>,
         realisations: Vec<(DrvOutput, String)>,
     ) -> Result<Vec<PathInfo>, StoreError> {
-        let mut dests = Vec::with_capacity(items.len());
+        self.commit_registration(&items, realisations, vec![])
+            .await?;
+        let mut out = Vec::with_capacity(items.len());
         for it in &items {
+            match self.db.path_info(&it.info.path).await? {
+                Some(i) => out.push(i),
+                None => return Err(StoreError::NotValid(it.info.path.clone())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// What [`LocalStore::register_staged`] commits, plus GC `roots` (name, path) set in the same
+    /// transaction, through the group commit. Realisations and roots alone (no items) are
+    /// group-committed too, so a busy runner shares one metadata fsync among many of them.
+    async fn commit_registration(
+        &self,
+        items: &[StagedPath],
+        realisations: Vec<(DrvOutput, String)>,
+        roots: Vec<(String, String)>,
+    ) -> Result<(), StoreError> {
+        let mut dests = Vec::with_capacity(items.len());
+        for it in items {
             let sp = self.store_dir.parse(&it.info.path)?;
             dests.push(self.physical(&sp));
         }
@@ -365,7 +419,7 @@ impl LocalStore {
                 .filter_map(|i| self.store_dir.parse(&i.info.path).ok())
                 .map(|p| p.base_name()),
         );
-        {
+        if !items.is_empty() {
             let staged: Vec<PathBuf> = items.iter().map(|i| i.staged.clone()).collect();
             let sync = self.fsync();
             blocking(move || {
@@ -394,6 +448,7 @@ impl LocalStore {
                     .map(|(it, d)| (it.info.clone(), it.staged.clone(), d.clone()))
                     .collect(),
                 realisations,
+                roots,
                 reply,
             });
         {
@@ -410,15 +465,7 @@ impl LocalStore {
         }
         done.await.map_err(|_| {
             StoreError::Metadata("a registration was dropped before it committed".into())
-        })??;
-        let mut out = Vec::with_capacity(items.len());
-        for it in &items {
-            match self.db.path_info(&it.info.path).await? {
-                Some(i) => out.push(i),
-                None => return Err(StoreError::NotValid(it.info.path.clone())),
-            }
-        }
-        Ok(out)
+        })?
     }
 
     /// Commits queued registrations (the write lock is held): moves every one's contents into
@@ -430,6 +477,7 @@ impl LocalStore {
             reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
             infos: Vec<PathInfo>,
             realisations: Vec<(DrvOutput, String)>,
+            roots: Vec<(String, String)>,
             moved: Vec<PathBuf>,
         }
         let mut ready: Vec<Moved> = Vec::new();
@@ -440,6 +488,7 @@ impl LocalStore {
                 reply: req.reply,
                 infos: Vec::new(),
                 realisations: req.realisations,
+                roots: req.roots,
                 moved: Vec::new(),
             };
             let mut failed = None;
@@ -500,7 +549,15 @@ impl LocalStore {
         let all_infos: Vec<PathInfo> = ready.iter().flat_map(|m| m.infos.clone()).collect();
         let all_real: Vec<(DrvOutput, String)> =
             ready.iter().flat_map(|m| m.realisations.clone()).collect();
-        if ready.len() > 1 && self.db.register(&all_infos, &all_real).await.is_ok() {
+        let all_roots: Vec<(String, String)> =
+            ready.iter().flat_map(|m| m.roots.clone()).collect();
+        if ready.len() > 1
+            && self
+                .db
+                .register(&all_infos, &all_real, &all_roots)
+                .await
+                .is_ok()
+        {
             for m in ready {
                 let _ = m.reply.send(Ok(()));
             }
@@ -509,7 +566,7 @@ impl LocalStore {
         for m in ready {
             let r = self
                 .db
-                .register(&m.infos, &m.realisations)
+                .register(&m.infos, &m.realisations, &m.roots)
                 .await
                 .map(|_| ());
             if r.is_err() {
@@ -522,6 +579,72 @@ impl LocalStore {
             }
             let _ = m.reply.send(r);
         }
+    }
+
+    /// [`Store::add_text`], also setting the GC root `<root_prefix><base name>` on the path in
+    /// the same transaction when `root_prefix` is given. The contents are staged as one file (no
+    /// staging directory) and hashed in memory.
+    async fn add_text_rooted(
+        &self,
+        name: &str,
+        contents: &str,
+        references: &BTreeSet<String>,
+        root_prefix: Option<&str>,
+    ) -> Result<String, StoreError> {
+        for r in references {
+            self.store_dir.parse(r)?;
+        }
+        crate::store::path::validate_name(name).map_err(|why| {
+            StoreError::BadPath(crate::store::StorePathError::BadName {
+                path: name.to_string(),
+                why,
+            })
+        })?;
+        let sp = self.store_dir.make_text_path(
+            name,
+            contents.as_bytes(),
+            references.iter().map(String::as_str),
+        );
+        let path = self.store_dir.print(&sp);
+        let roots: Vec<(String, String)> = root_prefix
+            .map(|p| vec![(format!("{p}{}", sp.base_name()), path.clone())])
+            .unwrap_or_default();
+        if self.db.is_valid(&path).await? {
+            if !roots.is_empty() {
+                self.commit_registration(&[], vec![], roots).await?;
+            }
+            return Ok(path);
+        }
+        if !references.is_empty() {
+            let wanted: Vec<String> = references.iter().cloned().collect();
+            let valid = self.db.valid_among(&wanted).await?;
+            if let Some(r) = wanted.into_iter().find(|r| !valid.contains(r)) {
+                return Err(StoreError::NotValid(r));
+            }
+        }
+        let nar = crate::store::nar::NarTree::file(contents.as_bytes().to_vec())
+            .to_nar()
+            .map_err(|e| StoreError::Nar {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let staging = StagingPath::new(&self.root, &sp.base_name());
+        let staged = staging.path().to_path_buf();
+        fs::write(&staged, contents).map_err(io_err("writing", &staged))?;
+        let info = PathInfo {
+            path: path.clone(),
+            nar_hash: sha256(&nar),
+            nar_size: nar.len() as u64,
+            references: references.clone(),
+            ca: Some(format!(
+                "text:sha256:{}",
+                nix32::encode(&sha256(contents.as_bytes()))
+            )),
+            deriver: None,
+        };
+        self.commit_registration(&[StagedPath { info, staged }], vec![], roots)
+            .await?;
+        Ok(path)
     }
 
     /// Adds the tree at `src` (copied) as a source path named `name` with no references; returns
@@ -902,50 +1025,23 @@ impl Store for LocalStore {
         contents: &str,
         references: &BTreeSet<String>,
     ) -> Result<String, StoreError> {
-        for r in references {
-            self.store_dir.parse(r)?;
-        }
-        let sp = self.store_dir.make_text_path(
-            name,
-            contents.as_bytes(),
-            references.iter().map(String::as_str),
-        );
-        crate::store::path::validate_name(name).map_err(|why| {
-            StoreError::BadPath(crate::store::StorePathError::BadName {
-                path: name.to_string(),
-                why,
-            })
-        })?;
-        let path = self.store_dir.print(&sp);
-        if self.db.is_valid(&path).await? {
-            return Ok(path);
-        }
-        for r in references {
-            if !self.db.is_valid(r).await? {
-                return Err(StoreError::NotValid(r.clone()));
-            }
-        }
-        let staging = StagingDir::new(&self.root, "tmp")?;
-        let staged = staging.path().join(sp.base_name());
-        fs::write(&staged, contents).map_err(io_err("writing", &staged))?;
-        let (nar_hash, nar_size) = nar_hash_and_size(&staged).map_err(|e| StoreError::Nar {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let info = PathInfo {
-            path: path.clone(),
-            nar_hash,
-            nar_size,
-            references: references.clone(),
-            ca: Some(format!(
-                "text:sha256:{}",
-                nix32::encode(&sha256(contents.as_bytes()))
-            )),
-            deriver: None,
-        };
-        self.register_staged(vec![StagedPath { info, staged }], vec![])
-            .await?;
-        Ok(path)
+        self.add_text_rooted(name, contents, references, None).await
+    }
+
+    /// The drv and its GC root in one registration (one metadata transaction, group-committed).
+    async fn add_derivation_rooted(
+        &self,
+        drv: &Derivation,
+        root_prefix: &str,
+    ) -> Result<String, StoreError> {
+        let refs: BTreeSet<String> = drv.references().into_iter().map(str::to_string).collect();
+        self.add_text_rooted(
+            &format!("{}.drv", drv.name),
+            &drv.to_aterm(),
+            &refs,
+            Some(root_prefix),
+        )
+        .await
     }
 
     async fn query_realisation(&self, key: &DrvOutput) -> Result<Option<String>, StoreError> {
@@ -958,15 +1054,14 @@ impl Store for LocalStore {
         out_path: &str,
     ) -> Result<(), StoreError> {
         self.store_dir.parse(out_path)?;
-        self.db.add_realisation(key, out_path).await
+        self.commit_registration(&[], vec![(key.clone(), out_path.to_string())], vec![])
+            .await
     }
 
     async fn add_gc_root(&self, name: &str, path: &str) -> Result<(), StoreError> {
         self.store_dir.parse(path)?;
-        if !self.db.is_valid(path).await? {
-            return Err(StoreError::NotValid(path.to_string()));
-        }
-        self.db.add_root(name, path).await
+        self.commit_registration(&[], vec![], vec![(name.to_string(), path.to_string())])
+            .await
     }
 
     async fn remove_gc_root(&self, name: &str) -> Result<(), StoreError> {
@@ -1013,8 +1108,8 @@ impl Store for LocalStore {
                 return Err(StoreError::NotValid(r.clone()));
             }
         }
-        let staging = StagingDir::new(&self.root, "tmp")?;
-        let staged = staging.path().join(sp.base_name());
+        let staging = StagingPath::new(&self.root, &sp.base_name());
+        let staged = staging.path().to_path_buf();
         let mut hr = HashingReader::new(nar);
         {
             let mut r = NarReader::new(&mut hr);
