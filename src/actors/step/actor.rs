@@ -426,7 +426,11 @@ impl StepActor {
                 return (Event::Resolved(Resolution::Same), After::None);
             }
             // I/O first: the resolved drv into the store, kept alive by a GC root ...
-            let written = match env.store.add_derivation_rooted(&resolved, "resolved-").await {
+            let written = match env
+                .store
+                .add_derivation_rooted(&resolved, "resolved-")
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     return (

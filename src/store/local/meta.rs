@@ -511,7 +511,12 @@ mod tests {
         let cl = db.closure([C]).await.unwrap();
         assert_eq!(cl, [A, B, C].iter().map(|s| s.to_string()).collect());
         // Re-registering is a no-op.
-        assert!(db.register(&[info(A, &[])], &[], &[]).await.unwrap().is_empty());
+        assert!(
+            db.register(&[info(A, &[])], &[], &[])
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // Invalidation must not leave a dangling reference.
         let only_a: BTreeSet<String> = [A.to_string()].into();
         assert!(db.invalidate(&only_a).await.is_err());
@@ -556,7 +561,8 @@ mod tests {
             db.register(&[info(A, &[])], &[], &[]).await.unwrap();
             // A root on a path that is not valid is refused with the rest of its transaction.
             assert!(matches!(
-                db.register(&[info(B, &[])], &[], &[("r0".into(), C.into())]).await,
+                db.register(&[info(B, &[])], &[], &[("r0".into(), C.into())])
+                    .await,
                 Err(StoreError::NotValid(_))
             ));
             assert!(!db.is_valid(B).await.unwrap());

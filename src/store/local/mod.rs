@@ -18,6 +18,7 @@
 
 mod import;
 mod meta;
+mod valid_cache;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -42,6 +43,7 @@ pub use import::ImportReport;
 
 use super::fsutil::{self, FileLock, LockMode, fsync_dir, rename_noreplace};
 use meta::MetaDb;
+use valid_cache::ValidCache;
 
 /// The directory under the root that holds the metadata (never a store path: it starts with a dot).
 pub const META_DIR: &str = ".qr-meta";
@@ -176,6 +178,8 @@ pub struct LocalStore {
     write_mutex: tokio::sync::Mutex<()>,
     /// Registrations waiting for the write lock: whoever takes it commits them all (group commit).
     group: Mutex<Vec<GroupReq>>,
+    /// Paths known valid (positive answers only; see [`ValidCache`]).
+    valid: ValidCache,
     /// Off only to fill a scratch store quickly (`qr bench` setup): contents are not fsynced.
     no_fsync: std::sync::atomic::AtomicBool,
     fault: Mutex<Option<FaultHook>>,
@@ -254,6 +258,7 @@ impl LocalStore {
             reservations: Arc::new(Mutex::new(HashMap::new())),
             write_mutex: tokio::sync::Mutex::new(()),
             group: Mutex::new(Vec::new()),
+            valid: ValidCache::default(),
             no_fsync: Default::default(),
             fault: Mutex::new(fault),
             _open_lock: open_lock,
@@ -332,7 +337,41 @@ impl LocalStore {
     /// runtime worker).
     pub fn is_valid_path_blocking(&self, path: &str) -> Result<bool, StoreError> {
         self.store_dir.parse(path)?;
-        self.rt.block_on(self.db.is_valid(path))
+        self.rt.block_on(self.is_valid_cached(path))
+    }
+
+    /// Whether `path` is valid: from the cache when known, else from the metadata database.
+    async fn is_valid_cached(&self, path: &str) -> Result<bool, StoreError> {
+        if self.valid.contains(path) {
+            return Ok(true);
+        }
+        let v = self.db.is_valid(path).await?;
+        if v {
+            self.valid.insert([path]);
+        }
+        Ok(v)
+    }
+
+    /// The valid paths among `paths`: the cache first, the database for the rest.
+    async fn valid_among_cached(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        let mut unknown = Vec::new();
+        for p in paths {
+            if self.valid.contains(p) {
+                out.insert(p.clone());
+            } else {
+                unknown.push(p.clone());
+            }
+        }
+        if !unknown.is_empty() {
+            let found = self.db.valid_among(&unknown).await?;
+            self.valid.insert(found.iter().map(String::as_str));
+            out.extend(found);
+        }
+        Ok(out)
     }
 
     /// Whether an in-process operation expects `base_name` to appear in the root.
@@ -494,7 +533,7 @@ impl LocalStore {
             let mut failed = None;
             for (info, staged, dest) in req.items {
                 let step = async {
-                    if placed.contains(&info.path) || self.db.is_valid(&info.path).await? {
+                    if placed.contains(&info.path) || self.is_valid_cached(&info.path).await? {
                         if staged != dest {
                             remove_tree(&staged).map_err(io_err("removing", &staged))?;
                         }
@@ -549,8 +588,7 @@ impl LocalStore {
         let all_infos: Vec<PathInfo> = ready.iter().flat_map(|m| m.infos.clone()).collect();
         let all_real: Vec<(DrvOutput, String)> =
             ready.iter().flat_map(|m| m.realisations.clone()).collect();
-        let all_roots: Vec<(String, String)> =
-            ready.iter().flat_map(|m| m.roots.clone()).collect();
+        let all_roots: Vec<(String, String)> = ready.iter().flat_map(|m| m.roots.clone()).collect();
         if ready.len() > 1
             && self
                 .db
@@ -558,6 +596,7 @@ impl LocalStore {
                 .await
                 .is_ok()
         {
+            self.valid.insert(all_infos.iter().map(|i| i.path.as_str()));
             for m in ready {
                 let _ = m.reply.send(Ok(()));
             }
@@ -569,6 +608,9 @@ impl LocalStore {
                 .register(&m.infos, &m.realisations, &m.roots)
                 .await
                 .map(|_| ());
+            if r.is_ok() {
+                self.valid.insert(m.infos.iter().map(|i| i.path.as_str()));
+            }
             if r.is_err() {
                 // Nothing was registered: take the contents back out of sight.
                 for d in &m.moved {
@@ -609,7 +651,7 @@ impl LocalStore {
         let roots: Vec<(String, String)> = root_prefix
             .map(|p| vec![(format!("{p}{}", sp.base_name()), path.clone())])
             .unwrap_or_default();
-        if self.db.is_valid(&path).await? {
+        if self.is_valid_cached(&path).await? {
             if !roots.is_empty() {
                 self.commit_registration(&[], vec![], roots).await?;
             }
@@ -617,7 +659,7 @@ impl LocalStore {
         }
         if !references.is_empty() {
             let wanted: Vec<String> = references.iter().cloned().collect();
-            let valid = self.db.valid_among(&wanted).await?;
+            let valid = self.valid_among_cached(&wanted).await?;
             if let Some(r) = wanted.into_iter().find(|r| !valid.contains(r)) {
                 return Err(StoreError::NotValid(r));
             }
@@ -728,6 +770,7 @@ impl LocalStore {
                 "invalidating registered paths whose contents are missing"
             );
             self.db.invalidate(&missing).await?;
+            self.valid.remove(missing.iter().map(String::as_str));
             for p in &missing {
                 if let Ok(sp) = self.store_dir.parse(p) {
                     let phys = self.physical(&sp);
@@ -772,6 +815,7 @@ impl LocalStore {
             }
         }
         self.db.invalidate(&dead).await?;
+        self.valid.remove(dead.iter().map(String::as_str));
         let trash = StagingDir::new(&self.root, "trash")?;
         for p in &dead {
             if let Ok(sp) = self.store_dir.parse(p) {
@@ -886,7 +930,7 @@ impl Store for LocalStore {
                 message: "not a .drv path".into(),
             });
         }
-        if !self.db.is_valid(drv_path).await? {
+        if !self.is_valid_cached(drv_path).await? {
             return Err(StoreError::NotValid(drv_path.to_string()));
         }
         let phys = self.physical(&sp);
@@ -901,7 +945,7 @@ impl Store for LocalStore {
 
     async fn is_valid_path(&self, path: &str) -> Result<bool, StoreError> {
         self.store_dir.parse(path)?;
-        self.db.is_valid(path).await
+        self.is_valid_cached(path).await
     }
 
     /// One validity query per 500 paths, then the files read and parsed on blocking threads.
@@ -925,7 +969,7 @@ impl Store for LocalStore {
             .iter()
             .map(|(i, ..)| drv_paths[*i].clone())
             .collect();
-        let valid = match self.db.valid_among(&candidates).await {
+        let valid = match self.valid_among_cached(&candidates).await {
             Ok(v) => v,
             Err(e) => {
                 let msg = e.to_string();
@@ -991,7 +1035,7 @@ impl Store for LocalStore {
         &self,
         paths: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        self.db.valid_among(paths).await
+        self.valid_among_cached(paths).await
     }
 
     async fn query_realisations(
@@ -1070,7 +1114,7 @@ impl Store for LocalStore {
 
     fn export_nar(&self, path: &str, out: &mut dyn Write) -> Result<u64, StoreError> {
         let sp = self.store_dir.parse(path)?;
-        if !self.rt.block_on(self.db.is_valid(path))? {
+        if !self.rt.block_on(self.is_valid_cached(path))? {
             return Err(StoreError::NotValid(path.to_string()));
         }
         let mut w = BufWriter::with_capacity(64 * 1024, out);
@@ -1098,13 +1142,13 @@ impl Store for LocalStore {
                 Ok(())
             }
         };
-        if self.rt.block_on(self.db.is_valid(&info.path))? {
+        if self.rt.block_on(self.is_valid_cached(&info.path))? {
             let (h, n) = Self::drain_nar(nar, &info.path)?;
             return check(h, n);
         }
         for r in &info.references {
             self.store_dir.parse(r)?;
-            if *r != info.path && !self.rt.block_on(self.db.is_valid(r))? {
+            if *r != info.path && !self.rt.block_on(self.is_valid_cached(r))? {
                 return Err(StoreError::NotValid(r.clone()));
             }
         }
@@ -1120,11 +1164,12 @@ impl Store for LocalStore {
         }
         let (h, n) = hr.finish();
         check(h, n)?;
-        self.rt.block_on(self.register_staged(
-            vec![StagedPath {
+        self.rt.block_on(self.commit_registration(
+            &[StagedPath {
                 info: info.clone(),
                 staged,
             }],
+            vec![],
             vec![],
         ))?;
         Ok(())
