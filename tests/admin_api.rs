@@ -722,7 +722,12 @@ fn logs_are_kept_per_attempt() {
             l.file.contains(&format!(".attempt-{id}-{}.", s.stepnr)),
             "{l:?}"
         );
-        assert_eq!(l.attempts.len(), 2, "{l:?}");
+        let order: Vec<(i64, i32)> = l.attempts.iter().map(|a| (a.build, a.stepnr)).collect();
+        assert_eq!(
+            order,
+            [(id, steps[0].stepnr), (id, steps[1].stepnr)],
+            "attempts oldest first: {l:?}"
+        );
     }
     assert_ne!(a.file, b.file);
     assert_ne!(
@@ -733,14 +738,28 @@ fn logs_are_kept_per_attempt() {
     let latest = log(0);
     assert_eq!(latest.stepnr, steps[1].stepnr);
     assert_eq!(latest.text, b.text);
-    // Both files are on disk (plain or already gzipped).
-    let names: Vec<String> = std::fs::read_dir(c.qr.state_dir().join("logs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".attempt-"))
-        .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // Both files are on disk, gzipped a few seconds after their step ended; compressing keeps
+    // their order.
+    let t = Instant::now();
+    loop {
+        let names: Vec<String> = std::fs::read_dir(c.qr.state_dir().join("logs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".attempt-"))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        if names.iter().all(|n| n.ends_with(".log.gz")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not compressed: {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let order: Vec<i32> = log(0).attempts.iter().map(|a| a.stepnr).collect();
+    assert_eq!(order, [steps[0].stepnr, steps[1].stepnr]);
 
     // `qr admin log BUILD STEP` and the dashboard's endpoint show each attempt's own.
     let admin_log = |args: &[&str]| {

@@ -752,11 +752,15 @@ pub fn compress_logs(
             let dst = src.with_extension("log.gz");
             let res = (|| -> std::io::Result<()> {
                 let data = std::fs::read(&src)?;
+                let written = std::fs::metadata(&src)?.modified()?;
                 let tmp = src.with_extension("log.gz.tmp");
                 let f = std::fs::File::create(&tmp)?;
                 let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
                 std::io::Write::write_all(&mut gz, &data)?;
-                gz.finish()?.sync_all()?;
+                let f = gz.finish()?;
+                // The log keeps the time it was last written: attempts are ordered by it.
+                f.set_modified(written)?;
+                f.sync_all()?;
                 std::fs::rename(&tmp, &dst)?;
                 std::fs::remove_file(&src)
             })();
@@ -940,6 +944,8 @@ mod tests {
         let drv = "/nix/store/aaaa-x.drv";
         let log = d.path().join("aaaa-x.drv.123.log");
         std::fs::write(&log, "line 1\nline 2\n").unwrap();
+        let written = std::fs::metadata(&log).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let dirs = vec![d.path().to_path_buf()];
         // too fresh
         assert_eq!(
@@ -953,5 +959,8 @@ mod tests {
         assert!(!log.exists());
         let gz = d.path().join("aaaa-x.drv.123.log.gz");
         assert_eq!(super::read_log(&gz).unwrap(), b"line 1\nline 2\n");
+        // It keeps the time the log was written.
+        let t = std::fs::metadata(&gz).unwrap().modified().unwrap();
+        assert!(t <= written, "{t:?} > {written:?}");
     }
 }
