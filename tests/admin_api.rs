@@ -582,7 +582,8 @@ fn list_machines(rt: &tokio::runtime::Runtime, adm: &mut Client) -> Vec<Machine>
 }
 
 /// A remote builder's heartbeat in `ListMachines`, `qr admin machines` and `/api/machines`: recent
-/// once it joined, and advancing while it stays (heartbeats every second here).
+/// once it joined, and advancing while it stays (heartbeats every second here). Then the log of a
+/// step it builds is kept (and served) under that step attempt's name.
 #[test]
 fn heartbeats_of_joined_builders() {
     let Some(mut c) = Cluster::new(Backend::Sqlite) else {
@@ -651,6 +652,55 @@ fn heartbeats_of_joined_builders() {
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(v["machines"][0]["last_heartbeat_ms"].as_i64().unwrap() >= later.last_heartbeat_ms);
+
+    // A build on it: the log it streams up is kept under the step attempt's name.
+    let mut g = Gen::new();
+    let x = g.add(
+        Kind::Ia,
+        "remote-log",
+        "echo remote-marker; echo x > $out",
+        &[],
+        &[],
+    );
+    let file = c.qr.write_json("remote-log.json", &g.doc());
+    let (out, builds) = c.finish(c.submit(&[&file], 120));
+    assert!(out.status.success(), "{}", c.logs(&[&b]));
+    let id = builds[0]["id"].as_i64().unwrap();
+    let steps = rt
+        .block_on(adm.list_steps(ListStepsRequest { build: id }))
+        .unwrap()
+        .into_inner()
+        .steps;
+    let step = steps.iter().find(|s| s.drv_path == x).expect("the step");
+    assert_eq!(step.machine, "hb-1");
+    let t = Instant::now();
+    let log = loop {
+        // The stream may end a moment after the result.
+        if let Ok(l) = rt.block_on(adm.get_log(GetLogRequest {
+            build: id,
+            stepnr: step.stepnr,
+            tail_lines: 0,
+        })) {
+            let l = l.into_inner();
+            if l.text.contains("remote-marker") {
+                break l;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no remote log\n{}",
+            c.logs(&[&b])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(log.exact, "{log:?}");
+    assert!(
+        log.file.contains("/logs/remote/")
+            && log
+                .file
+                .contains(&format!(".attempt-{id}-{}.log", step.stepnr)),
+        "{log:?}"
+    );
 }
 
 /// Logs are kept per step attempt: a failed build restarted builds its drv again in a new step
