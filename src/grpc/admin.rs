@@ -41,20 +41,44 @@ pub fn db_status(e: DbError) -> Status {
         }
         DbError::Invalid(_) => Status::invalid_argument(e.to_string()),
         DbError::StepFinished { .. } => Status::failed_precondition(e.to_string()),
-        e if e.is_retryable()
-            || e.constraint_kind().is_none()
-                && matches!(
-                    e,
-                    DbError::Unreachable { .. }
-                        | DbError::Sql(_)
-                        | DbError::CommitOutcomeUnknown(_)
-                        | DbError::ListenerClosed
-                ) =>
-        {
+        e if e.is_retryable() || db_unavailable(e) => {
             Status::unavailable(format!("the database is unavailable: {}", one_line(e)))
         }
-        _ => Status::internal(e.to_string()),
+        _ => Status::internal(one_line(&e)),
     }
+}
+
+/// The database cannot answer (as opposed to answering with an error about the request).
+fn db_unavailable(e: &DbError) -> bool {
+    match e {
+        DbError::Unreachable { .. }
+        | DbError::CommitOutcomeUnknown(_)
+        | DbError::ListenerClosed => true,
+        DbError::Sql(sqlx::Error::Database(d)) => d.code().as_deref().is_some_and(unavailable_code),
+        DbError::Sql(
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_),
+        ) => true,
+        _ => false,
+    }
+}
+
+/// Database error codes that say the database cannot serve at all: PostgreSQL classes 08
+/// (connection), 28 (authorization), 3D (the database does not exist), 53 (out of resources), 55
+/// (e.g. not accepting connections), 57 (shut down, cannot connect now), 58 (system I/O); SQLite's
+/// CANTOPEN, IOERR, CORRUPT, FULL, READONLY, NOTADB (primary codes in the low byte).
+fn unavailable_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return ["08", "28", "3D", "53", "55", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class));
+    }
+    code.parse::<i32>()
+        .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 11 | 13 | 14 | 26))
 }
 
 /// `e` and its sources on one line.
@@ -938,6 +962,52 @@ impl AdminService for AdminServiceImpl {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn database_errors_map_to_codes() {
+        for code in [
+            "08006", "57P01", "3D000", "55000", "28P01", "53300", "14", "522", "13",
+        ] {
+            assert!(unavailable_code(code), "{code}");
+        }
+        for code in ["23505", "42601", "40001", "1", "19", "2067", ""] {
+            assert!(!unavailable_code(code), "{code}");
+        }
+        let code = |e: DbError| db_status(e).code();
+        use tonic::Code;
+        assert_eq!(
+            code(DbError::Sql(sqlx::Error::PoolTimedOut)),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(DbError::Sql(sqlx::Error::PoolClosed)),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(DbError::Sql(sqlx::Error::Io(std::io::Error::other(
+                "reset"
+            )))),
+            Code::Unavailable
+        );
+        assert_eq!(code(DbError::ListenerClosed), Code::Unavailable);
+        assert_eq!(code(DbError::BuildNotFound(BuildId(3))), Code::NotFound);
+        assert_eq!(code(DbError::Invalid("x".into())), Code::InvalidArgument);
+        assert_eq!(
+            code(DbError::StepFinished {
+                build: BuildId(1),
+                stepnr: 2
+            }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(code(DbError::Sql(sqlx::Error::RowNotFound)), Code::Internal);
+        let s = db_status(DbError::Sql(sqlx::Error::PoolTimedOut));
+        assert!(
+            s.message().starts_with("the database is unavailable: "),
+            "{s:?}"
+        );
+    }
+
     #[test]
     fn logs_are_compressed_once_quiet_and_read_back() {
         let d = tempfile::tempdir().unwrap();
