@@ -120,12 +120,18 @@ impl Default for GrpcConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: String,
+    /// Seconds between the samples of the dashboard's history graph (`GetHistory`).
+    pub history_interval_s: f64,
+    /// Seconds of history kept.
+    pub history_window_s: f64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8080".into(),
+            history_interval_s: 5.0,
+            history_window_s: 900.0,
         }
     }
 }

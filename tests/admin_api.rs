@@ -192,6 +192,13 @@ fn admin_api(backend: Backend) {
         assert_eq!(ms.len(), 1, "{ms:?}");
         assert_eq!((ms[0].id.as_str(), ms[0].max_jobs), ("localhost", 2));
         assert!(ms[0].enabled && ms[0].state == "enabled");
+        // The in-process builder is alive as long as the runner: its heartbeat is now.
+        assert!(ms[0].local && ms[0].heartbeat_age_s < 1.0, "{:?}", ms[0]);
+        assert!(
+            (ms[0].last_heartbeat_ms - unix_ms()).abs() < 5_000,
+            "{:?}",
+            ms[0]
+        );
         for (action, state) in [
             (Action::Disable, "disabled"),
             (Action::Drain, "drained"),
@@ -558,6 +565,282 @@ fn admin_api(backend: Backend) {
             assert_ne!(code, Code::Unauthenticated, "{rpc}");
         }
     });
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn list_machines(rt: &tokio::runtime::Runtime, adm: &mut Client) -> Vec<Machine> {
+    rt.block_on(adm.list_machines(ListMachinesRequest {}))
+        .expect("ListMachines")
+        .into_inner()
+        .machines
+}
+
+/// A remote builder's heartbeat in `ListMachines`, `qr admin machines` and `/api/machines`: recent
+/// once it joined, and advancing while it stays (heartbeats every second here). Then the log of a
+/// step it builds is kept (and served) under that step attempt's name.
+#[test]
+fn heartbeats_of_joined_builders() {
+    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+        return;
+    };
+    c.start_serve();
+    let b = c.builder("hb-1", &["--systems", "x86_64-linux"], &[]);
+    assert!(
+        c.wait_joined("hb-1", 1, Duration::from_secs(30)),
+        "{}",
+        c.logs(&[&b])
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut adm = rt.block_on(client(&c.url(), TOKEN));
+    let find = |ms: Vec<Machine>| {
+        ms.into_iter()
+            .find(|m| m.id == "hb-1")
+            .expect("hb-1 in ListMachines")
+    };
+    let first = find(list_machines(&rt, &mut adm));
+    assert!(!first.local);
+    assert!(first.last_heartbeat_ms > 0, "{first:?}");
+    assert!(
+        (first.last_heartbeat_ms - unix_ms()).abs() < 5_000,
+        "{first:?}"
+    );
+    assert!(first.heartbeat_age_s < 3.0, "{first:?}");
+    // The next heartbeats move it on; its age stays below the interval (plus slack).
+    let t = Instant::now();
+    let later = loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let m = find(list_machines(&rt, &mut adm));
+        if m.last_heartbeat_ms > first.last_heartbeat_ms + 500 {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the heartbeat never advanced: {m:?}\n{}",
+            c.logs(&[&b])
+        );
+    };
+    assert!(later.heartbeat_age_s < 3.0, "{later:?}");
+    // The builder reports its load average with its heartbeats.
+    assert!(later.load >= 0.0);
+
+    let out =
+        c.qr.command()
+            .args(["admin", "--runner", &c.url(), "--token-file"])
+            .arg(&c.token)
+            .arg("machines")
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.lines().next().unwrap().contains("HEARTBEAT"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("hb-1"))
+        .expect("hb-1 row");
+    assert!(row.contains("s ago ("), "{text}");
+    let (code, _, body) = c.http_get("/api/machines");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["machines"][0]["last_heartbeat_ms"].as_i64().unwrap() >= later.last_heartbeat_ms);
+
+    // A build on it: the log it streams up is kept under the step attempt's name.
+    let mut g = Gen::new();
+    let x = g.add(
+        Kind::Ia,
+        "remote-log",
+        "echo remote-marker; echo x > $out",
+        &[],
+        &[],
+    );
+    let file = c.qr.write_json("remote-log.json", &g.doc());
+    let (out, builds) = c.finish(c.submit(&[&file], 120));
+    assert!(out.status.success(), "{}", c.logs(&[&b]));
+    let id = builds[0]["id"].as_i64().unwrap();
+    let steps = rt
+        .block_on(adm.list_steps(ListStepsRequest { build: id }))
+        .unwrap()
+        .into_inner()
+        .steps;
+    let step = steps.iter().find(|s| s.drv_path == x).expect("the step");
+    assert_eq!(step.machine, "hb-1");
+    let t = Instant::now();
+    let log = loop {
+        // The stream may end a moment after the result.
+        if let Ok(l) = rt.block_on(adm.get_log(GetLogRequest {
+            build: id,
+            stepnr: step.stepnr,
+            tail_lines: 0,
+        })) {
+            let l = l.into_inner();
+            if l.text.contains("remote-marker") {
+                break l;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no remote log\n{}",
+            c.logs(&[&b])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(log.exact, "{log:?}");
+    assert!(
+        log.file.contains("/logs/remote/")
+            && log
+                .file
+                .contains(&format!(".attempt-{id}-{}.log", step.stepnr)),
+        "{log:?}"
+    );
+}
+
+/// Logs are kept per step attempt: a failed build restarted builds its drv again in a new step
+/// row, and each row keeps its own log (`GetLog`, `qr admin log`, `/api/…/log`); without a step
+/// number the latest failed attempt is shown.
+#[test]
+fn logs_are_kept_per_attempt() {
+    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+        return;
+    };
+    c.serve_env = vec![("QR_LOCAL_BUILDER_ENABLED".into(), "true".into())];
+    let mut g = Gen::new();
+    g.system = qr::config::this_system();
+    let x = g.add(
+        Kind::Ia,
+        "attempts",
+        "echo attempt-marker $(date +%s%N); exit 3",
+        &[],
+        &[],
+    );
+    let file = c.qr.write_json("attempts.json", &g.doc());
+    c.start_serve();
+    let url = c.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut adm = rt.block_on(client(&url, TOKEN));
+    let (out, builds) = c.finish(c.submit(&[&file], 120));
+    assert!(!out.status.success());
+    assert_eq!(builds[0]["status"], 1, "{builds:?}\n{}", c.serve_logs());
+    let id = builds[0]["id"].as_i64().unwrap();
+
+    rt.block_on(adm.restart_build(BuildAction { id })).unwrap();
+    let t = Instant::now();
+    let steps = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let d = rt
+            .block_on(adm.get_build(GetBuildRequest { id }))
+            .unwrap()
+            .into_inner();
+        let failed: Vec<Step> = d
+            .steps
+            .iter()
+            .filter(|s| s.drv_path == x && s.status == 1)
+            .cloned()
+            .collect();
+        if d.build.as_ref().unwrap().finished && failed.len() == 2 {
+            break failed;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no second attempt: {d:?}\n{}",
+            c.serve_logs()
+        );
+    };
+    let mut log = |stepnr: i32| {
+        rt.block_on(adm.get_log(GetLogRequest {
+            build: id,
+            stepnr,
+            tail_lines: 0,
+        }))
+        .unwrap_or_else(|e| panic!("log of step {stepnr}: {e:?}"))
+        .into_inner()
+    };
+    let (a, b) = (log(steps[0].stepnr), log(steps[1].stepnr));
+    for (l, s) in [(&a, &steps[0]), (&b, &steps[1])] {
+        assert!(l.exact, "{l:?}");
+        assert_eq!((l.log_build, l.log_stepnr), (id, s.stepnr), "{l:?}");
+        assert!(l.text.contains("attempt-marker"), "{l:?}");
+        assert!(
+            l.file.contains(&format!(".attempt-{id}-{}.", s.stepnr)),
+            "{l:?}"
+        );
+        let order: Vec<(i64, i32)> = l.attempts.iter().map(|a| (a.build, a.stepnr)).collect();
+        assert_eq!(
+            order,
+            [(id, steps[0].stepnr), (id, steps[1].stepnr)],
+            "attempts oldest first: {l:?}"
+        );
+    }
+    assert_ne!(a.file, b.file);
+    assert_ne!(
+        a.text, b.text,
+        "the second attempt overwrote the first's log"
+    );
+    // Default: the build's last failed step.
+    let latest = log(0);
+    assert_eq!(latest.stepnr, steps[1].stepnr);
+    assert_eq!(latest.text, b.text);
+    // Both files are on disk, gzipped a few seconds after their step ended; compressing keeps
+    // their order.
+    let t = Instant::now();
+    loop {
+        let names: Vec<String> = std::fs::read_dir(c.qr.state_dir().join("logs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".attempt-"))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        if names.iter().all(|n| n.ends_with(".log.gz")) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not compressed: {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let order: Vec<i32> = log(0).attempts.iter().map(|a| a.stepnr).collect();
+    assert_eq!(order, [steps[0].stepnr, steps[1].stepnr]);
+
+    // `qr admin log BUILD STEP` and the dashboard's endpoint show each attempt's own.
+    let admin_log = |args: &[&str]| {
+        let out =
+            c.qr.command()
+                .args(["admin", "--runner", &url, "--token-file"])
+                .arg(&c.token)
+                .arg("log")
+                .args(args)
+                .output()
+                .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ids = id.to_string();
+    let (text, note) = admin_log(&[&ids, &steps[0].stepnr.to_string()]);
+    assert_eq!(text, a.text);
+    assert!(note.contains("2 logs of this drv"), "{note}");
+    assert_eq!(admin_log(&[&ids, &steps[1].stepnr.to_string()]).0, b.text);
+    assert_eq!(admin_log(&[&ids]).0, b.text);
+    let (code, _, body) = c.http_get(&format!("/api/builds/{id}/steps/{}/log", steps[0].stepnr));
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["text"], a.text.as_str());
 }
 
 #[test]

@@ -98,12 +98,24 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
             name,
             name.trim_end_matches("_sum"),
             name.trim_end_matches("_count"),
+            name.trim_end_matches("_bucket"),
         ]
         .into_iter()
         .find(|f| types.contains_key(*f))
         .ok_or_else(|| at("sample without a TYPE"))?;
         if family != name && types[family] != "summary" && types[family] != "histogram" {
             return Err(at("_sum/_count on a non-summary"));
+        }
+        if name.ends_with("_bucket") && family != name {
+            if types[family] != "histogram" {
+                return Err(at("_bucket on a non-histogram"));
+            }
+            if !labels.is_some_and(|l| l.contains("le=\"")) {
+                return Err(at("a bucket without le"));
+            }
+        }
+        if types[family] == "histogram" && family == name {
+            return Err(at("a histogram sample without _bucket/_sum/_count"));
         }
         if out.insert(series.to_string(), v).is_some() {
             return Err(at("duplicate series"));
@@ -121,13 +133,87 @@ fn the_parser_is_strict() {
     assert!(parse_prometheus("# TYPE a gauge\na one\n").is_err());
     assert!(parse_prometheus("# TYPE a gauge\na_sum 1\n").is_err());
     assert!(parse_prometheus("# TYPE a summary\na_sum 1\na_count 2\n").is_ok());
+    let h = "# TYPE h histogram\nh_bucket{le=\"0.1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.3\nh_count 2\n";
+    let parsed = parse_prometheus(h).unwrap();
+    assert_eq!(histogram(&parsed, "h", "").unwrap(), (2.0, 0.3));
+    assert!(parse_prometheus("# TYPE a summary\na_bucket{le=\"1\"} 1\n").is_err());
+    assert!(parse_prometheus("# TYPE h histogram\nh 1\n").is_err());
+    assert!(parse_prometheus("# TYPE h histogram\nh_bucket 1\n").is_err());
+    let bad =
+        "# TYPE h histogram\nh_bucket{le=\"0.1\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_sum 0\nh_count 2\n";
+    assert!(histogram(&parse_prometheus(bad).unwrap(), "h", "").is_err());
+    let bad = "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0\nh_count 3\n";
+    assert!(histogram(&parse_prometheus(bad).unwrap(), "h", "").is_err());
+}
+
+/// Checks one series of histogram `name` (its labels besides `le`, e.g. `kind="write"`, given as
+/// `labels`): buckets sorted by `le` with non-decreasing counts, a `+Inf` bucket equal to `_count`.
+/// Returns (count, sum).
+fn histogram(
+    samples: &BTreeMap<String, f64>,
+    name: &str,
+    labels: &str,
+) -> Result<(f64, f64), String> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for (series, v) in samples {
+        let Some(rest) = series.strip_prefix(&prefix) else {
+            continue;
+        };
+        let inner = rest.strip_suffix('}').ok_or("unclosed")?;
+        let mut le = None;
+        let mut others = Vec::new();
+        for kv in inner.split(',') {
+            match kv.strip_prefix("le=\"") {
+                Some(x) => le = Some(x.trim_end_matches('"').to_string()),
+                None => others.push(kv),
+            }
+        }
+        if others.join(",") != labels {
+            continue;
+        }
+        let le = le.ok_or("no le")?;
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().map_err(|_| format!("bad le {le}"))?
+        };
+        buckets.push((le, *v));
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if buckets.last().map(|b| b.0) != Some(f64::INFINITY) {
+        return Err(format!("{name}{{{labels}}}: no +Inf bucket: {buckets:?}"));
+    }
+    if buckets.windows(2).any(|w| w[0].1 > w[1].1) {
+        return Err(format!(
+            "{name}{{{labels}}}: buckets not cumulative: {buckets:?}"
+        ));
+    }
+    let key = |suffix: &str| {
+        if labels.is_empty() {
+            format!("{name}_{suffix}")
+        } else {
+            format!("{name}_{suffix}{{{labels}}}")
+        }
+    };
+    let count = *samples.get(&key("count")).ok_or("no _count")?;
+    let sum = *samples.get(&key("sum")).ok_or("no _sum")?;
+    if buckets.last().map(|b| b.1) != Some(count) {
+        return Err(format!(
+            "{name}{{{labels}}}: +Inf bucket is not _count ({count})"
+        ));
+    }
+    Ok((count, sum))
 }
 
 fn metrics_and_status(backend: Backend) {
     let Some(mut c) = Cluster::new(backend) else {
         return;
     };
-    c.serve_env = vec![("QR_LOCAL_BUILDER_ENABLED".into(), "true".into())];
+    c.serve_env = vec![
+        ("QR_LOCAL_BUILDER_ENABLED".into(), "true".into()),
+        ("QR_HTTP_HISTORY_INTERVAL_S".into(), "0.2".into()),
+    ];
     let mut g = Gen::new();
     g.system = qr::config::this_system();
     let a = g.add(Kind::Ca, "web-a", "sleep 1; echo a > $out", &[], &[]);
@@ -200,6 +286,21 @@ fn metrics_and_status(backend: Backend) {
     moved("qr_dispatch_latency_seconds_count", 2.0);
     moved("qr_build_duration_seconds_count", 1.0);
     moved("qr_steps_created_total", 2.0);
+    moved("qr_db_write_transactions_total", 3.0);
+    // Transaction latency: a histogram per kind whose counts moved with the build's writes.
+    let be = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    for kind in ["read", "write"] {
+        let labels = format!("backend=\"{be}\",kind=\"{kind}\"");
+        let (n0, _) = histogram(&before, "qr_db_transaction_seconds", &labels)
+            .unwrap_or_else(|e| panic!("{e}\n{body}"));
+        let (n1, sum) = histogram(&after, "qr_db_transaction_seconds", &labels)
+            .unwrap_or_else(|e| panic!("{e}\n{body}"));
+        assert!(n1 > n0, "{kind} transactions: {n0} -> {n1}");
+        assert!(sum > 0.0 && sum < n1 * 30.0, "{kind}: sum {sum} for {n1}");
+    }
 
     let (code, ctype, body) = c.http_get("/status");
     assert_eq!((code, ctype.as_str()), (200, "application/json"));
@@ -260,7 +361,49 @@ fn metrics_and_status(backend: Backend) {
     ));
     assert_eq!(code, 404);
     assert_eq!(c.http_get("/api/actors").0, 200);
-    assert_eq!(c.http_get("/api/machines").0, 200);
+    let (code, _, body) = c.http_get("/api/machines");
+    assert_eq!(code, 200);
+    let ms: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let local = &ms["machines"][0];
+    assert_eq!(
+        (&local["id"], &local["local"]),
+        (&"localhost".into(), &true.into())
+    );
+    assert!(local["last_heartbeat_ms"].as_i64().unwrap() > 0, "{local}");
+    assert!(after.contains_key("qr_machine_heartbeat_age_seconds{machine=\"localhost\"}"));
+    assert_eq!(after["qr_database_up"], 1.0);
+
+    // The runner's history (sampled every 0.2 s here): the build's steps in it, in time order.
+    let (code, ctype, body) = c.http_get("/api/history");
+    assert_eq!((code, ctype.as_str()), (200, "application/json"), "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["interval_s"], 0.2);
+    assert_eq!(h["window_s"], 900.0);
+    let samples = h["samples"].as_array().unwrap();
+    assert!(samples.len() >= 5, "{h}");
+    let ts: Vec<i64> = samples
+        .iter()
+        .map(|x| x["t_ms"].as_i64().unwrap())
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+    let sum = |k: &str| samples.iter().map(|x| x[k].as_u64().unwrap()).sum::<u64>();
+    assert!(sum("built") >= 2 && sum("finished") >= 1, "{h}");
+    assert!(
+        samples.iter().any(|x| x["running"].as_u64().unwrap() >= 1),
+        "no sample saw a step running: {h}"
+    );
+    // Only what came after a time.
+    let last = ts[ts.len() - 1];
+    let (_, _, body) = c.http_get(&format!("/api/history?after_ms={}", ts[ts.len() - 2]));
+    let tail: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        tail["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["t_ms"].as_i64().unwrap() >= last),
+        "{tail}"
+    );
 
     let (head, seen) = sse.join().unwrap();
     assert!(

@@ -17,6 +17,11 @@ use crate::store::Store;
 /// Wall-clock time in unix seconds, injected so tests control it.
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> i64;
+
+    /// Unix milliseconds (for heartbeat ages and samples finer than a second).
+    fn now_ms(&self) -> i64 {
+        self.now().saturating_mul(1000)
+    }
 }
 
 /// The system clock.
@@ -30,6 +35,25 @@ impl Clock for SystemClock {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0)
     }
+
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// The last sign of life of a machine (`Env::heartbeats`, keyed by machine id).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heartbeat {
+    /// Unix milliseconds of the last message from the builder (a heartbeat, a result).
+    pub at_ms: i64,
+    /// The builder's load average and free disk, from its last heartbeat message.
+    pub load: f64,
+    pub free_disk_bytes: u64,
+    /// The in-process local builder: alive as long as the runner is, so its heartbeat is now.
+    pub local: bool,
 }
 
 /// Counters every actor updates (read by progress lines, `/metrics` and benchmarks).
@@ -211,6 +235,8 @@ pub struct Env {
     /// Where each successful executor run is appended (drv path per line), for operators and the
     /// restart tests that check no drv is built twice across processes.
     pub runs_ledger: Option<std::path::PathBuf>,
+    /// Machines' last heartbeats (remote builders update theirs on every session message).
+    pub heartbeats: DashMap<String, Heartbeat>,
     /// Test hook: `QR_CRASH_AT=<point>` kills the process (SIGKILL) when it reaches that point.
     crash_at: Option<String>,
 }
@@ -232,6 +258,7 @@ impl Env {
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
             runs_ledger: None,
+            heartbeats: DashMap::new(),
             crash_at: std::env::var("QR_CRASH_AT").ok().filter(|v| !v.is_empty()),
         }
     }
@@ -266,6 +293,44 @@ impl Env {
 
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Records that machine `id` is alive now (`load`: its load average and free disk bytes).
+    pub fn heartbeat(&self, id: &str, load: Option<(f64, u64)>, local: bool) {
+        let at_ms = self.now_ms();
+        let update = |e: &mut Heartbeat| {
+            e.at_ms = at_ms;
+            e.local = local;
+            if let Some((l, d)) = load {
+                e.load = l;
+                e.free_disk_bytes = d;
+            }
+        };
+        if let Some(mut e) = self.heartbeats.get_mut(id) {
+            update(&mut e);
+            return;
+        }
+        let mut e = Heartbeat {
+            at_ms,
+            load: 0.0,
+            free_disk_bytes: 0,
+            local,
+        };
+        update(&mut e);
+        self.heartbeats.insert(id.to_string(), e);
+    }
+
+    /// Machine `id`'s last heartbeat (the local builder's is now).
+    pub fn last_heartbeat(&self, id: &str) -> Option<Heartbeat> {
+        let mut h = *self.heartbeats.get(id)?;
+        if h.local {
+            h.at_ms = self.now_ms();
+        }
+        Some(h)
     }
 
     pub fn emit(&self, ev: SchedEvent) {

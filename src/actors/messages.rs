@@ -81,6 +81,8 @@ pub struct RunJob {
     pub step: WeakAddr<StepActor>,
     pub max_silent: std::time::Duration,
     pub timeout: std::time::Duration,
+    /// The step row (build, step number) this run is recorded in: its log is named for it.
+    pub attempt: Option<crate::builder::logs::Attempt>,
 }
 
 /// Stop a machine's job (the build is no longer wanted): its builder is killed, its slot freed.

@@ -7,6 +7,7 @@
 pub mod build;
 pub mod dispatcher;
 pub mod env;
+pub mod history;
 pub mod introspect;
 pub mod machine;
 pub mod messages;

@@ -472,6 +472,8 @@ async fn build(cfg: &Arc<AgentConfig>, state: &Shared, job: runner_v1::BuildJob)
             drv: Arc::new(drv),
             max_silent: secs(job.max_silent_s),
             timeout: secs(job.timeout_s),
+            // The runner names the log it receives for the step attempt.
+            attempt: None,
         })
         .await;
     if let Some((stop, t)) = tailer {

@@ -71,7 +71,9 @@ pub enum AdminCommand {
     Disable { machine: String },
     /// Like disable; the machine shows as draining until its jobs are done.
     Drain { machine: String },
-    /// A step's build log (default: the build's last failed step, else its last step with a log).
+    /// A step's build log: that step attempt's own (a step that ran nothing itself shows the
+    /// latest log of its drv); without STEPNR, the build's last failed step, else its last step
+    /// with a log.
     Log {
         build: i64,
         stepnr: Option<i32>,
@@ -154,6 +156,21 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
 
 fn time(t: i64) -> String {
     if t == 0 { "-".into() } else { t.to_string() }
+}
+
+/// A machine's last heartbeat: its age and unix time (`now (local)` for the in-process builder).
+fn heartbeat(m: &Machine) -> String {
+    if m.local {
+        "now (local)".into()
+    } else if m.last_heartbeat_ms == 0 {
+        "-".into()
+    } else {
+        format!(
+            "{:.1}s ago ({})",
+            m.heartbeat_age_s,
+            m.last_heartbeat_ms / 1000
+        )
+    }
 }
 
 fn short(p: &str) -> String {
@@ -396,7 +413,16 @@ async fn admin(ctx: Context, args: AdminArgs) -> anyhow::Result<ExitCode> {
                 return print_json(&r).map(|_| ExitCode::SUCCESS);
             }
             table(
-                &["machine", "state", "slots", "systems", "features", "jobs"],
+                &[
+                    "machine",
+                    "state",
+                    "slots",
+                    "heartbeat",
+                    "load",
+                    "systems",
+                    "features",
+                    "jobs",
+                ],
                 r.machines
                     .iter()
                     .map(|m| {
@@ -404,6 +430,12 @@ async fn admin(ctx: Context, args: AdminArgs) -> anyhow::Result<ExitCode> {
                             m.id.clone(),
                             m.state.clone(),
                             format!("{}/{}", m.running, m.max_jobs),
+                            heartbeat(m),
+                            if m.local {
+                                "-".into()
+                            } else {
+                                format!("{:.2}", m.load)
+                            },
                             m.systems.join(","),
                             m.supported_features.join(","),
                             m.jobs
@@ -488,6 +520,32 @@ async fn admin(ctx: Context, args: AdminArgs) -> anyhow::Result<ExitCode> {
                 return print_json(&r).map(|_| ExitCode::SUCCESS);
             }
             eprintln!("build {} step {} ({})", r.build, r.stepnr, r.drv_path);
+            if !r.exact {
+                let of = if r.log_build > 0 {
+                    format!("build {} step {}", r.log_build, r.log_stepnr)
+                } else {
+                    "an unnamed attempt".into()
+                };
+                eprintln!("(the step has no log of its own: the latest log of its drv, from {of})");
+            }
+            if r.attempts.len() > 1 {
+                let list: Vec<String> = r
+                    .attempts
+                    .iter()
+                    .map(|a| {
+                        if a.build > 0 {
+                            format!("{}/{}", a.build, a.stepnr)
+                        } else {
+                            "?".into()
+                        }
+                    })
+                    .collect();
+                eprintln!(
+                    "({} logs of this drv, oldest first, as build/step: {})",
+                    list.len(),
+                    list.join(" ")
+                );
+            }
             print!("{}", r.text);
         }
         AdminCommand::Watch { count } => {

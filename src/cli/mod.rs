@@ -131,7 +131,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in e.chain() {
-        let text = cause.to_string();
+        // A message spanning lines (a log tail, a server's text) is folded onto this one.
+        let text = cause
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" / ");
         if line.contains(&text) {
             continue;
         }
@@ -156,6 +163,11 @@ mod tests {
         assert_eq!(
             one_line(&e),
             "opening: cannot connect to database x: connection refused"
+        );
+        let e = anyhow::anyhow!("Unavailable: the database is unavailable:\n  gone\n");
+        assert_eq!(
+            one_line(&e),
+            "Unavailable: the database is unavailable: / gone"
         );
     }
 }

@@ -153,8 +153,14 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         remote_logs,
     ];
     crate::grpc::admin::spawn_log_compressor(env.clone(), log_dirs.clone());
+    let history = Arc::new(std::sync::Mutex::new(crate::actors::history::History::new(
+        secs(ctx.config.http.history_interval_s).max(Duration::from_millis(100)),
+        secs(ctx.config.http.history_window_s),
+    )));
+    crate::actors::history::spawn_sampler(env.clone(), history.clone());
     let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
-        .with_log_dirs(log_dirs);
+        .with_log_dirs(log_dirs)
+        .with_history(history);
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)

@@ -34,6 +34,7 @@ mod plans;
 mod retry;
 mod rows;
 mod sql;
+mod timing;
 pub mod types;
 
 use std::path::Path;
@@ -53,6 +54,7 @@ pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use plans::QueryPlan;
 pub use retry::{RetryPolicy, retry};
+pub use timing::{BUCKETS as TX_BUCKETS, Histogram, HistogramSnapshot, TxKind, TxTimings};
 pub use types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
     NewBuild, NewStep, Output, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step,
@@ -131,6 +133,8 @@ struct Inner {
     faults: Faults,
     /// Write transactions committed through this handle (benchmarks: transactions per step).
     writes: std::sync::atomic::AtomicU64,
+    /// Latency of every attempt of every operation, by kind.
+    timings: TxTimings,
 }
 
 /// The handle every actor holds: cheap to clone, shared pool inside.
@@ -193,6 +197,7 @@ impl Db {
                 events,
                 faults: Faults::default(),
                 writes: Default::default(),
+                timings: TxTimings::default(),
             }),
         };
         tracing::info!(url = %db.inner.url, backend = ?db.backend(), "database ready");
@@ -240,6 +245,11 @@ impl Db {
     /// transaction and each single-statement write counts once (reads are not counted).
     pub fn write_transactions(&self) -> u64 {
         self.inner.writes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The transaction latency histograms (`qr_db_transaction_seconds`).
+    pub fn transaction_timings(&self) -> &TxTimings {
+        &self.inner.timings
     }
 
     pub(crate) fn count_write(&self) {
@@ -291,12 +301,43 @@ impl Db {
         }
     }
 
-    pub(crate) async fn retrying<T, F, Fut>(&self, what: &str, op: F) -> Result<T, DbError>
+    /// Runs a read-only operation under the retry policy, timing each attempt.
+    pub(crate) async fn reading<T, F, Fut>(&self, what: &str, op: F) -> Result<T, DbError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, DbError>>,
     {
-        retry(&self.inner.options.retry, what, op).await
+        self.timed(TxKind::Read, what, op).await
+    }
+
+    /// Runs a writing operation (one transaction, or one statement) under the retry policy,
+    /// timing each attempt.
+    pub(crate) async fn writing<T, F, Fut>(&self, what: &str, op: F) -> Result<T, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
+    {
+        self.timed(TxKind::Write, what, op).await
+    }
+
+    /// Each attempt is observed in the histogram of `kind`, failed ones included: the time from
+    /// asking the pool for a connection to the commit (or the error), as the caller waits for it.
+    async fn timed<T, F, Fut>(&self, kind: TxKind, what: &str, mut op: F) -> Result<T, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
+    {
+        let hist = self.inner.timings.of(kind);
+        retry(&self.inner.options.retry, what, || {
+            let start = std::time::Instant::now();
+            let attempt = op();
+            async move {
+                let r = attempt.await;
+                hist.observe(start.elapsed());
+                r
+            }
+        })
+        .await
     }
 }
 

@@ -180,7 +180,7 @@ impl Db {
                 "scheduling shares must be positive, not {shares}"
             )));
         }
-        self.retrying("create_jobset", || async move {
+        self.writing("create_jobset", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::UPSERT_JOBSET)
                     .bind(name)
@@ -195,7 +195,7 @@ impl Db {
     }
 
     pub async fn jobsets(&self) -> Result<Vec<Jobset>, DbError> {
-        self.retrying("jobsets", || async move {
+        self.reading("jobsets", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::JOBSETS)
                     .fetch_all(pool)
@@ -210,7 +210,7 @@ impl Db {
 
     /// Step seconds per jobset for steps that stopped at or after `since` (scheduling shares).
     pub async fn jobset_seconds_since(&self, since: i64) -> Result<Vec<JobsetSeconds>, DbError> {
-        self.retrying("jobset_seconds_since", || async move {
+        self.reading("jobset_seconds_since", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::JOBSET_SECONDS)
                     .bind(since)
@@ -229,7 +229,7 @@ impl Db {
     /// Queues a build (with its `buildoutputs` rows) and announces it (`builds_added`).
     pub async fn create_build(&self, b: &NewBuild) -> Result<BuildId, DbError> {
         let id = self
-            .retrying("create_build", || async move {
+            .writing("create_build", || async move {
                 on_pool!(self, |pool| {
                     let mut tx = pool.begin_write().await?;
                     let id: i64 = sqlx::query_scalar(sql::INSERT_BUILD)
@@ -268,7 +268,7 @@ impl Db {
     }
 
     pub async fn get_build(&self, id: BuildId) -> Result<Build, DbError> {
-        self.retrying("get_build", || async move {
+        self.reading("get_build", || async move {
             let row = on_pool!(self, |pool| {
                 sqlx::query(sql::GET_BUILD)
                     .bind(id.0)
@@ -283,7 +283,7 @@ impl Db {
     }
 
     pub async fn build_outputs(&self, id: BuildId) -> Result<Vec<OutputRow>, DbError> {
-        self.retrying("build_outputs", || async move {
+        self.reading("build_outputs", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::BUILD_OUTPUTS)
                     .bind(id.0)
@@ -299,7 +299,7 @@ impl Db {
 
     /// The `limit` most recent builds, newest first (admin listing).
     pub async fn recent_builds(&self, limit: i64) -> Result<Vec<Build>, DbError> {
-        self.retrying("recent_builds", || async move {
+        self.reading("recent_builds", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::RECENT_BUILDS)
                     .bind(limit)
@@ -315,7 +315,7 @@ impl Db {
 
     /// The queue: unfinished builds by global priority (desc), priority (desc), id.
     pub async fn unfinished_builds(&self) -> Result<Vec<Build>, DbError> {
-        self.retrying("unfinished_builds", || async move {
+        self.reading("unfinished_builds", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::UNFINISHED_BUILDS)
                     .fetch_all(pool)
@@ -328,9 +328,22 @@ impl Db {
         .await
     }
 
+    /// How many builds are unfinished (the queue's length; read through the partial index).
+    pub async fn count_unfinished_builds(&self) -> Result<u64, DbError> {
+        self.reading("count_unfinished_builds", || async move {
+            let n: i64 = on_pool!(self, |pool| {
+                sqlx::query_scalar(sql::COUNT_UNFINISHED_BUILDS)
+                    .fetch_one(pool)
+                    .await?
+            });
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
     /// Unfinished builds with an id above `after`, by id (incremental queue reads).
     pub async fn unfinished_builds_since(&self, after: BuildId) -> Result<Vec<Build>, DbError> {
-        self.retrying("unfinished_builds_since", || async move {
+        self.reading("unfinished_builds_since", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::UNFINISHED_BUILDS_SINCE)
                     .bind(after.0)
@@ -350,7 +363,7 @@ impl Db {
         if f.status == BuildStatus::Resolved {
             return Err(DbError::Invalid("a build cannot finish as Resolved".into()));
         }
-        self.retrying("finish_build", || async move {
+        self.writing("finish_build", || async move {
             on_pool!(self, |pool| {
                 let mut tx = pool.begin_write().await?;
                 let n = sqlx::query(sql::FINISH_BUILD)
@@ -385,7 +398,7 @@ impl Db {
     /// `Ok(false)` if it was already finished.
     pub async fn cancel_build(&self, id: BuildId, stop_time: i64) -> Result<bool, DbError> {
         let done = self
-            .retrying("cancel_build", || async move {
+            .writing("cancel_build", || async move {
                 on_pool!(self, |pool| {
                     let n = sqlx::query(sql::CANCEL_BUILD)
                         .bind(id.0)
@@ -412,7 +425,7 @@ impl Db {
     /// Its steps stay as history; new steps get new numbers.
     pub async fn restart_build(&self, id: BuildId) -> Result<bool, DbError> {
         let done = self
-            .retrying("restart_build", || async move {
+            .writing("restart_build", || async move {
                 on_pool!(self, |pool| {
                     let mut tx = pool.begin_write().await?;
                     let n = sqlx::query(sql::RESTART_BUILD)
@@ -441,7 +454,7 @@ impl Db {
     /// `Ok(false)` if the build is finished or already has that priority.
     pub async fn bump_build(&self, id: BuildId, global_priority: i32) -> Result<bool, DbError> {
         let done = self
-            .retrying("bump_build", || async move {
+            .writing("bump_build", || async move {
                 on_pool!(self, |pool| {
                     let n = sqlx::query(sql::BUMP_BUILD)
                         .bind(id.0)
@@ -469,7 +482,7 @@ impl Db {
     /// transaction; concurrent callers never get the same number.
     pub async fn create_step(&self, build: BuildId, step: &NewStep) -> Result<StepNr, DbError> {
         check_new_step(step)?;
-        self.retrying("create_step", || async move {
+        self.writing("create_step", || async move {
             on_pool!(self, |pool| {
                 let mut tx = pool.begin_write().await?;
                 let nr = alloc_stepnr!(tx, build);
@@ -483,7 +496,7 @@ impl Db {
     }
 
     pub async fn step(&self, build: BuildId, stepnr: StepNr) -> Result<Step, DbError> {
-        self.retrying("step", || async move {
+        self.reading("step", || async move {
             let row = on_pool!(self, |pool| {
                 sqlx::query(sql::STEP)
                     .bind(build.0)
@@ -499,7 +512,7 @@ impl Db {
     }
 
     pub async fn steps_of_build(&self, build: BuildId) -> Result<Vec<Step>, DbError> {
-        self.retrying("steps_of_build", || async move {
+        self.reading("steps_of_build", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::STEPS_OF_BUILD)
                     .bind(build.0)
@@ -518,7 +531,7 @@ impl Db {
         build: BuildId,
         stepnr: StepNr,
     ) -> Result<Vec<OutputRow>, DbError> {
-        self.retrying("step_outputs", || async move {
+        self.reading("step_outputs", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::STEP_OUTPUTS)
                     .bind(build.0)
@@ -542,7 +555,7 @@ impl Db {
         busy: BusyPhase,
         start_time: i64,
     ) -> Result<(), DbError> {
-        self.retrying("start_step", || async move {
+        self.writing("start_step", || async move {
             on_pool!(self, |pool| {
                 let n = sqlx::query(sql::START_STEP)
                     .bind(build.0)
@@ -570,7 +583,7 @@ impl Db {
         stepnr: StepNr,
         busy: BusyPhase,
     ) -> Result<(), DbError> {
-        self.retrying("set_step_busy", || async move {
+        self.writing("set_step_busy", || async move {
             on_pool!(self, |pool| {
                 let n = sqlx::query(sql::SET_STEP_BUSY)
                     .bind(build.0)
@@ -600,7 +613,7 @@ impl Db {
                 "finish_step cannot mark a step Resolved; use resolve_step".into(),
             ));
         }
-        self.retrying("finish_step", || async move {
+        self.writing("finish_step", || async move {
             on_pool!(self, |pool| {
                 let mut tx = pool.begin_write().await?;
                 let n = sqlx::query(sql::FINISH_STEP)
@@ -652,7 +665,7 @@ impl Db {
         stop_time: i64,
     ) -> Result<StepNr, DbError> {
         check_new_step(resolved)?;
-        self.retrying("resolve_step", || async move {
+        self.writing("resolve_step", || async move {
             on_pool!(self, |pool| {
                 let mut tx = pool.begin_write().await?;
                 let nr = alloc_stepnr!(tx, build);
@@ -682,7 +695,7 @@ impl Db {
         build: BuildId,
         stepnr: StepNr,
     ) -> Result<Vec<Step>, DbError> {
-        self.retrying("steps_resolved_to", || async move {
+        self.reading("steps_resolved_to", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::STEPS_RESOLVED_TO)
                     .bind(build.0)
@@ -701,7 +714,7 @@ impl Db {
 
     /// Rows left busy (by a crash, at start), by build and step number.
     pub async fn busy_steps(&self) -> Result<Vec<Step>, DbError> {
-        self.retrying("busy_steps", || async move {
+        self.reading("busy_steps", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::BUSY_STEPS)
                     .fetch_all(pool)
@@ -722,7 +735,7 @@ impl Db {
         stop_time: i64,
         error_msg: &str,
     ) -> Result<Vec<Step>, DbError> {
-        self.retrying("abort_busy_steps", || async move {
+        self.writing("abort_busy_steps", || async move {
             let mut steps: Vec<Step> = on_pool!(self, |pool| {
                 let mut tx = pool.begin_write().await?;
                 let rows = sqlx::query(sql::ABORT_BUSY_STEPS)
@@ -746,7 +759,7 @@ impl Db {
 
     /// Every step marked Resolved with the step it points at, by build and step number.
     pub async fn resolved_steps(&self) -> Result<Vec<ResolvedPair>, DbError> {
-        self.retrying("resolved_steps", || async move {
+        self.reading("resolved_steps", || async move {
             let mut pairs: Vec<ResolvedPair> = on_pool!(self, |pool| {
                 sqlx::query(sql::RESOLVED_STEPS)
                     .fetch_all(pool)
@@ -770,7 +783,7 @@ impl Db {
 
     /// Records a cached failure (idempotent).
     pub async fn add_failed_path(&self, path: &str) -> Result<(), DbError> {
-        self.retrying("add_failed_path", || async move {
+        self.writing("add_failed_path", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::ADD_FAILED_PATH)
                     .bind(path)
@@ -785,7 +798,7 @@ impl Db {
 
     /// Forgets a cached failure; `Ok(false)` if there was none.
     pub async fn remove_failed_path(&self, path: &str) -> Result<bool, DbError> {
-        self.retrying("remove_failed_path", || async move {
+        self.writing("remove_failed_path", || async move {
             let n = on_pool!(self, |pool| {
                 sqlx::query(sql::REMOVE_FAILED_PATH)
                     .bind(path)
@@ -800,7 +813,7 @@ impl Db {
     }
 
     pub async fn is_failed_path(&self, path: &str) -> Result<bool, DbError> {
-        self.retrying("is_failed_path", || async move {
+        self.reading("is_failed_path", || async move {
             let hit: Option<String> = on_pool!(self, |pool| {
                 sqlx::query_scalar(sql::IS_FAILED_PATH)
                     .bind(path)
@@ -817,7 +830,7 @@ impl Db {
         if paths.is_empty() {
             return Ok(Vec::new());
         }
-        self.retrying("failed_paths_among", || async move {
+        self.reading("failed_paths_among", || async move {
             let mut out: Vec<String> = match &self.inner.pool {
                 super::Pool::Postgres(pool, _) => {
                     sqlx::query_scalar(sql::FAILED_PATHS_AMONG_PG)
@@ -850,7 +863,7 @@ impl Db {
     /// Records a realisation. Idempotent: the same one again is `Ok`; a different out path for a
     /// recorded `(drv_path, output_name)` is `Err(RealisationConflict)` and the recorded one stays.
     pub async fn insert_realisation(&self, r: &Realisation) -> Result<(), DbError> {
-        self.retrying("insert_realisation", || async move {
+        self.writing("insert_realisation", || async move {
             let conflict = on_pool!(self, |pool| {
                 let mut conn = pool.acquire().await?;
                 insert_realisation!(conn, r)
@@ -869,7 +882,7 @@ impl Db {
         drv_path: &str,
         output_name: &str,
     ) -> Result<Option<Realisation>, DbError> {
-        self.retrying("realisation", || async move {
+        self.reading("realisation", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::REALISATION)
                     .bind(drv_path)
@@ -885,7 +898,7 @@ impl Db {
 
     /// The recorded realisations of a derivation, by output name.
     pub async fn realisations_for_drv(&self, drv_path: &str) -> Result<Vec<Realisation>, DbError> {
-        self.retrying("realisations_for_drv", || async move {
+        self.reading("realisations_for_drv", || async move {
             on_pool!(self, |pool| {
                 sqlx::query(sql::REALISATIONS_FOR_DRV)
                     .bind(drv_path)
@@ -908,7 +921,7 @@ impl Db {
         if drv_paths.is_empty() {
             return Ok(Vec::new());
         }
-        self.retrying("realisations_for_drvs", || async move {
+        self.reading("realisations_for_drvs", || async move {
             let rows = match &self.inner.pool {
                 super::Pool::Postgres(pool, _) => sqlx::query(sql::REALISATIONS_FOR_DRVS_PG)
                     .bind(drv_paths)

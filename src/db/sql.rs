@@ -105,6 +105,8 @@ pub(crate) const RECENT_BUILDS: &str = concat!(
 );
 
 /// The queue, in scheduling order (index `indexbuildsonunfinished`).
+pub(crate) const COUNT_UNFINISHED_BUILDS: &str = "select count(*) from builds where finished = 0";
+
 pub(crate) const UNFINISHED_BUILDS: &str = concat!(
     "select ",
     build_cols!(),

@@ -16,7 +16,9 @@ use crate::actors::dispatcher::actor::{
     DispatcherActor, GetMachines, GetStatus, SetMachineEnabled,
 };
 use crate::actors::env::{Env, SchedEvent};
+use crate::actors::history::SharedHistory;
 use crate::actors::introspect::ActorKind;
+use crate::builder::logs::{self, Attempt, LogFile};
 use crate::db::DbError;
 use crate::db::types::{Build, BuildId, Step};
 
@@ -28,7 +30,10 @@ pub mod admin_v1 {
 use admin_v1::admin_service_server::AdminService;
 use admin_v1::*;
 
-/// A database error as a gRPC status.
+/// A database error as a gRPC status: what the request named does not exist (NOT_FOUND), is
+/// malformed (INVALID_ARGUMENT) or is finished (FAILED_PRECONDITION); the database could not
+/// answer — unreachable, its connection lost, the database gone or refusing connections, a pool
+/// timeout — UNAVAILABLE (worth retrying later); anything else INTERNAL.
 pub fn db_status(e: DbError) -> Status {
     match &e {
         DbError::BuildNotFound(_) | DbError::StepNotFound { .. } | DbError::JobsetNotFound(_) => {
@@ -36,12 +41,64 @@ pub fn db_status(e: DbError) -> Status {
         }
         DbError::Invalid(_) => Status::invalid_argument(e.to_string()),
         DbError::StepFinished { .. } => Status::failed_precondition(e.to_string()),
-        e if e.is_retryable() || matches!(e, DbError::Unreachable { .. } | DbError::Sql(_)) => {
-            Status::unavailable(e.to_string())
+        e if e.is_retryable() || db_unavailable(e) => {
+            Status::unavailable(format!("the database is unavailable: {}", one_line(e)))
         }
-        _ => Status::internal(e.to_string()),
+        _ => Status::internal(one_line(&e)),
     }
 }
+
+/// The database cannot answer (as opposed to answering with an error about the request).
+fn db_unavailable(e: &DbError) -> bool {
+    match e {
+        DbError::Unreachable { .. }
+        | DbError::CommitOutcomeUnknown(_)
+        | DbError::ListenerClosed => true,
+        DbError::Sql(sqlx::Error::Database(d)) => d.code().as_deref().is_some_and(unavailable_code),
+        DbError::Sql(
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_),
+        ) => true,
+        _ => false,
+    }
+}
+
+/// Database error codes that say the database cannot serve at all: PostgreSQL classes 08
+/// (connection), 28 (authorization), 3D (the database does not exist), 53 (out of resources), 55
+/// (e.g. not accepting connections), 57 (shut down, cannot connect now), 58 (system I/O); SQLite's
+/// CANTOPEN, IOERR, CORRUPT, FULL, READONLY, NOTADB (primary codes in the low byte).
+fn unavailable_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return ["08", "28", "3D", "53", "55", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class));
+    }
+    code.parse::<i32>()
+        .is_ok_and(|n| matches!(n & 0xff, 8 | 10 | 11 | 13 | 14 | 26))
+}
+
+/// `e` and its sources on one line.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// How long an admin request waits for the database before it answers UNAVAILABLE (the database
+/// layer would otherwise retry a lost server for up to its pool timeout per attempt).
+pub const DB_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn actor_gone<E: std::fmt::Display>(e: E) -> Status {
     Status::unavailable(format!("the dispatcher did not answer: {e}"))
@@ -155,6 +212,9 @@ pub struct Admin {
     draining: Arc<Mutex<BTreeSet<String>>>,
     /// Where build logs are (`<drv base name>.<suffix>.log`).
     log_dirs: Vec<std::path::PathBuf>,
+    /// The sampled history (`qr serve` feeds it; `None`: no history kept).
+    history: Option<SharedHistory>,
+    db_deadline: std::time::Duration,
 }
 
 impl Admin {
@@ -164,6 +224,62 @@ impl Admin {
             dispatcher,
             draining: Arc::default(),
             log_dirs: vec![],
+            history: None,
+            db_deadline: DB_DEADLINE,
+        }
+    }
+
+    /// How long requests wait for the database (default [`DB_DEADLINE`]).
+    pub fn with_db_deadline(mut self, d: std::time::Duration) -> Self {
+        self.db_deadline = d;
+        self
+    }
+
+    /// Runs a database operation for a request: its error as a status, and UNAVAILABLE when the
+    /// database has not answered within the deadline.
+    async fn db<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, DbError>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(self.db_deadline, op).await {
+            Ok(r) => r.map_err(db_status),
+            Err(_) => {
+                tracing::warn!(deadline = ?self.db_deadline, "admin request: the database did not answer in time");
+                Err(Status::unavailable(format!(
+                    "the database is unavailable: no answer within {:?}",
+                    self.db_deadline
+                )))
+            }
+        }
+    }
+
+    /// Answers `GetHistory` from `history`.
+    pub fn with_history(mut self, history: SharedHistory) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    pub fn history(&self, after_ms: i64) -> HistoryResponse {
+        let Some(h) = &self.history else {
+            return HistoryResponse::default();
+        };
+        let h = h.lock().unwrap_or_else(|p| p.into_inner());
+        HistoryResponse {
+            interval_s: h.interval().as_secs_f64(),
+            window_s: h.window().as_secs_f64(),
+            samples: h
+                .since(after_ms)
+                .into_iter()
+                .map(|s| HistorySample {
+                    t_ms: s.t_ms,
+                    builds_queued: s.builds_queued,
+                    runnable: s.runnable,
+                    running: s.running,
+                    built: s.built,
+                    failed: s.failed,
+                    finished: s.finished,
+                })
+                .collect(),
         }
     }
 
@@ -173,29 +289,23 @@ impl Admin {
         self
     }
 
-    /// The newest log file of `drv_path`.
-    fn log_file(&self, drv_path: &str) -> Option<std::path::PathBuf> {
-        let base = drv_path.rsplit('/').next()?;
-        let prefix = format!("{base}.");
-        let mut best: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
-        for d in &self.log_dirs {
-            let Ok(rd) = std::fs::read_dir(d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if !(name.starts_with(&prefix)
-                    && (name.ends_with(".log") || name.ends_with(".log.gz")))
-                {
-                    continue;
-                }
-                let t = e.metadata().and_then(|m| m.modified()).ok()?;
-                if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
-                    best = Some((t, e.path()));
-                }
-            }
+    /// The log of `step`: the one written for its own attempt, else the newest of its drv (the
+    /// row ran nothing itself — a cached or propagated row — or its log predates per-attempt
+    /// names). `true` when it is the step's own.
+    fn step_log(
+        by_drv: &std::collections::HashMap<String, Vec<LogFile>>,
+        step: &Step,
+    ) -> Option<(LogFile, bool)> {
+        let base = step.drv_path.rsplit('/').next()?;
+        let all = by_drv.get(base)?;
+        let me = Attempt {
+            build: step.build.0,
+            stepnr: step.stepnr,
+        };
+        if let Some(l) = all.iter().rev().find(|l| l.attempt == Some(me)) {
+            return Some((l.clone(), true));
         }
-        best.map(|(_, p)| p)
+        all.last().map(|l| (l.clone(), false))
     }
 
     pub async fn log(&self, r: GetLogRequest) -> Result<LogResponse, Status> {
@@ -203,39 +313,48 @@ impl Admin {
         if r.stepnr < 0 {
             return Err(Status::invalid_argument("invalid step number"));
         }
-        self.env.db.get_build(id).await.map_err(db_status)?;
-        let steps = self.env.db.steps_of_build(id).await.map_err(db_status)?;
-        let step = if r.stepnr > 0 {
-            steps
+        self.db(self.env.db.get_build(id)).await?;
+        let steps = self.db(self.env.db.steps_of_build(id)).await?;
+        let dirs = self.log_dirs.clone();
+        let by_drv = tokio::task::spawn_blocking(move || logs::scan(&dirs))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (step, (file, exact)) = if r.stepnr > 0 {
+            let step = steps
                 .iter()
                 .find(|s| s.stepnr == r.stepnr)
-                .ok_or_else(|| Status::not_found(format!("step {} of build {}", r.stepnr, id.0)))?
+                .ok_or_else(|| Status::not_found(format!("step {} of build {}", r.stepnr, id.0)))?;
+            let log = Self::step_log(&by_drv, step).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no log for step {} of build {} ({})",
+                    step.stepnr, id.0, step.drv_path
+                ))
+            })?;
+            (step, log)
         } else {
-            let failed = steps.iter().rev().find(|s| {
-                s.status.is_some_and(|st| {
-                    !st.is_success()
-                        && st != crate::db::types::BuildStatus::Resolved
-                        && s.propagated_from.is_none()
-                }) && self.log_file(&s.drv_path).is_some()
-            });
-            failed
-                .or_else(|| {
-                    steps
-                        .iter()
-                        .rev()
-                        .find(|s| self.log_file(&s.drv_path).is_some())
+            let with_log = |s: &Step| Self::step_log(&by_drv, s);
+            let failed = steps
+                .iter()
+                .rev()
+                .filter(|s| {
+                    s.status.is_some_and(|st| {
+                        !st.is_success()
+                            && st != crate::db::types::BuildStatus::Resolved
+                            && s.propagated_from.is_none()
+                    })
                 })
+                .find_map(|s| with_log(s).map(|l| (s, l)));
+            failed
+                .or_else(|| steps.iter().rev().find_map(|s| with_log(s).map(|l| (s, l))))
                 .ok_or_else(|| {
                     Status::not_found(format!("build {} has no step with a log", id.0))
                 })?
         };
-        let file = self.log_file(&step.drv_path).ok_or_else(|| {
-            Status::not_found(format!(
-                "no log for step {} of build {} ({})",
-                step.stepnr, id.0, step.drv_path
-            ))
-        })?;
-        let bytes = read_log(&file).map_err(|e| Status::unavailable(e.to_string()))?;
+        let path = file.path.clone();
+        let bytes = tokio::task::spawn_blocking(move || read_log(&path))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("{}: {e}", file.path.display())))?;
         const MAX: usize = 1 << 20;
         let mut truncated = bytes.len() > MAX;
         let mut text =
@@ -247,13 +366,35 @@ impl Admin {
                 text = lines[lines.len() - r.tail_lines as usize..].join("\n") + "\n";
             }
         }
+        let base = step.drv_path.rsplit('/').next().unwrap_or_default();
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0)
+        };
         Ok(LogResponse {
             build: id.0,
             stepnr: step.stepnr,
             drv_path: step.drv_path.clone(),
-            file: file.display().to_string(),
+            file: file.path.display().to_string(),
             text,
             truncated,
+            log_build: file.attempt.map_or(0, |a| a.build),
+            log_stepnr: file.attempt.map_or(0, |a| a.stepnr),
+            exact,
+            attempts: by_drv
+                .get(base)
+                .map(|v| {
+                    v.iter()
+                        .map(|l| LogAttempt {
+                            build: l.attempt.map_or(0, |a| a.build),
+                            stepnr: l.attempt.map_or(0, |a| a.stepnr),
+                            file: l.path.display().to_string(),
+                            modified: unix(l.modified),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -262,8 +403,19 @@ impl Admin {
     }
 
     pub async fn status(&self) -> Result<StatusResponse, Status> {
+        let queued = self.db(self.env.db.count_unfinished_builds()).await?;
+        self.status_with(queued).await
+    }
+
+    /// The queue's length (unfinished builds), or the database's status if it cannot answer.
+    pub async fn queued(&self) -> Result<u64, Status> {
+        self.db(self.env.db.count_unfinished_builds()).await
+    }
+
+    /// The status, with `queued` builds (from [`Admin::queued`]) and everything else from the
+    /// actors: no database access.
+    pub async fn status_with(&self, queued: u64) -> Result<StatusResponse, Status> {
         let env = &self.env;
-        let queued = env.db.unfinished_builds().await.map_err(db_status)?.len() as u64;
         let d = self.dispatcher.send(GetStatus).await.map_err(actor_gone)?;
         let machines = self.machines().await?;
         let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
@@ -314,15 +466,11 @@ impl Admin {
             r.limit.min(10_000)
         } as usize;
         let rows = if r.unfinished_only {
-            let mut v = self.env.db.unfinished_builds().await.map_err(db_status)?;
+            let mut v = self.db(self.env.db.unfinished_builds()).await?;
             v.truncate(limit);
             v
         } else {
-            self.env
-                .db
-                .recent_builds(limit as i64)
-                .await
-                .map_err(db_status)?
+            self.db(self.env.db.recent_builds(limit as i64)).await?
         };
         Ok(ListBuildsResponse {
             builds: rows.iter().map(build_to_proto).collect(),
@@ -332,9 +480,9 @@ impl Admin {
     pub async fn get_build(&self, id: i64) -> Result<BuildDetail, Status> {
         let id = check_id(id)?;
         let db = &self.env.db;
-        let b = db.get_build(id).await.map_err(db_status)?;
-        let outputs = db.build_outputs(id).await.map_err(db_status)?;
-        let steps = db.steps_of_build(id).await.map_err(db_status)?;
+        let b = self.db(db.get_build(id)).await?;
+        let outputs = self.db(db.build_outputs(id)).await?;
+        let steps = self.db(db.steps_of_build(id)).await?;
         Ok(BuildDetail {
             build: Some(build_to_proto(&b)),
             outputs: outputs
@@ -350,8 +498,8 @@ impl Admin {
 
     pub async fn list_steps(&self, build: i64) -> Result<ListStepsResponse, Status> {
         let id = check_id(build)?;
-        self.env.db.get_build(id).await.map_err(db_status)?;
-        let steps = self.env.db.steps_of_build(id).await.map_err(db_status)?;
+        self.db(self.env.db.get_build(id)).await?;
+        let steps = self.db(self.env.db.steps_of_build(id)).await?;
         Ok(ListStepsResponse {
             steps: steps.iter().map(step_to_proto).collect(),
         })
@@ -365,9 +513,9 @@ impl Admin {
             )));
         }
         let db = &self.env.db;
-        let step = db.step(id, stepnr).await.map_err(db_status)?;
-        let outputs = db.step_outputs(id, stepnr).await.map_err(db_status)?;
-        let all = db.steps_of_build(id).await.map_err(db_status)?;
+        let step = self.db(db.step(id, stepnr)).await?;
+        let outputs = self.db(db.step_outputs(id, stepnr)).await?;
+        let all = self.db(db.steps_of_build(id)).await?;
         let by_nr: BTreeMap<i32, &Step> = all.iter().map(|s| (s.stepnr, s)).collect();
         let mut chain = vec![step_to_proto(&step)];
         let mut next = step.resolved_to_step;
@@ -445,6 +593,7 @@ impl Admin {
             }
         }
         let draining = self.draining.lock().map(|d| d.clone()).unwrap_or_default();
+        let now_ms = self.env.now_ms();
         Ok(views
             .into_iter()
             .map(|v| {
@@ -455,7 +604,13 @@ impl Admin {
                     (false, true, _) => "draining",
                     (false, false, _) => "disabled",
                 };
+                let hb = self.env.last_heartbeat(&id);
                 Machine {
+                    last_heartbeat_ms: hb.map_or(0, |h| h.at_ms),
+                    heartbeat_age_s: hb.map_or(0.0, |h| (now_ms - h.at_ms).max(0) as f64 / 1000.0),
+                    load: hb.map_or(0.0, |h| h.load),
+                    free_disk_bytes: hb.map_or(0, |h| h.free_disk_bytes),
+                    local: hb.is_some_and(|h| h.local),
                     jobs: jobs.remove(&id).unwrap_or_default(),
                     id,
                     systems: v.info.systems.into_iter().collect(),
@@ -474,11 +629,8 @@ impl Admin {
     pub async fn cancel(&self, id: i64) -> Result<ActionResponse, Status> {
         let id = check_id(id)?;
         let done = self
-            .env
-            .db
-            .cancel_build(id, self.env.now())
-            .await
-            .map_err(db_status)?;
+            .db(self.env.db.cancel_build(id, self.env.now()))
+            .await?;
         if !done {
             return Err(Status::failed_precondition(format!(
                 "build {} is already finished",
@@ -492,7 +644,7 @@ impl Admin {
 
     pub async fn restart(&self, id: i64) -> Result<ActionResponse, Status> {
         let id = check_id(id)?;
-        let done = self.env.db.restart_build(id).await.map_err(db_status)?;
+        let done = self.db(self.env.db.restart_build(id)).await?;
         if !done {
             return Err(Status::failed_precondition(format!(
                 "build {} is not finished",
@@ -506,7 +658,7 @@ impl Admin {
 
     pub async fn bump(&self, id: i64, prio: i32) -> Result<ActionResponse, Status> {
         let id = check_id(id)?;
-        let done = self.env.db.bump_build(id, prio).await.map_err(db_status)?;
+        let done = self.db(self.env.db.bump_build(id, prio)).await?;
         if !done {
             return Err(Status::failed_precondition(format!(
                 "build {} is finished or already has global priority {prio}",
@@ -624,11 +776,15 @@ pub fn compress_logs(
             let dst = src.with_extension("log.gz");
             let res = (|| -> std::io::Result<()> {
                 let data = std::fs::read(&src)?;
+                let written = std::fs::metadata(&src)?.modified()?;
                 let tmp = src.with_extension("log.gz.tmp");
                 let f = std::fs::File::create(&tmp)?;
                 let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
                 std::io::Write::write_all(&mut gz, &data)?;
-                gz.finish()?.sync_all()?;
+                let f = gz.finish()?;
+                // The log keeps the time it was last written: attempts are ordered by it.
+                f.set_modified(written)?;
+                f.sync_all()?;
                 std::fs::rename(&tmp, &dst)?;
                 std::fs::remove_file(&src)
             })();
@@ -785,6 +941,13 @@ impl AdminService for AdminServiceImpl {
         self.admin.log(r.into_inner()).await.map(Response::new)
     }
 
+    async fn get_history(
+        &self,
+        r: Request<GetHistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        Ok(Response::new(self.admin.history(r.into_inner().after_ms)))
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(
@@ -799,12 +962,60 @@ impl AdminService for AdminServiceImpl {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn database_errors_map_to_codes() {
+        for code in [
+            "08006", "57P01", "3D000", "55000", "28P01", "53300", "14", "522", "13",
+        ] {
+            assert!(unavailable_code(code), "{code}");
+        }
+        for code in ["23505", "42601", "40001", "1", "19", "2067", ""] {
+            assert!(!unavailable_code(code), "{code}");
+        }
+        let code = |e: DbError| db_status(e).code();
+        use tonic::Code;
+        assert_eq!(
+            code(DbError::Sql(sqlx::Error::PoolTimedOut)),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(DbError::Sql(sqlx::Error::PoolClosed)),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(DbError::Sql(sqlx::Error::Io(std::io::Error::other(
+                "reset"
+            )))),
+            Code::Unavailable
+        );
+        assert_eq!(code(DbError::ListenerClosed), Code::Unavailable);
+        assert_eq!(code(DbError::BuildNotFound(BuildId(3))), Code::NotFound);
+        assert_eq!(code(DbError::Invalid("x".into())), Code::InvalidArgument);
+        assert_eq!(
+            code(DbError::StepFinished {
+                build: BuildId(1),
+                stepnr: 2
+            }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(code(DbError::Sql(sqlx::Error::RowNotFound)), Code::Internal);
+        let s = db_status(DbError::Sql(sqlx::Error::PoolTimedOut));
+        assert!(
+            s.message().starts_with("the database is unavailable: "),
+            "{s:?}"
+        );
+    }
+
     #[test]
     fn logs_are_compressed_once_quiet_and_read_back() {
         let d = tempfile::tempdir().unwrap();
         let drv = "/nix/store/aaaa-x.drv";
         let log = d.path().join("aaaa-x.drv.123.log");
         std::fs::write(&log, "line 1\nline 2\n").unwrap();
+        let written = std::fs::metadata(&log).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let dirs = vec![d.path().to_path_buf()];
         // too fresh
         assert_eq!(
@@ -818,5 +1029,8 @@ mod tests {
         assert!(!log.exists());
         let gz = d.path().join("aaaa-x.drv.123.log.gz");
         assert_eq!(super::read_log(&gz).unwrap(), b"line 1\nline 2\n");
+        // It keeps the time the log was written.
+        let t = std::fs::metadata(&gz).unwrap().modified().unwrap();
+        assert!(t <= written, "{t:?} > {written:?}");
     }
 }

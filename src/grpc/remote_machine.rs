@@ -70,8 +70,17 @@ pub struct UploadDone {
 #[rtype(result = "()")]
 pub struct Refuse(pub String);
 
-/// The step a job is for.
-type StepRef = actix::WeakAddr<StepActor>;
+/// The step a job is for, and the step row (attempt) it is recorded in.
+#[derive(Clone)]
+pub struct StepRef {
+    step: actix::WeakAddr<StepActor>,
+    attempt: Option<crate::builder::logs::Attempt>,
+}
+
+/// The step attempt job `0` of this session is for (names the log the builder streams up).
+#[derive(Message)]
+#[rtype(result = "Option<crate::builder::logs::Attempt>")]
+pub struct JobAttempt(pub String);
 
 pub struct RemoteMachine {
     env: Arc<Env>,
@@ -154,7 +163,7 @@ impl RemoteMachine {
             tracing::info!(machine = %self.info.id, reason = why, "builder session ended");
         }
         for j in jobs {
-            if let Some(step) = j.payload.upgrade() {
+            if let Some(step) = j.payload.step.upgrade() {
                 step.do_send(JobDone(BuildOutcome::Failed {
                     status: BuildStatus::Aborted,
                     message: format!("lost builder {}: {why}", self.info.id),
@@ -186,7 +195,7 @@ impl RemoteMachine {
     /// A job ended: its step hears the outcome, the dispatcher gets the slot back.
     fn finish(&mut self, job_id: &str, outcome: BuildOutcome) {
         if let Some(j) = self.jobs.take(job_id) {
-            if let Some(step) = j.payload.upgrade() {
+            if let Some(step) = j.payload.step.upgrade() {
                 step.do_send(JobDone(outcome));
             }
             self.dispatcher.do_send(SlotFreed(self.info.id.clone()));
@@ -300,6 +309,8 @@ impl Actor for RemoteMachine {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        // Joining is its first sign of life.
+        self.env.heartbeat(&self.info.id, None, false);
         let hb = self.settings.heartbeat.max(Duration::from_millis(100));
         ctx.run_interval(hb, move |act, ctx| {
             if !act.closed && act.last_seen.elapsed() > hb * 3 {
@@ -391,9 +402,15 @@ impl RemoteMachine {
         ctx: &mut Context<Self>,
     ) {
         let adopting = self.held.remove(&msg.drv_path).is_some();
-        let job_id = self
-            .jobs
-            .add(&msg.drv_path, &drv, BTreeSet::new(), msg.step.clone());
+        let job_id = self.jobs.add(
+            &msg.drv_path,
+            &drv,
+            BTreeSet::new(),
+            StepRef {
+                step: msg.step.clone(),
+                attempt: msg.attempt,
+            },
+        );
         tracing::info!(machine = %self.info.id, drv = %msg.drv_path, job = %job_id, adopting, "sending a build");
         let store = self.store.clone();
         let drv_aterm = drv.to_aterm();
@@ -486,6 +503,11 @@ impl Handler<FromBuilder> for RemoteMachine {
             return;
         }
         self.last_seen = Instant::now();
+        let load = match &msg.0.msg {
+            Some(builder_message::Msg::Heartbeat(h)) => Some((h.load, h.free_disk_bytes)),
+            _ => None,
+        };
+        self.env.heartbeat(&self.info.id, load, false);
         match msg.0.msg {
             Some(builder_message::Msg::Heartbeat(h)) => {
                 self.load = h.load;
@@ -553,6 +575,13 @@ impl Handler<UploadDone> for RemoteMachine {
     fn handle(&mut self, msg: UploadDone, _: &mut Context<Self>) {
         tracing::debug!(machine = %self.info.id, path = %msg.info.path, "output received");
         self.jobs.uploaded(&msg.job_id, &msg.output, msg.info);
+    }
+}
+
+impl Handler<JobAttempt> for RemoteMachine {
+    type Result = Option<crate::builder::logs::Attempt>;
+    fn handle(&mut self, msg: JobAttempt, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&msg.0).and_then(|j| j.payload.attempt)
     }
 }
 

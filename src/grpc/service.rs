@@ -15,7 +15,7 @@ use super::hub::{BuilderHub, Join, Lookup, RemoteSettings};
 use super::info_from_proto;
 use super::nar::{ChunkReader, export};
 use super::remote_machine::{
-    CheckUpload, Disconnected, FromBuilder, Refuse, RemoteMachine, UploadDone,
+    CheckUpload, Disconnected, FromBuilder, JobAttempt, Refuse, RemoteMachine, UploadDone,
 };
 use super::runner_v1::runner_service_server::RunnerService;
 use super::runner_v1::{
@@ -245,7 +245,11 @@ impl RunnerService for RunnerServiceImpl {
         let mut checked = false;
         while let Some(c) = s.message().await? {
             if !checked {
-                self.session(&c.session_id).await?;
+                let session = self.session(&c.session_id).await?;
+                let attempt = session
+                    .send(JobAttempt(c.job_id.clone()))
+                    .await
+                    .map_err(mailbox)?;
                 let sp = self
                     .settings
                     .store_dir
@@ -258,10 +262,19 @@ impl RunnerService for RunnerServiceImpl {
                     .collect();
                 std::fs::create_dir_all(&self.settings.log_dir)
                     .map_err(|e| Status::internal(e.to_string()))?;
-                let p = self
-                    .settings
-                    .log_dir
-                    .join(format!("{}.{job}.log", sp.base_name()));
+                // Named for the step attempt when the job is known (it is, while it runs);
+                // else for the job only, found by its drv.
+                let p = match attempt {
+                    Some(a) => crate::builder::logs::remote_path(
+                        &self.settings.log_dir,
+                        &sp.base_name(),
+                        a,
+                    ),
+                    None => self
+                        .settings
+                        .log_dir
+                        .join(format!("{}.{job}.log", sp.base_name())),
+                };
                 file = Some(
                     std::fs::OpenOptions::new()
                         .create(true)

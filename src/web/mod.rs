@@ -53,6 +53,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/builds/{id}/steps/{nr}/log", get(log))
         .route("/api/actors", get(actors))
         .route("/api/machines", get(machines))
+        .route("/api/history", get(history))
         .route("/api/events", get(events))
         .route("/api/settle/{ms}", get(settle))
         .with_state(state)
@@ -153,6 +154,20 @@ async fn machines(State(s): State<AppState>) -> Response {
     )
 }
 
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    /// Only samples after this unix time in milliseconds.
+    #[serde(default)]
+    after_ms: i64,
+}
+
+async fn history(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<HistoryQuery>,
+) -> Response {
+    json(&s.admin.history(q.after_ms))
+}
+
 async fn events(
     State(s): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
@@ -187,7 +202,10 @@ fn label(k: &str, v: &str) -> String {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     s.stats.scrapes.fetch_add(1, Ordering::Relaxed);
-    let st = match s.admin.status().await {
+    // Served while the database is away (that is when it is wanted): the queue length is then
+    // left out and `qr_database_up` is 0.
+    let queued = s.admin.queued().await;
+    let st = match s.admin.status_with(*queued.as_ref().unwrap_or(&0)).await {
         Ok(st) => st,
         Err(e) => return error(e),
     };
@@ -205,10 +223,21 @@ async fn metrics(State(s): State<AppState>) -> Response {
     );
     family(
         &mut o,
+        "qr_database_up",
+        "gauge",
+        "1 if the database answered this scrape's queue count, else 0.",
+        &one(if queued.is_ok() { 1.0 } else { 0.0 }),
+    );
+    family(
+        &mut o,
         "qr_builds_queued",
         "gauge",
-        "Unfinished builds in the database.",
-        &one(st.builds_queued as f64),
+        "Unfinished builds in the database (absent while the database is away).",
+        &if queued.is_ok() {
+            one(st.builds_queued as f64)
+        } else {
+            vec![]
+        },
     );
     family(
         &mut o,
@@ -327,6 +356,17 @@ async fn metrics(State(s): State<AppState>) -> Response {
         "1 if the machine takes new jobs.",
         &slot(|m| u32::from(m.enabled)),
     );
+    family(
+        &mut o,
+        "qr_machine_heartbeat_age_seconds",
+        "gauge",
+        "Seconds since the machine's last heartbeat (0 for the local builder).",
+        &machines
+            .iter()
+            .filter(|m| m.last_heartbeat_ms != 0)
+            .map(|m| (label("machine", &m.id), m.heartbeat_age_s))
+            .collect::<Vec<_>>(),
+    );
     let ds = env.stats.dispatch.snapshot();
     family(
         &mut o,
@@ -347,6 +387,47 @@ async fn metrics(State(s): State<AppState>) -> Response {
     );
     let _ = writeln!(o, "qr_build_duration_seconds_sum {}", bd.0);
     let _ = writeln!(o, "qr_build_duration_seconds_count {}", bd.1);
+    let db = &env.db;
+    let backend = match db.backend() {
+        crate::db::Backend::Sqlite => "sqlite",
+        crate::db::Backend::Postgres => "postgres",
+    };
+    family(
+        &mut o,
+        "qr_db_transaction_seconds",
+        "histogram",
+        "Database operation latency per attempt (pool wait to commit), by kind.",
+        &[],
+    );
+    for kind in [crate::db::TxKind::Read, crate::db::TxKind::Write] {
+        let h = db.transaction_timings().of(kind).snapshot();
+        let base = format!(
+            "{},{}",
+            label("backend", backend),
+            label("kind", kind.as_str())
+        );
+        for (le, n) in &h.buckets {
+            let le = if le.is_infinite() {
+                "+Inf".to_string()
+            } else {
+                le.to_string()
+            };
+            let _ = writeln!(
+                o,
+                "qr_db_transaction_seconds_bucket{{{base},{}}} {n}",
+                label("le", &le)
+            );
+        }
+        let _ = writeln!(o, "qr_db_transaction_seconds_sum{{{base}}} {}", h.sum);
+        let _ = writeln!(o, "qr_db_transaction_seconds_count{{{base}}} {}", h.count);
+    }
+    family(
+        &mut o,
+        "qr_db_write_transactions_total",
+        "counter",
+        "Write transactions committed.",
+        &one(db.write_transactions() as f64),
+    );
     family(
         &mut o,
         "qr_metrics_scrapes_total",

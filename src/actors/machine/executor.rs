@@ -16,6 +16,8 @@ pub struct Job {
     pub drv: Arc<Derivation>,
     pub max_silent: Duration,
     pub timeout: Duration,
+    /// The step row this run is for (names its log).
+    pub attempt: Option<crate::builder::logs::Attempt>,
 }
 
 /// Why a job produced no outputs.

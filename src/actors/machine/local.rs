@@ -43,6 +43,7 @@ impl Actor for LocalMachine {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.env.heartbeat(&self.info.id, None, true);
         self.dispatcher.do_send(MachineJoined {
             info: self.info.clone(),
             runner: ctx.address().recipient(),
@@ -58,7 +59,8 @@ impl Handler<RunJob> for LocalMachine {
         let executor = self.executor.clone();
         let dispatcher = self.dispatcher.clone();
         let machine = self.info.id.clone();
-        let (drv, max_silent, timeout) = (msg.drv, msg.max_silent, msg.timeout);
+        let (drv, max_silent, timeout, attempt) =
+            (msg.drv, msg.max_silent, msg.timeout, msg.attempt);
         let step = msg.step;
         let drv_path = msg.drv_path;
         let key = drv_path.clone();
@@ -75,7 +77,7 @@ impl Handler<RunJob> for LocalMachine {
                     }),
                 };
                 let run = match drv {
-                    Ok(drv) => executor.execute(Job { drv_path: drv_path.clone(), drv, max_silent, timeout }).await,
+                    Ok(drv) => executor.execute(Job { drv_path: drv_path.clone(), drv, max_silent, timeout, attempt }).await,
                     Err(f) => Err(f),
                 };
                 let outcome = match run {

@@ -15,7 +15,10 @@ impl Executor for NativeExecutor {
             timeout: Some(job.timeout),
             max_log_bytes: None,
         };
-        match self.build(&job.drv_path, &job.drv, limits).await {
+        match self
+            .build_logged(&job.drv_path, &job.drv, limits, job.attempt)
+            .await
+        {
             Ok(r) => Ok(Built {
                 outputs: r
                     .outputs

@@ -602,12 +602,13 @@ impl StepActor {
             drv: drv_path.clone(),
             machine: machine.clone(),
         });
-        let job = RunJob {
+        let mut job = RunJob {
             drv_path: drv_path.clone(),
             drv: None,
             step: ctx.address().downgrade(),
             max_silent: self.env.max_silent,
             timeout: self.env.timeout,
+            attempt: None,
         };
         let runner = self.runner.clone();
         let resolved_child = self.resolved_child;
@@ -634,6 +635,8 @@ impl StepActor {
                 (None, None) => None,
             };
             if let Some(r) = runner {
+                job.attempt =
+                    row.map(|(build, stepnr)| crate::builder::logs::Attempt { build, stepnr });
                 r.do_send(job);
             }
             if resolved_child {

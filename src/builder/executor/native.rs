@@ -102,6 +102,8 @@ struct Job {
     inputs: Vec<StorePath>,
     cfg: ExecutorConfig,
     limits: SuperviseLimits,
+    /// The step attempt the log is named for.
+    attempt: Option<crate::builder::logs::Attempt>,
 }
 
 /// A directory removed (even if read-only) on drop.
@@ -209,6 +211,18 @@ impl NativeExecutor {
         drv_path: &str,
         drv: &Derivation,
         limits: Limits,
+    ) -> Result<BuildResult, ExecError> {
+        self.build_logged(drv_path, drv, limits, None).await
+    }
+
+    /// Like [`NativeExecutor::build`], the log named for `attempt` (the step row this build is
+    /// for: `<drv>.attempt-<build>-<stepnr>.<random>.log`, see [`crate::builder::logs`]).
+    pub async fn build_logged(
+        &self,
+        drv_path: &str,
+        drv: &Derivation,
+        limits: Limits,
+        attempt: Option<crate::builder::logs::Attempt>,
     ) -> Result<BuildResult, ExecError> {
         let start = Instant::now();
         let store = &self.store;
@@ -394,6 +408,7 @@ impl NativeExecutor {
             plans,
             inputs,
             cfg: self.cfg.clone(),
+            attempt,
             limits: SuperviseLimits {
                 timeout: limits.timeout.or(self.cfg.timeout),
                 max_silent: limits.max_silent.or(self.cfg.max_silent),
@@ -463,7 +478,10 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     fs::set_permissions(&build_dir.0, fs::Permissions::from_mode(0o700))
         .map_err(io_msg("chmod of the build directory"))?;
     let (mut log, log_path) = tempfile::Builder::new()
-        .prefix(&format!("{}.", job.drv_sp.base_name()))
+        .prefix(&crate::builder::logs::prefix(
+            &job.drv_sp.base_name(),
+            job.attempt,
+        ))
         .suffix(".log")
         .tempfile_in(&cfg.log_dir)
         .map_err(io_msg(format!(
