@@ -263,6 +263,11 @@ impl Env {
         }
     }
 
+    /// Whether `QR_CRASH_AT` names this point (so a test hook may prepare the crash).
+    pub fn crash_armed(&self, point: &str) -> bool {
+        self.crash_at.as_deref() == Some(point)
+    }
+
     /// Kills the process with SIGKILL if `QR_CRASH_AT` names this point (crash tests only).
     pub fn crash_point(&self, point: &str) {
         if self.crash_at.as_deref() == Some(point) {
