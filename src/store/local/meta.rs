@@ -134,82 +134,146 @@ impl MetaDb {
     /// transaction. Paths already valid are left as they are; every reference must be valid or
     /// among `paths`; every realisation's output and every root's path must be valid afterwards.
     /// Returns the paths that were newly registered.
+    ///
+    /// A fixed number of statements whatever the batch size (rows go in as JSON arrays through
+    /// `json_each`), so a group commit of many registrations costs about what one does.
     pub(crate) async fn register(
         &self,
         paths: &[Registration],
         realisations: &[(DrvOutput, String)],
         roots: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let enc = |v: serde_json::Value| {
+            serde_json::to_string(&v)
+                .map_err(|e| StoreError::Metadata(format!("encoding a registration: {e}")))
+        };
+        let rows = enc(serde_json::Value::Array(
+            paths
+                .iter()
+                .map(|i| {
+                    serde_json::json!([
+                        i.path,
+                        render_nix32(&i.nar_hash),
+                        i64::try_from(i.nar_size).unwrap_or(i64::MAX),
+                        i.ca,
+                        i.deriver,
+                    ])
+                })
+                .collect(),
+        ))?;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err("starting a transaction"))?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let mut new = Vec::new();
-        for info in paths {
-            let r = sqlx::query(
+        let new: std::collections::HashSet<String> = if paths.is_empty() {
+            Default::default()
+        } else {
+            sqlx::query_scalar::<_, String>(
                 "INSERT INTO ValidPaths (path, narHash, narSize, ca, deriver, registrationTime)
-                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(path) DO NOTHING",
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?
+                 FROM json_each(?) WHERE true
+                 ON CONFLICT(path) DO NOTHING
+                 RETURNING path",
             )
-            .bind(&info.path)
-            .bind(render_nix32(&info.nar_hash))
-            .bind(i64::try_from(info.nar_size).unwrap_or(i64::MAX))
-            .bind(&info.ca)
-            .bind(&info.deriver)
             .bind(now)
+            .bind(&rows)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("registering paths"))?
+            .into_iter()
+            .collect()
+        };
+        let pairs: Vec<(&str, &str)> = paths
+            .iter()
+            .filter(|i| new.contains(&i.path))
+            .flat_map(|i| {
+                i.references
+                    .iter()
+                    .map(move |r| (i.path.as_str(), r.as_str()))
+            })
+            .collect();
+        if !pairs.is_empty() {
+            let json = enc(serde_json::json!(pairs))?;
+            let r = sqlx::query(
+                "INSERT OR IGNORE INTO Refs (referrer, reference)
+                 SELECT a.id, b.id FROM json_each(?) j
+                 JOIN ValidPaths a ON a.path = j.value ->> 0
+                 JOIN ValidPaths b ON b.path = j.value ->> 1",
+            )
+            .bind(&json)
             .execute(&mut *tx)
             .await
-            .map_err(db_err("registering a path"))?;
-            if r.rows_affected() == 1 {
-                new.push(info);
-            }
-        }
-        for info in &new {
-            for reference in &info.references {
-                let r = sqlx::query(
-                    "INSERT OR IGNORE INTO Refs (referrer, reference)
-                     SELECT a.id, b.id FROM ValidPaths a, ValidPaths b WHERE a.path = ? AND b.path = ?",
+            .map_err(db_err("registering references"))?;
+            if r.rows_affected() != pairs.len() as u64 {
+                // A reference that is not valid (a row for a path registered just now cannot
+                // exist already): name it.
+                let refs = enc(serde_json::json!(
+                    pairs.iter().map(|(_, r)| *r).collect::<Vec<_>>()
+                ))?;
+                let missing: Option<String> = sqlx::query_scalar(
+                    "SELECT value FROM json_each(?)
+                     WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
                 )
-                .bind(&info.path)
-                .bind(reference)
-                .execute(&mut *tx)
+                .bind(&refs)
+                .fetch_optional(&mut *tx)
                 .await
-                .map_err(db_err("registering references"))?;
-                if r.rows_affected() == 0 {
-                    // Either the reference is not valid, or the row already exists (impossible for
-                    // a path registered just now).
-                    return Err(StoreError::Metadata(format!(
-                        "cannot register {}: its reference {reference} is not valid",
-                        info.path
-                    )));
-                }
+                .map_err(db_err("checking references"))?;
+                let missing = missing.unwrap_or_else(|| "(unknown)".into());
+                let referrer = pairs
+                    .iter()
+                    .find(|(_, r)| *r == missing)
+                    .map(|(p, _)| *p)
+                    .unwrap_or("a path");
+                return Err(StoreError::Metadata(format!(
+                    "cannot register {referrer}: its reference {missing} is not valid"
+                )));
             }
         }
-        for (key, out) in realisations {
-            insert_realisation(&mut tx, key, out).await?;
+        if !realisations.is_empty() {
+            insert_realisations(&mut tx, realisations).await?;
         }
-        for (name, path) in roots {
+        if !roots.is_empty() {
+            let json = enc(serde_json::json!(roots))?;
             let r = sqlx::query(
-                "INSERT INTO GcRoots (name, path) SELECT ?, path FROM ValidPaths WHERE path = ?
+                "INSERT INTO GcRoots (name, path)
+                 SELECT j.value ->> 0, v.path FROM json_each(?) j
+                 JOIN ValidPaths v ON v.path = j.value ->> 1 WHERE true
                  ON CONFLICT(name) DO UPDATE SET path = excluded.path",
             )
-            .bind(name)
-            .bind(path)
+            .bind(&json)
             .execute(&mut *tx)
             .await
-            .map_err(db_err("adding a GC root"))?;
-            if r.rows_affected() == 0 {
-                return Err(StoreError::NotValid(path.clone()));
+            .map_err(db_err("adding GC roots"))?;
+            if r.rows_affected() != roots.len() as u64 {
+                let valid = sqlx::query_scalar::<_, String>(
+                    "SELECT path FROM ValidPaths WHERE path IN
+                     (SELECT value ->> 1 FROM json_each(?))",
+                )
+                .bind(&json)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err("checking GC roots"))?;
+                let missing = roots
+                    .iter()
+                    .find(|(_, p)| !valid.contains(p))
+                    .map(|(_, p)| p.clone())
+                    .unwrap_or_default();
+                return Err(StoreError::NotValid(missing));
             }
         }
         tx.commit()
             .await
             .map_err(db_err("committing a registration"))?;
-        Ok(new.into_iter().map(|i| i.path.clone()).collect())
+        Ok(paths
+            .iter()
+            .filter(|i| new.contains(&i.path))
+            .map(|i| i.path.clone())
+            .collect())
     }
 
     /// The valid paths among `paths` (one query per 500).
@@ -291,7 +355,7 @@ impl MetaDb {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_err("starting a transaction"))?;
-        insert_realisation(&mut tx, key, out_path).await?;
+        insert_realisations(&mut tx, &[(key.clone(), out_path.to_string())]).await?;
         tx.commit()
             .await
             .map_err(db_err("committing a realisation"))
@@ -430,43 +494,84 @@ impl MetaDb {
     }
 }
 
-async fn insert_realisation(
+/// Records realisations (drv output → output path) in two statements: the known ones are
+/// checked (an existing different one is a `RealisationConflict`), the rest inserted; every output
+/// must be valid.
+async fn insert_realisations(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key: &DrvOutput,
-    out_path: &str,
+    realisations: &[(DrvOutput, String)],
 ) -> Result<(), StoreError> {
-    let existing = sqlx::query(
-        "SELECT v.path FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath
-         WHERE r.drvPath = ? AND r.outputName = ?",
-    )
-    .bind(&key.drv_path)
-    .bind(&key.output)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_err("querying a realisation"))?;
-    if let Some(row) = existing {
-        let existing: String = row.get(0);
-        if existing == out_path {
-            return Ok(());
+    let enc = |v: serde_json::Value| {
+        serde_json::to_string(&v)
+            .map_err(|e| StoreError::Metadata(format!("encoding realisations: {e}")))
+    };
+    // One wanted path per key; two different ones in the same batch conflict.
+    let mut wanted: std::collections::BTreeMap<(&str, &str), &str> = Default::default();
+    for (k, out) in realisations {
+        if let Some(prev) = wanted.insert((k.drv_path.as_str(), k.output.as_str()), out.as_str())
+            && prev != out
+        {
+            return Err(StoreError::RealisationConflict {
+                key: k.to_string(),
+                existing: prev.to_string(),
+                new: out.clone(),
+            });
         }
-        return Err(StoreError::RealisationConflict {
-            key: key.to_string(),
-            existing,
-            new: out_path.to_string(),
-        });
     }
+    let keys = enc(serde_json::json!(wanted.keys().collect::<Vec<_>>()))?;
+    let existing = sqlx::query(
+        "SELECT r.drvPath, r.outputName, v.path FROM json_each(?) j
+         JOIN Realisations r ON r.drvPath = j.value ->> 0 AND r.outputName = j.value ->> 1
+         JOIN ValidPaths v ON v.id = r.outputPath",
+    )
+    .bind(&keys)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_err("querying realisations"))?;
+    for row in existing {
+        let (drv, output, path): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let key = wanted
+            .keys()
+            .copied()
+            .find(|(d, o)| *d == drv && *o == output);
+        if let Some(out) = key.and_then(|k| wanted.remove(&k))
+            && out != path
+        {
+            return Err(StoreError::RealisationConflict {
+                key: DrvOutput::new(drv, output).to_string(),
+                existing: path,
+                new: out.to_string(),
+            });
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let rows = enc(serde_json::json!(
+        wanted
+            .iter()
+            .map(|((d, o), p)| [*d, *o, *p])
+            .collect::<Vec<_>>()
+    ))?;
     let r = sqlx::query(
         "INSERT INTO Realisations (drvPath, outputName, outputPath)
-         SELECT ?, ?, id FROM ValidPaths WHERE path = ?",
+         SELECT j.value ->> 0, j.value ->> 1, v.id FROM json_each(?) j
+         JOIN ValidPaths v ON v.path = j.value ->> 2",
     )
-    .bind(&key.drv_path)
-    .bind(&key.output)
-    .bind(out_path)
+    .bind(&rows)
     .execute(&mut **tx)
     .await
-    .map_err(db_err("recording a realisation"))?;
-    if r.rows_affected() == 0 {
-        return Err(StoreError::NotValid(out_path.to_string()));
+    .map_err(db_err("recording realisations"))?;
+    if r.rows_affected() != wanted.len() as u64 {
+        let outs = enc(serde_json::json!(wanted.values().collect::<Vec<_>>()))?;
+        let missing: Option<String> = sqlx::query_scalar(
+            "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
+        )
+        .bind(&outs)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db_err("checking realisations"))?;
+        return Err(StoreError::NotValid(missing.unwrap_or_default()));
     }
     Ok(())
 }

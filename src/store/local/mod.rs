@@ -533,7 +533,13 @@ impl LocalStore {
             let mut failed = None;
             for (info, staged, dest) in req.items {
                 let step = async {
-                    if placed.contains(&info.path) || self.is_valid_cached(&info.path).await? {
+                    // A valid path has its contents in place: when nothing is at `dest`, the
+                    // path is not valid (or lost its contents, which this copy restores), so
+                    // the metadata database is asked only when something is there.
+                    if placed.contains(&info.path)
+                        || (fs::symlink_metadata(&dest).is_ok()
+                            && self.is_valid_cached(&info.path).await?)
+                    {
                         if staged != dest {
                             remove_tree(&staged).map_err(io_err("removing", &staged))?;
                         }
