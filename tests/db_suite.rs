@@ -190,6 +190,7 @@ suite!(
     migrations_apply_and_are_idempotent,
     check_constraint_ties_status_13_to_resolvedtostep,
     resolve_transaction_is_all_or_nothing,
+    create_and_resolve_is_one_transaction,
     finish_step_transaction_is_all_or_nothing,
     concurrent_step_numbers_never_collide,
     notifications_wake_a_listener,
@@ -431,6 +432,53 @@ async fn resolve_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
     ensure!(matches!(r, Err(DbError::StepNotFound { .. })), "{r:?}");
     let r = db.resolve_step(BuildId(9999), 1, &resolved, 0).await;
     ensure!(matches!(r, Err(DbError::BuildNotFound(_))), "{r:?}");
+    ensure!(db.steps_of_build(b).await?.len() == 2);
+    Ok(())
+}
+
+/// A step with no row yet gets it and its resolution in one transaction: a failure between the
+/// statements leaves no pending row behind (found by the kill -9 torture test: the restarted
+/// step made a new row and the first stayed pending after the build succeeded).
+async fn create_and_resolve_is_one_transaction(ctx: Ctx) -> Result<()> {
+    let db = &ctx.db;
+    let b = setup_build(db, "car").await?;
+    let mut original = NewStep::build(drv("car"), SYSTEM);
+    original.outputs = vec![("out".into(), None)];
+    let mut resolved = NewStep::build(drv("car-resolved"), SYSTEM);
+    resolved.outputs = vec![("out".into(), None)];
+    db.arm_fault(FaultPoint::ResolveAfterInsert);
+    let r = db
+        .create_and_resolve_step(b, &original, &resolved, 1_700_000_020)
+        .await;
+    ensure!(
+        matches!(
+            r,
+            Err(DbError::FaultInjected(FaultPoint::ResolveAfterInsert))
+        ),
+        "{r:?}"
+    );
+    ensure!(db.steps_of_build(b).await?.is_empty(), "rollback left rows");
+    ensure!(db.get_build(b).await?.last_step_nr == 0);
+    let (own, child) = db
+        .create_and_resolve_step(b, &original, &resolved, 1_700_000_020)
+        .await?;
+    ensure!((own, child) == (1, 2), "{own} {child}");
+    let orig = db.step(b, own).await?;
+    ensure!(orig.status == Some(BuildStatus::Resolved) && orig.resolved_to_step == Some(child));
+    ensure!(orig.drv_path == drv("car") && orig.stop_time == Some(1_700_000_020));
+    let new = db.step(b, child).await?;
+    ensure!(new.drv_path == drv("car-resolved") && new.status.is_none());
+    ensure!(db.step_outputs(b, own).await?.len() == 1);
+    ensure!(db.step_outputs(b, child).await?.len() == 1);
+    let pairs = db.resolved_steps().await?;
+    ensure!(pairs.len() == 1 && pairs[0].original == orig && pairs[0].resolved == new);
+    // The original must be unfinished.
+    let mut done = original.clone();
+    done.status = Some(BuildStatus::Success);
+    ensure!(matches!(
+        db.create_and_resolve_step(b, &done, &resolved, 1).await,
+        Err(DbError::Invalid(_))
+    ));
     ensure!(db.steps_of_build(b).await?.len() == 2);
     Ok(())
 }

@@ -300,6 +300,40 @@ impl Db {
     }
 }
 
+/// Applies the migrations, retrying the whole run (each migration is its own transaction, so an
+/// interrupted one left nothing) when it failed for a transient reason — a lost connection, a
+/// busy database — as the operations do ([`DbOptions::retry`]). Without it a connection dropped
+/// while a runner starts (a PostgreSQL restart, a failover, `pg_terminate_backend`) would stop
+/// the runner; the torture test `torture_db_connections_dropped_during_ca_graph` found that.
+macro_rules! migrate {
+    ($migrator:expr, $pool:expr, $shown:expr, $o:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $migrator.run($pool).await {
+                Ok(()) => break,
+                Err(source) => {
+                    let transient = match &source {
+                        sqlx::migrate::MigrateError::Execute(e)
+                        | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => {
+                            classify(e).is_some()
+                        }
+                        _ => false,
+                    };
+                    if !transient || attempt >= $o.retry.max_attempts.max(1) {
+                        return Err(DbError::Migrate {
+                            url: $shown.to_string(),
+                            source,
+                        });
+                    }
+                    let delay = $o.retry.delay(attempt);
+                    tracing::warn!(attempt, ?delay, error = %source, "migrating the database failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }};
+}
 fn io_timeout(what: &str, after: Duration) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -346,13 +380,7 @@ async fn open_sqlite(url: &str, shown: &str, o: &DbOptions) -> Result<SqlitePool
         .await
         .map_err(|_| unreachable(io_timeout("opening the database", o.connect_timeout)))?
         .map_err(unreachable)?;
-    SQLITE_MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|source| DbError::Migrate {
-            url: shown.to_string(),
-            source,
-        })?;
+    migrate!(SQLITE_MIGRATOR, &pool, shown, o);
     Ok(pool)
 }
 
@@ -376,19 +404,13 @@ async fn open_postgres(
         .map_err(|_| unreachable(io_timeout("connecting", o.connect_timeout)))?
         .map_err(unreachable)?;
     let _ = sqlx::Connection::close(probe).await;
+    // Lazy: the probe showed the server is there; the migrations (retried on a lost
+    // connection) open the first pooled connection.
     let pool = PgPoolOptions::new()
         .max_connections(o.max_connections.max(1))
         .acquire_timeout(o.acquire_timeout)
-        .connect_with(opts.clone())
-        .await
-        .map_err(unreachable)?;
-    POSTGRES_MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|source| DbError::Migrate {
-            url: shown.to_string(),
-            source,
-        })?;
+        .connect_lazy_with(opts.clone());
+    migrate!(POSTGRES_MIGRATOR, &pool, shown, o);
     Ok((pool, opts))
 }
 

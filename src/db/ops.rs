@@ -676,6 +676,51 @@ impl Db {
         .await
     }
 
+    /// [`Db::resolve_step`] for a step that has no row yet: in ONE transaction, inserts its row
+    /// (`own`), the resolved step's row (`resolved`), and marks its row `Resolved` pointing at
+    /// the resolved one. Returns (own number, resolved number). Creating the row and resolving it
+    /// in two transactions would leave a pending row behind when the process dies between them,
+    /// which nothing finishes after a restart (the restarted step makes a new one).
+    pub async fn create_and_resolve_step(
+        &self,
+        build: BuildId,
+        own: &NewStep,
+        resolved: &NewStep,
+        stop_time: i64,
+    ) -> Result<(StepNr, StepNr), DbError> {
+        check_new_step(own)?;
+        check_new_step(resolved)?;
+        if own.status.is_some() {
+            return Err(DbError::Invalid(
+                "create_and_resolve_step: the original step must be unfinished".into(),
+            ));
+        }
+        self.retrying("create_and_resolve_step", || async move {
+            on_pool!(self, |pool| {
+                let mut tx = pool.begin_write().await?;
+                let own_nr = alloc_stepnr!(tx, build);
+                insert_step!(tx, build, own_nr, own);
+                let nr = alloc_stepnr!(tx, build);
+                insert_step!(tx, build, nr, resolved);
+                self.fault(FaultPoint::ResolveAfterInsert)?;
+                let n = sqlx::query(sql::MARK_RESOLVED)
+                    .bind(build.0)
+                    .bind(own_nr)
+                    .bind(stop_time)
+                    .bind(nr)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err(step_miss!(&mut *tx, build, own_nr));
+                }
+                commit(self, tx).await?;
+                Ok((own_nr, nr))
+            })
+        })
+        .await
+    }
+
     /// The steps of `build` marked Resolved with `resolvedtostep = stepnr`.
     pub async fn steps_resolved_to(
         &self,
