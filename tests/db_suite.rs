@@ -191,6 +191,7 @@ suite!(
     check_constraint_ties_status_13_to_resolvedtostep,
     resolve_transaction_is_all_or_nothing,
     create_and_resolve_is_one_transaction,
+    lost_commit_replies_are_read_back,
     finish_step_transaction_is_all_or_nothing,
     concurrent_step_numbers_never_collide,
     notifications_wake_a_listener,
@@ -480,6 +481,100 @@ async fn create_and_resolve_is_one_transaction(ctx: Ctx) -> Result<()> {
         Err(DbError::Invalid(_))
     ));
     ensure!(db.steps_of_build(b).await?.len() == 2);
+    Ok(())
+}
+
+/// A connection lost during COMMIT, before it reached the server (nothing committed) or after
+/// (committed, reply lost): every write transaction ends with its effect exactly once and the
+/// result it would have had (found by the database-drop torture test, where a lost reply made
+/// `qr run` give up a build or exit).
+async fn lost_commit_replies_are_read_back(ctx: Ctx) -> Result<()> {
+    let db = &ctx.db;
+    db.create_jobset("main", 100).await?;
+    for lost in [FaultPoint::CommitLostBefore, FaultPoint::CommitLostAfter] {
+        let tag = format!("{lost:?}");
+        let job = format!("lost-{tag}");
+        let before = db.unfinished_builds().await?.len();
+        db.arm_fault(lost);
+        let b = db.create_build(&new_build(&job, 0, 0)).await?;
+        ensure!(
+            db.unfinished_builds().await?.len() == before + 1,
+            "{tag}: create_build made one build"
+        );
+        ensure!(db.get_build(b).await?.drv_path == drv(&job), "{tag}");
+
+        let mut s = NewStep::build(drv(&format!("{job}-a")), SYSTEM);
+        s.busy = BusyPhase::Building;
+        s.start_time = Some(1_700_000_010);
+        s.machine = "m".into();
+        db.arm_fault(lost);
+        let a = db.create_step(b, &s).await?;
+        ensure!(
+            db.steps_of_build(b).await?.len() == 1 && a == 1,
+            "{tag}: create_step made one row: {:?}",
+            db.steps_of_build(b).await?
+        );
+
+        let mut f = finish(b, a, BuildStatus::Success);
+        f.outputs = vec![("out".into(), Some("/nix/store/o-a".into()))];
+        db.arm_fault(lost);
+        ensure!(db.finish_step(&f).await?.is_empty(), "{tag}: finish_step");
+        ensure!(db.step(b, a).await?.status == Some(BuildStatus::Success));
+
+        let own = NewStep::build(drv(&format!("{job}-ca")), SYSTEM);
+        let res = NewStep::build(drv(&format!("{job}-ca-resolved")), SYSTEM);
+        db.arm_fault(lost);
+        let (o, r) = db
+            .create_and_resolve_step(b, &own, &res, 1_700_000_020)
+            .await?;
+        let steps = db.steps_of_build(b).await?;
+        ensure!(
+            steps.len() == 3 && (o, r) == (2, 3),
+            "{tag}: create_and_resolve_step made one pair: {steps:?}"
+        );
+        ensure!(db.step(b, o).await?.resolved_to_step == Some(r));
+
+        let own2 = db
+            .create_step(b, &NewStep::build(drv(&format!("{job}-ca2")), SYSTEM))
+            .await?;
+        db.arm_fault(lost);
+        let r2 = db.resolve_step(b, own2, &res, 1_700_000_030).await?;
+        let steps = db.steps_of_build(b).await?;
+        ensure!(
+            steps.len() == 5 && r2 == 5,
+            "{tag}: resolve_step made one row: {steps:?}"
+        );
+        ensure!(db.step(b, own2).await?.resolved_to_step == Some(r2));
+
+        let fb = FinishBuild {
+            build: b,
+            status: BuildStatus::Failed,
+            start_time: Some(1_700_000_010),
+            stop_time: 1_700_000_100,
+            is_cached: false,
+            outputs: vec![],
+        };
+        db.arm_fault(lost);
+        ensure!(
+            db.finish_build(&fb).await?,
+            "{tag}: finish_build reports it finished"
+        );
+        ensure!(db.get_build(b).await?.build_status == Some(BuildStatus::Failed));
+        db.arm_fault(lost);
+        ensure!(
+            db.restart_build(b).await?,
+            "{tag}: restart_build reports it restarted"
+        );
+        ensure!(!db.get_build(b).await?.finished);
+
+        let mut busy = NewStep::build(drv(&format!("{job}-busy")), SYSTEM);
+        busy.busy = BusyPhase::Building;
+        db.create_step(b, &busy).await?;
+        db.arm_fault(lost);
+        db.abort_busy_steps(1_700_000_200, "lost").await?;
+        ensure!(db.busy_steps().await?.is_empty(), "{tag}: abort_busy_steps");
+        db.disarm_faults();
+    }
     Ok(())
 }
 

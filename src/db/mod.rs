@@ -19,7 +19,10 @@
 //! - Transient failures (PostgreSQL 40001/40P01, SQLite `SQLITE_BUSY`/`SQLITE_LOCKED`, a lost
 //!   connection or a pool timeout) re-run the whole operation, bounded by [`RetryPolicy`], logging
 //!   each retry; the last error is returned after the last attempt. A connection lost during
-//!   `COMMIT` is not retried ([`DbError::CommitOutcomeUnknown`]).
+//!   `COMMIT` leaves the outcome unknown ([`DbError::CommitOutcomeUnknown`]): each write then
+//!   reads back whether it happened (the row it inserted under the number or id it got, the
+//!   status it set) and returns that result, or runs again if it did not
+//!   ([`retry_checked`]), so a lost reply neither duplicates rows nor loses a write.
 //! - Queue changes arrive through [`Db::listen`] as [`QueueEvent`]s: LISTEN/NOTIFY with triggers
 //!   on PostgreSQL, an in-process broadcast on SQLite, and a periodic `Rescan` on both.
 //! - Timestamps are unix seconds passed in by the caller (the clock is injected).
@@ -52,7 +55,7 @@ pub use error::{DbError, Transient, classify, classify_code, redact_url};
 pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use plans::QueryPlan;
-pub use retry::{RetryPolicy, retry};
+pub use retry::{RetryPolicy, retry, retry_checked};
 pub use types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
     NewBuild, NewStep, Output, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step,
@@ -297,6 +300,23 @@ impl Db {
         Fut: std::future::Future<Output = Result<T, DbError>>,
     {
         retry(&self.inner.options.retry, what, op).await
+    }
+
+    /// [`Db::retrying`] for a write whose commit reply may be lost: `check` tells whether it
+    /// happened ([`retry_checked`]).
+    pub(crate) async fn retrying_checked<T, F, Fut, C, CFut>(
+        &self,
+        what: &str,
+        op: F,
+        check: C,
+    ) -> Result<T, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
+        C: FnMut() -> CFut,
+        CFut: std::future::Future<Output = Result<Option<T>, DbError>>,
+    {
+        retry_checked(&self.inner.options.retry, what, op, check).await
     }
 }
 
