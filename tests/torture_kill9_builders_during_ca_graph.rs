@@ -17,22 +17,18 @@ use std::time::{Duration, Instant, SystemTime};
 use common::cluster::{Builder, Cluster};
 use common::qr::Backend;
 use torture::{
-    Knobs, Rng, Sql, check_db_final, check_db_structure, check_runs, check_store, dups, graph,
-    ledger, outputs, reference, starts, tail,
+    Rng, Sql, check_db_final, check_db_structure, check_runs, check_store, dups, ledger, outputs,
+    setup, starts, tail,
 };
 
 const JOBS: &str = "2";
 
 fn torture(backend: Backend, label: &str) {
-    let k = Knobs::from_env(label);
-    let g = graph(k.steps, k.seed);
-    eprintln!("[{label}] {}", g.describe());
-    let Some((_reference_state, r)) = reference(backend, &g, label) else {
-        return;
-    };
     let Some(mut c) = Cluster::new(backend) else {
         return;
     };
+    let s = setup();
+    let (k, g, r) = (s.knobs, &s.graph, &s.reference);
     c.start_serve();
     let jobs = ["--max-jobs", JOBS];
     let mut live: Vec<Builder> = vec![c.builder("b1", &jobs, &[]), c.builder("b2", &jobs, &[])];
@@ -118,11 +114,11 @@ fn torture(backend: Backend, label: &str) {
     let sql = Sql::new(&c.qr.db_url);
     let root = c.qr.state_dir().join("nix-store");
     let what = format!("{label}: at the end");
-    let (resolved_rows, rows) = check_db_structure(&sql, &r, &what);
+    let (resolved_rows, rows) = check_db_structure(&sql, r, &what);
     check_db_final(&sql, &what);
     let (valid, _) = check_store(&root, &mut BTreeSet::new(), true, &what);
     // The runner accepted each drv once (its ledger), and, never killed, accepted all of them.
-    let (accepted, _, _) = check_runs(c.qr.state_dir(), &r, &[spawned], &Default::default(), &what);
+    let (accepted, _, _) = check_runs(c.qr.state_dir(), r, &[spawned], &Default::default(), &what);
     assert_eq!(accepted, runs, "{what}: the runner accepted every run once");
 
     // Each builder (one process each): no drv started or run twice by it.
@@ -130,7 +126,7 @@ fn torture(backend: Backend, label: &str) {
         let st = b.state.path();
         let (_, _, again) = check_runs(
             st,
-            &r,
+            r,
             &[SystemTime::UNIX_EPOCH],
             &Default::default(),
             &format!("{what}: builder {}", b.id),

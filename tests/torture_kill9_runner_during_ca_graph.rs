@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::qr::{Backend, Qr};
 use torture::{
-    Knobs, Rng, SLOTS, Sql, check_db_final, check_db_structure, check_runs, check_store, graph,
-    ledger, outputs, reference, store_realisations, tail,
+    Rng, SLOTS, Sql, check_db_final, check_db_structure, check_runs, check_store, ledger, outputs,
+    setup, store_realisations, tail,
 };
 
 /// Polls `cond` every 5 ms until it holds (`None`), the child exits (`Some(status)`), or
@@ -59,15 +59,11 @@ struct Kill {
 }
 
 fn torture(backend: Backend, label: &str) {
-    let k = Knobs::from_env(label);
-    let g = graph(k.steps, k.seed);
-    eprintln!("[{label}] {}", g.describe());
-    let Some((_reference_state, r)) = reference(backend, &g, label) else {
-        return;
-    };
     let Some(qr) = Qr::new(backend, true) else {
         return;
     };
+    let s = setup();
+    let (k, g, r) = (s.knobs, &s.graph, &s.reference);
     let owned;
     let qr: &Qr = if torture::keeping() {
         torture::keep(qr, label)
@@ -145,7 +141,7 @@ fn torture(backend: Backend, label: &str) {
         );
         let after = t.elapsed();
         let what = format!("{label}: after kill {} ({mode})", i + 1);
-        let (resolved_rows, rows) = check_db_structure(&sql, &r, &what);
+        let (resolved_rows, rows) = check_db_structure(&sql, r, &what);
         let (valid_paths, stray) = check_store(&root, &mut verified, false, &what);
         torture::note_registered(&root, i, &mut registered);
         let recovered = std::fs::read_to_string(&err)
@@ -231,7 +227,7 @@ fn torture(backend: Backend, label: &str) {
         "{label}: the outputs of an uninterrupted run"
     );
     let what = format!("{label}: at the end");
-    let (resolved_rows, rows) = check_db_structure(&sql, &r, &what);
+    let (resolved_rows, rows) = check_db_structure(&sql, r, &what);
     check_db_final(&sql, &what);
     let (valid, _) = check_store(&root, &mut verified, true, &what);
     let sr = store_realisations(&root);
@@ -243,7 +239,7 @@ fn torture(backend: Backend, label: &str) {
     // Runs: none twice; the ones the ledger lacks were registered (killed before the ledger
     // line), at most `slots` per kill.
     let (ledger_lines, starts, restarted) =
-        check_runs(qr.state_dir(), &r, &spawns, &registered, &what);
+        check_runs(qr.state_dir(), r, &spawns, &registered, &what);
     let have: BTreeSet<String> = ledger(qr.state_dir()).into_iter().collect();
     let lost: Vec<&String> = r.runs.iter().filter(|d| !have.contains(*d)).collect();
     for d in &lost {

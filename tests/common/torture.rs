@@ -570,6 +570,31 @@ pub fn keeping() -> bool {
 /// Concurrent jobs of the in-process local builder in these tests.
 pub const SLOTS: &str = "4";
 
+/// What every test of one test binary shares: the knobs (one seed per process), the graph and
+/// its uninterrupted reference run, made once (on SQLite: the outputs, realisations and resolved
+/// drvs do not depend on the database) by whichever test asks first.
+pub struct Setup {
+    pub knobs: Knobs,
+    pub graph: Graph,
+    pub reference: Reference,
+}
+
+pub fn setup() -> &'static Setup {
+    static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
+    SETUP.get_or_init(|| {
+        let knobs = Knobs::from_env("torture");
+        let graph = graph(knobs.steps, knobs.seed);
+        eprintln!("[torture] {}", graph.describe());
+        let (_state, reference) =
+            reference(Backend::Sqlite, &graph, "torture").expect("SQLite is always there");
+        Setup {
+            knobs,
+            graph,
+            reference,
+        }
+    })
+}
+
 // ------------------------------------------------------------------------------------ checks
 
 /// What holds at every moment, a crash included: no orphan rows, no duplicate rows, the
