@@ -190,6 +190,8 @@ suite!(
     migrations_apply_and_are_idempotent,
     check_constraint_ties_status_13_to_resolvedtostep,
     resolve_transaction_is_all_or_nothing,
+    create_and_resolve_is_one_transaction,
+    lost_commit_replies_are_read_back,
     finish_step_transaction_is_all_or_nothing,
     concurrent_step_numbers_never_collide,
     notifications_wake_a_listener,
@@ -432,6 +434,147 @@ async fn resolve_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
     let r = db.resolve_step(BuildId(9999), 1, &resolved, 0).await;
     ensure!(matches!(r, Err(DbError::BuildNotFound(_))), "{r:?}");
     ensure!(db.steps_of_build(b).await?.len() == 2);
+    Ok(())
+}
+
+/// A step with no row yet gets it and its resolution in one transaction: a failure between the
+/// statements leaves no pending row behind (found by the kill -9 torture test: the restarted
+/// step made a new row and the first stayed pending after the build succeeded).
+async fn create_and_resolve_is_one_transaction(ctx: Ctx) -> Result<()> {
+    let db = &ctx.db;
+    let b = setup_build(db, "car").await?;
+    let mut original = NewStep::build(drv("car"), SYSTEM);
+    original.outputs = vec![("out".into(), None)];
+    let mut resolved = NewStep::build(drv("car-resolved"), SYSTEM);
+    resolved.outputs = vec![("out".into(), None)];
+    db.arm_fault(FaultPoint::ResolveAfterInsert);
+    let r = db
+        .create_and_resolve_step(b, &original, &resolved, 1_700_000_020)
+        .await;
+    ensure!(
+        matches!(
+            r,
+            Err(DbError::FaultInjected(FaultPoint::ResolveAfterInsert))
+        ),
+        "{r:?}"
+    );
+    ensure!(db.steps_of_build(b).await?.is_empty(), "rollback left rows");
+    ensure!(db.get_build(b).await?.last_step_nr == 0);
+    let (own, child) = db
+        .create_and_resolve_step(b, &original, &resolved, 1_700_000_020)
+        .await?;
+    ensure!((own, child) == (1, 2), "{own} {child}");
+    let orig = db.step(b, own).await?;
+    ensure!(orig.status == Some(BuildStatus::Resolved) && orig.resolved_to_step == Some(child));
+    ensure!(orig.drv_path == drv("car") && orig.stop_time == Some(1_700_000_020));
+    let new = db.step(b, child).await?;
+    ensure!(new.drv_path == drv("car-resolved") && new.status.is_none());
+    ensure!(db.step_outputs(b, own).await?.len() == 1);
+    ensure!(db.step_outputs(b, child).await?.len() == 1);
+    let pairs = db.resolved_steps().await?;
+    ensure!(pairs.len() == 1 && pairs[0].original == orig && pairs[0].resolved == new);
+    // The original must be unfinished.
+    let mut done = original.clone();
+    done.status = Some(BuildStatus::Success);
+    ensure!(matches!(
+        db.create_and_resolve_step(b, &done, &resolved, 1).await,
+        Err(DbError::Invalid(_))
+    ));
+    ensure!(db.steps_of_build(b).await?.len() == 2);
+    Ok(())
+}
+
+/// A connection lost during COMMIT, before it reached the server (nothing committed) or after
+/// (committed, reply lost): every write transaction ends with its effect exactly once and the
+/// result it would have had (found by the database-drop torture test, where a lost reply made
+/// `qr run` give up a build or exit).
+async fn lost_commit_replies_are_read_back(ctx: Ctx) -> Result<()> {
+    let db = &ctx.db;
+    db.create_jobset("main", 100).await?;
+    for lost in [FaultPoint::CommitLostBefore, FaultPoint::CommitLostAfter] {
+        let tag = format!("{lost:?}");
+        let job = format!("lost-{tag}");
+        let before = db.unfinished_builds().await?.len();
+        db.arm_fault(lost);
+        let b = db.create_build(&new_build(&job, 0, 0)).await?;
+        ensure!(
+            db.unfinished_builds().await?.len() == before + 1,
+            "{tag}: create_build made one build"
+        );
+        ensure!(db.get_build(b).await?.drv_path == drv(&job), "{tag}");
+
+        let mut s = NewStep::build(drv(&format!("{job}-a")), SYSTEM);
+        s.busy = BusyPhase::Building;
+        s.start_time = Some(1_700_000_010);
+        s.machine = "m".into();
+        db.arm_fault(lost);
+        let a = db.create_step(b, &s).await?;
+        ensure!(
+            db.steps_of_build(b).await?.len() == 1 && a == 1,
+            "{tag}: create_step made one row: {:?}",
+            db.steps_of_build(b).await?
+        );
+
+        let mut f = finish(b, a, BuildStatus::Success);
+        f.outputs = vec![("out".into(), Some("/nix/store/o-a".into()))];
+        db.arm_fault(lost);
+        ensure!(db.finish_step(&f).await?.is_empty(), "{tag}: finish_step");
+        ensure!(db.step(b, a).await?.status == Some(BuildStatus::Success));
+
+        let own = NewStep::build(drv(&format!("{job}-ca")), SYSTEM);
+        let res = NewStep::build(drv(&format!("{job}-ca-resolved")), SYSTEM);
+        db.arm_fault(lost);
+        let (o, r) = db
+            .create_and_resolve_step(b, &own, &res, 1_700_000_020)
+            .await?;
+        let steps = db.steps_of_build(b).await?;
+        ensure!(
+            steps.len() == 3 && (o, r) == (2, 3),
+            "{tag}: create_and_resolve_step made one pair: {steps:?}"
+        );
+        ensure!(db.step(b, o).await?.resolved_to_step == Some(r));
+
+        let own2 = db
+            .create_step(b, &NewStep::build(drv(&format!("{job}-ca2")), SYSTEM))
+            .await?;
+        db.arm_fault(lost);
+        let r2 = db.resolve_step(b, own2, &res, 1_700_000_030).await?;
+        let steps = db.steps_of_build(b).await?;
+        ensure!(
+            steps.len() == 5 && r2 == 5,
+            "{tag}: resolve_step made one row: {steps:?}"
+        );
+        ensure!(db.step(b, own2).await?.resolved_to_step == Some(r2));
+
+        let fb = FinishBuild {
+            build: b,
+            status: BuildStatus::Failed,
+            start_time: Some(1_700_000_010),
+            stop_time: 1_700_000_100,
+            is_cached: false,
+            outputs: vec![],
+        };
+        db.arm_fault(lost);
+        ensure!(
+            db.finish_build(&fb).await?,
+            "{tag}: finish_build reports it finished"
+        );
+        ensure!(db.get_build(b).await?.build_status == Some(BuildStatus::Failed));
+        db.arm_fault(lost);
+        ensure!(
+            db.restart_build(b).await?,
+            "{tag}: restart_build reports it restarted"
+        );
+        ensure!(!db.get_build(b).await?.finished);
+
+        let mut busy = NewStep::build(drv(&format!("{job}-busy")), SYSTEM);
+        busy.busy = BusyPhase::Building;
+        db.create_step(b, &busy).await?;
+        db.arm_fault(lost);
+        db.abort_busy_steps(1_700_000_200, "lost").await?;
+        ensure!(db.busy_steps().await?.is_empty(), "{tag}: abort_busy_steps");
+        db.disarm_faults();
+    }
     Ok(())
 }
 

@@ -97,7 +97,10 @@ impl QueueMonitor {
                 }
                 match rows {
                     Ok(rows) => act.spawn_builds(rows, ctx),
-                    Err(e) => tracing::error!(error = %e, "cannot read the queue; will retry at the next rescan"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the queue; reading it again in a second");
+                        ctx.run_later(std::time::Duration::from_secs(1), |act, ctx| act.read(ctx, true));
+                    }
                 }
             }),
         );

@@ -11,7 +11,7 @@ use crate::actors::build::expand::{Recorded, RecordedLookup};
 use crate::actors::build::expander::Expander;
 use crate::actors::dispatcher::MachineInfo;
 use crate::actors::dispatcher::actor::DispatcherActor;
-use crate::actors::env::Env;
+use crate::actors::env::{Env, persist};
 use crate::actors::machine::Executor;
 use crate::actors::machine::local::LocalMachine;
 use crate::actors::queue_monitor::QueueMonitor;
@@ -40,29 +40,33 @@ pub struct Recovery {
 /// Restart recovery: closes rows left busy as Aborted (they are retried as new attempts) and loads
 /// the Resolved rows of unfinished builds so their steps attach straight to their resolved step.
 pub async fn recover(env: &Env) -> Result<(Recovery, HashMap<String, Recorded>), DbError> {
-    let aborted = env
-        .db
-        .abort_busy_steps(
+    // Through `persist`: a database that is away for a while at start is waited for, and a read
+    // that failed is never taken for an answer.
+    let aborted = persist("abort busy steps", || {
+        env.db.abort_busy_steps(
             env.now(),
             "aborted: the runner stopped while this step was busy",
         )
-        .await?;
+    })
+    .await?;
     for s in &aborted {
         tracing::warn!(build = s.build.0, step = s.stepnr, drv = ?s.drv_path, "step was busy at restart: aborted, will retry");
     }
     let mut recorded = HashMap::new();
     let mut finished: HashMap<i64, bool> = HashMap::new();
-    for pair in env.db.resolved_steps().await? {
+    for pair in persist("read resolved steps", || env.db.resolved_steps()).await? {
         let b = pair.original.build.0;
         let done = match finished.get(&b) {
             Some(d) => *d,
             None => {
-                let d = env
-                    .db
-                    .get_build(pair.original.build)
-                    .await
-                    .map(|b| b.finished)
-                    .unwrap_or(true);
+                // A failed read taken as "finished" would skip the recorded resolution, and the
+                // step would resolve again: a second Resolved row for the drv in this build.
+                let d = match persist("read build", || env.db.get_build(pair.original.build)).await
+                {
+                    Ok(b) => b.finished,
+                    Err(DbError::BuildNotFound(_)) => true,
+                    Err(e) => return Err(e),
+                };
                 finished.insert(b, d);
                 d
             }

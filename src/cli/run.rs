@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::Context;
 use crate::actors::dispatcher::MachineInfo;
-use crate::actors::env::{Env, SchedEvent, Stats, SystemClock};
+use crate::actors::env::{Env, SchedEvent, Stats, SystemClock, persist};
 use crate::actors::machine::Executor;
 use crate::actors::scheduler::Scheduler;
 use crate::actors::step::RetryPolicy;
@@ -111,8 +111,8 @@ pub async fn queue_builds(
     tops: &[(String, Derivation)],
     now: i64,
 ) -> anyhow::Result<Vec<BuildId>> {
-    db.create_jobset(jobset, 100).await?;
-    let unfinished = db.unfinished_builds().await?;
+    persist("create jobset", || db.create_jobset(jobset, 100)).await?;
+    let unfinished = persist("read the queue", || db.unfinished_builds()).await?;
     let mut ids = Vec::new();
     for (path, drv) in tops {
         if let Some(b) = unfinished
@@ -138,7 +138,7 @@ pub async fn queue_builds(
                 .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
                 .collect(),
         };
-        ids.push(db.create_build(&nb).await?);
+        ids.push(persist("queue build", || db.create_build(&nb)).await?);
     }
     Ok(ids)
 }
@@ -153,14 +153,13 @@ pub struct Report {
 pub async fn report(db: &Db, ids: &[BuildId]) -> anyhow::Result<Vec<Report>> {
     let mut out = Vec::new();
     for id in ids {
-        let build = db.get_build(*id).await?;
-        let outputs = db
-            .build_outputs(*id)
+        let build = persist("read build", || db.get_build(*id)).await?;
+        let outputs = persist("read build outputs", || db.build_outputs(*id))
             .await?
             .into_iter()
             .map(|o| (o.name, o.path))
             .collect();
-        let steps = db.steps_of_build(*id).await?;
+        let steps = persist("read steps", || db.steps_of_build(*id)).await?;
         out.push(Report {
             build,
             outputs,
@@ -366,7 +365,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     // Wait for our builds, with a progress line on a terminal.
     let mut pending: std::collections::BTreeSet<i64> = std::collections::BTreeSet::new();
     for id in &ids {
-        if !db.get_build(*id).await?.finished {
+        if !persist("read build", || db.get_build(*id)).await?.finished {
             pending.insert(id.0);
         }
     }
@@ -379,7 +378,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     for id in pending.clone() {
-                        if db.get_build(BuildId(id)).await?.finished { pending.remove(&id); }
+                        if persist("read build", || db.get_build(BuildId(id))).await?.finished { pending.remove(&id); }
                     }
                 }
                 Err(_) => break,

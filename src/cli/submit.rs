@@ -9,6 +9,7 @@ use super::Context;
 use super::run::{
     open_db, open_store, queue_builds, report, report_json, report_table, targets_to_drvs,
 };
+use crate::actors::env::persist;
 use crate::db::types::BuildStatus;
 
 #[derive(Debug, clap::Args)]
@@ -60,7 +61,7 @@ async fn submit(ctx: Context, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     loop {
         let mut all = true;
         for id in &ids {
-            if !db.get_build(*id).await?.finished {
+            if !persist("read build", || db.get_build(*id)).await?.finished {
                 all = false;
                 break;
             }

@@ -53,7 +53,8 @@ pub enum DbError {
     #[error("unexpected value in database: {0}")]
     Corrupt(#[from] UnknownCode),
     /// The connection was lost while committing: the transaction may or may not have been
-    /// committed, so it is not retried.
+    /// committed. The write operations find out by reading ([`super::retry_checked`]); this
+    /// reaches a caller only from `retry` (which does not check).
     #[error("connection lost while committing; the outcome is unknown: {0}")]
     CommitOutcomeUnknown(#[source] sqlx::Error),
     /// A test armed this fault point (see `Db::arm_fault`).

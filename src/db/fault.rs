@@ -17,6 +17,12 @@ pub enum FaultPoint {
     CreateStepAfterAlloc,
     /// `finish_build`: after the build row is updated, before its outputs.
     FinishBuildAfterBuildRow,
+    /// Any write transaction: the connection is "lost" instead of sending `COMMIT` (nothing is
+    /// committed), and the operation sees `CommitOutcomeUnknown`.
+    CommitLostBefore,
+    /// Any write transaction: it commits, then the reply is "lost" and the operation sees
+    /// `CommitOutcomeUnknown`.
+    CommitLostAfter,
 }
 
 /// The armed fault points of one `Db`. Each fires once, then disarms.

@@ -19,7 +19,10 @@
 //! - Transient failures (PostgreSQL 40001/40P01, SQLite `SQLITE_BUSY`/`SQLITE_LOCKED`, a lost
 //!   connection or a pool timeout) re-run the whole operation, bounded by [`RetryPolicy`], logging
 //!   each retry; the last error is returned after the last attempt. A connection lost during
-//!   `COMMIT` is not retried ([`DbError::CommitOutcomeUnknown`]).
+//!   `COMMIT` leaves the outcome unknown ([`DbError::CommitOutcomeUnknown`]): each write then
+//!   reads back whether it happened (the row it inserted under the number or id it got, the
+//!   status it set) and returns that result, or runs again if it did not
+//!   ([`retry_checked`]), so a lost reply neither duplicates rows nor loses a write.
 //! - Queue changes arrive through [`Db::listen`] as [`QueueEvent`]s: LISTEN/NOTIFY with triggers
 //!   on PostgreSQL, an in-process broadcast on SQLite, and a periodic `Rescan` on both.
 //! - Timestamps are unix seconds passed in by the caller (the clock is injected).
@@ -53,7 +56,7 @@ pub use error::{DbError, Transient, classify, classify_code, redact_url};
 pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use plans::QueryPlan;
-pub use retry::{RetryPolicy, retry};
+pub use retry::{RetryPolicy, retry, retry_checked};
 pub use timing::{BUCKETS as TX_BUCKETS, Histogram, HistogramSnapshot, TxKind, TxTimings};
 pub use types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
@@ -339,8 +342,77 @@ impl Db {
         })
         .await
     }
+
+    /// [`Db::writing`] for a write whose commit reply may be lost: `check` tells whether it
+    /// happened ([`retry_checked`]).
+    pub(crate) async fn retrying_checked<T, F, Fut, C, CFut>(
+        &self,
+        what: &str,
+        op: F,
+        check: C,
+    ) -> Result<T, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
+        C: FnMut() -> CFut,
+        CFut: std::future::Future<Output = Result<Option<T>, DbError>>,
+    {
+        // Timed like [`Db::writing`]: each attempt of `op` (the read-back is not a transaction
+        // of its own making).
+        let hist = self.inner.timings.of(TxKind::Write);
+        let mut op = op;
+        retry_checked(
+            &self.inner.options.retry,
+            what,
+            || {
+                let start = std::time::Instant::now();
+                let attempt = op();
+                async move {
+                    let r = attempt.await;
+                    hist.observe(start.elapsed());
+                    r
+                }
+            },
+            check,
+        )
+        .await
+    }
 }
 
+/// Applies the migrations, retrying the whole run (each migration is its own transaction, so an
+/// interrupted one left nothing) when it failed for a transient reason — a lost connection, a
+/// busy database — as the operations do ([`DbOptions::retry`]). Without it a connection dropped
+/// while a runner starts (a PostgreSQL restart, a failover, `pg_terminate_backend`) would stop
+/// the runner; the torture test `torture_db_connections_dropped_during_ca_graph` found that.
+macro_rules! migrate {
+    ($migrator:expr, $pool:expr, $shown:expr, $o:expr) => {{
+        let mut attempt = 1;
+        loop {
+            match $migrator.run($pool).await {
+                Ok(()) => break,
+                Err(source) => {
+                    let transient = match &source {
+                        sqlx::migrate::MigrateError::Execute(e)
+                        | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => {
+                            classify(e).is_some()
+                        }
+                        _ => false,
+                    };
+                    if !transient || attempt >= $o.retry.max_attempts.max(1) {
+                        return Err(DbError::Migrate {
+                            url: $shown.to_string(),
+                            source,
+                        });
+                    }
+                    let delay = $o.retry.delay(attempt);
+                    tracing::warn!(attempt, ?delay, error = %source, "migrating the database failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }};
+}
 fn io_timeout(what: &str, after: Duration) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -387,13 +459,7 @@ async fn open_sqlite(url: &str, shown: &str, o: &DbOptions) -> Result<SqlitePool
         .await
         .map_err(|_| unreachable(io_timeout("opening the database", o.connect_timeout)))?
         .map_err(unreachable)?;
-    SQLITE_MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|source| DbError::Migrate {
-            url: shown.to_string(),
-            source,
-        })?;
+    migrate!(SQLITE_MIGRATOR, &pool, shown, o);
     Ok(pool)
 }
 
@@ -417,19 +483,13 @@ async fn open_postgres(
         .map_err(|_| unreachable(io_timeout("connecting", o.connect_timeout)))?
         .map_err(unreachable)?;
     let _ = sqlx::Connection::close(probe).await;
+    // Lazy: the probe showed the server is there; the migrations (retried on a lost
+    // connection) open the first pooled connection.
     let pool = PgPoolOptions::new()
         .max_connections(o.max_connections.max(1))
         .acquire_timeout(o.acquire_timeout)
-        .connect_with(opts.clone())
-        .await
-        .map_err(unreachable)?;
-    POSTGRES_MIGRATOR
-        .run(&pool)
-        .await
-        .map_err(|source| DbError::Migrate {
-            url: shown.to_string(),
-            source,
-        })?;
+        .connect_lazy_with(opts.clone());
+    migrate!(POSTGRES_MIGRATOR, &pool, shown, o);
     Ok((pool, opts))
 }
 

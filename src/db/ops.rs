@@ -4,9 +4,11 @@
 
 use sqlx::postgres::{PgPool, Postgres};
 use sqlx::sqlite::{Sqlite, SqlitePool};
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use sqlx::{Database, Transaction};
 
-use super::error::DbError;
+use super::error::{DbError, Transient};
 use super::fault::FaultPoint;
 use super::notify::QueueEvent;
 use super::rows::RowExt;
@@ -41,12 +43,52 @@ impl WritePool for PgPool {
 /// such (and not retried) rather than as a transient error.
 /// Counts the committed write transaction ([`Db::write_transactions`]).
 async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(), DbError> {
+    let lost = |when: &str| {
+        DbError::CommitOutcomeUnknown(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            format!("fault injected: connection lost {when} COMMIT"),
+        )))
+    };
+    if db.fault(FaultPoint::CommitLostBefore).is_err() {
+        drop(tx); // rolled back
+        return Err(lost("before"));
+    }
+    // A database error answering COMMIT (a serialization failure, a constraint) means it did not
+    // happen — except the server going away (57P0x), which, like a lost connection, leaves the
+    // outcome unknown.
     tx.commit().await.map_err(|e| match e {
-        sqlx::Error::Database(_) => DbError::Sql(e),
+        sqlx::Error::Database(_) if super::classify(&e) != Some(Transient::ConnectionLost) => {
+            DbError::Sql(e)
+        }
         e => DbError::CommitOutcomeUnknown(e),
     })?;
     db.count_write();
+    if db.fault(FaultPoint::CommitLostAfter).is_err() {
+        return Err(lost("after"));
+    }
     Ok(())
+}
+
+/// Whether a stored step row is the one `s` describes (after a commit whose reply was lost).
+fn step_is(row: &Step, s: &NewStep) -> bool {
+    row.drv_path == s.drv_path
+        && row.step_type == s.step_type
+        && row.busy == s.busy
+        && row.status == s.status
+        && row.machine == s.machine
+        && row.start_time == s.start_time
+        && row.stop_time == s.stop_time
+        && row.propagated_from == s.propagated_from
+        && row.times_built == s.times_built
+}
+
+/// For a check: `None` when the row is not there.
+fn found<T>(r: Result<T, DbError>) -> Result<Option<T>, DbError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(DbError::StepNotFound { .. } | DbError::BuildNotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The error for an update of step `(build, stepnr)` that matched no row.
@@ -228,40 +270,56 @@ impl Db {
 
     /// Queues a build (with its `buildoutputs` rows) and announces it (`builds_added`).
     pub async fn create_build(&self, b: &NewBuild) -> Result<BuildId, DbError> {
+        // The id the last attempt inserted: after a lost commit reply, the row tells.
+        let inserted = &AtomicI64::new(0);
         let id = self
-            .writing("create_build", || async move {
-                on_pool!(self, |pool| {
-                    let mut tx = pool.begin_write().await?;
-                    let id: i64 = sqlx::query_scalar(sql::INSERT_BUILD)
-                        .bind(&b.jobset)
-                        .bind(&b.job)
-                        .bind(&b.drv_path)
-                        .bind(&b.system)
-                        .bind(b.priority)
-                        .bind(b.global_priority)
-                        .bind(b.max_silent)
-                        .bind(b.timeout)
-                        .bind(b.timestamp)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .map_err(|e| match DbError::from(e) {
-                            e if e.is_foreign_key_violation() => {
-                                DbError::JobsetNotFound(b.jobset.clone())
-                            }
-                            e => e,
-                        })?;
-                    for (name, path) in &b.outputs {
-                        sqlx::query(sql::UPSERT_BUILD_OUTPUT)
-                            .bind(id)
-                            .bind(name)
-                            .bind(path)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    commit(self, tx).await?;
-                    Ok(BuildId(id))
-                })
-            })
+            .retrying_checked(
+                "create_build",
+                || async move {
+                    on_pool!(self, |pool| {
+                        let mut tx = pool.begin_write().await?;
+                        let id: i64 = sqlx::query_scalar(sql::INSERT_BUILD)
+                            .bind(&b.jobset)
+                            .bind(&b.job)
+                            .bind(&b.drv_path)
+                            .bind(&b.system)
+                            .bind(b.priority)
+                            .bind(b.global_priority)
+                            .bind(b.max_silent)
+                            .bind(b.timeout)
+                            .bind(b.timestamp)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .map_err(|e| match DbError::from(e) {
+                                e if e.is_foreign_key_violation() => {
+                                    DbError::JobsetNotFound(b.jobset.clone())
+                                }
+                                e => e,
+                            })?;
+                        inserted.store(id, Ordering::SeqCst);
+                        for (name, path) in &b.outputs {
+                            sqlx::query(sql::UPSERT_BUILD_OUTPUT)
+                                .bind(id)
+                                .bind(name)
+                                .bind(path)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        commit(self, tx).await?;
+                        Ok(BuildId(id))
+                    })
+                },
+                || async move {
+                    let id = BuildId(inserted.load(Ordering::SeqCst));
+                    Ok(found(self.get_build(id).await)?
+                        .filter(|x| {
+                            x.drv_path == b.drv_path
+                                && x.jobset == b.jobset
+                                && x.timestamp == b.timestamp
+                        })
+                        .map(|_| id))
+                },
+            )
             .await?;
         self.emit(QueueEvent::BuildsAdded(Some(id)));
         Ok(id)
@@ -313,6 +371,19 @@ impl Db {
         .await
     }
 
+    /// How many builds are unfinished (the queue's length; read through the partial index).
+    pub async fn count_unfinished_builds(&self) -> Result<u64, DbError> {
+        self.reading("count_unfinished_builds", || async move {
+            let n: i64 = on_pool!(self, |pool| {
+                sqlx::query_scalar(sql::COUNT_UNFINISHED_BUILDS)
+                    .fetch_one(pool)
+                    .await?
+            });
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
     /// The queue: unfinished builds by global priority (desc), priority (desc), id.
     pub async fn unfinished_builds(&self) -> Result<Vec<Build>, DbError> {
         self.reading("unfinished_builds", || async move {
@@ -324,19 +395,6 @@ impl Db {
                     .map(|r| r.build())
                     .collect()
             })
-        })
-        .await
-    }
-
-    /// How many builds are unfinished (the queue's length; read through the partial index).
-    pub async fn count_unfinished_builds(&self) -> Result<u64, DbError> {
-        self.reading("count_unfinished_builds", || async move {
-            let n: i64 = on_pool!(self, |pool| {
-                sqlx::query_scalar(sql::COUNT_UNFINISHED_BUILDS)
-                    .fetch_one(pool)
-                    .await?
-            });
-            Ok(u64::try_from(n).unwrap_or(0))
         })
         .await
     }
@@ -363,34 +421,42 @@ impl Db {
         if f.status == BuildStatus::Resolved {
             return Err(DbError::Invalid("a build cannot finish as Resolved".into()));
         }
-        self.writing("finish_build", || async move {
-            on_pool!(self, |pool| {
-                let mut tx = pool.begin_write().await?;
-                let n = sqlx::query(sql::FINISH_BUILD)
-                    .bind(f.build.0)
-                    .bind(f.status.code())
-                    .bind(f.start_time)
-                    .bind(f.stop_time)
-                    .bind(i32::from(f.is_cached))
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if n == 0 {
-                    return build_miss!(&mut *tx, f.build);
-                }
-                self.fault(FaultPoint::FinishBuildAfterBuildRow)?;
-                for (name, path) in &f.outputs {
-                    sqlx::query(sql::UPSERT_BUILD_OUTPUT)
+        self.retrying_checked(
+            "finish_build",
+            || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let n = sqlx::query(sql::FINISH_BUILD)
                         .bind(f.build.0)
-                        .bind(name)
-                        .bind(path)
+                        .bind(f.status.code())
+                        .bind(f.start_time)
+                        .bind(f.stop_time)
+                        .bind(i32::from(f.is_cached))
                         .execute(&mut *tx)
-                        .await?;
-                }
-                commit(self, tx).await?;
-                Ok(true)
-            })
-        })
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return build_miss!(&mut *tx, f.build);
+                    }
+                    self.fault(FaultPoint::FinishBuildAfterBuildRow)?;
+                    for (name, path) in &f.outputs {
+                        sqlx::query(sql::UPSERT_BUILD_OUTPUT)
+                            .bind(f.build.0)
+                            .bind(name)
+                            .bind(path)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    commit(self, tx).await?;
+                    Ok(true)
+                })
+            },
+            || async move {
+                Ok(found(self.get_build(f.build).await)?
+                    .filter(|b| b.finished && b.build_status == Some(f.status))
+                    .map(|_| true))
+            },
+        )
         .await
     }
 
@@ -425,24 +491,33 @@ impl Db {
     /// Its steps stay as history; new steps get new numbers.
     pub async fn restart_build(&self, id: BuildId) -> Result<bool, DbError> {
         let done = self
-            .writing("restart_build", || async move {
-                on_pool!(self, |pool| {
-                    let mut tx = pool.begin_write().await?;
-                    let n = sqlx::query(sql::RESTART_BUILD)
-                        .bind(id.0)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if n == 0 {
-                        return build_miss!(&mut *tx, id);
-                    }
-                    for q in [sql::CLEAR_FAILED_STEP_DRVS, sql::CLEAR_FAILED_STEP_OUTPUTS] {
-                        sqlx::query(q).bind(id.0).execute(&mut *tx).await?;
-                    }
-                    commit(self, tx).await?;
-                    Ok(true)
-                })
-            })
+            .retrying_checked(
+                "restart_build",
+                || async move {
+                    on_pool!(self, |pool| {
+                        let mut tx = pool.begin_write().await?;
+                        let n = sqlx::query(sql::RESTART_BUILD)
+                            .bind(id.0)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        if n == 0 {
+                            return build_miss!(&mut *tx, id);
+                        }
+                        for q in [sql::CLEAR_FAILED_STEP_DRVS, sql::CLEAR_FAILED_STEP_OUTPUTS] {
+                            sqlx::query(q).bind(id.0).execute(&mut *tx).await?;
+                        }
+                        commit(self, tx).await?;
+                        Ok(true)
+                    })
+                },
+                || async move {
+                    // It was finished when this transaction updated it: unfinished now means done.
+                    Ok(found(self.get_build(id).await)?
+                        .filter(|b| !b.finished)
+                        .map(|_| true))
+                },
+            )
             .await?;
         if done {
             self.emit(QueueEvent::BuildsRestarted(Some(id)));
@@ -482,16 +557,28 @@ impl Db {
     /// transaction; concurrent callers never get the same number.
     pub async fn create_step(&self, build: BuildId, step: &NewStep) -> Result<StepNr, DbError> {
         check_new_step(step)?;
-        self.writing("create_step", || async move {
-            on_pool!(self, |pool| {
-                let mut tx = pool.begin_write().await?;
-                let nr = alloc_stepnr!(tx, build);
-                self.fault(FaultPoint::CreateStepAfterAlloc)?;
-                insert_step!(tx, build, nr, step);
-                commit(self, tx).await?;
-                Ok(nr)
-            })
-        })
+        // The number the last attempt allocated: after a lost commit reply, the row tells.
+        let allocated = &AtomicI64::new(0);
+        self.retrying_checked(
+            "create_step",
+            || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let nr = alloc_stepnr!(tx, build);
+                    allocated.store(i64::from(nr), Ordering::SeqCst);
+                    self.fault(FaultPoint::CreateStepAfterAlloc)?;
+                    insert_step!(tx, build, nr, step);
+                    commit(self, tx).await?;
+                    Ok(nr)
+                })
+            },
+            || async move {
+                let nr = allocated.load(Ordering::SeqCst) as StepNr;
+                Ok(found(self.step(build, nr).await)?
+                    .filter(|row| step_is(row, step))
+                    .map(|_| nr))
+            },
+        )
         .await
     }
 
@@ -613,43 +700,52 @@ impl Db {
                 "finish_step cannot mark a step Resolved; use resolve_step".into(),
             ));
         }
-        self.writing("finish_step", || async move {
-            on_pool!(self, |pool| {
-                let mut tx = pool.begin_write().await?;
-                let n = sqlx::query(sql::FINISH_STEP)
-                    .bind(f.build.0)
-                    .bind(f.stepnr)
-                    .bind(f.status.code())
-                    .bind(&f.error_msg)
-                    .bind(f.stop_time)
-                    .bind(f.times_built)
-                    .bind(&f.machine)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if n == 0 {
-                    return Err(step_miss!(&mut *tx, f.build, f.stepnr));
-                }
-                self.fault(FaultPoint::FinishStepAfterStepRow)?;
-                for (name, path) in &f.outputs {
-                    sqlx::query(sql::UPSERT_STEP_OUTPUT)
+        self.retrying_checked(
+            "finish_step",
+            || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let n = sqlx::query(sql::FINISH_STEP)
                         .bind(f.build.0)
                         .bind(f.stepnr)
-                        .bind(name)
-                        .bind(path)
+                        .bind(f.status.code())
+                        .bind(&f.error_msg)
+                        .bind(f.stop_time)
+                        .bind(f.times_built)
+                        .bind(&f.machine)
                         .execute(&mut *tx)
-                        .await?;
-                }
-                let mut conflicts = Vec::new();
-                for r in &f.realisations {
-                    if let Some(c) = insert_realisation!(tx, r) {
-                        conflicts.push(c);
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return Err(step_miss!(&mut *tx, f.build, f.stepnr));
                     }
-                }
-                commit(self, tx).await?;
-                Ok(conflicts)
-            })
-        })
+                    self.fault(FaultPoint::FinishStepAfterStepRow)?;
+                    for (name, path) in &f.outputs {
+                        sqlx::query(sql::UPSERT_STEP_OUTPUT)
+                            .bind(f.build.0)
+                            .bind(f.stepnr)
+                            .bind(name)
+                            .bind(path)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    let mut conflicts = Vec::new();
+                    for r in &f.realisations {
+                        if let Some(c) = insert_realisation!(tx, r) {
+                            conflicts.push(c);
+                        }
+                    }
+                    commit(self, tx).await?;
+                    Ok(conflicts)
+                })
+            },
+            || async move {
+                // Unfinished until this transaction (it updates only a row without a status).
+                Ok(found(self.step(f.build, f.stepnr).await)?
+                    .filter(|row| row.status == Some(f.status))
+                    .map(|_| Vec::new()))
+            },
+        )
         .await
     }
 
@@ -665,28 +761,116 @@ impl Db {
         stop_time: i64,
     ) -> Result<StepNr, DbError> {
         check_new_step(resolved)?;
-        self.writing("resolve_step", || async move {
-            on_pool!(self, |pool| {
-                let mut tx = pool.begin_write().await?;
-                let nr = alloc_stepnr!(tx, build);
-                insert_step!(tx, build, nr, resolved);
-                self.fault(FaultPoint::ResolveAfterInsert)?;
-                let n = sqlx::query(sql::MARK_RESOLVED)
-                    .bind(build.0)
-                    .bind(stepnr)
-                    .bind(stop_time)
-                    .bind(nr)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if n == 0 {
-                    return Err(step_miss!(&mut *tx, build, stepnr));
-                }
-                commit(self, tx).await?;
-                Ok(nr)
-            })
-        })
+        self.retrying_checked(
+            "resolve_step",
+            || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let nr = alloc_stepnr!(tx, build);
+                    insert_step!(tx, build, nr, resolved);
+                    self.fault(FaultPoint::ResolveAfterInsert)?;
+                    let n = sqlx::query(sql::MARK_RESOLVED)
+                        .bind(build.0)
+                        .bind(stepnr)
+                        .bind(stop_time)
+                        .bind(nr)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return Err(step_miss!(&mut *tx, build, stepnr));
+                    }
+                    commit(self, tx).await?;
+                    Ok(nr)
+                })
+            },
+            || async move { self.resolution_of(build, stepnr, &resolved.drv_path).await },
+        )
         .await
+    }
+
+    /// [`Db::resolve_step`] for a step that has no row yet: in ONE transaction, inserts its row
+    /// (`own`), the resolved step's row (`resolved`), and marks its row `Resolved` pointing at
+    /// the resolved one. Returns (own number, resolved number). Creating the row and resolving it
+    /// in two transactions would leave a pending row behind when the process dies between them,
+    /// which nothing finishes after a restart (the restarted step makes a new one).
+    pub async fn create_and_resolve_step(
+        &self,
+        build: BuildId,
+        own: &NewStep,
+        resolved: &NewStep,
+        stop_time: i64,
+    ) -> Result<(StepNr, StepNr), DbError> {
+        check_new_step(own)?;
+        check_new_step(resolved)?;
+        if own.status.is_some() {
+            return Err(DbError::Invalid(
+                "create_and_resolve_step: the original step must be unfinished".into(),
+            ));
+        }
+        // The original's number in the last attempt: after a lost commit reply, its row tells.
+        let allocated = &AtomicI64::new(0);
+        self.retrying_checked(
+            "create_and_resolve_step",
+            || async move {
+                on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let own_nr = alloc_stepnr!(tx, build);
+                    allocated.store(i64::from(own_nr), Ordering::SeqCst);
+                    insert_step!(tx, build, own_nr, own);
+                    let nr = alloc_stepnr!(tx, build);
+                    insert_step!(tx, build, nr, resolved);
+                    self.fault(FaultPoint::ResolveAfterInsert)?;
+                    let n = sqlx::query(sql::MARK_RESOLVED)
+                        .bind(build.0)
+                        .bind(own_nr)
+                        .bind(stop_time)
+                        .bind(nr)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if n == 0 {
+                        return Err(step_miss!(&mut *tx, build, own_nr));
+                    }
+                    commit(self, tx).await?;
+                    Ok((own_nr, nr))
+                })
+            },
+            || async move {
+                let own_nr = allocated.load(Ordering::SeqCst) as StepNr;
+                let mine = found(self.step(build, own_nr).await)?
+                    .is_some_and(|row| row.drv_path == own.drv_path);
+                Ok(if mine {
+                    self.resolution_of(build, own_nr, &resolved.drv_path)
+                        .await?
+                        .map(|nr| (own_nr, nr))
+                } else {
+                    None
+                })
+            },
+        )
+        .await
+    }
+
+    /// The step `(build, stepnr)` is Resolved to, if it is, to a row of `resolved_drv`.
+    async fn resolution_of(
+        &self,
+        build: BuildId,
+        stepnr: StepNr,
+        resolved_drv: &str,
+    ) -> Result<Option<StepNr>, DbError> {
+        let Some(row) = found(self.step(build, stepnr).await)? else {
+            return Ok(None);
+        };
+        let Some(to) = row
+            .resolved_to_step
+            .filter(|_| row.status == Some(BuildStatus::Resolved))
+        else {
+            return Ok(None);
+        };
+        Ok(found(self.step(build, to).await)?
+            .filter(|t| t.drv_path == resolved_drv)
+            .map(|_| to))
     }
 
     /// The steps of `build` marked Resolved with `resolvedtostep = stepnr`.
@@ -735,25 +919,30 @@ impl Db {
         stop_time: i64,
         error_msg: &str,
     ) -> Result<Vec<Step>, DbError> {
-        self.writing("abort_busy_steps", || async move {
-            let mut steps: Vec<Step> = on_pool!(self, |pool| {
-                let mut tx = pool.begin_write().await?;
-                let rows = sqlx::query(sql::ABORT_BUSY_STEPS)
-                    .bind(stop_time)
-                    .bind(error_msg)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let steps = rows
-                    .iter()
-                    .map(|r| r.step(""))
-                    .collect::<Result<Vec<_>, _>>()?;
-                sqlx::query(sql::CLEAR_STRAY_BUSY).execute(&mut *tx).await?;
-                commit(self, tx).await?;
-                steps
-            });
-            steps.sort_by_key(|s| (s.build, s.stepnr));
-            Ok(steps)
-        })
+        // After a lost commit reply it runs again: rows it had closed are not returned then.
+        self.retrying_checked(
+            "abort_busy_steps",
+            || async move {
+                let mut steps: Vec<Step> = on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let rows = sqlx::query(sql::ABORT_BUSY_STEPS)
+                        .bind(stop_time)
+                        .bind(error_msg)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    let steps = rows
+                        .iter()
+                        .map(|r| r.step(""))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    sqlx::query(sql::CLEAR_STRAY_BUSY).execute(&mut *tx).await?;
+                    commit(self, tx).await?;
+                    steps
+                });
+                steps.sort_by_key(|s| (s.build, s.stepnr));
+                Ok(steps)
+            },
+            || async { Ok(None) },
+        )
         .await
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::actors::dispatcher::actor::DispatcherActor;
-use crate::actors::env::{Env, Stats};
+use crate::actors::env::{Env, Stats, persist};
 use crate::actors::messages::{AddBuilds, AddWaiter, BuildPrio, StepFailed, WaiterAddr};
 use crate::actors::step::StepMachine;
 use crate::actors::step::actor::{Row, StepActor};
@@ -116,13 +116,15 @@ pub async fn plan_many(
             .filter(|(p, _)| !built.contains_key(p))
             .map(|(p, _)| p.clone())
             .collect();
-        let failed: HashSet<String> = env
-            .db
-            .failed_paths_among(&not_built)
-            .await
-            .map_err(|e| format!("database: {e}"))?
-            .into_iter()
-            .collect();
+        // Retried while the database is away (`persist`): an error here would fail every
+        // build of the batch for good.
+        let failed: HashSet<String> = persist("read failed paths", || {
+            env.db.failed_paths_among(&not_built)
+        })
+        .await
+        .map_err(|e| format!("database: {e}"))?
+        .into_iter()
+        .collect();
         for (path, drv) in read {
             let node = if let Some(o) = built.remove(&path) {
                 Node::Built(o)

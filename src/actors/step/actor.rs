@@ -448,24 +448,27 @@ impl StepActor {
             // ... then the database, in one transaction: the resolved row, then ours marked Resolved.
             let own_step = NewStep::build(&drv_path, &drv.system);
             let resolved_step = NewStep::build(&written, &drv.system);
-            let own = match existing_row {
-                Some(r) => Ok(r.1),
+            let now = env.now();
+            // A step without a row gets it in the same transaction (a row created on its own
+            // first would be left pending by a crash before the resolution).
+            let child = match existing_row {
+                Some(r) => persist("resolve step", || {
+                    env.db
+                        .resolve_step(BuildId(owner), r.1, &resolved_step, now)
+                })
+                .await
+                .map(|c| (r.1, c)),
                 None => {
-                    persist("create step", || {
-                        env.db.create_step(BuildId(owner), &own_step)
+                    persist("resolve step", || {
+                        env.db.create_and_resolve_step(
+                            BuildId(owner),
+                            &own_step,
+                            &resolved_step,
+                            now,
+                        )
                     })
                     .await
                 }
-            };
-            let now = env.now();
-            let child = match own {
-                Ok(own) => persist("resolve step", || {
-                    env.db
-                        .resolve_step(BuildId(owner), own, &resolved_step, now)
-                })
-                .await
-                .map(|c| (own, c)),
-                Err(e) => Err(e),
             };
             let (own, child) = match child {
                 Ok(v) => v,
