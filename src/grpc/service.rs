@@ -9,8 +9,9 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::clip::clip_status;
 use super::hub::{BuilderHub, Join, Lookup, RemoteSettings};
 use super::info_from_proto;
 use super::nar::{ChunkReader, export};
@@ -89,8 +90,10 @@ impl RunnerService for RunnerServiceImpl {
         tokio::spawn(async move {
             let why = loop {
                 match inbound.message().await {
+                    // Waits for room in the actor's mailbox: a builder that sends faster than
+                    // its messages are handled is slowed down, none of its messages is dropped.
                     Ok(Some(m)) => {
-                        if addr.try_send(FromBuilder(m)).is_err() && !addr.connected() {
+                        if addr.send(FromBuilder(m)).await.is_err() {
                             break "the session actor stopped".to_string();
                         }
                     }
@@ -124,7 +127,7 @@ impl RunnerService for RunnerServiceImpl {
         let rx = export(store, r.path);
         let s = ReceiverStream::new(rx).map(|c| match c {
             Ok(data) => Ok(NarChunk { data }),
-            Err(e) => Err(Status::internal(e)),
+            Err(e) => Err(clip_status(Code::Internal, &e)),
         });
         Ok(Response::new(Box::pin(s)))
     }
@@ -188,7 +191,8 @@ impl RunnerService for RunnerServiceImpl {
                     .map_err(|e| format!("importing {}: {e}", info.path))
             })
         };
-        let mut stream_err = None;
+        // What ended the upload early: a protocol violation (refused), or a broken stream.
+        let mut stream_err: Option<(bool, Status)> = None;
         loop {
             match s.message().await {
                 Ok(Some(m)) => match m.msg {
@@ -198,23 +202,39 @@ impl RunnerService for RunnerServiceImpl {
                         }
                     }
                     _ => {
-                        stream_err = Some("a second header in one upload".to_string());
+                        let why = "a second header (or an empty message) in one upload";
+                        stream_err = Some((true, Status::invalid_argument(why)));
                         break;
                     }
                 },
                 Ok(None) => break,
                 Err(e) => {
                     let _ = tx.send(Err(e.message().to_string())).await;
-                    stream_err = Some(format!("the upload broke: {}", e.message()));
+                    // A message that does not decode is the builder's doing; anything else
+                    // (a cancelled call, a reset connection) is not a lie.
+                    let malformed = e.code() == Code::InvalidArgument;
+                    let code = if malformed {
+                        Code::InvalidArgument
+                    } else {
+                        Code::Aborted
+                    };
+                    let msg = format!("the upload broke: {}", e.message());
+                    stream_err = Some((malformed, clip_status(code, &msg)));
                     break;
                 }
             }
         }
         drop(tx);
         let res = task.await.map_err(|e| Status::internal(e.to_string()))?;
-        if let Some(e) = stream_err {
-            // A broken stream is not a lie; the session decides (it usually broke too).
-            return Err(Status::aborted(e));
+        if let Some((violation, status)) = stream_err {
+            if violation {
+                addr.do_send(Refuse(format!(
+                    "upload of {}: {}",
+                    info.path,
+                    status.message()
+                )));
+            }
+            return Err(status);
         }
         match res {
             Ok(()) => {
