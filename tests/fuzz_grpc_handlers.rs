@@ -1339,7 +1339,9 @@ impl Fuzzer {
                     drv_path: job.drv_path.clone(),
                     outcome: Some(rv::job_result::Outcome::Failure(rv::JobFailure {
                         status: *self.rng.pick(&[9999, -5, 3, 7]),
-                        message: self.s(),
+                        // Builders' messages end up in the database: a NUL byte (PostgreSQL text
+                        // cannot hold one) and odd text must not keep the step from finishing.
+                        message: format!("failed\0 {}", self.s()),
                         transient: true,
                     })),
                 }))
@@ -1402,7 +1404,8 @@ fn fuzz_runner(backend: Backend) {
     let tops = import_mixed(&c, &fx);
     c.start_serve();
     let refs: Vec<&std::path::Path> = tops.iter().map(PathBuf::as_path).collect();
-    let submit = c.submit(&refs, 900);
+    // No timeout of its own: how long the fuzzing takes depends on QR_FUZZ_CASES.
+    let mut submit = c.submit(&refs, 0);
     let url = c.url();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (stats, failures) = rt.block_on(async {
@@ -1556,6 +1559,21 @@ fn fuzz_runner(backend: Backend) {
 
     // 4. An honest builder: the builds queued before the fuzzing finish, right.
     let honest = c.builder("honest", &["--systems", X86, "--max-jobs", "2"], &[]);
+    // A hang detector, not a timing assertion: the graph takes seconds once a builder is there.
+    let t = std::time::Instant::now();
+    while submit.try_wait().expect("qr submit").is_none() {
+        if t.elapsed() > Duration::from_secs(300) {
+            let _ = submit.kill();
+            let log = c.serve_logs();
+            let stuck = c_logs_lines(&log);
+            panic!(
+                "the builds queued before the fuzzing did not finish within 300 s of an honest \
+                 builder joining; failures: {failures:?}\n--- serve log (errors) ---\n{}",
+                stuck.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (out, builds) = c.finish(submit);
     let logs = c.logs(&[&honest]);
     let clip = |s: &str| {
@@ -1632,6 +1650,24 @@ fn fuzz_runner(backend: Backend) {
     let rss = peak_rss(pid).expect("VmHWM");
     eprintln!("qr serve peak RSS: {} MiB", rss >> 20);
     assert!(rss < 1 << 30, "qr serve held {} MiB at its peak", rss >> 20);
+}
+
+/// The last warnings and errors of a log (at most 40 lines of at most 400 bytes).
+fn c_logs_lines(log: &str) -> Vec<&str> {
+    let mut v: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("panicked"))
+        .map(|l| {
+            let mut cut = l.len().min(400);
+            while !l.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            &l[..cut]
+        })
+        .collect();
+    let n = v.len();
+    v.drain(..n.saturating_sub(40));
+    v
 }
 
 #[test]
