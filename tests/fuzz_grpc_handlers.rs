@@ -26,6 +26,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -1560,6 +1561,18 @@ fn fuzz_runner(backend: Backend) {
     // 4. An honest builder: the builds queued before the fuzzing finish, right.
     let honest = c.builder("honest", &["--systems", X86, "--max-jobs", "2"], &[]);
     // A hang detector, not a timing assertion: the graph takes seconds once a builder is there.
+    // The output is read meanwhile (with many retried steps it outgrows a pipe's buffer).
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let stdout = drain(submit.stdout.take().map(|s| Box::new(s) as _));
+    let stderr = drain(submit.stderr.take().map(|s| Box::new(s) as _));
     let t = std::time::Instant::now();
     while submit.try_wait().expect("qr submit").is_none() {
         if t.elapsed() > Duration::from_secs(300) {
@@ -1574,7 +1587,18 @@ fn fuzz_runner(backend: Backend) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (out, builds) = c.finish(submit);
+    let status = submit.wait().expect("qr submit");
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let builds: Vec<Value> = String::from_utf8_lossy(&stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON build line"))
+        .collect();
+    let out = std::process::Output {
+        status,
+        stdout,
+        stderr,
+    };
     let logs = c.logs(&[&honest]);
     let clip = |s: &str| {
         s.chars()

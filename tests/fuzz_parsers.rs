@@ -1344,6 +1344,111 @@ fn deep_trees_on_disk_do_not_overflow_the_stack() {
     eprintln!("a tree {depth} directories deep");
 }
 
+/// A small random tree (names from a few letters, so siblings collide and sort interestingly).
+fn random_tree(rng: &mut Rng, depth: usize) -> NarTree {
+    match rng.below(if depth == 0 { 2 } else { 3 }) {
+        0 => {
+            let max = if rng.chance(0.1) { 200_000 } else { 300 };
+            let n = rng.below(max);
+            NarTree::Regular {
+                executable: rng.chance(0.3),
+                contents: rng.bytes(n),
+            }
+        }
+        1 => NarTree::symlink(format!("../t{}", rng.below(100))),
+        _ => {
+            let n = rng.below(5);
+            NarTree::dir((0..n).map(|_| {
+                let first = *rng.pick(&["a", "B", "é", "z.", "-"]);
+                let name = format!("{first}{}", rng.below(9));
+                (name, random_tree(rng, depth - 1))
+            }))
+        }
+    }
+}
+
+#[test]
+fn nar_imports_into_the_store_verify_everything() {
+    use qr::store::Store as _;
+    let mut rng = Rng::new(seed("nar_imports"));
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let sd = StoreDir::default();
+    let root = tmp.path().join("root");
+    let store = rt
+        .block_on(qr::store::LocalStore::open(sd.clone(), &root))
+        .expect("store");
+    let mut valid = std::collections::BTreeSet::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..cases(150) {
+        let tree = random_tree(&mut rng, 3);
+        let nar = tree.to_nar().unwrap();
+        let h = qr::store::hash::sha256(&nar);
+        let path = sd.print(&sd.make_source_path(&format!("t{i}"), &h, [], false));
+        let info = qr::store::PathInfo {
+            path: path.clone(),
+            nar_hash: h,
+            nar_size: nar.len() as u64,
+            references: Default::default(),
+            ca: None,
+            deriver: None,
+        };
+        // What arrives: the NAR, damaged (or not) as a lying or broken sender would.
+        let mut sent = nar.clone();
+        match rng.below(6) {
+            0 => {}
+            1 => sent.truncate(rng.below(nar.len())),
+            2 => {
+                let k = 1 + rng.below(100);
+                sent.extend(rng.bytes(k));
+            }
+            3 => {
+                let at = rng.below(nar.len());
+                sent[at] ^= 1 << rng.below(8);
+            }
+            4 => {
+                let toks = nar_tokens(&nar);
+                let (l, ..) = toks[rng.below(toks.len())];
+                sent[l..l + 8].copy_from_slice(&rng.wild_len().to_le_bytes());
+            }
+            _ => {
+                let other = random_tree(&mut rng, 2).to_nar().unwrap();
+                sent = other;
+            }
+        }
+        let res = store.import_nar(&info, &mut sent.as_slice());
+        let is_valid = rt.block_on(store.is_valid_path(&path)).unwrap();
+        // The reader stops at the end of the NAR: bytes after it are not part of the path.
+        let whole = sent.starts_with(&nar);
+        match res {
+            Ok(()) => {
+                assert!(whole, "accepted a damaged NAR for {path}");
+                assert!(is_valid);
+                valid.insert(path.rsplit('/').next().unwrap().to_string());
+                accepted += 1;
+            }
+            Err(e) => {
+                assert!(!whole, "refused a whole NAR for {path}: {e}");
+                assert!(!is_valid, "{path} valid after a failed import");
+                let msg = e.to_string();
+                assert!(msg.contains(&path), "the error names the path: {msg}");
+                refused += 1;
+            }
+        }
+    }
+    // Nothing of the failed imports is left in the store: only the valid paths (and the
+    // store's own metadata).
+    for e in std::fs::read_dir(&root).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            (name.starts_with('.') && !name.starts_with(".qr-tmp-")) || valid.contains(&name),
+            "{name} left in the store"
+        );
+    }
+    eprintln!("{accepted} imports accepted, {refused} refused");
+    assert!(accepted > 0 && refused > 0);
+}
+
 // --- the other strings a builder sends: hashes and store paths -----------------------------------
 
 #[test]

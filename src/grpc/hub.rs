@@ -303,8 +303,11 @@ impl Handler<Quarantine> for BuilderHub {
     fn handle(&mut self, msg: Quarantine, _: &mut Context<Self>) {
         tracing::error!(machine = %msg.machine, reason = %msg.reason,
             for_s = self.settings.quarantine.as_secs_f64(), "builder refused and quarantined");
+        // Forget the quarantines that have run out (each refused machine id leaves one).
+        let now = Instant::now();
+        self.quarantined.retain(|_, until| *until > now);
         self.quarantined
-            .insert(msg.machine, Instant::now() + self.settings.quarantine);
+            .insert(msg.machine, now + self.settings.quarantine);
     }
 }
 
