@@ -55,6 +55,36 @@ fn mailbox(e: actix::MailboxError) -> Status {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The longest job id a log may name (the runner's are about 30 characters).
+const MAX_JOB_ID: usize = 128;
+
+/// The file a job's log goes to: `<drv base name>.<job id>.log` (found by the admin API by its
+/// prefix; compressed later to `.log.gz`). A job id of other characters than letters, digits and
+/// `-`, or longer than [`MAX_JOB_ID`], is refused. When the name would exceed a file name's 255
+/// bytes (a drv name can be 211 characters), the job id is replaced by as much of its hash as fits.
+fn log_file_name(drv_base: &str, job_id: &str) -> Result<String, Status> {
+    if job_id.is_empty()
+        || job_id.len() > MAX_JOB_ID
+        || !job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(Status::invalid_argument(format!(
+            "job id {:?}: 1-{MAX_JOB_ID} letters, digits and -",
+            crate::store::clip(job_id)
+        )));
+    }
+    const NAME_MAX: usize = 255;
+    let room = NAME_MAX.saturating_sub(drv_base.len() + ".".len() + ".log.gz".len());
+    let job = if job_id.len() <= room {
+        job_id.to_string()
+    } else {
+        let h = crate::store::hash::to_hex(&crate::store::hash::sha256(job_id.as_bytes()));
+        h[..room.min(h.len())].to_string()
+    };
+    Ok(format!("{drv_base}.{job}.log"))
+}
+
 #[tonic::async_trait]
 impl RunnerService for RunnerServiceImpl {
     type SessionStream = BoxStream<RunnerMessage>;
@@ -271,17 +301,12 @@ impl RunnerService for RunnerServiceImpl {
                     .store_dir
                     .parse(&c.drv_path)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let job: String = c
-                    .job_id
-                    .chars()
-                    .filter(|ch| ch.is_ascii_alphanumeric() || *ch == '-')
-                    .collect();
-                std::fs::create_dir_all(&self.settings.log_dir)
-                    .map_err(|e| Status::internal(e.to_string()))?;
                 let p = self
                     .settings
                     .log_dir
-                    .join(format!("{}.{job}.log", sp.base_name()));
+                    .join(log_file_name(&sp.base_name(), &c.job_id)?);
+                std::fs::create_dir_all(&self.settings.log_dir)
+                    .map_err(|e| Status::internal(e.to_string()))?;
                 file = Some(
                     std::fs::OpenOptions::new()
                         .create(true)
@@ -301,5 +326,33 @@ impl RunnerService for RunnerServiceImpl {
             }
         }
         Ok(Response::new(StreamLogResponse { bytes }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_file_names_fit_and_refuse_odd_job_ids() {
+        let short = "0a7vq5hmgmp4r1pqy7r6g4qdq9w2j1d1-x.drv";
+        assert_eq!(
+            log_file_name(short, "18eb-3-1").unwrap(),
+            format!("{short}.18eb-3-1.log")
+        );
+        for bad in ["", "a/b", "..", "x y", &"j".repeat(MAX_JOB_ID + 1)] {
+            assert_eq!(
+                log_file_name(short, bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        // The longest drv name there can be: the name still fits, distinct per job.
+        let long = format!("0a7vq5hmgmp4r1pqy7r6g4qdq9w2j1d1-{}.drv", "n".repeat(207));
+        let a = log_file_name(&long, "18eb-3-1").unwrap();
+        let b = log_file_name(&long, "18eb-3-2").unwrap();
+        assert!(a.len() + ".gz".len() <= 255, "{}", a.len());
+        assert!(a.starts_with(&format!("{long}.")) && a.ends_with(".log"));
+        assert_ne!(a, b);
     }
 }
