@@ -1459,7 +1459,7 @@ fn fuzz_runner(backend: Backend) {
         }
 
         // 2. Random, valid and mutated messages to every method.
-        let n = cases(600);
+        let n = cases(1200);
         let phase2 = std::time::Instant::now();
         let mut keepers = Vec::new();
         for i in 0..n {
@@ -1551,7 +1551,7 @@ fn fuzz_runner(backend: Backend) {
             phase2.elapsed().as_secs_f64()
         );
         // 3. Lying builders with real jobs.
-        let liars = cases(36) as usize;
+        let liars = cases(72) as usize;
         let phase3 = std::time::Instant::now();
         let mut told = BTreeSet::new();
         for i in 0..liars {

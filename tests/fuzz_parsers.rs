@@ -571,7 +571,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(pt_config(500))]
+    #![proptest_config(pt_config(1000))]
 
     /// Edits that keep the document well-formed token-wise but break its meaning: the parser
     /// must still say precisely what is wrong (sorting, paths, output shapes).
@@ -1036,7 +1036,7 @@ fn arb_tree() -> impl Strategy<Value = NarTree> {
 }
 
 proptest! {
-    #![proptest_config(pt_config(1000))]
+    #![proptest_config(pt_config(2000))]
 
     /// NARs of random trees under 1–5 structure-aware edits (1 in 8 also restored to disk).
     #[test]
@@ -1141,7 +1141,7 @@ fn declared_lengths_far_beyond_the_input_allocate_nothing_of_that_size() {
         }
     }
     // A file that claims 2^62 bytes and delivers a random few: the end of input, after them.
-    for _ in 0..cases(50) {
+    for _ in 0..cases(100) {
         let n = rng.below(100_000);
         let body = rng.bytes(n);
         let t = file_nar_with_size(rng.wild_len().max(body.len() as u64 + 1), &body);
@@ -1380,7 +1380,7 @@ fn nar_imports_into_the_store_verify_everything() {
         .expect("store");
     let mut valid = std::collections::BTreeSet::new();
     let (mut accepted, mut refused) = (0, 0);
-    for i in 0..cases(150) {
+    for i in 0..cases(300) {
         let tree = random_tree(&mut rng, 3);
         let nar = tree.to_nar().unwrap();
         let h = qr::store::hash::sha256(&nar);
@@ -1458,7 +1458,7 @@ fn hashes_and_store_paths_from_the_wire() {
     let valid_hash = qr::store::hash::render_nix32(&[7; 32]);
     let valid_path = format!("{}/{}-name", sd, "0".repeat(32));
     let mut n = 0;
-    for _ in 0..cases(20_000) {
+    for _ in 0..cases(40_000) {
         let base = match rng.below(4) {
             0 => valid_hash.clone(),
             1 => format!("sha256:{valid_hash}"),

@@ -3,7 +3,7 @@
 
 /// The CI case count of the reference target (ATerm mutations of the fixture drvs). Every fuzz
 /// target scales its own CI count by `QR_FUZZ_CASES / REFERENCE_CASES`.
-pub const REFERENCE_CASES: u64 = 2000;
+pub const REFERENCE_CASES: u64 = 4000;
 
 /// `QR_FUZZ_CASES / REFERENCE_CASES` (1 when unset). A value that is not a positive integer fails
 /// the test rather than silently running the CI size.
