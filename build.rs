@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // The admin messages are also served as JSON (`/api/…` of the dashboard).
         .type_attribute(".qr.admin.v1", "#[derive(serde::Serialize)]")
+        // Malformed messages are the peer's fault: INVALID_ARGUMENT, not tonic-prost's INTERNAL.
+        .codec_path("crate::grpc::codec::QrCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::db::{Db, DbOptions};
 use crate::grpc::admin::AdminServiceImpl;
 use crate::grpc::admin::admin_v1::admin_service_server::AdminServiceServer;
 use crate::grpc::auth::{ServerAuth, read_token_file};
+use crate::grpc::clip::ClipStatus;
 use crate::grpc::hub::{BuilderHub, RemoteSettings};
 use crate::grpc::runner_v1::runner_service_server::RunnerServiceServer;
 use crate::grpc::service::RunnerServiceImpl;
@@ -147,7 +148,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let auth = ServerAuth::new(token);
-    let runner = InterceptedService::new(runner, auth.clone());
+    let runner = ClipStatus::new(InterceptedService::new(runner, auth.clone()));
     let log_dirs = vec![
         crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir).log_dir,
         remote_logs,
@@ -174,10 +175,10 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let admin_service = InterceptedService::new(
+    let admin_service = ClipStatus::new(InterceptedService::new(
         AdminServiceServer::new(AdminServiceImpl::new(admin.clone())),
         auth,
-    );
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<RunnerServiceServer<RunnerServiceImpl>>()

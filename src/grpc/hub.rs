@@ -130,6 +130,12 @@ impl BuilderHub {
     }
 }
 
+/// The most job slots a builder may declare (sums of slots over machines stay far from `u32`).
+pub const MAX_JOBS: u32 = 4096;
+/// The most systems (and features of each kind) a builder may name, and their longest name.
+pub const MAX_NAMES: usize = 64;
+pub const MAX_NAME_BYTES: usize = 255;
+
 /// Checks a join; returns the dispatcher's view of the machine.
 pub fn admit(j: &runner_v1::Join, store_dir: &StoreDir) -> Result<MachineInfo, Status> {
     compatible(j.version.as_ref()).map_err(Status::failed_precondition)?;
@@ -153,6 +159,29 @@ pub fn admit(j: &runner_v1::Join, store_dir: &StoreDir) -> Result<MachineInfo, S
     }
     if j.systems.is_empty() {
         return Err(Status::invalid_argument("the builder names no system"));
+    }
+    for (what, names) in [
+        ("systems", &j.systems),
+        ("supported features", &j.supported_features),
+        ("mandatory features", &j.mandatory_features),
+    ] {
+        if names.len() > MAX_NAMES || names.iter().any(|n| n.len() > MAX_NAME_BYTES) {
+            return Err(Status::invalid_argument(format!(
+                "{what}: at most {MAX_NAMES} names of at most {MAX_NAME_BYTES} bytes each"
+            )));
+        }
+    }
+    if j.max_jobs > MAX_JOBS {
+        return Err(Status::invalid_argument(format!(
+            "max_jobs {}: at most {MAX_JOBS}",
+            j.max_jobs
+        )));
+    }
+    if !j.speed_factor.is_finite() || j.speed_factor < 0.0 {
+        return Err(Status::invalid_argument(format!(
+            "speed factor {}: a positive number, or 0 for the default",
+            j.speed_factor
+        )));
     }
     Ok(MachineInfo {
         id: j.machine_id.clone(),
@@ -180,7 +209,8 @@ impl Handler<Join> for BuilderHub {
         let info = match admit(&j, &self.settings.store_dir) {
             Ok(i) => i,
             Err(s) => {
-                tracing::warn!(machine = %j.machine_id, peer = %msg.peer, reason = %s.message(), "refused a builder");
+                tracing::warn!(machine = %crate::store::clip(&j.machine_id), peer = %msg.peer,
+                    reason = %super::clip::clip_message(s.message()), "refused a builder");
                 return Err(s);
             }
         };
@@ -226,7 +256,7 @@ impl Handler<Join> for BuilderHub {
                 .collect(),
         )
         .start();
-        tracing::info!(machine = %info.id, hostname = %j.hostname, peer = %msg.peer,
+        tracing::info!(machine = %info.id, hostname = %crate::store::clip(&j.hostname), peer = %msg.peer,
             systems = ?info.systems, max_jobs = info.max_jobs, held = held.len(), "builder joined");
         self.dispatcher.do_send(MachineHolds {
             machine: info.id.clone(),
@@ -273,8 +303,11 @@ impl Handler<Quarantine> for BuilderHub {
     fn handle(&mut self, msg: Quarantine, _: &mut Context<Self>) {
         tracing::error!(machine = %msg.machine, reason = %msg.reason,
             for_s = self.settings.quarantine.as_secs_f64(), "builder refused and quarantined");
+        // Forget the quarantines that have run out (each refused machine id leaves one).
+        let now = Instant::now();
+        self.quarantined.retain(|_, until| *until > now);
         self.quarantined
-            .insert(msg.machine, Instant::now() + self.settings.quarantine);
+            .insert(msg.machine, now + self.settings.quarantine);
     }
 }
 
@@ -333,6 +366,26 @@ mod tests {
         );
         let mut j = join();
         j.systems.clear();
+        assert!(admit(&j, &sd).is_err());
+        // Absurd claims are refused, not believed.
+        let mut j = join();
+        j.max_jobs = u32::MAX;
+        assert_eq!(
+            admit(&j, &sd).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        j.max_jobs = MAX_JOBS;
+        assert_eq!(admit(&j, &sd).unwrap().max_jobs, MAX_JOBS);
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let mut j = join();
+            j.speed_factor = bad;
+            assert!(admit(&j, &sd).is_err(), "{bad}");
+        }
+        let mut j = join();
+        j.systems.push("x".repeat(MAX_NAME_BYTES + 1));
+        assert!(admit(&j, &sd).is_err());
+        let mut j = join();
+        j.supported_features = (0..=MAX_NAMES).map(|i| i.to_string()).collect();
         assert!(admit(&j, &sd).is_err());
     }
 }

@@ -4,10 +4,13 @@
 //! - Server side: [`service`] (the tonic service), [`auth`] (tokens), [`hub`] (sessions by machine,
 //!   quarantine), [`remote_machine`] (one actor per connected builder, a machine to the dispatcher),
 //!   [`jobs`] (its job table, a plain state machine), [`verify`] (checking uploaded outputs).
-//! - Both sides: [`nar`] (NAR streams over gRPC chunks).
+//! - Both sides: [`nar`] (NAR streams over gRPC chunks), [`codec`] (protobuf, with malformed
+//!   messages refused as `INVALID_ARGUMENT`), [`clip`] (status messages of bounded size).
 
 pub mod admin;
 pub mod auth;
+pub mod clip;
+pub mod codec;
 pub mod hub;
 pub mod jobs;
 pub mod nar;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tonic::Status;
 
+use super::clip::clip_message;
 use super::hub::{BuilderHub, Outbound, Quarantine, RemoteSettings, SessionEnded};
 use super::jobs::{Expected, JobTable, OutputCheck};
 use super::runner_v1::{self, RunnerMessage, builder_message, job_result, runner_message};
@@ -180,6 +181,8 @@ impl RemoteMachine {
 
     /// The builder broke the protocol.
     fn refuse(&mut self, ctx: &mut Context<Self>, reason: String) {
+        // The reason quotes what the builder sent, which may be huge.
+        let reason = clip_message(&reason);
         tracing::error!(machine = %self.info.id, reason = %reason, "refusing what the builder sent");
         self.hub.do_send(Quarantine {
             machine: self.info.id.clone(),

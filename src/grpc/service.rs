@@ -9,8 +9,9 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::clip::clip_status;
 use super::hub::{BuilderHub, Join, Lookup, RemoteSettings};
 use super::info_from_proto;
 use super::nar::{ChunkReader, export};
@@ -54,6 +55,36 @@ fn mailbox(e: actix::MailboxError) -> Status {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The longest job id a log may name (the runner's are about 30 characters).
+const MAX_JOB_ID: usize = 128;
+
+/// The file a job's log goes to: `<drv base name>.<job id>.log` (found by the admin API by its
+/// prefix; compressed later to `.log.gz`). A job id of other characters than letters, digits and
+/// `-`, or longer than [`MAX_JOB_ID`], is refused. When the name would exceed a file name's 255
+/// bytes (a drv name can be 211 characters), the job id is replaced by as much of its hash as fits.
+fn log_file_name(drv_base: &str, job_id: &str) -> Result<String, Status> {
+    if job_id.is_empty()
+        || job_id.len() > MAX_JOB_ID
+        || !job_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(Status::invalid_argument(format!(
+            "job id {:?}: 1-{MAX_JOB_ID} letters, digits and -",
+            crate::store::clip(job_id)
+        )));
+    }
+    const NAME_MAX: usize = 255;
+    let room = NAME_MAX.saturating_sub(drv_base.len() + ".".len() + ".log.gz".len());
+    let job = if job_id.len() <= room {
+        job_id.to_string()
+    } else {
+        let h = crate::store::hash::to_hex(&crate::store::hash::sha256(job_id.as_bytes()));
+        h[..room.min(h.len())].to_string()
+    };
+    Ok(format!("{drv_base}.{job}.log"))
+}
+
 #[tonic::async_trait]
 impl RunnerService for RunnerServiceImpl {
     type SessionStream = BoxStream<RunnerMessage>;
@@ -89,8 +120,10 @@ impl RunnerService for RunnerServiceImpl {
         tokio::spawn(async move {
             let why = loop {
                 match inbound.message().await {
+                    // Waits for room in the actor's mailbox: a builder that sends faster than
+                    // its messages are handled is slowed down, none of its messages is dropped.
                     Ok(Some(m)) => {
-                        if addr.try_send(FromBuilder(m)).is_err() && !addr.connected() {
+                        if addr.send(FromBuilder(m)).await.is_err() {
                             break "the session actor stopped".to_string();
                         }
                     }
@@ -124,7 +157,7 @@ impl RunnerService for RunnerServiceImpl {
         let rx = export(store, r.path);
         let s = ReceiverStream::new(rx).map(|c| match c {
             Ok(data) => Ok(NarChunk { data }),
-            Err(e) => Err(Status::internal(e)),
+            Err(e) => Err(clip_status(Code::Internal, &e)),
         });
         Ok(Response::new(Box::pin(s)))
     }
@@ -188,7 +221,8 @@ impl RunnerService for RunnerServiceImpl {
                     .map_err(|e| format!("importing {}: {e}", info.path))
             })
         };
-        let mut stream_err = None;
+        // What ended the upload early: a protocol violation (refused), or a broken stream.
+        let mut stream_err: Option<(bool, Status)> = None;
         loop {
             match s.message().await {
                 Ok(Some(m)) => match m.msg {
@@ -198,23 +232,39 @@ impl RunnerService for RunnerServiceImpl {
                         }
                     }
                     _ => {
-                        stream_err = Some("a second header in one upload".to_string());
+                        let why = "a second header (or an empty message) in one upload";
+                        stream_err = Some((true, Status::invalid_argument(why)));
                         break;
                     }
                 },
                 Ok(None) => break,
                 Err(e) => {
                     let _ = tx.send(Err(e.message().to_string())).await;
-                    stream_err = Some(format!("the upload broke: {}", e.message()));
+                    // A message that does not decode is the builder's doing; anything else
+                    // (a cancelled call, a reset connection) is not a lie.
+                    let malformed = e.code() == Code::InvalidArgument;
+                    let code = if malformed {
+                        Code::InvalidArgument
+                    } else {
+                        Code::Aborted
+                    };
+                    let msg = format!("the upload broke: {}", e.message());
+                    stream_err = Some((malformed, clip_status(code, &msg)));
                     break;
                 }
             }
         }
         drop(tx);
         let res = task.await.map_err(|e| Status::internal(e.to_string()))?;
-        if let Some(e) = stream_err {
-            // A broken stream is not a lie; the session decides (it usually broke too).
-            return Err(Status::aborted(e));
+        if let Some((violation, status)) = stream_err {
+            if violation {
+                addr.do_send(Refuse(format!(
+                    "upload of {}: {}",
+                    info.path,
+                    status.message()
+                )));
+            }
+            return Err(status);
         }
         match res {
             Ok(()) => {
@@ -255,11 +305,8 @@ impl RunnerService for RunnerServiceImpl {
                     .store_dir
                     .parse(&c.drv_path)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let job: String = c
-                    .job_id
-                    .chars()
-                    .filter(|ch| ch.is_ascii_alphanumeric() || *ch == '-')
-                    .collect();
+                // The job id is checked (and the fallback name made to fit) either way.
+                let job_name = log_file_name(&sp.base_name(), &c.job_id)?;
                 std::fs::create_dir_all(&self.settings.log_dir)
                     .map_err(|e| Status::internal(e.to_string()))?;
                 // Named for the step attempt when the job is known (it is, while it runs);
@@ -270,10 +317,7 @@ impl RunnerService for RunnerServiceImpl {
                         &sp.base_name(),
                         a,
                     ),
-                    None => self
-                        .settings
-                        .log_dir
-                        .join(format!("{}.{job}.log", sp.base_name())),
+                    None => self.settings.log_dir.join(job_name),
                 };
                 file = Some(
                     std::fs::OpenOptions::new()
@@ -294,5 +338,33 @@ impl RunnerService for RunnerServiceImpl {
             }
         }
         Ok(Response::new(StreamLogResponse { bytes }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_file_names_fit_and_refuse_odd_job_ids() {
+        let short = "0a7vq5hmgmp4r1pqy7r6g4qdq9w2j1d1-x.drv";
+        assert_eq!(
+            log_file_name(short, "18eb-3-1").unwrap(),
+            format!("{short}.18eb-3-1.log")
+        );
+        for bad in ["", "a/b", "..", "x y", &"j".repeat(MAX_JOB_ID + 1)] {
+            assert_eq!(
+                log_file_name(short, bad).unwrap_err().code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        // The longest drv name there can be: the name still fits, distinct per job.
+        let long = format!("0a7vq5hmgmp4r1pqy7r6g4qdq9w2j1d1-{}.drv", "n".repeat(207));
+        let a = log_file_name(&long, "18eb-3-1").unwrap();
+        let b = log_file_name(&long, "18eb-3-2").unwrap();
+        assert!(a.len() + ".gz".len() <= 255, "{}", a.len());
+        assert!(a.starts_with(&format!("{long}.")) && a.ends_with(".log"));
+        assert_ne!(a, b);
     }
 }

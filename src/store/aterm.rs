@@ -115,7 +115,8 @@ impl<'a> Parser<'a> {
             self.pos += lit.len();
             Ok(())
         } else if lit.starts_with(rest) {
-            Err(self.err_at(self.pos, ParseErrorKind::UnexpectedEof(what)))
+            // Like every end-of-input error: reported where the input ends.
+            Err(self.err_at(self.s.len(), ParseErrorKind::UnexpectedEof(what)))
         } else {
             Err(self.err_at(self.pos, ParseErrorKind::Expected(what)))
         }

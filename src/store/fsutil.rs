@@ -20,29 +20,77 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Visits the tree at `root` without recursion, so that a deep tree (a build can nest
+/// directories as deep as `PATH_MAX` allows) needs no stack, and without holding a directory open
+/// while visiting below it, so that it needs no file descriptor per level either. `pre` sees every
+/// object before the entries of a directory are listed, `post` sees it after they were all visited
+/// (for anything but a directory, right after `pre`). The first error stops the walk.
+fn walk(
+    root: &Path,
+    mut pre: impl FnMut(&Path, &fs::Metadata) -> io::Result<()>,
+    mut post: impl FnMut(&Path, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
+    struct Dir {
+        path: std::path::PathBuf,
+        meta: fs::Metadata,
+        entries: std::vec::IntoIter<std::ffi::OsString>,
+    }
+    let mut open: Vec<Dir> = Vec::new();
+    let mut next = Some(root.to_path_buf());
+    loop {
+        if let Some(path) = next.take() {
+            let meta = fs::symlink_metadata(&path)?;
+            pre(&path, &meta)?;
+            if meta.is_dir() {
+                let entries = fs::read_dir(&path)?
+                    .map(|e| e.map(|e| e.file_name()))
+                    .collect::<io::Result<Vec<_>>>()?;
+                open.push(Dir {
+                    path,
+                    meta,
+                    entries: entries.into_iter(),
+                });
+            } else {
+                post(&path, &meta)?;
+            }
+        }
+        let Some(top) = open.last_mut() else {
+            return Ok(());
+        };
+        match top.entries.next() {
+            Some(name) => next = Some(top.path.join(name)),
+            None => {
+                let done = open.pop().expect("a directory is open");
+                post(&done.path, &done.meta)?;
+            }
+        }
+    }
+}
+
 /// fsyncs every regular file and directory of the tree at `path` (symlinks need none).
 pub(crate) fn fsync_tree(path: &Path) -> io::Result<()> {
-    let m = fs::symlink_metadata(path)?;
-    if m.is_dir() {
-        for e in fs::read_dir(path)? {
-            fsync_tree(&e?.path())?;
-        }
-        File::open(path)?.sync_all()
-    } else if m.is_file() {
-        File::open(path)?.sync_all()
-    } else {
-        Ok(())
-    }
+    walk(
+        path,
+        |_, _| Ok(()),
+        |p, m| {
+            if m.is_dir() || m.is_file() {
+                File::open(p)?.sync_all()
+            } else {
+                Ok(())
+            }
+        },
+    )
 }
 
 /// Nix's `canonicalisePathMetaData`: files 0444 (0555 if the owner may execute), directories
 /// 0555, no setuid/setgid/sticky bits, and every timestamp set to 1 (symlinks included).
 pub(crate) fn canonicalise(path: &Path) -> io::Result<()> {
-    let m = fs::symlink_metadata(path)?;
+    walk(path, |_, _| Ok(()), canonicalise_one)
+}
+
+/// [`canonicalise`] of one object (a directory's entries are done before it).
+fn canonicalise_one(path: &Path, m: &fs::Metadata) -> io::Result<()> {
     if m.is_dir() {
-        for e in fs::read_dir(path)? {
-            canonicalise(&e?.path())?;
-        }
         fs::set_permissions(path, fs::Permissions::from_mode(0o555))?;
     } else if m.is_file() {
         let mode = if m.mode() & 0o100 != 0 { 0o555 } else { 0o444 };
@@ -115,17 +163,17 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 /// A missing path is not an error.
 pub fn remove_tree(path: &Path) -> io::Result<()> {
     fn make_writable(p: &Path) -> io::Result<()> {
-        let m = fs::symlink_metadata(p)?;
-        if m.is_dir() {
-            let mode = m.permissions().mode();
-            if mode & 0o700 != 0o700 {
-                fs::set_permissions(p, fs::Permissions::from_mode(mode | 0o700))?;
-            }
-            for e in fs::read_dir(p)? {
-                make_writable(&e?.path())?;
-            }
-        }
-        Ok(())
+        walk(
+            p,
+            |p, m| {
+                let mode = m.permissions().mode();
+                if m.is_dir() && mode & 0o700 != 0o700 {
+                    fs::set_permissions(p, fs::Permissions::from_mode(mode | 0o700))?;
+                }
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )
     }
     let m = match fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -149,29 +197,33 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 /// Copies a tree (regular files with the owner's execute bit, directories, symlinks), for moves
 /// across filesystems.
 pub(crate) fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
-    let m = fs::symlink_metadata(src)?;
-    if m.is_dir() {
-        fs::create_dir(dst)?;
-        for e in fs::read_dir(src)? {
-            let e = e?;
-            copy_tree(&e.path(), &dst.join(e.file_name()))?;
-        }
-        Ok(())
-    } else if m.is_file() {
-        fs::copy(src, dst)?;
-        let mode = if m.mode() & 0o100 != 0 { 0o755 } else { 0o644 };
-        fs::set_permissions(dst, fs::Permissions::from_mode(mode))
-    } else if m.file_type().is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(src)?, dst)
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{} is neither a file, a directory nor a symlink",
-                src.display()
-            ),
-        ))
-    }
+    walk(
+        src,
+        |from, m| {
+            let to = match from.strip_prefix(src) {
+                Ok(rel) if !rel.as_os_str().is_empty() => dst.join(rel),
+                _ => dst.to_path_buf(),
+            };
+            if m.is_dir() {
+                fs::create_dir(&to)
+            } else if m.is_file() {
+                fs::copy(from, &to)?;
+                let mode = if m.mode() & 0o100 != 0 { 0o755 } else { 0o644 };
+                fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+            } else if m.file_type().is_symlink() {
+                std::os::unix::fs::symlink(fs::read_link(from)?, &to)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is neither a file, a directory nor a symlink",
+                        from.display()
+                    ),
+                ))
+            }
+        },
+        |_, _| Ok(()),
+    )
 }
 
 /// Moves `src` to `dst` (which must not exist): a rename, or a copy and removal across

@@ -4,7 +4,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use super::nix32;
+use super::{clip, nix32};
 
 /// A sha256 digest.
 pub type Sha256Hash = [u8; 32];
@@ -73,29 +73,31 @@ pub fn render_sri(h: &Sha256Hash) -> String {
 /// Parses a sha256 in any of Nix's renderings: `sha256:<hex>`, `sha256:<nix32>`, `sha256:<base64>`
 /// or SRI `sha256-<base64>`.
 pub fn parse_sha256(s: &str) -> Result<Sha256Hash, HashParseError> {
+    let format = || HashParseError::Format(clip(s));
     let (body, sri) = if let Some(b) = s.strip_prefix("sha256:") {
         (b, false)
     } else if let Some(b) = s.strip_prefix("sha256-") {
         (b, true)
     } else {
-        return Err(HashParseError::Format(s.to_string()));
+        return Err(format());
     };
+    // Hex is the longest rendering: anything longer is not decoded at all.
+    if body.len() > 64 {
+        return Err(HashParseError::Length(clip(s)));
+    }
     if !sri {
         if body.len() == 64 {
-            return from_hex(body).ok_or_else(|| HashParseError::Format(s.to_string()));
+            return from_hex(body).ok_or_else(format);
         }
         if body.len() == nix32::encoded_len(32) {
-            let v = nix32::decode(body, 32).map_err(|_| HashParseError::Format(s.to_string()))?;
-            return v
-                .try_into()
-                .map_err(|_| HashParseError::Length(s.to_string()));
+            let v = nix32::decode(body, 32).map_err(|_| format())?;
+            return v.try_into().map_err(|_| HashParseError::Length(clip(s)));
         }
     }
     let v = base64::engine::general_purpose::STANDARD
         .decode(body)
-        .map_err(|_| HashParseError::Format(s.to_string()))?;
-    v.try_into()
-        .map_err(|_| HashParseError::Length(s.to_string()))
+        .map_err(|_| format())?;
+    v.try_into().map_err(|_| HashParseError::Length(clip(s)))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::derivation::{
     Derivation, DerivationError, DerivationOutput, DerivationType, DerivationTypeError,
 };
 use super::hash::{Sha256Hash, sha256, to_hex};
-use super::path::{StoreDir, StorePath};
+use super::path::{StoreDir, StorePath, output_path_name, validate_name};
 
 /// Whether a modulo hash is final or stands for a derivation whose outputs are not yet known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -326,6 +326,7 @@ impl DrvHashes {
                 paths.extend(drv.outputs.keys().map(|o| (o.clone(), None)));
             }
             DerivationType::InputAddressed | DerivationType::DeferredInputAddressed => {
+                valid_output_names(drv)?;
                 let h = self.static_output_hashes(drv, load)?;
                 for (o, hash) in &h.hashes {
                     let p = (!h.is_deferred())
@@ -353,6 +354,7 @@ impl DrvHashes {
         if drv.drv_type() != Ok(DerivationType::DeferredInputAddressed) {
             return Ok(());
         }
+        valid_output_names(drv)?;
         for o in drv.outputs.keys() {
             drv.env.insert(o.clone(), String::new());
         }
@@ -370,6 +372,19 @@ impl DrvHashes {
         }
         Ok(())
     }
+}
+
+/// Every output's path name (`name`, `name-<output>`) is a valid store path name, so the paths
+/// made from them are store paths (a derivation read without a name, or with a bad one, has none).
+fn valid_output_names(drv: &Derivation) -> Result<(), DerivationError> {
+    for o in drv.outputs.keys() {
+        let name = output_path_name(&drv.name, o);
+        validate_name(&name).map_err(|why| DerivationError::BadName {
+            name: crate::store::clip(&name),
+            why,
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

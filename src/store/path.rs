@@ -5,7 +5,7 @@ use std::fmt;
 use thiserror::Error;
 
 use super::hash::{compress20, sha256, to_hex};
-use super::nix32;
+use super::{clip, nix32};
 
 /// Length of a store path's hash part (20 bytes in nix32).
 pub const HASH_PART_LEN: usize = 32;
@@ -51,15 +51,15 @@ impl StorePath {
     pub fn from_base_name(base: &str) -> Result<Self, StorePathError> {
         let (hash_part, rest) = base
             .split_at_checked(HASH_PART_LEN)
-            .ok_or_else(|| StorePathError::BadHashPart(base.to_string()))?;
+            .ok_or_else(|| StorePathError::BadHashPart(clip(base)))?;
         if !nix32::is_nix32(hash_part) {
-            return Err(StorePathError::BadHashPart(base.to_string()));
+            return Err(StorePathError::BadHashPart(clip(base)));
         }
         let name = rest
             .strip_prefix('-')
-            .ok_or_else(|| StorePathError::BadHashPart(base.to_string()))?;
+            .ok_or_else(|| StorePathError::BadHashPart(clip(base)))?;
         validate_name(name).map_err(|why| StorePathError::BadName {
-            path: base.to_string(),
+            path: clip(base),
             why,
         })?;
         Ok(StorePath {
@@ -155,7 +155,7 @@ impl StoreDir {
             .and_then(|r| r.strip_prefix('/'))
             .filter(|b| !b.contains('/'))
             .ok_or_else(|| StorePathError::NotInStore {
-                path: path.to_string(),
+                path: clip(path),
                 store_dir: self.0.clone(),
             })?;
         StorePath::from_base_name(base)
@@ -167,7 +167,7 @@ impl StoreDir {
             .strip_prefix(self.0.as_str())
             .and_then(|r| r.strip_prefix('/'))
             .ok_or_else(|| StorePathError::NotInStore {
-                path: path.to_string(),
+                path: clip(path),
                 store_dir: self.0.clone(),
             })?;
         StorePath::from_base_name(rest.split('/').next().unwrap_or(rest))

@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use super::derivation::{Derivation, DerivationOutput};
 use super::hash_modulo::{ModuloError, hash_derivation_modulo};
-use super::path::{StoreDir, StorePathError};
+use super::path::{StoreDir, StorePathError, output_path_name, validate_name};
 use super::placeholder::downstream_placeholder;
 use super::realisation::DrvOutput;
 
@@ -30,6 +30,8 @@ pub enum ResolveError {
     BadInputPath { path: String, error: StorePathError },
     #[error("resolving: {0}")]
     Modulo(#[from] ModuloError),
+    #[error("output path name {name:?} is invalid: {why}")]
+    BadName { name: String, why: &'static str },
 }
 
 impl ResolveError {
@@ -107,6 +109,11 @@ pub fn try_resolve(
             .collect();
         for o in deferred {
             if let Some(hash) = h.output(&o) {
+                let name = output_path_name(&resolved.name, &o);
+                validate_name(&name).map_err(|why| ResolveError::BadName {
+                    name: super::clip(&name),
+                    why,
+                })?;
                 let path = store_dir.print(&store_dir.make_output_path(&o, hash, &resolved.name));
                 resolved.env.insert(o.clone(), path.clone());
                 resolved

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fuzz;
 pub mod instantiate;
 pub mod qr;
 pub mod sources;

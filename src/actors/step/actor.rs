@@ -1071,7 +1071,7 @@ impl Handler<JobDone> for StepActor {
     fn handle(&mut self, msg: JobDone, ctx: &mut Context<Self>) {
         self.cell.handled();
         self.in_flight = false;
-        self.feed(Event::BuildDone(msg.0), ctx);
+        self.feed(Event::BuildDone(msg.0.storable()), ctx);
     }
 }
 

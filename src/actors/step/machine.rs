@@ -79,6 +79,33 @@ pub enum BuildOutcome {
     },
 }
 
+/// The longest failure message kept (it is stored with the step).
+pub const MAX_FAILURE_MESSAGE: usize = 16 << 10;
+
+impl BuildOutcome {
+    /// The outcome with a message the database can store: NUL bytes, which PostgreSQL text
+    /// cannot hold (the write would fail however often it is retried, and the step would never
+    /// finish), become U+FFFD, and at most [`MAX_FAILURE_MESSAGE`] bytes are kept. The message
+    /// comes from outside: a remote builder's report, a build log's last lines.
+    pub fn storable(self) -> Self {
+        match self {
+            BuildOutcome::Failed {
+                status,
+                message,
+                transient,
+            } => BuildOutcome::Failed {
+                status,
+                message: crate::store::clip_to(
+                    &message.replace('\0', "\u{fffd}"),
+                    MAX_FAILURE_MESSAGE,
+                ),
+                transient,
+            },
+            built => built,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Sent once after creation.

@@ -440,3 +440,21 @@ fn a_runnable_step_no_machine_supports_fails_unsupported() {
     w.on(Event::Start);
     assert_eq!(w.on(Event::NoMachine("x".into())), vec![]);
 }
+
+#[test]
+fn failure_messages_are_made_storable() {
+    let long = format!("a\0b{}", "x".repeat(2 * MAX_FAILURE_MESSAGE));
+    let BuildOutcome::Failed { message, .. } = (BuildOutcome::Failed {
+        status: Status::Failed,
+        message: long,
+        transient: false,
+    })
+    .storable() else {
+        panic!("still a failure");
+    };
+    assert!(message.starts_with("a\u{fffd}b"), "{message:.10}");
+    assert!(!message.contains('\0'));
+    assert!(message.len() < MAX_FAILURE_MESSAGE + 40);
+    let built = BuildOutcome::Built(Outputs::new());
+    assert_eq!(built.clone().storable(), built);
+}

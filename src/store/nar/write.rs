@@ -142,8 +142,39 @@ impl<W: Write> NarEncoder<W> {
 pub fn dump_path<W: Write>(path: &Path, w: W) -> Result<u64, NarWriteError> {
     let mut enc = NarEncoder::new(w).map_err(NarWriteError::Write)?;
     let mut buf = vec![0u8; COPY_BUF];
-    dump_node(path, &mut enc, &mut buf)?;
+    // The open directories, innermost last: no recursion, so a tree as deep as paths allow
+    // needs no stack (and no directory stays open while its entries are archived).
+    let mut open: Vec<OpenDir> = Vec::new();
+    if let Some(d) = dump_node(path, &mut enc, &mut buf)? {
+        open.push(d);
+    }
+    while let Some(top) = open.last_mut() {
+        match top.names.next() {
+            Some(name) => {
+                let child = top.path.join(&name);
+                enc.entry_start(name.as_bytes())
+                    .map_err(NarWriteError::Write)?;
+                match dump_node(&child, &mut enc, &mut buf)? {
+                    Some(d) => open.push(d),
+                    None => enc.entry_end().map_err(NarWriteError::Write)?,
+                }
+            }
+            None => {
+                open.pop();
+                enc.directory_end().map_err(NarWriteError::Write)?;
+                if !open.is_empty() {
+                    enc.entry_end().map_err(NarWriteError::Write)?;
+                }
+            }
+        }
+    }
     Ok(enc.position())
+}
+
+/// A directory being archived: the names of its entries still to write, in NAR order.
+struct OpenDir {
+    path: PathBuf,
+    names: std::vec::IntoIter<std::ffi::OsString>,
 }
 
 fn read_err(path: &Path) -> impl FnOnce(io::Error) -> NarWriteError + '_ {
@@ -153,19 +184,22 @@ fn read_err(path: &Path) -> impl FnOnce(io::Error) -> NarWriteError + '_ {
     }
 }
 
+/// Writes a regular file or symlink node whole; for a directory, writes its start and returns
+/// its sorted entry names (the caller writes the entries and the end).
 fn dump_node<W: Write>(
     path: &Path,
     enc: &mut NarEncoder<W>,
     buf: &mut [u8],
-) -> Result<(), NarWriteError> {
+) -> Result<Option<OpenDir>, NarWriteError> {
     let meta = fs::symlink_metadata(path).map_err(read_err(path))?;
     let ft = meta.file_type();
     if ft.is_file() {
-        dump_file(path, enc, buf)
+        dump_file(path, enc, buf).map(|()| None)
     } else if ft.is_symlink() {
         let target = fs::read_link(path).map_err(read_err(path))?;
         enc.symlink(target.as_os_str().as_bytes())
-            .map_err(NarWriteError::Write)
+            .map_err(NarWriteError::Write)?;
+        Ok(None)
     } else if ft.is_dir() {
         let mut names: Vec<std::ffi::OsString> = Vec::new();
         for entry in fs::read_dir(path).map_err(read_err(path))? {
@@ -173,13 +207,10 @@ fn dump_node<W: Write>(
         }
         names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         enc.directory_start().map_err(NarWriteError::Write)?;
-        for name in names {
-            enc.entry_start(name.as_bytes())
-                .map_err(NarWriteError::Write)?;
-            dump_node(&path.join(&name), enc, buf)?;
-            enc.entry_end().map_err(NarWriteError::Write)?;
-        }
-        enc.directory_end().map_err(NarWriteError::Write)
+        Ok(Some(OpenDir {
+            path: path.to_path_buf(),
+            names: names.into_iter(),
+        }))
     } else {
         use std::os::unix::fs::FileTypeExt;
         let kind = if ft.is_fifo() {
@@ -267,11 +298,42 @@ fn copy_exact<R: Read, W: Write>(
 /// Serialises an in-memory tree as a NAR into `w`. Returns the NAR's size in bytes.
 pub fn write_tree<W: Write>(tree: &NarTree, w: W) -> Result<u64, NarWriteError> {
     let mut enc = NarEncoder::new(w).map_err(NarWriteError::Write)?;
-    write_tree_node(tree, &mut enc)?;
+    // The open directories' remaining entries, innermost last (no recursion: any depth).
+    let mut open: Vec<std::collections::btree_map::Iter<'_, Vec<u8>, NarTree>> = Vec::new();
+    if let Some(entries) = write_tree_node(tree, &mut enc)? {
+        open.push(entries);
+    }
+    while let Some(top) = open.last_mut() {
+        match top.next() {
+            Some((name, child)) => {
+                validate_entry_name(name).map_err(|why| NarWriteError::InvalidName {
+                    name: name.clone(),
+                    why,
+                })?;
+                enc.entry_start(name).map_err(NarWriteError::Write)?;
+                match write_tree_node(child, &mut enc)? {
+                    Some(entries) => open.push(entries),
+                    None => enc.entry_end().map_err(NarWriteError::Write)?,
+                }
+            }
+            None => {
+                open.pop();
+                enc.directory_end().map_err(NarWriteError::Write)?;
+                if !open.is_empty() {
+                    enc.entry_end().map_err(NarWriteError::Write)?;
+                }
+            }
+        }
+    }
     Ok(enc.position())
 }
 
-fn write_tree_node<W: Write>(tree: &NarTree, enc: &mut NarEncoder<W>) -> Result<(), NarWriteError> {
+/// Writes a regular file or symlink node whole; for a directory, writes its start and returns
+/// its entries (a `BTreeMap<Vec<u8>, _>` iterates in byte order, which is the NAR order).
+fn write_tree_node<'t, W: Write>(
+    tree: &'t NarTree,
+    enc: &mut NarEncoder<W>,
+) -> Result<Option<std::collections::btree_map::Iter<'t, Vec<u8>, NarTree>>, NarWriteError> {
     match tree {
         NarTree::Regular {
             executable,
@@ -281,28 +343,20 @@ fn write_tree_node<W: Write>(tree: &NarTree, enc: &mut NarEncoder<W>) -> Result<
             enc.regular_start(*executable, size)
                 .and_then(|()| enc.raw(contents))
                 .and_then(|()| enc.regular_end(size))
-                .map_err(NarWriteError::Write)
+                .map_err(NarWriteError::Write)?;
+            Ok(None)
         }
         NarTree::Symlink { target } => {
             validate_symlink_target(target).map_err(|why| NarWriteError::InvalidTarget {
                 target: target.clone(),
                 why,
             })?;
-            enc.symlink(target).map_err(NarWriteError::Write)
+            enc.symlink(target).map_err(NarWriteError::Write)?;
+            Ok(None)
         }
         NarTree::Directory(entries) => {
             enc.directory_start().map_err(NarWriteError::Write)?;
-            // A BTreeMap<Vec<u8>, _> iterates in byte order, which is the NAR order.
-            for (name, child) in entries {
-                validate_entry_name(name).map_err(|why| NarWriteError::InvalidName {
-                    name: name.clone(),
-                    why,
-                })?;
-                enc.entry_start(name).map_err(NarWriteError::Write)?;
-                write_tree_node(child, enc)?;
-                enc.entry_end().map_err(NarWriteError::Write)?;
-            }
-            enc.directory_end().map_err(NarWriteError::Write)
+            Ok(Some(entries.iter()))
         }
     }
 }
