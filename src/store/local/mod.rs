@@ -97,8 +97,8 @@ impl StagingDir {
     }
 }
 
-/// A unique name in the root (`.qr-tmp-<pid>-<n>-<base name>`) for contents being written, with
-/// no directory around them: whatever is still there on drop (the contents were not moved into
+/// A unique name in the root (`.qr-tmp-<pid>-<n>`; short, so any store name fits) for contents
+/// being written, with no directory around them: whatever is still there on drop (the contents were not moved into
 /// place) is removed. A crash leaves a dot-entry that the next open removes.
 #[derive(Debug)]
 pub struct StagingPath {
@@ -106,11 +106,11 @@ pub struct StagingPath {
 }
 
 impl StagingPath {
-    pub fn new(root: &Path, base_name: &str) -> Self {
+    pub fn new(root: &Path) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         StagingPath {
-            path: root.join(format!(".qr-tmp-{}-{n}-{base_name}", std::process::id())),
+            path: root.join(format!(".qr-tmp-{}-{n}", std::process::id())),
         }
     }
 
@@ -676,7 +676,7 @@ impl LocalStore {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
-        let staging = StagingPath::new(&self.root, &sp.base_name());
+        let staging = StagingPath::new(&self.root);
         let staged = staging.path().to_path_buf();
         fs::write(&staged, contents).map_err(io_err("writing", &staged))?;
         let info = PathInfo {
@@ -1158,7 +1158,7 @@ impl Store for LocalStore {
                 return Err(StoreError::NotValid(r.clone()));
             }
         }
-        let staging = StagingPath::new(&self.root, &sp.base_name());
+        let staging = StagingPath::new(&self.root);
         let staged = staging.path().to_path_buf();
         let mut hr = HashingReader::new(nar);
         {

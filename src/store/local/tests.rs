@@ -376,3 +376,95 @@ async fn source_paths_are_content_addressed() {
     );
     assert_eq!(store.add_source_path("src", &src).await.unwrap(), p);
 }
+
+#[tokio::test]
+async fn rooted_derivations_long_names_and_grouped_realisations() {
+    let d = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(d.path()).await);
+    // A drv and its root in one registration: it survives a collection, its root is listed.
+    let drv = crate::store::aterm::parse_named(DRV.as_bytes(), "mx-ia-leaf").unwrap();
+    let p = store
+        .add_derivation_rooted(&drv, "resolved-")
+        .await
+        .unwrap();
+    assert_eq!(p, DRV_PATH);
+    let base = p.rsplit('/').next().unwrap();
+    assert_eq!(
+        store.gc_roots().await.unwrap(),
+        vec![(format!("resolved-{base}"), p.clone())]
+    );
+    // Again (already valid): the same path, the root kept.
+    assert_eq!(
+        store
+            .add_derivation_rooted(&drv, "resolved-")
+            .await
+            .unwrap(),
+        p
+    );
+    assert!(store.collect_garbage().await.unwrap().deleted.is_empty());
+    // The longest name a store path may have is staged and registered too.
+    let long = "n".repeat(211);
+    let lp = store.add_text(&long, "x", &BTreeSet::new()).await.unwrap();
+    assert!(store.is_valid_path(&lp).await.unwrap());
+    // Concurrent realisations share group commits; a conflicting one fails only its caller.
+    let outs: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..16 {
+            v.push(
+                store
+                    .add_text(&format!("o{i}"), &format!("{i}"), &BTreeSet::new())
+                    .await
+                    .unwrap(),
+            );
+        }
+        v
+    };
+    let mut tasks = Vec::new();
+    for (i, o) in outs.iter().enumerate() {
+        let (s, o) = (store.clone(), o.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = DrvOutput::new(format!("/nix/store/{:032}-d{i}.drv", i), "out");
+            s.register_realisation(&key, &o).await
+        }));
+    }
+    // Conflicts with the first one's (same key, another path).
+    let clash = {
+        let s = store.clone();
+        let o = outs[1].clone();
+        tokio::spawn(async move {
+            let key = DrvOutput::new(format!("/nix/store/{:032}-d0.drv", 0), "out");
+            s.register_realisation(&key, &o).await
+        })
+    };
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap().is_ok());
+    }
+    let clash = clash.await.unwrap();
+    // Whichever of the two d0 registrations committed first wins; the other is a conflict.
+    let key0 = DrvOutput::new(format!("/nix/store/{:032}-d0.drv", 0), "out");
+    let won = store.query_realisation(&key0).await.unwrap().unwrap();
+    if won == outs[0] {
+        assert_eq!(ok, 16);
+        assert!(
+            matches!(clash, Err(StoreError::RealisationConflict { .. })),
+            "{clash:?}"
+        );
+    } else {
+        assert_eq!(won, outs[1]);
+        assert_eq!(ok, 15);
+        assert!(clash.is_ok());
+    }
+    for (i, o) in outs.iter().enumerate().skip(1) {
+        let key = DrvOutput::new(format!("/nix/store/{:032}-d{i}.drv", i), "out");
+        assert_eq!(
+            store.query_realisation(&key).await.unwrap().as_ref(),
+            Some(o)
+        );
+    }
+    assert!(
+        entries(store.root()).iter().all(|e| !e.starts_with('.')),
+        "{:?}",
+        entries(store.root())
+    );
+}
