@@ -1136,7 +1136,7 @@ impl Store for LocalStore {
     }
 
     fn import_nar(&self, info: &PathInfo, nar: &mut dyn Read) -> Result<(), StoreError> {
-        let sp = self.store_dir.parse(&info.path)?;
+        self.store_dir.parse(&info.path)?;
         let check = |hash: Sha256Hash, size: u64| {
             if hash != info.nar_hash || size != info.nar_size {
                 Err(StoreError::HashMismatch {
