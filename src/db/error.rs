@@ -145,6 +145,12 @@ pub fn classify_code(code: &str) -> Option<Transient> {
     }
     // SQLite: the primary result code is the low byte of the extended one.
     // 5 = SQLITE_BUSY (incl. BUSY_SNAPSHOT 517, BUSY_TIMEOUT 773), 6 = SQLITE_LOCKED.
+    // SQLite's codes have at most four digits; a five-character code is a PostgreSQL SQLSTATE,
+    // even when all digits (22021, invalid byte sequence, is not "busy" although 22021 & 0xff
+    // is 5: it was retried forever).
+    if code.len() >= 5 {
+        return None;
+    }
     match code.parse::<i32>() {
         Ok(n) if matches!(n & 0xff, 5 | 6) => Some(Transient::Busy),
         _ => None,
@@ -231,6 +237,10 @@ mod tests {
         assert_eq!(classify_code("517"), Some(Transient::Busy));
         assert_eq!(classify_code("6"), Some(Transient::Busy));
         assert_eq!(classify_code("262"), Some(Transient::Busy));
+        // All-digit SQLSTATEs are PostgreSQL's, whatever their low byte.
+        for sqlstate in ["22021", "23505", "22P05", "42601", "23502"] {
+            assert_eq!(classify_code(sqlstate), None, "{sqlstate}");
+        }
         // SQLITE_CONSTRAINT_CHECK, unique_violation, check_violation: permanent.
         assert_eq!(classify_code("275"), None);
         assert_eq!(classify_code("23505"), None);
