@@ -331,16 +331,7 @@ impl Db {
         Fut: std::future::Future<Output = Result<T, DbError>>,
     {
         let hist = self.inner.timings.of(kind);
-        retry(&self.inner.options.retry, what, || {
-            let start = std::time::Instant::now();
-            let attempt = op();
-            async move {
-                let r = attempt.await;
-                hist.observe(start.elapsed());
-                r
-            }
-        })
-        .await
+        retry(&self.inner.options.retry, what, || observed(hist, op())).await
     }
 
     /// [`Db::writing`] for a write whose commit reply may be lost: `check` tells whether it
@@ -364,19 +355,19 @@ impl Db {
         retry_checked(
             &self.inner.options.retry,
             what,
-            || {
-                let start = std::time::Instant::now();
-                let attempt = op();
-                async move {
-                    let r = attempt.await;
-                    hist.observe(start.elapsed());
-                    r
-                }
-            },
+            || observed(hist, op()),
             check,
         )
         .await
     }
+}
+
+/// Awaits one attempt and observes how long it took in `hist` (failed attempts included).
+async fn observed<T>(hist: &Histogram, attempt: impl std::future::Future<Output = T>) -> T {
+    let start = std::time::Instant::now();
+    let r = attempt.await;
+    hist.observe(start.elapsed());
+    r
 }
 
 /// Applies the migrations, retrying the whole run (each migration is its own transaction, so an

@@ -167,6 +167,26 @@ macro_rules! alloc_stepnr {
     }};
 }
 
+/// Inside transaction `$tx`, marks step `$stepnr` of `$build` Resolved (13) at `$stop` with
+/// `resolvedtostep = $to`; a step that is not there (or already finished) is the usual miss.
+macro_rules! mark_resolved {
+    ($tx:expr, $build:expr, $stepnr:expr, $stop:expr, $to:expr) => {{
+        let build: BuildId = $build;
+        let stepnr: StepNr = $stepnr;
+        let n = sqlx::query(sql::MARK_RESOLVED)
+            .bind(build.0)
+            .bind(stepnr)
+            .bind($stop)
+            .bind($to)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected();
+        if n == 0 {
+            return Err(step_miss!(&mut *$tx, build, stepnr));
+        }
+    }};
+}
+
 /// Inserts a realisation unless one is recorded; `Some(conflict)` if the recorded one differs.
 macro_rules! insert_realisation {
     ($exec:expr, $r:expr) => {{
@@ -769,17 +789,7 @@ impl Db {
                     let nr = alloc_stepnr!(tx, build);
                     insert_step!(tx, build, nr, resolved);
                     self.fault(FaultPoint::ResolveAfterInsert)?;
-                    let n = sqlx::query(sql::MARK_RESOLVED)
-                        .bind(build.0)
-                        .bind(stepnr)
-                        .bind(stop_time)
-                        .bind(nr)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if n == 0 {
-                        return Err(step_miss!(&mut *tx, build, stepnr));
-                    }
+                    mark_resolved!(tx, build, stepnr, stop_time, nr);
                     commit(self, tx).await?;
                     Ok(nr)
                 })
@@ -821,17 +831,7 @@ impl Db {
                     let nr = alloc_stepnr!(tx, build);
                     insert_step!(tx, build, nr, resolved);
                     self.fault(FaultPoint::ResolveAfterInsert)?;
-                    let n = sqlx::query(sql::MARK_RESOLVED)
-                        .bind(build.0)
-                        .bind(own_nr)
-                        .bind(stop_time)
-                        .bind(nr)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if n == 0 {
-                        return Err(step_miss!(&mut *tx, build, own_nr));
-                    }
+                    mark_resolved!(tx, build, own_nr, stop_time, nr);
                     commit(self, tx).await?;
                     Ok((own_nr, nr))
                 })

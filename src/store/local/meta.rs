@@ -46,6 +46,12 @@ const SCHEMA: &[&str] = &[
     )",
 ];
 
+/// `v` as a JSON text, the one argument `json_each(?)` reads rows from; `what` names it in the
+/// (unreachable for strings and numbers) error.
+fn json_arg<T: serde::Serialize + ?Sized>(v: &T, what: &str) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Metadata(format!("encoding {what}: {e}")))
+}
+
 fn db_err(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
     move |e| StoreError::Metadata(format!("{what}: {e}"))
 }
@@ -147,24 +153,19 @@ impl MetaDb {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let enc = |v: serde_json::Value| {
-            serde_json::to_string(&v)
-                .map_err(|e| StoreError::Metadata(format!("encoding a registration: {e}")))
-        };
-        let rows = enc(serde_json::Value::Array(
-            paths
-                .iter()
-                .map(|i| {
-                    serde_json::json!([
-                        i.path,
-                        render_nix32(&i.nar_hash),
-                        i64::try_from(i.nar_size).unwrap_or(i64::MAX),
-                        i.ca,
-                        i.deriver,
-                    ])
-                })
-                .collect(),
-        ))?;
+        let rows: Vec<serde_json::Value> = paths
+            .iter()
+            .map(|i| {
+                serde_json::json!([
+                    i.path,
+                    render_nix32(&i.nar_hash),
+                    i64::try_from(i.nar_size).unwrap_or(i64::MAX),
+                    i.ca,
+                    i.deriver,
+                ])
+            })
+            .collect();
+        let rows = json_arg(&rows, "a registration")?;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -198,7 +199,7 @@ impl MetaDb {
             })
             .collect();
         if !pairs.is_empty() {
-            let json = enc(serde_json::json!(pairs))?;
+            let json = json_arg(&pairs, "a registration")?;
             let r = sqlx::query(
                 "INSERT OR IGNORE INTO Refs (referrer, reference)
                  SELECT a.id, b.id FROM json_each(?) j
@@ -212,9 +213,8 @@ impl MetaDb {
             if r.rows_affected() != pairs.len() as u64 {
                 // A reference that is not valid (a row for a path registered just now cannot
                 // exist already): name it.
-                let refs = enc(serde_json::json!(
-                    pairs.iter().map(|(_, r)| *r).collect::<Vec<_>>()
-                ))?;
+                let refs: Vec<&str> = pairs.iter().map(|(_, r)| *r).collect();
+                let refs = json_arg(&refs, "a registration")?;
                 let missing: Option<String> = sqlx::query_scalar(
                     "SELECT value FROM json_each(?)
                      WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
@@ -238,7 +238,7 @@ impl MetaDb {
             insert_realisations(&mut tx, realisations).await?;
         }
         if !roots.is_empty() {
-            let json = enc(serde_json::json!(roots))?;
+            let json = json_arg(roots, "a registration")?;
             let r = sqlx::query(
                 "INSERT INTO GcRoots (name, path)
                  SELECT j.value ->> 0, v.path FROM json_each(?) j
@@ -412,8 +412,7 @@ impl MetaDb {
         if list.is_empty() {
             return Ok(BTreeSet::new());
         }
-        let json = serde_json::to_string(&list)
-            .map_err(|e| StoreError::Metadata(format!("encoding a path list: {e}")))?;
+        let json = json_arg(&list, "a path list")?;
         let rows = sqlx::query(
             "WITH RECURSIVE c(id) AS (
                  SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
@@ -435,8 +434,7 @@ impl MetaDb {
         if paths.is_empty() {
             return Ok(());
         }
-        let json = serde_json::to_string(paths)
-            .map_err(|e| StoreError::Metadata(format!("encoding a path list: {e}")))?;
+        let json = json_arg(paths, "a path list")?;
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
@@ -474,8 +472,7 @@ impl MetaDb {
         &self,
         paths: &BTreeSet<String>,
     ) -> Result<BTreeSet<String>, StoreError> {
-        let json = serde_json::to_string(paths)
-            .map_err(|e| StoreError::Metadata(format!("encoding a path list: {e}")))?;
+        let json = json_arg(paths, "a path list")?;
         let rows = sqlx::query(
             "SELECT DISTINCT a.path FROM Refs r
                JOIN ValidPaths a ON a.id = r.referrer
@@ -501,10 +498,6 @@ async fn insert_realisations(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     realisations: &[(DrvOutput, String)],
 ) -> Result<(), StoreError> {
-    let enc = |v: serde_json::Value| {
-        serde_json::to_string(&v)
-            .map_err(|e| StoreError::Metadata(format!("encoding realisations: {e}")))
-    };
     // One wanted path per key; two different ones in the same batch conflict.
     let mut wanted: std::collections::BTreeMap<(&str, &str), &str> = Default::default();
     for (k, out) in realisations {
@@ -518,7 +511,7 @@ async fn insert_realisations(
             });
         }
     }
-    let keys = enc(serde_json::json!(wanted.keys().collect::<Vec<_>>()))?;
+    let keys = json_arg(&wanted.keys().collect::<Vec<_>>(), "realisations")?;
     let existing = sqlx::query(
         "SELECT r.drvPath, r.outputName, v.path FROM json_each(?) j
          JOIN Realisations r ON r.drvPath = j.value ->> 0 AND r.outputName = j.value ->> 1
@@ -547,12 +540,8 @@ async fn insert_realisations(
     if wanted.is_empty() {
         return Ok(());
     }
-    let rows = enc(serde_json::json!(
-        wanted
-            .iter()
-            .map(|((d, o), p)| [*d, *o, *p])
-            .collect::<Vec<_>>()
-    ))?;
+    let rows: Vec<[&str; 3]> = wanted.iter().map(|((d, o), p)| [*d, *o, *p]).collect();
+    let rows = json_arg(&rows, "realisations")?;
     let r = sqlx::query(
         "INSERT INTO Realisations (drvPath, outputName, outputPath)
          SELECT j.value ->> 0, j.value ->> 1, v.id FROM json_each(?) j
@@ -563,7 +552,7 @@ async fn insert_realisations(
     .await
     .map_err(db_err("recording realisations"))?;
     if r.rows_affected() != wanted.len() as u64 {
-        let outs = enc(serde_json::json!(wanted.values().collect::<Vec<_>>()))?;
+        let outs = json_arg(&wanted.values().collect::<Vec<_>>(), "realisations")?;
         let missing: Option<String> = sqlx::query_scalar(
             "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
         )
