@@ -237,6 +237,10 @@ pub struct Env {
     pub runs_ledger: Option<std::path::PathBuf>,
     /// Machines' last heartbeats (remote builders update theirs on every session message).
     pub heartbeats: DashMap<String, Heartbeat>,
+    /// Where actors' I/O (database and store work) runs: a multi-threaded runtime of its own, so
+    /// the one arbiter that runs every actor only handles messages. `None` (tests with paused
+    /// time) runs the I/O on the actor's own thread.
+    pub io: Option<tokio::runtime::Handle>,
     /// Test hook: `QR_CRASH_AT=<point>` kills the process (SIGKILL) when it reaches that point.
     crash_at: Option<String>,
 }
@@ -260,7 +264,18 @@ impl Env {
             runs_ledger: None,
             heartbeats: DashMap::new(),
             crash_at: std::env::var("QR_CRASH_AT").ok().filter(|v| !v.is_empty()),
+            io: None,
         }
+    }
+
+    /// `fut`, run on the I/O runtime when there is one ([`Env::io`]); otherwise as it is. Dropping
+    /// the returned future cancels the work (as dropping `fut` would).
+    pub fn offload<F>(&self, fut: F) -> impl Future<Output = F::Output> + 'static
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        offload_on(self.io.as_ref(), fut)
     }
 
     /// Whether `QR_CRASH_AT` names this point (so a test hook may prepare the crash).
@@ -366,5 +381,60 @@ where
                 return Err(e);
             }
         }
+    }
+}
+
+/// The process's I/O runtime (created on first use, two worker threads, never shut down): the
+/// database and store work of the actors, off the actors' arbiter.
+pub fn io_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt.handle().clone());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("qr-io")
+        .enable_all()
+        .build()?;
+    // A runtime built by a racing caller is dropped here, outside any async context.
+    let _ = RT.set(rt);
+    RT.get()
+        .map(|rt| rt.handle().clone())
+        .ok_or_else(|| std::io::Error::other("the I/O runtime was not kept"))
+}
+
+/// [`Env::offload`] on an explicit handle.
+pub fn offload_on<F>(
+    io: Option<&tokio::runtime::Handle>,
+    fut: F,
+) -> impl Future<Output = F::Output> + 'static
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use futures::future::Either;
+    match io {
+        None => Either::Left(fut),
+        Some(h) => {
+            let task = AbortOnDrop(h.spawn(fut));
+            Either::Right(async move {
+                let mut task = task;
+                match (&mut task.0).await {
+                    Ok(v) => v,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Cancelled: the I/O runtime is going away with the process.
+                    Err(_) => std::future::pending().await,
+                }
+            })
+        }
+    }
+}
+
+/// Aborts the spawned task when the waiting side is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

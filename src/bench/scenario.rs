@@ -331,12 +331,14 @@ async fn setup_and_load(
     trim_heap();
     let rss_before = rss_bytes();
 
-    let env = Arc::new(Env::new(
+    let mut env = Env::new(
         db.clone(),
         store.clone(),
         Arc::new(SystemClock),
         RetryPolicy::default(),
-    ));
+    );
+    env.io = Some(crate::actors::env::io_runtime()?);
+    let env = Arc::new(env);
     let t0 = Instant::now();
     let (sched, _) = Scheduler::start(env.clone(), vec![], Duration::from_secs(30 * 86400)).await?;
     let s = &env.stats;

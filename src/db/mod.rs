@@ -434,7 +434,10 @@ async fn open_sqlite(url: &str, shown: &str, o: &DbOptions) -> Result<SqlitePool
     }
     let mut pool_opts = SqlitePoolOptions::new()
         .max_connections(o.max_connections.max(1))
-        .acquire_timeout(o.acquire_timeout);
+        .acquire_timeout(o.acquire_timeout)
+        // An in-process file cannot go away: no round trip to the connection's worker thread
+        // before every operation.
+        .test_before_acquire(false);
     if in_memory {
         // The database lives as long as one connection does.
         pool_opts = pool_opts
@@ -479,6 +482,10 @@ async fn open_postgres(
     let pool = PgPoolOptions::new()
         .max_connections(o.max_connections.max(1))
         .acquire_timeout(o.acquire_timeout)
+        // No ping before every operation (one round trip each): a connection that died while
+        // idle fails its next statement, which is retried like any lost connection (and a lost
+        // COMMIT reply is read back), so the ping only narrowed a window the retries cover.
+        .test_before_acquire(false)
         .connect_lazy_with(opts.clone());
     migrate!(POSTGRES_MIGRATOR, &pool, shown, o);
     Ok((pool, opts))

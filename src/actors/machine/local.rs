@@ -64,8 +64,9 @@ impl Handler<RunJob> for LocalMachine {
         let step = msg.step;
         let drv_path = msg.drv_path;
         let key = drv_path.clone();
+        let io = self.env.clone();
         let handle = ctx.spawn(
-            async move {
+            io.offload(async move {
                 let drv = match drv {
                     Some(d) => Ok(d),
                     None => env.store.read_derivation(&drv_path).await.map(Arc::new).map_err(|e| {
@@ -97,7 +98,7 @@ impl Handler<RunJob> for LocalMachine {
                 }
                 dispatcher.do_send(SlotFreed(machine));
                 drv_path
-            }
+            })
             .into_actor(self)
             .map(|drv_path, act, _| {
                 act.running.remove(&drv_path);

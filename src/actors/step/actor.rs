@@ -310,9 +310,10 @@ impl StepActor {
     /// Runs `fut` with the mailbox blocked, then the effects queued behind it.
     fn io<F>(&mut self, ctx: &mut Context<Self>, fut: F)
     where
-        F: std::future::Future<Output = ()> + 'static,
+        F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.busy = true;
+        let fut = self.env.offload(fut);
         ctx.wait(fut.into_actor(self).map(|_, act, ctx| {
             act.busy = false;
             act.drain(ctx);
@@ -322,9 +323,10 @@ impl StepActor {
     /// Like [`io`](Self::io), feeding the event the I/O produced back into the machine.
     fn io_then<F>(&mut self, ctx: &mut Context<Self>, fut: F)
     where
-        F: std::future::Future<Output = (Event, After)> + 'static,
+        F: std::future::Future<Output = (Event, After)> + Send + 'static,
     {
         self.busy = true;
+        let fut = self.env.offload(fut);
         ctx.wait(fut.into_actor(self).map(|(ev, after), act, ctx| {
             act.busy = false;
             after.apply(act);
@@ -532,6 +534,7 @@ impl StepActor {
             };
             (drv, built)
         };
+        let fut = self.env.offload(fut);
         ctx.wait(fut.into_actor(self).map(move |(drv, built), act, ctx| {
             act.busy = false;
             match (drv, built) {
@@ -739,15 +742,12 @@ impl StepActor {
             .collect();
         // The actor stops once its rows are closed.
         self.busy = true;
-        ctx.wait(
-            async move {
-                for f in finishes {
-                    f.await;
-                }
+        let fut = self.env.offload(async move {
+            for f in finishes {
+                f.await;
             }
-            .into_actor(self)
-            .map(|_, _, ctx| ctx.stop()),
-        );
+        });
+        ctx.wait(fut.into_actor(self).map(|_, _, ctx| ctx.stop()));
     }
 
     fn record_failure(&mut self, failure: Failure, ctx: &mut Context<Self>) {

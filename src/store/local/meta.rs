@@ -79,6 +79,8 @@ impl MetaDb {
             .busy_timeout(Duration::from_secs(60));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // In-process: no ping round trip to the connection's worker before each use.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await
             .map_err(|e| StoreError::Metadata(format!("opening {}: {e}", file.display())))?;
