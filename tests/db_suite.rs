@@ -194,6 +194,7 @@ suite!(
     lost_commit_replies_are_read_back,
     finish_step_transaction_is_all_or_nothing,
     concurrent_step_numbers_never_collide,
+    repeated_output_names_end_as_upserts_leave_them,
     notifications_wake_a_listener,
     rescan_timer_fires,
     listener_survives_a_lost_connection,
@@ -1081,6 +1082,57 @@ async fn failed_paths(ctx: Ctx) -> Result<()> {
     ensure!(!db.is_failed_path(&drv("fp-dep")).await?);
     ensure!(!db.is_failed_path("/nix/store/o-fp-dep").await?);
     ensure!(db.is_failed_path("/nix/store/f1").await?);
+    Ok(())
+}
+
+/// An output named twice (a path learned late): the known path wins, a later unknown one does
+/// not erase it — on create and on finish, however the backend writes them (PostgreSQL does it
+/// in one statement, which must not touch a row twice).
+async fn repeated_output_names_end_as_upserts_leave_them(ctx: Ctx) -> Result<()> {
+    let db = &ctx.db;
+    let b = setup_build(db, "ro").await?;
+    let mut s = NewStep::build(drv("ro"), SYSTEM);
+    s.outputs = vec![
+        ("out".into(), None),
+        ("out".into(), Some("/nix/store/ro-out".into())),
+        ("dev".into(), Some("/nix/store/ro-dev".into())),
+        ("dev".into(), None),
+    ];
+    let nr = db.create_step(b, &s).await?;
+    let rows = |v: Vec<qr::db::OutputRow>| {
+        v.into_iter()
+            .map(|o| (o.name, o.path))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let got = rows(db.step_outputs(b, nr).await?);
+    ensure!(
+        got == [
+            ("dev".to_string(), Some("/nix/store/ro-dev".to_string())),
+            ("out".to_string(), Some("/nix/store/ro-out".to_string())),
+        ]
+        .into_iter()
+        .collect(),
+        "after create: {got:?}"
+    );
+    let mut f = finish(b, nr, BuildStatus::Success);
+    f.outputs = vec![
+        ("lib".into(), Some("/nix/store/ro-lib".into())),
+        ("lib".into(), None),
+        ("out".into(), None),
+    ];
+    ensure!(db.finish_step(&f).await?.is_empty());
+    let got = rows(db.step_outputs(b, nr).await?);
+    ensure!(got.len() == 3, "after finish: {got:?}");
+    ensure!(got["lib"].as_deref() == Some("/nix/store/ro-lib"));
+    ensure!(got["out"].as_deref() == Some("/nix/store/ro-out"));
+    // A finished step cannot be finished again, and nothing of the second attempt is written.
+    let mut again = finish(b, nr, BuildStatus::Failed);
+    again.outputs = vec![("bin".into(), Some("/nix/store/ro-bin".into()))];
+    ensure!(matches!(
+        db.finish_step(&again).await,
+        Err(DbError::StepFinished { .. })
+    ));
+    ensure!(!rows(db.step_outputs(b, nr).await?).contains_key("bin"));
     Ok(())
 }
 

@@ -45,6 +45,16 @@ impl Faults {
         self.any.store(false, Ordering::SeqCst);
     }
 
+    /// Whether `point` is armed (without firing it).
+    pub(crate) fn is_armed(&self, point: FaultPoint) -> bool {
+        self.any.load(Ordering::Relaxed)
+            && self
+                .armed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&point)
+    }
+
     /// `Err(FaultInjected)` if `point` is armed (and disarms it).
     pub(crate) fn check(&self, point: FaultPoint) -> Result<(), DbError> {
         if !self.any.load(Ordering::Relaxed) {

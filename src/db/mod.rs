@@ -275,6 +275,16 @@ impl Db {
         self.inner.faults.check(point)
     }
 
+    /// The PostgreSQL pool, unless a fault is armed at `point`: the one-statement forms of the
+    /// hot writes have no point between their statements, so a test that arms one gets the
+    /// multi-statement transaction it is about.
+    pub(crate) fn one_statement_pool(&self, point: FaultPoint) -> Option<&PgPool> {
+        match &self.inner.pool {
+            Pool::Postgres(p, _) if !self.inner.faults.is_armed(point) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Waits for queue changes; `Rescan` every [`DbOptions::rescan_interval`].
     pub async fn listen(&self) -> Result<QueueListener, DbError> {
         self.listen_every(self.inner.options.rescan_interval).await

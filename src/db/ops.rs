@@ -69,6 +69,53 @@ async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(
     Ok(())
 }
 
+/// Runs one write statement in its own (implicit) transaction, as [`commit`] does a
+/// transaction: an error that is not the database refusing it (the connection was lost while
+/// the statement ran) leaves the outcome unknown; counted as a write transaction; the
+/// commit-lost faults apply.
+async fn autocommit<T>(
+    db: &Db,
+    statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, DbError> {
+    let lost = |when: &str| {
+        DbError::CommitOutcomeUnknown(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            format!("fault injected: connection lost {when} COMMIT"),
+        )))
+    };
+    if db.fault(FaultPoint::CommitLostBefore).is_err() {
+        return Err(lost("before"));
+    }
+    let v = statement.await.map_err(|e| match e {
+        sqlx::Error::Database(_) if super::classify(&e) != Some(Transient::ConnectionLost) => {
+            DbError::Sql(e)
+        }
+        // Not sent at all: nothing happened.
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => DbError::Sql(e),
+        e => DbError::CommitOutcomeUnknown(e),
+    })?;
+    db.count_write();
+    if db.fault(FaultPoint::CommitLostAfter).is_err() {
+        return Err(lost("after"));
+    }
+    Ok(v)
+}
+
+/// Outputs with unique names, as upserting them one by one leaves them: a later known path
+/// replaces an earlier one, a later `None` keeps it. As two arrays (names, paths).
+fn unique_outputs(outputs: &[super::types::Output]) -> (Vec<String>, Vec<Option<String>>) {
+    let mut m: std::collections::BTreeMap<&str, Option<&str>> = Default::default();
+    for (name, path) in outputs {
+        let e = m.entry(name.as_str()).or_insert(None);
+        if let Some(p) = path {
+            *e = Some(p.as_str());
+        }
+    }
+    m.into_iter()
+        .map(|(n, p)| (n.to_string(), p.map(str::to_string)))
+        .unzip()
+}
+
 /// Whether a stored step row is the one `s` describes (after a commit whose reply was lost).
 fn step_is(row: &Step, s: &NewStep) -> bool {
     row.drv_path == s.drv_path
@@ -577,6 +624,9 @@ impl Db {
     /// transaction; concurrent callers never get the same number.
     pub async fn create_step(&self, build: BuildId, step: &NewStep) -> Result<StepNr, DbError> {
         check_new_step(step)?;
+        if let Some(pool) = self.one_statement_pool(FaultPoint::CreateStepAfterAlloc) {
+            return self.create_step_pg(pool, build, step).await;
+        }
         // The number the last attempt allocated: after a lost commit reply, the row tells.
         let allocated = &AtomicI64::new(0);
         self.retrying_checked(
@@ -594,6 +644,63 @@ impl Db {
             },
             || async move {
                 let nr = allocated.load(Ordering::SeqCst) as StepNr;
+                Ok(found(self.step(build, nr).await)?
+                    .filter(|row| step_is(row, step))
+                    .map(|_| nr))
+            },
+        )
+        .await
+    }
+
+    /// [`Db::create_step`] in two round trips: the number is allocated in a transaction of its
+    /// own (a number lost to a failure later is a gap, never a duplicate), then the row and its
+    /// outputs are inserted by one statement.
+    async fn create_step_pg(
+        &self,
+        pool: &PgPool,
+        build: BuildId,
+        step: &NewStep,
+    ) -> Result<StepNr, DbError> {
+        let nr: StepNr = self
+            .writing("create_step", || async move {
+                let nr: Option<StepNr> = sqlx::query_scalar(sql::ALLOC_STEPNR)
+                    .bind(build.0)
+                    .fetch_optional(pool)
+                    .await?;
+                self.count_write();
+                nr.ok_or(DbError::BuildNotFound(build))
+            })
+            .await?;
+        let (names, paths) = unique_outputs(&step.outputs);
+        let (names, paths) = (&names, &paths);
+        let s = step;
+        self.retrying_checked(
+            "create_step",
+            || async move {
+                let inserted: Option<StepNr> = autocommit(
+                    self,
+                    sqlx::query_scalar(sql::PG_INSERT_STEP_WITH_OUTPUTS)
+                        .bind(build.0)
+                        .bind(nr)
+                        .bind(s.step_type.code())
+                        .bind(&s.drv_path)
+                        .bind(s.busy.code())
+                        .bind(s.status.map(BuildStatus::code))
+                        .bind(&s.error_msg)
+                        .bind(s.start_time)
+                        .bind(s.stop_time)
+                        .bind(&s.machine)
+                        .bind(&s.system)
+                        .bind(s.propagated_from.map(|b| b.0))
+                        .bind(s.times_built)
+                        .bind(names)
+                        .bind(paths)
+                        .fetch_optional(pool),
+                )
+                .await?;
+                inserted.ok_or(DbError::BuildNotFound(build))
+            },
+            || async move {
                 Ok(found(self.step(build, nr).await)?
                     .filter(|row| step_is(row, step))
                     .map(|_| nr))
@@ -720,6 +827,9 @@ impl Db {
                 "finish_step cannot mark a step Resolved; use resolve_step".into(),
             ));
         }
+        if let Some(pool) = self.one_statement_pool(FaultPoint::FinishStepAfterStepRow) {
+            return self.finish_step_pg(pool, f).await;
+        }
         self.retrying_checked(
             "finish_step",
             || async move {
@@ -767,6 +877,101 @@ impl Db {
             },
         )
         .await
+    }
+
+    /// [`Db::finish_step`] in one statement (one round trip).
+    async fn finish_step_pg(
+        &self,
+        pool: &PgPool,
+        f: &FinishStep,
+    ) -> Result<Vec<RealisationConflict>, DbError> {
+        let (names, paths) = unique_outputs(&f.outputs);
+        let (names, paths) = (&names, &paths);
+        let rs = &f.realisations;
+        let r_drvs: &Vec<&str> = &rs.iter().map(|r| r.drv_path.as_str()).collect();
+        let r_outs: &Vec<&str> = &rs.iter().map(|r| r.output_name.as_str()).collect();
+        let r_paths: &Vec<&str> = &rs.iter().map(|r| r.out_path.as_str()).collect();
+        let r_builds: &Vec<Option<i64>> = &rs.iter().map(|r| r.build.map(|b| b.0)).collect();
+        let r_nrs: &Vec<Option<StepNr>> = &rs.iter().map(|r| r.stepnr).collect();
+        type Kept = (
+            i64,
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            Vec<Option<String>>,
+        );
+        let kept: Kept = self
+            .retrying_checked(
+                "finish_step",
+                || async move {
+                    let row: Kept = autocommit(
+                        self,
+                        sqlx::query_as(sql::PG_FINISH_STEP)
+                            .bind(f.build.0)
+                            .bind(f.stepnr)
+                            .bind(f.status.code())
+                            .bind(&f.error_msg)
+                            .bind(f.stop_time)
+                            .bind(f.times_built)
+                            .bind(&f.machine)
+                            .bind(names)
+                            .bind(paths)
+                            .bind(r_drvs)
+                            .bind(r_outs)
+                            .bind(r_paths)
+                            .bind(r_builds)
+                            .bind(r_nrs)
+                            .fetch_one(pool),
+                    )
+                    .await?;
+                    if row.0 == 0 {
+                        return Err(step_miss!(pool, f.build, f.stepnr));
+                    }
+                    Ok(row)
+                },
+                || async move {
+                    // Unfinished until this statement (it updates only a row without a status);
+                    // what it kept of the realisations is read again below.
+                    Ok(found(self.step(f.build, f.stepnr).await)?
+                        .filter(|row| row.status == Some(f.status))
+                        .map(|_| {
+                            let all = |g: fn(&Realisation) -> &str| {
+                                rs.iter().map(|r| g(r).to_string()).collect::<Vec<_>>()
+                            };
+                            (
+                                1,
+                                all(|r| &r.drv_path),
+                                all(|r| &r.output_name),
+                                all(|r| &r.out_path),
+                                vec![None; rs.len()],
+                            )
+                        }))
+                },
+            )
+            .await?;
+        // Realisations already recorded: a disagreement is reported; one recorded by another
+        // transaction after the statement's snapshot (or unknown after a lost reply) is read.
+        let mut conflicts = Vec::new();
+        let (_, drvs, outs, attempted, recorded) = kept;
+        for (((drv, out), attempted), recorded) in
+            drvs.into_iter().zip(outs).zip(attempted).zip(recorded)
+        {
+            let recorded = match recorded {
+                Some(p) => Some(p),
+                None => self.realisation(&drv, &out).await?.map(|r| r.out_path),
+            };
+            if let Some(existing) = recorded
+                && existing != attempted
+            {
+                conflicts.push(RealisationConflict {
+                    drv_path: drv,
+                    output_name: out,
+                    existing,
+                    attempted,
+                });
+            }
+        }
+        Ok(conflicts)
     }
 
     /// The resolve transaction: inserts the step row for the resolved derivation (with its

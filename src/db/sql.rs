@@ -324,3 +324,59 @@ mod tests {
         assert!(RESOLVED_STEPS.contains("r.build as r_build"));
     }
 }
+
+// ------------------------------------------------ PostgreSQL: one statement, one round trip
+//
+// A multi-statement transaction costs a round trip per statement plus `BEGIN` and `COMMIT`;
+// on PostgreSQL these do the same work in one statement (its own transaction: all or nothing),
+// using data-modifying `WITH` clauses. Foreign keys are checked at the end of the statement, so
+// rows inserted by one clause may reference rows inserted by another.
+
+/// A step row and its outputs (`$13` names, `$14` paths; unique names), under number `$2`
+/// allocated beforehand (`ALLOC_STEPNR`).
+pub(crate) const PG_INSERT_STEP_WITH_OUTPUTS: &str = "with st as (
+       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
+           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
+       values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, null)
+       returning build, stepnr),
+     o as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select st.build, st.stepnr, u.name, u.path
+       from st, unnest($14::text[], $15::text[]) as u(name, path))
+     select stepnr from st";
+
+/// `FINISH_STEP`, the outputs upserted (`$8` names, `$9` paths; unique names) and the
+/// realisations inserted (`$10` drvs, `$11` outputs, `$12` paths, `$13` builds, `$14` step
+/// numbers) — only if the step row was updated. Returns whether it was, and for each
+/// realisation not inserted because one was already recorded: its drv, output, the attempted
+/// path and the recorded one as of the statement's snapshot (`NULL` if another transaction
+/// recorded it since).
+pub(crate) const PG_FINISH_STEP: &str = "with s as (
+       update buildsteps set busy = 0, status = $3, errormsg = $4, stoptime = $5,
+           timesbuilt = $6, machine = coalesce($7, machine)
+       where build = $1 and stepnr = $2 and status is null
+       returning build, stepnr),
+     o as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select s.build, s.stepnr, u.name, u.path
+       from s, unnest($8::text[], $9::text[]) as u(name, path)
+       on conflict (build, stepnr, name)
+       do update set path = coalesce(excluded.path, buildstepoutputs.path)),
+     w as (
+       select * from unnest($10::text[], $11::text[], $12::text[], $13::int8[], $14::int4[])
+           as u(drvpath, outputname, outpath, build, stepnr)),
+     r as (
+       insert into realisations (drvpath, outputname, outpath, build, stepnr)
+       select w.drvpath, w.outputname, w.outpath, w.build, w.stepnr from s, w
+       on conflict (drvpath, outputname) do nothing
+       returning drvpath, outputname)
+     select (select count(*) from s) as updated,
+       coalesce((select array_agg(w.drvpath order by w.drvpath, w.outputname) from w
+           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_drvs,
+       coalesce((select array_agg(w.outputname order by w.drvpath, w.outputname) from w
+           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_outputs,
+       coalesce((select array_agg(w.outpath order by w.drvpath, w.outputname) from w
+           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_attempted,
+       coalesce((select array_agg(e.outpath order by w.drvpath, w.outputname) from w
+           left join realisations e on e.drvpath = w.drvpath and e.outputname = w.outputname
+           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_recorded";
