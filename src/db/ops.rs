@@ -986,6 +986,53 @@ impl Db {
         stop_time: i64,
     ) -> Result<StepNr, DbError> {
         check_new_step(resolved)?;
+        if let Some(pool) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
+            let (names, paths) = unique_outputs(&resolved.outputs);
+            let (names, paths) = (&names, &paths);
+            let s = resolved;
+            return self
+                .retrying_checked(
+                    "resolve_step",
+                    || async move {
+                        let nr: Option<StepNr> = autocommit(
+                            self,
+                            sqlx::query_scalar(sql::PG_RESOLVE_STEP)
+                                .bind(build.0)
+                                .bind(stepnr)
+                                .bind(stop_time)
+                                .bind(s.step_type.code())
+                                .bind(&s.drv_path)
+                                .bind(s.busy.code())
+                                .bind(s.status.map(BuildStatus::code))
+                                .bind(&s.error_msg)
+                                .bind(s.start_time)
+                                .bind(s.stop_time)
+                                .bind(&s.machine)
+                                .bind(&s.system)
+                                .bind(s.propagated_from.map(|b| b.0))
+                                .bind(s.times_built)
+                                .bind(names)
+                                .bind(paths)
+                                .fetch_one(pool),
+                        )
+                        .await?;
+                        match nr {
+                            Some(nr) => Ok(nr),
+                            None => match step_miss!(pool, build, stepnr) {
+                                e @ DbError::StepNotFound { .. } => {
+                                    Err(match build_miss!(pool, build) {
+                                        Err(b) => b,
+                                        Ok(_) => e,
+                                    })
+                                }
+                                e => Err(e),
+                            },
+                        }
+                    },
+                    || async move { self.resolution_of(build, stepnr, &s.drv_path).await },
+                )
+                .await;
+        }
         self.retrying_checked(
             "resolve_step",
             || async move {
@@ -1023,6 +1070,11 @@ impl Db {
                 "create_and_resolve_step: the original step must be unfinished".into(),
             ));
         }
+        if let Some(pool) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
+            return self
+                .create_and_resolve_step_pg(pool, build, own, resolved, stop_time)
+                .await;
+        }
         // The original's number in the last attempt: after a lost commit reply, its row tells.
         let allocated = &AtomicI64::new(0);
         self.retrying_checked(
@@ -1047,6 +1099,99 @@ impl Db {
                     .is_some_and(|row| row.drv_path == own.drv_path);
                 Ok(if mine {
                     self.resolution_of(build, own_nr, &resolved.drv_path)
+                        .await?
+                        .map(|nr| (own_nr, nr))
+                } else {
+                    None
+                })
+            },
+        )
+        .await
+    }
+
+    /// Allocates `count` step numbers of `build` in a transaction of its own; returns the last.
+    /// A number a later failure leaves unused is a gap, never a duplicate.
+    async fn alloc_stepnrs_pg(
+        &self,
+        pool: &PgPool,
+        build: BuildId,
+        count: i32,
+    ) -> Result<StepNr, DbError> {
+        self.writing("alloc_stepnrs", || async move {
+            let nr: Option<StepNr> = sqlx::query_scalar(sql::PG_ALLOC_STEPNRS)
+                .bind(build.0)
+                .bind(count)
+                .fetch_optional(pool)
+                .await?;
+            self.count_write();
+            nr.ok_or(DbError::BuildNotFound(build))
+        })
+        .await
+    }
+
+    /// [`Db::create_and_resolve_step`] in two round trips: two numbers, then one statement.
+    async fn create_and_resolve_step_pg(
+        &self,
+        pool: &PgPool,
+        build: BuildId,
+        own: &NewStep,
+        resolved: &NewStep,
+        stop_time: i64,
+    ) -> Result<(StepNr, StepNr), DbError> {
+        let nr = self.alloc_stepnrs_pg(pool, build, 2).await?;
+        let own_nr = nr - 1;
+        let (own_names, own_paths) = unique_outputs(&own.outputs);
+        let (res_names, res_paths) = unique_outputs(&resolved.outputs);
+        let outs = (&own_names, &own_paths, &res_names, &res_paths);
+        let (o, s) = (own, resolved);
+        self.retrying_checked(
+            "create_and_resolve_step",
+            || async move {
+                let created: i64 = autocommit(
+                    self,
+                    sqlx::query_scalar(sql::PG_CREATE_AND_RESOLVE_STEP)
+                        .bind(build.0)
+                        .bind(own_nr)
+                        .bind(nr)
+                        .bind(stop_time)
+                        .bind(o.step_type.code())
+                        .bind(&o.drv_path)
+                        .bind(&o.error_msg)
+                        .bind(o.start_time)
+                        .bind(&o.machine)
+                        .bind(&o.system)
+                        .bind(o.propagated_from.map(|b| b.0))
+                        .bind(o.times_built)
+                        .bind(s.step_type.code())
+                        .bind(&s.drv_path)
+                        .bind(s.busy.code())
+                        .bind(s.status.map(BuildStatus::code))
+                        .bind(&s.error_msg)
+                        .bind(s.start_time)
+                        .bind(s.stop_time)
+                        .bind(&s.machine)
+                        .bind(&s.system)
+                        .bind(s.propagated_from.map(|b| b.0))
+                        .bind(s.times_built)
+                        .bind(outs.0)
+                        .bind(outs.1)
+                        .bind(outs.2)
+                        .bind(outs.3)
+                        .fetch_one(pool),
+                )
+                .await?;
+                if created != 1 {
+                    return Err(DbError::Invalid(format!(
+                        "create_and_resolve_step inserted {created} rows for step {own_nr}"
+                    )));
+                }
+                Ok((own_nr, nr))
+            },
+            || async move {
+                let mine = found(self.step(build, own_nr).await)?
+                    .is_some_and(|row| row.drv_path == o.drv_path);
+                Ok(if mine {
+                    self.resolution_of(build, own_nr, &s.drv_path)
                         .await?
                         .map(|nr| (own_nr, nr))
                 } else {

@@ -380,3 +380,54 @@ pub(crate) const PG_FINISH_STEP: &str = "with s as (
        coalesce((select array_agg(e.outpath order by w.drvpath, w.outputname) from w
            left join realisations e on e.drvpath = w.drvpath and e.outputname = w.outputname
            where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_recorded";
+
+/// Allocates `$2` consecutive step numbers of build `$1`; returns the last.
+pub(crate) const PG_ALLOC_STEPNRS: &str =
+    "update builds set laststepnr = laststepnr + $2 where id = $1 returning laststepnr";
+
+/// The resolve transaction as one statement: only if step `$2` of build `$1` is unfinished,
+/// allocates the next step number, marks `$2` Resolved (busy 0, stop time `$3`) pointing at it,
+/// and inserts the resolved step under it (`$4`…`$14`) with its outputs (`$15` names, `$16`
+/// paths). Returns the new number, `NULL` when nothing was done (the counter is not moved).
+pub(crate) const PG_RESOLVE_STEP: &str = "with a as (
+       update builds set laststepnr = laststepnr + 1
+       where id = $1
+         and exists (select 1 from buildsteps where build = $1 and stepnr = $2 and status is null)
+       returning laststepnr),
+     m as (
+       update buildsteps set status = 13, busy = 0, stoptime = $3, resolvedtostep = a.laststepnr
+       from a where build = $1 and stepnr = $2 and status is null
+       returning buildsteps.build, a.laststepnr as nr),
+     res as (
+       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
+           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
+       select m.build, m.nr, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, null from m
+       returning build, stepnr),
+     ro as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select res.build, res.stepnr, u.name, u.path
+       from res, unnest($15::text[], $16::text[]) as u(name, path))
+     select (select nr from m)";
+
+/// The create-and-resolve transaction as one statement: inserts step `$2` (`$5`…`$12`) already
+/// Resolved (busy 0, stop time `$4`) pointing at step `$3` (`$13`…`$23`), both with their
+/// outputs (`$24`/`$25` and `$26`/`$27`: names, paths).
+pub(crate) const PG_CREATE_AND_RESOLVE_STEP: &str = "with res as (
+       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
+           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
+       values ($1, $3, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, null)
+       returning build, stepnr),
+     own as (
+       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
+           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
+       values ($1, $2, $5, $6, 0, 13, $7, $8, $4, $9, $10, $11, $12, $3)
+       returning build, stepnr),
+     oo as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select own.build, own.stepnr, u.name, u.path
+       from own, unnest($24::text[], $25::text[]) as u(name, path)),
+     ro as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select res.build, res.stepnr, u.name, u.path
+       from res, unnest($26::text[], $27::text[]) as u(name, path))
+     select count(*) from own";
