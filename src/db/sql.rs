@@ -306,25 +306,6 @@ pub(crate) const REALISATIONS_FOR_DRV: &str = concat!(
     " from realisations where drvpath = $1 order by outputname"
 );
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders() {
-        assert_eq!(
-            failed_paths_among_sqlite(3),
-            "select path from failedpaths where path in ($1, $2, $3) order by path"
-        );
-    }
-
-    #[test]
-    fn prefixed_columns() {
-        assert!(RESOLVED_STEPS.contains("o.resolvedtostep as o_resolvedtostep"));
-        assert!(RESOLVED_STEPS.contains("r.build as r_build"));
-    }
-}
-
 // ------------------------------------------------ PostgreSQL: one statement, one round trip
 //
 // A multi-statement transaction costs a round trip per statement plus `BEGIN` and `COMMIT`;
@@ -431,3 +412,22 @@ pub(crate) const PG_CREATE_AND_RESOLVE_STEP: &str = "with res as (
        select res.build, res.stepnr, u.name, u.path
        from res, unnest($26::text[], $27::text[]) as u(name, path))
      select count(*) from own";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders() {
+        assert_eq!(
+            failed_paths_among_sqlite(3),
+            "select path from failedpaths where path in ($1, $2, $3) order by path"
+        );
+    }
+
+    #[test]
+    fn prefixed_columns() {
+        assert!(RESOLVED_STEPS.contains("o.resolvedtostep as o_resolvedtostep"));
+        assert!(RESOLVED_STEPS.contains("r.build as r_build"));
+    }
+}
