@@ -7,11 +7,12 @@
 //! point at valid paths and disappear with them.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
 use crate::store::api::{PathInfo, StoreError};
 use crate::store::hash::{parse_sha256, render_nix32};
@@ -52,14 +53,84 @@ fn json_arg<T: serde::Serialize + ?Sized>(v: &T, what: &str) -> Result<String, S
     serde_json::to_string(v).map_err(|e| StoreError::Metadata(format!("encoding {what}: {e}")))
 }
 
-fn db_err(what: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+fn db_err(what: &str) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
     move |e| StoreError::Metadata(format!("{what}: {e}"))
 }
 
+/// Read connections kept for reuse; more may be open at once (a reader is opened whenever none is
+/// free), the extra ones are closed when given back.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Prepared statements kept per connection (sqlx's default, which this replaced): the fixed
+/// statements, plus the `IN (?, …)` lookups of recently used lengths.
+const STATEMENT_CACHE: usize = 100;
+
 /// The metadata database.
+///
+/// Statements run on the calling thread through rusqlite (no round trip to a connection's worker
+/// thread). Reads take a read-only connection from a small pool and run right away (they take
+/// microseconds). Everything that commits goes through the one writer connection, on a blocking
+/// thread, since the commit fsyncs the WAL.
 #[derive(Debug, Clone)]
 pub(crate) struct MetaDb {
-    pool: SqlitePool,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    file: PathBuf,
+    /// `None` once closed.
+    writer: Mutex<Option<Connection>>,
+    readers: Mutex<Vec<Connection>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaDb")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn closed_err() -> StoreError {
+    StoreError::Metadata("the store's metadata database is closed".into())
+}
+
+/// Opens a connection to `file` with the store's settings: WAL, `synchronous = FULL`, foreign
+/// keys on, a 60 s busy timeout. A reader is opened read-only (the journal mode is the file's,
+/// set by the writer).
+fn connect(file: &Path, writer: bool) -> Result<Connection, StoreError> {
+    let open_err =
+        |e: rusqlite::Error| StoreError::Metadata(format!("opening {}: {e}", file.display()));
+    let access = if writer {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    };
+    let conn = Connection::open_with_flags(file, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(60))
+        .map_err(open_err)?;
+    if writer {
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+            .map_err(open_err)?;
+    }
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    // FULL: a committed transaction survives a power loss, which the "contents first, then
+    // metadata" ordering relies on.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Every row's first column.
+fn column0<T: rusqlite::types::FromSql>(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<T>> {
+    stmt.query_map(params, |r| r.get(0))?.collect()
 }
 
 /// A path to register, with its metadata.
@@ -68,74 +139,134 @@ pub(crate) type Registration = PathInfo;
 impl MetaDb {
     /// Opens (creating if needed) the database at `file`.
     pub(crate) async fn open(file: &Path) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::new()
-            .filename(file)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a committed transaction survives a power loss, which the "contents first,
-            // then metadata" ordering relies on.
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(60));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            // In-process: no ping round trip to the connection's worker before each use.
-            .test_before_acquire(false)
-            .connect_with(opts)
-            .await
-            .map_err(|e| StoreError::Metadata(format!("opening {}: {e}", file.display())))?;
-        for stmt in SCHEMA {
-            sqlx::query(stmt)
-                .execute(&pool)
-                .await
-                .map_err(db_err("creating the schema"))?;
-        }
-        Ok(MetaDb { pool })
+        let file = file.to_path_buf();
+        let inner = super::blocking(move || {
+            let conn = connect(&file, true)?;
+            for stmt in SCHEMA {
+                conn.execute(stmt, [])
+                    .map_err(db_err("creating the schema"))?;
+            }
+            Ok(Inner {
+                file,
+                writer: Mutex::new(Some(conn)),
+                readers: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+            })
+        })
+        .await?;
+        Ok(MetaDb {
+            inner: Arc::new(inner),
+        })
     }
 
+    /// Closes the connections (a write in progress finishes first); later calls fail.
     pub(crate) async fn close(&self) {
-        self.pool.close().await;
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let inner = self.inner.clone();
+        // Closing the last connection checkpoints the WAL (fsyncs): not on an async worker.
+        let _ = tokio::task::spawn_blocking(move || {
+            let readers =
+                std::mem::take(&mut *inner.readers.lock().unwrap_or_else(|p| p.into_inner()));
+            drop(readers);
+            let writer = inner
+                .writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            drop(writer);
+        })
+        .await;
+    }
+
+    /// Runs `f` on a read connection, on the calling thread.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(closed_err());
+        }
+        let idle = self
+            .inner
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => connect(&self.inner.file, false)?,
+        };
+        let r = f(&conn);
+        // Checked under the lock `close` takes after setting the flag: nothing is kept after it.
+        let mut idle = self.inner.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_READERS && !self.inner.closed.load(Ordering::SeqCst) {
+            idle.push(conn);
+        }
+        r
+    }
+
+    /// Runs `f` on the writer connection, on a blocking thread (a commit fsyncs).
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        super::blocking(move || {
+            let mut guard = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let conn = guard.as_mut().ok_or_else(closed_err)?;
+            if !conn.is_autocommit() {
+                // Left open by a panic (the mutex was poisoned): nothing of it was committed.
+                conn.execute_batch("ROLLBACK")
+                    .map_err(db_err("rolling back an abandoned transaction"))?;
+            }
+            f(conn)
+        })
+        .await
     }
 
     pub(crate) async fn is_valid(&self, path: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM ValidPaths WHERE path = ?")
-            .bind(path)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err("querying validity"))?;
-        Ok(row.is_some())
+        self.read(|c| {
+            c.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?")
+                .and_then(|mut s| s.exists([path]))
+                .map_err(db_err("querying validity"))
+        })
     }
 
     pub(crate) async fn path_info(&self, path: &str) -> Result<Option<PathInfo>, StoreError> {
-        let Some(row) =
-            sqlx::query("SELECT id, narHash, narSize, ca, deriver FROM ValidPaths WHERE path = ?")
-                .bind(path)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_err("querying path info"))?
-        else {
-            return Ok(None);
-        };
-        let id: i64 = row.get(0);
-        let nar_hash_s: String = row.get(1);
-        let nar_hash = parse_sha256(&nar_hash_s)
-            .map_err(|e| StoreError::Metadata(format!("{path}: stored narHash is corrupt: {e}")))?;
-        let nar_size: i64 = row.get(2);
-        let refs = sqlx::query(
-            "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err("querying references"))?;
-        Ok(Some(PathInfo {
-            path: path.to_string(),
-            nar_hash,
-            nar_size: u64::try_from(nar_size).unwrap_or(0),
-            references: refs.iter().map(|r| r.get::<String, _>(0)).collect(),
-            ca: row.get(3),
-            deriver: row.get(4),
-        }))
+        self.read(|c| {
+            type Row = (i64, String, i64, Option<String>, Option<String>);
+            let row: Option<Row> = c
+                .prepare_cached(
+                    "SELECT id, narHash, narSize, ca, deriver FROM ValidPaths WHERE path = ?",
+                )
+                .and_then(|mut s| {
+                    s.query_row([path], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()
+                })
+                .map_err(db_err("querying path info"))?;
+            let Some((id, nar_hash_s, nar_size, ca, deriver)) = row else {
+                return Ok(None);
+            };
+            let nar_hash = parse_sha256(&nar_hash_s).map_err(|e| {
+                StoreError::Metadata(format!("{path}: stored narHash is corrupt: {e}"))
+            })?;
+            let references = c
+                .prepare_cached(
+                    "SELECT v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference WHERE r.referrer = ?",
+                )
+                .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+                .map_err(db_err("querying references"))?;
+            Ok(Some(PathInfo {
+                path: path.to_string(),
+                nar_hash,
+                nar_size: u64::try_from(nar_size).unwrap_or(0),
+                references,
+                ca,
+                deriver,
+            }))
+        })
     }
 
     /// Registers `paths`, records `realisations` and sets GC `roots` (name, path) in one
@@ -168,114 +299,15 @@ impl MetaDb {
             })
             .collect();
         let rows = json_arg(&rows, "a registration")?;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err("starting a transaction"))?;
-        let new: std::collections::HashSet<String> = if paths.is_empty() {
-            Default::default()
-        } else {
-            sqlx::query_scalar::<_, String>(
-                "INSERT INTO ValidPaths (path, narHash, narSize, ca, deriver, registrationTime)
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?
-                 FROM json_each(?) WHERE true
-                 ON CONFLICT(path) DO NOTHING
-                 RETURNING path",
-            )
-            .bind(now)
-            .bind(&rows)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db_err("registering paths"))?
-            .into_iter()
-            .collect()
-        };
-        let pairs: Vec<(&str, &str)> = paths
+        // Owned for the blocking thread: each path with its references.
+        let refs: Vec<(String, Vec<String>)> = paths
             .iter()
-            .filter(|i| new.contains(&i.path))
-            .flat_map(|i| {
-                i.references
-                    .iter()
-                    .map(move |r| (i.path.as_str(), r.as_str()))
-            })
+            .map(|i| (i.path.clone(), i.references.iter().cloned().collect()))
             .collect();
-        if !pairs.is_empty() {
-            let json = json_arg(&pairs, "a registration")?;
-            let r = sqlx::query(
-                "INSERT OR IGNORE INTO Refs (referrer, reference)
-                 SELECT a.id, b.id FROM json_each(?) j
-                 JOIN ValidPaths a ON a.path = j.value ->> 0
-                 JOIN ValidPaths b ON b.path = j.value ->> 1",
-            )
-            .bind(&json)
-            .execute(&mut *tx)
+        let realisations = realisations.to_vec();
+        let roots = roots.to_vec();
+        self.write(move |conn| register_in(conn, now, &rows, &refs, &realisations, &roots))
             .await
-            .map_err(db_err("registering references"))?;
-            if r.rows_affected() != pairs.len() as u64 {
-                // A reference that is not valid (a row for a path registered just now cannot
-                // exist already): name it.
-                let refs: Vec<&str> = pairs.iter().map(|(_, r)| *r).collect();
-                let refs = json_arg(&refs, "a registration")?;
-                let missing: Option<String> = sqlx::query_scalar(
-                    "SELECT value FROM json_each(?)
-                     WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
-                )
-                .bind(&refs)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err("checking references"))?;
-                let missing = missing.unwrap_or_else(|| "(unknown)".into());
-                let referrer = pairs
-                    .iter()
-                    .find(|(_, r)| *r == missing)
-                    .map(|(p, _)| *p)
-                    .unwrap_or("a path");
-                return Err(StoreError::Metadata(format!(
-                    "cannot register {referrer}: its reference {missing} is not valid"
-                )));
-            }
-        }
-        if !realisations.is_empty() {
-            insert_realisations(&mut tx, realisations).await?;
-        }
-        if !roots.is_empty() {
-            let json = json_arg(roots, "a registration")?;
-            let r = sqlx::query(
-                "INSERT INTO GcRoots (name, path)
-                 SELECT j.value ->> 0, v.path FROM json_each(?) j
-                 JOIN ValidPaths v ON v.path = j.value ->> 1 WHERE true
-                 ON CONFLICT(name) DO UPDATE SET path = excluded.path",
-            )
-            .bind(&json)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("adding GC roots"))?;
-            if r.rows_affected() != roots.len() as u64 {
-                let valid = sqlx::query_scalar::<_, String>(
-                    "SELECT path FROM ValidPaths WHERE path IN
-                     (SELECT value ->> 1 FROM json_each(?))",
-                )
-                .bind(&json)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err("checking GC roots"))?;
-                let missing = roots
-                    .iter()
-                    .find(|(_, p)| !valid.contains(p))
-                    .map(|(_, p)| p.clone())
-                    .unwrap_or_default();
-                return Err(StoreError::NotValid(missing));
-            }
-        }
-        tx.commit()
-            .await
-            .map_err(db_err("committing a registration"))?;
-        Ok(paths
-            .iter()
-            .filter(|i| new.contains(&i.path))
-            .map(|i| i.path.clone())
-            .collect())
     }
 
     /// The valid paths among `paths` (one query per 500).
@@ -283,24 +315,21 @@ impl MetaDb {
         &self,
         paths: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut out = std::collections::HashSet::new();
-        for chunk in paths.chunks(500) {
-            let q = format!(
-                "SELECT path FROM ValidPaths WHERE path IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut query = sqlx::query_scalar::<_, String>(&q).persistent(false);
-            for p in chunk {
-                query = query.bind(p);
+        self.read(|c| {
+            let mut out = std::collections::HashSet::new();
+            for chunk in paths.chunks(500) {
+                let q = format!(
+                    "SELECT path FROM ValidPaths WHERE path IN ({})",
+                    vec!["?"; chunk.len()].join(",")
+                );
+                let found: Vec<String> = c
+                    .prepare_cached(&q)
+                    .and_then(|mut s| column0(&mut s, rusqlite::params_from_iter(chunk)))
+                    .map_err(db_err("querying validity"))?;
+                out.extend(found);
             }
-            out.extend(
-                query
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(db_err("querying validity"))?,
-            );
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The realisations recorded for any output of `drvs` (one query per 500).
@@ -308,42 +337,44 @@ impl MetaDb {
         &self,
         drvs: &[String],
     ) -> Result<Vec<(DrvOutput, String)>, StoreError> {
-        let mut out = Vec::new();
-        for chunk in drvs.chunks(500) {
-            let q = format!(
-                "SELECT r.drvPath, r.outputName, v.path FROM Realisations r
-                 JOIN ValidPaths v ON v.id = r.outputPath WHERE r.drvPath IN ({})",
-                vec!["?"; chunk.len()].join(",")
-            );
-            let mut query = sqlx::query(&q).persistent(false);
-            for p in chunk {
-                query = query.bind(p);
+        self.read(|c| {
+            let mut out = Vec::new();
+            for chunk in drvs.chunks(500) {
+                let q = format!(
+                    "SELECT r.drvPath, r.outputName, v.path FROM Realisations r
+                     JOIN ValidPaths v ON v.id = r.outputPath WHERE r.drvPath IN ({})",
+                    vec!["?"; chunk.len()].join(",")
+                );
+                let rows: Vec<(String, String, String)> = c
+                    .prepare_cached(&q)
+                    .and_then(|mut s| {
+                        s.query_map(rusqlite::params_from_iter(chunk), |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?
+                        .collect()
+                    })
+                    .map_err(db_err("querying realisations"))?;
+                out.extend(
+                    rows.into_iter()
+                        .map(|(drv, output, path)| (DrvOutput::new(drv, output), path)),
+                );
             }
-            for row in query
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_err("querying realisations"))?
-            {
-                out.push((
-                    DrvOutput::new(row.get::<String, _>(0), row.get::<String, _>(1)),
-                    row.get(2),
-                ));
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     pub(crate) async fn realisation(&self, key: &DrvOutput) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query(
-            "SELECT v.path FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath
-             WHERE r.drvPath = ? AND r.outputName = ?",
-        )
-        .bind(&key.drv_path)
-        .bind(&key.output)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_err("querying a realisation"))?;
-        Ok(row.map(|r| r.get(0)))
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT v.path FROM Realisations r JOIN ValidPaths v ON v.id = r.outputPath
+                 WHERE r.drvPath = ? AND r.outputName = ?",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![key.drv_path, key.output], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(db_err("querying a realisation"))
+        })
     }
 
     #[cfg(test)]
@@ -352,56 +383,59 @@ impl MetaDb {
         key: &DrvOutput,
         out_path: &str,
     ) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err("starting a transaction"))?;
-        insert_realisations(&mut tx, &[(key.clone(), out_path.to_string())]).await?;
-        tx.commit()
-            .await
-            .map_err(db_err("committing a realisation"))
+        let realisation = [(key.clone(), out_path.to_string())];
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err("starting a transaction"))?;
+            insert_realisations(&tx, &realisation)?;
+            tx.commit().map_err(db_err("committing a realisation"))
+        })
+        .await
     }
 
     #[cfg(test)]
     pub(crate) async fn add_root(&self, name: &str, path: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO GcRoots (name, path) VALUES (?, ?)
-             ON CONFLICT(name) DO UPDATE SET path = excluded.path",
-        )
-        .bind(name)
-        .bind(path)
-        .execute(&self.pool)
+        let (name, path) = (name.to_string(), path.to_string());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO GcRoots (name, path) VALUES (?, ?)
+                 ON CONFLICT(name) DO UPDATE SET path = excluded.path",
+            )
+            .and_then(|mut s| s.execute([name, path]))
+            .map_err(db_err("adding a GC root"))?;
+            Ok(())
+        })
         .await
-        .map_err(db_err("adding a GC root"))?;
-        Ok(())
     }
 
     pub(crate) async fn remove_root(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM GcRoots WHERE name = ?")
-            .bind(name)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err("removing a GC root"))?;
-        Ok(())
+        let name = name.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM GcRoots WHERE name = ?")
+                .and_then(|mut s| s.execute([name]))
+                .map_err(db_err("removing a GC root"))?;
+            Ok(())
+        })
+        .await
     }
 
     /// Every GC root: (name, path).
     pub(crate) async fn roots(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query("SELECT name, path FROM GcRoots ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err("listing GC roots"))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        self.read(|c| {
+            c.prepare_cached("SELECT name, path FROM GcRoots ORDER BY name")
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(db_err("listing GC roots"))
+        })
     }
 
     /// Every valid path.
     pub(crate) async fn valid_paths(&self) -> Result<BTreeSet<String>, StoreError> {
-        let rows = sqlx::query("SELECT path FROM ValidPaths")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err("listing valid paths"))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        self.read(|c| {
+            c.prepare_cached("SELECT path FROM ValidPaths")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(db_err("listing valid paths"))
+        })
     }
 
     /// The closure of `paths` under references (the valid ones among them, and everything they
@@ -415,19 +449,18 @@ impl MetaDb {
             return Ok(BTreeSet::new());
         }
         let json = json_arg(&list, "a path list")?;
-        let rows = sqlx::query(
-            "WITH RECURSIVE c(id) AS (
-                 SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
-                 UNION
-                 SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id
-             )
-             SELECT v.path FROM ValidPaths v JOIN c ON v.id = c.id",
-        )
-        .bind(json)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err("computing a closure"))?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        self.read(|c| {
+            c.prepare_cached(
+                "WITH RECURSIVE c(id) AS (
+                     SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
+                     UNION
+                     SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id
+                 )
+                 SELECT v.path FROM ValidPaths v JOIN c ON v.id = c.id",
+            )
+            .and_then(|mut s| s.query_map([&json], |r| r.get(0))?.collect())
+            .map_err(db_err("computing a closure"))
+        })
     }
 
     /// Makes `paths` invalid in one transaction (their references, realisations and GC roots go
@@ -437,36 +470,31 @@ impl MetaDb {
             return Ok(());
         }
         let json = json_arg(paths, "a path list")?;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(db_err("starting a transaction"))?;
-        sqlx::query(
-            "DELETE FROM Refs WHERE referrer IN
-                 (SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?)))",
-        )
-        .bind(&json)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_err("removing references"))?;
-        sqlx::query("DELETE FROM GcRoots WHERE path IN (SELECT value FROM json_each(?))")
-            .bind(&json)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("removing GC roots"))?;
-        sqlx::query("DELETE FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))")
-            .bind(&json)
-            .execute(&mut *tx)
-            .await
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(db_err("starting a transaction"))?;
+            tx.prepare_cached(
+                "DELETE FROM Refs WHERE referrer IN
+                     (SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?)))",
+            )
+            .and_then(|mut s| s.execute([&json]))
+            .map_err(db_err("removing references"))?;
+            tx.prepare_cached("DELETE FROM GcRoots WHERE path IN (SELECT value FROM json_each(?))")
+                .and_then(|mut s| s.execute([&json]))
+                .map_err(db_err("removing GC roots"))?;
+            tx.prepare_cached(
+                "DELETE FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))",
+            )
+            .and_then(|mut s| s.execute([&json]))
             .map_err(|e| {
                 StoreError::Metadata(format!(
                     "invalidating paths (a valid path still refers to one of them?): {e}"
                 ))
             })?;
-        tx.commit()
-            .await
-            .map_err(db_err("committing an invalidation"))
+            tx.commit().map_err(db_err("committing an invalidation"))
+        })
+        .await
     }
 
     /// The valid paths that refer to any of `paths` (excluding `paths` themselves).
@@ -475,29 +503,128 @@ impl MetaDb {
         paths: &BTreeSet<String>,
     ) -> Result<BTreeSet<String>, StoreError> {
         let json = json_arg(paths, "a path list")?;
-        let rows = sqlx::query(
-            "SELECT DISTINCT a.path FROM Refs r
-               JOIN ValidPaths a ON a.id = r.referrer
-               JOIN ValidPaths b ON b.id = r.reference
-             WHERE b.path IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err("querying referrers"))?;
-        Ok(rows
-            .iter()
-            .map(|r| r.get::<String, _>(0))
-            .filter(|p| !paths.contains(p))
-            .collect())
+        let found: Vec<String> = self.read(|c| {
+            c.prepare_cached(
+                "SELECT DISTINCT a.path FROM Refs r
+                   JOIN ValidPaths a ON a.id = r.referrer
+                   JOIN ValidPaths b ON b.id = r.reference
+                 WHERE b.path IN (SELECT value FROM json_each(?))",
+            )
+            .and_then(|mut s| column0(&mut s, [&json]))
+            .map_err(db_err("querying referrers"))
+        })?;
+        Ok(found.into_iter().filter(|p| !paths.contains(p)).collect())
     }
+}
+
+/// [`MetaDb::register`] on the writer connection: `rows` is the JSON of the paths' rows, `refs`
+/// each path with its references.
+fn register_in(
+    conn: &mut Connection,
+    now: i64,
+    rows: &str,
+    refs: &[(String, Vec<String>)],
+    realisations: &[(DrvOutput, String)],
+    roots: &[(String, String)],
+) -> Result<Vec<String>, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err("starting a transaction"))?;
+    let new: std::collections::HashSet<String> = if refs.is_empty() {
+        Default::default()
+    } else {
+        tx.prepare_cached(
+            "INSERT INTO ValidPaths (path, narHash, narSize, ca, deriver, registrationTime)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ?
+             FROM json_each(?) WHERE true
+             ON CONFLICT(path) DO NOTHING
+             RETURNING path",
+        )
+        .and_then(|mut s| s.query_map(params![now, rows], |r| r.get(0))?.collect())
+        .map_err(db_err("registering paths"))?
+    };
+    let pairs: Vec<(&str, &str)> = refs
+        .iter()
+        .filter(|(p, _)| new.contains(p))
+        .flat_map(|(p, rs)| rs.iter().map(move |r| (p.as_str(), r.as_str())))
+        .collect();
+    if !pairs.is_empty() {
+        let json = json_arg(&pairs, "a registration")?;
+        let n = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO Refs (referrer, reference)
+                 SELECT a.id, b.id FROM json_each(?) j
+                 JOIN ValidPaths a ON a.path = j.value ->> 0
+                 JOIN ValidPaths b ON b.path = j.value ->> 1",
+            )
+            .and_then(|mut s| s.execute([&json]))
+            .map_err(db_err("registering references"))?;
+        if n != pairs.len() {
+            // A reference that is not valid (a row for a path registered just now cannot exist
+            // already): name it.
+            let refs: Vec<&str> = pairs.iter().map(|(_, r)| *r).collect();
+            let refs = json_arg(&refs, "a registration")?;
+            let missing: Option<String> = tx
+                .prepare_cached(
+                    "SELECT value FROM json_each(?)
+                     WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
+                )
+                .and_then(|mut s| s.query_row([&refs], |r| r.get(0)).optional())
+                .map_err(db_err("checking references"))?;
+            let missing = missing.unwrap_or_else(|| "(unknown)".into());
+            let referrer = pairs
+                .iter()
+                .find(|(_, r)| *r == missing)
+                .map(|(p, _)| *p)
+                .unwrap_or("a path");
+            return Err(StoreError::Metadata(format!(
+                "cannot register {referrer}: its reference {missing} is not valid"
+            )));
+        }
+    }
+    if !realisations.is_empty() {
+        insert_realisations(&tx, realisations)?;
+    }
+    if !roots.is_empty() {
+        let json = json_arg(roots, "a registration")?;
+        let n = tx
+            .prepare_cached(
+                "INSERT INTO GcRoots (name, path)
+                 SELECT j.value ->> 0, v.path FROM json_each(?) j
+                 JOIN ValidPaths v ON v.path = j.value ->> 1 WHERE true
+                 ON CONFLICT(name) DO UPDATE SET path = excluded.path",
+            )
+            .and_then(|mut s| s.execute([&json]))
+            .map_err(db_err("adding GC roots"))?;
+        if n != roots.len() {
+            let valid: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT path FROM ValidPaths WHERE path IN
+                     (SELECT value ->> 1 FROM json_each(?))",
+                )
+                .and_then(|mut s| column0(&mut s, [&json]))
+                .map_err(db_err("checking GC roots"))?;
+            let missing = roots
+                .iter()
+                .find(|(_, p)| !valid.contains(p))
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default();
+            return Err(StoreError::NotValid(missing));
+        }
+    }
+    tx.commit().map_err(db_err("committing a registration"))?;
+    Ok(refs
+        .iter()
+        .filter(|(p, _)| new.contains(p))
+        .map(|(p, _)| p.clone())
+        .collect())
 }
 
 /// Records realisations (drv output → output path) in two statements: the known ones are
 /// checked (an existing different one is a `RealisationConflict`), the rest inserted; every output
 /// must be valid.
-async fn insert_realisations(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+fn insert_realisations(
+    tx: &rusqlite::Transaction<'_>,
     realisations: &[(DrvOutput, String)],
 ) -> Result<(), StoreError> {
     // One wanted path per key; two different ones in the same batch conflict.
@@ -514,17 +641,18 @@ async fn insert_realisations(
         }
     }
     let keys = json_arg(&wanted.keys().collect::<Vec<_>>(), "realisations")?;
-    let existing = sqlx::query(
-        "SELECT r.drvPath, r.outputName, v.path FROM json_each(?) j
-         JOIN Realisations r ON r.drvPath = j.value ->> 0 AND r.outputName = j.value ->> 1
-         JOIN ValidPaths v ON v.id = r.outputPath",
-    )
-    .bind(&keys)
-    .fetch_all(&mut **tx)
-    .await
-    .map_err(db_err("querying realisations"))?;
-    for row in existing {
-        let (drv, output, path): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    let existing: Vec<(String, String, String)> = tx
+        .prepare_cached(
+            "SELECT r.drvPath, r.outputName, v.path FROM json_each(?) j
+             JOIN Realisations r ON r.drvPath = j.value ->> 0 AND r.outputName = j.value ->> 1
+             JOIN ValidPaths v ON v.id = r.outputPath",
+        )
+        .and_then(|mut s| {
+            s.query_map([&keys], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+        .map_err(db_err("querying realisations"))?;
+    for (drv, output, path) in existing {
         let key = wanted
             .keys()
             .copied()
@@ -544,24 +672,22 @@ async fn insert_realisations(
     }
     let rows: Vec<[&str; 3]> = wanted.iter().map(|((d, o), p)| [*d, *o, *p]).collect();
     let rows = json_arg(&rows, "realisations")?;
-    let r = sqlx::query(
-        "INSERT INTO Realisations (drvPath, outputName, outputPath)
-         SELECT j.value ->> 0, j.value ->> 1, v.id FROM json_each(?) j
-         JOIN ValidPaths v ON v.path = j.value ->> 2",
-    )
-    .bind(&rows)
-    .execute(&mut **tx)
-    .await
-    .map_err(db_err("recording realisations"))?;
-    if r.rows_affected() != wanted.len() as u64 {
-        let outs = json_arg(&wanted.values().collect::<Vec<_>>(), "realisations")?;
-        let missing: Option<String> = sqlx::query_scalar(
-            "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO Realisations (drvPath, outputName, outputPath)
+             SELECT j.value ->> 0, j.value ->> 1, v.id FROM json_each(?) j
+             JOIN ValidPaths v ON v.path = j.value ->> 2",
         )
-        .bind(&outs)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db_err("checking realisations"))?;
+        .and_then(|mut s| s.execute([&rows]))
+        .map_err(db_err("recording realisations"))?;
+    if n != wanted.len() {
+        let outs = json_arg(&wanted.values().collect::<Vec<_>>(), "realisations")?;
+        let missing: Option<String> = tx
+            .prepare_cached(
+                "SELECT value FROM json_each(?) WHERE value NOT IN (SELECT path FROM ValidPaths) LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row([&outs], |r| r.get(0)).optional())
+            .map_err(db_err("checking realisations"))?;
         return Err(StoreError::NotValid(missing.unwrap_or_default()));
     }
     Ok(())
@@ -671,5 +797,54 @@ mod tests {
         let db = MetaDb::open(&file).await.unwrap();
         assert!(db.is_valid(A).await.unwrap());
         assert_eq!(db.roots().await.unwrap(), vec![("r2".into(), B.into())]);
+    }
+
+    #[tokio::test]
+    async fn closed_database_refuses_reads_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = MetaDb::open(&dir.path().join("s.sqlite")).await.unwrap();
+        db.register(&[info(A, &[])], &[], &[]).await.unwrap();
+        assert!(db.is_valid(A).await.unwrap());
+        let other = db.clone();
+        db.close().await;
+        assert!(matches!(
+            other.is_valid(A).await,
+            Err(StoreError::Metadata(m)) if m.contains("closed")
+        ));
+        assert!(matches!(
+            other.register(&[info(B, &[])], &[], &[]).await,
+            Err(StoreError::Metadata(m)) if m.contains("closed")
+        ));
+    }
+
+    /// Reads on many threads at once (more than the readers kept) while registrations commit:
+    /// every read sees a consistent, committed state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reads_and_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = MetaDb::open(&dir.path().join("s.sqlite")).await.unwrap();
+        db.register(&[info(A, &[])], &[], &[]).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..20 {
+                    let p = format!("/nix/store/{t:0>16}{i:0>16}-p");
+                    db.register(&[info(&p, &[A])], &[], &[]).await.unwrap();
+                    assert!(db.is_valid(&p).await.unwrap());
+                    let pi = db.path_info(&p).await.unwrap().unwrap();
+                    assert_eq!(pi.references, [A.to_string()].into());
+                    let cl = db.closure([p.as_str()]).await.unwrap();
+                    assert_eq!(cl.len(), 2);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(db.valid_paths().await.unwrap().len(), 1 + 8 * 20);
+        let only_a: BTreeSet<String> = [A.to_string()].into();
+        assert_eq!(db.referrers(&only_a).await.unwrap().len(), 8 * 20);
+        assert!(db.inner.readers.lock().unwrap().len() <= MAX_IDLE_READERS);
     }
 }
