@@ -69,8 +69,9 @@ pub struct BenchArgs {
     /// flush): shows what the fsync costs.
     #[arg(long)]
     pub pg_async_commit: bool,
-    /// The store does not fsync build outputs and resolved drvs during the measured phases
-    /// (combine with --pg-async-commit): what the scheduler does when the disk is not the bound.
+    /// The store does not fsync build outputs and resolved drvs, nor its metadata commits
+    /// (SQLite `synchronous = OFF`), during the measured phases (combine with
+    /// --pg-async-commit): what the scheduler does when the disk is not the bound.
     #[arg(long)]
     pub no_fsync: bool,
     /// Scratch directory parent (default: <state dir>/bench); each scenario's is removed after.

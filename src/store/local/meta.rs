@@ -82,6 +82,11 @@ struct Inner {
     writer: Mutex<Option<Connection>>,
     readers: Mutex<Vec<Connection>>,
     closed: AtomicBool,
+    /// Whether commits should sync (`synchronous = FULL`) or not (`OFF`: scratch stores only,
+    /// see [`MetaDb::set_synchronous`]), and what the writer connection has now (changed only
+    /// under the writer's lock, before its next write).
+    want_sync: AtomicBool,
+    has_sync: AtomicBool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -151,6 +156,8 @@ impl MetaDb {
                 writer: Mutex::new(Some(conn)),
                 readers: Mutex::new(Vec::new()),
                 closed: AtomicBool::new(false),
+                want_sync: AtomicBool::new(true),
+                has_sync: AtomicBool::new(true),
             })
         })
         .await?;
@@ -176,6 +183,13 @@ impl MetaDb {
             drop(writer);
         })
         .await;
+    }
+
+    /// Commits sync their WAL (`true`, the default) or not (`false`: a power loss may lose
+    /// committed metadata; for scratch stores, with the contents' fsyncs off too). Applies from
+    /// the next write.
+    pub(crate) fn set_synchronous(&self, on: bool) {
+        self.inner.want_sync.store(on, Ordering::SeqCst);
     }
 
     /// Runs `f` on a read connection, on the calling thread.
@@ -218,6 +232,12 @@ impl MetaDb {
                 // Left open by a panic (the mutex was poisoned): nothing of it was committed.
                 conn.execute_batch("ROLLBACK")
                     .map_err(db_err("rolling back an abandoned transaction"))?;
+            }
+            let want = inner.want_sync.load(Ordering::SeqCst);
+            if want != inner.has_sync.load(Ordering::SeqCst) {
+                conn.pragma_update(None, "synchronous", if want { "FULL" } else { "OFF" })
+                    .map_err(db_err("setting synchronous"))?;
+                inner.has_sync.store(want, Ordering::SeqCst);
             }
             f(conn)
         })

@@ -300,11 +300,13 @@ impl LocalStore {
         !self.no_fsync.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Turns the fsync of contents off (or back on). Off, a power loss may leave registered
-    /// paths with missing contents: only for scratch stores filled in bulk (benchmark setup).
+    /// Turns the fsync of contents and of metadata commits off (or back on). Off, a power loss
+    /// may leave registered paths with missing contents or lose registrations: only for scratch
+    /// stores (benchmark setup, `qr bench --no-fsync`).
     pub fn set_fsync(&self, on: bool) {
         self.no_fsync
             .store(!on, std::sync::atomic::Ordering::Relaxed);
+        self.db.set_synchronous(on);
     }
 
     /// Installs (or removes) a fault-injection hook.
