@@ -5,24 +5,34 @@ use actix::{Addr, WeakAddr};
 use dashmap::DashMap;
 
 use crate::actors::step::actor::StepActor;
+use crate::actors::types::Drv;
 
+/// Keyed by the step's own [`Drv`] (shared with the step, not a copy).
 #[derive(Default)]
 pub struct Registry {
-    steps: DashMap<String, WeakAddr<StepActor>>,
+    steps: DashMap<Drv, WeakAddr<StepActor>>,
 }
 
 impl Registry {
     /// The live step for `drv`, if any.
     pub fn get(&self, drv: &str) -> Option<Addr<StepActor>> {
-        let addr = self.steps.get(drv).and_then(|w| w.upgrade());
-        if addr.is_none() {
-            self.steps.remove_if(drv, |_, w| w.upgrade().is_none());
-        }
-        addr
+        self.get_keyed(drv).map(|(_, a)| a)
     }
 
-    pub fn insert(&self, drv: &str, addr: &Addr<StepActor>) {
-        self.steps.insert(drv.to_string(), addr.downgrade());
+    /// The live step for `drv` with its shared drv path (for whoever names it from now on).
+    pub fn get_keyed(&self, drv: &str) -> Option<(Drv, Addr<StepActor>)> {
+        let found = self
+            .steps
+            .get(drv)
+            .and_then(|e| e.value().upgrade().map(|a| (e.key().clone(), a)));
+        if found.is_none() {
+            self.steps.remove_if(drv, |_, w| w.upgrade().is_none());
+        }
+        found
+    }
+
+    pub fn insert(&self, drv: &Drv, addr: &Addr<StepActor>) {
+        self.steps.insert(drv.clone(), addr.downgrade());
     }
 
     /// Forgets `drv` (when its actor stops).
@@ -47,7 +57,7 @@ impl Registry {
         self.steps
             .iter()
             .filter(|e| e.value().upgrade().is_some())
-            .map(|e| e.key().clone())
+            .map(|e| e.key().to_string())
             .collect()
     }
 }
