@@ -11,6 +11,7 @@ use actix::prelude::*;
 use crate::actors::dispatcher::actor::DispatcherActor;
 use crate::actors::env::{Env, Stats, persist};
 use crate::actors::messages::{AddBuilds, AddWaiter, BuildPrio, StepFailed, WaiterAddr};
+use crate::actors::registry::StepRef;
 use crate::actors::step::StepMachine;
 use crate::actors::step::actor::{Row, StepActor};
 use crate::actors::types::{Drv, Failure, Outputs, Status};
@@ -299,7 +300,7 @@ pub enum Top {
 /// waiters down and strong references up, and tells every step which build needs it.
 pub fn attach(
     env: &Arc<Env>,
-    dispatcher: &Addr<DispatcherActor>,
+    dispatcher: &Arc<Addr<DispatcherActor>>,
     plan: Plan,
     build: i64,
     prio: BuildPrio,
@@ -315,7 +316,7 @@ pub fn attach(
     }
     // Each step with its shared drv path (the registry's key), so its dependents name it with
     // that one allocation.
-    let mut actors: HashMap<String, (Drv, Addr<StepActor>)> = HashMap::new();
+    let mut actors: HashMap<String, (Drv, StepRef)> = HashMap::new();
     for drv_path in &plan.order {
         if let Some((key, live)) = env.registry.get_keyed(drv_path) {
             env.stats.membership();
@@ -363,16 +364,18 @@ pub fn attach(
             machine = machine.with_recorded_resolution(r.resolved.clone());
         }
         let rec_rows = recorded.as_ref().map(|r| (r.own, r.child));
-        let actor = StepActor::new(
-            env.clone(),
-            dispatcher.clone(),
-            machine,
-            drv,
-            deps,
-            vec![(build, prio.clone())],
-            rec_rows,
-        )
-        .start();
+        let actor = Arc::new(
+            StepActor::new(
+                env.clone(),
+                dispatcher.clone(),
+                machine,
+                drv,
+                deps,
+                vec![(build, prio.clone())],
+                rec_rows,
+            )
+            .start(),
+        );
         env.registry.insert(&key, &actor);
         Stats::inc(&env.stats.steps_created);
         for d in dep_keys.iter().filter_map(|k| actors.get(&**k)) {
@@ -396,7 +399,7 @@ pub fn attach(
             format!("{} failed before (cached failure)", plan.top),
         )),
         _ => match actors.get(&plan.top) {
-            Some((_, a)) => Top::Step(a.clone()),
+            Some((_, a)) => Top::Step(Addr::clone(a)),
             None => Top::Failed(Failure::new(
                 Status::Aborted,
                 format!("step for {} vanished while attaching", plan.top),

@@ -14,6 +14,7 @@ use crate::actors::dispatcher::{Priority, RunnableStep};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
+use crate::actors::registry::StepRef;
 use crate::actors::types::{Drv, Failure, Outputs, Status, Waiter};
 use crate::db::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation};
 use crate::store::{Derivation, DrvOutput};
@@ -23,7 +24,8 @@ pub type Row = (i64, i32);
 
 pub struct StepActor {
     env: Arc<Env>,
-    dispatcher: Addr<DispatcherActor>,
+    /// Shared by every step actor (an `Addr` clone allocates twice).
+    dispatcher: Arc<Addr<DispatcherActor>>,
     machine: StepMachine,
     /// The machine's drv path (the same allocation, shared with the registry and the waiters).
     drv_path: Drv,
@@ -31,8 +33,9 @@ pub struct StepActor {
     /// resolves or builds, so a waiting step does not hold its parsed derivation (~4 KiB).
     system: String,
     features: std::collections::BTreeSet<String>,
-    /// Strong references down the graph: the input steps and the resolved child.
-    deps: Vec<Addr<StepActor>>,
+    /// Strong references down the graph: the input steps and the resolved child (each shared
+    /// by the steps that need it).
+    deps: Vec<StepRef>,
     /// Weak references up the graph, sorted by [`WaiterAddr::key`], without duplicates.
     waiters: Vec<WaiterAddr>,
     /// Builds needing this step, with their priorities; sorted by build id, without duplicates
@@ -70,10 +73,10 @@ impl StepActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         env: Arc<Env>,
-        dispatcher: Addr<DispatcherActor>,
+        dispatcher: Arc<Addr<DispatcherActor>>,
         machine: StepMachine,
         drv: &Derivation,
-        deps: Vec<Addr<StepActor>>,
+        deps: Vec<StepRef>,
         builds: Vec<(i64, BuildPrio)>,
         recorded: Option<(Row, Option<Row>)>,
     ) -> Self {
@@ -587,8 +590,8 @@ impl StepActor {
                 (Ok(d), None) => {
                     // A race is impossible here: the registry is only changed on this thread, and it
                     // did not hold the child when we looked. Look again after the I/O all the same.
-                    let child = match act.env.registry.get(&resolved) {
-                        Some(c) => c,
+                    let child = match act.env.registry.get_keyed(&resolved) {
+                        Some((_, c)) => c,
                         None => {
                             let machine = StepMachine::new(
                                 shared.clone(),
@@ -599,7 +602,7 @@ impl StepActor {
                             );
                             let mut a = StepActor::new(act.env.clone(), dispatcher, machine, &d, vec![], builds, None);
                             a.resolved_child = true;
-                            let a = a.start();
+                            let a = Arc::new(a.start());
                             act.env.registry.insert(&shared, &a);
                             Stats::inc(&act.env.stats.steps_created);
                             a
