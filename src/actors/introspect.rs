@@ -11,11 +11,14 @@
 //! inside: `blocked` (the actor's mailbox is paused while it waits on database/store I/O, so
 //! messages are queuing) and `queued_effects` (effects decided but not yet performed).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use dashmap::DashMap;
+
+use crate::actors::types::Drv;
 
 /// What kind of actor a cell describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -40,13 +43,67 @@ impl ActorKind {
     }
 }
 
+/// An actor's id, kept compact: a step's is its shared drv path, a build's its number. Printed as
+/// `build:<id>`, `step:<drv path>`, or the name itself (`dispatcher`, `queue-monitor`,
+/// `machine:<name>`) only when someone reads a snapshot, so a cell that names its parents and
+/// children holds pointers, not a formatted copy of every drv path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ActorId {
+    Build(i64),
+    Step(Drv),
+    Named(Arc<str>),
+}
+
+impl ActorId {
+    /// The id of an actor printed as [`Display`](std::fmt::Display) shows it.
+    pub fn parse(s: &str) -> ActorId {
+        if let Some(d) = s.strip_prefix("step:") {
+            return ActorId::Step(d.into());
+        }
+        if let Some(n) = s.strip_prefix("build:").and_then(|n| n.parse::<i64>().ok())
+            && build_id(n) == s
+        {
+            return ActorId::Build(n);
+        }
+        ActorId::Named(s.into())
+    }
+}
+
+impl std::fmt::Display for ActorId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActorId::Build(id) => write!(f, "build:{id}"),
+            ActorId::Step(drv) => write!(f, "step:{drv}"),
+            ActorId::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+impl From<&str> for ActorId {
+    fn from(s: &str) -> Self {
+        ActorId::parse(s)
+    }
+}
+
+impl From<String> for ActorId {
+    fn from(s: String) -> Self {
+        ActorId::parse(&s)
+    }
+}
+
+impl serde::Serialize for ActorId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// The descriptive part of a cell, changed on transitions only.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Described {
-    pub state: String,
-    pub parents: Vec<String>,
-    pub children: Vec<String>,
-    pub waiting_on: Vec<String>,
+    pub state: Cow<'static, str>,
+    pub parents: Vec<ActorId>,
+    pub children: Vec<ActorId>,
+    pub waiting_on: Vec<ActorId>,
     /// Free-form detail: the machine building a step, the resolved drv, a failure message.
     pub detail: String,
 }
@@ -54,7 +111,7 @@ pub struct Described {
 /// One live actor.
 #[derive(Debug)]
 pub struct ActorCell {
-    pub id: String,
+    pub id: ActorId,
     pub kind: ActorKind,
     pub started_at: i64,
     handled: AtomicU64,
@@ -92,30 +149,30 @@ impl ActorCell {
         }
     }
 
-    /// Sets the state name if it changed (no allocation when it did not).
-    pub fn set_state(&self, state: &str) {
+    /// Sets the state name if it changed.
+    pub fn set_state(&self, state: &'static str) {
         self.describe(|d| {
             if d.state != state {
-                d.state.clear();
-                d.state.push_str(state);
+                d.state = Cow::Borrowed(state);
             }
         });
     }
 
     pub fn snapshot(&self) -> ActorSnapshot {
         let d = self.described.lock().map(|d| d.clone()).unwrap_or_default();
+        let strings = |v: Vec<ActorId>| v.iter().map(ToString::to_string).collect();
         ActorSnapshot {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             kind: self.kind,
             started_at: self.started_at,
             handled: self.handled.load(Ordering::Relaxed),
             restarts: self.restarts.load(Ordering::Relaxed),
             blocked: self.blocked.load(Ordering::Relaxed),
             queued_effects: self.queued.load(Ordering::Relaxed),
-            state: d.state,
-            parents: d.parents,
-            children: d.children,
-            waiting_on: d.waiting_on,
+            state: d.state.into_owned(),
+            parents: strings(d.parents),
+            children: strings(d.children),
+            waiting_on: strings(d.waiting_on),
             detail: d.detail,
         }
     }
@@ -150,12 +207,13 @@ pub fn step_id(drv: &str) -> String {
 /// The registry of live actors.
 #[derive(Debug, Default)]
 pub struct Actors {
-    cells: DashMap<String, Arc<ActorCell>>,
+    cells: DashMap<ActorId, Arc<ActorCell>>,
 }
 
 impl Actors {
     /// Registers an actor (replacing a stopped one with the same id) and returns its cell.
-    pub fn register(&self, id: String, kind: ActorKind, now: i64) -> Arc<ActorCell> {
+    pub fn register(&self, id: impl Into<ActorId>, kind: ActorKind, now: i64) -> Arc<ActorCell> {
+        let id = id.into();
         let cell = Arc::new(ActorCell {
             id: id.clone(),
             kind,
@@ -176,7 +234,7 @@ impl Actors {
     }
 
     pub fn get(&self, id: &str) -> Option<ActorSnapshot> {
-        self.cells.get(id).map(|c| c.snapshot())
+        self.cells.get(&ActorId::parse(id)).map(|c| c.snapshot())
     }
 
     pub fn len(&self) -> usize {
@@ -206,7 +264,7 @@ mod tests {
         c.handled();
         c.handled();
         c.set_state("runnable");
-        c.describe(|d| d.parents.push(build_id(1)));
+        c.describe(|d| d.parents.push(build_id(1).into()));
         let s = a.get("step:/s/x.drv").unwrap();
         assert_eq!((s.handled, s.state.as_str()), (2, "runnable"));
         assert_eq!(s.parents, ["build:1"]);
@@ -216,5 +274,31 @@ mod tests {
         assert_eq!(a.len(), 1);
         a.unregister(&c2);
         assert!(a.is_empty());
+    }
+
+    #[test]
+    fn ids_print_as_before_and_parse_back() {
+        for (id, printed) in [
+            (ActorId::Build(7), "build:7"),
+            (ActorId::Step("/s/x.drv".into()), "step:/s/x.drv"),
+            (ActorId::Named("dispatcher".into()), "dispatcher"),
+            (ActorId::Named("machine:m1".into()), "machine:m1"),
+            (ActorId::Named("build:07".into()), "build:07"),
+        ] {
+            assert_eq!(id.to_string(), printed);
+            assert_eq!(ActorId::parse(printed), id);
+        }
+        assert_eq!(
+            ActorId::from(step_id("/s/y.drv")).to_string(),
+            "step:/s/y.drv"
+        );
+        assert_eq!(ActorId::from(build_id(3)), ActorId::Build(3));
+        let a = Actors::default();
+        a.register(ActorId::Step("/s/z.drv".into()), ActorKind::Step, 1);
+        a.register("dispatcher", ActorKind::Dispatcher, 1);
+        assert!(a.get("step:/s/z.drv").is_some());
+        assert!(a.get("dispatcher").is_some());
+        let ids: Vec<String> = a.snapshot().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["dispatcher", "step:/s/z.drv"]);
     }
 }

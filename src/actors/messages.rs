@@ -7,14 +7,14 @@ use actix::{Message, Recipient, WeakAddr};
 use crate::actors::build::actor::BuildActor;
 use crate::actors::step::BuildOutcome;
 use crate::actors::step::actor::StepActor;
-use crate::actors::types::{Failure, Outputs, Waiter};
+use crate::actors::types::{Drv, Failure, Outputs, Waiter};
 use crate::store::Derivation;
 
 /// A step's outputs landed: output name → store path (its realisations).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct OutputsLanded {
-    pub from: String,
+    pub from: Drv,
     pub outputs: Outputs,
 }
 
@@ -22,14 +22,14 @@ pub struct OutputsLanded {
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct StepFailed {
-    pub from: String,
+    pub from: Drv,
     pub failure: Failure,
 }
 
 /// How to reach a waiter (weakly: references point up the graph weakly).
 #[derive(Clone)]
 pub enum WaiterAddr {
-    Step(String, WeakAddr<StepActor>),
+    Step(Drv, WeakAddr<StepActor>),
     Build(i64, WeakAddr<BuildActor>),
 }
 
@@ -40,6 +40,17 @@ impl WaiterAddr {
             WaiterAddr::Build(id, _) => Waiter::Build(*id),
         }
     }
+
+    /// How this waiter's key orders against `w` (as `self.key().cmp(w)`, without the clone).
+    pub fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        match (self, w) {
+            (WaiterAddr::Step(d, _), Waiter::Step(e)) => d.cmp(e),
+            (WaiterAddr::Step(..), Waiter::Build(_)) => Ordering::Less,
+            (WaiterAddr::Build(..), Waiter::Step(_)) => Ordering::Greater,
+            (WaiterAddr::Build(i, _), Waiter::Build(j)) => i.cmp(j),
+        }
+    }
 }
 
 /// Where a build stands in the queue.
@@ -47,7 +58,8 @@ impl WaiterAddr {
 pub struct BuildPrio {
     pub global_priority: i32,
     pub local_priority: i32,
-    pub jobset: String,
+    /// Shared by every step the build needs (one allocation per build, not per step).
+    pub jobset: Arc<str>,
 }
 
 #[derive(Message)]

@@ -44,7 +44,7 @@ impl QueueMonitor {
     pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, expander: Addr<Expander>) -> Self {
         let cell = env
             .actors
-            .register("queue-monitor".into(), ActorKind::QueueMonitor, env.now());
+            .register("queue-monitor", ActorKind::QueueMonitor, env.now());
         cell.set_state("reading");
         QueueMonitor {
             env,
@@ -115,7 +115,7 @@ impl QueueMonitor {
             d.state = "watching".into();
             d.children = ids
                 .into_iter()
-                .map(crate::actors::introspect::build_id)
+                .map(crate::actors::introspect::ActorId::Build)
                 .collect();
         });
     }

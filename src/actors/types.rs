@@ -1,6 +1,12 @@
 //! Vocabulary shared by the actors: outputs, failures and who waits on whom.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A drv path shared by everything that names one step: the registry's key, the step itself, its
+/// waiters' and dependents' lists, the introspection cells. One allocation per step instead of a
+/// copy per reference (a layered graph names each step from several places).
+pub type Drv = Arc<str>;
 
 /// Output name → store path, as carried by `OutputsLanded`.
 pub type Outputs = BTreeMap<String, String>;
@@ -11,7 +17,7 @@ pub use crate::db::types::BuildStatus as Status;
 /// Something that waits for a step's outputs: a dependent step (by drv path) or a build.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Waiter {
-    Step(String),
+    Step(Drv),
     Build(i64),
 }
 
@@ -24,7 +30,8 @@ pub struct Failure {
     pub message: String,
     /// Where the failing step recorded its own failure; every other build that receives the
     /// failure records a row pointing there (as Hydra does for a failed step's dependents).
-    pub origin: Option<FailureOrigin>,
+    /// Boxed: rarely set, and it would more than double the size of every step's phase.
+    pub origin: Option<Box<FailureOrigin>>,
 }
 
 /// The failing step's own row: its drv, system, status and message, and the build it is in.

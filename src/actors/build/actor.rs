@@ -10,7 +10,7 @@ use super::expand::Top;
 use super::expander::{Expand, Expanded, Expander};
 use super::machine::{BuildMachine, Effect, Event};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
-use crate::actors::introspect::{ActorCell, ActorKind, build_id, step_id};
+use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
 use crate::actors::step::actor::StepActor;
 use crate::actors::types::{Outputs, Status, Waiter};
@@ -41,10 +41,10 @@ impl BuildActor {
         let machine = BuildMachine::new(row.id.0);
         let cell = env
             .actors
-            .register(build_id(row.id.0), ActorKind::Build, env.now());
+            .register(ActorId::Build(row.id.0), ActorKind::Build, env.now());
         cell.describe(|d| {
             d.state = "expanding".into();
-            d.parents = vec!["queue-monitor".into()];
+            d.parents = vec![ActorId::Named("queue-monitor".into())];
             d.detail = format!("{} {}", row.job, row.drv_path);
         });
         BuildActor {
@@ -60,10 +60,10 @@ impl BuildActor {
 
     fn describe(&self) {
         use super::machine::Phase;
-        let (state, top) = match self.machine.phase() {
-            Phase::Expanding => ("expanding".to_string(), None),
-            Phase::Waiting { top } => ("waiting".to_string(), Some(step_id(top))),
-            Phase::Finished { status } => (format!("finished({})", status.code()), None),
+        let (state, top): (std::borrow::Cow<'static, str>, _) = match self.machine.phase() {
+            Phase::Expanding => ("expanding".into(), None),
+            Phase::Waiting { top } => ("waiting".into(), Some(ActorId::Step(top.as_str().into()))),
+            Phase::Finished { status } => (format!("finished({})", status.code()).into(), None),
         };
         self.cell.describe(|d| {
             d.state = state;
@@ -80,7 +80,7 @@ impl BuildActor {
         BuildPrio {
             global_priority: self.row.global_priority,
             local_priority: self.row.priority,
-            jobset: self.row.jobset.clone(),
+            jobset: self.row.jobset.as_str().into(),
         }
     }
 

@@ -11,9 +11,10 @@ use actix::prelude::*;
 use crate::actors::dispatcher::actor::DispatcherActor;
 use crate::actors::env::{Env, Stats, persist};
 use crate::actors::messages::{AddBuilds, AddWaiter, BuildPrio, StepFailed, WaiterAddr};
+use crate::actors::registry::StepRef;
 use crate::actors::step::StepMachine;
 use crate::actors::step::actor::{Row, StepActor};
-use crate::actors::types::{Failure, Outputs, Status};
+use crate::actors::types::{Drv, Failure, Outputs, Status};
 use crate::store::Derivation;
 
 /// What the I/O found for one drv of the closure.
@@ -299,7 +300,7 @@ pub enum Top {
 /// waiters down and strong references up, and tells every step which build needs it.
 pub fn attach(
     env: &Arc<Env>,
-    dispatcher: &Addr<DispatcherActor>,
+    dispatcher: &Arc<Addr<DispatcherActor>>,
     plan: Plan,
     build: i64,
     prio: BuildPrio,
@@ -313,19 +314,20 @@ pub fn attach(
     {
         return Top::Replan;
     }
-    let mut actors: HashMap<String, Addr<StepActor>> = HashMap::new();
-    let builds: BTreeMap<i64, BuildPrio> = [(build, prio.clone())].into();
+    // Each step with its shared drv path (the registry's key), so its dependents name it with
+    // that one allocation.
+    let mut actors: HashMap<String, (Drv, StepRef)> = HashMap::new();
     for drv_path in &plan.order {
-        if let Some(live) = env.registry.get(drv_path) {
+        if let Some((key, live)) = env.registry.get_keyed(drv_path) {
             env.stats.membership();
             live.do_send(AddBuilds(vec![(build, prio.clone())]));
-            actors.insert(drv_path.clone(), live);
+            actors.insert(drv_path.clone(), (key, live));
             continue;
         }
         let Some(Node::New { drv, recorded }) = plan.nodes.get(drv_path) else {
             continue;
         };
-        let mut inputs = BTreeMap::new();
+        let mut inputs: Vec<(Drv, Vec<String>)> = Vec::new();
         let mut landed = BTreeMap::new();
         let mut deps = Vec::new();
         let mut failed_inputs = Vec::new();
@@ -340,8 +342,8 @@ pub fn attach(
                 }
                 Some(Node::CachedFailure) => failed_inputs.push(input.clone()),
                 _ => match actors.get(input) {
-                    Some(a) => {
-                        inputs.insert(input.clone(), outs.clone());
+                    Some((key, a)) => {
+                        inputs.push((key.clone(), outs.iter().cloned().collect()));
                         deps.push(a.clone());
                     }
                     None if recorded.is_some() => {}
@@ -349,8 +351,10 @@ pub fn attach(
                 },
             }
         }
-        let mut machine = StepMachine::new(
-            drv_path.clone(),
+        let key: Drv = drv_path.as_str().into();
+        let dep_keys: Vec<Drv> = inputs.iter().map(|(k, _)| k.clone()).collect();
+        let mut machine = StepMachine::with_inputs(
+            key.clone(),
             drv.needs_resolution(),
             inputs,
             landed,
@@ -360,34 +364,33 @@ pub fn attach(
             machine = machine.with_recorded_resolution(r.resolved.clone());
         }
         let rec_rows = recorded.as_ref().map(|r| (r.own, r.child));
-        let actor = StepActor::new(
-            env.clone(),
-            dispatcher.clone(),
-            machine,
-            drv,
-            deps.clone(),
-            builds.clone(),
-            rec_rows,
-        )
-        .start();
-        env.registry.insert(drv_path, &actor);
+        let actor = Arc::new(
+            StepActor::new(
+                env.clone(),
+                dispatcher.clone(),
+                machine,
+                drv,
+                deps,
+                vec![(build, prio.clone())],
+                rec_rows,
+            )
+            .start(),
+        );
+        env.registry.insert(&key, &actor);
         Stats::inc(&env.stats.steps_created);
-        for d in &deps {
-            d.do_send(AddWaiter(WaiterAddr::Step(
-                drv_path.clone(),
-                actor.downgrade(),
-            )));
+        for d in dep_keys.iter().filter_map(|k| actors.get(&**k)) {
+            d.1.do_send(AddWaiter(WaiterAddr::Step(key.clone(), actor.downgrade())));
         }
         for f in failed_inputs {
             actor.do_send(StepFailed {
-                from: f.clone(),
+                from: f.as_str().into(),
                 failure: Failure::new(
                     Status::CachedFailure,
                     format!("{f} failed before (cached failure)"),
                 ),
             });
         }
-        actors.insert(drv_path.clone(), actor);
+        actors.insert(drv_path.clone(), (key, actor));
     }
     match plan.nodes.get(&plan.top) {
         Some(Node::Built(o)) => Top::Built(o.clone()),
@@ -396,7 +399,7 @@ pub fn attach(
             format!("{} failed before (cached failure)", plan.top),
         )),
         _ => match actors.get(&plan.top) {
-            Some(a) => Top::Step(a.clone()),
+            Some((_, a)) => Top::Step(Addr::clone(a)),
             None => Top::Failed(Failure::new(
                 Status::Aborted,
                 format!("step for {} vanished while attaching", plan.top),

@@ -38,7 +38,8 @@ struct RunBatch;
 
 pub struct Expander {
     env: Arc<Env>,
-    dispatcher: Addr<DispatcherActor>,
+    /// Shared by every step actor (an `Addr` clone allocates twice).
+    dispatcher: Arc<Addr<DispatcherActor>>,
     recorded: RecordedLookup,
     pending: Vec<(Expand, oneshot::Sender<Expanded>)>,
     /// A batch is running or about to.
@@ -49,7 +50,7 @@ impl Expander {
     pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, recorded: RecordedLookup) -> Self {
         Expander {
             env,
-            dispatcher,
+            dispatcher: Arc::new(dispatcher),
             recorded,
             pending: Vec::new(),
             busy: false,

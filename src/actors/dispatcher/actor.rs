@@ -97,7 +97,7 @@ impl DispatcherActor {
     pub fn new(env: Arc<Env>, unsupported_wait: Duration) -> Self {
         let cell = env
             .actors
-            .register("dispatcher".into(), ActorKind::Dispatcher, env.now());
+            .register("dispatcher", ActorKind::Dispatcher, env.now());
         cell.set_state("dispatching");
         DispatcherActor {
             env,

@@ -2,7 +2,7 @@
 //! and performs the effects in order: database and store I/O first (blocking its own mailbox while it
 //! runs), then the messages to other actors.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +12,10 @@ use super::machine::{Effect, Event, Phase, Resolution, StepMachine};
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, StepLeft};
 use crate::actors::dispatcher::{Priority, RunnableStep};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
-use crate::actors::introspect::{ActorCell, ActorKind, step_id};
+use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
-use crate::actors::types::{Failure, Outputs, Status, Waiter};
+use crate::actors::registry::StepRef;
+use crate::actors::types::{Drv, Failure, Outputs, Status, Waiter};
 use crate::db::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation};
 use crate::store::{Derivation, DrvOutput};
 
@@ -23,19 +24,23 @@ pub type Row = (i64, i32);
 
 pub struct StepActor {
     env: Arc<Env>,
-    dispatcher: Addr<DispatcherActor>,
+    /// Shared by every step actor (an `Addr` clone allocates twice).
+    dispatcher: Arc<Addr<DispatcherActor>>,
     machine: StepMachine,
-    drv_path: String,
+    /// The machine's drv path (the same allocation, shared with the registry and the waiters).
+    drv_path: Drv,
     /// What the step keeps of its derivation: the rest is read back from the store when it
     /// resolves or builds, so a waiting step does not hold its parsed derivation (~4 KiB).
     system: String,
     features: std::collections::BTreeSet<String>,
-    /// Strong references down the graph: the input steps and the resolved child.
-    deps: Vec<Addr<StepActor>>,
-    /// Weak references up the graph.
-    waiters: HashMap<Waiter, WaiterAddr>,
-    /// Builds needing this step, with their priorities.
-    builds: BTreeMap<i64, BuildPrio>,
+    /// Strong references down the graph: the input steps and the resolved child (each shared
+    /// by the steps that need it).
+    deps: Vec<StepRef>,
+    /// Weak references up the graph, sorted by [`WaiterAddr::key`], without duplicates.
+    waiters: Vec<WaiterAddr>,
+    /// Builds needing this step, with their priorities; sorted by build id, without duplicates
+    /// (usually one or two: a vector, not a tree, whose smallest node is ~450 bytes).
+    builds: Vec<(i64, BuildPrio)>,
     /// Rows made for this step by resolutions, still pending (not started).
     pending_rows: Vec<Row>,
     /// The row of the running attempt.
@@ -56,28 +61,32 @@ pub struct StepActor {
     /// This actor's introspection cell.
     cell: Arc<ActorCell>,
     /// The drv this step resolved to (its child in the supervision tree).
-    resolved_to: Option<String>,
+    resolved_to: Option<Drv>,
     /// When it last became runnable (dispatch latency).
     runnable_since: Option<std::time::Instant>,
     /// Set when this step recorded its own failure: carried by the failure it passes on.
-    failure_origin: Option<crate::actors::types::FailureOrigin>,
+    /// Boxed: rarely set, and large.
+    failure_origin: Option<Box<crate::actors::types::FailureOrigin>>,
 }
 
 impl StepActor {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         env: Arc<Env>,
-        dispatcher: Addr<DispatcherActor>,
+        dispatcher: Arc<Addr<DispatcherActor>>,
         machine: StepMachine,
         drv: &Derivation,
-        deps: Vec<Addr<StepActor>>,
-        builds: BTreeMap<i64, BuildPrio>,
+        deps: Vec<StepRef>,
+        builds: Vec<(i64, BuildPrio)>,
         recorded: Option<(Row, Option<Row>)>,
     ) -> Self {
-        let drv_path = machine.drv_path().to_string();
+        let drv_path = machine.drv().clone();
         let cell = env
             .actors
-            .register(step_id(&drv_path), ActorKind::Step, env.now());
+            .register(ActorId::Step(drv_path.clone()), ActorKind::Step, env.now());
+        let mut builds = builds;
+        builds.sort_by_key(|b| b.0);
+        builds.dedup_by_key(|b| b.0);
         let (resolved_row, child_row) = match recorded {
             Some((own, child)) => (Some(own), child),
             None => (None, None),
@@ -90,7 +99,7 @@ impl StepActor {
             system: drv.system.clone(),
             features: required_features(drv),
             deps,
-            waiters: HashMap::new(),
+            waiters: Vec::new(),
             builds,
             pending_rows: Vec::new(),
             running_row: None,
@@ -114,9 +123,16 @@ impl StepActor {
     fn describe(&self) {
         let phase = self.machine.phase();
         let state = phase_name(phase);
-        let waiting: Vec<String> = match phase {
-            Phase::WaitingForInputs => self.machine.waiting_on().map(|d| step_id(d)).collect(),
-            Phase::AwaitingResolved { resolved } => vec![step_id(resolved)],
+        let waiting: Vec<ActorId> = match phase {
+            Phase::WaitingForInputs => self
+                .machine
+                .waiting_on_drvs()
+                .map(|d| ActorId::Step(d.clone()))
+                .collect(),
+            Phase::AwaitingResolved { resolved } => vec![ActorId::Step(match &self.resolved_to {
+                Some(r) if **r == **resolved => r.clone(),
+                _ => resolved.as_str().into(),
+            })],
             _ => vec![],
         };
         let detail = match phase {
@@ -130,51 +146,65 @@ impl StepActor {
         };
         self.cell.describe(|d| {
             if d.state != state {
-                d.state = state.to_string();
+                d.state = state.into();
             }
             d.waiting_on = waiting;
             d.detail = detail;
             d.parents = self
                 .waiters
-                .keys()
+                .iter()
                 .map(|w| match w {
-                    Waiter::Build(b) => crate::actors::introspect::build_id(*b),
-                    Waiter::Step(s) => step_id(s),
+                    WaiterAddr::Build(b, _) => ActorId::Build(*b),
+                    WaiterAddr::Step(s, _) => ActorId::Step(s.clone()),
                 })
                 .collect();
-            d.parents.sort();
+            // As the printed ids sort.
+            d.parents.sort_by_cached_key(|p| p.to_string());
             d.children = self.deps_drvs();
         });
     }
 
-    fn deps_drvs(&self) -> Vec<String> {
+    fn deps_drvs(&self) -> Vec<ActorId> {
         // The input steps still attached (the step no longer holds its parsed derivation).
-        let mut v: Vec<String> = self.machine.waiting_on().map(|d| step_id(d)).collect();
+        let mut v: Vec<ActorId> = self
+            .machine
+            .waiting_on_drvs()
+            .map(|d| ActorId::Step(d.clone()))
+            .collect();
         if let Some(r) = &self.resolved_to {
-            v.push(step_id(r));
+            v.push(ActorId::Step(r.clone()));
         }
         v
     }
 
     /// The build that owns this step's rows: the oldest build that needs it.
     fn owner(&self) -> Option<i64> {
-        self.builds.keys().next().copied()
+        self.builds.first().map(|b| b.0)
+    }
+
+    /// The waiter `w`'s place in [`waiters`](Self::waiters).
+    fn waiter_index(&self, w: &Waiter) -> Result<usize, usize> {
+        self.waiters.binary_search_by(|a| a.cmp_key(w))
+    }
+
+    fn waiter(&self, w: &Waiter) -> Option<&WaiterAddr> {
+        self.waiter_index(w).ok().map(|i| &self.waiters[i])
     }
 
     fn priority(&self) -> Priority {
         let best = self.builds.iter().max_by(|a, b| {
             a.1.global_priority
                 .cmp(&b.1.global_priority)
-                .then(b.0.cmp(a.0))
+                .then(b.0.cmp(&a.0))
         });
         match best {
             Some((id, p)) => Priority {
                 global_priority: p.global_priority,
-                jobset: p.jobset.clone(),
+                jobset: p.jobset.to_string(),
                 local_priority: self
                     .builds
-                    .values()
-                    .map(|b| b.local_priority)
+                    .iter()
+                    .map(|b| b.1.local_priority)
                     .max()
                     .unwrap_or(0),
                 build_id: *id,
@@ -199,7 +229,7 @@ impl StepActor {
             self.describe();
         } else if let Some(drv) = landed {
             // Still waiting: drop just the input that landed (no rebuild of the lists).
-            let id = step_id(&drv);
+            let id = ActorId::Step(drv);
             self.cell.describe(|d| d.waiting_on.retain(|w| *w != id));
         }
         self.queue.extend(effects);
@@ -234,7 +264,7 @@ impl StepActor {
                     .get_or_insert_with(std::time::Instant::now);
                 self.dispatcher.do_send(Runnable {
                     step: RunnableStep {
-                        drv: self.drv_path.clone(),
+                        drv: self.drv_path.to_string(),
                         system: self.system.clone(),
                         features: self.features.clone(),
                         priority: self.priority(),
@@ -258,7 +288,7 @@ impl StepActor {
             }
             Effect::NotifyLanded { to, outputs } => {
                 for w in to {
-                    match self.waiters.get(&w) {
+                    match self.waiter(&w) {
                         Some(WaiterAddr::Step(_, a)) => {
                             if let Some(a) = a.upgrade() {
                                 a.do_send(OutputsLanded {
@@ -288,7 +318,7 @@ impl StepActor {
                         from: self.drv_path.clone(),
                         failure: failure.clone(),
                     };
-                    match self.waiters.get(&w) {
+                    match self.waiter(&w) {
                         Some(WaiterAddr::Step(_, a)) => {
                             if let Some(a) = a.upgrade() {
                                 a.do_send(msg);
@@ -343,7 +373,7 @@ impl StepActor {
         times_built: Option<i32>,
     ) -> impl std::future::Future<Output = ()> + 'static {
         let env = self.env.clone();
-        let drv_path = self.drv_path.clone();
+        let drv_path = self.drv_path.to_string();
         let machine = (!self.machine_name.is_empty() && times_built.unwrap_or(0) > 0)
             .then(|| self.machine_name.clone());
         async move {
@@ -386,7 +416,7 @@ impl StepActor {
 
     fn resolve(&mut self, inputs: BTreeMap<(String, String), String>, ctx: &mut Context<Self>) {
         let env = self.env.clone();
-        let drv_path = self.drv_path.clone();
+        let drv_path = self.drv_path.to_string();
         let owner = self.owner();
         let existing_row = self
             .owner()
@@ -424,7 +454,7 @@ impl StepActor {
                     );
                 }
             };
-            if rpath == drv_path {
+            if *rpath == *drv_path {
                 return (Event::Resolved(Resolution::Same), After::None);
             }
             // I/O first: the resolved drv into the store, kept alive by a GC root ...
@@ -501,9 +531,14 @@ impl StepActor {
     /// one by early cutoff, or a new one.
     fn attach_child(&mut self, resolved: String, ctx: &mut Context<Self>) {
         let me = ctx.address().downgrade();
-        self.resolved_to = Some(resolved.clone());
+        let live = self.env.registry.get_keyed(&resolved);
+        let shared: Drv = match &live {
+            Some((d, _)) => d.clone(),
+            None => resolved.as_str().into(),
+        };
+        self.resolved_to = Some(shared.clone());
         self.describe();
-        if let Some(child) = self.env.registry.get(&resolved) {
+        if let Some((_, child)) = live {
             if let Some((b, n)) = self.child_row {
                 child.do_send(AdoptRow {
                     build: b,
@@ -511,9 +546,7 @@ impl StepActor {
                 });
             }
             self.env.stats.membership();
-            child.do_send(AddBuilds(
-                self.builds.iter().map(|(k, v)| (*k, v.clone())).collect(),
-            ));
+            child.do_send(AddBuilds(self.builds.clone()));
             child.do_send(AddWaiter(WaiterAddr::Step(self.drv_path.clone(), me)));
             self.deps.push(child);
             return;
@@ -522,7 +555,7 @@ impl StepActor {
         let dispatcher = self.dispatcher.clone();
         let child_row = self.child_row;
         let builds = self.builds.clone();
-        let parent = self.drv_path.clone();
+        let parent = self.drv_path.to_string();
         self.busy = true;
         let r = resolved.clone();
         let fut = async move {
@@ -557,11 +590,11 @@ impl StepActor {
                 (Ok(d), None) => {
                     // A race is impossible here: the registry is only changed on this thread, and it
                     // did not hold the child when we looked. Look again after the I/O all the same.
-                    let child = match act.env.registry.get(&resolved) {
-                        Some(c) => c,
+                    let child = match act.env.registry.get_keyed(&resolved) {
+                        Some((_, c)) => c,
                         None => {
                             let machine = StepMachine::new(
-                                resolved.clone(),
+                                shared.clone(),
                                 false,
                                 BTreeMap::new(),
                                 BTreeMap::new(),
@@ -569,8 +602,8 @@ impl StepActor {
                             );
                             let mut a = StepActor::new(act.env.clone(), dispatcher, machine, &d, vec![], builds, None);
                             a.resolved_child = true;
-                            let a = a.start();
-                            act.env.registry.insert(&resolved, &a);
+                            let a = Arc::new(a.start());
+                            act.env.registry.insert(&shared, &a);
                             Stats::inc(&act.env.stats.steps_created);
                             a
                         }
@@ -592,7 +625,7 @@ impl StepActor {
         self.machine_name = machine.clone();
         self.in_flight = true;
         let env = self.env.clone();
-        let drv_path = self.drv_path.clone();
+        let drv_path = self.drv_path.to_string();
         let system = self.system.clone();
         let pending = self
             .owner()
@@ -662,7 +695,7 @@ impl StepActor {
             Stats::dec(&env.stats.steps_running);
             Stats::inc(&env.stats.steps_built);
             env.emit(SchedEvent::StepFinished {
-                drv: self.drv_path.clone(),
+                drv: self.drv_path.to_string(),
                 status: 0,
                 built: true,
             });
@@ -671,9 +704,12 @@ impl StepActor {
                 .map(|row| self.finish_row(row, Status::Success, None, outputs.clone(), Some(1)));
             let cached: Vec<_> = std::mem::take(&mut self.pending_rows)
                 .into_iter()
-                .map(|row| finish_cached(env.clone(), self.drv_path.clone(), row, outputs.clone()))
+                .map(|row| {
+                    finish_cached(env.clone(), self.drv_path.to_string(), row, outputs.clone())
+                })
                 .collect();
-            let store_side = register_in_store(env.clone(), self.drv_path.clone(), outputs.clone());
+            let store_side =
+                register_in_store(env.clone(), self.drv_path.to_string(), outputs.clone());
             self.io(ctx, async move {
                 store_side.await;
                 if let Some(m) = main {
@@ -686,12 +722,12 @@ impl StepActor {
         } else {
             // A resolved parent aliases its child's outputs: realisations for its own drv outputs.
             env.emit(SchedEvent::StepFinished {
-                drv: self.drv_path.clone(),
+                drv: self.drv_path.to_string(),
                 status: 0,
                 built: false,
             });
             let row = self.resolved_row;
-            let drv_path = self.drv_path.clone();
+            let drv_path = self.drv_path.to_string();
             let store_side = register_in_store(env.clone(), drv_path.clone(), outputs.clone());
             self.io(ctx, async move {
                 store_side.await;
@@ -713,11 +749,11 @@ impl StepActor {
     /// as Cancelled, then the actor stops.
     fn abandon(&mut self, ctx: &mut Context<Self>) {
         tracing::info!(drv = %self.drv_path, "step abandoned: no build needs it");
-        self.dispatcher.do_send(StepLeft(self.drv_path.clone()));
+        self.dispatcher.do_send(StepLeft(self.drv_path.to_string()));
         if self.in_flight {
             if let Some(abort) = &self.abort {
                 abort.do_send(AbortJob {
-                    drv_path: self.drv_path.clone(),
+                    drv_path: self.drv_path.to_string(),
                 });
             }
             Stats::dec(&self.env.stats.steps_running);
@@ -756,7 +792,7 @@ impl StepActor {
             Stats::dec(&self.env.stats.steps_running);
         }
         self.env.emit(SchedEvent::StepFinished {
-            drv: self.drv_path.clone(),
+            drv: self.drv_path.to_string(),
             status: failure.status.code(),
             built: false,
         });
@@ -765,23 +801,21 @@ impl StepActor {
             return;
         }
         let env = self.env.clone();
-        let drv_path = self.drv_path.clone();
+        let drv_path = self.drv_path.to_string();
         let system = self.system.clone();
         let owner = self.owner();
         let running = self.running_row.take();
         // The other builds that need this step learn where it failed from the failure itself
         // (each records its own row when the failure reaches it).
-        self.failure_origin =
-            running
-                .map(|r| r.0)
-                .or(owner)
-                .map(|build| crate::actors::types::FailureOrigin {
-                    drv: drv_path.clone(),
-                    system: system.clone(),
-                    status: failure.status,
-                    message: failure.message.clone(),
-                    build,
-                });
+        self.failure_origin = running.map(|r| r.0).or(owner).map(|build| {
+            Box::new(crate::actors::types::FailureOrigin {
+                drv: drv_path.to_string(),
+                system: system.clone(),
+                status: failure.status,
+                message: failure.message.clone(),
+                build,
+            })
+        });
         let pending = std::mem::take(&mut self.pending_rows);
         let own_finish = running.map(|row| {
             self.finish_row(
@@ -936,7 +970,7 @@ impl Handler<OutputsLanded> for StepActor {
     fn handle(&mut self, msg: OutputsLanded, ctx: &mut Context<Self>) {
         self.cell.handled();
         let ev = match self.machine.phase() {
-            Phase::AwaitingResolved { resolved } if *resolved == msg.from => {
+            Phase::AwaitingResolved { resolved } if resolved.as_str() == &*msg.from => {
                 Event::ChildLanded(msg.outputs)
             }
             _ => Event::InputLanded {
@@ -953,7 +987,7 @@ impl Handler<StepFailed> for StepActor {
     fn handle(&mut self, msg: StepFailed, ctx: &mut Context<Self>) {
         self.cell.handled();
         let ev = match self.machine.phase() {
-            Phase::AwaitingResolved { resolved } if *resolved == msg.from => {
+            Phase::AwaitingResolved { resolved } if resolved.as_str() == &*msg.from => {
                 Event::ChildFailed(msg.failure)
             }
             _ => Event::InputFailed {
@@ -970,7 +1004,10 @@ impl Handler<AddWaiter> for StepActor {
     fn handle(&mut self, msg: AddWaiter, ctx: &mut Context<Self>) {
         self.cell.handled();
         let key = msg.0.key();
-        self.waiters.insert(key.clone(), msg.0);
+        match self.waiter_index(&key) {
+            Ok(i) => self.waiters[i] = msg.0,
+            Err(i) => self.waiters.insert(i, msg.0),
+        }
         self.feed(Event::WaiterAdded(key), ctx);
         self.describe();
     }
@@ -980,9 +1017,13 @@ impl Handler<RemoveWaiter> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: RemoveWaiter, ctx: &mut Context<Self>) {
         self.cell.handled();
-        self.waiters.remove(&msg.0);
-        if let Waiter::Build(id) = &msg.0 {
-            self.builds.remove(id);
+        if let Ok(i) = self.waiter_index(&msg.0) {
+            self.waiters.remove(i);
+        }
+        if let Waiter::Build(id) = &msg.0
+            && let Ok(i) = self.builds.binary_search_by_key(id, |b| b.0)
+        {
+            self.builds.remove(i);
         }
         self.feed(Event::WaiterRemoved(msg.0), ctx);
         self.describe();
@@ -996,7 +1037,10 @@ impl Handler<AddBuilds> for StepActor {
         Stats::dec(&self.env.stats.membership_in_flight);
         let before = (self.owner(), self.priority());
         for (id, prio) in &msg.0 {
-            self.builds.insert(*id, prio.clone());
+            match self.builds.binary_search_by_key(id, |b| b.0) {
+                Ok(i) => self.builds[i].1 = prio.clone(),
+                Err(i) => self.builds.insert(i, (*id, prio.clone())),
+            }
         }
         // Passed down only when it changes what the step needs to know of its builds (the
         // owner, the priority): otherwise the inputs know better already. Failures reach
@@ -1028,9 +1072,9 @@ impl Handler<AdoptRow> for StepActor {
                 // Early cutoff within the running graph: the resolved drv is built already.
                 Stats::inc(&self.env.stats.early_cutoffs);
                 self.env.emit(SchedEvent::EarlyCutoff {
-                    drv: self.drv_path.clone(),
+                    drv: self.drv_path.to_string(),
                 });
-                let f = finish_cached(self.env.clone(), self.drv_path.clone(), row, outputs);
+                let f = finish_cached(self.env.clone(), self.drv_path.to_string(), row, outputs);
                 self.io(ctx, f);
             }
             Phase::Failed(f) => {

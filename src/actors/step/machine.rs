@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::actors::types::{Failure, Outputs, Status, Waiter};
+use crate::actors::types::{Drv, Failure, Outputs, Status, Waiter};
 
 /// Retry policy for transient failures (from `[scheduler]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -111,11 +111,11 @@ pub enum Event {
     /// Sent once after creation.
     Start,
     InputLanded {
-        drv: String,
+        drv: Drv,
         outputs: Outputs,
     },
     InputFailed {
-        drv: String,
+        drv: Drv,
         failure: Failure,
     },
     WaiterAdded(Waiter),
@@ -179,11 +179,12 @@ pub enum Effect {
 /// The step state machine.
 #[derive(Debug, Clone)]
 pub struct StepMachine {
-    drv_path: String,
+    drv_path: Drv,
     needs_resolution: bool,
     /// Input drvs still to land, with the outputs wanted from each.
     /// Sorted by drv path; small vectors, not trees: a waiting step's state is most of its memory.
-    waiting_for: Vec<(String, Vec<String>)>,
+    /// The drv paths are the input steps' own (shared) ones.
+    waiting_for: Vec<(Drv, Vec<String>)>,
     /// Real paths of the inputs' outputs: (drv, output) → path.
     landed: BTreeMap<(String, String), String>,
     /// Sorted, without duplicates.
@@ -200,19 +201,53 @@ impl StepMachine {
     /// A step for `drv_path` waiting for `inputs` (drv → wanted outputs) that are still to build;
     /// `already_landed` holds the realisations of inputs that are already valid.
     pub fn new(
-        drv_path: impl Into<String>,
+        drv_path: impl Into<Drv>,
         needs_resolution: bool,
         inputs: BTreeMap<String, BTreeSet<String>>,
         already_landed: BTreeMap<(String, String), String>,
         retry: RetryPolicy,
     ) -> Self {
+        Self::with_inputs(
+            drv_path,
+            needs_resolution,
+            inputs
+                .into_iter()
+                .map(|(d, outs)| (Drv::from(d), outs.into_iter().collect()))
+                .collect(),
+            already_landed,
+            retry,
+        )
+    }
+
+    /// [`new`](Self::new) with the inputs' drv paths shared (the input steps' own), as
+    /// (drv, wanted outputs); any order, duplicates merged.
+    pub fn with_inputs(
+        drv_path: impl Into<Drv>,
+        needs_resolution: bool,
+        inputs: Vec<(Drv, Vec<String>)>,
+        already_landed: BTreeMap<(String, String), String>,
+        retry: RetryPolicy,
+    ) -> Self {
+        let mut waiting_for = inputs;
+        waiting_for.sort_by(|a, b| a.0.cmp(&b.0));
+        waiting_for.dedup_by(|a, b| {
+            if a.0 == b.0 {
+                b.1.append(&mut a.1);
+                true
+            } else {
+                false
+            }
+        });
+        for (_, outs) in &mut waiting_for {
+            outs.sort();
+            outs.dedup();
+            outs.shrink_to_fit();
+        }
+        waiting_for.shrink_to_fit();
         StepMachine {
             drv_path: drv_path.into(),
             needs_resolution,
-            waiting_for: inputs
-                .into_iter()
-                .map(|(d, outs)| (d, outs.into_iter().collect()))
-                .collect(),
+            waiting_for,
             landed: already_landed,
             waiters: Vec::new(),
             phase: Phase::WaitingForInputs,
@@ -232,6 +267,11 @@ impl StepMachine {
         &self.drv_path
     }
 
+    /// The drv path, shared.
+    pub fn drv(&self) -> &Drv {
+        &self.drv_path
+    }
+
     pub fn phase(&self) -> &Phase {
         &self.phase
     }
@@ -241,7 +281,12 @@ impl StepMachine {
     }
 
     /// Input drvs not landed yet (what the step waits on).
-    pub fn waiting_on(&self) -> impl Iterator<Item = &String> {
+    pub fn waiting_on(&self) -> impl Iterator<Item = &str> {
+        self.waiting_for.iter().map(|(d, _)| &**d)
+    }
+
+    /// [`waiting_on`](Self::waiting_on), shared.
+    pub fn waiting_on_drvs(&self) -> impl Iterator<Item = &Drv> {
         self.waiting_for.iter().map(|(d, _)| d)
     }
 
@@ -316,7 +361,7 @@ impl StepMachine {
 
     fn waiting_index(&self, drv: &str) -> Option<usize> {
         self.waiting_for
-            .binary_search_by(|(d, _)| d.as_str().cmp(drv))
+            .binary_search_by(|(d, _)| (**d).cmp(drv))
             .ok()
     }
 
@@ -337,7 +382,7 @@ impl StepMachine {
         }
     }
 
-    fn input_landed(&mut self, drv: String, outputs: Outputs) -> Vec<Effect> {
+    fn input_landed(&mut self, drv: Drv, outputs: Outputs) -> Vec<Effect> {
         if self.phase != Phase::WaitingForInputs {
             return vec![];
         }
@@ -348,7 +393,7 @@ impl StepMachine {
         for o in wanted {
             match outputs.get(&o) {
                 Some(p) => {
-                    self.landed.insert((drv.clone(), o), p.clone());
+                    self.landed.insert((drv.to_string(), o), p.clone());
                 }
                 None => {
                     let msg = format!("input {drv} landed without its output '{o}'");

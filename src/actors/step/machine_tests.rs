@@ -458,3 +458,34 @@ fn failure_messages_are_made_storable() {
     let built = BuildOutcome::Built(Outputs::new());
     assert_eq!(built.clone().storable(), built);
 }
+
+#[test]
+fn inputs_given_in_any_order_are_kept_sorted_and_merged() {
+    let c = "/s/cccc-c.drv";
+    let mut s = StepMachine::with_inputs(
+        B,
+        false,
+        vec![
+            (c.into(), vec!["out".into()]),
+            (A.into(), vec!["out".into(), "dev".into()]),
+            (c.into(), vec!["lib".into(), "out".into()]),
+        ],
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    );
+    s.on(Event::WaiterAdded(Waiter::Build(1)));
+    assert_eq!(s.waiting_on().collect::<Vec<_>>(), vec![A, c]);
+    assert_eq!(s.on(Event::Start), vec![]);
+    s.on(Event::InputLanded {
+        drv: c.into(),
+        outputs: outs(&[("out", "/p/c"), ("lib", "/p/c-lib")]),
+    });
+    assert_eq!(s.waiting_on().collect::<Vec<_>>(), vec![A]);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: A.into(),
+            outputs: outs(&[("out", "/p/a"), ("dev", "/p/a-dev")]),
+        }),
+        vec![Effect::MakeRunnable]
+    );
+}
