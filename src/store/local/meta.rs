@@ -224,8 +224,17 @@ impl MetaDb {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        super::blocking(move || {
+        let me = self.clone();
+        super::blocking(move || me.write_now(f)).await
+    }
+
+    /// Runs `f` on the writer connection on the calling thread (one that may block).
+    fn write_now<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let inner = &self.inner;
+        {
             let mut guard = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
             let conn = guard.as_mut().ok_or_else(closed_err)?;
             if !conn.is_autocommit() {
@@ -240,8 +249,7 @@ impl MetaDb {
                 inner.has_sync.store(want, Ordering::SeqCst);
             }
             f(conn)
-        })
-        .await
+        }
     }
 
     pub(crate) async fn is_valid(&self, path: &str) -> Result<bool, StoreError> {
@@ -296,12 +304,51 @@ impl MetaDb {
     ///
     /// A fixed number of statements whatever the batch size (rows go in as JSON arrays through
     /// `json_each`), so a group commit of many registrations costs about what one does.
+    /// (Tests; the store calls [`MetaDb::register_now`] from its group commit's thread.)
+    #[cfg(test)]
     pub(crate) async fn register(
         &self,
         paths: &[Registration],
         realisations: &[(DrvOutput, String)],
         roots: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
+        let (now, rows, refs) = registration_args(paths)?;
+        let realisations = realisations.to_vec();
+        let roots = roots.to_vec();
+        self.write(move |conn| register_in(conn, now, &rows, &refs, &realisations, &roots))
+            .await
+    }
+
+    /// Registers paths, realisations and roots in one transaction, as described at
+    /// `MetaDb::register`, on the calling thread, which must be one that may block (a
+    /// `spawn_blocking` thread): the commit syncs the WAL.
+    pub(crate) fn register_now(
+        &self,
+        paths: &[Registration],
+        realisations: &[(DrvOutput, String)],
+        roots: &[(String, String)],
+    ) -> Result<Vec<String>, StoreError> {
+        let (now, rows, refs) = registration_args(paths)?;
+        self.write_now(|conn| register_in(conn, now, &rows, &refs, realisations, roots))
+    }
+
+    /// [`MetaDb::is_valid`], synchronously (a read takes microseconds).
+    pub(crate) fn is_valid_now(&self, path: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?")
+                .and_then(|mut s| s.exists([path]))
+                .map_err(db_err("querying validity"))
+        })
+    }
+}
+
+/// What [`register_in`] takes of the paths: the time, the rows as a JSON array, and each path
+/// with its references.
+#[allow(clippy::type_complexity)]
+fn registration_args(
+    paths: &[Registration],
+) -> Result<(i64, String, Vec<(String, Vec<String>)>), StoreError> {
+    {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -324,12 +371,11 @@ impl MetaDb {
             .iter()
             .map(|i| (i.path.clone(), i.references.iter().cloned().collect()))
             .collect();
-        let realisations = realisations.to_vec();
-        let roots = roots.to_vec();
-        self.write(move |conn| register_in(conn, now, &rows, &refs, &realisations, &roots))
-            .await
+        Ok((now, rows, refs))
     }
+}
 
+impl MetaDb {
     /// The valid paths among `paths` (one query per 500).
     pub(crate) async fn valid_among(
         &self,

@@ -179,7 +179,7 @@ pub struct LocalStore {
     /// Registrations waiting for the write lock: whoever takes it commits them all (group commit).
     group: Mutex<Vec<GroupReq>>,
     /// Paths known valid (positive answers only; see [`ValidCache`]).
-    valid: ValidCache,
+    valid: Arc<ValidCache>,
     /// Off only to fill a scratch store quickly (`qr bench` setup): contents are not fsynced.
     no_fsync: std::sync::atomic::AtomicBool,
     fault: Mutex<Option<FaultHook>>,
@@ -258,7 +258,7 @@ impl LocalStore {
             reservations: Arc::new(Mutex::new(HashMap::new())),
             write_mutex: tokio::sync::Mutex::new(()),
             group: Mutex::new(Vec::new()),
-            valid: ValidCache::default(),
+            valid: Arc::default(),
             no_fsync: Default::default(),
             fault: Mutex::new(fault),
             _open_lock: open_lock,
@@ -312,14 +312,6 @@ impl LocalStore {
     /// Installs (or removes) a fault-injection hook.
     pub fn set_fault_hook(&self, hook: Option<FaultHook>) {
         *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = hook;
-    }
-
-    fn fault(&self, point: FaultPoint) -> Result<(), StoreError> {
-        let hook = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        match hook {
-            Some(h) => h(point).map_err(|m| StoreError::Metadata(format!("injected fault: {m}"))),
-            None => Ok(()),
-        }
     }
 
     /// Reserves base names (see [`Reservation`]).
@@ -493,142 +485,27 @@ impl LocalStore {
                 reply,
             });
         {
-            let lock = self.write_lock().await;
+            // The in-process lock here; the cross-process one, the moves and the metadata
+            // transaction on one blocking thread (one hand-off for the whole group).
+            let _held = self.write_mutex.lock().await;
             let batch = std::mem::take(&mut *self.group.lock().unwrap_or_else(|p| p.into_inner()));
-            match lock {
-                Ok(_held) => self.commit_group(batch).await,
-                Err(e) => {
-                    for r in batch {
-                        let _ = r.reply.send(Err(copy_err(&e)));
-                    }
+            if !batch.is_empty() {
+                let c = GroupCommit {
+                    root: self.root.clone(),
+                    db: self.db.clone(),
+                    valid: self.valid.clone(),
+                    fsync: self.fsync(),
+                    fault: self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                };
+                if let Err(e) = tokio::task::spawn_blocking(move || c.commit(batch)).await {
+                    // The replies went with the batch: each caller sees it below.
+                    tracing::error!(error = %e, "a group commit of the store failed");
                 }
             }
         }
         done.await.map_err(|_| {
             StoreError::Metadata("a registration was dropped before it committed".into())
         })?
-    }
-
-    /// Commits queued registrations (the write lock is held): moves every one's contents into
-    /// place, fsyncs the root once, then registers all in one transaction. If that transaction
-    /// fails, each registration is committed on its own, so one bad registration fails only its
-    /// caller.
-    async fn commit_group(&self, batch: Vec<GroupReq>) {
-        struct Moved {
-            reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
-            infos: Vec<PathInfo>,
-            realisations: Vec<(DrvOutput, String)>,
-            roots: Vec<(String, String)>,
-            moved: Vec<PathBuf>,
-        }
-        let mut ready: Vec<Moved> = Vec::new();
-        // Paths put in place by this group: a second copy is discarded, as for a valid path.
-        let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for req in batch {
-            let mut m = Moved {
-                reply: req.reply,
-                infos: Vec::new(),
-                realisations: req.realisations,
-                roots: req.roots,
-                moved: Vec::new(),
-            };
-            let mut failed = None;
-            for (info, staged, dest) in req.items {
-                let step = async {
-                    // A valid path has its contents in place: when nothing is at `dest`, the
-                    // path is not valid (or lost its contents, which this copy restores), so
-                    // the metadata database is asked only when something is there.
-                    if placed.contains(&info.path)
-                        || (fs::symlink_metadata(&dest).is_ok()
-                            && self.is_valid_cached(&info.path).await?)
-                    {
-                        if staged != dest {
-                            remove_tree(&staged).map_err(io_err("removing", &staged))?;
-                        }
-                        return Ok::<_, StoreError>(None);
-                    }
-                    if staged != dest {
-                        if fs::symlink_metadata(&dest).is_ok() {
-                            // Unregistered leftovers (e.g. of a failed build): replace them.
-                            remove_tree(&dest).map_err(io_err("removing", &dest))?;
-                        }
-                        rename_noreplace(&staged, &dest)
-                            .map_err(io_err("moving into place", &dest))?;
-                        m.moved.push(dest.clone());
-                    }
-                    Ok(Some(info))
-                };
-                match step.await {
-                    Ok(Some(info)) => {
-                        placed.insert(info.path.clone());
-                        m.infos.push(info);
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                Some(e) => {
-                    let _ = m.reply.send(Err(e));
-                }
-                None => ready.push(m),
-            }
-        }
-        if self.fsync()
-            && ready.iter().any(|m| !m.infos.is_empty())
-            && let Err(e) = fsync_dir(&self.root).map_err(io_err("syncing", &self.root))
-        {
-            for m in ready {
-                let _ = m.reply.send(Err(copy_err(&e)));
-            }
-            return;
-        }
-        // An injected fault stands for a crash: nothing is cleaned up (the next open does it).
-        if let Err(e) = self.fault(FaultPoint::BeforeRegister) {
-            for m in ready {
-                let _ = m.reply.send(Err(copy_err(&e)));
-            }
-            return;
-        }
-        let all_infos: Vec<PathInfo> = ready.iter().flat_map(|m| m.infos.clone()).collect();
-        let all_real: Vec<(DrvOutput, String)> =
-            ready.iter().flat_map(|m| m.realisations.clone()).collect();
-        let all_roots: Vec<(String, String)> = ready.iter().flat_map(|m| m.roots.clone()).collect();
-        if ready.len() > 1
-            && self
-                .db
-                .register(&all_infos, &all_real, &all_roots)
-                .await
-                .is_ok()
-        {
-            self.valid.insert(all_infos.iter().map(|i| i.path.as_str()));
-            for m in ready {
-                let _ = m.reply.send(Ok(()));
-            }
-            return;
-        }
-        for m in ready {
-            let r = self
-                .db
-                .register(&m.infos, &m.realisations, &m.roots)
-                .await
-                .map(|_| ());
-            if r.is_ok() {
-                self.valid.insert(m.infos.iter().map(|i| i.path.as_str()));
-            }
-            if r.is_err() {
-                // Nothing was registered: take the contents back out of sight.
-                for d in &m.moved {
-                    if let Err(re) = remove_tree(d) {
-                        tracing::warn!(path = %d.display(), error = %re, "cannot remove unregistered contents");
-                    }
-                }
-            }
-            let _ = m.reply.send(r);
-        }
     }
 
     /// [`Store::add_text`], also setting the GC root `<root_prefix><base name>` on the path in
@@ -1190,3 +1067,162 @@ impl Store for LocalStore {
 
 #[cfg(test)]
 mod tests;
+
+/// A group commit's share of the store, owned, for the blocking thread that runs it.
+struct GroupCommit {
+    root: PathBuf,
+    db: MetaDb,
+    valid: Arc<ValidCache>,
+    fsync: bool,
+    fault: Option<FaultHook>,
+}
+
+impl GroupCommit {
+    fn fault_at(&self, point: FaultPoint) -> Result<(), StoreError> {
+        match &self.fault {
+            Some(h) => h(point).map_err(|m| StoreError::Metadata(format!("injected fault: {m}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `path` is valid: the cache, then the metadata database.
+    fn is_valid(&self, path: &str) -> Result<bool, StoreError> {
+        if self.valid.contains(path) {
+            return Ok(true);
+        }
+        let v = self.db.is_valid_now(path)?;
+        if v {
+            self.valid.insert([path]);
+        }
+        Ok(v)
+    }
+
+    /// Commits queued registrations (the in-process write lock is held; this takes the cross-process one), on a thread that may block: moves every one's contents into
+    /// place, fsyncs the root once, then registers all in one transaction. If that transaction
+    /// fails, each registration is committed on its own, so one bad registration fails only its
+    /// caller.
+    fn commit(&self, batch: Vec<GroupReq>) {
+        let p = self.root.join(META_DIR).join("write.lock");
+        let _lock = match FileLock::lock(&p, LockMode::Exclusive).map_err(io_err("locking", &p)) {
+            Ok(l) => l,
+            Err(e) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(copy_err(&e)));
+                }
+                return;
+            }
+        };
+        struct Moved {
+            reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+            infos: Vec<PathInfo>,
+            realisations: Vec<(DrvOutput, String)>,
+            roots: Vec<(String, String)>,
+            moved: Vec<PathBuf>,
+        }
+        let mut ready: Vec<Moved> = Vec::new();
+        // Paths put in place by this group: a second copy is discarded, as for a valid path.
+        let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for req in batch {
+            let mut m = Moved {
+                reply: req.reply,
+                infos: Vec::new(),
+                realisations: req.realisations,
+                roots: req.roots,
+                moved: Vec::new(),
+            };
+            let mut failed = None;
+            for (info, staged, dest) in req.items {
+                let step = || {
+                    // A valid path has its contents in place: when nothing is at `dest`, the
+                    // path is not valid (or lost its contents, which this copy restores), so
+                    // the metadata database is asked only when something is there.
+                    if placed.contains(&info.path)
+                        || (fs::symlink_metadata(&dest).is_ok() && self.is_valid(&info.path)?)
+                    {
+                        if staged != dest {
+                            remove_tree(&staged).map_err(io_err("removing", &staged))?;
+                        }
+                        return Ok::<_, StoreError>(None);
+                    }
+                    if staged != dest {
+                        if fs::symlink_metadata(&dest).is_ok() {
+                            // Unregistered leftovers (e.g. of a failed build): replace them.
+                            remove_tree(&dest).map_err(io_err("removing", &dest))?;
+                        }
+                        rename_noreplace(&staged, &dest)
+                            .map_err(io_err("moving into place", &dest))?;
+                        m.moved.push(dest.clone());
+                    }
+                    Ok(Some(info))
+                };
+                match step() {
+                    Ok(Some(info)) => {
+                        placed.insert(info.path.clone());
+                        m.infos.push(info);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => {
+                    let _ = m.reply.send(Err(e));
+                }
+                None => ready.push(m),
+            }
+        }
+        if self.fsync
+            && ready.iter().any(|m| !m.infos.is_empty())
+            && let Err(e) = fsync_dir(&self.root).map_err(io_err("syncing", &self.root))
+        {
+            for m in ready {
+                let _ = m.reply.send(Err(copy_err(&e)));
+            }
+            return;
+        }
+        // An injected fault stands for a crash: nothing is cleaned up (the next open does it).
+        if let Err(e) = self.fault_at(FaultPoint::BeforeRegister) {
+            for m in ready {
+                let _ = m.reply.send(Err(copy_err(&e)));
+            }
+            return;
+        }
+        let all_infos: Vec<PathInfo> = ready.iter().flat_map(|m| m.infos.clone()).collect();
+        let all_real: Vec<(DrvOutput, String)> =
+            ready.iter().flat_map(|m| m.realisations.clone()).collect();
+        let all_roots: Vec<(String, String)> = ready.iter().flat_map(|m| m.roots.clone()).collect();
+        if ready.len() > 1
+            && self
+                .db
+                .register_now(&all_infos, &all_real, &all_roots)
+                .is_ok()
+        {
+            self.valid.insert(all_infos.iter().map(|i| i.path.as_str()));
+            for m in ready {
+                let _ = m.reply.send(Ok(()));
+            }
+            return;
+        }
+        for m in ready {
+            let r = self
+                .db
+                .register_now(&m.infos, &m.realisations, &m.roots)
+                .map(|_| ());
+            if r.is_ok() {
+                self.valid.insert(m.infos.iter().map(|i| i.path.as_str()));
+            }
+            if r.is_err() {
+                // Nothing was registered: take the contents back out of sight.
+                for d in &m.moved {
+                    if let Err(re) = remove_tree(d) {
+                        tracing::warn!(path = %d.display(), error = %re, "cannot remove unregistered contents");
+                    }
+                }
+            }
+            let _ = m.reply.send(r);
+        }
+    }
+}
