@@ -31,6 +31,7 @@
 
 mod error;
 mod fault;
+mod lanes;
 mod notify;
 mod ops;
 mod plans;
@@ -134,6 +135,8 @@ struct Inner {
     options: DbOptions,
     events: broadcast::Sender<QueueEvent>,
     faults: Faults,
+    /// PostgreSQL: connections for the one-statement writes (no ping when handed back).
+    lanes: Option<lanes::Lanes>,
     /// Write transactions committed through this handle (benchmarks: transactions per step).
     writes: std::sync::atomic::AtomicU64,
     /// Latency of every attempt of every operation, by kind.
@@ -191,6 +194,14 @@ impl Db {
         } else {
             return Err(DbError::UnsupportedUrl { url: shown });
         };
+        let lanes = match &pool {
+            Pool::Postgres(_, opts) => Some(lanes::Lanes::new(
+                (**opts).clone(),
+                options.max_connections,
+                options.acquire_timeout,
+            )),
+            Pool::Sqlite(_) => None,
+        };
         let (events, _) = broadcast::channel(1024);
         let db = Db {
             inner: Arc::new(Inner {
@@ -199,6 +210,7 @@ impl Db {
                 options,
                 events,
                 faults: Faults::default(),
+                lanes,
                 writes: Default::default(),
                 timings: TxTimings::default(),
             }),
@@ -241,6 +253,9 @@ impl Db {
 
     /// Closes the pool (all clones of this handle); later operations fail.
     pub async fn close(&self) {
+        if let Some(l) = &self.inner.lanes {
+            l.close();
+        }
         on_pool!(self, |pool| pool.close().await)
     }
 
@@ -278,9 +293,9 @@ impl Db {
     /// The PostgreSQL pool, unless a fault is armed at `point`: the one-statement forms of the
     /// hot writes have no point between their statements, so a test that arms one gets the
     /// multi-statement transaction it is about.
-    pub(crate) fn one_statement_pool(&self, point: FaultPoint) -> Option<&PgPool> {
-        match &self.inner.pool {
-            Pool::Postgres(p, _) if !self.inner.faults.is_armed(point) => Some(p),
+    pub(crate) fn one_statement_pool(&self, point: FaultPoint) -> Option<(&PgPool, &lanes::Lanes)> {
+        match (&self.inner.pool, &self.inner.lanes) {
+            (Pool::Postgres(p, _), Some(l)) if !self.inner.faults.is_armed(point) => Some((p, l)),
             _ => None,
         }
     }

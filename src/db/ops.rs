@@ -624,8 +624,8 @@ impl Db {
     /// transaction; concurrent callers never get the same number.
     pub async fn create_step(&self, build: BuildId, step: &NewStep) -> Result<StepNr, DbError> {
         check_new_step(step)?;
-        if let Some(pool) = self.one_statement_pool(FaultPoint::CreateStepAfterAlloc) {
-            return self.create_step_pg(pool, build, step).await;
+        if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::CreateStepAfterAlloc) {
+            return self.create_step_pg((pool, lanes), build, step).await;
         }
         // The number the last attempt allocated: after a lost commit reply, the row tells.
         let allocated = &AtomicI64::new(0);
@@ -657,15 +657,19 @@ impl Db {
     /// outputs are inserted by one statement.
     async fn create_step_pg(
         &self,
-        pool: &PgPool,
+        (_, lanes): (&PgPool, &super::lanes::Lanes),
         build: BuildId,
         step: &NewStep,
     ) -> Result<StepNr, DbError> {
         let nr: StepNr = self
             .writing("create_step", || async move {
-                let nr: Option<StepNr> = sqlx::query_scalar(sql::ALLOC_STEPNR)
-                    .bind(build.0)
-                    .fetch_optional(pool)
+                let nr: Option<StepNr> = lanes
+                    .run(async |c| {
+                        sqlx::query_scalar(sql::ALLOC_STEPNR)
+                            .bind(build.0)
+                            .fetch_optional(&mut *c)
+                            .await
+                    })
                     .await?;
                 self.count_write();
                 nr.ok_or(DbError::BuildNotFound(build))
@@ -679,23 +683,26 @@ impl Db {
             || async move {
                 let inserted: Option<StepNr> = autocommit(
                     self,
-                    sqlx::query_scalar(sql::PG_INSERT_STEP_WITH_OUTPUTS)
-                        .bind(build.0)
-                        .bind(nr)
-                        .bind(s.step_type.code())
-                        .bind(&s.drv_path)
-                        .bind(s.busy.code())
-                        .bind(s.status.map(BuildStatus::code))
-                        .bind(&s.error_msg)
-                        .bind(s.start_time)
-                        .bind(s.stop_time)
-                        .bind(&s.machine)
-                        .bind(&s.system)
-                        .bind(s.propagated_from.map(|b| b.0))
-                        .bind(s.times_built)
-                        .bind(names)
-                        .bind(paths)
-                        .fetch_optional(pool),
+                    lanes.run(async |c| {
+                        sqlx::query_scalar(sql::PG_INSERT_STEP_WITH_OUTPUTS)
+                            .bind(build.0)
+                            .bind(nr)
+                            .bind(s.step_type.code())
+                            .bind(&s.drv_path)
+                            .bind(s.busy.code())
+                            .bind(s.status.map(BuildStatus::code))
+                            .bind(&s.error_msg)
+                            .bind(s.start_time)
+                            .bind(s.stop_time)
+                            .bind(&s.machine)
+                            .bind(&s.system)
+                            .bind(s.propagated_from.map(|b| b.0))
+                            .bind(s.times_built)
+                            .bind(names)
+                            .bind(paths)
+                            .fetch_optional(&mut *c)
+                            .await
+                    }),
                 )
                 .await?;
                 inserted.ok_or(DbError::BuildNotFound(build))
@@ -827,8 +834,8 @@ impl Db {
                 "finish_step cannot mark a step Resolved; use resolve_step".into(),
             ));
         }
-        if let Some(pool) = self.one_statement_pool(FaultPoint::FinishStepAfterStepRow) {
-            return self.finish_step_pg(pool, f).await;
+        if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::FinishStepAfterStepRow) {
+            return self.finish_step_pg((pool, lanes), f).await;
         }
         self.retrying_checked(
             "finish_step",
@@ -882,7 +889,7 @@ impl Db {
     /// [`Db::finish_step`] in one statement (one round trip).
     async fn finish_step_pg(
         &self,
-        pool: &PgPool,
+        (pool, lanes): (&PgPool, &super::lanes::Lanes),
         f: &FinishStep,
     ) -> Result<Vec<RealisationConflict>, DbError> {
         let (names, paths) = unique_outputs(&f.outputs);
@@ -906,22 +913,25 @@ impl Db {
                 || async move {
                     let row: Kept = autocommit(
                         self,
-                        sqlx::query_as(sql::PG_FINISH_STEP)
-                            .bind(f.build.0)
-                            .bind(f.stepnr)
-                            .bind(f.status.code())
-                            .bind(&f.error_msg)
-                            .bind(f.stop_time)
-                            .bind(f.times_built)
-                            .bind(&f.machine)
-                            .bind(names)
-                            .bind(paths)
-                            .bind(r_drvs)
-                            .bind(r_outs)
-                            .bind(r_paths)
-                            .bind(r_builds)
-                            .bind(r_nrs)
-                            .fetch_one(pool),
+                        lanes.run(async |c| {
+                            sqlx::query_as(sql::PG_FINISH_STEP)
+                                .bind(f.build.0)
+                                .bind(f.stepnr)
+                                .bind(f.status.code())
+                                .bind(&f.error_msg)
+                                .bind(f.stop_time)
+                                .bind(f.times_built)
+                                .bind(&f.machine)
+                                .bind(names)
+                                .bind(paths)
+                                .bind(r_drvs)
+                                .bind(r_outs)
+                                .bind(r_paths)
+                                .bind(r_builds)
+                                .bind(r_nrs)
+                                .fetch_one(&mut *c)
+                                .await
+                        }),
                     )
                     .await?;
                     if row.0 == 0 {
@@ -986,7 +996,7 @@ impl Db {
         stop_time: i64,
     ) -> Result<StepNr, DbError> {
         check_new_step(resolved)?;
-        if let Some(pool) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
+        if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
             let (names, paths) = unique_outputs(&resolved.outputs);
             let (names, paths) = (&names, &paths);
             let s = resolved;
@@ -996,24 +1006,27 @@ impl Db {
                     || async move {
                         let nr: Option<StepNr> = autocommit(
                             self,
-                            sqlx::query_scalar(sql::PG_RESOLVE_STEP)
-                                .bind(build.0)
-                                .bind(stepnr)
-                                .bind(stop_time)
-                                .bind(s.step_type.code())
-                                .bind(&s.drv_path)
-                                .bind(s.busy.code())
-                                .bind(s.status.map(BuildStatus::code))
-                                .bind(&s.error_msg)
-                                .bind(s.start_time)
-                                .bind(s.stop_time)
-                                .bind(&s.machine)
-                                .bind(&s.system)
-                                .bind(s.propagated_from.map(|b| b.0))
-                                .bind(s.times_built)
-                                .bind(names)
-                                .bind(paths)
-                                .fetch_one(pool),
+                            lanes.run(async |c| {
+                                sqlx::query_scalar(sql::PG_RESOLVE_STEP)
+                                    .bind(build.0)
+                                    .bind(stepnr)
+                                    .bind(stop_time)
+                                    .bind(s.step_type.code())
+                                    .bind(&s.drv_path)
+                                    .bind(s.busy.code())
+                                    .bind(s.status.map(BuildStatus::code))
+                                    .bind(&s.error_msg)
+                                    .bind(s.start_time)
+                                    .bind(s.stop_time)
+                                    .bind(&s.machine)
+                                    .bind(&s.system)
+                                    .bind(s.propagated_from.map(|b| b.0))
+                                    .bind(s.times_built)
+                                    .bind(names)
+                                    .bind(paths)
+                                    .fetch_one(&mut *c)
+                                    .await
+                            }),
                         )
                         .await?;
                         match nr {
@@ -1070,9 +1083,9 @@ impl Db {
                 "create_and_resolve_step: the original step must be unfinished".into(),
             ));
         }
-        if let Some(pool) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
+        if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
             return self
-                .create_and_resolve_step_pg(pool, build, own, resolved, stop_time)
+                .create_and_resolve_step_pg((pool, lanes), build, own, resolved, stop_time)
                 .await;
         }
         // The original's number in the last attempt: after a lost commit reply, its row tells.
@@ -1113,15 +1126,19 @@ impl Db {
     /// A number a later failure leaves unused is a gap, never a duplicate.
     async fn alloc_stepnrs_pg(
         &self,
-        pool: &PgPool,
+        (_, lanes): (&PgPool, &super::lanes::Lanes),
         build: BuildId,
         count: i32,
     ) -> Result<StepNr, DbError> {
         self.writing("alloc_stepnrs", || async move {
-            let nr: Option<StepNr> = sqlx::query_scalar(sql::PG_ALLOC_STEPNRS)
-                .bind(build.0)
-                .bind(count)
-                .fetch_optional(pool)
+            let nr: Option<StepNr> = lanes
+                .run(async |c| {
+                    sqlx::query_scalar(sql::PG_ALLOC_STEPNRS)
+                        .bind(build.0)
+                        .bind(count)
+                        .fetch_optional(&mut *c)
+                        .await
+                })
                 .await?;
             self.count_write();
             nr.ok_or(DbError::BuildNotFound(build))
@@ -1132,13 +1149,13 @@ impl Db {
     /// [`Db::create_and_resolve_step`] in two round trips: two numbers, then one statement.
     async fn create_and_resolve_step_pg(
         &self,
-        pool: &PgPool,
+        (pool, lanes): (&PgPool, &super::lanes::Lanes),
         build: BuildId,
         own: &NewStep,
         resolved: &NewStep,
         stop_time: i64,
     ) -> Result<(StepNr, StepNr), DbError> {
-        let nr = self.alloc_stepnrs_pg(pool, build, 2).await?;
+        let nr = self.alloc_stepnrs_pg((pool, lanes), build, 2).await?;
         let own_nr = nr - 1;
         let (own_names, own_paths) = unique_outputs(&own.outputs);
         let (res_names, res_paths) = unique_outputs(&resolved.outputs);
@@ -1149,35 +1166,38 @@ impl Db {
             || async move {
                 let created: i64 = autocommit(
                     self,
-                    sqlx::query_scalar(sql::PG_CREATE_AND_RESOLVE_STEP)
-                        .bind(build.0)
-                        .bind(own_nr)
-                        .bind(nr)
-                        .bind(stop_time)
-                        .bind(o.step_type.code())
-                        .bind(&o.drv_path)
-                        .bind(&o.error_msg)
-                        .bind(o.start_time)
-                        .bind(&o.machine)
-                        .bind(&o.system)
-                        .bind(o.propagated_from.map(|b| b.0))
-                        .bind(o.times_built)
-                        .bind(s.step_type.code())
-                        .bind(&s.drv_path)
-                        .bind(s.busy.code())
-                        .bind(s.status.map(BuildStatus::code))
-                        .bind(&s.error_msg)
-                        .bind(s.start_time)
-                        .bind(s.stop_time)
-                        .bind(&s.machine)
-                        .bind(&s.system)
-                        .bind(s.propagated_from.map(|b| b.0))
-                        .bind(s.times_built)
-                        .bind(outs.0)
-                        .bind(outs.1)
-                        .bind(outs.2)
-                        .bind(outs.3)
-                        .fetch_one(pool),
+                    lanes.run(async |c| {
+                        sqlx::query_scalar(sql::PG_CREATE_AND_RESOLVE_STEP)
+                            .bind(build.0)
+                            .bind(own_nr)
+                            .bind(nr)
+                            .bind(stop_time)
+                            .bind(o.step_type.code())
+                            .bind(&o.drv_path)
+                            .bind(&o.error_msg)
+                            .bind(o.start_time)
+                            .bind(&o.machine)
+                            .bind(&o.system)
+                            .bind(o.propagated_from.map(|b| b.0))
+                            .bind(o.times_built)
+                            .bind(s.step_type.code())
+                            .bind(&s.drv_path)
+                            .bind(s.busy.code())
+                            .bind(s.status.map(BuildStatus::code))
+                            .bind(&s.error_msg)
+                            .bind(s.start_time)
+                            .bind(s.stop_time)
+                            .bind(&s.machine)
+                            .bind(&s.system)
+                            .bind(s.propagated_from.map(|b| b.0))
+                            .bind(s.times_built)
+                            .bind(outs.0)
+                            .bind(outs.1)
+                            .bind(outs.2)
+                            .bind(outs.3)
+                            .fetch_one(&mut *c)
+                            .await
+                    }),
                 )
                 .await?;
                 if created != 1 {
