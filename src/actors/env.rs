@@ -1,5 +1,6 @@
 //! What every actor shares: the database, the store, the clock, the step registry, counters and the
-//! event stream. Actors run on one arbiter; the environment is reference-counted, never locked.
+//! event stream. Actors run on one arbiter and their database and store work on the I/O runtime
+//! ([`io_runtime`]); the environment is reference-counted, never locked.
 
 use std::future::Future;
 use std::sync::Arc;
