@@ -388,20 +388,24 @@ where
 /// The process's I/O runtime (created on first use, two worker threads, never shut down): the
 /// database and store work of the actors, off the actors' arbiter.
 pub fn io_runtime() -> std::io::Result<tokio::runtime::Handle> {
-    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-    if let Some(rt) = RT.get() {
-        return Ok(rt.handle().clone());
+    // Built once (concurrent first callers wait for it): a second runtime dropped inside an
+    // async context would panic.
+    static RT: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("qr-io")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    match rt {
+        Ok(rt) => Ok(rt.handle().clone()),
+        Err(e) => Err(std::io::Error::other(format!(
+            "cannot start the I/O runtime: {e}"
+        ))),
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("qr-io")
-        .enable_all()
-        .build()?;
-    // A runtime built by a racing caller is dropped here, outside any async context.
-    let _ = RT.set(rt);
-    RT.get()
-        .map(|rt| rt.handle().clone())
-        .ok_or_else(|| std::io::Error::other("the I/O runtime was not kept"))
 }
 
 /// [`Env::offload`] on an explicit handle.
@@ -437,5 +441,50 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn offload_runs_inline_without_an_io_runtime_and_elsewhere_with_one() {
+        let here = std::thread::current().id();
+        let ran_on = offload_on(None, async { std::thread::current().id() }).await;
+        assert_eq!(ran_on, here);
+        let io = io_runtime().expect("runtime");
+        let ran_on = offload_on(Some(&io), async { std::thread::current().id() }).await;
+        assert_ne!(ran_on, here);
+        // The same runtime every time.
+        assert_eq!(io_runtime().expect("runtime").id(), io.id());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn dropping_the_offloaded_future_cancels_the_work() {
+        let io = io_runtime().expect("runtime");
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                if let Some(t) = self.0.take() {
+                    let _ = t.send(());
+                }
+            }
+        }
+        let fut = offload_on(Some(&io), async move {
+            let _guard = OnDrop(Some(dropped_tx));
+            let _ = started_tx.send(());
+            std::future::pending::<()>().await;
+        });
+        let waiting = tokio::spawn(fut);
+        started_rx.await.expect("the offloaded work started");
+        waiting.abort();
+        // The work's own state is dropped on the I/O runtime once it is cancelled.
+        tokio::time::timeout(Duration::from_secs(10), dropped_rx)
+            .await
+            .expect("cancelled in time")
+            .expect("dropped, not leaked");
     }
 }
