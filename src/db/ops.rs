@@ -169,14 +169,12 @@ macro_rules! build_miss {
     }};
 }
 
-/// Inserts step row `$nr` of `$build` from a `NewStep`, and its outputs.
-macro_rules! insert_step {
-    ($tx:expr, $build:expr, $nr:expr, $step:expr) => {{
-        let (build, nr, s): (BuildId, StepNr, &NewStep) = ($build, $nr, $step);
-        sqlx::query(sql::INSERT_STEP)
-            .bind(build.0)
-            .bind(nr)
-            .bind(s.step_type.code())
+/// Binds a [`NewStep`]'s columns, in the order the step statements take them: type, drv, busy,
+/// status, error, start, stop, machine, system, propagated-from, times built.
+macro_rules! step_binds {
+    ($q:expr, $s:expr) => {{
+        let s: &NewStep = $s;
+        $q.bind(s.step_type.code())
             .bind(&s.drv_path)
             .bind(s.busy.code())
             .bind(s.status.map(BuildStatus::code))
@@ -187,6 +185,14 @@ macro_rules! insert_step {
             .bind(&s.system)
             .bind(s.propagated_from.map(|b| b.0))
             .bind(s.times_built)
+    }};
+}
+
+/// Inserts step row `$nr` of `$build` from a `NewStep`, and its outputs.
+macro_rules! insert_step {
+    ($tx:expr, $build:expr, $nr:expr, $step:expr) => {{
+        let (build, nr, s): (BuildId, StepNr, &NewStep) = ($build, $nr, $step);
+        step_binds!(sqlx::query(sql::INSERT_STEP).bind(build.0).bind(nr), s)
             .bind(None::<i32>)
             .execute(&mut *$tx)
             .await?;
@@ -684,24 +690,16 @@ impl Db {
                 let inserted: Option<StepNr> = autocommit(
                     self,
                     lanes.run(async |c| {
-                        sqlx::query_scalar(sql::PG_INSERT_STEP_WITH_OUTPUTS)
-                            .bind(build.0)
-                            .bind(nr)
-                            .bind(s.step_type.code())
-                            .bind(&s.drv_path)
-                            .bind(s.busy.code())
-                            .bind(s.status.map(BuildStatus::code))
-                            .bind(&s.error_msg)
-                            .bind(s.start_time)
-                            .bind(s.stop_time)
-                            .bind(&s.machine)
-                            .bind(&s.system)
-                            .bind(s.propagated_from.map(|b| b.0))
-                            .bind(s.times_built)
-                            .bind(names)
-                            .bind(paths)
-                            .fetch_optional(&mut *c)
-                            .await
+                        step_binds!(
+                            sqlx::query_scalar(sql::PG_INSERT_STEP_WITH_OUTPUTS)
+                                .bind(build.0)
+                                .bind(nr),
+                            s
+                        )
+                        .bind(names)
+                        .bind(paths)
+                        .fetch_optional(&mut *c)
+                        .await
                     }),
                 )
                 .await?;
@@ -1007,25 +1005,17 @@ impl Db {
                         let nr: Option<StepNr> = autocommit(
                             self,
                             lanes.run(async |c| {
-                                sqlx::query_scalar(sql::PG_RESOLVE_STEP)
-                                    .bind(build.0)
-                                    .bind(stepnr)
-                                    .bind(stop_time)
-                                    .bind(s.step_type.code())
-                                    .bind(&s.drv_path)
-                                    .bind(s.busy.code())
-                                    .bind(s.status.map(BuildStatus::code))
-                                    .bind(&s.error_msg)
-                                    .bind(s.start_time)
-                                    .bind(s.stop_time)
-                                    .bind(&s.machine)
-                                    .bind(&s.system)
-                                    .bind(s.propagated_from.map(|b| b.0))
-                                    .bind(s.times_built)
-                                    .bind(names)
-                                    .bind(paths)
-                                    .fetch_one(&mut *c)
-                                    .await
+                                step_binds!(
+                                    sqlx::query_scalar(sql::PG_RESOLVE_STEP)
+                                        .bind(build.0)
+                                        .bind(stepnr)
+                                        .bind(stop_time),
+                                    s
+                                )
+                                .bind(names)
+                                .bind(paths)
+                                .fetch_one(&mut *c)
+                                .await
                             }),
                         )
                         .await?;
@@ -1167,36 +1157,28 @@ impl Db {
                 let created: i64 = autocommit(
                     self,
                     lanes.run(async |c| {
-                        sqlx::query_scalar(sql::PG_CREATE_AND_RESOLVE_STEP)
-                            .bind(build.0)
-                            .bind(own_nr)
-                            .bind(nr)
-                            .bind(stop_time)
-                            .bind(o.step_type.code())
-                            .bind(&o.drv_path)
-                            .bind(&o.error_msg)
-                            .bind(o.start_time)
-                            .bind(&o.machine)
-                            .bind(&o.system)
-                            .bind(o.propagated_from.map(|b| b.0))
-                            .bind(o.times_built)
-                            .bind(s.step_type.code())
-                            .bind(&s.drv_path)
-                            .bind(s.busy.code())
-                            .bind(s.status.map(BuildStatus::code))
-                            .bind(&s.error_msg)
-                            .bind(s.start_time)
-                            .bind(s.stop_time)
-                            .bind(&s.machine)
-                            .bind(&s.system)
-                            .bind(s.propagated_from.map(|b| b.0))
-                            .bind(s.times_built)
-                            .bind(outs.0)
-                            .bind(outs.1)
-                            .bind(outs.2)
-                            .bind(outs.3)
-                            .fetch_one(&mut *c)
-                            .await
+                        step_binds!(
+                            sqlx::query_scalar(sql::PG_CREATE_AND_RESOLVE_STEP)
+                                .bind(build.0)
+                                .bind(own_nr)
+                                .bind(nr)
+                                .bind(stop_time)
+                                .bind(o.step_type.code())
+                                .bind(&o.drv_path)
+                                .bind(&o.error_msg)
+                                .bind(o.start_time)
+                                .bind(&o.machine)
+                                .bind(&o.system)
+                                .bind(o.propagated_from.map(|b| b.0))
+                                .bind(o.times_built),
+                            s
+                        )
+                        .bind(outs.0)
+                        .bind(outs.1)
+                        .bind(outs.2)
+                        .bind(outs.3)
+                        .fetch_one(&mut *c)
+                        .await
                     }),
                 )
                 .await?;
