@@ -39,32 +39,37 @@ impl WritePool for PgPool {
     }
 }
 
-/// Commits; a connection lost during `COMMIT` leaves the outcome unknown, so it is reported as
-/// such (and not retried) rather than as a transient error.
-/// Counts the committed write transaction ([`Db::write_transactions`]).
-async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(), DbError> {
-    let lost = |when: &str| {
-        DbError::CommitOutcomeUnknown(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            format!("fault injected: connection lost {when} COMMIT"),
-        )))
-    };
-    if db.fault(FaultPoint::CommitLostBefore).is_err() {
-        drop(tx); // rolled back
-        return Err(lost("before"));
-    }
-    // A database error answering COMMIT (a serialization failure, a constraint) means it did not
-    // happen — except the server going away (57P0x), which, like a lost connection, leaves the
-    // outcome unknown.
-    tx.commit().await.map_err(|e| match e {
+/// The error an injected lost connection `when` ("before"/"after") `COMMIT` stands for.
+fn lost_commit(when: &str) -> DbError {
+    DbError::CommitOutcomeUnknown(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        format!("fault injected: connection lost {when} COMMIT"),
+    )))
+}
+
+/// An error answering a commit: the database refusing it means it did not happen — except the
+/// server going away (57P0x), which, like a lost connection, leaves the outcome unknown.
+fn commit_error(e: sqlx::Error) -> DbError {
+    match e {
         sqlx::Error::Database(_) if super::classify(&e) != Some(Transient::ConnectionLost) => {
             DbError::Sql(e)
         }
         e => DbError::CommitOutcomeUnknown(e),
-    })?;
+    }
+}
+
+/// Commits; a connection lost during `COMMIT` leaves the outcome unknown, so it is reported as
+/// such (and not retried) rather than as a transient error.
+/// Counts the committed write transaction ([`Db::write_transactions`]).
+async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(), DbError> {
+    if db.fault(FaultPoint::CommitLostBefore).is_err() {
+        drop(tx); // rolled back
+        return Err(lost_commit("before"));
+    }
+    tx.commit().await.map_err(commit_error)?;
     db.count_write();
     if db.fault(FaultPoint::CommitLostAfter).is_err() {
-        return Err(lost("after"));
+        return Err(lost_commit("after"));
     }
     Ok(())
 }
@@ -77,26 +82,17 @@ async fn autocommit<T>(
     db: &Db,
     statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, DbError> {
-    let lost = |when: &str| {
-        DbError::CommitOutcomeUnknown(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            format!("fault injected: connection lost {when} COMMIT"),
-        )))
-    };
     if db.fault(FaultPoint::CommitLostBefore).is_err() {
-        return Err(lost("before"));
+        return Err(lost_commit("before"));
     }
     let v = statement.await.map_err(|e| match e {
-        sqlx::Error::Database(_) if super::classify(&e) != Some(Transient::ConnectionLost) => {
-            DbError::Sql(e)
-        }
         // Not sent at all: nothing happened.
         e @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => DbError::Sql(e),
-        e => DbError::CommitOutcomeUnknown(e),
+        e => commit_error(e),
     })?;
     db.count_write();
     if db.fault(FaultPoint::CommitLostAfter).is_err() {
-        return Err(lost("after"));
+        return Err(lost_commit("after"));
     }
     Ok(v)
 }
@@ -1098,15 +1094,8 @@ impl Db {
             },
             || async move {
                 let own_nr = allocated.load(Ordering::SeqCst) as StepNr;
-                let mine = found(self.step(build, own_nr).await)?
-                    .is_some_and(|row| row.drv_path == own.drv_path);
-                Ok(if mine {
-                    self.resolution_of(build, own_nr, &resolved.drv_path)
-                        .await?
-                        .map(|nr| (own_nr, nr))
-                } else {
-                    None
-                })
+                self.created_and_resolved(build, own_nr, &own.drv_path, &resolved.drv_path)
+                    .await
             },
         )
         .await
@@ -1190,18 +1179,31 @@ impl Db {
                 Ok((own_nr, nr))
             },
             || async move {
-                let mine = found(self.step(build, own_nr).await)?
-                    .is_some_and(|row| row.drv_path == o.drv_path);
-                Ok(if mine {
-                    self.resolution_of(build, own_nr, &s.drv_path)
-                        .await?
-                        .map(|nr| (own_nr, nr))
-                } else {
-                    None
-                })
+                self.created_and_resolved(build, own_nr, &o.drv_path, &s.drv_path)
+                    .await
             },
         )
         .await
+    }
+
+    /// After a lost reply to create-and-resolve: (own number, resolved number) if step `own_nr`
+    /// is a row of `own_drv` Resolved to a row of `resolved_drv`, i.e. the commit happened.
+    async fn created_and_resolved(
+        &self,
+        build: BuildId,
+        own_nr: StepNr,
+        own_drv: &str,
+        resolved_drv: &str,
+    ) -> Result<Option<(StepNr, StepNr)>, DbError> {
+        let mine =
+            found(self.step(build, own_nr).await)?.is_some_and(|row| row.drv_path == own_drv);
+        Ok(if mine {
+            self.resolution_of(build, own_nr, resolved_drv)
+                .await?
+                .map(|nr| (own_nr, nr))
+        } else {
+            None
+        })
     }
 
     /// The step `(build, stepnr)` is Resolved to, if it is, to a row of `resolved_drv`.

@@ -253,11 +253,7 @@ impl MetaDb {
     }
 
     pub(crate) async fn is_valid(&self, path: &str) -> Result<bool, StoreError> {
-        self.read(|c| {
-            c.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?")
-                .and_then(|mut s| s.exists([path]))
-                .map_err(db_err("querying validity"))
-        })
+        self.is_valid_now(path)
     }
 
     pub(crate) async fn path_info(&self, path: &str) -> Result<Option<PathInfo>, StoreError> {
@@ -312,11 +308,9 @@ impl MetaDb {
         realisations: &[(DrvOutput, String)],
         roots: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
-        let (now, rows, refs) = registration_args(paths)?;
-        let realisations = realisations.to_vec();
-        let roots = roots.to_vec();
-        self.write(move |conn| register_in(conn, now, &rows, &refs, &realisations, &roots))
-            .await
+        let me = self.clone();
+        let (paths, realisations, roots) = (paths.to_vec(), realisations.to_vec(), roots.to_vec());
+        super::blocking(move || me.register_now(&paths, &realisations, &roots)).await
     }
 
     /// Registers paths, realisations and roots in one transaction, as described at
@@ -328,27 +322,6 @@ impl MetaDb {
         realisations: &[(DrvOutput, String)],
         roots: &[(String, String)],
     ) -> Result<Vec<String>, StoreError> {
-        let (now, rows, refs) = registration_args(paths)?;
-        self.write_now(|conn| register_in(conn, now, &rows, &refs, realisations, roots))
-    }
-
-    /// [`MetaDb::is_valid`], synchronously (a read takes microseconds).
-    pub(crate) fn is_valid_now(&self, path: &str) -> Result<bool, StoreError> {
-        self.read(|c| {
-            c.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?")
-                .and_then(|mut s| s.exists([path]))
-                .map_err(db_err("querying validity"))
-        })
-    }
-}
-
-/// What [`register_in`] takes of the paths: the time, the rows as a JSON array, and each path
-/// with its references.
-#[allow(clippy::type_complexity)]
-fn registration_args(
-    paths: &[Registration],
-) -> Result<(i64, String, Vec<(String, Vec<String>)>), StoreError> {
-    {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -366,16 +339,22 @@ fn registration_args(
             })
             .collect();
         let rows = json_arg(&rows, "a registration")?;
-        // Owned for the blocking thread: each path with its references.
         let refs: Vec<(String, Vec<String>)> = paths
             .iter()
             .map(|i| (i.path.clone(), i.references.iter().cloned().collect()))
             .collect();
-        Ok((now, rows, refs))
+        self.write_now(|conn| register_in(conn, now, &rows, &refs, realisations, roots))
     }
-}
 
-impl MetaDb {
+    /// [`MetaDb::is_valid`], synchronously (a read takes microseconds).
+    pub(crate) fn is_valid_now(&self, path: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?")
+                .and_then(|mut s| s.exists([path]))
+                .map_err(db_err("querying validity"))
+        })
+    }
+
     /// The valid paths among `paths` (one query per 500).
     pub(crate) async fn valid_among(
         &self,

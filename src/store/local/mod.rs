@@ -336,14 +336,7 @@ impl LocalStore {
 
     /// Whether `path` is valid: from the cache when known, else from the metadata database.
     async fn is_valid_cached(&self, path: &str) -> Result<bool, StoreError> {
-        if self.valid.contains(path) {
-            return Ok(true);
-        }
-        let v = self.db.is_valid(path).await?;
-        if v {
-            self.valid.insert([path]);
-        }
-        Ok(v)
+        valid_via_cache(&self.valid, &self.db, path)
     }
 
     /// The valid paths among `paths`: the cache first, the database for the rest.
@@ -1085,16 +1078,8 @@ impl GroupCommit {
         }
     }
 
-    /// Whether `path` is valid: the cache, then the metadata database.
     fn is_valid(&self, path: &str) -> Result<bool, StoreError> {
-        if self.valid.contains(path) {
-            return Ok(true);
-        }
-        let v = self.db.is_valid_now(path)?;
-        if v {
-            self.valid.insert([path]);
-        }
-        Ok(v)
+        valid_via_cache(&self.valid, &self.db, path)
     }
 
     /// Commits queued registrations (the in-process write lock is held; this takes the cross-process one), on a thread that may block: moves every one's contents into
@@ -1225,4 +1210,17 @@ impl GroupCommit {
             let _ = m.reply.send(r);
         }
     }
+}
+
+/// Whether `path` is valid: the cache, then the metadata database (a read on the calling
+/// thread), remembering a positive answer.
+fn valid_via_cache(valid: &ValidCache, db: &MetaDb, path: &str) -> Result<bool, StoreError> {
+    if valid.contains(path) {
+        return Ok(true);
+    }
+    let v = db.is_valid_now(path)?;
+    if v {
+        valid.insert([path]);
+    }
+    Ok(v)
 }
