@@ -308,44 +308,14 @@ impl Sql {
     }
 
     pub fn rows(&self, q: &str) -> Rows {
-        use sqlx::{Connection, Row};
+        use sqlx::Connection;
         self.rt.block_on(async {
             if self.url.starts_with("sqlite:") {
-                let mut c = sqlx::SqliteConnection::connect(&self.url)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {e}", self.url));
-                let rows = sqlx::query(q)
-                    .fetch_all(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{q}: {e}"));
-                let out = rows
-                    .iter()
-                    .map(|r| {
-                        (0..r.len())
-                            .map(|i| r.try_get::<Option<String>, _>(i).unwrap())
-                            .collect()
-                    })
-                    .collect();
-                let _ = c.close().await;
-                out
+                let c = sqlx::SqliteConnection::connect(&self.url).await;
+                text_rows(c, &self.url, q).await
             } else {
-                let mut c = sqlx::PgConnection::connect(&self.url)
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: {e}", self.url));
-                let rows = sqlx::query(q)
-                    .fetch_all(&mut c)
-                    .await
-                    .unwrap_or_else(|e| panic!("{q}: {e}"));
-                let out = rows
-                    .iter()
-                    .map(|r| {
-                        (0..r.len())
-                            .map(|i| r.try_get::<Option<String>, _>(i).unwrap())
-                            .collect()
-                    })
-                    .collect();
-                let _ = c.close().await;
-                out
+                let c = sqlx::PgConnection::connect(&self.url).await;
+                text_rows(c, &self.url, q).await
             }
         })
     }
@@ -905,4 +875,32 @@ pub fn tail(p: &Path, n: usize) -> String {
     let s = std::fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs `q` on a freshly opened connection (to `url`, for messages) and reads every column as
+/// text, then closes it.
+async fn text_rows<C>(conn: Result<C, sqlx::Error>, url: &str, q: &str) -> Rows
+where
+    C: sqlx::Connection,
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, C::Database> + sqlx::Type<C::Database>,
+    for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+    usize: sqlx::ColumnIndex<<C::Database as sqlx::Database>::Row>,
+{
+    use sqlx::Row;
+    let mut c = conn.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let rows = sqlx::query::<C::Database>(q)
+        .fetch_all(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e}"));
+    let out = rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.try_get::<Option<String>, _>(i).unwrap())
+                .collect()
+        })
+        .collect();
+    let _ = c.close().await;
+    out
 }
