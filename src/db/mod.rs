@@ -29,6 +29,7 @@
 //! - [`FaultPoint`]s let tests fail a transaction between its statements; unarmed (always, in
 //!   production) they cost one atomic load.
 
+mod batch;
 mod error;
 mod fault;
 mod lanes;
@@ -109,6 +110,9 @@ pub struct DbOptions {
     pub retry: RetryPolicy,
     /// How often [`QueueListener::next`] yields [`QueueEvent::Rescan`] as a safety net.
     pub rescan_interval: Duration,
+    /// PostgreSQL: step rows created and steps finished by many actors at once are written by
+    /// one statement (one round trip, one commit) instead of one each.
+    pub batch_writes: bool,
 }
 
 impl Default for DbOptions {
@@ -120,6 +124,7 @@ impl Default for DbOptions {
             sqlite_busy_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             rescan_interval: Duration::from_secs(30),
+            batch_writes: true,
         }
     }
 }
@@ -137,6 +142,8 @@ struct Inner {
     faults: Faults,
     /// PostgreSQL: connections for the one-statement writes (no ping when handed back).
     lanes: Option<lanes::Lanes>,
+    /// PostgreSQL: the writes coalesced into one statement ([`DbOptions::batch_writes`]).
+    batcher: batch::Batcher,
     /// Write transactions committed through this handle (benchmarks: transactions per step).
     writes: std::sync::atomic::AtomicU64,
     /// Latency of every attempt of every operation, by kind.
@@ -211,6 +218,7 @@ impl Db {
                 events,
                 faults: Faults::default(),
                 lanes,
+                batcher: Default::default(),
                 writes: Default::default(),
                 timings: TxTimings::default(),
             }),
@@ -296,6 +304,25 @@ impl Db {
     pub(crate) fn one_statement_pool(&self, point: FaultPoint) -> Option<(&PgPool, &lanes::Lanes)> {
         match (&self.inner.pool, &self.inner.lanes) {
             (Pool::Postgres(p, _), Some(l)) if !self.inner.faults.is_armed(point) => Some((p, l)),
+            _ => None,
+        }
+    }
+
+    /// The write batch, on PostgreSQL with [`DbOptions::batch_writes`], unless a fault is armed
+    /// at `point` (see [`Db::one_statement_pool`]).
+    fn batch(&self, point: Option<FaultPoint>) -> Option<&batch::Batcher> {
+        self.batch_lanes(point).map(|_| &self.inner.batcher)
+    }
+
+    /// The connections the write batch runs on, when it is on (see [`Db::batch`]).
+    fn batch_lanes(&self, point: Option<FaultPoint>) -> Option<&lanes::Lanes> {
+        match (&self.inner.pool, &self.inner.lanes) {
+            (Pool::Postgres(..), Some(l))
+                if self.inner.options.batch_writes
+                    && !point.is_some_and(|p| self.inner.faults.is_armed(p)) =>
+            {
+                Some(l)
+            }
             _ => None,
         }
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use sqlx::{Database, Transaction};
 
+use super::batch::Outcome;
 use super::error::{DbError, Transient};
 use super::fault::FaultPoint;
 use super::notify::QueueEvent;
@@ -78,7 +79,7 @@ async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(
 /// transaction: an error that is not the database refusing it (the connection was lost while
 /// the statement ran) leaves the outcome unknown; counted as a write transaction; the
 /// commit-lost faults apply.
-async fn autocommit<T>(
+pub(super) async fn autocommit<T>(
     db: &Db,
     statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, DbError> {
@@ -99,7 +100,9 @@ async fn autocommit<T>(
 
 /// Outputs with unique names, as upserting them one by one leaves them: a later known path
 /// replaces an earlier one, a later `None` keeps it. As two arrays (names, paths).
-fn unique_outputs(outputs: &[super::types::Output]) -> (Vec<String>, Vec<Option<String>>) {
+pub(super) fn unique_outputs(
+    outputs: &[super::types::Output],
+) -> (Vec<String>, Vec<Option<String>>) {
     let mut m: std::collections::BTreeMap<&str, Option<&str>> = Default::default();
     for (name, path) in outputs {
         let e = m.entry(name.as_str()).or_insert(None);
@@ -626,6 +629,21 @@ impl Db {
     /// transaction; concurrent callers never get the same number.
     pub async fn create_step(&self, build: BuildId, step: &NewStep) -> Result<StepNr, DbError> {
         check_new_step(step)?;
+        if let Some(batch) = self.batch(Some(FaultPoint::CreateStepAfterAlloc)) {
+            let (out, nr) = batch
+                .create(&self.inner, build, vec![step.clone()], false)
+                .await;
+            match out {
+                Outcome::Done(nr) => return Ok(nr),
+                // The row is there if the lost statement was committed.
+                Outcome::Unknown if nr > 0 => {
+                    if found(self.step(build, nr).await)?.is_some_and(|row| step_is(&row, step)) {
+                        return Ok(nr);
+                    }
+                }
+                Outcome::Unknown | Outcome::Alone => {}
+            }
+        }
         if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::CreateStepAfterAlloc) {
             return self.create_step_pg((pool, lanes), build, step).await;
         }
@@ -770,6 +788,13 @@ impl Db {
         busy: BusyPhase,
         start_time: i64,
     ) -> Result<(), DbError> {
+        if let Some(batch) = self.batch(None)
+            && let Outcome::Done(()) = batch
+                .start(&self.inner, (build, stepnr), machine, busy, start_time)
+                .await
+        {
+            return Ok(());
+        }
         self.writing("start_step", || async move {
             on_pool!(self, |pool| {
                 let n = sqlx::query(sql::START_STEP)
@@ -828,6 +853,23 @@ impl Db {
                 "finish_step cannot mark a step Resolved; use resolve_step".into(),
             ));
         }
+        if let Some(batch) = self.batch(Some(FaultPoint::FinishStepAfterStepRow)) {
+            let kept = match batch.finish(&self.inner, f).await {
+                Outcome::Done(kept) => Some(kept),
+                // Unfinished until the statement: finished with our status means it was ours.
+                Outcome::Unknown => found(self.step(f.build, f.stepnr).await)?
+                    .filter(|row| row.status == Some(f.status))
+                    .map(|_| {
+                        let all = f.realisations.iter();
+                        all.map(|r| (r.drv_path.clone(), r.output_name.clone()))
+                            .collect()
+                    }),
+                Outcome::Alone => None,
+            };
+            if let Some(kept) = kept {
+                return self.realisation_conflicts(f, kept).await;
+            }
+        }
         if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::FinishStepAfterStepRow) {
             return self.finish_step_pg((pool, lanes), f).await;
         }
@@ -878,6 +920,37 @@ impl Db {
             },
         )
         .await
+    }
+
+    /// The disagreements among the realisations of `f` that were `kept` (not inserted: one was
+    /// recorded for the drv output already): the recorded path read and compared.
+    async fn realisation_conflicts(
+        &self,
+        f: &FinishStep,
+        kept: Vec<(String, String)>,
+    ) -> Result<Vec<RealisationConflict>, DbError> {
+        let mut conflicts = Vec::new();
+        for (drv, out) in kept {
+            let Some(attempted) = f
+                .realisations
+                .iter()
+                .find(|r| r.drv_path == drv && r.output_name == out)
+                .map(|r| r.out_path.clone())
+            else {
+                continue;
+            };
+            if let Some(existing) = self.realisation(&drv, &out).await?.map(|r| r.out_path)
+                && existing != attempted
+            {
+                conflicts.push(RealisationConflict {
+                    drv_path: drv,
+                    output_name: out,
+                    existing,
+                    attempted,
+                });
+            }
+        }
+        Ok(conflicts)
     }
 
     /// [`Db::finish_step`] in one statement (one round trip).
@@ -1068,6 +1141,26 @@ impl Db {
             return Err(DbError::Invalid(
                 "create_and_resolve_step: the original step must be unfinished".into(),
             ));
+        }
+        if let Some(batch) = self.batch(Some(FaultPoint::ResolveAfterInsert)) {
+            let mut marked = own.clone();
+            marked.busy = BusyPhase::NotBusy;
+            marked.status = Some(BuildStatus::Resolved);
+            marked.stop_time = Some(stop_time);
+            let rows = vec![marked, resolved.clone()];
+            let (out, nr) = batch.create(&self.inner, build, rows, true).await;
+            match out {
+                Outcome::Done(nr) => return Ok((nr - 1, nr)),
+                // The rows are there if the lost statement was committed.
+                Outcome::Unknown if nr > 0 => {
+                    let done =
+                        self.created_and_resolved(build, nr - 1, &own.drv_path, &resolved.drv_path);
+                    if let Some(nrs) = done.await? {
+                        return Ok(nrs);
+                    }
+                }
+                Outcome::Unknown | Outcome::Alone => {}
+            }
         }
         if let Some((pool, lanes)) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
             return self
@@ -1406,6 +1499,11 @@ impl Db {
     /// Records a realisation. Idempotent: the same one again is `Ok`; a different out path for a
     /// recorded `(drv_path, output_name)` is `Err(RealisationConflict)` and the recorded one stays.
     pub async fn insert_realisation(&self, r: &Realisation) -> Result<(), DbError> {
+        if let Some(batch) = self.batch(None)
+            && let Outcome::Done(()) = batch.realise(&self.inner, r).await
+        {
+            return Ok(());
+        }
         self.writing("insert_realisation", || async move {
             let conflict = on_pool!(self, |pool| {
                 let mut conn = pool.acquire().await?;

@@ -413,6 +413,89 @@ pub(crate) const PG_CREATE_AND_RESOLVE_STEP: &str = "with res as (
        from res, unnest($26::text[], $27::text[]) as u(name, path))
      select count(*) from own";
 
+// ------------------------------------------------ PostgreSQL: many steps, one statement
+//
+// The writes of many step actors arriving together are coalesced (`db::batch`) into one
+// statement per kind: one round trip and one commit (one WAL flush) for all of them.
+
+/// Allocates step numbers for many builds at once: `$1` build ids (unique), `$2` how many for
+/// each; returns each existing build's id and its last number (the `n` numbers end there).
+pub(crate) const PG_ALLOC_STEPNRS_MANY: &str = "with want as (
+       select * from unnest($1::int8[], $2::int4[]) as u(id, n))
+     update builds b set laststepnr = b.laststepnr + want.n
+     from want where b.id = want.id
+     returning b.id, b.laststepnr";
+
+/// Inserts many step rows under numbers allocated beforehand (`$1` builds, `$2` numbers, then
+/// one array per column as `step_binds!` orders them: `$3`…`$13`, then `$14` the step each is
+/// resolved to), and their outputs (`$15` builds, `$16` numbers, `$17` names, `$18` paths;
+/// unique names per step). A row resolved to another is inserted with it (foreign keys are
+/// checked at the end of the statement). Returns how many step rows it inserted.
+pub(crate) const PG_INSERT_STEPS_MANY: &str = "with st as (
+       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
+           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
+       select * from unnest($1::int8[], $2::int4[], $3::int4[], $4::text[], $5::int4[],
+           $6::int4[], $7::text[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::int8[],
+           $13::int4[], $14::int4[])
+       returning build, stepnr),
+     o as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select * from unnest($15::int8[], $16::int4[], $17::text[], $18::text[]))
+     select count(*) from st";
+
+/// `START_STEP` for many steps (unique): `$1` builds, `$2` numbers, `$3` busy phases, `$4`
+/// machines, `$5` start times. Returns the steps updated (those unfinished).
+pub(crate) const PG_START_STEPS_MANY: &str = "update buildsteps b
+     set busy = u.busy, machine = u.machine, starttime = u.starttime
+     from unnest($1::int8[], $2::int4[], $3::int4[], $4::text[], $5::int8[])
+         as u(build, stepnr, busy, machine, starttime)
+     where b.build = u.build and b.stepnr = u.stepnr and b.status is null
+     returning b.build, b.stepnr";
+
+/// `INSERT_REALISATION` for many: `$1` drvs, `$2` outputs, `$3` paths, `$4` builds, `$5`
+/// numbers. Returns those inserted (the others were recorded already).
+pub(crate) const PG_INSERT_REALISATIONS_MANY: &str = "insert into realisations
+         (drvpath, outputname, outpath, build, stepnr)
+     select * from unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int4[])
+     on conflict (drvpath, outputname) do nothing
+     returning drvpath, outputname";
+
+/// `PG_FINISH_STEP` for many steps (unique): `$1`…`$7` one array per argument of one finish
+/// (build, number, status, error, stop time, times built, machine); outputs `$8` builds, `$9`
+/// numbers, `$10` names, `$11` paths (unique names per step); realisations `$12` builds and
+/// `$13` numbers of the finishing step they belong to, `$14` drvs, `$15` outputs, `$16` paths,
+/// `$17` builds, `$18` numbers. Only the steps found unfinished are updated, and only their
+/// outputs and realisations written. Returns one row per step updated (`'s'`, build, number)
+/// and per realisation inserted (`'r'`, drv, output); a realisation not inserted was already
+/// recorded.
+pub(crate) const PG_FINISH_STEPS_MANY: &str = "with f as (
+       select * from unnest($1::int8[], $2::int4[], $3::int4[], $4::text[], $5::int8[],
+           $6::int4[], $7::text[])
+           as u(build, stepnr, status, errormsg, stoptime, timesbuilt, machine)),
+     s as (
+       update buildsteps b set busy = 0, status = f.status, errormsg = f.errormsg,
+           stoptime = f.stoptime, timesbuilt = f.timesbuilt, machine = coalesce(f.machine, b.machine)
+       from f where b.build = f.build and b.stepnr = f.stepnr and b.status is null
+       returning b.build, b.stepnr),
+     o as (
+       insert into buildstepoutputs (build, stepnr, name, path)
+       select u.build, u.stepnr, u.name, u.path
+       from unnest($8::int8[], $9::int4[], $10::text[], $11::text[]) as u(build, stepnr, name, path)
+       join s on s.build = u.build and s.stepnr = u.stepnr
+       on conflict (build, stepnr, name)
+       do update set path = coalesce(excluded.path, buildstepoutputs.path)),
+     r as (
+       insert into realisations (drvpath, outputname, outpath, build, stepnr)
+       select w.drvpath, w.outputname, w.outpath, w.build, w.stepnr
+       from unnest($12::int8[], $13::int4[], $14::text[], $15::text[], $16::text[], $17::int8[],
+           $18::int4[]) as w(fbuild, fstepnr, drvpath, outputname, outpath, build, stepnr)
+       join s on s.build = w.fbuild and s.stepnr = w.fstepnr
+       on conflict (drvpath, outputname) do nothing
+       returning drvpath, outputname)
+     select 's' as kind, build, stepnr, null::text as drvpath, null::text as outputname from s
+     union all
+     select 'r', null, null, drvpath, outputname from r";
+
 #[cfg(test)]
 mod tests {
     use super::*;
