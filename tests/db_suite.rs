@@ -194,6 +194,7 @@ suite!(
     lost_commit_replies_are_read_back,
     finish_step_transaction_is_all_or_nothing,
     concurrent_step_numbers_never_collide,
+    writes_arriving_together_are_answered_one_by_one,
     repeated_output_names_end_as_upserts_leave_them,
     notifications_wake_a_listener,
     rescan_timer_fires,
@@ -655,6 +656,174 @@ async fn finish_step_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
     ensure!(db.create_step(b, &s).await.is_err());
     ensure!(db.get_build(b).await?.last_step_nr == 1);
     ensure!(db.create_step(b, &s).await? == 2);
+    Ok(())
+}
+
+/// Many writers at once (on PostgreSQL they share one statement per kind): each gets its own
+/// answer — its numbers, its error, its realisation conflict — and each row is as written
+/// alone; on PostgreSQL far fewer transactions are committed than writes were made.
+async fn writes_arriving_together_are_answered_one_by_one(ctx: Ctx) -> Result<()> {
+    use futures::future::join_all;
+    const N: usize = 40;
+    let db = &ctx.db;
+    let b = setup_build(db, "together").await?;
+    let other = db.create_build(&new_build("together-2", 0, 0)).await?;
+    let builds = [b, other];
+    let steps: Vec<(BuildId, NewStep)> = (0..N)
+        .map(|i| {
+            let mut s = NewStep::build(drv(&format!("tg-{i}")), SYSTEM);
+            s.busy = BusyPhase::Building;
+            s.machine = format!("m{i}");
+            s.outputs = vec![("out".into(), None), ("dev".into(), None)];
+            (builds[i % 2], s)
+        })
+        .collect();
+    let created = join_all(steps.iter().map(|(b, s)| db.create_step(*b, s))).await;
+    let created: Vec<StepNr> = created.into_iter().collect::<Result<_, _>>()?;
+    for bb in builds {
+        let mut nrs: Vec<StepNr> = (0..N)
+            .filter(|i| builds[i % 2] == bb)
+            .map(|i| created[i])
+            .collect();
+        nrs.sort_unstable();
+        ensure!(
+            nrs == (1..=(N / 2) as StepNr).collect::<Vec<_>>(),
+            "build {bb}: numbers {nrs:?}"
+        );
+    }
+    for (i, (bb, s)) in steps.iter().enumerate() {
+        let row = db.step(*bb, created[i]).await?;
+        ensure!(row.drv_path == s.drv_path && row.machine == s.machine && row.status.is_none());
+        ensure!(db.step_outputs(*bb, created[i]).await?.len() == 2);
+    }
+    // A realisation recorded before, with another path: step 0 finishing disagrees with it.
+    let real = |i: usize, path: &str| Realisation {
+        drv_path: drv(&format!("tg-{i}")),
+        output_name: "out".into(),
+        out_path: path.into(),
+        build: Some(builds[i % 2]),
+        stepnr: Some(created[i]),
+    };
+    db.insert_realisation(&real(0, "/nix/store/recorded-first"))
+        .await?;
+    let finishes: Vec<FinishStep> = (0..N)
+        .map(|i| {
+            let mut f = finish(builds[i % 2], created[i], BuildStatus::Success);
+            f.outputs = vec![("out".into(), Some(format!("/nix/store/o-{i}")))];
+            f.realisations = vec![real(i, &format!("/nix/store/o-{i}"))];
+            f
+        })
+        .collect();
+    let before = db.write_transactions();
+    // Step 1 twice: exactly one of the two finishes it.
+    let answers = join_all(
+        finishes
+            .iter()
+            .chain(std::iter::once(&finishes[1]))
+            .map(|f| db.finish_step(f)),
+    )
+    .await;
+    let writes = db.write_transactions() - before;
+    let step1: Vec<_> = [&answers[1], &answers[N]].into_iter().collect();
+    ensure!(
+        step1.iter().filter(|a| a.is_ok()).count() == 1
+            && step1
+                .iter()
+                .any(|a| matches!(a, Err(DbError::StepFinished { .. }))),
+        "the step finished twice: {step1:?}"
+    );
+    match &answers[0] {
+        Ok(c) if c.len() == 1 && c[0].existing == "/nix/store/recorded-first" => {}
+        other => bail!("step 0's disagreement: {other:?}"),
+    }
+    for (i, a) in answers.iter().enumerate().take(N).skip(2) {
+        ensure!(matches!(a, Ok(c) if c.is_empty()), "step {i}: {a:?}");
+    }
+    for (i, f) in finishes.iter().enumerate() {
+        ensure!(db.step(f.build, f.stepnr).await?.status == Some(BuildStatus::Success));
+        let outs = db.step_outputs(f.build, f.stepnr).await?;
+        let want = format!("/nix/store/o-{i}");
+        ensure!(
+            outs.iter()
+                .any(|o| o.name == "out" && o.path.as_deref() == Some(want.as_str())),
+            "step {i}: outputs {outs:?}"
+        );
+        let recorded = db.realisation(&drv(&format!("tg-{i}")), "out").await?;
+        let want = if i == 0 {
+            "/nix/store/recorded-first".into()
+        } else {
+            want
+        };
+        ensure!(
+            recorded.map(|r| r.out_path) == Some(want),
+            "step {i}'s realisation"
+        );
+    }
+    if ctx.backend() == Backend::Postgres {
+        ensure!(
+            writes < (N / 2) as u64,
+            "{N} finishes took {writes} write transactions"
+        );
+    }
+    // Realisations: the same one again is fine, another path for a recorded one is refused.
+    let again = join_all((0..N).map(|i| {
+        let path = if i == 5 {
+            "/nix/store/else".into()
+        } else {
+            format!("/nix/store/o-{i}")
+        };
+        async move { db.insert_realisation(&real(i, &path)).await }
+    }))
+    .await;
+    for (i, a) in again.iter().enumerate() {
+        match (i, a) {
+            (0, Err(DbError::RealisationConflict(_)))
+            | (5, Err(DbError::RealisationConflict(_))) => {}
+            (0 | 5, _) => bail!("realisation {i} again: {a:?}"),
+            (_, Ok(())) => {}
+            (_, Err(e)) => bail!("realisation {i} again: {e}"),
+        }
+    }
+    // Steps created already Resolved, with the step they are resolved to, numbered in pairs.
+    let pairs = join_all((0..10).map(|i| async move {
+        let own = NewStep::build(drv(&format!("tg-ca-{i}")), SYSTEM);
+        let res = NewStep::build(drv(&format!("tg-ca-{i}-resolved")), SYSTEM);
+        db.create_and_resolve_step(b, &own, &res, 1_700_000_200)
+            .await
+    }))
+    .await;
+    let mut seen = Vec::new();
+    for (i, p) in pairs.into_iter().enumerate() {
+        let (o, r) = p?;
+        ensure!(r == o + 1, "pair {i}: {o} {r}");
+        let own = db.step(b, o).await?;
+        ensure!(own.status == Some(BuildStatus::Resolved) && own.resolved_to_step == Some(r));
+        ensure!(own.drv_path == drv(&format!("tg-ca-{i}")));
+        let res = db.step(b, r).await?;
+        ensure!(res.status.is_none() && res.drv_path == drv(&format!("tg-ca-{i}-resolved")));
+        seen.extend([o, r]);
+    }
+    seen.sort_unstable();
+    ensure!(seen == ((N / 2 + 1) as StepNr..=(N / 2 + 20) as StepNr).collect::<Vec<_>>());
+    // Starting: each step's own machine.
+    let steps = &steps;
+    let started = join_all((0..N).step_by(2).map(|i| async move {
+        let (bb, nr) = (builds[0], db.create_step(builds[0], &steps[i].1).await?);
+        db.start_step(bb, nr, &format!("s{i}"), BusyPhase::Building, 7)
+            .await?;
+        Ok::<_, DbError>((nr, i))
+    }))
+    .await;
+    for s in started {
+        let (nr, i) = s?;
+        let row = db.step(builds[0], nr).await?;
+        ensure!(row.machine == format!("s{i}") && row.start_time == Some(7));
+    }
+    ensure!(matches!(
+        db.start_step(b, created[0], "late", BusyPhase::Building, 8)
+            .await,
+        Err(DbError::StepFinished { .. })
+    ));
     Ok(())
 }
 

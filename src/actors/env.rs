@@ -242,6 +242,9 @@ pub struct Env {
     /// the one arbiter that runs every actor only handles messages. `None` (tests with paused
     /// time) runs the I/O on the actor's own thread.
     pub io: Option<tokio::runtime::Handle>,
+    /// Offloaded I/O not finished yet (done or cancelled): a benchmark waits for none before
+    /// it drops its database.
+    pub io_in_flight: Arc<AtomicU64>,
     /// Test hook: `QR_CRASH_AT=<point>` kills the process (SIGKILL) when it reaches that point.
     crash_at: Option<String>,
 }
@@ -266,6 +269,7 @@ impl Env {
             heartbeats: DashMap::new(),
             crash_at: std::env::var("QR_CRASH_AT").ok().filter(|v| !v.is_empty()),
             io: None,
+            io_in_flight: Default::default(),
         }
     }
 
@@ -276,7 +280,11 @@ impl Env {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        offload_on(self.io.as_ref(), fut)
+        let in_flight = InFlight::new(self.io_in_flight.clone());
+        offload_on(self.io.as_ref(), async move {
+            let _counted = in_flight;
+            fut.await
+        })
     }
 
     /// Whether `QR_CRASH_AT` names this point (so a test hook may prepare the crash).
@@ -432,6 +440,22 @@ where
                 }
             })
         }
+    }
+}
+
+/// One unit of [`Env::io_in_flight`], given back when dropped.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(count: Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -27,7 +27,7 @@ use crate::actors::machine::Executor;
 use crate::actors::machine::local::LocalMachine;
 use crate::actors::scheduler::Scheduler;
 use crate::actors::step::RetryPolicy;
-use crate::db::Db;
+use crate::db::{Db, DbOptions};
 use crate::store::{LocalStore, Store, StoreDir};
 
 /// Which database a scenario runs on.
@@ -78,6 +78,8 @@ pub struct Params {
     /// The store does not fsync contents during the measured phases either (shows what the
     /// scheduler does when the disk is not the bound).
     pub no_fsync: bool,
+    /// PostgreSQL: step writes arriving together share a statement ([`DbOptions::batch_writes`]).
+    pub batch_writes: bool,
 }
 
 /// Untimed preparation.
@@ -174,7 +176,8 @@ struct FreshDb {
 }
 
 impl FreshDb {
-    async fn open(target: &DbTarget, dir: &Path, async_commit: bool) -> anyhow::Result<FreshDb> {
+    async fn open(target: &DbTarget, dir: &Path, p: &Params) -> anyhow::Result<FreshDb> {
+        let async_commit = p.pg_async_commit;
         match target {
             DbTarget::Sqlite => {
                 let db = Db::connect(&crate::db::default_url(dir), 8).await?;
@@ -217,7 +220,12 @@ impl FreshDb {
                 if async_commit {
                     url = async_url.clone();
                 }
-                let db = Db::connect(&url, 8).await?;
+                let opts = DbOptions {
+                    max_connections: 8,
+                    batch_writes: p.batch_writes,
+                    ..DbOptions::default()
+                };
+                let db = Db::connect_with(&url, opts).await?;
                 let setup = Db::connect(&async_url, 8).await?;
                 Ok(FreshDb {
                     db,
@@ -407,7 +415,7 @@ pub async fn layered(spec: GraphSpec, p: Params, target: DbTarget) -> anyhow::Re
     let root = dir.path().join("store");
     let store =
         Arc::new(LocalStore::open(StoreDir::new(root.display().to_string())?, &root).await?);
-    let fresh = FreshDb::open(&target, dir.path(), p.pg_async_commit).await?;
+    let fresh = FreshDb::open(&target, dir.path(), &p).await?;
     let db = fresh.db.clone();
     let result = async {
         let loaded = setup_and_load(&spec, &p, &store, &db, &fresh.setup).await?;
@@ -506,7 +514,7 @@ pub async fn dispatch(
     let root = dir.path().join("store");
     let store =
         Arc::new(LocalStore::open(StoreDir::new(root.display().to_string())?, &root).await?);
-    let fresh = FreshDb::open(&target, dir.path(), p.pg_async_commit).await?;
+    let fresh = FreshDb::open(&target, dir.path(), &p).await?;
     let db = fresh.db.clone();
     let result = async {
         let loaded = setup_and_load(&spec, &p, &store, &db, &fresh.setup).await?;
@@ -542,6 +550,11 @@ pub async fn dispatch(
             .await?;
         let _ = wait_until("the running jobs", Duration::from_secs(60), || {
             Ok(Stats::get(&s.steps_running) == 0)
+        })
+        .await;
+        // Their rows are written before the database is dropped.
+        let _ = wait_until("the I/O in flight", Duration::from_secs(60), || {
+            Ok(env.io_in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0)
         })
         .await;
         Ok::<_, anyhow::Error>(Dispatch {

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// --pg-async-commit): what the scheduler does when the disk is not the bound.
     #[arg(long)]
     pub no_fsync: bool,
+    /// PostgreSQL: every step write its own statement and commit, as before writes arriving
+    /// together were coalesced (to measure what the coalescing gives).
+    #[arg(long)]
+    pub no_batch_writes: bool,
     /// Scratch directory parent (default: <state dir>/bench); each scenario's is removed after.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -113,6 +117,7 @@ pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
         pg_async_commit: args.pg_async_commit,
         load_only: args.load_only,
         no_fsync: args.no_fsync,
+        batch_writes: !args.no_batch_writes,
     };
     let mut targets = Vec::new();
     if args.backend != BackendArg::Postgres {
@@ -202,6 +207,7 @@ pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
         "summary": summary,
         "no_fsync": args.no_fsync,
         "pg_async_commit": args.pg_async_commit,
+        "batch_writes": !args.no_batch_writes,
         "notes": notes,
     });
     if args.json {

@@ -635,10 +635,14 @@ impl Db {
                 .await;
             match out {
                 Outcome::Done(nr) => return Ok(nr),
-                // The row is there if the lost statement was committed.
+                // The row is there if the lost statement was committed; if not, the number is
+                // used now.
                 Outcome::Unknown if nr > 0 => {
                     if found(self.step(build, nr).await)?.is_some_and(|row| step_is(&row, step)) {
                         return Ok(nr);
+                    }
+                    if let Some(pl) = self.one_statement_pool(FaultPoint::CreateStepAfterAlloc) {
+                        return self.insert_step_pg(pl, build, nr, step).await;
                     }
                 }
                 Outcome::Unknown | Outcome::Alone => {}
@@ -677,7 +681,7 @@ impl Db {
     /// outputs are inserted by one statement.
     async fn create_step_pg(
         &self,
-        (_, lanes): (&PgPool, &super::lanes::Lanes),
+        (pool, lanes): (&PgPool, &super::lanes::Lanes),
         build: BuildId,
         step: &NewStep,
     ) -> Result<StepNr, DbError> {
@@ -695,6 +699,18 @@ impl Db {
                 nr.ok_or(DbError::BuildNotFound(build))
             })
             .await?;
+        self.insert_step_pg((pool, lanes), build, nr, step).await
+    }
+
+    /// The second round trip of [`Db::create_step_pg`]: the row (and its outputs) under the
+    /// allocated number `nr`, by one statement.
+    async fn insert_step_pg(
+        &self,
+        (_, lanes): (&PgPool, &super::lanes::Lanes),
+        build: BuildId,
+        nr: StepNr,
+        step: &NewStep,
+    ) -> Result<StepNr, DbError> {
         let (names, paths) = unique_outputs(&step.outputs);
         let (names, paths) = (&names, &paths);
         let s = step;
@@ -1151,12 +1167,17 @@ impl Db {
             let (out, nr) = batch.create(&self.inner, build, rows, true).await;
             match out {
                 Outcome::Done(nr) => return Ok((nr - 1, nr)),
-                // The rows are there if the lost statement was committed.
+                // The rows are there if the lost statement was committed; if not, the numbers
+                // are used now.
                 Outcome::Unknown if nr > 0 => {
-                    let done =
-                        self.created_and_resolved(build, nr - 1, &own.drv_path, &resolved.drv_path);
-                    if let Some(nrs) = done.await? {
+                    let (o, r) = (&own.drv_path, &resolved.drv_path);
+                    if let Some(nrs) = self.created_and_resolved(build, nr - 1, o, r).await? {
                         return Ok(nrs);
+                    }
+                    if let Some(pl) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {
+                        return self
+                            .insert_created_and_resolved_pg(pl, build, nr, own, resolved, stop_time)
+                            .await;
                     }
                 }
                 Outcome::Unknown | Outcome::Alone => {}
@@ -1228,6 +1249,21 @@ impl Db {
         stop_time: i64,
     ) -> Result<(StepNr, StepNr), DbError> {
         let nr = self.alloc_stepnrs_pg((pool, lanes), build, 2).await?;
+        self.insert_created_and_resolved_pg((pool, lanes), build, nr, own, resolved, stop_time)
+            .await
+    }
+
+    /// The second round trip of [`Db::create_and_resolve_step_pg`]: both rows under the
+    /// allocated numbers `nr - 1` (own) and `nr` (resolved), by one statement.
+    async fn insert_created_and_resolved_pg(
+        &self,
+        (_, lanes): (&PgPool, &super::lanes::Lanes),
+        build: BuildId,
+        nr: StepNr,
+        own: &NewStep,
+        resolved: &NewStep,
+        stop_time: i64,
+    ) -> Result<(StepNr, StepNr), DbError> {
         let own_nr = nr - 1;
         let (own_names, own_paths) = unique_outputs(&own.outputs);
         let (res_names, res_paths) = unique_outputs(&resolved.outputs);
