@@ -357,7 +357,9 @@ async fn setup_and_load(
         Arc::new(SystemClock),
         RetryPolicy::default(),
     );
-    env.io = Some(crate::actors::env::io_runtime()?);
+    let io = crate::actors::env::io_runtime()?;
+    env.db.run_batches_on(io.clone());
+    env.io = Some(io);
     let env = Arc::new(env);
     let t0 = Instant::now();
     let (sched, _) = Scheduler::start(env.clone(), vec![], Duration::from_secs(30 * 86400)).await?;

@@ -343,7 +343,9 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     env.timeout = Duration::from_secs(ctx.config.scheduler.build_timeout_s);
     let executor = local_executor(&ctx, store.clone())?;
     env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
-    env.io = Some(crate::actors::env::io_runtime().context("starting the I/O runtime")?);
+    let io = crate::actors::env::io_runtime().context("starting the I/O runtime")?;
+    env.db.run_batches_on(io.clone());
+    env.io = Some(io);
     let env = Arc::new(env);
     let mut events = env.events.subscribe();
     let machines = if ctx.config.local_builder.enabled {

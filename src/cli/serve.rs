@@ -102,7 +102,9 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     env.max_silent = Duration::from_secs(ctx.config.scheduler.max_silent_time_s);
     env.timeout = Duration::from_secs(ctx.config.scheduler.build_timeout_s);
     env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
-    env.io = Some(crate::actors::env::io_runtime().context("starting the I/O runtime")?);
+    let io = crate::actors::env::io_runtime().context("starting the I/O runtime")?;
+    env.db.run_batches_on(io.clone());
+    env.io = Some(io);
     let env = Arc::new(env);
     let machines = if ctx.config.local_builder.enabled {
         vec![(local_machine(&ctx), local_executor(&ctx, store.clone())?)]

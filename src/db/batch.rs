@@ -82,6 +82,8 @@ enum Job {
 #[derive(Default)]
 pub(super) struct Batcher {
     queue: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    /// Where the task runs ([`Db::run_batches_on`]); else on the runtime of the first writer.
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Batcher {
@@ -95,12 +97,20 @@ impl Batcher {
             },
             None => job,
         };
-        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let rt = match self.runtime.get() {
+            Some(h) => h.clone(),
+            None => tokio::runtime::Handle::try_current().ok()?,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         rt.spawn(run(Arc::downgrade(inner), rx));
         let sent = tx.send(job).ok();
         *q = Some(tx);
         sent
+    }
+
+    /// Runs the task on `rt` from now on (the first call wins).
+    pub(super) fn run_on(&self, rt: tokio::runtime::Handle) {
+        let _ = self.runtime.set(rt);
     }
 
     /// Sends the job `make` builds around a reply channel and waits for the answer; the task

@@ -314,6 +314,12 @@ impl Db {
         self.batch_lanes(point).map(|_| &self.inner.batcher)
     }
 
+    /// Runs the write batch's task ([`DbOptions::batch_writes`]) on `rt` — the runner's I/O
+    /// runtime, not the thread of the actors — instead of on the runtime of its first writer.
+    pub fn run_batches_on(&self, rt: tokio::runtime::Handle) {
+        self.inner.batcher.run_on(rt);
+    }
+
     /// The connections the write batch runs on, when it is on (see [`Db::batch`]).
     fn batch_lanes(&self, point: Option<FaultPoint>) -> Option<&lanes::Lanes> {
         match (&self.inner.pool, &self.inner.lanes) {
