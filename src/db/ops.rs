@@ -939,23 +939,37 @@ impl Db {
     }
 
     /// The disagreements among the realisations of `f` that were `kept` (not inserted: one was
-    /// recorded for the drv output already): the recorded path read and compared.
+    /// recorded for the drv output already).
     async fn realisation_conflicts(
         &self,
         f: &FinishStep,
         kept: Vec<(String, String)>,
     ) -> Result<Vec<RealisationConflict>, DbError> {
-        let mut conflicts = Vec::new();
-        for (drv, out) in kept {
-            let Some(attempted) = f
+        let kept = kept.into_iter().filter_map(|(drv, out)| {
+            let r = f
                 .realisations
                 .iter()
-                .find(|r| r.drv_path == drv && r.output_name == out)
-                .map(|r| r.out_path.clone())
-            else {
-                continue;
+                .find(|r| r.drv_path == drv && r.output_name == out)?;
+            Some((drv, out, r.out_path.clone(), None))
+        });
+        self.disagreements(kept).await
+    }
+
+    /// The realisations not inserted (drv, output, attempted path, the recorded path if known)
+    /// whose recorded path differs from the attempted one; an unknown recorded path (recorded
+    /// by another transaction after the statement's snapshot, or unknown after a lost reply) is
+    /// read.
+    async fn disagreements(
+        &self,
+        kept: impl IntoIterator<Item = (String, String, String, Option<String>)>,
+    ) -> Result<Vec<RealisationConflict>, DbError> {
+        let mut conflicts = Vec::new();
+        for (drv, out, attempted, recorded) in kept {
+            let recorded = match recorded {
+                Some(p) => Some(p),
+                None => self.realisation(&drv, &out).await?.map(|r| r.out_path),
             };
-            if let Some(existing) = self.realisation(&drv, &out).await?.map(|r| r.out_path)
+            if let Some(existing) = recorded
                 && existing != attempted
             {
                 conflicts.push(RealisationConflict {
@@ -1042,29 +1056,11 @@ impl Db {
                 },
             )
             .await?;
-        // Realisations already recorded: a disagreement is reported; one recorded by another
-        // transaction after the statement's snapshot (or unknown after a lost reply) is read.
-        let mut conflicts = Vec::new();
+        // Realisations already recorded: a disagreement is reported.
         let (_, drvs, outs, attempted, recorded) = kept;
-        for (((drv, out), attempted), recorded) in
-            drvs.into_iter().zip(outs).zip(attempted).zip(recorded)
-        {
-            let recorded = match recorded {
-                Some(p) => Some(p),
-                None => self.realisation(&drv, &out).await?.map(|r| r.out_path),
-            };
-            if let Some(existing) = recorded
-                && existing != attempted
-            {
-                conflicts.push(RealisationConflict {
-                    drv_path: drv,
-                    output_name: out,
-                    existing,
-                    attempted,
-                });
-            }
-        }
-        Ok(conflicts)
+        let kept = drvs.into_iter().zip(outs).zip(attempted).zip(recorded);
+        self.disagreements(kept.map(|(((d, o), a), r)| (d, o, a, r)))
+            .await
     }
 
     /// The resolve transaction: inserts the step row for the resolved derivation (with its
