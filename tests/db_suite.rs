@@ -824,6 +824,40 @@ async fn writes_arriving_together_are_answered_one_by_one(ctx: Ctx) -> Result<()
             .await,
         Err(DbError::StepFinished { .. })
     ));
+    // Builds finishing together: each its own answer; a second finish of one is refused.
+    let fb = |bb: BuildId| FinishBuild {
+        build: bb,
+        status: BuildStatus::Success,
+        start_time: None,
+        stop_time: 1_700_000_300,
+        is_cached: false,
+        outputs: vec![("out".into(), Some(format!("/nix/store/b-{}", bb.0)))],
+    };
+    let done = join_all([b, other, b].map(|bb| {
+        let f = fb(bb);
+        async move { db.finish_build(&f).await }
+    }))
+    .await;
+    let done: Vec<bool> = done.into_iter().collect::<Result<_, _>>()?;
+    ensure!(
+        done[1] && done[0] != done[2],
+        "builds finished together: {done:?}"
+    );
+    for bb in builds {
+        let row = db.get_build(bb).await?;
+        ensure!(row.finished && row.build_status == Some(BuildStatus::Success));
+        let outs = db.build_outputs(bb).await?;
+        let want = format!("/nix/store/b-{}", bb.0);
+        ensure!(
+            outs.iter()
+                .any(|o| o.name == "out" && o.path.as_deref() == Some(want.as_str())),
+            "build {bb}: outputs {outs:?}"
+        );
+    }
+    ensure!(matches!(
+        db.finish_build(&fb(BuildId(999_999))).await,
+        Err(DbError::BuildNotFound(_))
+    ));
     Ok(())
 }
 
