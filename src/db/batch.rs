@@ -1,6 +1,5 @@
-//! PostgreSQL: the hot writes of many actors (step rows created — alone, or already Resolved
-//! with the step they are resolved to —, steps started, steps finished, realisations, builds
-//! finished) coalesced into one statement per kind. Each is otherwise its own round trip
+//! PostgreSQL: the hot step writes (a step row created when a build starts, a step finished)
+//! of many actors coalesced into one statement per kind. Each is otherwise its own round trip
 //! and its own commit — one WAL flush each — and with hundreds of steps finishing a second
 //! those are what the runner waits for.
 //!
@@ -20,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::error::DbError;
 use super::sql;
 use super::timing::TxKind;
-use super::types::{BuildId, BusyPhase, FinishBuild, FinishStep, NewStep, Realisation, StepNr};
+use super::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation, StepNr};
 use super::{Db, FaultPoint, Inner};
 
 /// The most writes of one kind in one statement.
@@ -72,14 +71,7 @@ struct Realise {
     reply: oneshot::Sender<Outcome<()>>,
 }
 
-/// A build to finish (`Alone` when it was not unfinished: the one-write path says what it was).
-struct FinishBuildJob {
-    f: FinishBuild,
-    reply: oneshot::Sender<Outcome<()>>,
-}
-
 enum Job {
-    FinishBuild(FinishBuildJob),
     Create(Create),
     Finish(Finish),
     Start(Start),
@@ -192,12 +184,6 @@ impl Batcher {
         .await
     }
 
-    pub(super) async fn finish_build(&self, inner: &Arc<Inner>, f: &FinishBuild) -> Outcome<()> {
-        let f = f.clone();
-        self.ask(inner, |reply| Job::FinishBuild(FinishBuildJob { f, reply }))
-            .await
-    }
-
     pub(super) async fn realise(&self, inner: &Arc<Inner>, r: &Realisation) -> Outcome<()> {
         let r = r.clone();
         self.ask(inner, |reply| Job::Realise(Realise { r, reply }))
@@ -212,7 +198,6 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = rx.recv().await {
         let (mut creates, mut finishes, mut starts, mut realises) =
             (vec![], vec![], vec![], vec![]);
-        let mut builds = vec![];
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(job) = next.take() {
@@ -221,7 +206,6 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Job::Finish(j) => finishes.push(j),
                 Job::Start(j) => starts.push(j),
                 Job::Realise(j) => realises.push(j),
-                Job::FinishBuild(j) => builds.push(j),
             }
             taken += 1;
             if taken < MAX_BATCH {
@@ -237,7 +221,6 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
             finish_many(&db, finishes),
             start_many(&db, starts),
             realise_many(&db, realises),
-            finish_builds_many(&db, builds),
         );
     }
 }
@@ -642,62 +625,5 @@ impl FinishColumns {
             self.r_build.push(r.build.map(|b| b.0));
             self.r_nr.push(r.stepnr);
         }
-    }
-}
-
-async fn finish_builds_many(db: &Db, jobs: Vec<FinishBuildJob>) {
-    if jobs.is_empty() {
-        return;
-    }
-    let Some(lanes) = db.batch_lanes(Some(FaultPoint::FinishBuildAfterBuildRow)) else {
-        return alone(jobs, |j| j.reply);
-    };
-    let jobs = first_of_each(jobs, |j| j.f.build.0, |j| j.reply);
-    let id: Vec<i64> = jobs.iter().map(|j| j.f.build.0).collect();
-    let status: Vec<i32> = jobs.iter().map(|j| j.f.status.code()).collect();
-    let start: Vec<Option<i64>> = jobs.iter().map(|j| j.f.start_time).collect();
-    let stop: Vec<i64> = jobs.iter().map(|j| j.f.stop_time).collect();
-    let cached: Vec<i32> = jobs.iter().map(|j| i32::from(j.f.is_cached)).collect();
-    let (mut out_build, mut out_name, mut out_path) = (vec![], vec![], vec![]);
-    for j in &jobs {
-        let (names, paths) = super::ops::unique_outputs(&j.f.outputs);
-        for (name, path) in names.into_iter().zip(paths) {
-            out_build.push(j.f.build.0);
-            out_name.push(name);
-            out_path.push(path);
-        }
-    }
-    let updated: Result<Vec<i64>, DbError> = statement(
-        db,
-        lanes.run(async |c| {
-            sqlx::query_scalar(sql::PG_FINISH_BUILDS_MANY)
-                .bind(&id)
-                .bind(&status)
-                .bind(&start)
-                .bind(&stop)
-                .bind(&cached)
-                .bind(&out_build)
-                .bind(&out_name)
-                .bind(&out_path)
-                .fetch_all(&mut *c)
-                .await
-        }),
-    )
-    .await;
-    let updated: HashSet<i64> = match updated {
-        Ok(u) => u.into_iter().collect(),
-        Err(e) => {
-            for j in jobs {
-                let _ = j.reply.send(outcome_of_error(&e));
-            }
-            return;
-        }
-    };
-    for j in jobs {
-        let out = match updated.contains(&j.f.build.0) {
-            true => Outcome::Done(()),
-            false => Outcome::Alone,
-        };
-        let _ = j.reply.send(out);
     }
 }

@@ -493,18 +493,6 @@ impl Db {
         if f.status == BuildStatus::Resolved {
             return Err(DbError::Invalid("a build cannot finish as Resolved".into()));
         }
-        if let Some(batch) = self.batch(Some(FaultPoint::FinishBuildAfterBuildRow)) {
-            let finished_so = async || {
-                found(self.get_build(f.build).await)
-                    .map(|b| b.is_some_and(|b| b.finished && b.build_status == Some(f.status)))
-            };
-            match batch.finish_build(&self.inner, f).await {
-                Outcome::Done(()) => return Ok(true),
-                // Unfinished until the statement: finished as we say means it was ours.
-                Outcome::Unknown if finished_so().await? => return Ok(true),
-                Outcome::Unknown | Outcome::Alone => {}
-            }
-        }
         self.retrying_checked(
             "finish_build",
             || async move {

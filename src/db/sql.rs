@@ -452,26 +452,6 @@ pub(crate) const PG_START_STEPS_MANY: &str = "update buildsteps b
      where b.build = u.build and b.stepnr = u.stepnr and b.status is null
      returning b.build, b.stepnr";
 
-/// `FINISH_BUILD` for many builds (unique): `$1` ids, `$2` statuses, `$3` start times, `$4`
-/// stop times, `$5` cached flags; outputs `$6` builds, `$7` names, `$8` paths (unique names per
-/// build) upserted for the builds updated. Returns the builds updated (those unfinished).
-pub(crate) const PG_FINISH_BUILDS_MANY: &str = "with f as (
-       select * from unnest($1::int8[], $2::int4[], $3::int8[], $4::int8[], $5::int4[])
-           as u(id, status, starttime, stoptime, cached)),
-     b as (
-       update builds set finished = 1, buildstatus = f.status,
-           starttime = coalesce(f.starttime, builds.starttime, f.stoptime),
-           stoptime = f.stoptime, iscachedbuild = f.cached
-       from f where builds.id = f.id and builds.finished = 0
-       returning builds.id),
-     o as (
-       insert into buildoutputs (build, name, path)
-       select u.build, u.name, u.path
-       from unnest($6::int8[], $7::text[], $8::text[]) as u(build, name, path)
-       join b on b.id = u.build
-       on conflict (build, name) do update set path = coalesce(excluded.path, buildoutputs.path))
-     select id from b";
-
 /// `INSERT_REALISATION` for many: `$1` drvs, `$2` outputs, `$3` paths, `$4` builds, `$5`
 /// numbers. Returns those inserted (the others were recorded already).
 pub(crate) const PG_INSERT_REALISATIONS_MANY: &str = "insert into realisations
