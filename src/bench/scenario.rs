@@ -274,7 +274,8 @@ async fn clean_up() {
     }
 }
 
-fn machine_info(slots: u32) -> MachineInfo {
+/// The simulated machine of the scenarios: this system, `slots` jobs.
+pub fn machine_info(slots: u32) -> MachineInfo {
     MachineInfo {
         id: "bench".into(),
         systems: [crate::config::this_system(), "builtin".to_string()].into(),

@@ -1,0 +1,70 @@
+//! Criterion benchmarks of the functions every step goes through: parsing and printing a drv,
+//! computing its store path, and one dispatcher decision with many steps queued. `qr bench`
+//! measures the whole scheduler; these time the pieces alone.
+//!
+//! `cargo bench --bench hot_functions` (add `-- --quick` for a short run).
+
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use qr::actors::dispatcher::machine::{Dispatcher, Event, Priority, RunnableStep};
+use qr::store::{StoreDir, aterm};
+
+/// A drv with inputs, from the bundled example store (paths as real Nix computed them).
+const CHAIN_C: &[u8] =
+    include_bytes!("../examples/nix-store/6zlnm5ska09mgg8n8m4f4skf6jdk0wm8-chain-c.drv");
+
+fn drv_functions(c: &mut Criterion) {
+    let store_dir = StoreDir::new("/nix/store").expect("store dir");
+    let drv = aterm::parse_named(CHAIN_C, "chain-c").expect("the example drv parses");
+    c.bench_function("aterm::parse (chain-c.drv)", |b| {
+        b.iter(|| aterm::parse_named(std::hint::black_box(CHAIN_C), "chain-c"))
+    });
+    c.bench_function("aterm::print (chain-c.drv)", |b| {
+        b.iter(|| aterm::print(std::hint::black_box(&drv)))
+    });
+    c.bench_function("Derivation::drv_path (chain-c.drv)", |b| {
+        b.iter(|| std::hint::black_box(&drv).drv_path(&store_dir))
+    });
+}
+
+fn dispatcher_decision(c: &mut Criterion) {
+    let runnable = 100_000;
+    c.bench_function(
+        "dispatcher: free a slot and queue a step, 100k runnable",
+        |b| {
+            let mut d = Dispatcher::new(Duration::from_secs(30 * 86400));
+            d.on(Event::MachineJoined(qr::bench::scenario::machine_info(64)));
+            let step = |i: usize| RunnableStep {
+                drv: format!("/nix/store/{i:032}-bench-{i}.drv"),
+                system: qr::config::this_system(),
+                features: Default::default(),
+                priority: Priority {
+                    global_priority: 0,
+                    jobset: "bench".into(),
+                    local_priority: 0,
+                    build_id: i as i64,
+                },
+            };
+            for i in 0..runnable + 64 {
+                d.on(Event::Runnable(step(i)));
+            }
+            let mut next = runnable + 64;
+            b.iter_batched(
+                || {
+                    next += 1;
+                    step(next)
+                },
+                |s| {
+                    let assigned = d.on(Event::SlotFreed("bench".into()));
+                    d.on(Event::Runnable(s));
+                    assigned
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        },
+    );
+}
+
+criterion_group!(benches, drv_functions, dispatcher_decision);
+criterion_main!(benches);
