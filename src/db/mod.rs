@@ -320,6 +320,20 @@ impl Db {
         self.inner.batcher.run_on(rt);
     }
 
+    /// [`read_back`](retry::read_back) under this handle's retry policy: whether a write whose
+    /// reply was lost happened, asked until the database answers.
+    pub(crate) async fn read_back<T, C, CFut>(
+        &self,
+        what: &str,
+        check: C,
+    ) -> Result<Option<T>, DbError>
+    where
+        C: FnMut() -> CFut,
+        CFut: std::future::Future<Output = Result<Option<T>, DbError>>,
+    {
+        retry::read_back(&self.inner.options.retry, what, check).await
+    }
+
     /// The connections the write batch runs on, when it is on (see [`Db::batch`]).
     fn batch_lanes(&self, point: Option<FaultPoint>) -> Option<&lanes::Lanes> {
         match (&self.inner.pool, &self.inner.lanes) {

@@ -638,7 +638,11 @@ impl Db {
                 // The row is there if the lost statement was committed; if not, the number is
                 // used now.
                 Outcome::Unknown if nr > 0 => {
-                    if found(self.step(build, nr).await)?.is_some_and(|row| step_is(&row, step)) {
+                    let mine = async || {
+                        let row = found(self.step(build, nr).await)?;
+                        Ok(row.filter(|row| step_is(row, step)).map(|_| nr))
+                    };
+                    if let Some(nr) = self.read_back("create_step", mine).await? {
                         return Ok(nr);
                     }
                     if let Some(pl) = self.one_statement_pool(FaultPoint::CreateStepAfterAlloc) {
@@ -873,13 +877,17 @@ impl Db {
             let kept = match batch.finish(&self.inner, f).await {
                 Outcome::Done(kept) => Some(kept),
                 // Unfinished until the statement: finished with our status means it was ours.
-                Outcome::Unknown => found(self.step(f.build, f.stepnr).await)?
-                    .filter(|row| row.status == Some(f.status))
-                    .map(|_| {
+                Outcome::Unknown => {
+                    let ours = async || {
+                        let row = found(self.step(f.build, f.stepnr).await)?;
+                        Ok(row.filter(|row| row.status == Some(f.status)))
+                    };
+                    self.read_back("finish_step", ours).await?.map(|_| {
                         let all = f.realisations.iter();
                         all.map(|r| (r.drv_path.clone(), r.output_name.clone()))
                             .collect()
-                    }),
+                    })
+                }
                 Outcome::Alone => None,
             };
             if let Some(kept) = kept {
@@ -1167,7 +1175,8 @@ impl Db {
                 // are used now.
                 Outcome::Unknown if nr > 0 => {
                     let (o, r) = (&own.drv_path, &resolved.drv_path);
-                    if let Some(nrs) = self.created_and_resolved(build, nr - 1, o, r).await? {
+                    let mine = async || self.created_and_resolved(build, nr - 1, o, r).await;
+                    if let Some(nrs) = self.read_back("create_and_resolve_step", mine).await? {
                         return Ok(nrs);
                     }
                     if let Some(pl) = self.one_statement_pool(FaultPoint::ResolveAfterInsert) {

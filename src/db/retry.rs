@@ -74,6 +74,33 @@ where
     }
 }
 
+/// After a commit whose reply was lost: `check` (whether it happened), retried on transient
+/// errors for as long as it takes (backing off to `max_delay`) — giving up would leave the
+/// caller with an unknown outcome again.
+pub async fn read_back<T, C, CFut>(
+    policy: &RetryPolicy,
+    what: &str,
+    mut check: C,
+) -> Result<Option<T>, DbError>
+where
+    C: FnMut() -> CFut,
+    CFut: Future<Output = Result<Option<T>, DbError>>,
+{
+    let mut n = 1;
+    loop {
+        match check().await {
+            Ok(found) => return Ok(found),
+            Err(ce) if ce.is_retryable() => {
+                let delay = jitter(policy.delay(n));
+                tracing::warn!(op = what, error = %ce, ?delay, "cannot tell yet whether a commit whose reply was lost happened; checking again");
+                tokio::time::sleep(delay).await;
+                n += 1;
+            }
+            Err(ce) => return Err(ce),
+        }
+    }
+}
+
 /// [`retry`] for an operation whose commit reply may be lost. When a commit's outcome is unknown
 /// ([`DbError::CommitOutcomeUnknown`]: the connection went away during `COMMIT`), `check` reads
 /// whether it happened: `Some(v)` — it did, and `v` is the operation's result; `None` — it did
@@ -101,19 +128,7 @@ where
             Err(e) => e,
         };
         if let DbError::CommitOutcomeUnknown(source) = e {
-            let mut n = 1;
-            let found = loop {
-                match check().await {
-                    Ok(found) => break found,
-                    Err(ce) if ce.is_retryable() => {
-                        let delay = jitter(policy.delay(n));
-                        tracing::warn!(op = what, error = %ce, ?delay, "cannot tell yet whether a commit whose reply was lost happened; checking again");
-                        tokio::time::sleep(delay).await;
-                        n += 1;
-                    }
-                    Err(ce) => return Err(ce),
-                }
-            };
+            let found = read_back(policy, what, &mut check).await?;
             match found {
                 Some(v) => {
                     tracing::warn!(op = what, error = %source, "the connection was lost during COMMIT; the commit had happened");
