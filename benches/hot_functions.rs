@@ -4,10 +4,9 @@
 //!
 //! `cargo bench --bench hot_functions` (add `-- --quick` for a short run).
 
-use std::time::Duration;
-
 use criterion::{Criterion, criterion_group, criterion_main};
-use qr::actors::dispatcher::machine::{Dispatcher, Event, Priority, RunnableStep};
+use qr::actors::dispatcher::machine::Event;
+use qr::bench::scenario::{queued_dispatcher, runnable_step};
 use qr::store::{StoreDir, aterm};
 
 /// A drv with inputs, from the bundled example store (paths as real Nix computed them).
@@ -33,22 +32,9 @@ fn dispatcher_decision(c: &mut Criterion) {
     c.bench_function(
         "dispatcher: free a slot and queue a step, 100k runnable",
         |b| {
-            let mut d = Dispatcher::new(Duration::from_secs(30 * 86400));
-            d.on(Event::MachineJoined(qr::bench::scenario::machine_info(64)));
-            let step = |i: usize| RunnableStep {
-                drv: format!("/nix/store/{i:032}-bench-{i}.drv"),
-                system: qr::config::this_system(),
-                features: Default::default(),
-                priority: Priority {
-                    global_priority: 0,
-                    jobset: "bench".into(),
-                    local_priority: 0,
-                    build_id: i as i64,
-                },
-            };
-            for i in 0..runnable + 64 {
-                d.on(Event::Runnable(step(i)));
-            }
+            let mut d = queued_dispatcher(runnable, 64);
+            let system = qr::config::this_system();
+            let step = |i: usize| runnable_step(i, &system);
             let mut next = runnable + 64;
             b.iter_batched(
                 || {

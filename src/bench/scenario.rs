@@ -275,7 +275,7 @@ async fn clean_up() {
 }
 
 /// The simulated machine of the scenarios: this system, `slots` jobs.
-pub fn machine_info(slots: u32) -> MachineInfo {
+fn machine_info(slots: u32) -> MachineInfo {
     MachineInfo {
         id: "bench".into(),
         systems: [crate::config::this_system(), "builtin".to_string()].into(),
@@ -602,17 +602,12 @@ where
     .map_err(|_| anyhow::anyhow!("the benchmark thread panicked"))?
 }
 
-/// The dispatcher's state machine alone (no actors): `runnable` steps queued and a full machine of
-/// `slots`; then each round frees a slot (one assignment) and queues a new step. Returns the
-/// decision latencies (µs) of `rounds` rounds (two decisions each).
-pub fn dispatch_pure(runnable: usize, slots: u32, rounds: usize) -> Percentiles {
-    use crate::actors::dispatcher::machine::{Dispatcher, Event, Priority, RunnableStep};
-    let mut d = Dispatcher::new(Duration::from_secs(30 * 86400));
-    d.on(Event::MachineJoined(machine_info(slots)));
-    let system = crate::config::this_system();
-    let step = |i: usize| RunnableStep {
-        drv: format!("/nix/store/{:032}-bench-{i}.drv", i),
-        system: system.clone(),
+/// Independent step `i` of the dispatch scenarios, for `system`.
+pub fn runnable_step(i: usize, system: &str) -> crate::actors::dispatcher::machine::RunnableStep {
+    use crate::actors::dispatcher::machine::{Priority, RunnableStep};
+    RunnableStep {
+        drv: format!("/nix/store/{i:032}-bench-{i}.drv"),
+        system: system.to_string(),
         features: Default::default(),
         priority: Priority {
             global_priority: 0,
@@ -620,10 +615,33 @@ pub fn dispatch_pure(runnable: usize, slots: u32, rounds: usize) -> Percentiles 
             local_priority: 0,
             build_id: i as i64,
         },
-    };
-    for i in 0..runnable + slots as usize {
-        d.on(Event::Runnable(step(i)));
     }
+}
+
+/// The dispatcher's state machine with a full machine of `slots` (the scenarios' machine) and
+/// `runnable` more steps ([`runnable_step`] `0..runnable + slots`) queued.
+pub fn queued_dispatcher(
+    runnable: usize,
+    slots: u32,
+) -> crate::actors::dispatcher::machine::Dispatcher {
+    use crate::actors::dispatcher::machine::{Dispatcher, Event};
+    let mut d = Dispatcher::new(Duration::from_secs(30 * 86400));
+    d.on(Event::MachineJoined(machine_info(slots)));
+    let system = crate::config::this_system();
+    for i in 0..runnable + slots as usize {
+        d.on(Event::Runnable(runnable_step(i, &system)));
+    }
+    d
+}
+
+/// The dispatcher's state machine alone (no actors): `runnable` steps queued and a full machine of
+/// `slots`; then each round frees a slot (one assignment) and queues a new step. Returns the
+/// decision latencies (µs) of `rounds` rounds (two decisions each).
+pub fn dispatch_pure(runnable: usize, slots: u32, rounds: usize) -> Percentiles {
+    use crate::actors::dispatcher::machine::Event;
+    let mut d = queued_dispatcher(runnable, slots);
+    let system = crate::config::this_system();
+    let step = |i: usize| runnable_step(i, &system);
     let mut ns = Vec::with_capacity(rounds * 2);
     for next in (runnable + slots as usize..).take(rounds) {
         let t = Instant::now();

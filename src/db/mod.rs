@@ -336,14 +336,13 @@ impl Db {
 
     /// The connections the write batch runs on, when it is on (see [`Db::batch`]).
     fn batch_lanes(&self, point: Option<FaultPoint>) -> Option<&lanes::Lanes> {
-        match (&self.inner.pool, &self.inner.lanes) {
-            (Pool::Postgres(..), Some(l))
-                if self.inner.options.batch_writes
-                    && !point.is_some_and(|p| self.inner.faults.is_armed(p)) =>
-            {
-                Some(l)
-            }
-            _ => None,
+        if !self.inner.options.batch_writes {
+            return None;
+        }
+        match point {
+            Some(p) => self.one_statement_pool(p).map(|(_, lanes)| lanes),
+            // Lanes exist on PostgreSQL only.
+            None => self.inner.lanes.as_ref(),
         }
     }
 
