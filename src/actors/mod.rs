@@ -4,6 +4,7 @@
 //! actix handlers perform the effects. Strong references point down the graph (build → step →
 //! input step / resolved step), weak ones up, and one registry keyed by drv path deduplicates steps.
 
+pub mod aggregate;
 pub mod build;
 pub mod dispatcher;
 pub mod env;

@@ -1,11 +1,12 @@
 //! The queue monitor: reads the queued builds at start and whenever the database says the queue
 //! changed (or the periodic rescan fires), and keeps one build actor per unfinished build.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use actix::prelude::*;
 
+use crate::actors::aggregate::{self, Gate};
 use crate::actors::build::actor::{BuildActor, BuildActorDone};
 use crate::actors::build::expander::Expander;
 use crate::actors::dispatcher::actor::{DispatcherActor, JobsetUsage};
@@ -38,6 +39,8 @@ pub struct QueueMonitor {
     last_id: i64,
     listener: Option<tokio::task::JoinHandle<()>>,
     cell: Arc<ActorCell>,
+    /// Aggregate builds held back until these constituents finish (`actors::aggregate`).
+    held: HashMap<i64, BTreeSet<i64>>,
 }
 
 impl QueueMonitor {
@@ -54,14 +57,23 @@ impl QueueMonitor {
             expander,
             last_id: 0,
             listener: None,
+            held: HashMap::new(),
         }
     }
 
-    fn spawn_builds(&mut self, rows: Vec<Build>, ctx: &mut Context<Self>) {
+    fn spawn_builds(
+        &mut self,
+        rows: Vec<Build>,
+        gates: BTreeMap<i64, Gate>,
+        ctx: &mut Context<Self>,
+    ) {
         for row in rows {
             let id = row.id.0;
             self.last_id = self.last_id.max(id);
             if row.finished || self.builds.get(&id).is_some_and(|a| a.connected()) {
+                continue;
+            }
+            if !self.gate_aggregate(&row, gates.get(&id), ctx) {
                 continue;
             }
             tracing::info!(build = id, drv = %row.drv_path, job = %row.job, "build queued");
@@ -84,6 +96,16 @@ impl QueueMonitor {
             async move {
                 let shares = env.db.jobsets().await.unwrap_or_default();
                 let rows = if all { env.db.unfinished_builds().await } else { env.db.unfinished_builds_since(crate::db::types::BuildId(since)).await };
+                // After the rows: an aggregate among them has its constituents recorded (one
+                // transaction), so it is gated, never started early.
+                let gates = match rows {
+                    Ok(_) => env.db.unfinished_aggregates(crate::db::types::BuildId(if all { 0 } else { since })).await.map(|s| aggregate::gates(&s)),
+                    Err(_) => Ok(BTreeMap::new()),
+                };
+                let rows = match (rows, gates) {
+                    (Ok(r), Ok(g)) => Ok((r, g)),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
                 (shares, rows)
             }
             .into_actor(self)
@@ -96,7 +118,7 @@ impl QueueMonitor {
                     });
                 }
                 match rows {
-                    Ok(rows) => act.spawn_builds(rows, ctx),
+                    Ok((rows, gates)) => act.spawn_builds(rows, gates, ctx),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the queue; reading it again in a second");
                         ctx.run_later(std::time::Duration::from_secs(1), |act, ctx| act.read(ctx, true));
@@ -108,6 +130,81 @@ impl QueueMonitor {
 }
 
 impl QueueMonitor {
+    /// Whether `row` may start now: an aggregate (it has a gate) waiting on constituents is held
+    /// back, one whose constituent failed is ended as DepFailed; other builds start.
+    fn gate_aggregate(
+        &mut self,
+        row: &Build,
+        gate: Option<&Gate>,
+        ctx: &mut Context<Self>,
+    ) -> bool {
+        let id = row.id.0;
+        match gate {
+            None | Some(Gate::Ready) => {
+                self.held.remove(&id);
+                true
+            }
+            Some(Gate::Waiting(on)) => {
+                tracing::info!(build = id, job = %row.job, waiting_on = on.len(), "aggregate held back until its constituents finish");
+                self.held.insert(id, on.clone());
+                false
+            }
+            Some(Gate::Failed {
+                constituent,
+                status,
+            }) => {
+                self.held.remove(&id);
+                let (env, row, c, st) = (self.env.clone(), row.clone(), *constituent, *status);
+                ctx.spawn(
+                    async move {
+                        if let Err(e) = aggregate::fail(&env, &row, c, st).await {
+                            tracing::error!(build = row.id.0, error = %e, "cannot end the aggregate as DepFailed; the next rescan tries again");
+                        }
+                    }
+                    .into_actor(self),
+                );
+                false
+            }
+        }
+    }
+
+    /// A build finished: the held aggregates waiting on it are gated again.
+    fn constituent_done(&mut self, id: i64, ctx: &mut Context<Self>) {
+        let due: Vec<i64> = self
+            .held
+            .iter()
+            .filter(|(_, on)| on.contains(&id))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in due {
+            let env = self.env.clone();
+            ctx.spawn(
+                async move {
+                    let agg = crate::db::types::BuildId(a);
+                    let states = env.db.constituents_of(agg).await?;
+                    let row = env.db.get_build(agg).await?;
+                    Ok::<_, crate::db::DbError>((row, aggregate::gate(&states)))
+                }
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok((row, _)) if row.finished => {
+                        act.held.remove(&a);
+                    }
+                    Ok((row, gate)) => {
+                        if act.builds.get(&a).is_some_and(|x| x.connected()) {
+                            return;
+                        }
+                        let gates = BTreeMap::from([(a, gate)]);
+                        act.spawn_builds(vec![row], gates, ctx);
+                    }
+                    Err(e) => {
+                        tracing::warn!(build = a, error = %e, "cannot gate the aggregate again; the next rescan does");
+                    }
+                }),
+            );
+        }
+    }
+
     fn describe(&self) {
         let mut ids: Vec<i64> = self.builds.keys().copied().collect();
         ids.sort_unstable();
@@ -223,10 +320,13 @@ impl Handler<Queue> for QueueMonitor {
 
 impl Handler<BuildActorDone> for QueueMonitor {
     type Result = ();
-    fn handle(&mut self, msg: BuildActorDone, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: BuildActorDone, ctx: &mut Context<Self>) {
         self.cell.handled();
         self.builds.remove(&msg.0);
         self.describe();
+        if !self.held.is_empty() {
+            self.constituent_done(msg.0, ctx);
+        }
     }
 }
 

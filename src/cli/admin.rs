@@ -59,6 +59,13 @@ pub enum AdminCommand {
     },
     /// The machines with their slots and jobs.
     Machines,
+    /// The evaluations (`qr submit --eval-jobs`), newest first, with their counts.
+    Evals {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One evaluation: its jobs with their builds, its errors and its aggregates.
+    Eval { id: i64 },
     /// Cancel an unfinished build.
     Cancel { id: i64 },
     /// Queue a finished build again.
@@ -194,6 +201,42 @@ fn steps_table(steps: &[Step]) {
                         String::new()
                     },
                     s.error_msg.lines().next().unwrap_or("").to_string(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn evals_table(evals: &[Eval]) {
+    table(
+        &[
+            "eval",
+            "jobset",
+            "time",
+            "jobs",
+            "new",
+            "existing",
+            "errors",
+            "succeeded",
+            "failed",
+            "queued",
+            "source",
+        ],
+        evals
+            .iter()
+            .map(|e| {
+                vec![
+                    e.id.to_string(),
+                    e.jobset.clone(),
+                    time(e.timestamp),
+                    e.jobs.to_string(),
+                    e.new_builds.to_string(),
+                    e.existing_builds.to_string(),
+                    e.errors.to_string(),
+                    e.succeeded.to_string(),
+                    e.failed.to_string(),
+                    e.queued.to_string(),
+                    e.source.clone(),
                 ]
             })
             .collect(),
@@ -447,6 +490,68 @@ async fn admin(ctx: Context, args: AdminArgs) -> anyhow::Result<ExitCode> {
                     })
                     .collect(),
             );
+        }
+        AdminCommand::Evals { limit } => {
+            let r = c
+                .list_evals(ListEvalsRequest { limit })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                return print_json(&r).map(|_| ExitCode::SUCCESS);
+            }
+            evals_table(&r.evals);
+        }
+        AdminCommand::Eval { id } => {
+            let d = c
+                .get_eval(GetEvalRequest { id })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                return print_json(&d).map(|_| ExitCode::SUCCESS);
+            }
+            if let Some(e) = &d.eval {
+                evals_table(std::slice::from_ref(e));
+                println!();
+            }
+            table(
+                &["job", "build", "new", "status", "drv", "constituents"],
+                d.jobs
+                    .iter()
+                    .map(|j| {
+                        let b = j.build.clone().unwrap_or_default();
+                        vec![
+                            j.job.clone(),
+                            b.id.to_string(),
+                            if j.is_new { "new" } else { "existing" }.into(),
+                            b.status_name.clone(),
+                            short(&b.drv_path),
+                            j.constituents
+                                .iter()
+                                .map(|c| c.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    })
+                    .collect(),
+            );
+            if !d.errors.is_empty() {
+                println!();
+                table(
+                    &["line", "job", "error"],
+                    d.errors
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                e.line.to_string(),
+                                e.job.clone(),
+                                e.message.lines().next().unwrap_or("").to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
         }
         AdminCommand::Cancel { id } => {
             return action(json, c.cancel_build(BuildAction { id }).await).await;

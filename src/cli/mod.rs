@@ -12,6 +12,7 @@ pub mod admin;
 pub mod bench;
 pub mod builder;
 pub mod drv;
+pub mod eval_jobs;
 pub mod import;
 pub mod run;
 pub mod serve;

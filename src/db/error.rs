@@ -44,6 +44,8 @@ pub enum DbError {
     StepFinished { build: BuildId, stepnr: StepNr },
     #[error("jobset {0} not found")]
     JobsetNotFound(String),
+    #[error("evaluation {0} not found")]
+    EvalNotFound(i64),
     #[error(transparent)]
     RealisationConflict(#[from] RealisationConflict),
     /// A caller passed something the schema forbids (e.g. `finish_step` with `Resolved`).

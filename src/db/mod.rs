@@ -31,6 +31,7 @@
 
 mod batch;
 mod error;
+mod evals;
 mod fault;
 mod lanes;
 mod notify;
@@ -55,6 +56,10 @@ use sqlx::sqlite::{
 use tokio::sync::broadcast;
 
 pub use error::{DbError, Transient, classify, classify_code, redact_url};
+pub use evals::{
+    ConstituentState, EvalDetail, EvalError, EvalMember, EvalSummary, NewEval, NewEvalJob,
+    RecordedEval,
+};
 pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use plans::QueryPlan;

@@ -62,7 +62,10 @@ fn commit_error(e: sqlx::Error) -> DbError {
 /// Commits; a connection lost during `COMMIT` leaves the outcome unknown, so it is reported as
 /// such (and not retried) rather than as a transient error.
 /// Counts the committed write transaction ([`Db::write_transactions`]).
-async fn commit<DB: Database>(db: &Db, tx: Transaction<'static, DB>) -> Result<(), DbError> {
+pub(super) async fn commit<DB: Database>(
+    db: &Db,
+    tx: Transaction<'static, DB>,
+) -> Result<(), DbError> {
     if db.fault(FaultPoint::CommitLostBefore).is_err() {
         drop(tx); // rolled back
         return Err(lost_commit("before"));

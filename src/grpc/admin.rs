@@ -36,9 +36,10 @@ use admin_v1::*;
 /// timeout — UNAVAILABLE (worth retrying later); anything else INTERNAL.
 pub fn db_status(e: DbError) -> Status {
     match &e {
-        DbError::BuildNotFound(_) | DbError::StepNotFound { .. } | DbError::JobsetNotFound(_) => {
-            Status::not_found(e.to_string())
-        }
+        DbError::BuildNotFound(_)
+        | DbError::StepNotFound { .. }
+        | DbError::JobsetNotFound(_)
+        | DbError::EvalNotFound(_) => Status::not_found(e.to_string()),
         DbError::Invalid(_) => Status::invalid_argument(e.to_string()),
         DbError::StepFinished { .. } => Status::failed_precondition(e.to_string()),
         e if e.is_retryable() || db_unavailable(e) => {
@@ -130,6 +131,23 @@ pub fn build_to_proto(b: &Build) -> admin_v1::Build {
         start_time: b.start_time.unwrap_or(0),
         stop_time: b.stop_time.unwrap_or(0),
         is_cached: b.is_cached_build,
+    }
+}
+
+pub fn eval_to_proto(e: &crate::db::EvalSummary) -> admin_v1::Eval {
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    admin_v1::Eval {
+        id: e.id,
+        jobset: e.jobset.clone(),
+        timestamp: e.timestamp,
+        source: e.source.clone(),
+        jobs: n(e.jobs),
+        new_builds: n(e.new_builds),
+        existing_builds: n(e.jobs - e.new_builds),
+        errors: n(e.errors),
+        succeeded: n(e.succeeded),
+        failed: n(e.failed),
+        queued: n(e.queued),
     }
 }
 
@@ -493,6 +511,55 @@ impl Admin {
                 })
                 .collect(),
             steps: steps.iter().map(step_to_proto).collect(),
+        })
+    }
+
+    pub async fn list_evals(&self, r: ListEvalsRequest) -> Result<ListEvalsResponse, Status> {
+        let limit = if r.limit == 0 {
+            50
+        } else {
+            r.limit.min(10_000)
+        };
+        let rows = self.db(self.env.db.evals(i64::from(limit))).await?;
+        Ok(ListEvalsResponse {
+            evals: rows.iter().map(eval_to_proto).collect(),
+        })
+    }
+
+    pub async fn get_eval(&self, id: i64) -> Result<EvalDetail, Status> {
+        if id <= 0 {
+            return Err(Status::invalid_argument(format!(
+                "invalid evaluation id {id}"
+            )));
+        }
+        let d = self.db(self.env.db.eval(id)).await?;
+        let jobs = d
+            .members
+            .iter()
+            .map(|(m, b)| EvalJob {
+                job: m.job.clone(),
+                is_new: m.is_new,
+                build: Some(build_to_proto(b)),
+                constituents: d
+                    .constituents
+                    .iter()
+                    .filter(|(a, _)| *a == m.build)
+                    .map(|(_, c)| c.0)
+                    .collect(),
+            })
+            .collect();
+        Ok(EvalDetail {
+            eval: Some(eval_to_proto(&d.summary)),
+            jobs,
+            errors: d
+                .errors
+                .iter()
+                .map(|e| EvalLineError {
+                    line: e.line,
+                    job: e.job.clone().unwrap_or_default(),
+                    message: e.message.clone(),
+                })
+                .collect(),
         })
     }
 
@@ -933,6 +1000,23 @@ impl AdminService for AdminServiceImpl {
         let r = r.into_inner();
         self.admin
             .set_machine(&r.machine, r.action)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_evals(
+        &self,
+        r: Request<ListEvalsRequest>,
+    ) -> Result<Response<ListEvalsResponse>, Status> {
+        self.admin
+            .list_evals(r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_eval(&self, r: Request<GetEvalRequest>) -> Result<Response<EvalDetail>, Status> {
+        self.admin
+            .get_eval(r.into_inner().id)
             .await
             .map(Response::new)
     }

@@ -54,6 +54,8 @@ pub fn router(admin: Admin) -> Router {
         .route("/api/actors", get(actors))
         .route("/api/machines", get(machines))
         .route("/api/history", get(history))
+        .route("/api/evals", get(evals))
+        .route("/api/evals/{id}", get(eval))
         .route("/api/events", get(events))
         .route("/api/settle/{ms}", get(settle))
         .with_state(state)
@@ -139,6 +141,18 @@ async fn log(State(s): State<AppState>, Path((id, nr)): Path<(i64, i32)>) -> Res
             })
             .await,
     )
+}
+
+async fn evals(State(s): State<AppState>) -> Response {
+    answer(
+        s.admin
+            .list_evals(crate::grpc::admin::admin_v1::ListEvalsRequest { limit: 50 })
+            .await,
+    )
+}
+
+async fn eval(State(s): State<AppState>, Path(id): Path<i64>) -> Response {
+    answer(s.admin.get_eval(id).await)
 }
 
 async fn actors(State(s): State<AppState>) -> Response {

@@ -1,0 +1,519 @@
+//! Evaluations (`qr submit --eval-jobs`): Hydra's `jobsetevals`, `jobsetevalmembers` and
+//! `aggregateconstituents`, plus the lines that queued nothing (`jobsetevalerrors`).
+//!
+//! [`Db::record_eval`] writes a whole evaluation in one transaction — its row, a build for each job
+//! whose drv has no build in the jobset yet (the others join as existing builds), the members, the
+//! aggregates' constituents and the errors — so the queue monitor never sees an aggregate before
+//! its constituents are recorded, and a lost commit reply is read back rather than written twice.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use sqlx::Row;
+
+use super::error::DbError;
+use super::notify::QueueEvent;
+use super::ops::{WritePool, commit};
+use super::rows::RowExt;
+use super::types::{Build, BuildId, BuildStatus, Output};
+use super::{Db, on_pool};
+
+/// A job of a new evaluation: its attr and the build it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvalJob {
+    /// The attr (`job` of its build when one is created).
+    pub job: String,
+    pub drv_path: String,
+    pub system: String,
+    /// `buildoutputs` rows of a new build (paths known for input-addressed outputs).
+    pub outputs: Vec<Output>,
+    /// For an aggregate: the attrs of the jobs of this evaluation it is made of.
+    pub constituents: Vec<String>,
+}
+
+/// A line of the evaluator's output that queued nothing, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalError {
+    /// 1-based line number of the input.
+    pub line: i64,
+    /// The attr, when the line names one.
+    pub job: Option<String>,
+    pub message: String,
+}
+
+/// What [`Db::record_eval`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEval {
+    pub jobset: String,
+    /// Unix seconds; also the queue time of the builds it creates.
+    pub timestamp: i64,
+    /// Where the lines came from (a file name, or `-`).
+    pub source: String,
+    pub jobs: Vec<NewEvalJob>,
+    pub errors: Vec<EvalError>,
+}
+
+/// A job of an evaluation and its build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalMember {
+    pub job: String,
+    pub build: BuildId,
+    /// Queued by this evaluation (false: the drv already had a build in the jobset).
+    pub is_new: bool,
+}
+
+/// What [`Db::record_eval`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEval {
+    pub id: i64,
+    /// In the order of [`NewEval::jobs`].
+    pub members: Vec<EvalMember>,
+}
+
+/// A row of `jobsetevals` with its counts (per job: two jobs sharing a build count twice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalSummary {
+    pub id: i64,
+    pub jobset: String,
+    pub timestamp: i64,
+    pub source: String,
+    pub jobs: i64,
+    /// Jobs whose build this evaluation queued.
+    pub new_builds: i64,
+    pub errors: i64,
+    /// Jobs whose build finished with status 0.
+    pub succeeded: i64,
+    /// Jobs whose build finished with any other status.
+    pub failed: i64,
+    /// Jobs whose build is unfinished.
+    pub queued: i64,
+}
+
+/// An evaluation with its members (and their builds), its errors and its aggregates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalDetail {
+    pub summary: EvalSummary,
+    /// By job name.
+    pub members: Vec<(EvalMember, Build)>,
+    /// By line.
+    pub errors: Vec<EvalError>,
+    /// (aggregate build, constituent build) for the aggregates among the members.
+    pub constituents: Vec<(BuildId, BuildId)>,
+}
+
+/// A constituent of an aggregate build, and how far it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConstituentState {
+    pub aggregate: BuildId,
+    pub constituent: BuildId,
+    pub finished: bool,
+    pub status: Option<BuildStatus>,
+}
+
+const INSERT_JOBSET_IF_MISSING: &str =
+    "insert into jobsets (name) values ($1) on conflict (name) do nothing";
+
+const INSERT_EVAL: &str =
+    "insert into jobsetevals (jobset, timestamp, source) values ($1, $2, $3) returning id";
+
+/// The newest build of a drv in a jobset (index `indexbuildsonjobsetdrvpath`).
+const EXISTING_BUILD: &str =
+    "select id from builds where jobset = $1 and drvpath = $2 order by id desc limit 1";
+
+const INSERT_BUILD: &str = "insert into builds (jobset, job, drvpath, system, priority, \
+     globalpriority, maxsilent, timeout, timestamp) values ($1, $2, $3, $4, 0, 0, 0, 0, $5) \
+     returning id";
+
+const UPSERT_BUILD_OUTPUT: &str = "insert into buildoutputs (build, name, path) values ($1, $2, $3) \
+     on conflict (build, name) do update set path = coalesce(excluded.path, buildoutputs.path)";
+
+const INSERT_MEMBER: &str =
+    "insert into jobsetevalmembers (eval, job, build, isnew) values ($1, $2, $3, $4)";
+
+const INSERT_CONSTITUENT: &str = "insert into aggregateconstituents (aggregate, constituent) \
+     values ($1, $2) on conflict (aggregate, constituent) do nothing";
+
+const INSERT_ERROR: &str =
+    "insert into jobsetevalerrors (eval, line, job, message) values ($1, $2, $3, $4)";
+
+/// Evaluations with their counts; `$1` limits, `$2` selects one id (0: all).
+const EVALS: &str = "select e.id, e.jobset, e.timestamp, e.source, \
+     (select count(*) from jobsetevalmembers m where m.eval = e.id) as jobs, \
+     (select count(*) from jobsetevalmembers m where m.eval = e.id and m.isnew = 1) as newbuilds, \
+     (select count(*) from jobsetevalerrors x where x.eval = e.id) as errors, \
+     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+        where m.eval = e.id and b.finished = 1 and b.buildstatus = 0) as succeeded, \
+     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+        where m.eval = e.id and b.finished = 1 and b.buildstatus != 0) as failed, \
+     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+        where m.eval = e.id and b.finished = 0) as queued \
+     from jobsetevals e where ($2 = 0 or e.id = $2) order by e.id desc limit $1";
+
+const EVAL_MEMBERS: &str = "select m.job as evaljob, m.isnew, b.id, b.jobset, b.job, b.drvpath, \
+     b.system, b.priority, b.globalpriority, b.maxsilent, b.timeout, b.timestamp, b.finished, \
+     b.buildstatus, b.starttime, b.stoptime, b.iscachedbuild, b.laststepnr \
+     from jobsetevalmembers m join builds b on b.id = m.build where m.eval = $1 order by m.job";
+
+const EVAL_ERRORS: &str =
+    "select line, job, message from jobsetevalerrors where eval = $1 order by line";
+
+const EVAL_CONSTITUENTS: &str = "select distinct a.aggregate, a.constituent \
+     from jobsetevalmembers m join aggregateconstituents a on a.aggregate = m.build \
+     where m.eval = $1 order by a.aggregate, a.constituent";
+
+/// The constituents of unfinished aggregate builds with an id above `$1`.
+const UNFINISHED_AGGREGATES: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
+     from builds b join aggregateconstituents a on a.aggregate = b.id \
+     join builds c on c.id = a.constituent \
+     where b.finished = 0 and b.id > $1 order by a.aggregate, a.constituent";
+
+const CONSTITUENTS_OF: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
+     from aggregateconstituents a join builds c on c.id = a.constituent \
+     where a.aggregate = $1 order by a.constituent";
+
+/// Decodes a `ConstituentState` row (either backend).
+macro_rules! constituent_row {
+    ($r:expr) => {{
+        let r = $r;
+        let code: Option<i32> = r.try_get("buildstatus")?;
+        ConstituentState {
+            aggregate: BuildId(r.try_get("aggregate")?),
+            constituent: BuildId(r.try_get("constituent")?),
+            finished: r.try_get::<i32, _>("finished")? != 0,
+            status: code.map(BuildStatus::from_code).transpose()?,
+        }
+    }};
+}
+
+/// Checks what the database cannot: job names unique, constituents naming jobs of the evaluation.
+fn check_new_eval(e: &NewEval) -> Result<(), DbError> {
+    let mut seen = HashSet::new();
+    for j in &e.jobs {
+        if !seen.insert(j.job.as_str()) {
+            return Err(DbError::Invalid(format!(
+                "job {:?} appears twice in the evaluation",
+                j.job
+            )));
+        }
+    }
+    for j in &e.jobs {
+        for c in &j.constituents {
+            if !seen.contains(c.as_str()) {
+                return Err(DbError::Invalid(format!(
+                    "aggregate {:?} names constituent {c:?}, which is not a job of the evaluation",
+                    j.job
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Db {
+    /// Records an evaluation in one transaction: the jobset (created with the default shares if
+    /// missing), the `jobsetevals` row, for each job the newest build of its drv in the jobset or
+    /// else a new build (named by the job, queued at the evaluation's time), the members, the
+    /// aggregates' constituents and the errors. New builds are announced (`builds_added`).
+    pub async fn record_eval(&self, e: &NewEval) -> Result<RecordedEval, DbError> {
+        check_new_eval(e)?;
+        let inserted = &AtomicI64::new(0);
+        let rec = self
+            .retrying_checked(
+                "record_eval",
+                || async move {
+                    on_pool!(self, |pool| {
+                        let mut tx = pool.begin_write().await?;
+                        sqlx::query(INSERT_JOBSET_IF_MISSING)
+                            .bind(&e.jobset)
+                            .execute(&mut *tx)
+                            .await?;
+                        let id: i64 = sqlx::query_scalar(INSERT_EVAL)
+                            .bind(&e.jobset)
+                            .bind(e.timestamp)
+                            .bind(&e.source)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        inserted.store(id, Ordering::SeqCst);
+                        let mut by_drv: HashMap<&str, (BuildId, bool)> = HashMap::new();
+                        let mut by_job: HashMap<&str, BuildId> = HashMap::new();
+                        let mut members = Vec::with_capacity(e.jobs.len());
+                        for j in &e.jobs {
+                            let (build, is_new) = match by_drv.get(j.drv_path.as_str()) {
+                                Some(x) => *x,
+                                None => {
+                                    let existing: Option<i64> = sqlx::query_scalar(EXISTING_BUILD)
+                                        .bind(&e.jobset)
+                                        .bind(&j.drv_path)
+                                        .fetch_optional(&mut *tx)
+                                        .await?;
+                                    match existing {
+                                        Some(b) => (BuildId(b), false),
+                                        None => {
+                                            let b: i64 = sqlx::query_scalar(INSERT_BUILD)
+                                                .bind(&e.jobset)
+                                                .bind(&j.job)
+                                                .bind(&j.drv_path)
+                                                .bind(&j.system)
+                                                .bind(e.timestamp)
+                                                .fetch_one(&mut *tx)
+                                                .await?;
+                                            for (name, path) in &j.outputs {
+                                                sqlx::query(UPSERT_BUILD_OUTPUT)
+                                                    .bind(b)
+                                                    .bind(name)
+                                                    .bind(path)
+                                                    .execute(&mut *tx)
+                                                    .await?;
+                                            }
+                                            (BuildId(b), true)
+                                        }
+                                    }
+                                }
+                            };
+                            by_drv.insert(&j.drv_path, (build, is_new));
+                            by_job.insert(&j.job, build);
+                            sqlx::query(INSERT_MEMBER)
+                                .bind(id)
+                                .bind(&j.job)
+                                .bind(build.0)
+                                .bind(i32::from(is_new))
+                                .execute(&mut *tx)
+                                .await?;
+                            members.push(EvalMember {
+                                job: j.job.clone(),
+                                build,
+                                is_new,
+                            });
+                        }
+                        for j in &e.jobs {
+                            let aggregate = by_job[j.job.as_str()];
+                            for c in &j.constituents {
+                                let constituent = by_job[c.as_str()];
+                                // Two jobs with one drv share a build; it is not its own constituent.
+                                if constituent == aggregate {
+                                    continue;
+                                }
+                                sqlx::query(INSERT_CONSTITUENT)
+                                    .bind(aggregate.0)
+                                    .bind(constituent.0)
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                        }
+                        for x in &e.errors {
+                            sqlx::query(INSERT_ERROR)
+                                .bind(id)
+                                .bind(x.line)
+                                .bind(&x.job)
+                                .bind(&x.message)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        commit(self, tx).await?;
+                        Ok(RecordedEval { id, members })
+                    })
+                },
+                || async move {
+                    let id = inserted.load(Ordering::SeqCst);
+                    if id == 0 {
+                        return Ok(None);
+                    }
+                    match self.eval(id).await {
+                        Ok(d)
+                            if d.summary.jobset == e.jobset
+                                && d.summary.timestamp == e.timestamp =>
+                        {
+                            // In the order of the request.
+                            let by_job: HashMap<String, EvalMember> = d
+                                .members
+                                .into_iter()
+                                .map(|(m, _)| (m.job.clone(), m))
+                                .collect();
+                            let members = e
+                                .jobs
+                                .iter()
+                                .filter_map(|j| by_job.get(&j.job).cloned())
+                                .collect();
+                            Ok(Some(RecordedEval { id, members }))
+                        }
+                        Ok(_) | Err(DbError::EvalNotFound(_)) => Ok(None),
+                        Err(err) => Err(err),
+                    }
+                },
+            )
+            .await?;
+        if rec.members.iter().any(|m| m.is_new) {
+            self.emit(QueueEvent::BuildsAdded(None));
+        }
+        Ok(rec)
+    }
+
+    /// The `limit` most recent evaluations, newest first, with their counts.
+    pub async fn evals(&self, limit: i64) -> Result<Vec<EvalSummary>, DbError> {
+        self.eval_summaries(limit, 0).await
+    }
+
+    async fn eval_summaries(&self, limit: i64, id: i64) -> Result<Vec<EvalSummary>, DbError> {
+        self.reading("evals", || async move {
+            on_pool!(self, |pool| {
+                let rows = sqlx::query(EVALS)
+                    .bind(limit)
+                    .bind(id)
+                    .fetch_all(pool)
+                    .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    out.push(EvalSummary {
+                        id: r.try_get("id")?,
+                        jobset: r.try_get("jobset")?,
+                        timestamp: r.try_get("timestamp")?,
+                        source: r.try_get("source")?,
+                        jobs: r.try_get("jobs")?,
+                        new_builds: r.try_get("newbuilds")?,
+                        errors: r.try_get("errors")?,
+                        succeeded: r.try_get("succeeded")?,
+                        failed: r.try_get("failed")?,
+                        queued: r.try_get("queued")?,
+                    });
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    /// One evaluation with its members, errors and aggregates; `EvalNotFound` if there is none.
+    pub async fn eval(&self, id: i64) -> Result<EvalDetail, DbError> {
+        if id <= 0 {
+            return Err(DbError::EvalNotFound(id));
+        }
+        let summary = self
+            .eval_summaries(1, id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(DbError::EvalNotFound(id))?;
+        self.reading("eval", || {
+            let summary = summary.clone();
+            async move {
+                on_pool!(self, |pool| {
+                    let mut members = Vec::new();
+                    for r in sqlx::query(EVAL_MEMBERS).bind(id).fetch_all(pool).await? {
+                        let build = r.build()?;
+                        members.push((
+                            EvalMember {
+                                job: r.try_get("evaljob")?,
+                                build: build.id,
+                                is_new: r.try_get::<i32, _>("isnew")? != 0,
+                            },
+                            build,
+                        ));
+                    }
+                    let mut errors = Vec::new();
+                    for r in sqlx::query(EVAL_ERRORS).bind(id).fetch_all(pool).await? {
+                        errors.push(EvalError {
+                            line: r.try_get("line")?,
+                            job: r.try_get("job")?,
+                            message: r.try_get("message")?,
+                        });
+                    }
+                    let mut constituents = Vec::new();
+                    for r in sqlx::query(EVAL_CONSTITUENTS)
+                        .bind(id)
+                        .fetch_all(pool)
+                        .await?
+                    {
+                        constituents.push((
+                            BuildId(r.try_get("aggregate")?),
+                            BuildId(r.try_get("constituent")?),
+                        ));
+                    }
+                    Ok(EvalDetail {
+                        summary,
+                        members,
+                        errors,
+                        constituents,
+                    })
+                })
+            }
+        })
+        .await
+    }
+
+    /// The constituents (and their state) of every unfinished aggregate build with an id above
+    /// `after`, by aggregate then constituent.
+    pub async fn unfinished_aggregates(
+        &self,
+        after: BuildId,
+    ) -> Result<Vec<ConstituentState>, DbError> {
+        self.reading("unfinished_aggregates", || async move {
+            on_pool!(self, |pool| {
+                let rows = sqlx::query(UNFINISHED_AGGREGATES)
+                    .bind(after.0)
+                    .fetch_all(pool)
+                    .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    out.push(constituent_row!(r));
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    /// The constituents of one build (none: it is no aggregate), by constituent.
+    pub async fn constituents_of(
+        &self,
+        aggregate: BuildId,
+    ) -> Result<Vec<ConstituentState>, DbError> {
+        self.reading("constituents_of", || async move {
+            on_pool!(self, |pool| {
+                let rows = sqlx::query(CONSTITUENTS_OF)
+                    .bind(aggregate.0)
+                    .fetch_all(pool)
+                    .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    out.push(constituent_row!(r));
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, constituents: &[&str]) -> NewEvalJob {
+        NewEvalJob {
+            job: name.into(),
+            drv_path: format!("/nix/store/{:0>32}-{name}.drv", 0),
+            system: "x86_64-linux".into(),
+            outputs: vec![],
+            constituents: constituents.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    fn eval(jobs: Vec<NewEvalJob>) -> NewEval {
+        NewEval {
+            jobset: "js".into(),
+            timestamp: 1,
+            source: "-".into(),
+            jobs,
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn job_names_are_unique_and_constituents_are_jobs() {
+        assert!(check_new_eval(&eval(vec![job("a", &[]), job("t", &["a"])])).is_ok());
+        let dup = check_new_eval(&eval(vec![job("a", &[]), job("a", &[])]));
+        assert!(matches!(dup, Err(DbError::Invalid(m)) if m.contains("twice")));
+        let missing = check_new_eval(&eval(vec![job("t", &["nope"])]));
+        assert!(matches!(missing, Err(DbError::Invalid(m)) if m.contains("\"nope\"")));
+    }
+}
