@@ -208,7 +208,17 @@ suite!(
     jobsets_and_shares,
     retries_transient_failures,
     query_plans_use_indexes,
+    evals_record_members_errors_and_constituents,
+    a_drv_with_a_build_in_the_jobset_is_not_queued_again,
+    record_eval_is_one_transaction,
 );
+
+#[path = "db_suite/evals.rs"]
+mod evals;
+use evals::{
+    a_drv_with_a_build_in_the_jobset_is_not_queued_again,
+    evals_record_members_errors_and_constituents, record_eval_is_one_transaction,
+};
 
 // ------------------------------------------------------------------------------------ helpers
 

@@ -27,7 +27,7 @@ create index indexjobsetevalmembersonbuild on jobsetevalmembers(build);
 -- could not use (malformed JSON, a missing field, a drv it could not import), with its line number.
 create table jobsetevalerrors (
     eval    bigint not null references jobsetevals(id) on delete cascade,
-    line    integer not null,                 -- 1-based line number of the input
+    line    bigint not null,                  -- 1-based line number of the input
     job     text,                             -- the attr, when the line names one
     message text not null,
     primary key (eval, line)
