@@ -1604,6 +1604,21 @@ async fn populate(db: &Db) -> Result<()> {
         "insert into failedpaths (path) select drvpath from buildsteps \
          where stepnr = 1 and build % 10 = 0"
             .to_string(),
+        // Evaluations: 100 of 50 jobs each, every tenth build an aggregate of the three before.
+        format!(
+            "{} insert into jobsetevals (jobset, timestamp, source) select 'main', i, 'f' from n",
+            series(100)
+        ),
+        "insert into jobsetevalmembers (eval, job, build, isnew) \
+         select (id - 1) / 50 + 1, job, id, 1 from builds"
+            .to_string(),
+        "insert into jobsetevalerrors (eval, line, job, message) \
+         select id, 1, null, 'bad' from jobsetevals where id % 5 = 0"
+            .to_string(),
+        "insert into aggregateconstituents (aggregate, constituent) \
+         select b.id, c.id from builds b join builds c on c.id between b.id - 3 and b.id - 1 \
+         where b.id % 10 = 0"
+            .to_string(),
         "analyze".to_string(),
     ];
     for st in &statements {

@@ -117,7 +117,7 @@ const INSERT_EVAL: &str =
     "insert into jobsetevals (jobset, timestamp, source) values ($1, $2, $3) returning id";
 
 /// The newest build of a drv in a jobset (index `indexbuildsonjobsetdrvpath`).
-const EXISTING_BUILD: &str =
+pub(crate) const EXISTING_BUILD: &str =
     "select id from builds where jobset = $1 and drvpath = $2 order by id desc limit 1";
 
 const INSERT_BUILD: &str = "insert into builds (jobset, job, drvpath, system, priority, \
@@ -136,20 +136,30 @@ const INSERT_CONSTITUENT: &str = "insert into aggregateconstituents (aggregate, 
 const INSERT_ERROR: &str =
     "insert into jobsetevalerrors (eval, line, job, message) values ($1, $2, $3, $4)";
 
-/// Evaluations with their counts; `$1` limits, `$2` selects one id (0: all).
-const EVALS: &str = "select e.id, e.jobset, e.timestamp, e.source, \
-     (select count(*) from jobsetevalmembers m where m.eval = e.id) as jobs, \
-     (select count(*) from jobsetevalmembers m where m.eval = e.id and m.isnew = 1) as newbuilds, \
-     (select count(*) from jobsetevalerrors x where x.eval = e.id) as errors, \
-     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
-        where m.eval = e.id and b.finished = 1 and b.buildstatus = 0) as succeeded, \
-     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
-        where m.eval = e.id and b.finished = 1 and b.buildstatus != 0) as failed, \
-     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
-        where m.eval = e.id and b.finished = 0) as queued \
-     from jobsetevals e where ($2 = 0 or e.id = $2) order by e.id desc limit $1";
+/// The columns of an evaluation with its counts (`e` is its `jobsetevals` row).
+macro_rules! eval_cols {
+    () => {
+        "select e.id, e.jobset, e.timestamp, e.source, \
+         (select count(*) from jobsetevalmembers m where m.eval = e.id) as jobs, \
+         (select count(*) from jobsetevalmembers m where m.eval = e.id and m.isnew = 1) as newbuilds, \
+         (select count(*) from jobsetevalerrors x where x.eval = e.id) as errors, \
+         (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+            where m.eval = e.id and b.finished = 1 and b.buildstatus = 0) as succeeded, \
+         (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+            where m.eval = e.id and b.finished = 1 and b.buildstatus != 0) as failed, \
+         (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+            where m.eval = e.id and b.finished = 0) as queued \
+         from jobsetevals e "
+    };
+}
 
-const EVAL_MEMBERS: &str = "select m.job as evaljob, m.isnew, b.id, b.jobset, b.job, b.drvpath, \
+/// The `$1` most recent evaluations (admin listing, like `recent_builds`).
+const RECENT_EVALS: &str = concat!(eval_cols!(), "order by e.id desc limit $1");
+
+/// One evaluation's row (its counts come from its members).
+const EVAL: &str = "select id, jobset, timestamp, source from jobsetevals where id = $1";
+
+pub(crate) const EVAL_MEMBERS: &str = "select m.job as evaljob, m.isnew, b.id, b.jobset, b.job, b.drvpath, \
      b.system, b.priority, b.globalpriority, b.maxsilent, b.timeout, b.timestamp, b.finished, \
      b.buildstatus, b.starttime, b.stoptime, b.iscachedbuild, b.laststepnr \
      from jobsetevalmembers m join builds b on b.id = m.build where m.eval = $1 order by m.job";
@@ -161,13 +171,23 @@ const EVAL_CONSTITUENTS: &str = "select distinct a.aggregate, a.constituent \
      from jobsetevalmembers m join aggregateconstituents a on a.aggregate = m.build \
      where m.eval = $1 order by a.aggregate, a.constituent";
 
-/// The constituents of unfinished aggregate builds with an id above `$1`.
-const UNFINISHED_AGGREGATES: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
+/// The constituents of unfinished aggregate builds with an id above `$1`: from the unfinished
+/// builds (partial index), each looked up in `aggregateconstituents`.
+pub(crate) const UNFINISHED_AGGREGATES: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
      from builds b join aggregateconstituents a on a.aggregate = b.id \
      join builds c on c.id = a.constituent \
      where b.finished = 0 and b.id > $1 order by a.aggregate, a.constituent";
 
-const CONSTITUENTS_OF: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
+/// The same for PostgreSQL, whose planner would otherwise hash-join a scan of the whole
+/// `aggregateconstituents` (it grows with every evaluation) with the few unfinished builds: a
+/// lateral subquery (kept apart by `offset 0`) is one index lookup per unfinished build.
+pub(crate) const UNFINISHED_AGGREGATES_PG: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
+     from builds b cross join lateral (select x.aggregate, x.constituent from aggregateconstituents x \
+       where x.aggregate = b.id offset 0) a \
+     join builds c on c.id = a.constituent \
+     where b.finished = 0 and b.id > $1 order by a.aggregate, a.constituent";
+
+pub(crate) const CONSTITUENTS_OF: &str = "select a.aggregate, a.constituent, c.finished, c.buildstatus \
      from aggregateconstituents a join builds c on c.id = a.constituent \
      where a.aggregate = $1 order by a.constituent";
 
@@ -350,17 +370,18 @@ impl Db {
 
     /// The `limit` most recent evaluations, newest first, with their counts.
     pub async fn evals(&self, limit: i64) -> Result<Vec<EvalSummary>, DbError> {
-        self.eval_summaries(limit, 0).await
+        self.eval_summaries(RECENT_EVALS, limit).await
     }
 
-    async fn eval_summaries(&self, limit: i64, id: i64) -> Result<Vec<EvalSummary>, DbError> {
+    /// The summaries `query` selects with `arg` (a limit, or an id).
+    async fn eval_summaries(
+        &self,
+        query: &'static str,
+        arg: i64,
+    ) -> Result<Vec<EvalSummary>, DbError> {
         self.reading("evals", || async move {
             on_pool!(self, |pool| {
-                let rows = sqlx::query(EVALS)
-                    .bind(limit)
-                    .bind(id)
-                    .fetch_all(pool)
-                    .await?;
+                let rows = sqlx::query(query).bind(arg).fetch_all(pool).await?;
                 let mut out = Vec::with_capacity(rows.len());
                 for r in &rows {
                     out.push(EvalSummary {
@@ -387,55 +408,71 @@ impl Db {
         if id <= 0 {
             return Err(DbError::EvalNotFound(id));
         }
-        let summary = self
-            .eval_summaries(1, id)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or(DbError::EvalNotFound(id))?;
-        self.reading("eval", || {
-            let summary = summary.clone();
-            async move {
-                on_pool!(self, |pool| {
-                    let mut members = Vec::new();
-                    for r in sqlx::query(EVAL_MEMBERS).bind(id).fetch_all(pool).await? {
-                        let build = r.build()?;
-                        members.push((
-                            EvalMember {
-                                job: r.try_get("evaljob")?,
-                                build: build.id,
-                                is_new: r.try_get::<i32, _>("isnew")? != 0,
-                            },
-                            build,
-                        ));
+        self.reading("eval", || async move {
+            on_pool!(self, |pool| {
+                let Some(r) = sqlx::query(EVAL).bind(id).fetch_optional(pool).await? else {
+                    return Err(DbError::EvalNotFound(id));
+                };
+                let mut summary = EvalSummary {
+                    id: r.try_get("id")?,
+                    jobset: r.try_get("jobset")?,
+                    timestamp: r.try_get("timestamp")?,
+                    source: r.try_get("source")?,
+                    jobs: 0,
+                    new_builds: 0,
+                    errors: 0,
+                    succeeded: 0,
+                    failed: 0,
+                    queued: 0,
+                };
+                let mut members = Vec::new();
+                for r in sqlx::query(EVAL_MEMBERS).bind(id).fetch_all(pool).await? {
+                    let build = r.build()?;
+                    members.push((
+                        EvalMember {
+                            job: r.try_get("evaljob")?,
+                            build: build.id,
+                            is_new: r.try_get::<i32, _>("isnew")? != 0,
+                        },
+                        build,
+                    ));
+                }
+                let mut errors = Vec::new();
+                for r in sqlx::query(EVAL_ERRORS).bind(id).fetch_all(pool).await? {
+                    errors.push(EvalError {
+                        line: r.try_get("line")?,
+                        job: r.try_get("job")?,
+                        message: r.try_get("message")?,
+                    });
+                }
+                let mut constituents = Vec::new();
+                for r in sqlx::query(EVAL_CONSTITUENTS)
+                    .bind(id)
+                    .fetch_all(pool)
+                    .await?
+                {
+                    constituents.push((
+                        BuildId(r.try_get("aggregate")?),
+                        BuildId(r.try_get("constituent")?),
+                    ));
+                }
+                for (m, b) in &members {
+                    summary.jobs += 1;
+                    summary.new_builds += i64::from(m.is_new);
+                    match (b.finished, b.build_status) {
+                        (false, _) => summary.queued += 1,
+                        (true, Some(BuildStatus::Success)) => summary.succeeded += 1,
+                        (true, _) => summary.failed += 1,
                     }
-                    let mut errors = Vec::new();
-                    for r in sqlx::query(EVAL_ERRORS).bind(id).fetch_all(pool).await? {
-                        errors.push(EvalError {
-                            line: r.try_get("line")?,
-                            job: r.try_get("job")?,
-                            message: r.try_get("message")?,
-                        });
-                    }
-                    let mut constituents = Vec::new();
-                    for r in sqlx::query(EVAL_CONSTITUENTS)
-                        .bind(id)
-                        .fetch_all(pool)
-                        .await?
-                    {
-                        constituents.push((
-                            BuildId(r.try_get("aggregate")?),
-                            BuildId(r.try_get("constituent")?),
-                        ));
-                    }
-                    Ok(EvalDetail {
-                        summary,
-                        members,
-                        errors,
-                        constituents,
-                    })
+                }
+                summary.errors = errors.len() as i64;
+                Ok(EvalDetail {
+                    summary,
+                    members,
+                    errors,
+                    constituents,
                 })
-            }
+            })
         })
         .await
     }
@@ -448,10 +485,11 @@ impl Db {
     ) -> Result<Vec<ConstituentState>, DbError> {
         self.reading("unfinished_aggregates", || async move {
             on_pool!(self, |pool| {
-                let rows = sqlx::query(UNFINISHED_AGGREGATES)
-                    .bind(after.0)
-                    .fetch_all(pool)
-                    .await?;
+                let q = match self.backend() {
+                    super::Backend::Sqlite => UNFINISHED_AGGREGATES,
+                    super::Backend::Postgres => UNFINISHED_AGGREGATES_PG,
+                };
+                let rows = sqlx::query(q).bind(after.0).fetch_all(pool).await?;
                 let mut out = Vec::with_capacity(rows.len());
                 for r in &rows {
                     out.push(constituent_row!(r));

@@ -165,6 +165,29 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
             sql::REALISATIONS_FOR_DRV.into(),
             vec![drv()],
         ),
+        (
+            "record_eval: existing build of a drv",
+            super::evals::EXISTING_BUILD.into(),
+            vec![Text("main"), drv()],
+        ),
+        (
+            "unfinished_aggregates",
+            match backend {
+                Backend::Sqlite => super::evals::UNFINISHED_AGGREGATES.into(),
+                Backend::Postgres => super::evals::UNFINISHED_AGGREGATES_PG.into(),
+            },
+            vec![I64(0)],
+        ),
+        (
+            "constituents_of",
+            super::evals::CONSTITUENTS_OF.into(),
+            vec![b()],
+        ),
+        (
+            "eval: members",
+            super::evals::EVAL_MEMBERS.into(),
+            vec![b()],
+        ),
     ];
     q.push(match backend {
         Backend::Postgres => (
