@@ -195,7 +195,16 @@ fn admin(c: &Cluster, args: &[&str]) -> Value {
 }
 
 #[test]
-fn eval_jobs_lines_from_nix_become_evaluations_with_aggregates() {
+fn eval_jobs_lines_from_nix_become_evaluations_with_aggregates_sqlite() {
+    eval_jobs_lines_from_nix_become_evaluations(Backend::Sqlite);
+}
+
+#[test]
+fn eval_jobs_lines_from_nix_become_evaluations_with_aggregates_postgres() {
+    eval_jobs_lines_from_nix_become_evaluations(Backend::Postgres);
+}
+
+fn eval_jobs_lines_from_nix_become_evaluations(backend: Backend) {
     if !nix_available() {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -206,7 +215,7 @@ fn eval_jobs_lines_from_nix_become_evaluations_with_aggregates() {
     }
     let nix = Nix::new();
     let (lines, jobs) = eval_lines(&nix);
-    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+    let Some(mut c) = Cluster::new(backend) else {
         return;
     };
     let file = write(c.qr.state_dir(), "jobs.jsonl", &lines);

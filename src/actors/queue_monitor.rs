@@ -41,6 +41,8 @@ pub struct QueueMonitor {
     cell: Arc<ActorCell>,
     /// Aggregate builds held back until these constituents finish (`actors::aggregate`).
     held: HashMap<i64, BTreeSet<i64>>,
+    /// Aggregates being ended as DepFailed (not ended twice when a read sees them meanwhile).
+    failing: BTreeSet<i64>,
 }
 
 impl QueueMonitor {
@@ -58,6 +60,7 @@ impl QueueMonitor {
             last_id: 0,
             listener: None,
             held: HashMap::new(),
+            failing: BTreeSet::new(),
         }
     }
 
@@ -154,6 +157,9 @@ impl QueueMonitor {
                 status,
             }) => {
                 self.held.remove(&id);
+                if !self.failing.insert(id) {
+                    return false;
+                }
                 let (env, row, c, st) = (self.env.clone(), row.clone(), *constituent, *status);
                 ctx.spawn(
                     async move {
@@ -161,7 +167,10 @@ impl QueueMonitor {
                             tracing::error!(build = row.id.0, error = %e, "cannot end the aggregate as DepFailed; the next rescan tries again");
                         }
                     }
-                    .into_actor(self),
+                    .into_actor(self)
+                    .map(move |_, act, _| {
+                        act.failing.remove(&id);
+                    }),
                 );
                 false
             }
