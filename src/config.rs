@@ -46,9 +46,11 @@ pub struct DatabaseConfig {
     /// `sqlite://PATH` or `postgres://…`.
     pub url: String,
     pub max_connections: u32,
-    /// Seconds between re-reads of the queue (the safety net behind notifications; on SQLite the
-    /// only way a running `qr serve` sees builds another process queued).
+    /// Seconds between re-reads of the queue (the safety net behind notifications).
     pub rescan_interval_s: f64,
+    /// SQLite: seconds between looks for builds another process (`qr submit`) queued; 0 leaves
+    /// them to the rescan.
+    pub sqlite_poll_interval_s: f64,
 }
 
 impl Default for DatabaseConfig {
@@ -57,6 +59,7 @@ impl Default for DatabaseConfig {
             url: "sqlite://{state_dir}/qr.db".into(),
             max_connections: 8,
             rescan_interval_s: 30.0,
+            sqlite_poll_interval_s: 0.2,
         }
     }
 }

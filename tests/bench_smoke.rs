@@ -25,6 +25,8 @@ fn bench_reports_every_figure_on_sqlite() {
             "4",
             "--dispatch-steps",
             "200",
+            "--pickup",
+            "5",
             "--backend",
             "sqlite",
             "--json",
@@ -68,6 +70,14 @@ fn bench_reports_every_figure_on_sqlite() {
     num(d, "/decisions_us/p99");
     num(d, "/load/rss_per_step_bytes");
     assert!(num(&doc, "/dispatch_pure/decisions_us/count") > 0.0);
+
+    // pick-up: every build queued from the other pool started, each timed
+    let p = &doc["pickup"][0];
+    assert_eq!(p["backend"], "sqlite");
+    assert_eq!(num(p, "/submissions"), 5.0);
+    assert_eq!(num(p, "/latency_ms/count"), 5.0);
+    assert!(num(p, "/latency_ms/p50") > 0.0);
+    num(p, "/latency_ms/p99");
 
     let summary = doc["summary"].as_array().expect("summary rows");
     assert!(summary.iter().any(|r| r["met"].is_boolean()));

@@ -4,4 +4,5 @@
 
 pub mod graph;
 pub mod measure;
+pub mod pickup;
 pub mod scenario;

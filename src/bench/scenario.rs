@@ -9,6 +9,8 @@
 //! - **dispatch**: `steps` independent derivations (one layer) are loaded the same way, so the
 //!   dispatcher holds them all as runnable; then a machine joins and the decisions made while the
 //!   first `sample` steps build are the dispatch latency at that queue size.
+//! - **pick-up** (`super::pickup`): builds queued by another connection pool, one at a time, each
+//!   timed from its insert to its step's start.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -167,8 +169,8 @@ pub struct Dispatch {
 }
 
 /// A fresh database; dropped (PostgreSQL) when done.
-struct FreshDb {
-    db: Db,
+pub(super) struct FreshDb {
+    pub(super) db: Db,
     /// Where the setup queues its builds: on PostgreSQL a second pool whose commits do not wait
     /// for the WAL flush (setup is not measured; 200,000 builds one fsync each took minutes).
     setup: Db,
@@ -176,7 +178,7 @@ struct FreshDb {
 }
 
 impl FreshDb {
-    async fn open(target: &DbTarget, dir: &Path, p: &Params) -> anyhow::Result<FreshDb> {
+    pub(super) async fn open(target: &DbTarget, dir: &Path, p: &Params) -> anyhow::Result<FreshDb> {
         let async_commit = p.pg_async_commit;
         match target {
             DbTarget::Sqlite => {
@@ -247,7 +249,7 @@ struct Leftover {
 
 static LEFTOVERS: std::sync::Mutex<Vec<Leftover>> = std::sync::Mutex::new(Vec::new());
 
-fn leave(dir: tempfile::TempDir, fresh: &FreshDb) {
+pub(super) fn leave(dir: tempfile::TempDir, fresh: &FreshDb) {
     LEFTOVERS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -275,7 +277,7 @@ async fn clean_up() {
 }
 
 /// The simulated machine of the scenarios: this system, `slots` jobs.
-fn machine_info(slots: u32) -> MachineInfo {
+pub(super) fn machine_info(slots: u32) -> MachineInfo {
     MachineInfo {
         id: "bench".into(),
         systems: [crate::config::this_system(), "builtin".to_string()].into(),

@@ -174,14 +174,18 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn connect(cfg: &AgentConfig) -> Result<Client, End> {
-    let mut ep = Endpoint::from_shared(cfg.runner.clone())
-        .map_err(|e| End::Fatal(anyhow::anyhow!("--runner {}: {e}", cfg.runner)))?
+    dial(&cfg.runner, &cfg.token, cfg.tls.as_ref()).await
+}
+
+async fn dial(runner: &str, token: &str, tls: Option<&ClientTlsConfig>) -> Result<Client, End> {
+    let mut ep = Endpoint::from_shared(runner.to_string())
+        .map_err(|e| End::Fatal(anyhow::anyhow!("--runner {runner}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    if let Some(tls) = &cfg.tls {
+    if let Some(tls) = tls {
         ep = ep
             .tls_config(tls.clone())
             .map_err(|e| End::Fatal(anyhow::anyhow!("TLS: {e}")))?;
@@ -190,10 +194,43 @@ async fn connect(cfg: &AgentConfig) -> Result<Client, End> {
         .connect()
         .await
         .map_err(|e| End::Retry(format!("connecting: {e}")))?;
-    let auth = ClientAuth::new(&cfg.token).map_err(End::Fatal)?;
+    let auth = ClientAuth::new(token).map_err(End::Fatal)?;
     Ok(RunnerServiceClient::with_interceptor(channel, auth)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
+}
+
+/// The runner's logical store dir, asked before the builder opens its store (for a builder whose
+/// configuration does not pin `[store] dir`). Waits, with backoff, for a runner that is not up
+/// yet; a bad token or an incompatible protocol version is an error at once.
+pub async fn runner_store_dir(
+    runner: &str,
+    token: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> anyhow::Result<String> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let asked = async {
+            let mut client = dial(runner, token, tls).await?;
+            let d = client
+                .describe(runner_v1::DescribeRequest {})
+                .await
+                .map_err(classify)?
+                .into_inner();
+            crate::grpc::compatible(d.version.as_ref())
+                .map_err(|e| End::Fatal(anyhow::anyhow!("the runner at {runner}: {e}")))?;
+            Ok::<_, End>(d.store_dir)
+        };
+        match asked.await {
+            Ok(dir) => return Ok(dir),
+            Err(End::Fatal(e)) => return Err(e),
+            Err(End::Retry(why) | End::Refused(why)) => {
+                tracing::warn!(runner = %runner, reason = %why, retry_in_ms = backoff.as_millis() as u64, "cannot ask the runner for its store dir yet");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 fn classify(s: Status) -> End {

@@ -1,7 +1,8 @@
-//! `qr builder --runner URL --token-file F …`: a remote build agent. It keeps its own store (the
-//! configured `[store]`, whose logical dir must be the runner's), dials the runner, builds what it
-//! is sent with the native executor or a real Nix, and reconnects with backoff when the runner
-//! goes away.
+//! `qr builder --runner URL --token-file F …`: a remote build agent. It keeps its own store (at the
+//! configured `[store] root`; its logical dir is `[store] dir` when the configuration pins one,
+//! which must then be the runner's, else the runner's own, asked at start), dials the runner,
+//! builds what it is sent with the native executor or a real Nix, and reconnects with backoff when
+//! the runner goes away.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,7 +66,27 @@ pub fn run(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
 
 async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
     let token = crate::grpc::auth::read_token_file(&args.token_file)?;
-    let store = open_store(&ctx).await?;
+    let tls = if args.runner.starts_with("https://") {
+        Some(super::tls::client_config(
+            args.tls_ca.as_deref(),
+            args.tls_domain.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    let store = if store_dir_pinned(&ctx) {
+        open_store(&ctx).await?
+    } else {
+        let dir = crate::builder::agent::runner_store_dir(&args.runner, &token, tls.as_ref())
+            .await
+            .with_context(|| format!("asking {} for its store dir", args.runner))?;
+        tracing::info!(store_dir = %dir, root = %ctx.store_root().display(), "[store] dir is not set: taking the runner's");
+        let dir = crate::store::StoreDir::new(dir).context("the runner's store dir")?;
+        let store = crate::store::local::LocalStore::open(dir, ctx.store_root())
+            .await
+            .with_context(|| format!("opening the store at {}", ctx.store_root().display()))?;
+        Arc::new(store)
+    };
     let systems = if args.systems.is_empty() {
         vec![crate::config::this_system()]
     } else {
@@ -93,14 +114,6 @@ async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
         )),
         other => bail!("--executor {other:?}: expected native or nix"),
     };
-    let tls = if args.runner.starts_with("https://") {
-        Some(super::tls::client_config(
-            args.tls_ca.as_deref(),
-            args.tls_domain.as_deref(),
-        )?)
-    } else {
-        None
-    };
     let host = hostname();
     let cfg = AgentConfig {
         runner: args.runner,
@@ -121,4 +134,10 @@ async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
     };
     crate::builder::agent::run(cfg).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the configuration chose the logical store dir (file or `QR_STORE_DIR`); the default
+/// (`<state dir>/store`) is not a choice, so such a builder takes the runner's.
+fn store_dir_pinned(ctx: &Context) -> bool {
+    std::path::Path::new(&ctx.config.store.dir) != ctx.state_dir.join("store")
 }

@@ -78,6 +78,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
             max_connections: ctx.config.database.max_connections,
             rescan_interval: secs(ctx.config.database.rescan_interval_s)
                 .max(Duration::from_millis(50)),
+            sqlite_poll_interval: secs(ctx.config.database.sqlite_poll_interval_s),
             ..DbOptions::default()
         },
     )

@@ -115,6 +115,9 @@ pub struct DbOptions {
     pub retry: RetryPolicy,
     /// How often [`QueueListener::next`] yields [`QueueEvent::Rescan`] as a safety net.
     pub rescan_interval: Duration,
+    /// SQLite: how often the listener looks for builds that other processes queued (`qr
+    /// submit`); zero turns the watch off (they are then seen at the next rescan).
+    pub sqlite_poll_interval: Duration,
     /// PostgreSQL: step rows created and steps finished by many actors at once are written by
     /// one statement (one round trip, one commit) instead of one each.
     pub batch_writes: bool,
@@ -129,6 +132,7 @@ impl Default for DbOptions {
             sqlite_busy_timeout: Duration::from_secs(5),
             retry: RetryPolicy::default(),
             rescan_interval: Duration::from_secs(30),
+            sqlite_poll_interval: Duration::from_millis(200),
             batch_writes: true,
         }
     }
@@ -360,7 +364,17 @@ impl Db {
     /// when this returns.
     pub async fn listen_every(&self, rescan: Duration) -> Result<QueueListener, DbError> {
         match &self.inner.pool {
-            Pool::Sqlite(_) => Ok(QueueListener::local(self.inner.events.subscribe(), rescan)),
+            Pool::Sqlite(pool) => {
+                // Subscribed before the watch reads the highest id: nothing falls in between.
+                let rx = self.inner.events.subscribe();
+                let every = self.inner.options.sqlite_poll_interval;
+                let watch = if every.is_zero() {
+                    None
+                } else {
+                    Some(notify::ForeignWatch::start(pool.clone(), every).await?)
+                };
+                Ok(QueueListener::local(rx, watch, rescan))
+            }
             Pool::Postgres(_, opts) => {
                 // Its own small pool, so LISTEN never holds one of the workers' connections.
                 let pool = PgPoolOptions::new()
@@ -586,5 +600,44 @@ mod tests {
             opts.ok().map(|o| o.get_filename().to_path_buf()),
             Some(Path::new("/tmp/a?b#c%d/qr.db").to_path_buf())
         );
+    }
+
+    /// `qr submit` is another process with its own `Db`: its insert reaches no broadcast of the
+    /// runner's, and the rescan is an hour away, so only the watch can report it.
+    #[tokio::test]
+    async fn sqlite_listener_sees_builds_another_process_queued() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = default_url(dir.path());
+        let opts = DbOptions {
+            rescan_interval: Duration::from_secs(3600),
+            ..DbOptions::default()
+        };
+        let runner = Db::connect_with(&url, opts.clone())
+            .await
+            .expect("runner db");
+        let submit = Db::connect_with(&url, opts).await.expect("submit db");
+        let mut listener = runner.listen().await.expect("listen");
+        submit.create_jobset("j", 100).await.expect("jobset");
+        submit
+            .create_build(&types::NewBuild {
+                jobset: "j".into(),
+                job: "a".into(),
+                drv_path: "/nix/store/00000000000000000000000000000000-a.drv".into(),
+                system: "x86_64-linux".into(),
+                priority: 0,
+                global_priority: 0,
+                max_silent: 3600,
+                timeout: 36000,
+                timestamp: 1_700_000_000,
+                outputs: vec![("out".into(), None)],
+            })
+            .await
+            .expect("build");
+        // The timeout only keeps a broken watch from hanging the test.
+        let ev = tokio::time::timeout(Duration::from_secs(120), listener.next())
+            .await
+            .expect("an event long before the rescan")
+            .expect("listener");
+        assert_eq!(ev, QueueEvent::BuildsAdded(None));
     }
 }

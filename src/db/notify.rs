@@ -1,12 +1,14 @@
 //! Queue notifications behind one interface: PostgreSQL LISTEN/NOTIFY (fed by triggers on
 //! `builds`, so writers in other processes are seen too) or, for SQLite, an in-process broadcast
-//! fed by the `Db` methods after they commit. Either way a periodic `Rescan` is the safety net
-//! for anything missed (writers in other processes on SQLite, a lost LISTEN connection, a lagging
-//! receiver).
+//! fed by the `Db` methods after they commit, plus a watch on the highest build id
+//! ([`ForeignWatch`]) that sees builds other processes (`qr submit`) queued within its poll
+//! interval. Either way a periodic `Rescan` is the safety net for anything missed (a lost LISTEN
+//! connection, a lagging receiver).
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgNotification, PgPool};
+use sqlx::sqlite::SqlitePool;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
@@ -47,8 +49,66 @@ impl QueueEvent {
     }
 }
 
+/// SQLite: builds queued by another process (`qr submit`) reach no in-process broadcast. This
+/// polls the highest build id, one indexed read per interval, and reports a growth as
+/// `BuildsAdded(None)`, so such a build is picked up within the interval instead of at the next
+/// rescan.
+pub(crate) struct ForeignWatch {
+    pool: SqlitePool,
+    tick: Interval,
+    last: i64,
+}
+
+impl ForeignWatch {
+    /// Reads the current highest id first, so every build queued after this returns is seen.
+    pub(crate) async fn start(pool: SqlitePool, every: Duration) -> Result<Self, DbError> {
+        let last = max_build_id(&pool).await?;
+        Ok(ForeignWatch {
+            pool,
+            tick: rescan_timer(every),
+            last,
+        })
+    }
+
+    /// `BuildsAdded(None)` when the highest id grew since the last look. A failed read is only
+    /// logged: the next tick looks again, and the rescan stays the safety net.
+    async fn check(&mut self) -> Option<QueueEvent> {
+        match max_build_id(&self.pool).await {
+            Ok(id) if id > self.last => {
+                self.last = id;
+                Some(QueueEvent::BuildsAdded(None))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the highest build id; looking again at the next tick");
+                None
+            }
+        }
+    }
+}
+
+async fn max_build_id(pool: &SqlitePool) -> Result<i64, DbError> {
+    let (id,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(id), 0) FROM builds")
+        .fetch_one(pool)
+        .await?;
+    Ok(id)
+}
+
+/// The watch's next tick, or never when there is none.
+async fn foreign_tick(watch: &mut Option<ForeignWatch>) {
+    match watch {
+        Some(w) => {
+            w.tick.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 enum Source {
-    Local(broadcast::Receiver<QueueEvent>),
+    Local {
+        rx: broadcast::Receiver<QueueEvent>,
+        watch: Option<ForeignWatch>,
+    },
     Postgres {
         rx: mpsc::Receiver<QueueEvent>,
         task: tokio::task::JoinHandle<()>,
@@ -77,9 +137,13 @@ fn rescan_timer(every: Duration) -> Interval {
 }
 
 impl QueueListener {
-    pub(crate) fn local(rx: broadcast::Receiver<QueueEvent>, rescan: Duration) -> Self {
+    pub(crate) fn local(
+        rx: broadcast::Receiver<QueueEvent>,
+        watch: Option<ForeignWatch>,
+        rescan: Duration,
+    ) -> Self {
         QueueListener {
-            source: Source::Local(rx),
+            source: Source::Local { rx, watch },
             timer: rescan_timer(rescan),
         }
     }
@@ -102,10 +166,10 @@ impl QueueListener {
     /// The next queue change, or `Rescan` when the rescan interval passes first.
     pub async fn next(&mut self) -> Result<QueueEvent, DbError> {
         match &mut self.source {
-            Source::Local(rx) => {
+            Source::Local { rx, watch } => loop {
                 tokio::select! {
                     biased;
-                    r = rx.recv() => match r {
+                    r = rx.recv() => return match r {
                         Ok(ev) => Ok(ev),
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             tracing::warn!(missed = n, "queue listener lagged; rescanning");
@@ -113,9 +177,15 @@ impl QueueListener {
                         }
                         Err(broadcast::error::RecvError::Closed) => Err(DbError::ListenerClosed),
                     },
-                    _ = self.timer.tick() => Ok(QueueEvent::Rescan),
+                    _ = self.timer.tick() => return Ok(QueueEvent::Rescan),
+                    _ = foreign_tick(watch) => {}
                 }
-            }
+                if let Some(w) = watch
+                    && let Some(ev) = w.check().await
+                {
+                    return Ok(ev);
+                }
+            },
             Source::Postgres { rx, .. } => {
                 tokio::select! {
                     biased;
@@ -129,7 +199,7 @@ impl QueueListener {
     /// An event that is already waiting, without waiting (never `Rescan` from the timer).
     pub fn try_next(&mut self) -> Option<QueueEvent> {
         match &mut self.source {
-            Source::Local(rx) => match rx.try_recv() {
+            Source::Local { rx, .. } => match rx.try_recv() {
                 Ok(ev) => Some(ev),
                 Err(broadcast::error::TryRecvError::Lagged(_)) => Some(QueueEvent::Rescan),
                 Err(_) => None,
@@ -233,7 +303,7 @@ mod tests {
     #[tokio::test]
     async fn local_listener_rescans_on_timer_and_lag() {
         let (tx, rx) = broadcast::channel(2);
-        let mut l = QueueListener::local(rx, Duration::from_millis(50));
+        let mut l = QueueListener::local(rx, None, Duration::from_millis(50));
         assert_eq!(l.try_next(), None);
         tx.send(QueueEvent::BuildsAdded(Some(BuildId(1)))).ok();
         assert_eq!(

@@ -20,8 +20,9 @@ use super::remote_machine::{
 };
 use super::runner_v1::runner_service_server::RunnerService;
 use super::runner_v1::{
-    BuilderMessage, FetchNarRequest, LogChunk, NarChunk, RunnerMessage, StreamLogResponse,
-    UploadNarRequest, UploadNarResponse, builder_message, upload_nar_request,
+    BuilderMessage, DescribeRequest, DescribeResponse, FetchNarRequest, LogChunk, NarChunk,
+    RunnerMessage, StreamLogResponse, UploadNarRequest, UploadNarResponse, builder_message,
+    upload_nar_request,
 };
 use crate::store::{LocalStore, Store};
 
@@ -283,6 +284,16 @@ impl RunnerService for RunnerServiceImpl {
                 Err(Status::invalid_argument(reason))
             }
         }
+    }
+
+    async fn describe(
+        &self,
+        _request: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
+        Ok(Response::new(DescribeResponse {
+            version: Some(super::PROTOCOL_VERSION),
+            store_dir: self.settings.store_dir.as_str().to_string(),
+        }))
     }
 
     async fn stream_log(
