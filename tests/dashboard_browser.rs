@@ -1,6 +1,7 @@
 //! The dashboard in a real browser (Debian's headless `chromium`): while a graph with CA steps
 //! builds under `qr serve`, the page's supervision tree shows a step that resolved and its
-//! resolved child, and the live event list fills from the server-sent events. A screenshot taken
+//! resolved child, the live event list fills from the server-sent events, and the evaluations
+//! panel lists an evaluation (`qr submit --eval-jobs`) with its counts. A screenshot taken
 //! the same way is kept in `docs/dashboard.png` when `QR_SCREENSHOT` names a path.
 
 mod common;
@@ -96,6 +97,17 @@ fn dashboard_shows_a_resolved_step_and_live_events() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // An evaluation naming the top drv (already queued: it joins as the existing build) and a
+    // line that queues nothing, for the evaluations panel.
+    let lines = format!(
+        "{}\n{{\"attr\":\"dash.broken\",\"error\":\"error: broken\"}}\n",
+        serde_json::json!({"attr": "dash.top", "attrPath": ["dash", "top"], "drvPath": top})
+    );
+    let eval_file = c.qr.state_dir().join("dash-eval.jsonl");
+    std::fs::write(&eval_file, lines).unwrap();
+    let out =
+        c.qr.run(&["submit", "--eval-jobs", eval_file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     // `?settle=MS` holds the page's load event (when Chromium dumps or screenshots) for MS of
     // real time while the page polls and receives events.
     let url = format!("http://127.0.0.1:{}/?settle=4000", c.http_port);
@@ -118,6 +130,12 @@ fn dashboard_shows_a_resolved_step_and_live_events() {
         "no resolved child in the tree:\n{dom}"
     );
     assert!(dom.contains(&format!("step:{}", b)) || dom.contains(&format!("step:{}", cc)));
+    // The evaluations panel: one job, reused, its build still queued, one error line.
+    assert!(dom.contains(r#"data-eval="1""#), "no evaluation:\n{dom}");
+    assert!(
+        dom.contains(r#"<td class="queued">1</td>"#),
+        "the evaluation's queued count:\n{dom}"
+    );
     // The event list filled after the page loaded (it starts empty).
     assert!(dom.contains("data-kind="), "no live events:\n{dom}");
     if let Ok(path) = std::env::var("QR_SCREENSHOT") {
