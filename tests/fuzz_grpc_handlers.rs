@@ -134,6 +134,8 @@ const METHODS: &[(&str, &str, Kind)] = &[
     (ADMIN, "SetMachine", Kind::Unary),
     (ADMIN, "WatchEvents", Kind::ServerStream),
     (ADMIN, "GetLog", Kind::Unary),
+    (ADMIN, "ListEvals", Kind::Unary),
+    (ADMIN, "GetEval", Kind::Unary),
 ];
 
 /// Codes that name the caller's mistake (or success).
@@ -653,6 +655,13 @@ impl Fuzzer {
                 }
                 .encode_to_vec(),
             ],
+            "ListEvals" => vec![
+                adm::ListEvalsRequest {
+                    limit: self.int() as u32,
+                }
+                .encode_to_vec(),
+            ],
+            "GetEval" => vec![adm::GetEvalRequest { id: self.int() }.encode_to_vec()],
             other => panic!("no generator for {other}"),
         }
     }
