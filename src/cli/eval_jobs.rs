@@ -512,6 +512,7 @@ fn cycles<'a>(graph: &BTreeMap<&'a str, Vec<&'a str>>) -> Vec<Vec<&'a str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     const DRV: &str = "/nix/store/kgl69vyd5yssfkn9a7jvb6s21zfah5ja-mx-ca1.drv";
     const DRV2: &str = "/nix/store/jxkwkrwv1n4dzis261s21aj8aavxw98c-mx-fod.drv";
@@ -638,6 +639,64 @@ mod tests {
         assert!(
             matches!(&p[3], Parsed::Error(e) if e.line == 5 && e.message == "job \"a\" already appeared on line 1")
         );
+    }
+
+    proptest::proptest! {
+        /// Any input, of bytes or of JSON-ish lines: no panic, every result names a line of the
+        /// input (in order), and every non-blank line gives exactly one result.
+        #[test]
+        fn any_input_gives_one_result_per_line(
+            lines in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+                    "[ {}\\[\\]\":,a-z0-9/._-]{0,60}".prop_map(String::into_bytes),
+                    (0u32..4, proptest::option::of("[a-z.]{1,8}")).prop_map(|(k, a)| {
+                        let attr = a.map_or(String::new(), |a| format!("\"attr\":\"{a}\","));
+                        match k {
+                            0 => format!("{{{attr}\"drvPath\":\"{DRV}\"}}"),
+                            1 => format!("{{{attr}\"error\":\"e\"}}"),
+                            2 => format!("{{{attr}\"drvPath\":\"{DRV}\",\"constituents\":[\"x\",\"{DRV2}\"]}}"),
+                            _ => format!("{{{attr}\"drvPath\":null}}"),
+                        }
+                        .into_bytes()
+                    }),
+                ],
+                0..12,
+            )
+        ) {
+            let lines: Vec<Vec<u8>> = lines
+                .into_iter()
+                .map(|l| l.into_iter().filter(|b| *b != b'\n').collect())
+                .collect();
+            let input = lines.join(&b'\n');
+            let parsed = parse(&input, &sd());
+            let at = |p: &Parsed| match p {
+                Parsed::Job(j) => j.line,
+                Parsed::Error(e) => e.line,
+            };
+            let want: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| {
+                    let l = l.strip_suffix(b"\r").unwrap_or(l);
+                    std::str::from_utf8(l).map_or(true, |t| !t.trim().is_empty())
+                })
+                .map(|(i, _)| i + 1)
+                .collect();
+            let got: Vec<usize> = parsed.iter().map(at).collect();
+            proptest::prop_assert_eq!(got, want);
+            let jobs: Vec<Job> = parsed
+                .iter()
+                .filter_map(|p| match p { Parsed::Job(j) => Some(j.clone()), _ => None })
+                .collect();
+            let errors: Vec<LineError> = parsed
+                .iter()
+                .filter_map(|p| match p { Parsed::Error(e) => Some(e.clone()), _ => None })
+                .collect();
+            let n = parsed.len();
+            let r = resolve_constituents(jobs, errors);
+            proptest::prop_assert_eq!(r.jobs.len() + r.errors.len(), n);
+        }
     }
 
     fn job(line: usize, attr: &str, drv: &str, cs: Option<Vec<Constituent>>) -> Job {
