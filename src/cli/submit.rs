@@ -193,7 +193,7 @@ fn print_error(e: &LineError) {
     };
     let mut lines = e.message.lines();
     eprintln!("qr: {head}: {}", lines.next().unwrap_or(""));
-    for l in lines {
+    for l in lines.filter(|l| !l.trim().is_empty()) {
         eprintln!("    {l}");
     }
 }
