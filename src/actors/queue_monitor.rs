@@ -148,8 +148,9 @@ impl QueueMonitor {
                 true
             }
             Some(Gate::Waiting(on)) => {
-                tracing::info!(build = id, job = %row.job, waiting_on = on.len(), "aggregate held back until its constituents finish");
-                self.held.insert(id, on.clone());
+                if self.held.insert(id, on.clone()).as_ref() != Some(on) {
+                    tracing::info!(build = id, job = %row.job, waiting_on = on.len(), "aggregate held back until its constituents finish");
+                }
                 false
             }
             Some(Gate::Failed {
