@@ -1,9 +1,9 @@
 //! `qr submit --eval-jobs` against a running `qr serve` and a `qr builder`, with lines in
 //! nix-eval-jobs' format produced by real Nix (Debian's nix-bin 2.8, offline, a chroot store):
 //! the fixture expressions (with their `lib.nix`) as jobs, an attr that throws (an `error` line),
-//! a derivation whose builder exits 1, and two aggregates — one whose constituents (drv paths, as
-//! nix-eval-jobs' rewritten aggregates list them) all succeed, one naming (`namedConstituents`)
-//! the failing job. Checks job names and statuses, the error lines reported and recorded,
+//! a derivation whose builder exits 1, and three aggregates — one whose constituents (drv paths,
+//! as nix-eval-jobs' rewritten aggregates list them) all succeed, one naming (`namedConstituents`)
+//! the failing job, one naming two jobs that succeed (it starts only after they finished). Checks job names and statuses, the error lines reported and recorded,
 //! re-submission (nothing queued again; the jobs join the new evaluation as existing builds), the
 //! aggregates' outcomes, `qr admin evals/eval --json` and `/api/evals`.
 
@@ -91,6 +91,8 @@ rec {
   # Constituents by name only (nix-eval-jobs' namedConstituents): no dependency in the drv.
   tested_bad = ia "ej-tested-bad" "echo ok > $out" {
     _hydraAggregate = true; constituents = [ "failing" "chain.a" ]; };
+  tested_named = ia "ej-tested-named" "echo ok > $out" {
+    _hydraAggregate = true; constituents = [ "chain.c" "diamond.top" ]; };
 }
 "#;
 
@@ -115,7 +117,7 @@ let
   } // agg j;
   group = g: map (n: info [ g n ] r.${g}.${n}) (builtins.attrNames r.${g});
 in builtins.concatLists (map group [ "chain" "diamond" "mixed" "multi" ])
-  ++ map (n: info [ n ] r.${n}) [ "failing" "tested_ok" "tested_bad" ]
+  ++ map (n: info [ n ] r.${n}) [ "failing" "tested_ok" "tested_bad" "tested_named" ]
 "#;
 
 /// Writes the expressions, instantiates them with Nix, and returns the lines (one per job, the
@@ -323,6 +325,22 @@ fn eval_jobs_lines_from_nix_become_evaluations(backend: Backend) {
         "{}",
         logs()
     );
+    // The aggregate naming two jobs it does not depend on started only once both had finished.
+    let serve_log = c.serve_logs();
+    let at = |what: &str, id: &Value| {
+        let field = format!("build={id} ");
+        serve_log
+            .lines()
+            .position(|l| l.contains(what) && l.contains(&field))
+            .unwrap_or_else(|| panic!("no {what:?} of build {id}:\n{serve_log}"))
+    };
+    let started = at("build queued", &by_job["tested_named"]["id"]);
+    for j in ["chain.c", "diamond.top"] {
+        assert!(
+            at("build finished", &by_job[j]["id"]) < started,
+            "tested_named started before {j} finished:\n{serve_log}"
+        );
+    }
 
     // The evaluation record.
     let evals = admin(&c, &["evals"]);
