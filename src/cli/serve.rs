@@ -42,6 +42,10 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
+fn no_limit_if_zero(n: u64) -> u64 {
+    if n == 0 { u64::MAX } else { n }
+}
+
 /// The gRPC settings for builders, from the configuration.
 pub fn remote_settings(ctx: &Context, store_dir: crate::store::StoreDir) -> RemoteSettings {
     let g = &ctx.config.grpc;
@@ -49,8 +53,9 @@ pub fn remote_settings(ctx: &Context, store_dir: crate::store::StoreDir) -> Remo
         store_dir,
         heartbeat: secs(g.heartbeat_interval_s).max(Duration::from_millis(100)),
         silent_timeout: secs(g.silent_timeout_s).max(secs(g.heartbeat_interval_s)),
-        max_nar_bytes: g.max_nar_bytes,
-        max_log_bytes: ctx.config.store.max_log_bytes,
+        // 0 is no limit, as in Nix.
+        max_nar_bytes: no_limit_if_zero(g.max_nar_bytes),
+        max_log_bytes: no_limit_if_zero(ctx.config.store.max_log_bytes),
         quarantine: secs(g.quarantine_s),
         adopt_grace: secs(g.rejoin_grace_s),
         spool_dir: ctx.state_dir.join("uploads"),
