@@ -93,8 +93,15 @@ pub struct GrpcConfig {
     pub token_file: String,
     pub tls_cert: String,
     pub tls_key: String,
-    /// Builders send a heartbeat this often; one silent for three intervals is dropped.
+    /// Builders send a heartbeat this often, and the runner sends one to each builder.
     pub heartbeat_interval_s: f64,
+    /// A peer (builder or runner) that sends nothing for this long is lost: the runner retries
+    /// the builder's jobs elsewhere, the builder reconnects. At least one heartbeat interval.
+    pub silent_timeout_s: f64,
+    /// HTTP/2 PING every this many seconds on every connection (runner and builder); 0: none.
+    pub keepalive_interval_s: f64,
+    /// A PING unanswered for this long closes the connection.
+    pub keepalive_timeout_s: f64,
     /// Largest NAR sent to or accepted from a builder.
     pub max_nar_bytes: u64,
     /// After a restart, how long a step that was building on a builder waits for that builder
@@ -112,6 +119,9 @@ impl Default for GrpcConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             heartbeat_interval_s: 10.0,
+            silent_timeout_s: 25.0,
+            keepalive_interval_s: 10.0,
+            keepalive_timeout_s: 10.0,
             max_nar_bytes: 4 << 30,
             rejoin_grace_s: 30.0,
             quarantine_s: 300.0,

@@ -72,6 +72,25 @@ pub struct AgentConfig {
     /// Each build the executor really ran is appended here (drv path per line).
     pub runs_ledger: Option<PathBuf>,
     pub fault: Option<Fault>,
+    /// HTTP/2 PINGs on the connection to the runner (`[grpc] keepalive_*`).
+    pub keepalive: Keepalive,
+}
+
+/// HTTP/2 keepalive of a connection: a PING every `interval` (none when `None`), and the
+/// connection closed when one is unanswered for `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Option<Duration>,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            interval: Some(Duration::from_secs(10)),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// How a build ended, kept until delivered.
@@ -114,6 +133,9 @@ struct Live {
     out: mpsc::Sender<BuilderMessage>,
     max_nar_bytes: u64,
     max_log_bytes: u64,
+    /// Closed when the session ends (its sender is dropped with the session), so a transfer on
+    /// its connection stops instead of waiting on a connection that went silent.
+    ended: tokio::sync::watch::Receiver<()>,
 }
 
 #[derive(Default)]
@@ -174,17 +196,25 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 async fn connect(cfg: &AgentConfig) -> Result<Client, End> {
-    dial(&cfg.runner, &cfg.token, cfg.tls.as_ref()).await
+    dial(&cfg.runner, &cfg.token, cfg.tls.as_ref(), cfg.keepalive).await
 }
 
-async fn dial(runner: &str, token: &str, tls: Option<&ClientTlsConfig>) -> Result<Client, End> {
+async fn dial(
+    runner: &str,
+    token: &str,
+    tls: Option<&ClientTlsConfig>,
+    keepalive: Keepalive,
+) -> Result<Client, End> {
     let mut ep = Endpoint::from_shared(runner.to_string())
         .map_err(|e| End::Fatal(anyhow::anyhow!("--runner {runner}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
+        .tcp_nodelay(true);
+    if let Some(every) = keepalive.interval {
+        ep = ep
+            .http2_keep_alive_interval(every)
+            .keep_alive_timeout(keepalive.timeout)
+            .keep_alive_while_idle(true);
+    }
     if let Some(tls) = tls {
         ep = ep
             .tls_config(tls.clone())
@@ -200,6 +230,17 @@ async fn dial(runner: &str, token: &str, tls: Option<&ClientTlsConfig>) -> Resul
         .max_encoding_message_size(64 << 20))
 }
 
+/// How long the runner may stay silent: its `silent_timeout_s`, else three heartbeats; never
+/// less than one heartbeat.
+fn silent_timeout(conf: &runner_v1::ConfigUpdate, heartbeat: Duration) -> Duration {
+    let s = if conf.silent_timeout_s > 0.0 {
+        Duration::from_secs_f64(conf.silent_timeout_s)
+    } else {
+        heartbeat * 3
+    };
+    s.max(heartbeat)
+}
+
 /// The runner's logical store dir, asked before the builder opens its store (for a builder whose
 /// configuration does not pin `[store] dir`). Waits, with backoff, for a runner that is not up
 /// yet; a bad token or an incompatible protocol version is an error at once.
@@ -207,11 +248,12 @@ pub async fn runner_store_dir(
     runner: &str,
     token: &str,
     tls: Option<&ClientTlsConfig>,
+    keepalive: Keepalive,
 ) -> anyhow::Result<String> {
     let mut backoff = Duration::from_millis(100);
     loop {
         let asked = async {
-            let mut client = dial(runner, token, tls).await?;
+            let mut client = dial(runner, token, tls, keepalive).await?;
             let d = client
                 .describe(runner_v1::DescribeRequest {})
                 .await
@@ -296,6 +338,8 @@ async fn session(
     } else {
         10.0
     });
+    // Dropped when this function returns: transfers of this session then stop.
+    let session_alive = tokio::sync::watch::Sender::new(());
     let generation = {
         let mut st = lock(state);
         st.generation += 1;
@@ -304,6 +348,7 @@ async fn session(
             session_id: welcome.session_id.clone(),
             client: client.clone(),
             out: out_tx.clone(),
+            ended: session_alive.subscribe(),
             max_nar_bytes: if conf.max_nar_bytes > 0 {
                 conf.max_nar_bytes
             } else {
@@ -318,18 +363,31 @@ async fn session(
         st.generation
     };
     tracing::info!(runner = %cfg.runner, machine = %cfg.machine_id, session = %welcome.session_id, held = held.len(), "joined the runner");
+    // A runner that speaks 1.1 or later sends heartbeats; one heard from for none of
+    // `silent_timeout_s` is lost (a connection that went silent), so the session ends and the
+    // builder reconnects. Older runners send nothing while idle: only HTTP/2 PINGs watch them.
+    let runner_beats = welcome.version.as_ref().is_some_and(|v| v.minor >= 1);
+    let mut silent = silent_timeout(&conf, heartbeat);
+    let mut last_heard = Instant::now();
     let mut tick = tokio::time::interval(heartbeat);
     tick.tick().await;
+    let mut watch = tokio::time::interval(heartbeat / 4);
+    watch.tick().await;
     loop {
         tokio::select! {
             m = inbound.message() => match m {
-                Ok(Some(m)) => match m.msg {
+                Ok(Some(m)) => { last_heard = Instant::now(); match m.msg {
+                    Some(runner_message::Msg::Heartbeat(_)) => {}
                     Some(runner_message::Msg::Build(job)) => on_build(cfg, state, done_tx, generation, job),
                     Some(runner_message::Msg::Abort(a)) => on_abort(state, a),
                     Some(runner_message::Msg::Config(c)) => {
                         if c.heartbeat_interval_s > 0.0 {
                             heartbeat = Duration::from_secs_f64(c.heartbeat_interval_s);
                             tick = tokio::time::interval(heartbeat);
+                            watch = tokio::time::interval(heartbeat / 4);
+                        }
+                        if c.silent_timeout_s > 0.0 {
+                            silent = silent_timeout(&c, heartbeat);
                         }
                         let mut st = lock(state);
                         if let Some(l) = &mut st.live {
@@ -338,7 +396,7 @@ async fn session(
                         }
                     }
                     Some(runner_message::Msg::Welcome(_)) | None => {}
-                },
+                }},
                 Ok(None) => return Ok(()),
                 Err(s) => return Err(match classify(s) { End::Fatal(e) => End::Retry(e.to_string()), e => e }),
             },
@@ -351,6 +409,14 @@ async fn session(
                 };
                 if out_tx.send(BuilderMessage { msg: Some(builder_message::Msg::Heartbeat(hb)) }).await.is_err() {
                     return Err(End::Retry("the session stream closed".into()));
+                }
+            }
+            _ = watch.tick(), if runner_beats => {
+                if last_heard.elapsed() > silent {
+                    return Err(End::Retry(format!(
+                        "nothing heard from the runner for {:.1} s: the connection went silent",
+                        silent.as_secs_f64()
+                    )));
                 }
             }
             Some(drv) = done_rx.recv() => deliver(cfg, state, done_tx, drv),
@@ -572,19 +638,27 @@ async fn fetch(state: &Shared, store: Arc<LocalStore>, info: PathInfo) -> Result
         ));
     }
     let mut client = live.client.clone();
-    let mut s = client
-        .fetch_nar(runner_v1::FetchNarRequest {
+    let mut ended = live.ended.clone();
+    let gone = || format!("fetching {}: the session ended", info.path);
+    let mut s = tokio::select! {
+        r = client.fetch_nar(runner_v1::FetchNarRequest {
             session_id: live.session_id.clone(),
             path: info.path.clone(),
-        })
-        .await
-        .map_err(|e| format!("fetching {}: {}", info.path, e.message()))?
-        .into_inner();
+        }) => r.map_err(|e| format!("fetching {}: {}", info.path, e.message()))?.into_inner(),
+        _ = ended.changed() => return Err(gone()),
+    };
     tracing::debug!(path = %info.path, "fetching an input");
     let path = info.path.clone();
     let (tx, task) = crate::grpc::nar::import(store, info, live.max_nar_bytes);
     loop {
-        match s.message().await {
+        let next = tokio::select! {
+            m = s.message() => m,
+            _ = ended.changed() => {
+                let _ = tx.send(Err("the session ended".into())).await;
+                break;
+            }
+        };
+        match next {
             Ok(Some(c)) => {
                 if tx.send(Ok(c.data)).await.is_err() {
                     break;
@@ -775,10 +849,10 @@ async fn tail_log(
     let prefix = format!("{base}.");
     let start = std::time::SystemTime::now() - Duration::from_secs(1);
     let mut file: Option<(PathBuf, u64)> = None;
-    let mut sender: Option<(
-        mpsc::Sender<runner_v1::LogChunk>,
-        tokio::task::JoinHandle<()>,
-    )> = None;
+    // The stream of the session it was opened on: a newer session (the builder rejoined, the
+    // job was adopted under a new id) gets a stream of its own, and a stream that stops taking
+    // chunks (its connection went silent) is given up rather than waited on forever.
+    let mut sender: Option<LogStream> = None;
     let mut sent = 0u64;
     loop {
         let stopping = *stop.borrow();
@@ -802,29 +876,39 @@ async fn tail_log(
             if (data.len() as u64) > *off {
                 let new = data[*off as usize..].to_vec();
                 *off = data.len() as u64;
-                let live = lock(&state).live.clone();
+                let (live, current_job) = {
+                    let st = lock(&state);
+                    let job = st.jobs.get(&drv_path).map(|h| h.job_id.clone());
+                    (st.live.clone(), job)
+                };
                 if let Some(live) = live {
                     if sent + new.len() as u64 <= live.max_log_bytes {
                         sent += new.len() as u64;
-                        if sender.is_none() {
-                            let (tx, rx) = mpsc::channel(16);
-                            let mut client = live.client.clone();
-                            let t = tokio::spawn(async move {
-                                if let Err(e) = client.stream_log(ReceiverStream::new(rx)).await {
-                                    tracing::debug!(error = %e.message(), "log stream ended");
-                                }
-                            });
-                            sender = Some((tx, t));
+                        if sender
+                            .as_ref()
+                            .is_some_and(|s| s.generation != live.generation)
+                        {
+                            if let Some(old) = sender.take() {
+                                old.task.abort();
+                            }
                         }
-                        if let Some((tx, _)) = &sender {
-                            let _ = tx
-                                .send(runner_v1::LogChunk {
-                                    session_id: live.session_id.clone(),
-                                    job_id: job_id.clone(),
-                                    drv_path: drv_path.clone(),
-                                    data: new,
-                                })
-                                .await;
+                        let s = sender.get_or_insert_with(|| {
+                            LogStream::open(&live, current_job.unwrap_or_else(|| job_id.clone()))
+                        });
+                        let chunk = runner_v1::LogChunk {
+                            session_id: live.session_id.clone(),
+                            job_id: s.job_id.clone(),
+                            drv_path: drv_path.clone(),
+                            data: new,
+                        };
+                        match tokio::time::timeout(LOG_SEND_PATIENCE, s.tx.send(chunk)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) | Err(_) => {
+                                tracing::warn!(drv = %drv_path, "the log stream to the runner stopped taking data: a part of the log is missing there (it is kept here)");
+                                if let Some(old) = sender.take() {
+                                    old.task.abort();
+                                }
+                            }
                         }
                     }
                 }
@@ -838,9 +922,44 @@ async fn tail_log(
             _ = stop.changed() => {}
         }
     }
-    if let Some((tx, t)) = sender {
+    if let Some(LogStream { tx, mut task, .. }) = sender {
         drop(tx);
-        let _ = t.await;
+        if tokio::time::timeout(LOG_SEND_PATIENCE, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(drv = %drv_path, "the runner did not acknowledge the log: given up");
+            task.abort();
+        }
+    }
+}
+
+/// How long a log chunk (or the stream's end) may wait on the runner.
+const LOG_SEND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// A `StreamLog` call on one session.
+struct LogStream {
+    generation: u64,
+    job_id: String,
+    tx: mpsc::Sender<runner_v1::LogChunk>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LogStream {
+    fn open(live: &Live, job_id: String) -> LogStream {
+        let (tx, rx) = mpsc::channel(16);
+        let mut client = live.client.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = client.stream_log(ReceiverStream::new(rx)).await {
+                tracing::debug!(error = %e.message(), "log stream ended");
+            }
+        });
+        LogStream {
+            generation: live.generation,
+            job_id,
+            tx,
+            task,
+        }
     }
 }
 

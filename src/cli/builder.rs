@@ -77,9 +77,14 @@ async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
     let store = if store_dir_pinned(&ctx) {
         open_store(&ctx).await?
     } else {
-        let dir = crate::builder::agent::runner_store_dir(&args.runner, &token, tls.as_ref())
-            .await
-            .with_context(|| format!("asking {} for its store dir", args.runner))?;
+        let dir = crate::builder::agent::runner_store_dir(
+            &args.runner,
+            &token,
+            tls.as_ref(),
+            keepalive(&ctx),
+        )
+        .await
+        .with_context(|| format!("asking {} for its store dir", args.runner))?;
         tracing::info!(store_dir = %dir, root = %ctx.store_root().display(), "[store] dir is not set: taking the runner's");
         let dir = crate::store::StoreDir::new(dir).context("the runner's store dir")?;
         let store = crate::store::local::LocalStore::open(dir, ctx.store_root())
@@ -131,9 +136,20 @@ async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
         log_dir: Some(log_dir),
         runs_ledger: Some(ctx.state_dir.join("runs.log")),
         fault: Fault::from_env(),
+        keepalive: keepalive(&ctx),
     };
     crate::builder::agent::run(cfg).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `[grpc] keepalive_interval_s` / `keepalive_timeout_s`.
+fn keepalive(ctx: &Context) -> crate::builder::agent::Keepalive {
+    let g = &ctx.config.grpc;
+    let secs = |s: f64| std::time::Duration::from_secs_f64(s.max(0.0));
+    crate::builder::agent::Keepalive {
+        interval: (g.keepalive_interval_s > 0.0).then(|| secs(g.keepalive_interval_s)),
+        timeout: secs(g.keepalive_timeout_s).max(std::time::Duration::from_millis(100)),
+    }
 }
 
 /// Whether the configuration chose the logical store dir (file or `QR_STORE_DIR`); the default

@@ -42,14 +42,20 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
+fn no_limit_if_zero(n: u64) -> u64 {
+    if n == 0 { u64::MAX } else { n }
+}
+
 /// The gRPC settings for builders, from the configuration.
 pub fn remote_settings(ctx: &Context, store_dir: crate::store::StoreDir) -> RemoteSettings {
     let g = &ctx.config.grpc;
     RemoteSettings {
         store_dir,
         heartbeat: secs(g.heartbeat_interval_s).max(Duration::from_millis(100)),
-        max_nar_bytes: g.max_nar_bytes,
-        max_log_bytes: ctx.config.store.max_log_bytes,
+        silent_timeout: secs(g.silent_timeout_s).max(secs(g.heartbeat_interval_s)),
+        // 0 is no limit, as in Nix.
+        max_nar_bytes: no_limit_if_zero(g.max_nar_bytes),
+        max_log_bytes: no_limit_if_zero(ctx.config.store.max_log_bytes),
         quarantine: secs(g.quarantine_s),
         adopt_grace: secs(g.rejoin_grace_s),
         spool_dir: ctx.state_dir.join("uploads"),
@@ -192,9 +198,14 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         .build_v1()
         .context("building the reflection service")?;
 
+    let g = &ctx.config.grpc;
     let mut server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        .http2_keepalive_interval(
+            (g.keepalive_interval_s > 0.0).then(|| secs(g.keepalive_interval_s)),
+        )
+        .http2_keepalive_timeout(Some(
+            secs(g.keepalive_timeout_s).max(Duration::from_millis(100)),
+        ));
     let tls = super::tls::server_config(&ctx)?;
     if let Some(tls) = tls {
         server = server.tls_config(tls).context("[grpc] TLS configuration")?;

@@ -26,8 +26,10 @@ pub type Outbound = mpsc::Sender<Result<RunnerMessage, Status>>;
 #[derive(Debug, Clone)]
 pub struct RemoteSettings {
     pub store_dir: StoreDir,
-    /// Builders send a heartbeat this often; one silent for three intervals is dropped.
+    /// Builders send a heartbeat this often, and the runner sends one to each builder.
     pub heartbeat: Duration,
+    /// A builder that sends nothing for this long is lost (its jobs are retried elsewhere).
+    pub silent_timeout: Duration,
     /// Largest NAR sent or accepted.
     pub max_nar_bytes: u64,
     pub max_log_bytes: u64,
@@ -48,6 +50,7 @@ impl RemoteSettings {
             heartbeat_interval_s: self.heartbeat.as_secs_f64(),
             max_nar_bytes: self.max_nar_bytes,
             max_log_bytes: self.max_log_bytes,
+            silent_timeout_s: self.silent_timeout.as_secs_f64(),
         }
     }
 }

@@ -34,7 +34,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// This build's protocol version. A peer with another major version is refused.
 pub const PROTOCOL_VERSION: runner_v1::ProtocolVersion =
-    runner_v1::ProtocolVersion { major: 1, minor: 0 };
+    runner_v1::ProtocolVersion { major: 1, minor: 1 };
 
 /// NAR chunk size on the wire.
 pub const CHUNK_BYTES: usize = 256 * 1024;

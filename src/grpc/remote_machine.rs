@@ -315,12 +315,27 @@ impl Actor for RemoteMachine {
         // Joining is its first sign of life.
         self.env.heartbeat(&self.info.id, None, false);
         let hb = self.settings.heartbeat.max(Duration::from_millis(100));
-        ctx.run_interval(hb, move |act, ctx| {
-            if !act.closed && act.last_seen.elapsed() > hb * 3 {
+        let silent = self.settings.silent_timeout.max(hb);
+        // Looked at four times per heartbeat, so a silent builder is lost at most a quarter
+        // interval after the timeout.
+        ctx.run_interval(hb / 4, move |act, ctx| {
+            if !act.closed && act.last_seen.elapsed() > silent {
                 act.close(
                     ctx,
                     Some(Status::deadline_exceeded("no heartbeat")),
-                    "no heartbeat for three intervals",
+                    &format!(
+                        "nothing heard from the builder for {:.1} s",
+                        silent.as_secs_f64()
+                    ),
+                );
+            }
+        });
+        // The runner's own sign of life, so the builder notices a silent connection too.
+        ctx.run_interval(hb, |act, ctx| {
+            if !act.closed {
+                act.send(
+                    runner_message::Msg::Heartbeat(runner_v1::RunnerHeartbeat {}),
+                    ctx,
                 );
             }
         });

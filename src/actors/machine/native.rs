@@ -10,9 +10,11 @@ use crate::builder::executor::NativeExecutor;
 #[async_trait]
 impl Executor for NativeExecutor {
     async fn execute(&self, job: Job) -> Result<Built, ExecFailure> {
+        // 0 is no limit, as in Nix and Hydra.
+        let limit = |d: std::time::Duration| (!d.is_zero()).then_some(d);
         let limits = Limits {
-            max_silent: Some(job.max_silent),
-            timeout: Some(job.timeout),
+            max_silent: limit(job.max_silent),
+            timeout: limit(job.timeout),
             max_log_bytes: None,
         };
         match self

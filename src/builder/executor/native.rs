@@ -409,10 +409,15 @@ impl NativeExecutor {
             inputs,
             cfg: self.cfg.clone(),
             attempt,
+            // 0 is no limit, as in Nix (`timeout`, `max-silent-time`, `max-build-log-size`).
             limits: SuperviseLimits {
-                timeout: limits.timeout.or(self.cfg.timeout),
-                max_silent: limits.max_silent.or(self.cfg.max_silent),
-                max_log_bytes: Some(limits.max_log_bytes.unwrap_or(self.cfg.max_log_bytes)),
+                timeout: limits.timeout.or(self.cfg.timeout).filter(|d| !d.is_zero()),
+                max_silent: limits
+                    .max_silent
+                    .or(self.cfg.max_silent)
+                    .filter(|d| !d.is_zero()),
+                max_log_bytes: Some(limits.max_log_bytes.unwrap_or(self.cfg.max_log_bytes))
+                    .filter(|&n| n > 0),
             },
         });
 
