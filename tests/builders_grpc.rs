@@ -443,6 +443,8 @@ fn nar_hash_of(c: &Cluster, path: &str) -> String {
     qr::store::hash::render_nix32(&h)
 }
 
+/// The builders lie through `QR_BUILDER_FAULT`, a hook of the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 #[test]
 fn lying_builders_are_refused_and_their_steps_retried() {
     let Some(mut c) = Cluster::new(Backend::Sqlite) else {
