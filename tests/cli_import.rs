@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+#[cfg(feature = "test-hooks")]
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};

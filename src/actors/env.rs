@@ -565,6 +565,30 @@ impl<T> Drop for AbortOnDrop<T> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn recent_runs_are_bounded_and_count_reruns() {
+        let r = RecentRuns::with_capacity(3);
+        for d in ["a", "b", "c", "d"] {
+            assert!(!r.record(d), "{d} ran once");
+        }
+        assert_eq!(r.remembered(), 3, "the oldest is forgotten");
+        assert!(r.record("d"), "a rerun of a remembered drv");
+        assert!(!r.record("a"), "a is no longer remembered");
+        assert_eq!((r.total(), r.reruns()), (6, 1));
+        assert_eq!(r.remembered(), 3);
+    }
+
+    #[test]
+    fn a_gauge_underflow_stays_at_zero_and_is_counted() {
+        let s = Stats::default();
+        Stats::inc(&s.steps_running);
+        s.dec(&s.steps_running);
+        assert_eq!(Stats::get(&s.gauge_underflows), 0);
+        s.dec(&s.steps_running);
+        assert_eq!(Stats::get(&s.steps_running), 0);
+        assert_eq!(Stats::get(&s.gauge_underflows), 1);
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn offload_runs_inline_without_an_io_runtime_and_elsewhere_with_one() {
         let here = std::thread::current().id();

@@ -31,7 +31,9 @@ pub enum FaultPoint {
 /// Without the `test-hooks` feature: nothing is ever armed.
 #[cfg(not(any(test, feature = "test-hooks")))]
 #[derive(Debug, Default)]
-pub(crate) struct Faults;
+pub(crate) struct Faults {
+    _none: (),
+}
 
 #[cfg(not(any(test, feature = "test-hooks")))]
 impl Faults {
