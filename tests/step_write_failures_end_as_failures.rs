@@ -107,5 +107,9 @@ fn failed_build_finish_sqlite() {
 
 #[test]
 fn failed_build_finish_postgres() {
-    run(Backend::Postgres, FaultPoint::FinishBuildAfterBuildRow, false);
+    run(
+        Backend::Postgres,
+        FaultPoint::FinishBuildAfterBuildRow,
+        false,
+    );
 }
