@@ -54,8 +54,9 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: String) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+        // A port reserved for this process: still ours when the proxy listens on it again.
+        let port = common::ports::port();
+        let l = TcpListener::bind(("127.0.0.1", port)).expect("bind the reserved port");
         let p = Proxy {
             port,
             up: Arc::new(AtomicBool::new(true)),

@@ -19,6 +19,7 @@ const X86: &str = "x86_64-linux";
 const I686: &str = "i686-linux";
 
 /// The `derivation show` document of a fixture (its drvs keyed by path).
+#[cfg(feature = "test-hooks")]
 fn fixture_doc(fixture: &Value) -> Value {
     let mut doc = serde_json::Map::new();
     for (path, d) in fixture["derivations"].as_object().expect("derivations") {
@@ -436,6 +437,7 @@ fn a_wrong_or_missing_token_is_refused_and_logged() {
 }
 
 /// Reads a runner store path's NAR hash from its files.
+#[cfg(feature = "test-hooks")]
 fn nar_hash_of(c: &Cluster, path: &str) -> String {
     let base = path.rsplit('/').next().unwrap();
     let phys = c.qr.state_dir().join("nix-store").join(base);
@@ -443,6 +445,8 @@ fn nar_hash_of(c: &Cluster, path: &str) -> String {
     qr::store::hash::render_nix32(&h)
 }
 
+/// The builders lie through `QR_BUILDER_FAULT`, a hook of the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 #[test]
 fn lying_builders_are_refused_and_their_steps_retried() {
     let Some(mut c) = Cluster::new(Backend::Sqlite) else {

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+#[cfg(feature = "test-hooks")]
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -160,6 +161,8 @@ async fn import_refuses_malformed_and_misnamed_drvs() {
     assert!(store.valid_paths().await.unwrap().is_empty());
 }
 
+/// `QR_STORE_FAULT` is a hook of the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 #[tokio::test]
 async fn a_process_killed_before_registration_leaves_a_consistent_store() {
     let tmp = tempfile::tempdir().unwrap();

@@ -189,10 +189,6 @@ macro_rules! suite {
 suite!(
     migrations_apply_and_are_idempotent,
     check_constraint_ties_status_13_to_resolvedtostep,
-    resolve_transaction_is_all_or_nothing,
-    create_and_resolve_is_one_transaction,
-    lost_commit_replies_are_read_back,
-    finish_step_transaction_is_all_or_nothing,
     concurrent_step_numbers_never_collide,
     writes_arriving_together_are_answered_one_by_one,
     repeated_output_names_end_as_upserts_leave_them,
@@ -210,15 +206,29 @@ suite!(
     query_plans_use_indexes,
     evals_record_members_errors_and_constituents,
     a_drv_with_a_build_in_the_jobset_is_not_queued_again,
-    record_eval_is_one_transaction,
 );
 
 #[path = "db_suite/evals.rs"]
 mod evals;
+#[cfg(feature = "test-hooks")]
+use evals::record_eval_is_one_transaction;
 use evals::{
     a_drv_with_a_build_in_the_jobset_is_not_queued_again,
-    evals_record_members_errors_and_constituents, record_eval_is_one_transaction,
+    evals_record_members_errors_and_constituents,
 };
+
+/// The tests that arm database faults: only with the `test-hooks` feature (scripts/test enables
+/// it), the only build in which `Db::arm_fault` exists.
+#[cfg(feature = "test-hooks")]
+mod faults {
+    suite!(
+        resolve_transaction_is_all_or_nothing,
+        create_and_resolve_is_one_transaction,
+        lost_commit_replies_are_read_back,
+        finish_step_transaction_is_all_or_nothing,
+        record_eval_is_one_transaction,
+    );
+}
 
 // ------------------------------------------------------------------------------------ helpers
 
@@ -379,6 +389,7 @@ async fn check_constraint_ties_status_13_to_resolvedtostep(ctx: Ctx) -> Result<(
     Ok(())
 }
 
+#[cfg(feature = "test-hooks")]
 async fn resolve_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
     let db = &ctx.db;
     let b = setup_build(db, "ca").await?;
@@ -452,6 +463,7 @@ async fn resolve_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
 /// A step with no row yet gets it and its resolution in one transaction: a failure between the
 /// statements leaves no pending row behind (found by the kill -9 torture test: the restarted
 /// step made a new row and the first stayed pending after the build succeeded).
+#[cfg(feature = "test-hooks")]
 async fn create_and_resolve_is_one_transaction(ctx: Ctx) -> Result<()> {
     let db = &ctx.db;
     let b = setup_build(db, "car").await?;
@@ -500,6 +512,7 @@ async fn create_and_resolve_is_one_transaction(ctx: Ctx) -> Result<()> {
 /// (committed, reply lost): every write transaction ends with its effect exactly once and the
 /// result it would have had (found by the database-drop torture test, where a lost reply made
 /// `qr run` give up a build or exit).
+#[cfg(feature = "test-hooks")]
 async fn lost_commit_replies_are_read_back(ctx: Ctx) -> Result<()> {
     let db = &ctx.db;
     db.create_jobset("main", 100).await?;
@@ -590,6 +603,7 @@ async fn lost_commit_replies_are_read_back(ctx: Ctx) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "test-hooks")]
 async fn finish_step_transaction_is_all_or_nothing(ctx: Ctx) -> Result<()> {
     let db = &ctx.db;
     let b = setup_build(db, "fin").await?;

@@ -119,13 +119,8 @@ fn kill_at_each_phase(backend: Backend) {
             // runner dies, but the builder may take a moment to exit on a loaded machine: it
             // must be gone within 1.5 s, well before its own 3 s `sleep` would have ended (a
             // surviving builder is still there when we look).
-            let running = || {
-                std::process::Command::new("pgrep")
-                    .args(["-f", &format!("sleep {nap}; cat")])
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
-            };
+            // Fails the test if it cannot look (never "gone" for want of a tool).
+            let running = || common::procs::running(&format!("sleep {nap}; cat"));
             let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
             while running() && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(50));

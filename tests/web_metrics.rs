@@ -287,6 +287,16 @@ fn metrics_and_status(backend: Backend) {
     moved("qr_build_duration_seconds_count", 1.0);
     moved("qr_steps_created_total", 2.0);
     moved("qr_db_write_transactions_total", 3.0);
+    moved("qr_executor_runs_total", 2.0);
+    // The runner's own bookkeeping held: no gauge went below 0, no write was lost, no drv ran
+    // twice.
+    for k in [
+        "qr_gauge_underflows_total",
+        "qr_db_write_failures_total",
+        "qr_executor_reruns_total",
+    ] {
+        assert_eq!(after.get(k), Some(&0.0), "{k} in\n{body}");
+    }
     // Transaction latency: a histogram per kind whose counts moved with the build's writes.
     let be = match backend {
         Backend::Sqlite => "sqlite",

@@ -77,8 +77,15 @@ pub struct Stats {
     /// handled: the queue is fully loaded only when none is in flight.
     pub membership_sent: AtomicU64,
     pub membership_in_flight: AtomicU64,
-    /// Executor runs per drv path: a drv run twice shows here.
-    pub runs: DashMap<String, u32>,
+    /// Decrements of a gauge already at 0 (a bookkeeping bug: each is also logged as an error
+    /// with the place it came from). The tests check it stays 0.
+    pub gauge_underflows: AtomicU64,
+    /// Database writes that failed for good (after the retries for a database that is away):
+    /// each ended its step or build as a failure, or is logged where nothing is left to fail.
+    pub db_write_failures: AtomicU64,
+    /// Successful executor runs, with a bounded memory of the most recent drvs: a drv run again
+    /// while it is remembered counts as a rerun.
+    pub runs: RecentRuns,
 }
 
 impl Stats {
@@ -86,10 +93,17 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn dec(counter: &AtomicU64) {
-        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-            Some(v.saturating_sub(1))
-        });
+    /// Decrements a gauge. A gauge at 0 stays 0, and the underflow is not hidden: it is logged as
+    /// an error naming the caller's source location and counted in
+    /// [`gauge_underflows`](Self::gauge_underflows).
+    #[track_caller]
+    pub fn dec(&self, gauge: &AtomicU64) {
+        let was = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        if was.is_err() {
+            Stats::inc(&self.gauge_underflows);
+            let at = std::panic::Location::caller();
+            tracing::error!(at = %at, "gauge decremented below 0 (bookkeeping bug)");
+        }
     }
 
     /// Counts an `AddBuilds` message about to be sent.
@@ -100,6 +114,77 @@ impl Stats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// How many drvs [`RecentRuns`] remembers by default.
+pub const RECENT_RUNS: usize = 65_536;
+
+/// Executor runs: a total, and the last [`RECENT_RUNS`] drvs run, to count a drv run twice
+/// (`reruns`) without a map that grows with every drv a long-running `qr serve` builds.
+#[derive(Debug)]
+pub struct RecentRuns {
+    total: AtomicU64,
+    reruns: AtomicU64,
+    capacity: usize,
+    recent: std::sync::Mutex<RecentSet>,
+}
+
+#[derive(Debug, Default)]
+struct RecentSet {
+    set: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Default for RecentRuns {
+    fn default() -> Self {
+        RecentRuns::with_capacity(RECENT_RUNS)
+    }
+}
+
+impl RecentRuns {
+    pub fn with_capacity(capacity: usize) -> Self {
+        RecentRuns {
+            total: AtomicU64::new(0),
+            reruns: AtomicU64::new(0),
+            capacity: capacity.max(1),
+            recent: Default::default(),
+        }
+    }
+
+    /// Counts a run of `drv_path`; true when it ran before (while still remembered).
+    pub fn record(&self, drv_path: &str) -> bool {
+        Stats::inc(&self.total);
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if r.set.contains(drv_path) {
+            Stats::inc(&self.reruns);
+            return true;
+        }
+        if r.order.len() >= self.capacity
+            && let Some(old) = r.order.pop_front()
+        {
+            r.set.remove(&old);
+        }
+        r.set.insert(drv_path.to_string());
+        r.order.push_back(drv_path.to_string());
+        false
+    }
+
+    pub fn total(&self) -> u64 {
+        Stats::get(&self.total)
+    }
+
+    pub fn reruns(&self) -> u64 {
+        Stats::get(&self.reruns)
+    }
+
+    /// How many drvs are remembered (at most the capacity).
+    pub fn remembered(&self) -> usize {
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .order
+            .len()
     }
 }
 
@@ -245,7 +330,9 @@ pub struct Env {
     /// Offloaded I/O not finished yet (done or cancelled): a benchmark waits for none before
     /// it drops its database.
     pub io_in_flight: Arc<AtomicU64>,
-    /// Test hook: `QR_CRASH_AT=<point>` kills the process (SIGKILL) when it reaches that point.
+    /// Test hook (feature `test-hooks` only): `QR_CRASH_AT=<point>` kills the process (SIGKILL)
+    /// when it reaches that point.
+    #[cfg(feature = "test-hooks")]
     crash_at: Option<String>,
 }
 
@@ -267,6 +354,7 @@ impl Env {
             timeout: Duration::from_secs(36000),
             runs_ledger: None,
             heartbeats: DashMap::new(),
+            #[cfg(feature = "test-hooks")]
             crash_at: std::env::var("QR_CRASH_AT").ok().filter(|v| !v.is_empty()),
             io: None,
             io_in_flight: Default::default(),
@@ -288,11 +376,14 @@ impl Env {
     }
 
     /// Whether `QR_CRASH_AT` names this point (so a test hook may prepare the crash).
+    #[cfg(feature = "test-hooks")]
     pub fn crash_armed(&self, point: &str) -> bool {
         self.crash_at.as_deref() == Some(point)
     }
 
-    /// Kills the process with SIGKILL if `QR_CRASH_AT` names this point (crash tests only).
+    /// Kills the process with SIGKILL if `QR_CRASH_AT` names this point (crash tests only; the
+    /// call sites are compiled with the `test-hooks` feature only).
+    #[cfg(feature = "test-hooks")]
     pub fn crash_point(&self, point: &str) {
         if self.crash_at.as_deref() == Some(point) {
             tracing::warn!(point, "QR_CRASH_AT reached: killing the process");
@@ -305,7 +396,9 @@ impl Env {
 
     /// Appends a successful executor run to the ledger.
     pub fn record_run(&self, drv_path: &str) {
-        *self.stats.runs.entry(drv_path.to_string()).or_insert(0) += 1;
+        if self.stats.runs.record(drv_path) {
+            tracing::warn!(drv = %drv_path, "a drv was run again by an executor");
+        }
         if let Some(path) = &self.runs_ledger {
             use std::io::Write;
             let line = format!("{drv_path}\n");
@@ -471,6 +564,30 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_runs_are_bounded_and_count_reruns() {
+        let r = RecentRuns::with_capacity(3);
+        for d in ["a", "b", "c", "d"] {
+            assert!(!r.record(d), "{d} ran once");
+        }
+        assert_eq!(r.remembered(), 3, "the oldest is forgotten");
+        assert!(r.record("d"), "a rerun of a remembered drv");
+        assert!(!r.record("a"), "a is no longer remembered");
+        assert_eq!((r.total(), r.reruns()), (6, 1));
+        assert_eq!(r.remembered(), 3);
+    }
+
+    #[test]
+    fn a_gauge_underflow_stays_at_zero_and_is_counted() {
+        let s = Stats::default();
+        Stats::inc(&s.steps_running);
+        s.dec(&s.steps_running);
+        assert_eq!(Stats::get(&s.gauge_underflows), 0);
+        s.dec(&s.steps_running);
+        assert_eq!(Stats::get(&s.steps_running), 0);
+        assert_eq!(Stats::get(&s.gauge_underflows), 1);
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn offload_runs_inline_without_an_io_runtime_and_elsewhere_with_one() {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+#[cfg(any(test, feature = "test-hooks"))]
 use super::fault::FaultPoint;
 use super::types::{BuildId, RealisationConflict, StepNr, UnknownCode};
 
@@ -59,7 +60,8 @@ pub enum DbError {
     /// reaches a caller only from `retry` (which does not check).
     #[error("connection lost while committing; the outcome is unknown: {0}")]
     CommitOutcomeUnknown(#[source] sqlx::Error),
-    /// A test armed this fault point (see `Db::arm_fault`).
+    /// A test armed this fault point (see `Db::arm_fault`; feature `test-hooks` only).
+    #[cfg(any(test, feature = "test-hooks"))]
     #[error("fault injected at {0:?}")]
     FaultInjected(FaultPoint),
     #[error("the queue listener's task has stopped")]

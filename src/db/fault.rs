@@ -1,7 +1,10 @@
 //! Fault injection between the statements of multi-statement transactions, so tests can prove
-//! they are all-or-nothing. Nothing is armed in production: a check costs one atomic load.
+//! they are all-or-nothing. Compiled only with the `test-hooks` feature (and in unit tests);
+//! without it [`Faults::check`] is a constant `Ok` the compiler removes, and nothing can be armed.
 
+#[cfg(any(test, feature = "test-hooks"))]
 use std::sync::Mutex;
+#[cfg(any(test, feature = "test-hooks"))]
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::error::DbError;
@@ -25,13 +28,35 @@ pub enum FaultPoint {
     CommitLostAfter,
 }
 
+/// Without the `test-hooks` feature: nothing is ever armed.
+#[cfg(not(any(test, feature = "test-hooks")))]
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    _none: (),
+}
+
+#[cfg(not(any(test, feature = "test-hooks")))]
+impl Faults {
+    #[inline(always)]
+    pub(crate) fn is_armed(&self, _point: FaultPoint) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn check(&self, _point: FaultPoint) -> Result<(), DbError> {
+        Ok(())
+    }
+}
+
 /// The armed fault points of one `Db`. Each fires once, then disarms.
+#[cfg(any(test, feature = "test-hooks"))]
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
     any: AtomicBool,
     armed: Mutex<Vec<FaultPoint>>,
 }
 
+#[cfg(any(test, feature = "test-hooks"))]
 impl Faults {
     pub(crate) fn arm(&self, point: FaultPoint) {
         let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());

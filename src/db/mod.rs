@@ -26,8 +26,8 @@
 //! - Queue changes arrive through [`Db::listen`] as [`QueueEvent`]s: LISTEN/NOTIFY with triggers
 //!   on PostgreSQL, an in-process broadcast on SQLite, and a periodic `Rescan` on both.
 //! - Timestamps are unix seconds passed in by the caller (the clock is injected).
-//! - [`FaultPoint`]s let tests fail a transaction between its statements; unarmed (always, in
-//!   production) they cost one atomic load.
+//! - [`FaultPoint`]s let tests fail a transaction between its statements; they can be armed
+//!   only in a build with the `test-hooks` feature (without it a check is a constant `Ok`).
 
 mod batch;
 mod error;
@@ -294,11 +294,13 @@ impl Db {
     }
 
     /// Arms a one-shot fault: the next operation reaching `point` fails with
-    /// [`DbError::FaultInjected`] and rolls back. For tests.
+    /// [`DbError::FaultInjected`] and rolls back. For tests (feature `test-hooks`).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn arm_fault(&self, point: FaultPoint) {
         self.inner.faults.arm(point);
     }
 
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn disarm_faults(&self) {
         self.inner.faults.disarm_all();
     }

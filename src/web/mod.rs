@@ -331,6 +331,34 @@ async fn metrics(State(s): State<AppState>) -> Response {
     );
     family(
         &mut o,
+        "qr_gauge_underflows_total",
+        "counter",
+        "Gauge decrements below 0 (a bookkeeping bug; each is logged as an error).",
+        &one(c(&env.stats.gauge_underflows)),
+    );
+    family(
+        &mut o,
+        "qr_db_write_failures_total",
+        "counter",
+        "Database writes that failed for good (each failed its step or build, or is logged).",
+        &one(c(&env.stats.db_write_failures)),
+    );
+    family(
+        &mut o,
+        "qr_executor_runs_total",
+        "counter",
+        "Successful executor runs.",
+        &one(env.stats.runs.total() as f64),
+    );
+    family(
+        &mut o,
+        "qr_executor_reruns_total",
+        "counter",
+        "Executor runs of a drv already run recently (among the last 65536 drvs).",
+        &one(env.stats.runs.reruns() as f64),
+    );
+    family(
+        &mut o,
         "qr_actor_restarts_total",
         "counter",
         "Supervised actor restarts.",

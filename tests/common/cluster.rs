@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use super::qr::{Backend, Qr};
 
-/// A free loopback port (bound, then released).
+/// A loopback port reserved for this test process (see [`super::ports`]): no other test takes it
+/// between now and the child binding it, nor when a restarted child binds it again.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    super::ports::port()
 }
 
 /// A child process whose stderr goes to a file; killed (SIGKILL) on drop.

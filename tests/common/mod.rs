@@ -3,7 +3,10 @@
 
 pub mod cluster;
 pub mod fuzz;
+pub mod inproc;
 pub mod instantiate;
+pub mod ports;
+pub mod procs;
 pub mod qr;
 pub mod sources;
 

@@ -199,6 +199,8 @@ pub async fn a_drv_with_a_build_in_the_jobset_is_not_queued_again(ctx: Ctx) -> R
     Ok(())
 }
 
+/// Arms database faults: only with the `test-hooks` feature.
+#[cfg(feature = "test-hooks")]
 pub async fn record_eval_is_one_transaction(ctx: Ctx) -> Result<()> {
     let db = &ctx.db;
     // Refused before anything is written.

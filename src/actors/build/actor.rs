@@ -14,6 +14,7 @@ use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
 use crate::actors::step::actor::StepActor;
 use crate::actors::types::{Outputs, Status, Waiter};
+use crate::db::DbError;
 use crate::db::types::{Build, FinishBuild, NewStep};
 
 /// Told to whoever watches builds (the queue monitor) when a build actor is done.
@@ -108,14 +109,17 @@ impl BuildActor {
                         Top::Failed(f) => {
                             // The rows first, then the build finishes.
                             let rows = act.record_cached_failures(cached);
-                            ctx.wait(
-                                rows.into_actor(act)
-                                    .map(move |_, act, ctx| act.feed(Event::TopFailed(f), ctx)),
-                            );
+                            ctx.wait(rows.into_actor(act).map(move |res, act, ctx| {
+                                act.written(res, ctx);
+                                act.feed(Event::TopFailed(f), ctx)
+                            }));
                         }
                         Top::Step(step) => {
                             let rows = act.record_cached_failures(cached);
-                            ctx.wait(rows.into_actor(act));
+                            ctx.wait(
+                                rows.into_actor(act)
+                                    .map(|res, act, ctx| act.written(res, ctx)),
+                            );
                             step.do_send(AddWaiter(WaiterAddr::Build(
                                 act.row.id.0,
                                 ctx.address().downgrade(),
@@ -129,24 +133,41 @@ impl BuildActor {
         );
     }
 
-    /// As in Hydra: a step row with status CachedFailure for each cached failure met.
-    fn record_cached_failures(&self, drvs: Vec<String>) -> impl Future<Output = ()> + 'static {
+    /// As in Hydra: a step row with status CachedFailure for each cached failure met. Every row
+    /// is tried; the first permanent error is returned (logged with the build's fields).
+    fn record_cached_failures(
+        &self,
+        drvs: Vec<String>,
+    ) -> impl Future<Output = Result<(), String>> + 'static {
         let env = self.env.clone();
         let build = self.row.id;
         let system = self.row.system.clone();
         async move {
-            {
-                let now = env.now();
-                for d in drvs {
-                    let mut s = NewStep::build(&d, &system);
-                    s.status = Some(Status::CachedFailure);
-                    s.start_time = Some(now);
-                    s.stop_time = Some(now);
-                    s.error_msg = Some("cached failure".into());
-                    let _ =
-                        persist("record cached failure", || env.db.create_step(build, &s)).await;
+            let now = env.now();
+            let mut first = Ok(());
+            for d in drvs {
+                let mut s = NewStep::build(&d, &system);
+                s.status = Some(Status::CachedFailure);
+                s.start_time = Some(now);
+                s.stop_time = Some(now);
+                s.error_msg = Some("cached failure".into());
+                if let Err(e) =
+                    persist("record cached failure", || env.db.create_step(build, &s)).await
+                {
+                    let m = write_failed(&env, build.0, "record a cached failure", &d, &e);
+                    if first.is_ok() {
+                        first = Err(m);
+                    }
                 }
             }
+            first
+        }
+    }
+
+    /// The outcome of a write the machine must hear about when it failed for good.
+    fn written(&mut self, res: Result<(), String>, ctx: &mut Context<Self>) {
+        if let Err(message) = res {
+            self.feed(Event::RecordFailed(message), ctx);
         }
     }
 
@@ -203,7 +224,9 @@ impl BuildActor {
         };
         ctx.wait(
             async move {
-                let _ = persist("finish build", || env.db.finish_build(&f)).await;
+                if let Err(e) = persist("finish build", || env.db.finish_build(&f)).await {
+                    return Err(write_failed(&env, id.0, "finish the build", "", &e));
+                }
                 Stats::inc(&env.stats.builds_finished);
                 env.stats
                     .build_seconds
@@ -214,9 +237,31 @@ impl BuildActor {
                     build: id.0,
                     status: status.code(),
                 });
+                Ok(())
             }
             .into_actor(self)
-            .map(|_, act, ctx| {
+            .map(|res, act, ctx| {
+                if let Err(message) = res {
+                    // The machine tries once more as Aborted; past that the row stays
+                    // unfinished (logged), and the actor stops.
+                    let retried = act.machine.on(Event::FinishFailed(message));
+                    if !retried.is_empty() {
+                        act.describe();
+                        for effect in retried {
+                            if let Effect::Finish {
+                                status,
+                                outputs,
+                                cached,
+                                message,
+                            } = effect
+                            {
+                                act.finish(status, outputs, cached, message, ctx);
+                            }
+                        }
+                        return;
+                    }
+                    tracing::error!(build = act.row.id.0, "the build's row stays unfinished");
+                }
                 act.top = None;
                 act.env.actors.unregister(&act.cell);
                 if let Some(d) = &act.done {
@@ -226,6 +271,14 @@ impl BuildActor {
             }),
         );
     }
+}
+
+/// Logs a write of build `build` that failed for good (with the drv it concerned, if any),
+/// counts it, and returns the message the build finishes with.
+fn write_failed(env: &Env, build: i64, what: &str, drv: &str, e: &DbError) -> String {
+    Stats::inc(&env.stats.db_write_failures);
+    tracing::error!(build, drv, what, error = %e, "a database write failed for good");
+    format!("cannot {what} in the database: {e}")
 }
 
 impl Actor for BuildActor {
@@ -288,14 +341,18 @@ impl Handler<StepFailed> for BuildActor {
                     s.start_time = Some(now);
                     s.stop_time = Some(now);
                     s.propagated_from = Some(crate::db::types::BuildId(o.build));
-                    let _ =
-                        persist("create propagated step", || env.db.create_step(build, &s)).await;
+                    persist("create propagated step", || env.db.create_step(build, &s))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| {
+                            write_failed(&env, build.0, "record a propagated failure", &o.drv, &e)
+                        })
                 };
                 let failure = msg.failure;
-                ctx.wait(
-                    row.into_actor(self)
-                        .map(move |_, act, ctx| act.feed(Event::TopFailed(failure), ctx)),
-                );
+                ctx.wait(row.into_actor(self).map(move |res, act, ctx| {
+                    act.written(res, ctx);
+                    act.feed(Event::TopFailed(failure), ctx)
+                }));
             }
         }
     }

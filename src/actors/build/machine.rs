@@ -34,6 +34,12 @@ pub enum Event {
     Bump {
         global_priority: i32,
     },
+    /// A step row the build records (a cached or propagated failure) could not be written (the
+    /// database refused it for good): an unfinished build finishes as Aborted with the message.
+    RecordFailed(String),
+    /// The build's own finish could not be written: it is tried once more as Aborted, without
+    /// outputs (a result the database refuses must not leave the build unfinished).
+    FinishFailed(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +61,8 @@ pub enum Effect {
 pub struct BuildMachine {
     pub id: i64,
     phase: Phase,
+    /// The finish was retried as Aborted after a write failed: no further try.
+    fallback_finish: bool,
 }
 
 impl BuildMachine {
@@ -62,6 +70,7 @@ impl BuildMachine {
         BuildMachine {
             id,
             phase: Phase::Expanding,
+            fallback_finish: false,
         }
     }
 
@@ -74,6 +83,9 @@ impl BuildMachine {
     }
 
     pub fn on(&mut self, ev: Event) -> Vec<Effect> {
+        if let Event::FinishFailed(message) = ev {
+            return self.finish_failed(message);
+        }
         if self.is_finished() {
             return vec![];
         }
@@ -114,6 +126,29 @@ impl BuildMachine {
                 fx
             }
             Event::Bump { global_priority } => vec![Effect::Reprioritise { global_priority }],
+            Event::RecordFailed(message) => {
+                let mut fx = match &self.phase {
+                    Phase::Waiting { top } => vec![Effect::Release { top: top.clone() }],
+                    _ => vec![],
+                };
+                fx.extend(self.finish(Status::Aborted, Outputs::new(), false, Some(message)));
+                fx
+            }
+            Event::FinishFailed(_) => vec![],
+        }
+    }
+
+    fn finish_failed(&mut self, message: String) -> Vec<Effect> {
+        match &self.phase {
+            Phase::Finished { status } if !self.fallback_finish => {
+                self.fallback_finish = true;
+                let message = format!(
+                    "cannot record the build's result ({status:?}): {message}",
+                    status = *status
+                );
+                self.finish(Status::Aborted, Outputs::new(), false, Some(message))
+            }
+            _ => vec![],
         }
     }
 
@@ -137,6 +172,60 @@ impl BuildMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_write_finishes_the_build_as_aborted_and_a_failed_finish_is_retried_once() {
+        // Expanding: finished as Aborted.
+        let mut b = BuildMachine::new(3);
+        assert!(matches!(
+            &b.on(Event::RecordFailed("x".into()))[..],
+            [Effect::Finish {
+                status: Status::Aborted,
+                ..
+            }]
+        ));
+        // Waiting: the top step is released and the build finishes as Aborted.
+        let mut b = BuildMachine::new(1);
+        b.on(Event::WaitingOn("/s/t.drv".into()));
+        let fx = b.on(Event::RecordFailed("cannot record a step".into()));
+        assert_eq!(
+            fx,
+            vec![
+                Effect::Release {
+                    top: "/s/t.drv".into()
+                },
+                Effect::Finish {
+                    status: Status::Aborted,
+                    outputs: Outputs::new(),
+                    cached: false,
+                    message: Some("cannot record a step".into()),
+                }
+            ]
+        );
+        // Finished, a row's failure changes nothing; its finish failing: one more try, as
+        // Aborted, then nothing.
+        assert_eq!(b.on(Event::RecordFailed("late".into())), vec![]);
+        let fx = b.on(Event::FinishFailed("fault".into()));
+        assert!(matches!(
+            &fx[..],
+            [Effect::Finish { status: Status::Aborted, message: Some(m), .. }] if m.contains("fault")
+        ));
+        assert_eq!(b.on(Event::FinishFailed("again".into())), vec![]);
+
+        // A successful finish that could not be written becomes an Aborted one.
+        let mut b = BuildMachine::new(2);
+        b.on(Event::WaitingOn("/s/t.drv".into()));
+        b.on(Event::TopLanded {
+            outputs: outs(),
+            failed_marker: false,
+        });
+        let fx = b.on(Event::FinishFailed("fault".into()));
+        assert!(matches!(
+            &fx[..],
+            [Effect::Finish { status: Status::Aborted, outputs, message: Some(m), .. }]
+                if outputs.is_empty() && m.contains("Success") && m.contains("fault")
+        ));
+    }
 
     fn outs() -> Outputs {
         [("out".to_string(), "/s/x-a".to_string())].into()

@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+#[cfg(feature = "test-hooks")]
 use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::machine::{Effect, Event, Phase, Resolution, StepMachine};
+use super::machine::{Effect, Event, Gauge, Phase, Resolution, StepMachine, gauge_change};
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, StepLeft};
 use crate::actors::dispatcher::{Priority, RunnableStep};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
@@ -16,6 +17,7 @@ use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
 use crate::actors::registry::StepRef;
 use crate::actors::types::{Drv, Failure, Outputs, Status, Waiter};
+use crate::db::DbError;
 use crate::db::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation};
 use crate::store::{Derivation, DrvOutput};
 
@@ -220,11 +222,13 @@ impl StepActor {
 
     fn feed(&mut self, ev: Event, ctx: &mut Context<Self>) {
         let before = std::mem::discriminant(self.machine.phase());
+        let gauge_before = self.machine.phase().gauge();
         let landed = match &ev {
             Event::InputLanded { drv, .. } => Some(drv.clone()),
             _ => None,
         };
         let effects = self.machine.on(ev);
+        self.account(gauge_before, self.machine.phase().gauge());
         if std::mem::discriminant(self.machine.phase()) != before {
             self.describe();
         } else if let Some(drv) = landed {
@@ -234,6 +238,44 @@ impl StepActor {
         }
         self.queue.extend(effects);
         self.drain(ctx);
+    }
+
+    /// The one place gauges change: from the gauge of the phase left to that of the phase
+    /// entered (see [`Gauge`]).
+    fn account(&self, before: Option<Gauge>, after: Option<Gauge>) {
+        let stats = &self.env.stats;
+        let counter = |g: Gauge| match g {
+            Gauge::Runnable => &stats.steps_runnable,
+            Gauge::Running => &stats.steps_running,
+        };
+        let (left, entered) = gauge_change(before, after);
+        if let Some(g) = left {
+            stats.dec(counter(g));
+        }
+        if let Some(g) = entered {
+            Stats::inc(counter(g));
+        }
+    }
+
+    /// A write of an effect failed for good: logged with the step's fields, counted, the effects
+    /// queued behind it dropped, and the machine told (it fails the step, see
+    /// [`Event::WriteFailed`]).
+    fn write_failed(&mut self, f: WriteFailure, ctx: &mut Context<Self>) {
+        Stats::inc(&self.env.stats.db_write_failures);
+        if f.not_started {
+            // The job was never sent: the machine's slot is given back here.
+            self.in_flight = false;
+            self.dispatcher
+                .do_send(crate::actors::dispatcher::actor::SlotFreed(
+                    self.machine_name.clone(),
+                ));
+        }
+        if let Some(r) = f.reopen_running {
+            self.running_row = Some(r);
+        }
+        self.pending_rows.extend(f.reopen_pending);
+        self.queue.clear();
+        self.feed(Event::WriteFailed(f.message), ctx);
     }
 
     /// Performs queued effects in order; an effect with I/O blocks the mailbox until it is done.
@@ -259,7 +301,6 @@ impl StepActor {
                 self.attach_child(resolved, ctx)
             }
             Effect::MakeRunnable => {
-                Stats::inc(&self.env.stats.steps_runnable);
                 self.runnable_since
                     .get_or_insert_with(std::time::Instant::now);
                 self.dispatcher.do_send(Runnable {
@@ -279,7 +320,13 @@ impl StepActor {
             } => {
                 if let Some(row) = self.running_row.take() {
                     let f = self.finish_row(row, status, Some(message), Outputs::new(), Some(0));
-                    self.io(ctx, f);
+                    let drv = self.drv_path.to_string();
+                    self.io(ctx, async move {
+                        f.await.map_err(|e| {
+                            WriteFailure::new("record a failed attempt", &drv, Some(row), &e)
+                                .reopen_running(row)
+                        })
+                    });
                 }
             }
             Effect::RecordFailure(failure) => self.record_failure(failure, ctx),
@@ -337,31 +384,56 @@ impl StepActor {
         }
     }
 
-    /// Runs `fut` with the mailbox blocked, then the effects queued behind it.
+    /// Runs `fut` with the mailbox blocked, then the effects queued behind it — or, when a write
+    /// failed for good, tells the machine instead ([`write_failed`](Self::write_failed)).
     fn io<F>(&mut self, ctx: &mut Context<Self>, fut: F)
     where
-        F: std::future::Future<Output = ()> + Send + 'static,
+        F: std::future::Future<Output = Result<(), WriteFailure>> + Send + 'static,
     {
         self.busy = true;
         let fut = self.env.offload(fut);
-        ctx.wait(fut.into_actor(self).map(|_, act, ctx| {
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
             act.busy = false;
-            act.drain(ctx);
+            match res {
+                Ok(()) => act.drain(ctx),
+                Err(f) => act.write_failed(f, ctx),
+            }
         }));
     }
 
     /// Like [`io`](Self::io), feeding the event the I/O produced back into the machine.
     fn io_then<F>(&mut self, ctx: &mut Context<Self>, fut: F)
     where
-        F: std::future::Future<Output = (Event, After)> + Send + 'static,
+        F: std::future::Future<Output = Result<(Event, After), WriteFailure>> + Send + 'static,
     {
         self.busy = true;
         let fut = self.env.offload(fut);
-        ctx.wait(fut.into_actor(self).map(|(ev, after), act, ctx| {
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
             act.busy = false;
-            after.apply(act);
-            act.feed(ev, ctx);
+            match res {
+                Ok((ev, after)) => {
+                    after.apply(act);
+                    act.feed(ev, ctx);
+                }
+                Err(f) => act.write_failed(f, ctx),
+            }
         }));
+    }
+
+    /// Runs a write no machine decision waits on (the step is finished or stopping): a
+    /// permanent failure is logged with the step's fields (by [`WriteFailure::new`]) and
+    /// counted, as nothing is left to fail.
+    fn io_detached<F>(&mut self, ctx: &mut Context<Self>, fut: F)
+    where
+        F: std::future::Future<Output = Result<(), WriteFailure>> + Send + 'static,
+    {
+        let env = self.env.clone();
+        self.io(ctx, async move {
+            if fut.await.is_err() {
+                Stats::inc(&env.stats.db_write_failures);
+            }
+            Ok(())
+        });
     }
 
     fn finish_row(
@@ -371,7 +443,7 @@ impl StepActor {
         message: Option<String>,
         outputs: Outputs,
         times_built: Option<i32>,
-    ) -> impl std::future::Future<Output = ()> + 'static {
+    ) -> impl std::future::Future<Output = Result<(), DbError>> + 'static {
         let env = self.env.clone();
         let drv_path = self.drv_path.to_string();
         let machine = (!self.machine_name.is_empty() && times_built.unwrap_or(0) > 0)
@@ -405,12 +477,11 @@ impl StepActor {
                 realisations,
                 machine,
             };
-            let conflicts = persist("finish step", || env.db.finish_step(&f))
-                .await
-                .unwrap_or_default();
+            let conflicts = persist("finish step", || env.db.finish_step(&f)).await?;
             for c in conflicts {
                 tracing::error!(drv = %drv_path, conflict = %c, "realisation disagrees with the recorded one");
             }
+            Ok(())
         }
     }
 
@@ -425,12 +496,12 @@ impl StepActor {
             let drv = match env.store.read_derivation(&drv_path).await {
                 Ok(d) => d,
                 Err(e) => {
-                    return (
+                    return Ok((
                         Event::Resolved(Resolution::Impossible(format!(
                             "cannot read {drv_path}: {e}"
                         ))),
                         After::None,
-                    );
+                    ));
                 }
             };
             let sd = env.store.store_dir().clone();
@@ -439,23 +510,23 @@ impl StepActor {
             }) {
                 Ok(r) => r,
                 Err(e) => {
-                    return (
+                    return Ok((
                         Event::Resolved(Resolution::Impossible(e.to_string())),
                         After::None,
-                    );
+                    ));
                 }
             };
             let rpath = match resolved.drv_path(&sd) {
                 Ok(p) => sd.print(&p),
                 Err(e) => {
-                    return (
+                    return Ok((
                         Event::Resolved(Resolution::Impossible(e.to_string())),
                         After::None,
-                    );
+                    ));
                 }
             };
             if *rpath == *drv_path {
-                return (Event::Resolved(Resolution::Same), After::None);
+                return Ok((Event::Resolved(Resolution::Same), After::None));
             }
             // I/O first: the resolved drv into the store, kept alive by a GC root ...
             let written = match env
@@ -465,17 +536,18 @@ impl StepActor {
             {
                 Ok(p) => p,
                 Err(e) => {
-                    return (
+                    return Ok((
                         Event::Resolved(Resolution::Impossible(format!(
                             "cannot write {rpath}: {e}"
                         ))),
                         After::None,
-                    );
+                    ));
                 }
             };
             let Some(owner) = owner else {
-                return (Event::Resolved(Resolution::Child(written)), After::None);
+                return Ok((Event::Resolved(Resolution::Child(written)), After::None));
             };
+            #[cfg(feature = "test-hooks")]
             env.crash_point("before-resolve-tx");
             // ... then the database, in one transaction: the resolved row, then ours marked Resolved.
             let own_step = NewStep::build(&drv_path, &drv.system);
@@ -502,13 +574,13 @@ impl StepActor {
                     .await
                 }
             };
-            let (own, child) = match child {
-                Ok(v) => v,
-                Err(e) => {
-                    let msg = format!("cannot record the resolution in the database: {e}");
-                    return (Event::Resolved(Resolution::Impossible(msg)), After::None);
-                }
-            };
+            // A permanent error is the database's, not the drv's: the step fails as Aborted
+            // (not Failed, which would make the drv a cached failure).
+            let (own, child) = child.map_err(|e| match existing_row {
+                Some(r) => WriteFailure::new("record the resolution", &drv_path, Some(r), &e),
+                None => WriteFailure::in_build("record the resolution", &drv_path, owner, &e),
+            })?;
+            #[cfg(feature = "test-hooks")]
             env.crash_point("after-resolve-tx");
             Stats::inc(&env.stats.resolutions);
             env.emit(SchedEvent::StepResolved {
@@ -516,13 +588,13 @@ impl StepActor {
                 resolved: written.clone(),
             });
             tracing::info!(drv = %drv_path, resolved = %written, build = owner, "resolved");
-            (
+            Ok((
                 Event::Resolved(Resolution::Child(written)),
                 After::Resolved {
                     own: (owner, own),
                     child: (owner, child),
                 },
-            )
+            ))
         };
         self.io_then(ctx, fut);
     }
@@ -583,7 +655,14 @@ impl StepActor {
                     if let Some(row) = child_row {
                         let env = act.env.clone();
                         let f = finish_cached(env, resolved.clone(), row, outputs.clone());
-                        act.io(ctx, f);
+                        let drv = resolved.clone();
+                        // The success fed below is recorded after this write; if it fails for
+                        // good, the step fails instead.
+                        act.io(ctx, async move {
+                            f.await.map_err(|e| {
+                                WriteFailure::new("finish a cached step", &drv, Some(row), &e)
+                            })
+                        });
                     }
                     act.feed(Event::ChildLanded(outputs), ctx);
                 }
@@ -620,8 +699,6 @@ impl StepActor {
     }
 
     fn record_start(&mut self, machine: String, ctx: &mut Context<Self>) {
-        Stats::dec(&self.env.stats.steps_runnable);
-        Stats::inc(&self.env.stats.steps_running);
         self.machine_name = machine.clone();
         self.in_flight = true;
         let env = self.env.clone();
@@ -650,17 +727,24 @@ impl StepActor {
             attempt: None,
         };
         let runner = self.runner.clone();
+        #[cfg(feature = "test-hooks")]
         let resolved_child = self.resolved_child;
         let fut = async move {
             let now = env.now();
+            // A permanent error: the job is not sent, and the step fails (the pending row it
+            // meant to start is closed with the failure).
             let row = match (pending, owner) {
                 (Some(r), _) => persist("start step", || {
                     env.db
                         .start_step(BuildId(r.0), r.1, &machine, BusyPhase::Building, now)
                 })
                 .await
-                .ok()
-                .map(|_| r),
+                .map(|_| Some(r))
+                .map_err(|e| {
+                    WriteFailure::new("record the step's start", &drv_path, Some(r), &e)
+                        .not_started()
+                        .reopen_pending(r)
+                })?,
                 (None, Some(o)) => {
                     let mut s = NewStep::build(&drv_path, &system);
                     s.busy = BusyPhase::Building;
@@ -668,8 +752,11 @@ impl StepActor {
                     s.machine = machine.clone();
                     persist("create step", || env.db.create_step(BuildId(o), &s))
                         .await
-                        .ok()
-                        .map(|n| (o, n))
+                        .map(|n| Some((o, n)))
+                        .map_err(|e| {
+                            WriteFailure::in_build("record the step's start", &drv_path, o, &e)
+                                .not_started()
+                        })?
                 }
                 (None, None) => None,
             };
@@ -678,12 +765,13 @@ impl StepActor {
                     row.map(|(build, stepnr)| crate::builder::logs::Attempt { build, stepnr });
                 r.do_send(job);
             }
+            #[cfg(feature = "test-hooks")]
             if resolved_child && env.crash_armed("building-resolved") {
                 // crash tests only: let the job start, then die while the resolved step builds
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 env.crash_point("building-resolved");
             }
-            (Event::Start, After::Running(row))
+            Ok((Event::Start, After::Running(row)))
         };
         // `Event::Start` is a no-op past WaitingForInputs: the event only carries `After`.
         self.io_then(ctx, fut);
@@ -691,58 +779,91 @@ impl StepActor {
 
     fn record_success(&mut self, outputs: Outputs, built: bool, ctx: &mut Context<Self>) {
         let env = self.env.clone();
+        let drv = self.drv_path.to_string();
         if built {
-            Stats::dec(&env.stats.steps_running);
             Stats::inc(&env.stats.steps_built);
             env.emit(SchedEvent::StepFinished {
-                drv: self.drv_path.to_string(),
+                drv: drv.clone(),
                 status: 0,
                 built: true,
             });
             let running = self.running_row.take();
             let main = running
                 .map(|row| self.finish_row(row, Status::Success, None, outputs.clone(), Some(1)));
+            // Rows adopted from other steps' resolutions while this one built: the resolved
+            // drv another step already built for them, each an early cutoff.
             let cached: Vec<_> = std::mem::take(&mut self.pending_rows)
                 .into_iter()
-                .map(|row| {
-                    finish_cached(env.clone(), self.drv_path.to_string(), row, outputs.clone())
-                })
+                .map(|row| (row, self.early_cutoff(row, outputs.clone())))
                 .collect();
-            let store_side =
-                register_in_store(env.clone(), self.drv_path.to_string(), outputs.clone());
+            let store_side = register_in_store(env.clone(), drv.clone(), outputs.clone());
             self.io(ctx, async move {
                 store_side.await;
-                if let Some(m) = main {
-                    m.await;
+                let mut failure = None;
+                if let (Some(m), Some(row)) = (main, running)
+                    && let Err(e) = m.await
+                {
+                    failure = Some(
+                        WriteFailure::new("record the step's success", &drv, Some(row), &e)
+                            .reopen_running(row),
+                    );
                 }
-                for c in cached {
-                    c.await;
+                for (row, c) in cached {
+                    match &mut failure {
+                        // Left pending: the failure closes them.
+                        Some(f) => f.reopen_pending.push(row),
+                        None => {
+                            if let Err(e) = c.await {
+                                failure = Some(
+                                    WriteFailure::new("finish a cached step", &drv, Some(row), &e)
+                                        .reopen_pending(row),
+                                );
+                            }
+                        }
+                    }
                 }
+                failure.map_or(Ok(()), Err)
             });
         } else {
             // A resolved parent aliases its child's outputs: realisations for its own drv outputs.
             env.emit(SchedEvent::StepFinished {
-                drv: self.drv_path.to_string(),
+                drv: drv.clone(),
                 status: 0,
                 built: false,
             });
             let row = self.resolved_row;
-            let drv_path = self.drv_path.to_string();
-            let store_side = register_in_store(env.clone(), drv_path.clone(), outputs.clone());
+            let store_side = register_in_store(env.clone(), drv.clone(), outputs.clone());
             self.io(ctx, async move {
                 store_side.await;
                 for (o, p) in &outputs {
                     let r = Realisation {
-                        drv_path: drv_path.clone(),
+                        drv_path: drv.clone(),
                         output_name: o.clone(),
                         out_path: p.clone(),
                         build: row.map(|r| BuildId(r.0)),
                         stepnr: row.map(|r| r.1),
                     };
-                    let _ = persist("record realisation", || env.db.insert_realisation(&r)).await;
+                    persist("record realisation", || env.db.insert_realisation(&r))
+                        .await
+                        .map_err(|e| WriteFailure::new("record a realisation", &drv, row, &e))?;
                 }
+                Ok(())
             });
         }
+    }
+
+    /// Counts an early cutoff (a pending row of a resolution whose drv is built already) and
+    /// finishes the row as cached.
+    fn early_cutoff(
+        &self,
+        row: Row,
+        outputs: Outputs,
+    ) -> impl std::future::Future<Output = Result<(), DbError>> + 'static {
+        Stats::inc(&self.env.stats.early_cutoffs);
+        self.env.emit(SchedEvent::EarlyCutoff {
+            drv: self.drv_path.to_string(),
+        });
+        finish_cached(self.env.clone(), self.drv_path.to_string(), row, outputs)
     }
 
     /// Nobody needs the step any more: out of the queue, its running build killed, its rows closed
@@ -750,13 +871,12 @@ impl StepActor {
     fn abandon(&mut self, ctx: &mut Context<Self>) {
         tracing::info!(drv = %self.drv_path, "step abandoned: no build needs it");
         self.dispatcher.do_send(StepLeft(self.drv_path.to_string()));
-        if self.in_flight {
-            if let Some(abort) = &self.abort {
-                abort.do_send(AbortJob {
-                    drv_path: self.drv_path.to_string(),
-                });
-            }
-            Stats::dec(&self.env.stats.steps_running);
+        if self.in_flight
+            && let Some(abort) = &self.abort
+        {
+            abort.do_send(AbortJob {
+                drv_path: self.drv_path.to_string(),
+            });
         }
         let rows: Vec<Row> = self
             .running_row
@@ -767,20 +887,27 @@ impl StepActor {
         let finishes: Vec<_> = rows
             .into_iter()
             .map(|row| {
-                self.finish_row(
+                let f = self.finish_row(
                     row,
                     Status::Cancelled,
                     Some("cancelled: no build needs this step".into()),
                     Outputs::new(),
                     Some(0),
-                )
+                );
+                (row, f)
             })
             .collect();
-        // The actor stops once its rows are closed.
+        // The actor stops once its rows are closed. Nothing is left to fail: a row that cannot
+        // be closed is logged with its fields and counted.
         self.busy = true;
+        let env = self.env.clone();
+        let drv = self.drv_path.to_string();
         let fut = self.env.offload(async move {
-            for f in finishes {
-                f.await;
+            for (row, f) in finishes {
+                if let Err(e) = f.await {
+                    WriteFailure::new("close an abandoned step's row", &drv, Some(row), &e);
+                    Stats::inc(&env.stats.db_write_failures);
+                }
             }
         });
         ctx.wait(fut.into_actor(self).map(|_, _, ctx| ctx.stop()));
@@ -788,9 +915,6 @@ impl StepActor {
 
     fn record_failure(&mut self, failure: Failure, ctx: &mut Context<Self>) {
         Stats::inc(&self.env.stats.steps_failed);
-        if self.running_row.is_some() {
-            Stats::dec(&self.env.stats.steps_running);
-        }
         self.env.emit(SchedEvent::StepFinished {
             drv: self.drv_path.to_string(),
             status: failure.status.code(),
@@ -803,7 +927,8 @@ impl StepActor {
         let env = self.env.clone();
         let drv_path = self.drv_path.to_string();
         let system = self.system.clone();
-        let owner = self.owner();
+        // A resolved step's own row is its Resolved one: it gets no second row.
+        let owner = self.owner().filter(|_| self.resolved_row.is_none());
         let running = self.running_row.take();
         // The other builds that need this step learn where it failed from the failure itself
         // (each records its own row when the failure reaches it).
@@ -826,20 +951,43 @@ impl StepActor {
                 Some(1),
             )
         });
+        // Every write is tried; the first permanent error reaches the machine (which passes the
+        // failure on again: the notification was queued behind these writes).
         let fut = async move {
             let now = env.now();
-            match (own_finish, owner) {
-                (Some(f), _) => f.await,
-                (None, Some(o)) => {
+            let mut first: Option<WriteFailure> = None;
+            let mut failed = |f: WriteFailure| {
+                first.get_or_insert(f);
+            };
+            match (own_finish, running, owner) {
+                (Some(f), row, _) => {
+                    if let Err(e) = f.await {
+                        failed(WriteFailure::new(
+                            "record the step's failure",
+                            &drv_path,
+                            row,
+                            &e,
+                        ));
+                    }
+                }
+                (None, _, Some(o)) => {
                     let mut s = NewStep::build(&drv_path, &system);
                     s.status = Some(failure.status);
                     s.error_msg = Some(failure.message.clone());
                     s.start_time = Some(now);
                     s.stop_time = Some(now);
-                    let _ =
-                        persist("create failed step", || env.db.create_step(BuildId(o), &s)).await;
+                    if let Err(e) =
+                        persist("create failed step", || env.db.create_step(BuildId(o), &s)).await
+                    {
+                        failed(WriteFailure::in_build(
+                            "record the step's failure",
+                            &drv_path,
+                            o,
+                            &e,
+                        ));
+                    }
                 }
-                (None, None) => {}
+                (None, _, None) => {}
             }
             for row in pending {
                 let f = FinishStep {
@@ -853,11 +1001,27 @@ impl StepActor {
                     realisations: vec![],
                     machine: None,
                 };
-                let _ = persist("finish step", || env.db.finish_step(&f)).await;
+                if let Err(e) = persist("finish step", || env.db.finish_step(&f)).await {
+                    failed(WriteFailure::new(
+                        "finish a pending row",
+                        &drv_path,
+                        Some(row),
+                        &e,
+                    ));
+                }
             }
-            if matches!(failure.status, Status::Failed | Status::FailedWithOutput) {
-                let _ = persist("add failed path", || env.db.add_failed_path(&drv_path)).await;
+            if matches!(failure.status, Status::Failed | Status::FailedWithOutput)
+                && let Err(e) =
+                    persist("add failed path", || env.db.add_failed_path(&drv_path)).await
+            {
+                failed(WriteFailure::new(
+                    "record the failed path",
+                    &drv_path,
+                    None,
+                    &e,
+                ));
             }
+            first.map_or(Ok(()), Err)
         };
         self.io(ctx, fut);
     }
@@ -868,6 +1032,63 @@ pub enum After {
     None,
     Resolved { own: Row, child: Row },
     Running(Option<Row>),
+}
+
+/// A write of the step's that failed for good, with what the actor must take back: the rows the
+/// write was to close (still open, so the step's failure closes them) and whether its job was
+/// left unsent. Made by [`WriteFailure::new`], which logs it.
+pub struct WriteFailure {
+    message: String,
+    reopen_running: Option<Row>,
+    reopen_pending: Vec<Row>,
+    not_started: bool,
+}
+
+impl WriteFailure {
+    /// Logs the failure with the step's fields (drv, build, step number) and keeps its message.
+    fn new(what: &str, drv: &str, row: Option<Row>, e: &DbError) -> Self {
+        tracing::error!(
+            drv,
+            build = row.map(|r| r.0),
+            stepnr = row.map(|r| r.1),
+            what,
+            error = %e,
+            "a database write failed for good"
+        );
+        WriteFailure {
+            message: format!("cannot {what} in the database: {e}"),
+            reopen_running: None,
+            reopen_pending: vec![],
+            not_started: false,
+        }
+    }
+
+    /// [`new`](Self::new) for a row not made yet, in `build`.
+    fn in_build(what: &str, drv: &str, build: i64, e: &DbError) -> Self {
+        tracing::error!(drv, build, what, error = %e, "a database write failed for good");
+        WriteFailure {
+            message: format!("cannot {what} in the database: {e}"),
+            reopen_running: None,
+            reopen_pending: vec![],
+            not_started: false,
+        }
+    }
+
+    fn reopen_running(mut self, row: Row) -> Self {
+        self.reopen_running = Some(row);
+        self
+    }
+
+    fn reopen_pending(mut self, row: Row) -> Self {
+        self.reopen_pending.push(row);
+        self
+    }
+
+    /// The job was not sent to the machine.
+    fn not_started(mut self) -> Self {
+        self.not_started = true;
+        self
+    }
 }
 
 impl After {
@@ -906,7 +1127,12 @@ fn required_features(drv: &Derivation) -> std::collections::BTreeSet<String> {
 }
 
 /// Finishes a pending row of a step whose drv was built elsewhere: Success, not built here.
-async fn finish_cached(env: Arc<Env>, drv_path: String, row: Row, outputs: Outputs) {
+async fn finish_cached(
+    env: Arc<Env>,
+    drv_path: String,
+    row: Row,
+    outputs: Outputs,
+) -> Result<(), DbError> {
     {
         let f = FinishStep {
             build: BuildId(row.0),
@@ -931,7 +1157,8 @@ async fn finish_cached(env: Arc<Env>, drv_path: String, row: Row, outputs: Outpu
                 .collect(),
             machine: None,
         };
-        let _ = persist("finish cached step", || env.db.finish_step(&f)).await;
+        persist("finish cached step", || env.db.finish_step(&f)).await?;
+        Ok(())
     }
 }
 
@@ -960,6 +1187,8 @@ impl Actor for StepActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Stopping leaves the phase's gauge too (a step nobody references any more).
+        self.account(self.machine.phase().gauge(), None);
         self.env.registry.remove(&self.drv_path);
         self.env.actors.unregister(&self.cell);
     }
@@ -1034,7 +1263,7 @@ impl Handler<AddBuilds> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: AddBuilds, ctx: &mut Context<Self>) {
         self.cell.handled();
-        Stats::dec(&self.env.stats.membership_in_flight);
+        self.env.stats.dec(&self.env.stats.membership_in_flight);
         let before = (self.owner(), self.priority());
         for (id, prio) in &msg.0 {
             match self.builds.binary_search_by_key(id, |b| b.0) {
@@ -1053,9 +1282,8 @@ impl Handler<AddBuilds> for StepActor {
             }
             // Requeued only when its place in the queue changes.
             if matches!(self.machine.phase(), Phase::Runnable) && self.priority() != before.1 {
-                // requeue with the new priority
+                // Requeued with the new priority (it stays Runnable: no gauge changes).
                 self.queue.push_back(Effect::MakeRunnable);
-                Stats::dec(&self.env.stats.steps_runnable);
                 self.drain(ctx);
             }
         }
@@ -1068,18 +1296,24 @@ impl Handler<AdoptRow> for StepActor {
         self.cell.handled();
         let row = (msg.build, msg.stepnr);
         match self.machine.phase().clone() {
+            // The step is finished: a row it cannot close is logged and counted (its outcome
+            // reached the resolving step through the waiters already).
             Phase::Succeeded(outputs) => {
                 // Early cutoff within the running graph: the resolved drv is built already.
-                Stats::inc(&self.env.stats.early_cutoffs);
-                self.env.emit(SchedEvent::EarlyCutoff {
-                    drv: self.drv_path.to_string(),
+                let f = self.early_cutoff(row, outputs);
+                let drv = self.drv_path.to_string();
+                self.io_detached(ctx, async move {
+                    f.await
+                        .map_err(|e| WriteFailure::new("finish a cached step", &drv, Some(row), &e))
                 });
-                let f = finish_cached(self.env.clone(), self.drv_path.to_string(), row, outputs);
-                self.io(ctx, f);
             }
             Phase::Failed(f) => {
                 let fin = self.finish_row(row, f.status, Some(f.message), Outputs::new(), Some(0));
-                self.io(ctx, fin);
+                let drv = self.drv_path.to_string();
+                self.io_detached(ctx, async move {
+                    fin.await
+                        .map_err(|e| WriteFailure::new("close an adopted row", &drv, Some(row), &e))
+                });
             }
             _ => self.pending_rows.push(row),
         }
@@ -1123,7 +1357,6 @@ impl Handler<NoMachine> for StepActor {
     type Result = ();
     fn handle(&mut self, msg: NoMachine, ctx: &mut Context<Self>) {
         self.cell.handled();
-        Stats::dec(&self.env.stats.steps_runnable);
         self.feed(Event::NoMachine(msg.0), ctx);
     }
 }

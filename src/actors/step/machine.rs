@@ -57,6 +57,38 @@ pub enum Phase {
     Failed(Failure),
 }
 
+/// The gauge of [`Stats`](crate::actors::env::Stats) a phase is counted in. Gauges are derived
+/// from phase transitions only: leaving a phase decrements its gauge, entering one increments it
+/// (the adapter does it in one place, for every event, and when the actor stops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gauge {
+    /// `steps_runnable`: waiting in the dispatcher's queue.
+    Runnable,
+    /// `steps_running`: on a machine.
+    Running,
+}
+
+impl Phase {
+    /// The gauge this phase counts in, if any.
+    pub fn gauge(&self) -> Option<Gauge> {
+        match self {
+            Phase::Runnable => Some(Gauge::Runnable),
+            Phase::Building { .. } => Some(Gauge::Running),
+            _ => None,
+        }
+    }
+}
+
+/// The gauge changes of a transition from `before` to `after`: (the gauge left, the gauge
+/// entered); both `None` when the transition changes no gauge.
+pub fn gauge_change(before: Option<Gauge>, after: Option<Gauge>) -> (Option<Gauge>, Option<Gauge>) {
+    if before == after {
+        (None, None)
+    } else {
+        (before, after)
+    }
+}
+
 /// What the adapter learned by resolving.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resolution {
@@ -130,6 +162,10 @@ pub enum Event {
     NoMachine(String),
     BuildDone(BuildOutcome),
     RetryDue,
+    /// A database write of the step's (its start, a finished attempt, its success, its failure,
+    /// its resolution) failed for good. The adapter drops the effects it had queued behind that
+    /// write; the effects this event returns replace them.
+    WriteFailed(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -356,6 +392,21 @@ impl StepMachine {
                 }
                 _ => vec![],
             },
+            Event::WriteFailed(message) => self.write_failed(message),
+        }
+    }
+
+    /// A write failed for good. Unfinished or succeeded, the step fails as Aborted with the
+    /// write's error (its waiters learn it instead of a success the database does not hold).
+    /// Already failed, the write was recording that failure: the notification queued behind it
+    /// was dropped, so it is sent again (nothing more is recorded: no loop of failing writes).
+    fn write_failed(&mut self, message: String) -> Vec<Effect> {
+        match &self.phase {
+            Phase::Failed(f) => vec![Effect::NotifyFailed {
+                to: self.waiters.to_vec(),
+                failure: f.clone(),
+            }],
+            _ => self.fail(Failure::new(Status::Aborted, message), true),
         }
     }
 

@@ -489,3 +489,115 @@ fn inputs_given_in_any_order_are_kept_sorted_and_merged() {
         vec![Effect::MakeRunnable]
     );
 }
+
+/// Feeds `ev`, applying the gauge change of the transition to `(runnable, running)` as the
+/// adapter does (in one place, from the phases before and after).
+fn feed_counting(s: &mut StepMachine, ev: Event, gauges: &mut (i64, i64)) -> Vec<Effect> {
+    let before = s.phase().gauge();
+    let fx = s.on(ev);
+    let (left, entered) = gauge_change(before, s.phase().gauge());
+    for (g, d) in [(left, -1), (entered, 1)] {
+        match g {
+            Some(Gauge::Runnable) => gauges.0 += d,
+            Some(Gauge::Running) => gauges.1 += d,
+            None => {}
+        }
+    }
+    assert!(
+        gauges.0 >= 0 && gauges.1 >= 0,
+        "a gauge below 0: {gauges:?}"
+    );
+    fx
+}
+
+#[test]
+fn gauges_follow_the_phase_through_retries_and_abandonment() {
+    let mut g = (0, 0);
+    let mut s = StepMachine::new(
+        B,
+        false,
+        BTreeMap::new(),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    );
+    feed_counting(&mut s, Event::WaiterAdded(Waiter::Build(1)), &mut g);
+    feed_counting(&mut s, Event::Start, &mut g);
+    assert_eq!(g, (1, 0), "runnable");
+    feed_counting(
+        &mut s,
+        Event::Dispatched {
+            machine: "m".into(),
+        },
+        &mut g,
+    );
+    assert_eq!(g, (0, 1), "running");
+    let transient = BuildOutcome::Failed {
+        status: Status::Aborted,
+        message: "machine lost".into(),
+        transient: true,
+    };
+    feed_counting(&mut s, Event::BuildDone(transient), &mut g);
+    assert_eq!(g, (0, 0), "a transient failure leaves the running gauge");
+    feed_counting(&mut s, Event::RetryDue, &mut g);
+    assert_eq!(g, (1, 0), "runnable again");
+    // Abandoned while runnable: it leaves the runnable gauge.
+    feed_counting(&mut s, Event::WaiterRemoved(Waiter::Build(1)), &mut g);
+    assert_eq!(g, (0, 0));
+    assert!(s.is_finished());
+}
+
+#[test]
+fn a_failed_write_fails_the_step_as_aborted_once() {
+    let mut s = step(false, &[]);
+    s.on(Event::Start);
+    s.on(Event::Dispatched {
+        machine: "m".into(),
+    });
+    let fx = s.on(Event::BuildDone(BuildOutcome::Built(outs(&[(
+        "out", "/s/x-b",
+    )]))));
+    assert!(matches!(fx[0], Effect::RecordSuccess { built: true, .. }));
+    // Recording the success failed for good: the step fails instead, and its waiters hear that.
+    let fx = s.on(Event::WriteFailed(
+        "cannot record the step's success".into(),
+    ));
+    let failure = Failure::new(Status::Aborted, "cannot record the step's success");
+    assert_eq!(
+        fx,
+        vec![
+            Effect::RecordFailure(failure.clone()),
+            Effect::NotifyFailed {
+                to: vec![Waiter::Build(1)],
+                failure: failure.clone(),
+            }
+        ]
+    );
+    // Recording the failure failed too: the (dropped) notification is sent again, nothing is
+    // recorded again.
+    let fx = s.on(Event::WriteFailed("again".into()));
+    assert_eq!(
+        fx,
+        vec![Effect::NotifyFailed {
+            to: vec![Waiter::Build(1)],
+            failure,
+        }]
+    );
+    assert_eq!(
+        s.phase(),
+        &Phase::Failed(Failure::new(
+            Status::Aborted,
+            "cannot record the step's success"
+        ))
+    );
+}
+
+#[test]
+fn a_failed_resolution_write_is_no_failure_of_the_drv() {
+    let mut s = step(true, &[]);
+    assert!(matches!(&s.on(Event::Start)[..], [Effect::Resolve { .. }]));
+    let fx = s.on(Event::WriteFailed("cannot record the resolution".into()));
+    assert!(matches!(
+        &fx[..],
+        [Effect::RecordFailure(f), Effect::NotifyFailed { .. }] if f.status == Status::Aborted
+    ));
+}

@@ -59,8 +59,10 @@ pub enum FaultPoint {
 /// crash would, without cleaning up); it may also abort the process.
 pub type FaultHook = Arc<dyn Fn(FaultPoint) -> Result<(), String> + Send + Sync>;
 
-/// The environment variable that installs a fault at open time (for crash tests of the binary):
-/// `abort-before-register` aborts the process at [`FaultPoint::BeforeRegister`].
+/// The environment variable that installs a fault at open time (for crash tests of the binary;
+/// feature `test-hooks` only): `abort-before-register` aborts the process at
+/// [`FaultPoint::BeforeRegister`].
+#[cfg(feature = "test-hooks")]
 pub const FAULT_ENV: &str = "QR_STORE_FAULT";
 
 /// A path whose contents are ready (under a temporary name in the root, or already at their final
@@ -240,6 +242,7 @@ impl LocalStore {
             .await?
         };
         let db = MetaDb::open(&meta_dir.join("store.sqlite")).await?;
+        #[cfg(feature = "test-hooks")]
         let fault: Option<FaultHook> = match std::env::var(FAULT_ENV).as_deref() {
             Ok("abort-before-register") => Some(Arc::new(|p| {
                 if p == FaultPoint::BeforeRegister {
@@ -250,6 +253,8 @@ impl LocalStore {
             })),
             _ => None,
         };
+        #[cfg(not(feature = "test-hooks"))]
+        let fault: Option<FaultHook> = None;
         let store = LocalStore {
             store_dir,
             root,
@@ -309,7 +314,8 @@ impl LocalStore {
         self.db.set_synchronous(on);
     }
 
-    /// Installs (or removes) a fault-injection hook.
+    /// Installs (or removes) a fault-injection hook (unit tests, and the feature `test-hooks`).
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn set_fault_hook(&self, hook: Option<FaultHook>) {
         *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }
