@@ -119,6 +119,27 @@ fn dashboard_shows_a_resolved_step_and_live_events() {
     let quick = g2.add(Kind::Ca, "dash-quick", "echo q > $out", &[], &[]);
     let quick_file = c.qr.write_json("dash-quick.json", &g2.doc());
     let quick_build = c.submit(&[&quick_file], 60);
+    // More small builds while the page is still open, so events reach it even when a loaded
+    // machine starts Chromium late (each is a drv of its own; nothing waits for them).
+    let mut page = page;
+    for i in 0..20 {
+        if page.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let mut gi = Gen::new();
+        gi.system = qr::config::this_system();
+        gi.add(
+            Kind::Ca,
+            &format!("dash-more-{i}"),
+            "echo m > $out",
+            &[],
+            &[],
+        );
+        let f = c.qr.write_json(&format!("dash-more-{i}.json"), &gi.doc());
+        let out = c.qr.run(&["submit", f.to_str().expect("utf-8 path")], &[]);
+        assert!(out.status.success(), "{out:?}");
+    }
     let dom = output(page);
     // The tree: a step that resolved (awaiting its child) with the resolved child under it.
     assert!(
