@@ -399,6 +399,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     if tty {
         eprint!("\r\x1b[2K");
     }
+    publish_once(&ctx, store.clone()).await?;
     let reports = report(&db, &ids).await?;
     if args.json {
         for r in &reports {
@@ -416,4 +417,22 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// With `[cache] upload`: one publisher pass, so what this run realised is in the `file://` cache
+/// when it exits.
+async fn publish_once(ctx: &Context, store: Arc<crate::store::LocalStore>) -> anyhow::Result<()> {
+    let log_dirs = vec![
+        crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir).log_dir,
+    ];
+    let cache = crate::cache::setup::cache_from_config(&ctx.config.cache, store, log_dirs)?;
+    if let Some(mut p) = crate::cache::setup::publisher(&ctx.config.cache, &cache)? {
+        let done = p
+            .pass()
+            .await
+            .with_context(|| format!("publishing to {}", p.dir().display()))?;
+        tracing::info!(realisations = done.realisations, paths = done.paths, logs = done.logs,
+            dir = %p.dir().display(), "published to the binary cache");
+    }
+    Ok(())
 }

@@ -163,8 +163,13 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     )));
     crate::actors::history::spawn_sampler(env.clone(), history.clone());
     let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
-        .with_log_dirs(log_dirs)
+        .with_log_dirs(log_dirs.clone())
         .with_history(history);
+    let cache = crate::cache::setup::cache_from_config(&ctx.config.cache, store.clone(), log_dirs)?;
+    if let Some(p) = crate::cache::setup::publisher(&ctx.config.cache, &cache)? {
+        p.spawn(crate::cache::setup::upload_interval(&ctx.config.cache));
+    }
+    let http_cache = cache.filter(|_| ctx.config.cache.enabled);
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)
@@ -173,7 +178,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("qr serve: dashboard on http://{}", l.local_addr()?);
         let admin = admin.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::web::serve(l, admin).await {
+            if let Err(e) = crate::web::serve(l, admin, http_cache).await {
                 tracing::error!(error = %e, "the HTTP server stopped");
             }
         });
