@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use super::compression::Compression;
 use super::key::SecretKey;
 use crate::store::api::PathInfo;
-use crate::store::hash::{Sha256Hash, render_nix32};
+use crate::store::hash::Sha256Hash;
+use crate::store::nix32;
 
 /// Where a path's (possibly compressed) NAR file is and what it hashes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +23,7 @@ impl NarFile {
     pub fn url_for(file_hash: &Sha256Hash, compression: Compression) -> String {
         format!(
             "nar/{}.nar{}",
-            render_nix32(file_hash),
+            nix32::encode(file_hash),
             compression.suffix()
         )
     }
@@ -38,7 +39,7 @@ pub fn fingerprint(info: &PathInfo) -> String {
     format!(
         "1;{};sha256:{};{};{}",
         info.path,
-        render_nix32(&info.nar_hash),
+        nix32::encode(&info.nar_hash),
         info.nar_size,
         refs.join(",")
     )
@@ -52,9 +53,9 @@ pub fn render(info: &PathInfo, file: &NarFile, key: Option<&SecretKey>) -> Strin
     let _ = writeln!(o, "StorePath: {}", info.path);
     let _ = writeln!(o, "URL: {}", file.url);
     let _ = writeln!(o, "Compression: {}", file.compression.name());
-    let _ = writeln!(o, "FileHash: sha256:{}", render_nix32(&file.file_hash));
+    let _ = writeln!(o, "FileHash: sha256:{}", nix32::encode(&file.file_hash));
     let _ = writeln!(o, "FileSize: {}", file.file_size);
-    let _ = writeln!(o, "NarHash: sha256:{}", render_nix32(&info.nar_hash));
+    let _ = writeln!(o, "NarHash: sha256:{}", nix32::encode(&info.nar_hash));
     let _ = writeln!(o, "NarSize: {}", info.nar_size);
     let _ = writeln!(o, "References: {}", refs.join(" "));
     if let Some(d) = &info.deriver {
@@ -100,7 +101,7 @@ mod tests {
     #[test]
     fn fingerprint_is_nix_s() {
         let i = info();
-        let h = render_nix32(&i.nar_hash);
+        let h = nix32::encode(&i.nar_hash);
         assert_eq!(
             fingerprint(&i),
             format!(
@@ -122,8 +123,8 @@ mod tests {
             file_size: 321,
         };
         let text = render(&i, &file, Some(&key));
-        let h = render_nix32(&i.nar_hash);
-        let f = render_nix32(&[9; 32]);
+        let h = nix32::encode(&i.nar_hash);
+        let f = nix32::encode(&[9; 32]);
         let want_head = format!(
             "StorePath: /nix/store/i5ypy73hffqhy85x5yn0k88yjym4brb5-chain-c\n\
              URL: nar/{f}.nar.zst\n\
@@ -137,6 +138,17 @@ mod tests {
              CA: fixed:r:sha256:12kxm7jk55gyavf197bqmp40rg6ma91m5iq41afak9vjmcdgbhqb\n"
         );
         assert!(text.starts_with(&want_head), "{text}");
+        // the hashes are bare nix32 after `sha256:` (52 characters), and read back
+        let nar_hash = text
+            .lines()
+            .find_map(|l| l.strip_prefix("NarHash: sha256:"))
+            .unwrap();
+        assert_eq!(nar_hash.len(), 52, "{nar_hash}");
+        assert_eq!(nix32::decode(nar_hash, 32).unwrap(), i.nar_hash.to_vec());
+        assert_eq!(
+            parse_sha256(&format!("sha256:{nar_hash}")).unwrap(),
+            i.nar_hash
+        );
         let sig = text
             .lines()
             .find_map(|l| l.strip_prefix("Sig: "))

@@ -20,7 +20,7 @@ use super::narinfo::{self, NarFile};
 use super::realisation::{BuildTraceEntry, LegacyRealisation};
 use crate::store::api::PathInfo;
 use crate::store::derivation::Derivation;
-use crate::store::hash::{Sha256Hash, render_nix32};
+use crate::store::hash::Sha256Hash;
 use crate::store::hash_modulo::DrvHashes;
 use crate::store::realisation::{DrvOutput, LegacyDrvOutput};
 use crate::store::{LocalStore, Store, nix32};
@@ -154,7 +154,7 @@ impl Cache {
             });
         }
         let dir = self.settings.nar_dir.clone();
-        let record = dir.join(format!("{}.{}", render_nix32(&info.nar_hash), c.name()));
+        let record = dir.join(format!("{}.{}", nix32::encode(&info.nar_hash), c.name()));
         if let Some(f) = read_record(&record, &dir, c) {
             return Ok(f);
         }
@@ -172,7 +172,7 @@ impl Cache {
             let started = std::time::Instant::now();
             let f = blocking(move || {
                 let f = write_nar_file(&*store, &path, c, &dir)?;
-                let text = format!("{} {}\n", render_nix32(&f.file_hash), f.file_size);
+                let text = format!("{} {}\n", nix32::encode(&f.file_hash), f.file_size);
                 let name = record.file_name().map(|n| n.to_string_lossy().into_owned());
                 write_atomic(&dir, &name.unwrap_or_default(), text.as_bytes())?;
                 Ok(f)

@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod fuzz;
 pub mod instantiate;
+pub mod nix;
 pub mod qr;
 pub mod sources;
 

@@ -1,0 +1,313 @@
+//! `qr serve` builds the fixture graphs (CA, deferred, IA, fixed-output, multi-output; store dir
+//! `/nix/store`) and serves them as a signed binary cache; real Nix 2.8 (nix-bin, offline), in
+//! fresh stores holding only the instantiated `.drv` files, substitutes every output with
+//! `--max-jobs 0` (nothing may be built locally) to exactly the fixtures' paths — from
+//! `http://127.0.0.1:PORT` and from the `file://` directory the publisher filled. With another
+//! trusted key Nix refuses the input-addressed paths; `nix copy --from` and `nix log` work.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::nix::{NixStore, available, generate_key};
+use common::qr::Backend;
+use serde_json::Value;
+
+/// A graph of our own whose builds print to their logs: an IA drv, and a CA drv on it (resolved).
+const LOGS_NIX: &str = r#"with import ./lib.nix;
+rec {
+  ia_log = ia "cache-log-ia" "echo qr-cache-log-ia-line; echo ia > $out" {};
+  ca_log = ca "cache-log-ca" "echo qr-cache-log-ca-line; echo ${ia_log} > $out" {};
+}
+"#;
+
+/// The expressions: every fixture's `nix_expr` and [`LOGS_NIX`], beside the fixtures' lib.nix.
+fn write_exprs(dir: &Path, fixtures: &[(String, Value)]) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nix/lib.nix");
+    std::fs::copy(lib, dir.join("lib.nix")).unwrap();
+    let mut files = Vec::new();
+    for (name, fx) in fixtures {
+        let f = dir.join(format!("{name}.nix"));
+        std::fs::write(&f, common::s(fx, "/nix_expr")).unwrap();
+        files.push(f);
+    }
+    let f = dir.join("logs.nix");
+    std::fs::write(&f, LOGS_NIX).unwrap();
+    files.push(f);
+    files
+}
+
+/// Every fixture drv's outputs as Nix realised them: drv path → output paths.
+fn fixture_outputs(fixtures: &[(String, Value)]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut m = BTreeMap::new();
+    for (_, fx) in fixtures {
+        for (drv, v) in common::derivations(fx) {
+            let outs = v["realisations"]
+                .as_object()
+                .expect("realisations")
+                .values()
+                .map(|r| common::s(r, "/out_path").to_string())
+                .collect();
+            m.insert(drv.to_string(), outs);
+        }
+    }
+    m
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Realises `drvs` from `substituter` in `nix` with nothing built locally; the printed paths.
+fn realise(nix: &NixStore, drvs: &[String], substituter: &str, pk: &str) -> std::process::Output {
+    let mut args = vec![
+        "--realise",
+        "--max-jobs",
+        "0",
+        "--option",
+        "substituters",
+        substituter,
+        "--option",
+        "trusted-public-keys",
+        pk,
+    ];
+    args.extend(drvs.iter().map(String::as_str));
+    nix.run("nix-store", &args)
+}
+
+/// A fresh Nix store with only the instantiated drvs substitutes every output from `substituter`.
+fn check_substitution(
+    label: &str,
+    exprs: &[PathBuf],
+    substituter: &str,
+    pk: &str,
+    want: &BTreeMap<String, BTreeSet<String>>,
+) -> NixStore {
+    let nix = NixStore::new();
+    let mut drvs = Vec::new();
+    for f in exprs {
+        drvs.extend(nix.instantiate(f));
+    }
+    // Only the drvs (and the one `builtins.toFile` source) are in the store.
+    let out = realise(&nix, &drvs, substituter, pk);
+    assert!(
+        out.status.success(),
+        "{label}: nix-store --realise\n{}",
+        text(&out)
+    );
+    let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mut expected = BTreeSet::new();
+    for d in &drvs {
+        if let Some(outs) = want.get(d) {
+            expected.extend(outs.iter().cloned());
+        }
+    }
+    let all: BTreeSet<String> = want.values().flatten().cloned().collect();
+    assert_eq!(expected, all, "{label}: every fixture drv was instantiated");
+    let missing: Vec<&String> = expected.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "{label}: not realised to Nix's paths: {missing:?}\n{}",
+        text(&out)
+    );
+    for p in &expected {
+        assert!(
+            nix.is_valid(p),
+            "{label}: {p} is not valid in the Nix store"
+        );
+    }
+    nix
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn nix_substitutes_every_fixture_output_from_qr_s_cache_over_http_and_file() {
+    if !available() {
+        return;
+    }
+    let fixtures = common::load_fixtures();
+    let want = fixture_outputs(&fixtures);
+    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+        return;
+    };
+    let work = c.qr.state_dir().join("work");
+    let exprs = write_exprs(&work.join("exprs"), &fixtures);
+    let keys = NixStore::new();
+    let (sk, pk) = generate_key(&keys, &work, "qr-cache-test-1");
+    let (_, other_pk) = generate_key(&keys, &work, "qr-cache-other-1");
+    let upload = work.join("upload");
+
+    // Instantiate in a scratch Nix store and import the drvs into the runner's store.
+    let scratch = NixStore::new();
+    let mut drvs = Vec::new();
+    for f in &exprs {
+        drvs.extend(scratch.instantiate(f));
+    }
+    let mut args = vec![
+        "import".to_string(),
+        "--from".into(),
+        scratch.physical_store().display().to_string(),
+    ];
+    args.extend(drvs.iter().cloned());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.qr.run(&argv, &[]);
+    assert!(out.status.success(), "qr import: {}", text(&out));
+
+    c.serve_env = vec![
+        ("QR_LOCAL_BUILDER_ENABLED".into(), "true".into()),
+        ("QR_LOCAL_BUILDER_MAX_JOBS".into(), "2".into()),
+        ("QR_CACHE_SECRET_KEY_FILE".into(), sk.display().to_string()),
+        (
+            "QR_CACHE_UPLOAD".into(),
+            format!("file://{}", upload.display()),
+        ),
+        ("QR_CACHE_UPLOAD_INTERVAL_S".into(), "0.2".into()),
+    ];
+    c.start_serve();
+    let targets: Vec<&Path> = drvs.iter().map(Path::new).collect();
+    let (out, builds) = c.finish(c.submit(&targets, 300));
+    assert!(
+        out.status.success(),
+        "qr submit: {}\n{}",
+        text(&out),
+        c.serve_logs()
+    );
+    assert_eq!(builds.len(), drvs.len(), "{}", text(&out));
+    for b in &builds {
+        assert_eq!(b["status"], 0, "build failed: {b}\n{}", c.serve_logs());
+    }
+    let http = format!("http://127.0.0.1:{}", c.http_port);
+
+    // Over HTTP.
+    let nix = check_substitution("http", &exprs, &http, &pk, &want);
+    // The input-addressed paths carry our signature.
+    let ia_leaf = "/nix/store/9g88l3kmpnlsx5wamsbfm5h9s30i7ba3-mx-ia-leaf";
+    let sigs = nix.run("nix", &["path-info", "--sigs", ia_leaf]);
+    assert!(
+        String::from_utf8_lossy(&sigs.stdout).contains("qr-cache-test-1:"),
+        "{}",
+        text(&sigs)
+    );
+
+    // `nix log` of a CA drv that was resolved (its log is the resolved drv's) and of an IA drv.
+    let logs_drvs = nix.instantiate(exprs.last().unwrap());
+    let logs_drv = |suffix: &str| -> String {
+        logs_drvs
+            .iter()
+            .find(|d| d.ends_with(suffix))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {suffix} in {logs_drvs:?}"))
+    };
+    for (drv, line) in [
+        (logs_drv("-cache-log-ia.drv"), "qr-cache-log-ia-line"),
+        (logs_drv("-cache-log-ca.drv"), "qr-cache-log-ca-line"),
+    ] {
+        let out = nix.run(
+            "nix",
+            &["log", "--option", "substituters", &http, drv.as_str()],
+        );
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(line),
+            "nix log {drv}: {}",
+            text(&out)
+        );
+    }
+
+    // `nix copy --from` into another fresh store.
+    let copy = NixStore::new();
+    let chain_c = "/nix/store/i5ypy73hffqhy85x5yn0k88yjym4brb5-chain-c";
+    let out = copy.run(
+        "nix",
+        &[
+            "copy",
+            "--from",
+            &http,
+            "--option",
+            "trusted-public-keys",
+            &pk,
+            chain_c,
+            ia_leaf,
+        ],
+    );
+    assert!(out.status.success(), "nix copy --from: {}", text(&out));
+    for p in [
+        chain_c,
+        "/nix/store/0zayk9fff6r40rskq10v79cpw508v2w2-chain-b",
+        "/nix/store/nscyc94rf5cvmf5i5xpbbgd4wscv2z9d-chain-a",
+        ia_leaf,
+    ] {
+        assert!(copy.is_valid(p), "nix copy: {p} not valid");
+    }
+
+    // With another trusted key Nix refuses the input-addressed paths (and has nothing to build
+    // them with).
+    let refuse = NixStore::new();
+    let mixed =
+        refuse.instantiate(&exprs[fixtures.iter().position(|(n, _)| n == "mixed").unwrap()]);
+    let ia_leaf_drv: Vec<String> = mixed
+        .iter()
+        .filter(|d| d.ends_with("-mx-ia-leaf.drv") || d.ends_with("-mx-ia-on-ia.drv"))
+        .cloned()
+        .collect();
+    assert_eq!(ia_leaf_drv.len(), 2, "{mixed:?}");
+    let out = realise(&refuse, &ia_leaf_drv, &http, &other_pk);
+    assert!(
+        !out.status.success(),
+        "substituted with an untrusted key: {}",
+        text(&out)
+    );
+    assert!(
+        !refuse.is_valid(ia_leaf),
+        "an unsigned IA path became valid"
+    );
+
+    // The same from the file:// cache the publisher filled (it publishes as outputs are
+    // realised; wait until the last of them is there).
+    let expected_narinfos: BTreeSet<String> = want
+        .values()
+        .flatten()
+        .map(|p| {
+            let base = p.rsplit('/').next().unwrap();
+            format!("{}.narinfo", &base[..32])
+        })
+        .collect();
+    wait_for("the file:// cache", Duration::from_secs(60), || {
+        expected_narinfos.iter().all(|n| upload.join(n).exists())
+    });
+    assert!(upload.join("nix-cache-info").exists());
+    let file_url = format!("file://{}", upload.display());
+    let nix = check_substitution("file", &exprs, &file_url, &pk, &want);
+    let drv = &logs_drv("-cache-log-ca.drv");
+    let out = nix.run(
+        "nix",
+        &["log", "--option", "substituters", &file_url, drv.as_str()],
+    );
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("qr-cache-log-ca-line"),
+        "nix log from file://: {}",
+        text(&out)
+    );
+}
