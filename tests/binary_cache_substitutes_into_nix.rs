@@ -199,6 +199,7 @@ fn nix_substitutes_every_fixture_output_from_qr_s_cache_over_http_and_file() {
         assert_eq!(b["status"], 0, "build failed: {b}\n{}", c.serve_logs());
     }
     let http = format!("http://127.0.0.1:{}", c.http_port);
+    check_documents(&c, &fixtures, &pk);
 
     // Over HTTP.
     let nix = check_substitution("http", &exprs, &http, &pk, &want);
@@ -310,4 +311,138 @@ fn nix_substitutes_every_fixture_output_from_qr_s_cache_over_http_and_file() {
         "nix log from file://: {}",
         text(&out)
     );
+}
+
+fn base(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+/// Every fixture realisation (of the drv as queued and of the resolved drv) is served with Nix's
+/// own id, output and dependentRealisations, signed; the build trace of Nix ≥ 2.35 too; HEAD
+/// answers without a body; what is not there is a 404.
+fn check_documents(c: &Cluster, fixtures: &[(String, Value)], pk: &str) {
+    let pk = qr::cache::PublicKey::parse(pk).expect("the generated public key parses");
+    let mut checked = 0;
+    for (name, fx) in fixtures {
+        for (drv, v) in common::derivations(fx) {
+            let mut docs = vec![(drv.to_string(), &v["realisations"])];
+            if v["resolved"].is_object() {
+                docs.push((
+                    common::s(v, "/resolved/drv_path").to_string(),
+                    &v["resolved"]["realisations"],
+                ));
+            }
+            for (d, rs) in docs {
+                for (o, r) in rs.as_object().expect("realisations") {
+                    let id = common::s(r, "/id");
+                    let (code, _, body) = c.http_get(&format!("/realisations/{id}.doi"));
+                    assert_eq!(code, 200, "{name}: realisation {id} of {d}: {body}");
+                    let doc: Value = serde_json::from_str(&body).expect("realisation JSON");
+                    assert_eq!(doc["id"], id, "{name} {d}");
+                    assert_eq!(
+                        doc["outPath"],
+                        base(common::s(r, "/out_path")),
+                        "{name} {d}"
+                    );
+                    let want: BTreeMap<String, String> = r["dependent_realisations"]
+                        .as_object()
+                        .expect("dependent_realisations")
+                        .iter()
+                        .map(|(k, p)| (k.clone(), base(p.as_str().unwrap()).to_string()))
+                        .collect();
+                    let got: BTreeMap<String, String> = doc["dependentRealisations"]
+                        .as_object()
+                        .expect("dependentRealisations")
+                        .iter()
+                        .map(|(k, p)| (k.clone(), p.as_str().unwrap_or_default().to_string()))
+                        .collect();
+                    assert_eq!(got, want, "{name}: dependentRealisations of {d}^{o}");
+                    // Signed over the document without its signatures.
+                    let mut unsigned = doc.clone();
+                    let sig = doc["signatures"][0]
+                        .as_str()
+                        .expect("a signature")
+                        .to_string();
+                    unsigned.as_object_mut().unwrap().remove("signatures");
+                    let fp = serde_json::to_string(&common::instantiate::sorted(unsigned)).unwrap();
+                    assert!(pk.verify(&fp, &sig), "{name}: signature of {id}");
+                    // The build trace of newer Nix, keyed by the drv path.
+                    let (code, _, body) =
+                        c.http_get(&format!("/build-trace-v2/{}/{o}.doi", base(&d)));
+                    assert_eq!(code, 200, "{name}: build trace of {d}^{o}: {body}");
+                    let t: Value = serde_json::from_str(&body).expect("build trace JSON");
+                    assert_eq!(t["outPath"], base(common::s(r, "/out_path")));
+                    assert_eq!(t["signatures"][0]["keyName"], "qr-cache-test-1");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    eprintln!("checked {checked} realisations");
+    assert!(checked >= 40, "only {checked} realisations checked");
+
+    let (code, ctype, body) = c.http_get("/nix-cache-info");
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("text/x-nix-cache-info"), "{ctype}");
+    assert!(body.contains("StoreDir: /nix/store\n"), "{body}");
+    // HEAD of a narinfo and of its NAR: headers, no body.
+    let narinfo = c.http_get("/nscyc94rf5cvmf5i5xpbbgd4wscv2z9d.narinfo").2;
+    let url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL");
+    for path in [
+        "/nscyc94rf5cvmf5i5xpbbgd4wscv2z9d.narinfo".to_string(),
+        format!("/{url}"),
+    ] {
+        let (code, head, body) = http_raw(c.http_port, "HEAD", &path);
+        assert_eq!(code, 200, "HEAD {path}: {head}");
+        assert!(body.is_empty(), "HEAD {path} has a body");
+    }
+    // Not there: 404 (Nix relies on it).
+    for path in [
+        "/00000000000000000000000000000000.narinfo",
+        "/nscyc94rf5cvmf5i5xpbbgd4wscv2z9d.nar",
+        "/not-a-hash.narinfo",
+        "/nar/0000000000000000000000000000000000000000000000000000.nar.zst",
+        "/nar/0000000000000000000000000000000000000000000000000000.nar",
+        "/nar/../../etc/passwd",
+        "/realisations/sha256:0000000000000000000000000000000000000000000000000000000000000000!out.doi",
+        "/realisations/garbage.doi",
+        "/build-trace-v2/00000000000000000000000000000000-x.drv/out.doi",
+        "/build-trace-v2/..%2F..%2Fetc/out.doi",
+        "/log/00000000000000000000000000000000-x.drv",
+        "/log/..%2Fqr.db",
+    ] {
+        let (code, _, _) = c.http_get(path);
+        assert_eq!(code, 404, "GET {path}");
+        let (code, _, _) = http_raw(c.http_port, "HEAD", path);
+        assert_eq!(code, 404, "HEAD {path}");
+    }
+}
+
+/// `METHOD path` on `port`: (status, head, body).
+fn http_raw(port: u16, method: &str, path: &str) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let body = raw.get(split + 4..).unwrap_or_default().to_vec();
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head, body)
 }

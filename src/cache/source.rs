@@ -275,7 +275,7 @@ impl Cache {
         if ids.hashes.len() > MAX_MEMO {
             ids.hashes = DrvHashes::new(self.store.store_dir().clone());
         }
-        let drvs = load_unhashed_closure(&*self.store, &ids.hashes, &key.drv_path).await?;
+        let drvs = load_unhashed_closure(&self.store, &ids.hashes, &key.drv_path).await?;
         let err = |message: String| CacheError::HashModulo {
             drv: key.drv_path.clone(),
             message,

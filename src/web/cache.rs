@@ -196,3 +196,58 @@ impl Write for ChannelWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    /// A client that reads a little of a NAR and goes away stops the producing thread at its
+    /// next chunk, having produced only what the bounded channel holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_going_away_stops_the_producer() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let body = stream_blocking("test".into(), move |w| {
+            let chunk = vec![7u8; 64 * 1024];
+            let mut written: u64 = 0;
+            let r = loop {
+                if let Err(e) = w.write_all(&chunk) {
+                    break Err(e);
+                }
+                written += chunk.len() as u64;
+                if written > 1 << 40 {
+                    break Ok(());
+                }
+            };
+            let kind = r.as_ref().err().map(io::Error::kind);
+            done_tx.send((written, kind)).unwrap();
+            r
+        });
+        let mut data = body.into_data_stream();
+        let first = data.next().await.expect("a chunk").expect("data");
+        assert_eq!(first.len(), CHUNK);
+        drop(data);
+        let (written, kind) = tokio::task::spawn_blocking(move || {
+            done_rx.recv_timeout(std::time::Duration::from_secs(10))
+        })
+        .await
+        .unwrap()
+        .expect("the producer stopped");
+        assert_eq!(kind, Some(io::ErrorKind::BrokenPipe));
+        assert!(
+            written <= ((CHANNEL + 2) * CHUNK) as u64,
+            "produced {written} bytes for a client that read one chunk"
+        );
+    }
+
+    /// A producer that fails ends the body with an error, not with a clean end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_producer_ends_the_body_with_an_error() {
+        let body = stream_blocking("test".into(), |w| {
+            w.write_all(&[1u8; 1000])?;
+            Err(io::Error::other("disk on fire"))
+        });
+        let items: Vec<_> = body.into_data_stream().collect().await;
+        assert!(items.iter().any(|i| i.is_err()), "{items:?}");
+    }
+}
