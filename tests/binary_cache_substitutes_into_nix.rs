@@ -8,139 +8,16 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use common::binary_cache::{
+    check_substitution, fixture_outputs, import_instantiated, realise, text, wait_for, write_exprs,
+};
 use common::cluster::Cluster;
 use common::nix::{NixStore, available, generate_key};
 use common::qr::Backend;
 use serde_json::Value;
-
-/// A graph of our own whose builds print to their logs: an IA drv, and a CA drv on it (resolved).
-const LOGS_NIX: &str = r#"with import ./lib.nix;
-rec {
-  ia_log = ia "cache-log-ia" "echo qr-cache-log-ia-line; echo ia > $out" {};
-  ca_log = ca "cache-log-ca" "echo qr-cache-log-ca-line; echo ${ia_log} > $out" {};
-}
-"#;
-
-/// The expressions: every fixture's `nix_expr` and [`LOGS_NIX`], beside the fixtures' lib.nix.
-fn write_exprs(dir: &Path, fixtures: &[(String, Value)]) -> Vec<PathBuf> {
-    std::fs::create_dir_all(dir).unwrap();
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nix/lib.nix");
-    std::fs::copy(lib, dir.join("lib.nix")).unwrap();
-    let mut files = Vec::new();
-    for (name, fx) in fixtures {
-        let f = dir.join(format!("{name}.nix"));
-        std::fs::write(&f, common::s(fx, "/nix_expr")).unwrap();
-        files.push(f);
-    }
-    let f = dir.join("logs.nix");
-    std::fs::write(&f, LOGS_NIX).unwrap();
-    files.push(f);
-    files
-}
-
-/// Every fixture drv's outputs as Nix realised them: drv path → output paths.
-fn fixture_outputs(fixtures: &[(String, Value)]) -> BTreeMap<String, BTreeSet<String>> {
-    let mut m = BTreeMap::new();
-    for (_, fx) in fixtures {
-        for (drv, v) in common::derivations(fx) {
-            let outs = v["realisations"]
-                .as_object()
-                .expect("realisations")
-                .values()
-                .map(|r| common::s(r, "/out_path").to_string())
-                .collect();
-            m.insert(drv.to_string(), outs);
-        }
-    }
-    m
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Realises `drvs` from `substituter` in `nix` with nothing built locally; the printed paths.
-fn realise(nix: &NixStore, drvs: &[String], substituter: &str, pk: &str) -> std::process::Output {
-    let mut args = vec![
-        "--realise",
-        "--max-jobs",
-        "0",
-        "--option",
-        "substituters",
-        substituter,
-        "--option",
-        "trusted-public-keys",
-        pk,
-    ];
-    args.extend(drvs.iter().map(String::as_str));
-    nix.run("nix-store", &args)
-}
-
-/// A fresh Nix store with only the instantiated drvs substitutes every output from `substituter`.
-fn check_substitution(
-    label: &str,
-    exprs: &[PathBuf],
-    substituter: &str,
-    pk: &str,
-    want: &BTreeMap<String, BTreeSet<String>>,
-) -> NixStore {
-    let nix = NixStore::new();
-    let mut drvs = Vec::new();
-    for f in exprs {
-        drvs.extend(nix.instantiate(f));
-    }
-    // Only the drvs (and the one `builtins.toFile` source) are in the store.
-    let out = realise(&nix, &drvs, substituter, pk);
-    assert!(
-        out.status.success(),
-        "{label}: nix-store --realise\n{}",
-        text(&out)
-    );
-    let got: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    let mut expected = BTreeSet::new();
-    for d in &drvs {
-        if let Some(outs) = want.get(d) {
-            expected.extend(outs.iter().cloned());
-        }
-    }
-    let all: BTreeSet<String> = want.values().flatten().cloned().collect();
-    assert_eq!(expected, all, "{label}: every fixture drv was instantiated");
-    let missing: Vec<&String> = expected.difference(&got).collect();
-    assert!(
-        missing.is_empty(),
-        "{label}: not realised to Nix's paths: {missing:?}\n{}",
-        text(&out)
-    );
-    for p in &expected {
-        assert!(
-            nix.is_valid(p),
-            "{label}: {p} is not valid in the Nix store"
-        );
-    }
-    nix
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out waiting for {what}");
-}
 
 #[test]
 fn nix_substitutes_every_fixture_output_from_qr_s_cache_over_http_and_file() {
@@ -160,20 +37,7 @@ fn nix_substitutes_every_fixture_output_from_qr_s_cache_over_http_and_file() {
     let upload = work.join("upload");
 
     // Instantiate in a scratch Nix store and import the drvs into the runner's store.
-    let scratch = NixStore::new();
-    let mut drvs = Vec::new();
-    for f in &exprs {
-        drvs.extend(scratch.instantiate(f));
-    }
-    let mut args = vec![
-        "import".to_string(),
-        "--from".into(),
-        scratch.physical_store().display().to_string(),
-    ];
-    args.extend(drvs.iter().cloned());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.qr.run(&argv, &[]);
-    assert!(out.status.success(), "qr import: {}", text(&out));
+    let drvs = import_instantiated(&c.qr, &exprs);
 
     c.serve_env = vec![
         ("QR_LOCAL_BUILDER_ENABLED".into(), "true".into()),
@@ -378,7 +242,6 @@ fn check_documents(c: &Cluster, fixtures: &[(String, Value)], pk: &str) {
             }
         }
     }
-    eprintln!("checked {checked} realisations");
     assert!(checked >= 40, "only {checked} realisations checked");
 
     let (code, ctype, body) = c.http_get("/nix-cache-info");

@@ -1,6 +1,7 @@
 //! Shared helpers for tests that read the Nix oracle fixtures.
 #![allow(dead_code)]
 
+pub mod binary_cache;
 pub mod cluster;
 pub mod fuzz;
 pub mod instantiate;
