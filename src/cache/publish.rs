@@ -10,6 +10,7 @@
 //! realisation and skips what DIR has, so outputs realised while the runner was down or before a
 //! crash are published at the next start.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,8 @@ pub struct Publisher {
     cache: Arc<Cache>,
     dir: PathBuf,
     cursor: i64,
+    /// Paths known to be in DIR (so a closure is not looked up path by path again).
+    published: HashSet<String>,
 }
 
 fn exists(p: &Path) -> bool {
@@ -63,6 +66,7 @@ impl Publisher {
             cache,
             dir,
             cursor: 0,
+            published: HashSet::new(),
         }
     }
 
@@ -103,23 +107,36 @@ impl Publisher {
 
     /// Publishes one realised output: its closure, its realisation files, its log.
     async fn publish(
-        &self,
+        &mut self,
         key: &DrvOutput,
         out: &str,
         done: &mut Published,
     ) -> Result<(), CacheError> {
-        for info in self.cache.closure_in_order(&[out]).await? {
-            let hash = self
-                .cache
-                .store()
-                .store_dir()
-                .parse(&info.path)
+        let sd = self.cache.store().store_dir().clone();
+        let narinfo_name = |p: &str| -> Result<String, CacheError> {
+            let hash = sd
+                .parse(p)
                 .map(|p| p.hash_part().to_string())
                 .map_err(crate::store::StoreError::from)?;
-            let name = format!("{hash}.narinfo");
-            if exists(&self.dir.join(&name)) {
-                continue;
-            }
+            Ok(format!("{hash}.narinfo"))
+        };
+        let (dir, published) = (&self.dir, &mut self.published);
+        let todo = self
+            .cache
+            .closure_in_order(&[out], |p| {
+                if published.contains(p) {
+                    return false;
+                }
+                // A narinfo in DIR means its path (and, as we write them, its closure) is there.
+                if narinfo_name(p).is_ok_and(|n| exists(&dir.join(n))) {
+                    published.insert(p.to_string());
+                    return false;
+                }
+                true
+            })
+            .await?;
+        for info in todo {
+            let name = narinfo_name(&info.path)?;
             let (store, path, nar_dir) = (
                 self.cache.store().clone(),
                 info.path.clone(),
@@ -133,6 +150,7 @@ impl Publisher {
             .map_err(|e| CacheError::Task(e.to_string()))??;
             let text = narinfo::render(&info, &file, self.cache.key());
             write_atomic(&self.dir, &name, text.as_bytes())?;
+            self.published.insert(info.path.clone());
             done.paths += 1;
             tracing::debug!(path = %info.path, dir = %self.dir.display(), "published a path");
         }

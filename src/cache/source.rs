@@ -53,6 +53,9 @@ pub enum NarSource {
     File { path: PathBuf, size: u64 },
 }
 
+/// An output path and its dependent realisations (id → output path).
+type KnownDeps = (String, BTreeMap<String, String>);
+
 #[derive(Debug)]
 struct Ids {
     hashes: DrvHashes,
@@ -67,6 +70,8 @@ pub struct Cache {
     ids: tokio::sync::Mutex<Ids>,
     /// One compression at a time per NAR hash.
     compressing: std::sync::Mutex<HashMap<Sha256Hash, Arc<tokio::sync::Mutex<()>>>>,
+    /// Dependent realisations computed so far: key → (output path, id → output path).
+    deps: std::sync::Mutex<HashMap<DrvOutput, Arc<KnownDeps>>>,
 }
 
 fn base(path: &str) -> &str {
@@ -98,6 +103,7 @@ impl Cache {
                 cursor: 0,
             }),
             compressing: Default::default(),
+            deps: Default::default(),
         }
     }
 
@@ -343,6 +349,10 @@ impl Cache {
                     if memo.contains_key(&k) {
                         continue;
                     }
+                    if let Some(known) = self.known_deps(&k, &out) {
+                        memo.insert(k, known);
+                        continue;
+                    }
                     let drv = self.store.read_derivation(&k.drv_path).await?;
                     let keys: Vec<DrvOutput> = drv
                         .input_drvs
@@ -371,11 +381,25 @@ impl Cache {
                         None => BTreeSet::new(),
                     };
                     closure.retain(|_, p| refs.contains(p.as_str()));
+                    self.remember_deps(&k, &out, &closure);
                     memo.insert(k, closure);
                 }
             }
         }
         Ok(memo.get(key).cloned().unwrap_or_default())
+    }
+
+    fn known_deps(&self, key: &DrvOutput, out: &str) -> Option<BTreeMap<String, String>> {
+        let m = self.deps.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(key).filter(|e| e.0 == out).map(|e| e.1.clone())
+    }
+
+    fn remember_deps(&self, key: &DrvOutput, out: &str, deps: &BTreeMap<String, String>) {
+        let mut m = self.deps.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_MEMO {
+            m.clear();
+        }
+        m.insert(key.clone(), Arc::new((out.to_string(), deps.clone())));
     }
 
     /// `realisations/<id>.doi`: the signed Nix ≤ 2.34 realisation for `id`.
@@ -485,11 +509,16 @@ impl Cache {
         Ok(resolved.drv_path(sd).ok().map(|p| sd.print(&p)))
     }
 
-    /// The valid paths of the closure of `paths`, each after everything it refers to.
-    pub async fn closure_in_order(&self, paths: &[&str]) -> Result<Vec<PathInfo>, CacheError> {
+    /// The valid paths of the closure of `paths` for which `wanted` holds, each after every
+    /// such path it refers to.
+    pub async fn closure_in_order(
+        &self,
+        paths: &[&str],
+        mut wanted: impl FnMut(&str) -> bool,
+    ) -> Result<Vec<PathInfo>, CacheError> {
         let all = self.store.closure(paths.iter().copied()).await?;
         let mut infos: BTreeMap<String, PathInfo> = BTreeMap::new();
-        for p in &all {
+        for p in all.iter().filter(|p| wanted(p)) {
             if let Some(i) = self.store.query_path_info(p).await? {
                 infos.insert(p.clone(), i);
             }
