@@ -262,6 +262,18 @@ fn check_documents(c: &Cluster, fixtures: &[(String, Value)], pk: &str) {
         assert_eq!(code, 200, "HEAD {path}: {head}");
         assert!(body.is_empty(), "HEAD {path} has a body");
     }
+    // Contents in the store's root that are not registered (as a staged or half-written path
+    // is) are not served.
+    let stray = "1b9p07z77phvv2hf6gm9f28syrbwpjmn";
+    let stray_dir =
+        c.qr.state_dir()
+            .join("nix-store")
+            .join(format!("{stray}-staged"));
+    std::fs::create_dir_all(&stray_dir).unwrap();
+    std::fs::write(stray_dir.join("file"), "half written").unwrap();
+    let (code, _, _) = c.http_get(&format!("/{stray}.narinfo"));
+    assert_eq!(code, 404, "an unregistered path was served");
+    std::fs::remove_dir_all(&stray_dir).unwrap();
     // Not there: 404 (Nix relies on it).
     for path in [
         "/00000000000000000000000000000000.narinfo",
