@@ -201,9 +201,11 @@ pub struct CacheConfig {
     pub want_mass_query: bool,
     /// Where compressed NARs served over HTTP are kept.
     pub nar_dir: String,
+    /// Compress every realised output's NARs into `nar_dir` ahead of the first request.
+    pub precompress: bool,
     /// `file:///DIR`: also publish every realised output there; empty: no upload.
     pub upload: String,
-    /// Seconds between the publisher's looks for new realisations.
+    /// Seconds between the publisher's (and the precompression's) looks for new realisations.
     pub upload_interval_s: f64,
 }
 
@@ -216,6 +218,7 @@ impl Default for CacheConfig {
             priority: 40,
             want_mass_query: true,
             nar_dir: "{state_dir}/cache/nar".into(),
+            precompress: true,
             upload: String::new(),
             upload_interval_s: 2.0,
         }

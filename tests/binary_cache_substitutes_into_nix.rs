@@ -63,6 +63,23 @@ fn nix_substitutes_every_fixture_output_from_qr_s_cache_over_http_and_file() {
         assert_eq!(b["status"], 0, "build failed: {b}\n{}", c.serve_logs());
     }
     let http = format!("http://127.0.0.1:{}", c.http_port);
+    // `[cache] precompress` (the default) compresses every realised output's NAR ahead.
+    let nar_dir = c.qr.state_dir().join("cache/nar");
+    // (One record per NAR hash: outputs with equal contents share one.)
+    let outputs: BTreeSet<&str> = fixtures
+        .iter()
+        .flat_map(|(_, fx)| fx["output_path_infos"].as_object().expect("infos").values())
+        .map(|i| common::s(i, "/narHash"))
+        .collect();
+    let outputs = outputs.len();
+    wait_for("precompressed NARs", Duration::from_secs(60), || {
+        std::fs::read_dir(&nar_dir).is_ok_and(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".zstd"))
+                .count()
+                >= outputs
+        })
+    });
     check_documents(&c, &fixtures, &pk);
 
     // Over HTTP.

@@ -18,6 +18,7 @@ pub mod publish;
 pub mod realisation;
 pub mod setup;
 pub mod source;
+pub mod warm;
 
 use std::path::PathBuf;
 

@@ -170,6 +170,15 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         p.spawn(crate::cache::setup::upload_interval(&ctx.config.cache));
     }
     let http_cache = cache.filter(|_| ctx.config.cache.enabled);
+    if let Some(c) = &http_cache
+        && ctx.config.cache.precompress
+        && c.settings().compression != crate::cache::Compression::None
+    {
+        crate::cache::warm::spawn(
+            c.clone(),
+            crate::cache::setup::upload_interval(&ctx.config.cache),
+        );
+    }
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)
