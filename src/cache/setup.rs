@@ -63,3 +63,24 @@ pub fn publisher(
 pub fn upload_interval(cfg: &CacheConfig) -> Duration {
     Duration::from_secs_f64(cfg.upload_interval_s.max(0.05))
 }
+
+/// What `qr serve` runs of the cache: the publisher (with an upload), the precompression (for
+/// the HTTP cache, when on and compressing). Returns the cache to serve over HTTP, if enabled.
+pub fn start(
+    cfg: &CacheConfig,
+    store: Arc<LocalStore>,
+    log_dirs: Vec<PathBuf>,
+) -> anyhow::Result<Option<Arc<Cache>>> {
+    let cache = cache_from_config(cfg, store, log_dirs)?;
+    if let Some(p) = publisher(cfg, &cache)? {
+        p.spawn(upload_interval(cfg));
+    }
+    let http = cache.filter(|_| cfg.enabled);
+    if let Some(c) = &http
+        && cfg.precompress
+        && c.settings().compression != Compression::None
+    {
+        super::warm::spawn(c.clone(), upload_interval(cfg));
+    }
+    Ok(http)
+}

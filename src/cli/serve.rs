@@ -165,20 +165,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
         .with_log_dirs(log_dirs.clone())
         .with_history(history);
-    let cache = crate::cache::setup::cache_from_config(&ctx.config.cache, store.clone(), log_dirs)?;
-    if let Some(p) = crate::cache::setup::publisher(&ctx.config.cache, &cache)? {
-        p.spawn(crate::cache::setup::upload_interval(&ctx.config.cache));
-    }
-    let http_cache = cache.filter(|_| ctx.config.cache.enabled);
-    if let Some(c) = &http_cache
-        && ctx.config.cache.precompress
-        && c.settings().compression != crate::cache::Compression::None
-    {
-        crate::cache::warm::spawn(
-            c.clone(),
-            crate::cache::setup::upload_interval(&ctx.config.cache),
-        );
-    }
+    let http_cache = crate::cache::setup::start(&ctx.config.cache, store.clone(), log_dirs)?;
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)
