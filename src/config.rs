@@ -38,6 +38,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub local_builder: LocalBuilderConfig,
     pub scheduler: SchedulerConfig,
+    pub cache: CacheConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +199,45 @@ impl Default for SchedulerConfig {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Serve the binary cache on `[http] listen` (with `qr serve`).
+    pub enabled: bool,
+    /// Secret key in Nix's format (`nix-store --generate-binary-cache-key`); empty: unsigned.
+    pub secret_key_file: String,
+    /// `zstd`, `xz` or `none`.
+    pub compression: String,
+    /// `nix-cache-info`'s `Priority` (lower is preferred by Nix).
+    pub priority: u32,
+    /// `nix-cache-info`'s `WantMassQuery`.
+    pub want_mass_query: bool,
+    /// Where compressed NARs served over HTTP are kept.
+    pub nar_dir: String,
+    /// Compress every realised output's NARs into `nar_dir` ahead of the first request.
+    pub precompress: bool,
+    /// `file:///DIR`: also publish every realised output there; empty: no upload.
+    pub upload: String,
+    /// Seconds between the publisher's (and the precompression's) looks for new realisations.
+    pub upload_interval_s: f64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            secret_key_file: String::new(),
+            compression: "zstd".into(),
+            priority: 40,
+            want_mass_query: true,
+            nar_dir: "{state_dir}/cache/nar".into(),
+            precompress: true,
+            upload: String::new(),
+            upload_interval_s: 2.0,
+        }
+    }
+}
+
 /// The default state dir: `$XDG_STATE_HOME/qr`, else `$HOME/.local/state/qr`, else `./qr-state`.
 pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
@@ -266,6 +306,9 @@ impl Config {
             &mut self.grpc.token_file,
             &mut self.grpc.tls_cert,
             &mut self.grpc.tls_key,
+            &mut self.cache.secret_key_file,
+            &mut self.cache.nar_dir,
+            &mut self.cache.upload,
         ] {
             *s = s.replace("{state_dir}", &sd);
         }

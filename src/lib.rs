@@ -7,6 +7,7 @@
 pub mod actors;
 pub mod bench;
 pub mod builder;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod db;

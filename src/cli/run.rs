@@ -330,6 +330,8 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(&ctx).await?;
     let store = open_store(&ctx).await?;
     let tops = targets_to_drvs(&*store, &args.targets).await?;
+    // A bad `[cache]` (with an upload) is reported before anything is built.
+    let publisher = upload_publisher(&ctx, store.clone())?;
     let clock = Arc::new(SystemClock);
     let ids = queue_builds(
         &db,
@@ -399,6 +401,9 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     if tty {
         eprint!("\r\x1b[2K");
     }
+    if let Some(p) = publisher {
+        publish_once(p).await?;
+    }
     let reports = report(&db, &ids).await?;
     if args.json {
         for r in &reports {
@@ -416,4 +421,30 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The `file://` publisher `[cache] upload` asks for, if any.
+fn upload_publisher(
+    ctx: &Context,
+    store: Arc<crate::store::LocalStore>,
+) -> anyhow::Result<Option<crate::cache::publish::Publisher>> {
+    if ctx.config.cache.upload.is_empty() {
+        return Ok(None);
+    }
+    let log_dirs = vec![
+        crate::builder::executor::ExecutorConfig::from_config(&ctx.config, &ctx.state_dir).log_dir,
+    ];
+    let cache = crate::cache::setup::cache_from_config(&ctx.config.cache, store, log_dirs)?;
+    crate::cache::setup::publisher(&ctx.config.cache, &cache)
+}
+
+/// One publisher pass, so what this run realised is in the `file://` cache when it exits.
+async fn publish_once(mut p: crate::cache::publish::Publisher) -> anyhow::Result<()> {
+    let done = p
+        .pass()
+        .await
+        .with_context(|| format!("publishing to {}", p.dir().display()))?;
+    tracing::info!(realisations = done.realisations, paths = done.paths, logs = done.logs,
+        dir = %p.dir().display(), "published to the binary cache");
+    Ok(())
 }

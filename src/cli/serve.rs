@@ -170,8 +170,9 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     )));
     crate::actors::history::spawn_sampler(env.clone(), history.clone());
     let admin = crate::grpc::admin::Admin::new(env.clone(), sched.dispatcher.clone())
-        .with_log_dirs(log_dirs)
+        .with_log_dirs(log_dirs.clone())
         .with_history(history);
+    let http_cache = crate::cache::setup::start(&ctx.config.cache, store.clone(), log_dirs)?;
     let http_listen = ctx.config.http.listen.clone();
     if !http_listen.is_empty() {
         let l = tokio::net::TcpListener::bind(&http_listen)
@@ -180,7 +181,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("qr serve: dashboard on http://{}", l.local_addr()?);
         let admin = admin.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::web::serve(l, admin).await {
+            if let Err(e) = crate::web::serve(l, admin, http_cache).await {
                 tracing::error!(error = %e, "the HTTP server stopped");
             }
         });

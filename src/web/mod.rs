@@ -1,9 +1,12 @@
 //! HTTP for operators (`[http] listen`): the supervision dashboard (static HTML+JS embedded in the
 //! binary), JSON endpoints backed by the admin service's functions ([`Admin`]), a server-sent
-//! event stream, `/status` (JSON) and `/metrics` (Prometheus text format).
+//! event stream, `/status` (JSON) and `/metrics` (Prometheus text format); and, at the root beside
+//! them, the Nix binary cache ([`cache`]) when `[cache] enabled`.
 //!
 //! Everything here is read-only, so it needs no token; actions go through the token-protected
 //! gRPC admin service (`qr admin …`).
+
+pub mod cache;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -61,9 +64,26 @@ pub fn router(admin: Admin) -> Router {
         .with_state(state)
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, admin: Admin) -> std::io::Result<()> {
-    axum::serve(listener, router(admin)).await
+/// Serves until the task is dropped; with the binary cache's routes when `cache` is given.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    admin: Admin,
+    cache: Option<Arc<crate::cache::Cache>>,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let mut app = router(admin);
+    if let Some(c) = cache {
+        app = app.merge(cache::router(c));
+    }
+    // Without TCP_NODELAY a response written in two parts (head, then body) waits for the
+    // client's delayed ACK: about 40 ms per request, which dominates a substitution of many
+    // small paths.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");
+        }
+    });
+    axum::serve(listener, app).await
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Response {

@@ -1,10 +1,12 @@
 //! Shared helpers for tests that read the Nix oracle fixtures.
 #![allow(dead_code)]
 
+pub mod binary_cache;
 pub mod cluster;
 pub mod fuzz;
 pub mod inproc;
 pub mod instantiate;
+pub mod nix;
 pub mod ports;
 pub mod procs;
 pub mod qr;

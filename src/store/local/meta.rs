@@ -41,6 +41,8 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (drvPath, outputName)
     )",
     "CREATE INDEX IF NOT EXISTS IndexRealisationsOutput ON Realisations(outputPath)",
+    // The binary cache finds an uncompressed NAR (`nar/<narHash>.nar`) by its hash.
+    "CREATE INDEX IF NOT EXISTS IndexNarHash ON ValidPaths(narHash)",
     "CREATE TABLE IF NOT EXISTS GcRoots (
         name TEXT PRIMARY KEY,
         path TEXT NOT NULL
@@ -471,6 +473,69 @@ impl MetaDb {
             c.prepare_cached("SELECT name, path FROM GcRoots ORDER BY name")
                 .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                 .map_err(db_err("listing GC roots"))
+        })
+    }
+
+    /// The valid path whose hash part is `hash` (`<dir>/<hash>-…`), found by a range scan of the
+    /// path index: every such path lies in `["<dir>/<hash>-", "<dir>/<hash>.")`.
+    pub(crate) async fn path_from_hash_part(
+        &self,
+        store_dir: &str,
+        hash: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let lo = format!("{store_dir}/{hash}-");
+        let hi = format!("{store_dir}/{hash}.");
+        self.read(|c| {
+            c.prepare_cached("SELECT path FROM ValidPaths WHERE path >= ? AND path < ? LIMIT 1")
+                .and_then(|mut s| s.query_row([&lo, &hi], |r| r.get(0)).optional())
+                .map_err(db_err("querying a path by its hash part"))
+        })
+    }
+
+    /// A valid path whose NAR hashes to `nar_hash` (any one, if several have the same contents).
+    pub(crate) async fn path_with_nar_hash(
+        &self,
+        nar_hash: &crate::store::hash::Sha256Hash,
+    ) -> Result<Option<String>, StoreError> {
+        let h = render_nix32(nar_hash);
+        self.read(|c| {
+            c.prepare_cached("SELECT path FROM ValidPaths WHERE narHash = ? LIMIT 1")
+                .and_then(|mut s| s.query_row([&h], |r| r.get(0)).optional())
+                .map_err(db_err("querying a path by its NAR hash"))
+        })
+    }
+
+    /// Up to `limit` realisations recorded after row `after` (SQLite's rowid, in order), each
+    /// with its row id, and the largest row id there is (0 when there is none).
+    pub(crate) async fn realisations_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<(Vec<(i64, DrvOutput, String)>, i64), StoreError> {
+        self.read(|c| {
+            let rows: Vec<(i64, String, String, String)> = c
+                .prepare_cached(
+                    "SELECT r.rowid, r.drvPath, r.outputName, v.path FROM Realisations r
+                     JOIN ValidPaths v ON v.id = r.outputPath
+                     WHERE r.rowid > ? ORDER BY r.rowid LIMIT ?",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![after, limit], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect()
+                })
+                .map_err(db_err("listing realisations"))?;
+            let max: i64 = c
+                .prepare_cached("SELECT coalesce(max(rowid), 0) FROM Realisations")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db_err("listing realisations"))?;
+            Ok((
+                rows.into_iter()
+                    .map(|(id, d, o, p)| (id, DrvOutput::new(d, o), p))
+                    .collect(),
+                max,
+            ))
         })
     }
 

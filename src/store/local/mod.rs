@@ -388,6 +388,33 @@ impl LocalStore {
         self.db.closure(paths).await
     }
 
+    /// The valid path whose hash part (the 32 characters after the store dir) is `hash`.
+    pub async fn path_from_hash_part(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        self.db
+            .path_from_hash_part(self.store_dir.as_str(), hash)
+            .await
+    }
+
+    /// A valid path whose NAR hashes to `nar_hash`.
+    pub async fn path_with_nar_hash(
+        &self,
+        nar_hash: &Sha256Hash,
+    ) -> Result<Option<String>, StoreError> {
+        self.db.path_with_nar_hash(nar_hash).await
+    }
+
+    /// Up to `limit` realisations recorded after row `after`, in the order they were recorded
+    /// (row id, key, output path), and the largest row id there is. A follower keeps the last
+    /// row id it saw; a largest row id below it means rows were removed (GC) and it should
+    /// resume from there.
+    pub async fn realisations_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<(Vec<(i64, DrvOutput, String)>, i64), StoreError> {
+        self.db.realisations_after(after, limit).await
+    }
+
     /// Every valid path.
     pub async fn valid_paths(&self) -> Result<BTreeSet<String>, StoreError> {
         self.db.valid_paths().await

@@ -468,3 +468,57 @@ async fn rooted_derivations_long_names_and_grouped_realisations() {
         entries(store.root())
     );
 }
+
+#[tokio::test]
+async fn lookups_by_hash_part_nar_hash_and_realisations_in_recorded_order() {
+    let d = tempfile::tempdir().unwrap();
+    let store = open(d.path()).await;
+    let a = store.add_text("a", "a", &BTreeSet::new()).await.unwrap();
+    let b = store.add_text("b", "b", &BTreeSet::new()).await.unwrap();
+    let hash = |p: &str| store.store_dir().parse(p).unwrap().hash_part().to_string();
+    assert_eq!(
+        store.path_from_hash_part(&hash(&a)).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .path_from_hash_part("00000000000000000000000000000000")
+            .await
+            .unwrap(),
+        None
+    );
+    let info = store.query_path_info(&b).await.unwrap().unwrap();
+    assert_eq!(
+        store.path_with_nar_hash(&info.nar_hash).await.unwrap(),
+        Some(b.clone())
+    );
+    assert_eq!(store.path_with_nar_hash(&[0; 32]).await.unwrap(), None);
+
+    // Realisations come back in the order they were recorded, after a cursor.
+    let k1 = DrvOutput::new(DRV_PATH, "out");
+    let k2 = DrvOutput::new(
+        "/nix/store/q1qxcx8sbmi2zvx8dk4944x7hnlh4fly-other.drv",
+        "out",
+    );
+    store.register_realisation(&k1, &a).await.unwrap();
+    store.register_realisation(&k2, &b).await.unwrap();
+    let (rows, max) = store.realisations_after(0, 10).await.unwrap();
+    let keys: Vec<_> = rows
+        .iter()
+        .map(|(_, k, p)| (k.clone(), p.clone()))
+        .collect();
+    assert_eq!(keys, vec![(k1.clone(), a.clone()), (k2.clone(), b.clone())]);
+    assert_eq!(max, rows[1].0);
+    let (after_first, _) = store.realisations_after(rows[0].0, 10).await.unwrap();
+    assert_eq!(after_first.len(), 1);
+    assert_eq!(after_first[0].1, k2);
+    let (limited, _) = store.realisations_after(0, 1).await.unwrap();
+    assert_eq!(limited.len(), 1);
+    // The newest row goes with its output (GC): the largest row id drops below a follower's
+    // cursor, which is how it knows to step back.
+    let cursor = max;
+    let report = store.collect_garbage().await.unwrap();
+    assert!(report.deleted.contains(&b), "{report:?}");
+    let (_, max) = store.realisations_after(cursor, 10).await.unwrap();
+    assert!(max < cursor, "max {max} cursor {cursor}");
+}
