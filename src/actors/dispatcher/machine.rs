@@ -92,11 +92,12 @@ pub enum Effect {
     Assign {
         drv: String,
         machine: String,
+        /// The machine holds a build of this drv (it said so when it joined): the step adopts
+        /// it instead of starting one.
+        held: bool,
     },
     /// No machine has supported this step for the configured wait.
-    Unsupported {
-        drv: String,
-    },
+    Unsupported { drv: String },
 }
 
 /// How good a jobset's head step is: higher global priority, lower share use, higher local
@@ -271,6 +272,7 @@ impl Dispatcher {
                     return vec![Effect::Assign {
                         drv: step.drv,
                         machine: m,
+                        held: true,
                     }];
                 }
                 match self.reserved.get(&step.drv) {
@@ -362,6 +364,7 @@ impl Dispatcher {
             fx.push(Effect::Assign {
                 drv,
                 machine: machine.to_string(),
+                held: true,
             });
         }
         let released: Vec<String> = self
@@ -483,6 +486,7 @@ impl Dispatcher {
                 effects.push(Effect::Assign {
                     drv,
                     machine: id.clone(),
+                    held: false,
                 });
             }
         }
