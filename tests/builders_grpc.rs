@@ -493,12 +493,12 @@ fn a_runner_restarted_mid_build_adopts_the_builders_job_in_the_same_row_on_postg
     a_runner_restarted_mid_build_adopts_the_builders_job(Backend::Postgres);
 }
 
-/// The runner is killed while b builds on `gone`, and `gone` never comes back: after the rejoin
-/// grace the row that was running is closed Aborted (it really stopped), and a new attempt builds
-/// b on `other`.
-#[test]
-fn a_builder_that_does_not_rejoin_within_the_grace_has_its_row_aborted_and_the_step_built_elsewhere()
- {
+/// The runner is killed while b builds on `gone`, and `gone` never comes back (`rejoins` false):
+/// after the rejoin grace the row that was running is closed Aborted (it really stopped), and a new
+/// attempt builds b on `other`. With `rejoins`, `gone` comes back at once under its id but without
+/// the build (a fresh state dir): the row is closed Aborted and a new attempt (a new row) builds b
+/// there.
+fn a_stopped_attempt_ends_aborted_and_a_new_one_builds(rejoins: bool) {
     use qr::db::types::BuildStatus;
     let Some(mut c) = Cluster::new(Backend::Sqlite) else {
         return;
@@ -519,7 +519,8 @@ fn a_builder_that_does_not_rejoin_within_the_grace_has_its_row_aborted_and_the_s
     gone.proc.kill();
     c.serve_env = vec![("QR_GRPC_REJOIN_GRACE_S".into(), "2".into())];
     c.start_serve();
-    let other = c.builder("other", &["--systems", X86], &[]);
+    let builder = if rejoins { "gone" } else { "other" };
+    let other = c.builder(builder, &["--systems", X86], &[]);
     let (out, builds) = c.finish(submit);
     let logs = c.logs(&[&gone, &other]);
     assert!(
@@ -547,7 +548,7 @@ fn a_builder_that_does_not_rejoin_within_the_grace_has_its_row_aborted_and_the_s
     );
     assert_eq!(new.status, Some(BuildStatus::Success), "{new:?}");
     assert_eq!(new.times_built, Some(1), "{new:?}");
-    assert_eq!(new.machine, "other", "{new:?}");
+    assert_eq!(new.machine, builder, "{new:?}");
     assert!(new.stepnr > old.stepnr, "{steps:#?}");
     assert!(
         new.start_time.unwrap_or(0) >= old.stop_time.unwrap_or(i64::MAX),
@@ -569,6 +570,22 @@ fn a_builder_that_does_not_rejoin_within_the_grace_has_its_row_aborted_and_the_s
             .all(|s| s.status.is_some() && !s.busy.is_busy()),
         "every row finished: {steps:#?}"
     );
+    assert!(
+        c.serve_logs()
+            .contains("closing the attempt carried over the restart"),
+        "the step closed the row it had carried\n{logs}"
+    );
+}
+
+#[test]
+fn a_builder_that_does_not_rejoin_within_the_grace_has_its_row_aborted_and_the_step_built_elsewhere()
+ {
+    a_stopped_attempt_ends_aborted_and_a_new_one_builds(false);
+}
+
+#[test]
+fn a_builder_that_rejoins_without_the_build_has_its_row_aborted_and_builds_it_in_a_new_row() {
+    a_stopped_attempt_ends_aborted_and_a_new_one_builds(true);
 }
 
 #[test]

@@ -276,7 +276,9 @@ impl Dispatcher {
                     }];
                 }
                 match self.reserved.get(&step.drv) {
-                    Some((_, until)) if *until > self.now_ms => {
+                    // Kept while its machine may still rejoin holding it; a machine that is
+                    // connected said what it holds already (`Holds` comes before its join).
+                    Some((m, until)) if *until > self.now_ms && !self.machines.contains_key(m) => {
                         self.parked.insert(step.drv.clone(), step);
                         return vec![];
                     }

@@ -445,6 +445,23 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
     let fx = d2.on(Event::Tick(5_000));
     assert_eq!(assigned(&fx), vec![("r".into(), "other".into())]);
     assert_eq!(adopted(&fx), vec![]);
+
+    // rejoined without it before the step was runnable: not kept for it
+    let mut d3 = Dispatcher::new(Duration::from_secs(60));
+    d3.on(Event::Reserve {
+        drv: "r".into(),
+        machine: "gone".into(),
+        wait_ms: 5_000,
+    });
+    d3.on(Event::MachineJoined(machine(
+        "gone",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    let fx = d3.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1)));
+    assert_eq!(assigned(&fx), vec![("r".into(), "gone".into())]);
+    assert_eq!(adopted(&fx), vec![], "a fresh start: it does not hold it");
 }
 
 #[test]

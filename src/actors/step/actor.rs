@@ -1253,10 +1253,27 @@ impl Actor for StepActor {
         // Stopping leaves the phase's gauge too (a step nobody references any more).
         self.account(self.machine.phase().gauge(), None);
         if let Some(c) = self.carried_row.take() {
-            // Neither resumed nor closed: back to the ledger, for the sweep at the end of the grace
-            // (or the next start) to close.
-            tracing::warn!(drv = %self.drv_path, build = c.row.0, stepnr = c.row.1, "a step stopped holding a carried attempt: handed back");
-            self.env.carried.fill([c]);
+            // Neither resumed nor closed (the machine closes it on every way forward): the
+            // attempt is no one's any more, so it is closed here. A write that fails leaves the
+            // row busy for the next start to decide.
+            tracing::warn!(drv = %self.drv_path, build = c.row.0, stepnr = c.row.1, "a step stopped holding a carried attempt: closing it");
+            let env = self.env.clone();
+            let drv = self.drv_path.to_string();
+            actix::spawn(self.env.offload(async move {
+                let key = [(BuildId(c.row.0), c.row.1)];
+                let closed = persist("close a carried attempt", || {
+                    env.db.abort_steps(
+                        &key,
+                        env.now(),
+                        "aborted: the runner restarted while this step was busy, and the step stopped",
+                    )
+                })
+                .await;
+                if let Err(e) = closed {
+                    WriteFailure::new("close a carried attempt", &drv, Some(c.row), &e);
+                    Stats::inc(&env.stats.db_write_failures);
+                }
+            }));
         }
         self.env.registry.remove(&self.drv_path);
         self.env.actors.unregister(&self.cell);
