@@ -235,3 +235,7 @@ pub async fn sweep_carried(env: &Env) {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;
