@@ -364,9 +364,43 @@ fn a_builder_killed_mid_build_has_its_step_retried_on_the_other() {
     );
 }
 
-#[test]
-fn a_runner_restarted_mid_build_adopts_the_builders_job() {
-    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+/// The step rows of a build as the database holds them (the JSON report has no times).
+fn db_steps(c: &Cluster, build: i64) -> Vec<qr::db::types::Step> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let db = qr::db::Db::connect(&c.qr.db_url, 1)
+            .await
+            .expect("database");
+        db.steps_of_build(qr::db::types::BuildId(build))
+            .await
+            .expect("steps")
+    })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The rows of a build for the drvs named `*-<name>.drv` that are no resolution (the attempts).
+fn attempts<'a>(steps: &'a [qr::db::types::Step], name: &str) -> Vec<&'a qr::db::types::Step> {
+    let suffix = format!("-{name}.drv");
+    steps
+        .iter()
+        .filter(|s| {
+            s.drv_path.ends_with(&suffix) && s.status != Some(qr::db::types::BuildStatus::Resolved)
+        })
+        .collect()
+}
+
+fn a_runner_restarted_mid_build_adopts_the_builders_job(backend: Backend) {
+    use qr::db::types::{BuildStatus, BusyPhase};
+    let Some(mut c) = Cluster::new(backend) else {
         return;
     };
     c.start_serve();
@@ -380,6 +414,7 @@ fn a_runner_restarted_mid_build_adopts_the_builders_job() {
     let submit = c.submit(&[&file], 90);
     assert!(wait_started(&b.proc, "rr-b"), "{}", c.logs(&[&b]));
     // Kill the runner (SIGKILL) while b builds, and start it again.
+    let killed_at = unix_now();
     c.serve.as_mut().expect("serve").kill();
     c.start_serve();
     let (out, builds) = c.finish(submit);
@@ -411,6 +446,146 @@ fn a_runner_restarted_mid_build_adopts_the_builders_job() {
     );
     assert_eq!(runs.len(), 3, "{runs:?}");
     assert_eq!(b.proc.count_lines(&["build started", "rr-b"]), 1, "{logs}");
+    // ONE row for b's attempt: the row that was running before the restart carried on (same
+    // step number, same start time, on the same builder) and the builder's report finished it.
+    let id = builds[0]["id"].as_i64().expect("build id");
+    let steps = db_steps(&c, id);
+    assert!(
+        steps.iter().all(|s| s.status != Some(BuildStatus::Aborted)),
+        "no aborted row: {steps:#?}\n{logs}"
+    );
+    let rows = attempts(&steps, "rr-b");
+    assert_eq!(rows.len(), 1, "{steps:#?}\n{logs}");
+    let row = rows[0];
+    assert_eq!(row.status, Some(BuildStatus::Success), "{row:?}");
+    assert_eq!(row.times_built, Some(1), "{row:?}");
+    assert_eq!(row.machine, "keeper", "{row:?}");
+    assert_eq!(row.busy, BusyPhase::NotBusy, "{row:?}");
+    let (start, stop) = (
+        row.start_time.unwrap_or(i64::MAX),
+        row.stop_time.unwrap_or(0),
+    );
+    assert!(
+        start <= killed_at,
+        "started before the kill: {row:?}, kill at {killed_at}"
+    );
+    assert!(stop >= killed_at, "finished after the restart: {row:?}");
+    // b's Resolved row points at it.
+    let resolved = steps
+        .iter()
+        .find(|s| s.status == Some(BuildStatus::Resolved) && s.drv_path.ends_with("-rr-b.drv"))
+        .expect("b resolved");
+    assert_eq!(resolved.resolved_to_step, Some(row.stepnr), "{steps:#?}");
+    assert!(
+        c.serve_logs()
+            .contains("the builder goes on with the attempt it ran before the restart"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_runner_restarted_mid_build_adopts_the_builders_job_in_the_same_row_on_sqlite() {
+    a_runner_restarted_mid_build_adopts_the_builders_job(Backend::Sqlite);
+}
+
+#[test]
+fn a_runner_restarted_mid_build_adopts_the_builders_job_in_the_same_row_on_postgres() {
+    a_runner_restarted_mid_build_adopts_the_builders_job(Backend::Postgres);
+}
+
+/// The runner is killed while b builds on `gone`, and `gone` never comes back (`rejoins` false):
+/// after the rejoin grace the row that was running is closed Aborted (it really stopped), and a new
+/// attempt builds b on `other`. With `rejoins`, `gone` comes back at once under its id but without
+/// the build (a fresh state dir): the row is closed Aborted and a new attempt (a new row) builds b
+/// there.
+fn a_stopped_attempt_ends_aborted_and_a_new_one_builds(rejoins: bool) {
+    use qr::db::types::BuildStatus;
+    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+        return;
+    };
+    c.start_serve();
+    let mut gone = c.builder("gone", &["--systems", X86], &[]);
+    assert!(
+        c.wait_joined("gone", 1, Duration::from_secs(20)),
+        "{}",
+        c.logs(&[&gone])
+    );
+    let file = c.qr.write_json("g.json", &slow_chain("ng", 3));
+    let submit = c.submit(&[&file], 120);
+    assert!(wait_started(&gone.proc, "ng-b"), "{}", c.logs(&[&gone]));
+    let killed_at = unix_now();
+    // The runner first (so it does not see the builder go), then the builder, for good.
+    c.serve.as_mut().expect("serve").kill();
+    gone.proc.kill();
+    c.serve_env = vec![("QR_GRPC_REJOIN_GRACE_S".into(), "2".into())];
+    c.start_serve();
+    let builder = if rejoins { "gone" } else { "other" };
+    let other = c.builder(builder, &["--systems", X86], &[]);
+    let (out, builds) = c.finish(submit);
+    let logs = c.logs(&[&gone, &other]);
+    assert!(
+        out.status.success(),
+        "{}\n{logs}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(builds.len(), 1);
+    assert_eq!(builds[0]["status"], 0, "{}\n{logs}", builds[0]);
+    let id = builds[0]["id"].as_i64().expect("build id");
+    let steps = db_steps(&c, id);
+    let rows = attempts(&steps, "ng-b");
+    assert_eq!(
+        rows.len(),
+        2,
+        "the stopped attempt and the new one: {steps:#?}\n{logs}"
+    );
+    let (old, new) = (rows[0], rows[1]);
+    assert_eq!(old.status, Some(BuildStatus::Aborted), "{old:?}");
+    assert_eq!(old.machine, "gone", "{old:?}");
+    assert!(old.start_time.unwrap_or(i64::MAX) <= killed_at, "{old:?}");
+    assert!(
+        old.stop_time.unwrap_or(0) >= killed_at,
+        "closed after the restart: {old:?}"
+    );
+    assert_eq!(new.status, Some(BuildStatus::Success), "{new:?}");
+    assert_eq!(new.times_built, Some(1), "{new:?}");
+    assert_eq!(new.machine, builder, "{new:?}");
+    assert!(new.stepnr > old.stepnr, "{steps:#?}");
+    assert!(
+        new.start_time.unwrap_or(0) >= old.stop_time.unwrap_or(i64::MAX),
+        "the new attempt started after the old one was closed: {steps:#?}"
+    );
+    assert_eq!(
+        other
+            .runs()
+            .iter()
+            .filter(|d| d.ends_with("-ng-b.drv"))
+            .count(),
+        1,
+        "{:?}",
+        other.runs()
+    );
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.status.is_some() && !s.busy.is_busy()),
+        "every row finished: {steps:#?}"
+    );
+    assert!(
+        c.serve_logs()
+            .contains("closing the attempt carried over the restart"),
+        "the step closed the row it had carried\n{logs}"
+    );
+}
+
+#[test]
+fn a_builder_that_does_not_rejoin_within_the_grace_has_its_row_aborted_and_the_step_built_elsewhere()
+ {
+    a_stopped_attempt_ends_aborted_and_a_new_one_builds(false);
+}
+
+#[test]
+fn a_builder_that_rejoins_without_the_build_has_its_row_aborted_and_builds_it_in_a_new_row() {
+    a_stopped_attempt_ends_aborted_and_a_new_one_builds(true);
 }
 
 #[test]

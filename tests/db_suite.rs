@@ -199,6 +199,7 @@ suite!(
     build_lifecycle,
     step_lifecycle,
     restart_recovery,
+    restart_recovery_aborts_only_the_rows_it_names,
     failed_paths,
     realisations,
     jobsets_and_shares,
@@ -1266,6 +1267,62 @@ async fn restart_recovery(ctx: Ctx) -> Result<()> {
     ensure!((pairs[0].original.build, pairs[0].original.stepnr) == (b2, ca));
     ensure!((pairs[0].resolved.build, pairs[0].resolved.stepnr) == (b2, res));
     ensure!(pairs[0].resolved.status == Some(BuildStatus::Aborted));
+    Ok(())
+}
+
+/// `abort_steps` closes exactly the rows named (still unfinished) and leaves the other busy rows
+/// busy: the rows restart recovery carries for a remote builder (`actors/carried.rs`).
+async fn restart_recovery_aborts_only_the_rows_it_names(ctx: Ctx) -> Result<()> {
+    let db = &ctx.db;
+    let b = setup_build(db, "ra").await?;
+    let local = db
+        .create_step(b, &NewStep::build(drv("local"), SYSTEM))
+        .await?;
+    db.start_step(b, local, "localhost", BusyPhase::Building, 10)
+        .await?;
+    let remote = db
+        .create_step(b, &NewStep::build(drv("remote"), SYSTEM))
+        .await?;
+    db.start_step(b, remote, "builder-1", BusyPhase::Building, 11)
+        .await?;
+    let done = db
+        .create_step(b, &NewStep::build(drv("done"), SYSTEM))
+        .await?;
+    db.finish_step(&finish(b, done, BuildStatus::Success))
+        .await?;
+    // A named row that is finished already is not touched (nor returned).
+    let closed = db
+        .abort_steps(&[(b, local), (b, done)], 1_000, "stopped")
+        .await?;
+    ensure!(
+        closed
+            .iter()
+            .map(|s| (s.build, s.stepnr))
+            .collect::<Vec<_>>()
+            == [(b, local)],
+        "{closed:?}"
+    );
+    let l = db.step(b, local).await?;
+    ensure!(l.status == Some(BuildStatus::Aborted) && l.busy == BusyPhase::NotBusy);
+    ensure!(l.stop_time == Some(1_000) && l.error_msg.as_deref() == Some("stopped"));
+    ensure!(l.machine == "localhost" && l.start_time == Some(10));
+    ensure!(db.step(b, done).await?.status == Some(BuildStatus::Success));
+    // The carried row: still busy, as it was.
+    let r = db.step(b, remote).await?;
+    ensure!(r.status.is_none() && r.busy == BusyPhase::Building, "{r:?}");
+    ensure!(r.machine == "builder-1" && r.start_time == Some(11));
+    let busy: Vec<_> = db.busy_steps().await?.iter().map(|s| s.stepnr).collect();
+    ensure!(busy == [remote], "{busy:?}");
+    // Again (a lost commit reply, a second start): nothing more is closed.
+    ensure!(
+        db.abort_steps(&[(b, local)], 2_000, "again")
+            .await?
+            .is_empty()
+    );
+    ensure!(db.step(b, local).await?.stop_time == Some(1_000));
+    // No rows: a no-op.
+    ensure!(db.abort_steps(&[], 3_000, "none").await?.is_empty());
+    ensure!(db.step(b, remote).await?.busy == BusyPhase::Building);
     Ok(())
 }
 

@@ -330,6 +330,9 @@ pub struct Env {
     /// Offloaded I/O not finished yet (done or cancelled): a benchmark waits for none before
     /// it drops its database.
     pub io_in_flight: Arc<AtomicU64>,
+    /// Rows busy on a remote builder at restart, not yet taken by their step or the sweep
+    /// (`carried.rs`); empty unless restart recovery carried some.
+    pub carried: crate::actors::carried::Carried,
     /// Test hook (feature `test-hooks` only): `QR_CRASH_AT=<point>` kills the process (SIGKILL)
     /// when it reaches that point.
     #[cfg(feature = "test-hooks")]
@@ -358,6 +361,7 @@ impl Env {
             crash_at: std::env::var("QR_CRASH_AT").ok().filter(|v| !v.is_empty()),
             io: None,
             io_in_flight: Default::default(),
+            carried: Default::default(),
         }
     }
 

@@ -109,6 +109,9 @@ pub struct AbortJob {
 #[rtype(result = "()")]
 pub struct Assigned {
     pub machine: String,
+    /// The machine holds a build of the drv already (from before a restart or a reconnection):
+    /// the step adopts it.
+    pub held: bool,
     pub runner: Recipient<RunJob>,
     pub abort: Option<Recipient<AbortJob>>,
 }

@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod build;
+pub mod carried;
 pub mod dispatcher;
 pub mod env;
 pub mod history;

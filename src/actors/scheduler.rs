@@ -9,14 +9,16 @@ use actix::prelude::*;
 
 use crate::actors::build::expand::{Recorded, RecordedLookup};
 use crate::actors::build::expander::Expander;
+use crate::actors::carried::{self, CarriedRow};
 use crate::actors::dispatcher::MachineInfo;
 use crate::actors::dispatcher::actor::DispatcherActor;
-use crate::actors::env::{Env, persist};
+use crate::actors::dispatcher::actor::Reserve;
+use crate::actors::env::{Env, Stats, persist};
 use crate::actors::machine::Executor;
 use crate::actors::machine::local::LocalMachine;
 use crate::actors::queue_monitor::QueueMonitor;
 use crate::db::DbError;
-use crate::db::types::BuildStatus;
+use crate::db::types::{BuildId, BuildStatus, StepNr};
 
 /// The running scheduler.
 pub struct Scheduler {
@@ -29,28 +31,66 @@ pub struct Scheduler {
 /// What restart recovery found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
-    /// Rows left busy by a crash, now closed as Aborted.
+    /// Rows left busy by a crash that really stopped (an in-process builder's, or every row when
+    /// nothing is carried), now closed as Aborted.
     pub aborted: usize,
     /// Resolutions recorded before the restart, re-attached instead of redone.
     pub resolutions: usize,
-    /// The aborted rows' (drv path, machine): a remote builder may still hold those builds.
-    pub busy: Vec<(String, String)>,
+    /// Rows left busy on a remote builder, still busy: that builder may still be running them
+    /// (`carried.rs`).
+    pub carried: Vec<CarriedRow>,
 }
 
-/// Restart recovery: closes rows left busy as Aborted (they are retried as new attempts) and loads
-/// the Resolved rows of unfinished builds so their steps attach straight to their resolved step.
-pub async fn recover(env: &Env) -> Result<(Recovery, HashMap<String, Recorded>), DbError> {
+/// How restart recovery treats rows left busy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Restart {
+    /// Every busy row is closed as Aborted (no remote builder can come back: `qr run`).
+    #[default]
+    AbortAll,
+    /// Rows busy on a remote builder are carried for up to `grace` (`[grpc] rejoin_grace_s`):
+    /// the builder may rejoin holding the build. Rows on these in-process machines (and
+    /// `localhost` or no machine) are aborted.
+    CarryRemote { local: Vec<String>, grace: Duration },
+}
+
+const ABORTED_BY_RESTART: &str = "aborted: the runner stopped while this step was busy";
+
+/// Restart recovery: closes the rows left busy that really stopped as Aborted (they are retried as
+/// new attempts) and, with [`Restart::CarryRemote`], leaves those busy on a remote builder for
+/// their step to resume in; loads the Resolved rows of unfinished builds so their steps attach
+/// straight to their resolved step.
+pub async fn recover(
+    env: &Env,
+    restart: &Restart,
+) -> Result<(Recovery, HashMap<String, Recorded>), DbError> {
     // Through `persist`: a database that is away for a while at start is waited for, and a read
     // that failed is never taken for an answer.
-    let aborted = persist("abort busy steps", || {
-        env.db.abort_busy_steps(
-            env.now(),
-            "aborted: the runner stopped while this step was busy",
-        )
-    })
-    .await?;
+    let (aborted, carried) = match restart {
+        Restart::AbortAll => {
+            let aborted = persist("abort busy steps", || {
+                env.db.abort_busy_steps(env.now(), ABORTED_BY_RESTART)
+            })
+            .await?;
+            (aborted, vec![])
+        }
+        Restart::CarryRemote { local, .. } => {
+            let busy = persist("read busy steps", || env.db.busy_steps()).await?;
+            let plan = carried::plan(&busy, local);
+            // One transaction: a crash before it leaves every row busy, and the next start
+            // decides the same again.
+            let aborted = persist("abort stopped steps", || {
+                env.db
+                    .abort_steps(&plan.abort, env.now(), ABORTED_BY_RESTART)
+            })
+            .await?;
+            (aborted, plan.carry)
+        }
+    };
     for s in &aborted {
-        tracing::warn!(build = s.build.0, step = s.stepnr, drv = ?s.drv_path, "step was busy at restart: aborted, will retry");
+        tracing::warn!(build = s.build.0, step = s.stepnr, drv = ?s.drv_path, machine = %s.machine, "step was busy at restart: aborted, will retry");
+    }
+    for c in &carried {
+        tracing::info!(build = c.row.0, step = c.row.1, drv = %c.drv, machine = %c.machine, "step was busy on a builder at restart: kept busy for it to rejoin");
     }
     let mut recorded = HashMap::new();
     let mut finished: HashMap<i64, bool> = HashMap::new();
@@ -79,7 +119,8 @@ pub async fn recover(env: &Env) -> Result<(Recovery, HashMap<String, Recorded>),
             pair.resolved.drv_path.clone(),
         );
         // A pending or successful target is re-attached; the row is adopted only while pending.
-        let child_pending = pair.resolved.status.is_none();
+        // A carried target (still busy on a builder) is not: its step takes it from the ledger.
+        let child_pending = pair.resolved.status.is_none() && !pair.resolved.busy.is_busy();
         let failed = pair
             .resolved
             .status
@@ -95,28 +136,56 @@ pub async fn recover(env: &Env) -> Result<(Recovery, HashMap<String, Recorded>),
         recorded.entry(orig).or_insert(rec);
     }
     let rec = Recovery {
-        busy: aborted
-            .iter()
-            .map(|s| (s.drv_path.clone(), s.machine.clone()))
-            .collect(),
         aborted: aborted.len(),
         resolutions: recorded.len(),
+        carried,
     };
     Ok((rec, recorded))
 }
 
 impl Scheduler {
-    /// Recovers, then starts the actors with these machines.
+    /// Recovers (aborting every busy row), then starts the actors with these machines.
     pub async fn start(
         env: Arc<Env>,
         machines: Vec<(MachineInfo, Arc<dyn Executor>)>,
         unsupported_wait: Duration,
     ) -> Result<(Self, Recovery), DbError> {
-        let (recovery, recorded) = recover(&env).await?;
+        Self::start_with(env, machines, unsupported_wait, Restart::AbortAll).await
+    }
+
+    /// Recovers as `restart` says, then starts the actors with these machines. Carried rows are
+    /// put in the ledger (`Env::carried`) for their steps, each step is kept for its builder
+    /// (`Reserve`) for the grace, and rows no step took by the end of the grace are closed as
+    /// Aborted.
+    pub async fn start_with(
+        env: Arc<Env>,
+        machines: Vec<(MachineInfo, Arc<dyn Executor>)>,
+        unsupported_wait: Duration,
+        restart: Restart,
+    ) -> Result<(Self, Recovery), DbError> {
+        let (recovery, recorded) = recover(&env, &restart).await?;
+        env.carried.fill(recovery.carried.iter().cloned());
         let recorded = Arc::new(std::sync::Mutex::new(recorded));
         let lookup: RecordedLookup =
             Arc::new(move |drv: &str| recorded.lock().ok().and_then(|mut m| m.remove(drv)));
         let dispatcher = DispatcherActor::new(env.clone(), unsupported_wait).start();
+        if let Restart::CarryRemote { grace, .. } = restart {
+            // Before the queue monitor has read anything, so before any step is runnable.
+            for c in &recovery.carried {
+                dispatcher.do_send(Reserve {
+                    drv: c.drv.clone(),
+                    machine: c.machine.clone(),
+                    wait: grace,
+                });
+            }
+            if !recovery.carried.is_empty() {
+                let e = env.clone();
+                actix::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    sweep_carried(&e).await;
+                });
+            }
+        }
         let machines = machines
             .into_iter()
             .map(|(info, ex)| LocalMachine::new(env.clone(), info, ex, dispatcher.clone()).start())
@@ -135,3 +204,38 @@ impl Scheduler {
         ))
     }
 }
+
+/// The end of the grace: carried rows no step took (their drv needed by no step any more, or its
+/// step not made yet) are closed as Aborted. A row that cannot be closed stays busy and is
+/// decided again at the next start.
+pub async fn sweep_carried(env: &Env) {
+    let rows = env.carried.drain();
+    if rows.is_empty() {
+        return;
+    }
+    let keys: Vec<(BuildId, StepNr)> = rows.iter().map(|r| (BuildId(r.row.0), r.row.1)).collect();
+    match persist("abort carried steps", || {
+        env.db.abort_steps(
+            &keys,
+            env.now(),
+            "aborted: the runner restarted while this step was busy, and no step took it back \
+             within the rejoin grace",
+        )
+    })
+    .await
+    {
+        Ok(closed) => {
+            for s in closed {
+                tracing::warn!(build = s.build.0, step = s.stepnr, drv = %s.drv_path, machine = %s.machine, "carried step not taken back within the grace: aborted");
+            }
+        }
+        Err(e) => {
+            Stats::inc(&env.stats.db_write_failures);
+            tracing::error!(rows = keys.len(), error = %e, "cannot close the carried steps nobody took back: left busy for the next start");
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

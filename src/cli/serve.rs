@@ -13,9 +13,8 @@ use tonic::service::interceptor::InterceptedService;
 
 use super::Context;
 use super::run::{local_executor, local_machine, open_store, retry_policy};
-use crate::actors::dispatcher::actor::Reserve;
 use crate::actors::env::{Env, SystemClock};
-use crate::actors::scheduler::Scheduler;
+use crate::actors::scheduler::{Restart, Scheduler};
 use crate::db::{Db, DbOptions};
 use crate::grpc::admin::AdminServiceImpl;
 use crate::grpc::admin::admin_v1::admin_service_server::AdminServiceServer;
@@ -120,29 +119,24 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let settings = remote_settings(&ctx, store.store_dir().clone());
     let remote_logs = settings.log_dir.clone();
-    let (sched, recovery) = Scheduler::start(
+    // Rows busy on a builder when the runner stopped: that builder may still be running them.
+    // They stay busy, and their steps are kept for it, until it rejoins (and its build is
+    // adopted, in the same row) or the grace passes (`actors/carried.rs`).
+    let restart = Restart::CarryRemote {
+        local: machines.iter().map(|(m, _)| m.id.clone()).collect(),
+        grace: settings.adopt_grace,
+    };
+    let (sched, recovery) = Scheduler::start_with(
         env.clone(),
         machines,
         Duration::from_secs(ctx.config.scheduler.unsupported_wait_s),
+        restart,
     )
     .await?;
-    // Steps that were building on a builder when the runner stopped: that builder may still hold
-    // them. Keep them for it until it rejoins (and its build is adopted) or the grace passes.
-    // Sent before the queue monitor has read anything, so before any step is runnable.
-    for (drv, machine) in &recovery.busy {
-        if machine.is_empty() || machine == "localhost" {
-            continue;
-        }
-        tracing::info!(drv = %drv, machine = %machine, "was building on a builder at the restart: waiting for it to rejoin");
-        sched.dispatcher.do_send(Reserve {
-            drv: drv.clone(),
-            machine: machine.clone(),
-            wait: settings.adopt_grace,
-        });
-    }
-    if recovery.aborted > 0 || recovery.resolutions > 0 {
+    if recovery.aborted > 0 || recovery.resolutions > 0 || !recovery.carried.is_empty() {
         tracing::warn!(
             aborted = recovery.aborted,
+            carried = recovery.carried.len(),
             resolutions = recovery.resolutions,
             "recovered from a restart"
         );

@@ -1437,6 +1437,49 @@ impl Db {
         .await
     }
 
+    /// Closes these rows as Aborted (status 3, busy 0, `stop_time`, `error_msg`) where they are
+    /// still unfinished, in one transaction, and returns the rows it closed (as now stored) by
+    /// build and step number. Busy flags on rows that already have a status are cleared too; other
+    /// busy rows are left as they are (restart recovery carries them, `actors/carried.rs`).
+    pub async fn abort_steps(
+        &self,
+        rows: &[(BuildId, StepNr)],
+        stop_time: i64,
+        error_msg: &str,
+    ) -> Result<Vec<Step>, DbError> {
+        // After a lost commit reply it runs again: rows it had closed are not returned then.
+        self.retrying_checked(
+            "abort_steps",
+            || async move {
+                let mut steps: Vec<Step> = on_pool!(self, |pool| {
+                    let mut tx = pool.begin_write().await?;
+                    let mut steps = Vec::with_capacity(rows.len());
+                    for (build, stepnr) in rows {
+                        if let Some(r) = sqlx::query(sql::ABORT_STEP)
+                            .bind(build.0)
+                            .bind(*stepnr)
+                            .bind(stop_time)
+                            .bind(error_msg)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                        {
+                            steps.push(r.step("")?);
+                        }
+                    }
+                    sqlx::query(sql::CLEAR_FINISHED_BUSY)
+                        .execute(&mut *tx)
+                        .await?;
+                    commit(self, tx).await?;
+                    steps
+                });
+                steps.sort_by_key(|s| (s.build, s.stepnr));
+                Ok(steps)
+            },
+            || async { Ok(None) },
+        )
+        .await
+    }
+
     /// Every step marked Resolved with the step it points at, by build and step number.
     pub async fn resolved_steps(&self) -> Result<Vec<ResolvedPair>, DbError> {
         self.reading("resolved_steps", || async move {

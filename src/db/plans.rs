@@ -143,6 +143,16 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
             sql::CLEAR_STRAY_BUSY.into(),
             vec![],
         ),
+        (
+            "abort_steps",
+            sql::ABORT_STEP.into(),
+            vec![b(), s(), I64(0), Text("aborted")],
+        ),
+        (
+            "abort_steps: stray",
+            sql::CLEAR_FINISHED_BUSY.into(),
+            vec![],
+        ),
         ("resolved_steps", sql::RESOLVED_STEPS.into(), vec![]),
         (
             "jobset_seconds_since",

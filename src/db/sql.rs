@@ -209,6 +209,18 @@ pub(crate) const ABORT_BUSY_STEPS: &str = concat!(
     step_cols!()
 );
 
+/// Restart recovery: closes one busy row as Aborted (the rows that really stopped).
+pub(crate) const ABORT_STEP: &str = concat!(
+    "update buildsteps set busy = 0, status = 3, errormsg = $4, stoptime = $3 \
+     where build = $1 and stepnr = $2 and status is null returning ",
+    step_cols!()
+);
+
+/// Busy flags left on rows that already have a status (should not happen; cleared anyway),
+/// leaving unfinished busy rows alone.
+pub(crate) const CLEAR_FINISHED_BUSY: &str =
+    "update buildsteps set busy = 0 where busy != 0 and status is not null";
+
 /// Busy flags left on rows that already have a status (should not happen; cleared anyway).
 pub(crate) const CLEAR_STRAY_BUSY: &str = "update buildsteps set busy = 0 where busy != 0";
 

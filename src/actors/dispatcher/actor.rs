@@ -127,13 +127,14 @@ impl DispatcherActor {
     fn perform(&mut self, effects: Vec<Effect>, events: &mut std::collections::VecDeque<Event>) {
         for e in effects {
             match e {
-                Effect::Assign { drv, machine } => {
+                Effect::Assign { drv, machine, held } => {
                     let step = self.steps.remove(&drv).and_then(|w| w.upgrade());
                     match (step, self.runners.get(&machine)) {
                         (Some(step), Some((runner, abort))) => {
-                            tracing::debug!(drv = %drv, machine = %machine, "assigned");
+                            tracing::debug!(drv = %drv, machine = %machine, held, "assigned");
                             step.do_send(Assigned {
                                 machine,
+                                held,
                                 runner: runner.clone(),
                                 abort: abort.clone(),
                             });

@@ -92,11 +92,12 @@ pub enum Effect {
     Assign {
         drv: String,
         machine: String,
+        /// The machine holds a build of this drv (it said so when it joined): the step adopts
+        /// it instead of starting one.
+        held: bool,
     },
     /// No machine has supported this step for the configured wait.
-    Unsupported {
-        drv: String,
-    },
+    Unsupported { drv: String },
 }
 
 /// How good a jobset's head step is: higher global priority, lower share use, higher local
@@ -271,10 +272,13 @@ impl Dispatcher {
                     return vec![Effect::Assign {
                         drv: step.drv,
                         machine: m,
+                        held: true,
                     }];
                 }
                 match self.reserved.get(&step.drv) {
-                    Some((_, until)) if *until > self.now_ms => {
+                    // Kept while its machine may still rejoin holding it; a machine that is
+                    // connected said what it holds already (`Holds` comes before its join).
+                    Some((m, until)) if *until > self.now_ms && !self.machines.contains_key(m) => {
                         self.parked.insert(step.drv.clone(), step);
                         return vec![];
                     }
@@ -362,6 +366,7 @@ impl Dispatcher {
             fx.push(Effect::Assign {
                 drv,
                 machine: machine.to_string(),
+                held: true,
             });
         }
         let released: Vec<String> = self
@@ -483,6 +488,7 @@ impl Dispatcher {
                 effects.push(Effect::Assign {
                     drv,
                     machine: id.clone(),
+                    held: false,
                 });
             }
         }

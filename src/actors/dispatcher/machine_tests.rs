@@ -36,10 +36,24 @@ fn step(
     }
 }
 
+/// The assignments of holders (adoptions): (drv, machine).
+fn adopted(fx: &[Effect]) -> Vec<(String, String)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Assign {
+                drv,
+                machine,
+                held: true,
+            } => Some((drv.clone(), machine.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn assigned(fx: &[Effect]) -> Vec<(String, String)> {
     fx.iter()
         .filter_map(|e| match e {
-            Effect::Assign { drv, machine } => Some((drv.clone(), machine.clone())),
+            Effect::Assign { drv, machine, .. } => Some((drv.clone(), machine.clone())),
             _ => None,
         })
         .collect()
@@ -334,6 +348,7 @@ fn a_held_build_is_adopted_by_its_holder_whatever_its_slots() {
     });
     let fx = d.on(Event::Runnable(step("held", "x86_64-linux", 0, "js", 0, 2)));
     assert_eq!(assigned(&fx), vec![("held".into(), "b".into())]);
+    assert_eq!(adopted(&fx), vec![("held".into(), "b".into())], "{fx:?}");
     assert_eq!(d.running_on("b"), Some(1));
     // a held drv that is already queued is taken when the holder says so
     let mut d = Dispatcher::new(Duration::from_secs(60));
@@ -349,6 +364,7 @@ fn a_held_build_is_adopted_by_its_holder_whatever_its_slots() {
         1.0,
     )));
     assert_eq!(assigned(&fx), vec![("q".into(), "b".into())]);
+    assert_eq!(adopted(&fx), vec![("q".into(), "b".into())], "{fx:?}");
     assert_eq!(d.runnable(), 0);
 }
 
@@ -383,7 +399,7 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
         1,
         1.0,
     )));
-    assert_eq!(assigned(&fx), vec![("r".into(), "gone".into())]);
+    assert_eq!(adopted(&fx), vec![("r".into(), "gone".into())], "{fx:?}");
 
     // rejoins without it: released at once
     let mut d = Dispatcher::new(Duration::from_secs(60));
@@ -406,6 +422,7 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
         2.0,
     )));
     assert_eq!(assigned(&fx), vec![("r".into(), "other".into())]);
+    assert_eq!(adopted(&fx), vec![], "a fresh start, not an adoption");
 
     // never rejoins: released when the wait is over
     let mut d2 = Dispatcher::new(Duration::from_secs(60));
@@ -425,10 +442,26 @@ fn a_reserved_step_waits_for_its_machine_then_goes_to_anyone() {
         vec![]
     );
     assert_eq!(assigned(&d2.on(Event::Tick(4_000))), vec![]);
-    assert_eq!(
-        assigned(&d2.on(Event::Tick(5_000))),
-        vec![("r".into(), "other".into())]
-    );
+    let fx = d2.on(Event::Tick(5_000));
+    assert_eq!(assigned(&fx), vec![("r".into(), "other".into())]);
+    assert_eq!(adopted(&fx), vec![]);
+
+    // rejoined without it before the step was runnable: not kept for it
+    let mut d3 = Dispatcher::new(Duration::from_secs(60));
+    d3.on(Event::Reserve {
+        drv: "r".into(),
+        machine: "gone".into(),
+        wait_ms: 5_000,
+    });
+    d3.on(Event::MachineJoined(machine(
+        "gone",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    let fx = d3.on(Event::Runnable(step("r", "x86_64-linux", 0, "js", 0, 1)));
+    assert_eq!(assigned(&fx), vec![("r".into(), "gone".into())]);
+    assert_eq!(adopted(&fx), vec![], "a fresh start: it does not hold it");
 }
 
 #[test]

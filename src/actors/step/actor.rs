@@ -10,6 +10,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use super::machine::{Effect, Event, Gauge, Phase, Resolution, StepMachine, gauge_change};
+use crate::actors::carried::CarriedRow;
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, StepLeft};
 use crate::actors::dispatcher::{Priority, RunnableStep};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
@@ -47,6 +48,9 @@ pub struct StepActor {
     pending_rows: Vec<Row>,
     /// The row of the running attempt.
     running_row: Option<Row>,
+    /// The row left busy on a remote builder by a runner restart (`carried.rs`), taken from the
+    /// ledger when the step was made, until the machine resumes or closes it.
+    carried_row: Option<CarriedRow>,
     /// This step's own Resolved row, and the row of the resolved step it points at.
     resolved_row: Option<Row>,
     child_row: Option<Row>,
@@ -83,6 +87,13 @@ impl StepActor {
         recorded: Option<(Row, Option<Row>)>,
     ) -> Self {
         let drv_path = machine.drv().clone();
+        // A row busy on a builder at the restart is this step's to resume or close: the machine
+        // decides which.
+        let carried_row = env.carried.claim(&drv_path);
+        let machine = match &carried_row {
+            Some(c) => machine.with_carried_attempt(c.machine.clone()),
+            None => machine,
+        };
         let cell = env
             .actors
             .register(ActorId::Step(drv_path.clone()), ActorKind::Step, env.now());
@@ -105,6 +116,7 @@ impl StepActor {
             builds,
             pending_rows: Vec::new(),
             running_row: None,
+            carried_row,
             resolved_row,
             child_row,
             runner: None,
@@ -314,6 +326,25 @@ impl StepActor {
                 });
             }
             Effect::RecordStart { machine } => self.record_start(machine, ctx),
+            Effect::ResumeCarried { machine } => self.resume_carried(machine, ctx),
+            Effect::CloseCarried { status, message } => {
+                if let Some(c) = self.carried_row.take() {
+                    let row = c.row;
+                    // Closing before a new attempt starts: a failure leaves the job unsent.
+                    let not_started = matches!(self.machine.phase(), Phase::Building { .. });
+                    let f = self.finish_row(row, status, Some(message), Outputs::new(), Some(0));
+                    let drv = self.drv_path.to_string();
+                    tracing::info!(drv = %drv, build = row.0, stepnr = row.1, machine = %c.machine, status = ?status, "closing the attempt carried over the restart");
+                    self.io(ctx, async move {
+                        f.await.map_err(|e| {
+                            let w =
+                                WriteFailure::new("close a carried attempt", &drv, Some(row), &e)
+                                    .reopen_pending(row);
+                            if not_started { w.not_started() } else { w }
+                        })
+                    });
+                }
+            }
             Effect::RecordSuccess { outputs, built } => self.record_success(outputs, built, ctx),
             Effect::RecordRetry {
                 status, message, ..
@@ -696,6 +727,38 @@ impl StepActor {
             }
             act.drain(ctx);
         }));
+    }
+
+    /// The builder that ran the step before the restart goes on with it: its row, busy since
+    /// then, is the running row (same step number and start time; nothing to write), and the job
+    /// is sent for the builder to attach to its build.
+    fn resume_carried(&mut self, machine: String, ctx: &mut Context<Self>) {
+        let Some(c) = self.carried_row.take() else {
+            // The machine resumes only an attempt whose row the step holds; without one, a new
+            // attempt.
+            return self.record_start(machine, ctx);
+        };
+        self.machine_name = machine.clone();
+        self.in_flight = true;
+        self.running_row = Some(c.row);
+        tracing::info!(drv = %self.drv_path, build = c.row.0, stepnr = c.row.1, machine = %machine, "the builder goes on with the attempt it ran before the restart, in the same row");
+        self.env.emit(SchedEvent::StepStarted {
+            drv: self.drv_path.to_string(),
+            machine,
+        });
+        if let Some(r) = &self.runner {
+            r.do_send(RunJob {
+                drv_path: self.drv_path.to_string(),
+                drv: None,
+                step: ctx.address().downgrade(),
+                max_silent: self.env.max_silent,
+                timeout: self.env.timeout,
+                attempt: Some(crate::builder::logs::Attempt {
+                    build: c.row.0,
+                    stepnr: c.row.1,
+                }),
+            });
+        }
     }
 
     fn record_start(&mut self, machine: String, ctx: &mut Context<Self>) {
@@ -1189,6 +1252,29 @@ impl Actor for StepActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         // Stopping leaves the phase's gauge too (a step nobody references any more).
         self.account(self.machine.phase().gauge(), None);
+        if let Some(c) = self.carried_row.take() {
+            // Neither resumed nor closed (the machine closes it on every way forward): the
+            // attempt is no one's any more, so it is closed here. A write that fails leaves the
+            // row busy for the next start to decide.
+            tracing::warn!(drv = %self.drv_path, build = c.row.0, stepnr = c.row.1, "a step stopped holding a carried attempt: closing it");
+            let env = self.env.clone();
+            let drv = self.drv_path.to_string();
+            actix::spawn(self.env.offload(async move {
+                let key = [(BuildId(c.row.0), c.row.1)];
+                let closed = persist("close a carried attempt", || {
+                    env.db.abort_steps(
+                        &key,
+                        env.now(),
+                        "aborted: the runner restarted while this step was busy, and the step stopped",
+                    )
+                })
+                .await;
+                if let Err(e) = closed {
+                    WriteFailure::new("close a carried attempt", &drv, Some(c.row), &e);
+                    Stats::inc(&env.stats.db_write_failures);
+                }
+            }));
+        }
         self.env.registry.remove(&self.drv_path);
         self.env.actors.unregister(&self.cell);
     }
@@ -1332,15 +1418,21 @@ impl Handler<Assigned> for StepActor {
         }
         self.runner = Some(msg.runner);
         self.abort = msg.abort;
+        // The slot's machine, so a write failing before the job is sent gives it back.
+        self.machine_name = msg.machine.clone();
         if let Some(t) = self.runnable_since.take() {
             self.env.stats.dispatch.observe(t.elapsed());
         }
-        self.feed(
+        let ev = if msg.held {
+            Event::Adopted {
+                machine: msg.machine,
+            }
+        } else {
             Event::Dispatched {
                 machine: msg.machine,
-            },
-            ctx,
-        );
+            }
+        };
+        self.feed(ev, ctx);
     }
 }
 

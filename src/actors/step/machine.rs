@@ -158,6 +158,11 @@ pub enum Event {
     Dispatched {
         machine: String,
     },
+    /// A machine was given the step because it holds a build of the drv already (it said so when
+    /// it joined): it goes on with that build instead of starting one.
+    Adopted {
+        machine: String,
+    },
     /// No machine supports the step (after the configured wait): it fails as Unsupported.
     NoMachine(String),
     BuildDone(BuildOutcome),
@@ -183,6 +188,16 @@ pub enum Effect {
     /// Record that a machine started building it.
     RecordStart {
         machine: String,
+    },
+    /// The attempt carried over a runner restart goes on: `machine` still runs it, and its row
+    /// (still busy since before the restart) becomes the running row; nothing is written.
+    ResumeCarried {
+        machine: String,
+    },
+    /// The attempt carried over a runner restart really stopped: close its row with this status.
+    CloseCarried {
+        status: Status,
+        message: String,
     },
     /// Record the step's outputs: realisations for its own drv; `built` when a builder ran it.
     RecordSuccess {
@@ -231,6 +246,9 @@ pub struct StepMachine {
     retry: RetryPolicy,
     /// Set at restart when the database already records this step as Resolved.
     preresolved: Option<String>,
+    /// Set at restart when the step's row was busy on this remote builder: the attempt may still
+    /// be running there. Taken when the step resumes it or closes it.
+    carried: Option<String>,
 }
 
 impl StepMachine {
@@ -290,6 +308,7 @@ impl StepMachine {
             tries: 0,
             retry,
             preresolved: None,
+            carried: None,
         }
     }
 
@@ -297,6 +316,18 @@ impl StepMachine {
     pub fn with_recorded_resolution(mut self, resolved: impl Into<String>) -> Self {
         self.preresolved = Some(resolved.into());
         self
+    }
+
+    /// At restart: the step's row was left busy on the remote builder `machine`, which may still
+    /// be running the build and may rejoin holding it.
+    pub fn with_carried_attempt(mut self, machine: impl Into<String>) -> Self {
+        self.carried = Some(machine.into());
+        self
+    }
+
+    /// The builder of an attempt carried over a restart, still undecided.
+    pub fn carried(&self) -> Option<&str> {
+        self.carried.as_deref()
     }
 
     pub fn drv_path(&self) -> &str {
@@ -336,6 +367,35 @@ impl StepMachine {
 
     /// Feeds one event; returns the effects to perform, in order.
     pub fn on(&mut self, ev: Event) -> Vec<Effect> {
+        let mut effects = self.step(ev);
+        // An attempt carried over a restart can be resumed only from a phase that has not
+        // started anything yet. Past it, the attempt really stopped: its row is closed first.
+        if let Some(machine) = &self.carried
+            && !matches!(
+                self.phase,
+                Phase::WaitingForInputs | Phase::Resolving | Phase::Runnable
+            )
+        {
+            let close = match &self.phase {
+                Phase::Failed(f) if f.status == Status::Cancelled => Effect::CloseCarried {
+                    status: Status::Cancelled,
+                    message: "cancelled: no build needs this step".into(),
+                },
+                _ => Effect::CloseCarried {
+                    status: Status::Aborted,
+                    message: format!(
+                        "aborted: the runner restarted while this step was building on \
+                         {machine}, and {machine} did not go on with it"
+                    ),
+                },
+            };
+            self.carried = None;
+            effects.insert(0, close);
+        }
+        effects
+    }
+
+    fn step(&mut self, ev: Event) -> Vec<Effect> {
         match ev {
             Event::Start => self.start(),
             Event::InputLanded { drv, outputs } => self.input_landed(drv, outputs),
@@ -377,6 +437,23 @@ impl StepMachine {
                         machine: machine.clone(),
                     };
                     vec![Effect::RecordStart { machine }]
+                }
+                _ => vec![],
+            },
+            Event::Adopted { machine } => match self.phase {
+                Phase::Runnable => {
+                    self.phase = Phase::Building {
+                        machine: machine.clone(),
+                    };
+                    if self.carried.as_deref() == Some(machine.as_str()) {
+                        // The builder that ran the attempt before the restart goes on with it.
+                        self.carried = None;
+                        vec![Effect::ResumeCarried { machine }]
+                    } else {
+                        // Held, but not an attempt of ours that is still open (a reconnection,
+                        // or another builder): a new attempt that the builder's build serves.
+                        vec![Effect::RecordStart { machine }]
+                    }
                 }
                 _ => vec![],
             },

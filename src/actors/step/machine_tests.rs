@@ -601,3 +601,189 @@ fn a_failed_resolution_write_is_no_failure_of_the_drv() {
         [Effect::RecordFailure(f), Effect::NotifyFailed { .. }] if f.status == Status::Aborted
     ));
 }
+
+// ---- attempts carried over a runner restart
+
+/// A step whose row was busy on `machine` at the restart, made runnable.
+fn carried(machine: &str) -> StepMachine {
+    let mut s = step(false, &[]).with_carried_attempt(machine);
+    assert_eq!(s.on(Event::Start), vec![Effect::MakeRunnable]);
+    assert_eq!(s.carried(), Some(machine));
+    s
+}
+
+fn aborted_carried(fx: &[Effect]) -> bool {
+    matches!(
+        fx.first(),
+        Some(Effect::CloseCarried {
+            status: Status::Aborted,
+            ..
+        })
+    )
+}
+
+#[test]
+fn a_carried_attempt_adopted_by_its_builder_resumes_in_its_row() {
+    let mut s = carried("b1");
+    assert_eq!(
+        s.on(Event::Adopted {
+            machine: "b1".into()
+        }),
+        vec![Effect::ResumeCarried {
+            machine: "b1".into()
+        }]
+    );
+    assert_eq!(
+        s.phase(),
+        &Phase::Building {
+            machine: "b1".into()
+        }
+    );
+    assert_eq!(s.carried(), None);
+    // the builder's report finishes it like any attempt
+    let o = outs(&[("out", "/s/x-b")]);
+    assert_eq!(
+        s.on(Event::BuildDone(BuildOutcome::Built(o.clone())))[0],
+        Effect::RecordSuccess {
+            outputs: o,
+            built: true
+        }
+    );
+}
+
+#[test]
+fn a_carried_attempt_given_to_another_machine_is_closed_aborted_before_a_new_one() {
+    let mut s = carried("b1");
+    let fx = s.on(Event::Dispatched {
+        machine: "b2".into(),
+    });
+    assert!(aborted_carried(&fx), "{fx:?}");
+    assert_eq!(
+        fx[1..],
+        [Effect::RecordStart {
+            machine: "b2".into()
+        }]
+    );
+    assert_eq!(s.carried(), None);
+}
+
+#[test]
+fn a_carried_attempt_its_builder_starts_afresh_is_closed_aborted() {
+    // The builder came back without the build: a fresh dispatch, not an adoption.
+    let mut s = carried("b1");
+    let fx = s.on(Event::Dispatched {
+        machine: "b1".into(),
+    });
+    assert!(aborted_carried(&fx), "{fx:?}");
+    assert_eq!(
+        fx[1..],
+        [Effect::RecordStart {
+            machine: "b1".into()
+        }]
+    );
+    // Another builder holding the drv: a new attempt as well.
+    let mut s = carried("b1");
+    let fx = s.on(Event::Adopted {
+        machine: "b2".into(),
+    });
+    assert!(aborted_carried(&fx), "{fx:?}");
+    assert_eq!(
+        fx[1..],
+        [Effect::RecordStart {
+            machine: "b2".into()
+        }]
+    );
+}
+
+#[test]
+fn without_a_carried_attempt_an_adoption_is_a_new_attempt() {
+    let mut s = step(false, &[]);
+    s.on(Event::Start);
+    assert_eq!(
+        s.on(Event::Adopted {
+            machine: "b1".into()
+        }),
+        vec![Effect::RecordStart {
+            machine: "b1".into()
+        }]
+    );
+}
+
+#[test]
+fn a_carried_attempt_nobody_needs_is_closed_cancelled_before_abandoning() {
+    let mut s = carried("b1");
+    let fx = s.on(Event::WaiterRemoved(Waiter::Build(1)));
+    assert_eq!(
+        fx,
+        vec![
+            Effect::CloseCarried {
+                status: Status::Cancelled,
+                message: "cancelled: no build needs this step".into()
+            },
+            Effect::Abandon
+        ]
+    );
+    assert_eq!(s.carried(), None);
+}
+
+#[test]
+fn a_carried_attempt_of_a_step_that_fails_before_running_is_closed_aborted_first() {
+    let mut s = carried("b1");
+    let fx = s.on(Event::NoMachine("no machine".into()));
+    assert!(aborted_carried(&fx), "{fx:?}");
+    assert!(
+        matches!(fx[1], Effect::RecordFailure(ref f) if f.status == Status::Unsupported),
+        "{fx:?}"
+    );
+    // a write failure too
+    let mut s = carried("b1");
+    let fx = s.on(Event::WriteFailed("db gone".into()));
+    assert!(aborted_carried(&fx), "{fx:?}");
+}
+
+#[test]
+fn a_carried_attempt_waits_through_inputs_and_resolution() {
+    // Waiting and resolving keep the attempt open; resolving to another drv closes it.
+    let mut s = StepMachine::new(
+        B,
+        true,
+        wants(&[(A, &["out"])]),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    )
+    .with_carried_attempt("b1");
+    s.on(Event::WaiterAdded(Waiter::Build(1)));
+    assert_eq!(s.on(Event::Start), vec![]);
+    let fx = s.on(Event::InputLanded {
+        drv: A.into(),
+        outputs: outs(&[("out", "/s/x-a")]),
+    });
+    assert!(matches!(fx[..], [Effect::Resolve { .. }]), "{fx:?}");
+    assert_eq!(s.carried(), Some("b1"));
+    let fx = s.on(Event::Resolved(Resolution::Child(R.into())));
+    assert!(aborted_carried(&fx), "{fx:?}");
+    assert_eq!(fx[1], Effect::AttachChild { resolved: R.into() });
+    // resolving to itself keeps it: the step runs as it is and may resume
+    let mut s = StepMachine::new(
+        B,
+        true,
+        BTreeMap::new(),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    )
+    .with_carried_attempt("b1");
+    s.on(Event::WaiterAdded(Waiter::Build(1)));
+    s.on(Event::Start);
+    assert_eq!(
+        s.on(Event::Resolved(Resolution::Same)),
+        vec![Effect::MakeRunnable]
+    );
+    assert_eq!(
+        s.on(Event::Adopted {
+            machine: "b1".into()
+        }),
+        vec![Effect::ResumeCarried {
+            machine: "b1".into()
+        }]
+    );
+}
