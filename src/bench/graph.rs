@@ -212,6 +212,27 @@ pub async fn add_to_store(store: &dyn Store, graph: &Graph, parallel: usize) -> 
     Ok(())
 }
 
+/// The build of `drv` (at `path`) in `jobset`, queued at `now`, named for the drv, with the
+/// output paths known for its input-addressed outputs.
+pub fn new_build(jobset: &str, path: &str, drv: &Derivation, now: i64) -> NewBuild {
+    NewBuild {
+        jobset: jobset.to_string(),
+        job: drv.name.clone(),
+        drv_path: path.to_string(),
+        system: drv.system.clone(),
+        priority: 0,
+        global_priority: 0,
+        max_silent: 0,
+        timeout: 0,
+        timestamp: now,
+        outputs: drv
+            .outputs
+            .iter()
+            .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
+            .collect(),
+    }
+}
+
 /// Queues one build per top-level derivation in `jobset`, `parallel` inserts at once.
 pub async fn queue_builds(
     db: &Db,
@@ -225,23 +246,7 @@ pub async fn queue_builds(
         graph.drvs.iter().map(|(p, d)| (p.as_str(), d)).collect();
     let ids = futures::stream::iter(&graph.tops)
         .map(|top| {
-            let drv = by_path[top.as_str()];
-            let nb = NewBuild {
-                jobset: jobset.to_string(),
-                job: drv.name.clone(),
-                drv_path: top.clone(),
-                system: drv.system.clone(),
-                priority: 0,
-                global_priority: 0,
-                max_silent: 0,
-                timeout: 0,
-                timestamp: now,
-                outputs: drv
-                    .outputs
-                    .iter()
-                    .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
-                    .collect(),
-            };
+            let nb = new_build(jobset, top, by_path[top.as_str()], now);
             async move { db.create_build(&nb).await }
         })
         .buffer_unordered(parallel.max(1))

@@ -17,15 +17,12 @@ use serde::Serialize;
 
 use super::graph::{self, GraphSpec};
 use super::measure::{Percentiles, wait_until};
-use super::scenario::{DbTarget, FreshDb, Params, leave, machine_info};
-use crate::actors::env::{Env, SystemClock};
+use super::scenario::{DbTarget, FreshDb, Params, leave, machine_info, runner_env};
 use crate::actors::machine::executor::{Built, ExecFailure, Executor, Job};
 use crate::actors::machine::local::LocalMachine;
 use crate::actors::machine::simulated::SimulatedExecutor;
 use crate::actors::scheduler::Scheduler;
-use crate::actors::step::RetryPolicy;
 use crate::db::Db;
-use crate::db::types::NewBuild;
 use crate::store::{LocalStore, Store, StoreDir};
 
 /// What the pick-up scenario measured.
@@ -82,16 +79,7 @@ pub async fn pickup(n: usize, p: Params, target: DbTarget) -> anyhow::Result<Pic
             .context("the submitter's connection")?;
         submitter.create_jobset("pickup", 100).await?;
 
-        let mut env = Env::new(
-            db.clone(),
-            store.clone(),
-            Arc::new(SystemClock),
-            RetryPolicy::default(),
-        );
-        let io = crate::actors::env::io_runtime()?;
-        env.db.run_batches_on(io.clone());
-        env.io = Some(io);
-        let env = Arc::new(env);
+        let env = runner_env(&db, &store)?;
         let (sched, _) = Scheduler::start(env.clone(), vec![], Duration::from_secs(86400)).await?;
         let started = Arc::new(Mutex::new(HashMap::new()));
         let exec = Arc::new(Stamping {
@@ -111,22 +99,7 @@ pub async fn pickup(n: usize, p: Params, target: DbTarget) -> anyhow::Result<Pic
         for (i, (path, drv)) in graph.drvs.iter().enumerate() {
             // Spread the submissions over the poll interval (deterministically).
             tokio::time::sleep(Duration::from_millis((i as u64 * 37) % spread_ms)).await;
-            let nb = NewBuild {
-                jobset: "pickup".into(),
-                job: drv.name.clone(),
-                drv_path: path.clone(),
-                system: drv.system.clone(),
-                priority: 0,
-                global_priority: 0,
-                max_silent: 0,
-                timeout: 0,
-                timestamp: 0,
-                outputs: drv
-                    .outputs
-                    .iter()
-                    .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
-                    .collect(),
-            };
+            let nb = graph::new_build("pickup", path, drv, 0);
             let t0 = Instant::now();
             submitter.create_build(&nb).await?;
             let path = path.clone();

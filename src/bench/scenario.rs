@@ -354,16 +354,7 @@ async fn setup_and_load(
     trim_heap();
     let rss_before = rss_bytes();
 
-    let mut env = Env::new(
-        db.clone(),
-        store.clone(),
-        Arc::new(SystemClock),
-        RetryPolicy::default(),
-    );
-    let io = crate::actors::env::io_runtime()?;
-    env.db.run_batches_on(io.clone());
-    env.io = Some(io);
-    let env = Arc::new(env);
+    let env = runner_env(db, store)?;
     let t0 = Instant::now();
     let (sched, _) = Scheduler::start(env.clone(), vec![], Duration::from_secs(30 * 86400)).await?;
     let s = &env.stats;
@@ -408,6 +399,21 @@ async fn setup_and_load(
         load,
         decisions_before: status.decision_ns.len(),
     })
+}
+
+/// The runner's environment of the scenarios: the system clock, default retries, and the I/O
+/// runtime (database batches included) that `qr serve` gives its actors.
+pub(super) fn runner_env(db: &Db, store: &Arc<LocalStore>) -> anyhow::Result<Arc<Env>> {
+    let mut env = Env::new(
+        db.clone(),
+        store.clone(),
+        Arc::new(SystemClock),
+        RetryPolicy::default(),
+    );
+    let io = crate::actors::env::io_runtime()?;
+    env.db.run_batches_on(io.clone());
+    env.io = Some(io);
+    Ok(Arc::new(env))
 }
 
 fn ns_to_us(v: &[u64]) -> Percentiles {
