@@ -169,6 +169,20 @@ pub async fn report(db: &Db, ids: &[BuildId]) -> anyhow::Result<Vec<Report>> {
     Ok(out)
 }
 
+/// Prints the builds (a JSON object per line, or the table); true when every one succeeded.
+pub fn print_reports(reports: &[Report], json: bool) -> bool {
+    if json {
+        for r in reports {
+            println!("{}", report_json(r));
+        }
+    } else {
+        print!("{}", report_table(reports));
+    }
+    reports
+        .iter()
+        .all(|r| r.build.build_status == Some(BuildStatus::Success))
+}
+
 pub fn report_json(r: &Report) -> serde_json::Value {
     json!({
         "id": r.build.id.0,
@@ -404,17 +418,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = publisher {
         publish_once(p).await?;
     }
-    let reports = report(&db, &ids).await?;
-    if args.json {
-        for r in &reports {
-            println!("{}", report_json(r));
-        }
-    } else {
-        print!("{}", report_table(&reports));
-    }
-    let ok = reports
-        .iter()
-        .all(|r| r.build.build_status == Some(BuildStatus::Success));
+    let ok = print_reports(&report(&db, &ids).await?, args.json);
     actix_rt::System::current().stop();
     Ok(if ok {
         ExitCode::SUCCESS

@@ -19,7 +19,8 @@ use anyhow::Context as _;
 use super::Context;
 use super::eval_jobs::{self, LineError, Parsed};
 use super::run::{
-    open_db, open_store, queue_builds, report, report_json, report_table, targets_to_drvs,
+    open_db, open_store, print_reports, queue_builds, report, report_json, report_table,
+    targets_to_drvs,
 };
 use crate::actors::env::persist;
 use crate::db::types::{BuildId, BuildStatus};
@@ -82,17 +83,7 @@ async fn submit(ctx: Context, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     wait_for(&db, &ids, args.timeout).await?;
-    let reports = report(&db, &ids).await?;
-    if args.json {
-        for r in &reports {
-            println!("{}", report_json(r));
-        }
-    } else {
-        print!("{}", report_table(&reports));
-    }
-    let ok = reports
-        .iter()
-        .all(|r| r.build.build_status == Some(BuildStatus::Success));
+    let ok = print_reports(&report(&db, &ids).await?, args.json);
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
