@@ -5,150 +5,24 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::instantiate::{Gen, Kind};
-use common::qr::{Backend, Qr};
-use qr::actors::dispatcher::MachineInfo;
+use common::inproc::{self, Rig, in_actix};
+use common::instantiate::Gen;
+use common::qr::Backend;
 use qr::actors::dispatcher::actor::GetStatus;
-use qr::actors::env::{Env, SchedEvent, Stats, SystemClock};
-use qr::actors::machine::Executor;
+use qr::actors::env::{SchedEvent, Stats};
 use qr::actors::queue_monitor::Restart;
-use qr::actors::scheduler::Scheduler;
 use qr::actors::step::RetryPolicy;
-use qr::builder::executor::{ExecutorConfig, NativeExecutor};
-use qr::db::Db;
-use qr::db::types::{BuildId, BuildStatus, NewBuild};
-use qr::store::{LocalStore, Store, StoreDir};
-use tokio::sync::broadcast;
-
-struct Rig {
-    qr: Qr,
-    db: Db,
-    store: Arc<LocalStore>,
-    env: Arc<Env>,
-    sched: Scheduler,
-    events: broadcast::Receiver<SchedEvent>,
-}
+use qr::db::types::BuildStatus;
 
 async fn rig(backend: Backend, max_jobs: u32) -> Option<Rig> {
-    if let Ok(f) = tracing_subscriber::EnvFilter::try_from_env("QR_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(f)
-            .with_test_writer()
-            .try_init();
-    }
-    let qr = Qr::new(backend, false)?;
-    let db = Db::connect(&qr.db_url, 4).await.expect("database");
-    let dir = qr.state_dir().join("store");
-    let store = Arc::new(
-        LocalStore::open(StoreDir::new(dir.display().to_string()).expect("dir"), &dir)
-            .await
-            .expect("store"),
-    );
-    let env = Arc::new(Env::new(
-        db.clone(),
-        store.clone(),
-        Arc::new(SystemClock),
-        RetryPolicy::default(),
-    ));
-    let events = env.events.subscribe();
-    let executor: Arc<dyn Executor> = Arc::new(NativeExecutor::new(
-        store.clone(),
-        ExecutorConfig::new(qr.state_dir()),
-    ));
-    let info = MachineInfo {
-        id: "local".into(),
-        systems: [qr::config::this_system()].into(),
-        supported_features: Default::default(),
-        mandatory_features: Default::default(),
-        max_jobs,
-        speed_factor: 1.0,
-    };
-    let (sched, _) = Scheduler::start(env.clone(), vec![(info, executor)], Duration::from_secs(60))
-        .await
-        .expect("scheduler");
-    Some(Rig {
-        qr,
-        db,
-        store,
-        env,
-        sched,
-        events,
-    })
+    inproc::rig(backend, max_jobs, RetryPolicy::default(), inproc::native).await
 }
 
-impl Rig {
-    fn instantiator(&self) -> Gen {
-        Gen::in_store_dir(self.store.store_dir().clone())
-    }
-
-    async fn queue(&self, g: &Gen, drv_path: &str) -> BuildId {
-        for (p, d) in &g.drvs {
-            assert_eq!(&self.store.add_derivation(d).await.expect("add drv"), p);
-        }
-        self.db.create_jobset("ops", 100).await.expect("jobset");
-        let drv = &g.drvs[drv_path];
-        self.db
-            .create_build(&NewBuild {
-                jobset: "ops".into(),
-                job: drv.name.clone(),
-                drv_path: drv_path.into(),
-                system: drv.system.clone(),
-                priority: 0,
-                global_priority: 0,
-                max_silent: 0,
-                timeout: 0,
-                timestamp: 0,
-                outputs: vec![("out".into(), None)],
-            })
-            .await
-            .expect("build")
-    }
-
-    /// Waits (bounded) for an event matching `f`.
-    async fn wait_for(&mut self, what: &str, mut f: impl FnMut(&SchedEvent) -> bool) -> SchedEvent {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Ok(ev)) if f(&ev) => return ev,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("{what}: event stream: {e}"),
-                Err(_) => panic!("{what}: timed out"),
-            }
-        }
-    }
-
-    /// Waits (bounded) until the build's row is finished; returns its status.
-    async fn finished(&mut self, id: BuildId) -> BuildStatus {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let b = self.db.get_build(id).await.expect("build");
-            if b.finished {
-                return b.build_status.expect("finished build has a status");
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "build {id} did not finish"
-            );
-            let _ = tokio::time::timeout(Duration::from_millis(200), self.events.recv()).await;
-        }
-    }
-}
-
-fn system() -> String {
-    qr::config::this_system()
-}
-
-/// A floating CA drv for this machine's system (so the local builder takes it).
+/// A floating CA drv with no inputs, for this machine's system (so the local builder takes it).
 fn ca(g: &mut Gen, name: &str, script: &str) -> String {
-    g.system = system();
-    g.add(Kind::Ca, name, script, &[], &[])
-}
-
-fn in_actix<F: std::future::Future<Output = ()>>(f: F) {
-    actix_rt::System::new().block_on(f);
+    Rig::ca(g, name, script, &[])
 }
 
 fn cancel_kills_the_running_build(backend: Backend) {
