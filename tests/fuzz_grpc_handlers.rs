@@ -1285,8 +1285,14 @@ impl Fuzzer {
                 ("a result for outputs never uploaded", vec![], true)
             }
             Lie::ResultUnknownJob => {
+                // Any id but the job this session was given: a random string may be a known job
+                // id, and the current job's failure is a result the runner rightly takes.
+                let mut job_id = self.s();
+                while job_id == job.job_id {
+                    job_id = self.s();
+                }
                 s.send(rv::builder_message::Msg::Result(rv::JobResult {
-                    job_id: self.s(),
+                    job_id,
                     drv_path: job.drv_path.clone(),
                     outcome: Some(rv::job_result::Outcome::Failure(rv::JobFailure {
                         status: 1,

@@ -7,7 +7,7 @@ use actix::{Message, Recipient, WeakAddr};
 use crate::actors::build::actor::BuildActor;
 use crate::actors::step::BuildOutcome;
 use crate::actors::step::actor::StepActor;
-use crate::actors::types::{Drv, Failure, Outputs, Waiter};
+use crate::actors::types::{Drv, Failure, Outputs, Waiter, WaiterRef};
 use crate::store::Derivation;
 
 /// A step's outputs landed: output name → store path (its realisations).
@@ -27,22 +27,21 @@ pub struct StepFailed {
 }
 
 /// How to reach a waiter (weakly: references point up the graph weakly).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub enum WaiterAddr {
     Step(Drv, WeakAddr<StepActor>),
     Build(i64, WeakAddr<BuildActor>),
 }
 
-impl WaiterAddr {
-    pub fn key(&self) -> Waiter {
+impl WaiterRef for WaiterAddr {
+    fn key(&self) -> Waiter {
         match self {
             WaiterAddr::Step(d, _) => Waiter::Step(d.clone()),
             WaiterAddr::Build(id, _) => Waiter::Build(*id),
         }
     }
 
-    /// How this waiter's key orders against `w` (as `self.key().cmp(w)`, without the clone).
-    pub fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering {
+    fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering {
         use std::cmp::Ordering;
         match (self, w) {
             (WaiterAddr::Step(d, _), Waiter::Step(e)) => d.cmp(e),

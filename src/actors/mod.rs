@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod build;
 pub mod carried;
 pub mod dispatcher;
+pub mod driver;
 pub mod env;
 pub mod history;
 pub mod introspect;

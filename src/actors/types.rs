@@ -21,6 +21,24 @@ pub enum Waiter {
     Build(i64),
 }
 
+/// How a waiter is held: by its key alone (unit tests of the machines) or with its address (the
+/// actors). Lists of waiters are sorted by key.
+pub trait WaiterRef: Clone + std::fmt::Debug {
+    fn key(&self) -> Waiter;
+    /// How this waiter's key orders against `w` (as `self.key().cmp(w)`, without the clone).
+    fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering;
+}
+
+impl WaiterRef for Waiter {
+    fn key(&self) -> Waiter {
+        self.clone()
+    }
+
+    fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering {
+        self.cmp(w)
+    }
+}
+
 /// Why a step did not produce outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use crate::actors::types::{Drv, Failure, Outputs, Status, Waiter};
+use crate::actors::types::{Drv, Failure, Outputs, Status, Waiter, WaiterRef};
 
 /// Retry policy for transient failures (from `[scheduler]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -138,8 +138,10 @@ impl BuildOutcome {
     }
 }
 
+/// `W` is how a waiter is held: its key ([`Waiter`], in unit tests) or its address (the actor's
+/// [`WaiterAddr`](crate::actors::messages::WaiterAddr)), so the machine's list is the only one.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub enum Event<W = Waiter> {
     /// Sent once after creation.
     Start,
     InputLanded {
@@ -150,7 +152,7 @@ pub enum Event {
         drv: Drv,
         failure: Failure,
     },
-    WaiterAdded(Waiter),
+    WaiterAdded(W),
     WaiterRemoved(Waiter),
     Resolved(Resolution),
     ChildLanded(Outputs),
@@ -174,7 +176,7 @@ pub enum Event {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Effect {
+pub enum Effect<W = Waiter> {
     /// Resolve the drv with these input realisations ((drv, output) → path); report `Resolved`.
     Resolve {
         inputs: BTreeMap<(String, String), String>,
@@ -216,11 +218,11 @@ pub enum Effect {
         after: Duration,
     },
     NotifyLanded {
-        to: Vec<Waiter>,
+        to: Vec<W>,
         outputs: Outputs,
     },
     NotifyFailed {
-        to: Vec<Waiter>,
+        to: Vec<W>,
         failure: Failure,
     },
     /// Nobody waits any more: leave the queue, abort a running build, stop.
@@ -229,7 +231,7 @@ pub enum Effect {
 
 /// The step state machine.
 #[derive(Debug, Clone)]
-pub struct StepMachine {
+pub struct StepMachine<W = Waiter> {
     drv_path: Drv,
     needs_resolution: bool,
     /// Input drvs still to land, with the outputs wanted from each.
@@ -238,8 +240,8 @@ pub struct StepMachine {
     waiting_for: Vec<(Drv, Vec<String>)>,
     /// Real paths of the inputs' outputs: (drv, output) → path.
     landed: BTreeMap<(String, String), String>,
-    /// Sorted, without duplicates.
-    waiters: Vec<Waiter>,
+    /// Sorted by key, without duplicates.
+    waiters: Vec<W>,
     phase: Phase,
     /// Attempts that ended (failed) so far.
     tries: u32,
@@ -251,7 +253,7 @@ pub struct StepMachine {
     carried: Option<String>,
 }
 
-impl StepMachine {
+impl<W: WaiterRef> StepMachine<W> {
     /// A step for `drv_path` waiting for `inputs` (drv → wanted outputs) that are still to build;
     /// `already_landed` holds the realisations of inputs that are already valid.
     pub fn new(
@@ -343,7 +345,7 @@ impl StepMachine {
         &self.phase
     }
 
-    pub fn waiters(&self) -> impl Iterator<Item = &Waiter> {
+    pub fn waiters(&self) -> impl Iterator<Item = &W> {
         self.waiters.iter()
     }
 
@@ -366,7 +368,7 @@ impl StepMachine {
     }
 
     /// Feeds one event; returns the effects to perform, in order.
-    pub fn on(&mut self, ev: Event) -> Vec<Effect> {
+    pub fn on(&mut self, ev: Event<W>) -> Vec<Effect<W>> {
         let mut effects = self.step(ev);
         // An attempt carried over a restart can be resumed only from a phase that has not
         // started anything yet. Past it, the attempt really stopped: its row is closed first.
@@ -395,7 +397,7 @@ impl StepMachine {
         effects
     }
 
-    fn step(&mut self, ev: Event) -> Vec<Effect> {
+    fn step(&mut self, ev: Event<W>) -> Vec<Effect<W>> {
         match ev {
             Event::Start => self.start(),
             Event::InputLanded { drv, outputs } => self.input_landed(drv, outputs),
@@ -407,7 +409,7 @@ impl StepMachine {
             }
             Event::WaiterAdded(w) => self.waiter_added(w),
             Event::WaiterRemoved(w) => {
-                if let Ok(i) = self.waiters.binary_search(&w) {
+                if let Ok(i) = self.waiters.binary_search_by(|a| a.cmp_key(&w)) {
                     self.waiters.remove(i);
                 }
                 if self.waiters.is_empty() && !self.is_finished() {
@@ -477,7 +479,7 @@ impl StepMachine {
     /// write's error (its waiters learn it instead of a success the database does not hold).
     /// Already failed, the write was recording that failure: the notification queued behind it
     /// was dropped, so it is sent again (nothing more is recorded: no loop of failing writes).
-    fn write_failed(&mut self, message: String) -> Vec<Effect> {
+    fn write_failed(&mut self, message: String) -> Vec<Effect<W>> {
         match &self.phase {
             Phase::Failed(f) => vec![Effect::NotifyFailed {
                 to: self.waiters.to_vec(),
@@ -493,7 +495,7 @@ impl StepMachine {
             .ok()
     }
 
-    fn start(&mut self) -> Vec<Effect> {
+    fn start(&mut self) -> Vec<Effect<W>> {
         if self.phase != Phase::WaitingForInputs {
             return vec![];
         }
@@ -510,7 +512,7 @@ impl StepMachine {
         }
     }
 
-    fn input_landed(&mut self, drv: Drv, outputs: Outputs) -> Vec<Effect> {
+    fn input_landed(&mut self, drv: Drv, outputs: Outputs) -> Vec<Effect<W>> {
         if self.phase != Phase::WaitingForInputs {
             return vec![];
         }
@@ -536,7 +538,7 @@ impl StepMachine {
         }
     }
 
-    fn inputs_complete(&mut self) -> Vec<Effect> {
+    fn inputs_complete(&mut self) -> Vec<Effect<W>> {
         if self.needs_resolution {
             self.phase = Phase::Resolving;
             vec![Effect::Resolve {
@@ -548,9 +550,12 @@ impl StepMachine {
         }
     }
 
-    fn waiter_added(&mut self, w: Waiter) -> Vec<Effect> {
-        if let Err(i) = self.waiters.binary_search(&w) {
-            self.waiters.insert(i, w.clone());
+    fn waiter_added(&mut self, w: W) -> Vec<Effect<W>> {
+        // A waiter added again replaces its old entry (a new address for the same key).
+        let key = w.key();
+        match self.waiters.binary_search_by(|a| a.cmp_key(&key)) {
+            Ok(i) => self.waiters[i] = w.clone(),
+            Err(i) => self.waiters.insert(i, w.clone()),
         }
         match &self.phase {
             Phase::Succeeded(outputs) => vec![Effect::NotifyLanded {
@@ -565,7 +570,7 @@ impl StepMachine {
         }
     }
 
-    fn resolved(&mut self, r: Resolution) -> Vec<Effect> {
+    fn resolved(&mut self, r: Resolution) -> Vec<Effect<W>> {
         if self.phase != Phase::Resolving {
             return vec![];
         }
@@ -587,7 +592,7 @@ impl StepMachine {
         }
     }
 
-    fn build_done(&mut self, outcome: BuildOutcome) -> Vec<Effect> {
+    fn build_done(&mut self, outcome: BuildOutcome) -> Vec<Effect<W>> {
         if !matches!(self.phase, Phase::Building { .. }) {
             return vec![];
         }
@@ -618,7 +623,7 @@ impl StepMachine {
         }
     }
 
-    fn succeed(&mut self, outputs: Outputs, built: bool) -> Vec<Effect> {
+    fn succeed(&mut self, outputs: Outputs, built: bool) -> Vec<Effect<W>> {
         self.phase = Phase::Succeeded(outputs.clone());
         let to = self.waiters.to_vec();
         vec![
@@ -630,7 +635,7 @@ impl StepMachine {
         ]
     }
 
-    fn fail(&mut self, failure: Failure, record: bool) -> Vec<Effect> {
+    fn fail(&mut self, failure: Failure, record: bool) -> Vec<Effect<W>> {
         self.phase = Phase::Failed(failure.clone());
         let to = self.waiters.to_vec();
         let mut effects = Vec::with_capacity(2);

@@ -1,5 +1,8 @@
 use super::*;
 
+/// The machine as unit tests hold it: waiters by key.
+type StepMachine = super::StepMachine<Waiter>;
+
 const A: &str = "/s/aaaa-a.drv";
 const B: &str = "/s/bbbb-b.drv";
 const R: &str = "/s/rrrr-b.drv";

@@ -1,6 +1,9 @@
 //! The step actor: one per derivation still to build, shared through the registry.
 
 pub mod actor;
+pub mod core;
+pub mod describe;
 pub mod machine;
+pub mod perform;
 
 pub use machine::{BuildOutcome, Effect, Event, Phase, Resolution, RetryPolicy, StepMachine};
