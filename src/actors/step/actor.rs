@@ -8,14 +8,14 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 pub use super::core::Row;
-use super::core::{Cmd, Counter, Found, In, Note, Notice, StepCore, Wiring};
+use super::core::{Cmd, Found, In, Note, StepCore, Wiring};
 use super::describe::Described;
-use super::machine::{Gauge, StepMachine};
-use super::perform;
+use super::machine::StepMachine;
+use super::{outbox, perform};
 use crate::actors::carried::CarriedRow;
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, SlotFreed, StepLeft};
 use crate::actors::driver::{Done, Driver, Machine};
-use crate::actors::env::{Env, SchedEvent, Stats};
+use crate::actors::env::{Env, Stats};
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
 use crate::actors::registry::StepRef;
@@ -154,64 +154,26 @@ impl Machine for StepCore<Actix> {
                 pending,
             } => {
                 env.probe.resolving(&drv);
-                let fut = env.offload(perform::resolve(env.clone(), drv, inputs, owner, pending));
-                Done::Later(Box::pin(async move {
-                    match fut.await {
-                        Ok((resolution, rows)) => In::Resolved { resolution, rows },
-                        Err(error) => write_failed(error, false, false),
-                    }
-                }))
+                later(
+                    &env,
+                    perform::resolve(env.clone(), drv, inputs, owner, pending),
+                )
             }
             Cmd::FindChild { resolved } => {
                 env.probe.resolved(&drv, &resolved);
-                if let Some((key, dep)) = env.registry.get_keyed(&resolved) {
-                    return Done::Now(In::Child(Found::Live { key, dep }));
+                match env.registry.get_keyed(&resolved) {
+                    Some((key, dep)) => Done::Now(In::Child(Found::Live { key, dep })),
+                    None => later(&env, perform::look_for_child(env.clone(), resolved)),
                 }
-                let fut = env.offload(perform::look_for_child(env.clone(), resolved));
-                Done::Later(Box::pin(async move { In::Child(fut.await) }))
             }
             Cmd::SpawnChild {
                 resolved,
                 drv: d,
                 builds,
-            } => {
-                // The registry changes only on this thread; it is looked at again after the
-                // lookup's I/O all the same.
-                if let Some((key, dep)) = env.registry.get_keyed(&resolved) {
-                    return Done::Now(In::Child(Found::Spawned { key, dep }));
-                }
-                let key: Drv = resolved.as_str().into();
-                let machine = StepMachine::new(
-                    key.clone(),
-                    false,
-                    Default::default(),
-                    Default::default(),
-                    env.retry.clone(),
-                );
-                let a = StepActor::make(
-                    env.clone(),
-                    io.dispatcher.clone(),
-                    machine,
-                    &d,
-                    vec![],
-                    builds,
-                    None,
-                    true,
-                );
-                let dep = Arc::new(a.start());
-                env.registry.insert(&key, &dep);
-                Stats::inc(&env.stats.steps_created);
-                Done::Now(In::Child(Found::Spawned { key, dep }))
-            }
+            } => Done::Now(In::Child(spawn_child(io, resolved, &d, builds))),
             Cmd::JoinChild { dep, adopt, builds } => {
-                if let Some((build, stepnr)) = adopt {
-                    dep.do_send(AdoptRow { build, stepnr });
-                }
-                if let Some(b) = builds {
-                    env.stats.membership();
-                    dep.do_send(AddBuilds(b));
-                }
-                dep.do_send(AddWaiter(WaiterAddr::Step(drv, ctx.address().downgrade())));
+                let me = WaiterAddr::Step(drv, ctx.address().downgrade());
+                outbox::join_child(&env, &dep, me, adopt, builds);
                 Done::Nothing
             }
             Cmd::Enqueue(step) => {
@@ -234,33 +196,12 @@ impl Machine for StepCore<Actix> {
                 owner,
                 machine,
                 system,
-            } => {
-                let fut = env.offload(perform::start_row(
-                    env.clone(),
-                    drv,
-                    pending,
-                    owner,
-                    machine,
-                    system,
-                ));
-                Done::Later(Box::pin(async move {
-                    match fut.await {
-                        Ok(row) => In::Started(row),
-                        Err(error) => write_failed(error, true, false),
-                    }
-                }))
-            }
+            } => later(
+                &env,
+                perform::start_row(env.clone(), drv, pending, owner, machine, system),
+            ),
             Cmd::SendJob(order) => {
-                order.to.runner.do_send(RunJob {
-                    drv_path: drv.to_string(),
-                    drv: None,
-                    step: ctx.address().downgrade(),
-                    max_silent: env.max_silent,
-                    timeout: env.timeout,
-                    attempt: order
-                        .attempt
-                        .map(|(build, stepnr)| crate::builder::logs::Attempt { build, stepnr }),
-                });
+                outbox::send_job(&env, &drv, order, ctx.address().downgrade());
                 #[cfg(feature = "test-hooks")]
                 if io.resolved_child && env.crash_armed("building-resolved") {
                     // crash tests only: let the job start, then die while the resolved step builds
@@ -272,11 +213,7 @@ impl Machine for StepCore<Actix> {
                 Done::Nothing
             }
             Cmd::AbortJob(job) => {
-                if let Some(abort) = job.abort {
-                    abort.do_send(AbortJob {
-                        drv_path: drv.to_string(),
-                    });
-                }
+                outbox::abort_job(&drv, job);
                 Done::Nothing
             }
             Cmd::Db {
@@ -284,33 +221,21 @@ impl Machine for StepCore<Actix> {
                 on_error,
                 free_slot,
                 detached,
-            } => {
-                let fut = env.offload(perform::write_all(env.clone(), drv, writes, on_error));
-                Done::Later(Box::pin(async move {
-                    match fut.await {
-                        Ok(()) => In::Written,
-                        Err(error) => write_failed(error, free_slot, detached),
-                    }
-                }))
-            }
+            } => later(
+                &env,
+                perform::write_all(env.clone(), drv, writes, on_error, free_slot, detached),
+            ),
             Cmd::RegisterInStore(outputs) => {
-                let fut = env.offload(perform::register_in_store(env.clone(), drv, outputs));
-                Done::Later(Box::pin(async move {
-                    fut.await;
-                    In::Written
-                }))
+                later(&env, perform::register_in_store(env.clone(), drv, outputs))
             }
             Cmd::Notify { to, notice } => {
                 for w in to {
-                    notify(&w, &drv, &notice);
+                    outbox::notify(&w, &drv, &notice);
                 }
                 Done::Nothing
             }
             Cmd::PassBuilds { to, builds } => {
-                for d in to {
-                    env.stats.membership();
-                    d.do_send(AddBuilds(builds.clone()));
-                }
+                outbox::pass_builds(&env, to, builds);
                 Done::Nothing
             }
             Cmd::Timer(after) => {
@@ -318,42 +243,21 @@ impl Machine for StepCore<Actix> {
                 Done::Nothing
             }
             Cmd::Gauge { left, entered } => {
-                account(&env.stats, left, entered);
+                outbox::account(&env.stats, left, entered);
                 Done::Nothing
             }
             Cmd::Count(c) => {
-                let s = &env.stats;
-                match c {
-                    Counter::StepsBuilt => Stats::inc(&s.steps_built),
-                    Counter::StepsFailed => Stats::inc(&s.steps_failed),
-                    Counter::EarlyCutoffs => Stats::inc(&s.early_cutoffs),
-                    Counter::DbWriteFailures => Stats::inc(&s.db_write_failures),
-                    Counter::MembershipHandled => s.dec(&s.membership_in_flight),
+                outbox::count(&env.stats, c);
+                Done::Nothing
+            }
+            Cmd::Note(Note::Dispatched) => {
+                if let Some(t) = io.runnable_since.take() {
+                    env.stats.dispatch.observe(t.elapsed());
                 }
                 Done::Nothing
             }
             Cmd::Note(n) => {
-                let ev = match n {
-                    Note::Dispatched => {
-                        if let Some(t) = io.runnable_since.take() {
-                            env.stats.dispatch.observe(t.elapsed());
-                        }
-                        return Done::Nothing;
-                    }
-                    Note::Started { machine } => SchedEvent::StepStarted {
-                        drv: drv.to_string(),
-                        machine,
-                    },
-                    Note::Finished { status, built } => SchedEvent::StepFinished {
-                        drv: drv.to_string(),
-                        status: status.code(),
-                        built,
-                    },
-                    Note::EarlyCutoff { drv } => SchedEvent::EarlyCutoff {
-                        drv: drv.to_string(),
-                    },
-                };
-                env.emit(ev);
+                outbox::note(&env, &drv, n);
                 Done::Nothing
             }
             Cmd::Stop => {
@@ -366,7 +270,7 @@ impl Machine for StepCore<Actix> {
     fn stopped(&mut self, io: &mut StepIo, _ctx: &mut Context<StepActor>) {
         let (gauge, carried) = self.on_stop();
         if let Cmd::Gauge { left, entered } = gauge {
-            account(&io.env.stats, left, entered);
+            outbox::account(&io.env.stats, left, entered);
         }
         if let Some(row) = carried {
             tracing::warn!(drv = %io.drv, build = row.0, stepnr = row.1, "a step stopped holding a carried attempt: closing it");
@@ -382,53 +286,41 @@ impl Machine for StepCore<Actix> {
     }
 }
 
-fn write_failed(error: super::core::WriteError, free_slot: bool, detached: bool) -> In<Actix> {
-    In::WriteFailed {
-        error,
-        free_slot,
-        detached,
+/// Makes the step of a resolved drv for these builds, unless one is live since the lookup.
+fn spawn_child(
+    io: &StepIo,
+    resolved: String,
+    drv: &Derivation,
+    builds: Vec<(i64, BuildPrio)>,
+) -> Found<StepRef, Arc<Derivation>> {
+    let env = &io.env;
+    // The registry changes only on this thread; it is looked at again after the lookup's I/O
+    // all the same.
+    if let Some((key, dep)) = env.registry.get_keyed(&resolved) {
+        return Found::Spawned { key, dep };
     }
-}
-
-/// Tells one waiter (if it still lives).
-fn notify(w: &WaiterAddr, from: &Drv, notice: &Notice) {
-    match notice {
-        Notice::Landed(outputs) => {
-            let msg = OutputsLanded {
-                from: from.clone(),
-                outputs: outputs.clone(),
-            };
-            match w {
-                WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.do_send(msg)),
-                WaiterAddr::Build(_, a) => a.upgrade().map(|a| a.do_send(msg)),
-            };
-        }
-        Notice::Failed(failure) => {
-            let msg = StepFailed {
-                from: from.clone(),
-                failure: failure.clone(),
-            };
-            match w {
-                WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.do_send(msg)),
-                WaiterAddr::Build(_, a) => a.upgrade().map(|a| a.do_send(msg)),
-            };
-        }
-    }
-}
-
-/// The one place gauges change: from the gauge of the phase left to that of the phase entered
-/// (see [`Gauge`]).
-fn account(stats: &Stats, left: Option<Gauge>, entered: Option<Gauge>) {
-    let counter = |g: Gauge| match g {
-        Gauge::Runnable => &stats.steps_runnable,
-        Gauge::Running => &stats.steps_running,
-    };
-    if let Some(g) = left {
-        stats.dec(counter(g));
-    }
-    if let Some(g) = entered {
-        Stats::inc(counter(g));
-    }
+    let key: Drv = resolved.as_str().into();
+    let machine = StepMachine::new(
+        key.clone(),
+        false,
+        Default::default(),
+        Default::default(),
+        env.retry.clone(),
+    );
+    let a = StepActor::make(
+        env.clone(),
+        io.dispatcher.clone(),
+        machine,
+        drv,
+        vec![],
+        builds,
+        None,
+        true,
+    );
+    let dep = Arc::new(a.start());
+    env.registry.insert(&key, &dep);
+    Stats::inc(&env.stats.steps_created);
+    Found::Spawned { key, dep }
 }
 
 fn required_features(drv: &Derivation) -> BTreeSet<String> {
@@ -438,69 +330,10 @@ fn required_features(drv: &Derivation) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-impl From<OutputsLanded> for In<Actix> {
-    fn from(m: OutputsLanded) -> Self {
-        In::Landed {
-            from: m.from,
-            outputs: m.outputs,
-        }
-    }
-}
-
-impl From<StepFailed> for In<Actix> {
-    fn from(m: StepFailed) -> Self {
-        In::Failed {
-            from: m.from,
-            failure: m.failure,
-        }
-    }
-}
-
-impl From<AddWaiter> for In<Actix> {
-    fn from(m: AddWaiter) -> Self {
-        In::WaiterAdded(m.0)
-    }
-}
-
-impl From<RemoveWaiter> for In<Actix> {
-    fn from(m: RemoveWaiter) -> Self {
-        In::WaiterRemoved(m.0)
-    }
-}
-
-impl From<AddBuilds> for In<Actix> {
-    fn from(m: AddBuilds) -> Self {
-        In::BuildsAdded(m.0)
-    }
-}
-
-impl From<AdoptRow> for In<Actix> {
-    fn from(m: AdoptRow) -> Self {
-        In::RowAdopted((m.build, m.stepnr))
-    }
-}
-
-impl From<Assigned> for In<Actix> {
-    fn from(m: Assigned) -> Self {
-        In::Assigned {
-            machine: m.machine,
-            held: m.held,
-            job: JobRoute {
-                runner: m.runner,
-                abort: m.abort,
-            },
-        }
-    }
-}
-
-impl From<JobDone> for In<Actix> {
-    fn from(m: JobDone) -> Self {
-        In::JobDone(m.0)
-    }
-}
-
-impl From<NoMachine> for In<Actix> {
-    fn from(m: NoMachine) -> Self {
-        In::NoMachine(m.0)
-    }
+/// I/O on the I/O runtime, its reply fed back when done.
+fn later<F>(env: &Env, io: F) -> Done<In<Actix>>
+where
+    F: std::future::Future<Output = In<Actix>> + Send + 'static,
+{
+    Done::Later(Box::pin(env.offload(io)))
 }

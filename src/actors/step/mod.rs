@@ -3,7 +3,9 @@
 pub mod actor;
 pub mod core;
 pub mod describe;
+mod inbox;
 pub mod machine;
+mod outbox;
 pub mod perform;
 
 pub use machine::{BuildOutcome, Effect, Event, Phase, Resolution, RetryPolicy, StepMachine};

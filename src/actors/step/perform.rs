@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::core::{Found, Held, OnError, Row, RowEnd, Write, WriteError};
+use super::core::{Found, Held, In, OnError, Row, RowEnd, Wiring, Write, WriteError};
 use super::machine::Resolution;
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
 use crate::actors::types::{Drv, Outputs, Status};
@@ -27,12 +27,35 @@ fn failed(what: &str, drv: &str, row: Option<Row>, build: Option<i64>, e: &DbErr
 }
 
 /// Reply of a resolution: the resolution, and the rows its transaction wrote.
-pub type Resolved = Result<(Resolution, Option<(Row, Row)>), WriteError>;
+type Resolved = Result<(Resolution, Option<(Row, Row)>), WriteError>;
+
+/// A write's error as the core takes it.
+fn write_failed<A: Wiring>(error: WriteError, free_slot: bool, detached: bool) -> In<A> {
+    In::WriteFailed {
+        error,
+        free_slot,
+        detached,
+    }
+}
+
+/// [`resolution`], as the reply the core takes.
+pub async fn resolve<A: Wiring>(
+    env: Arc<Env>,
+    drv_path: Drv,
+    inputs: BTreeMap<(String, String), String>,
+    owner: Option<i64>,
+    pending: Option<Row>,
+) -> In<A> {
+    match resolution(env, drv_path, inputs, owner, pending).await {
+        Ok((resolution, rows)) => In::Resolved { resolution, rows },
+        Err(error) => write_failed(error, false, false),
+    }
+}
 
 /// Resolves `drv_path` with the input realisations: reads it, resolves it, and if it resolves to
 /// another drv, writes that drv (with a GC root) and then, in one transaction, the resolved drv's
 /// row and ours as Resolved (`pending`, or a new row in `owner`).
-pub async fn resolve(
+async fn resolution(
     env: Arc<Env>,
     drv_path: Drv,
     inputs: BTreeMap<(String, String), String>,
@@ -115,18 +138,36 @@ pub async fn resolve(
 
 /// Whether the resolved drv is readable and already built (the registry is looked at again on
 /// the actor's thread by the caller when it is neither).
-pub async fn look_for_child<D>(env: Arc<Env>, resolved: String) -> Found<D, Arc<Derivation>> {
-    match env.store.read_derivation(&resolved).await {
+pub async fn look_for_child<A: Wiring<Drv = Arc<Derivation>>>(
+    env: Arc<Env>,
+    resolved: String,
+) -> In<A> {
+    In::Child(match env.store.read_derivation(&resolved).await {
         Err(e) => Found::Unreadable(e.to_string()),
         Ok(d) => match crate::actors::build::expand::built_outputs(&env, &resolved, &d).await {
             Some(outputs) => Found::Built(outputs),
             None => Found::Missing(Arc::new(d)),
         },
+    })
+}
+
+/// [`start`], as the reply the core takes (a failure leaves the job unsent: its slot is freed).
+pub async fn start_row<A: Wiring>(
+    env: Arc<Env>,
+    drv_path: Drv,
+    pending: Option<Row>,
+    owner: Option<i64>,
+    machine: String,
+    system: String,
+) -> In<A> {
+    match start(env, drv_path, pending, owner, machine, system).await {
+        Ok(row) => In::Started(row),
+        Err(error) => write_failed(error, true, false),
     }
 }
 
 /// Starts `pending`, or makes a running row in `owner`; `Ok(None)` when the step has neither.
-pub async fn start_row(
+async fn start(
     env: Arc<Env>,
     drv_path: Drv,
     pending: Option<Row>,
@@ -165,8 +206,22 @@ pub async fn start_row(
 
 /// Performs the writes in order. With [`OnError::Stop`], the first failure ends it and every row
 /// not closed is reported; with [`OnError::Continue`], every write is tried and the first error
-/// reported, with the rows that failed.
-pub async fn write_all(
+/// reported, with the rows that failed. `free_slot` and `detached` are passed back with a failure.
+pub async fn write_all<A: Wiring>(
+    env: Arc<Env>,
+    drv_path: Drv,
+    writes: Vec<Write>,
+    on_error: OnError,
+    free_slot: bool,
+    detached: bool,
+) -> In<A> {
+    match writes_in_order(env, drv_path, writes, on_error).await {
+        Ok(()) => In::Written,
+        Err(error) => write_failed(error, free_slot, detached),
+    }
+}
+
+async fn writes_in_order(
     env: Arc<Env>,
     drv_path: Drv,
     writes: Vec<Write>,
@@ -310,7 +365,7 @@ async fn finish_row(env: &Arc<Env>, end: &RowEnd) -> Result<(), DbError> {
 
 /// Records the drv's realisations in the store too (Nix's own realisation table); a failure is
 /// logged only (the database holds them).
-pub async fn register_in_store(env: Arc<Env>, drv_path: Drv, outputs: Outputs) {
+pub async fn register_in_store<A: Wiring>(env: Arc<Env>, drv_path: Drv, outputs: Outputs) -> In<A> {
     for (o, p) in outputs {
         if let Err(e) = env
             .store
@@ -320,6 +375,7 @@ pub async fn register_in_store(env: Arc<Env>, drv_path: Drv, outputs: Outputs) {
             tracing::error!(drv = %drv_path, error = %e, "cannot register realisation in the store");
         }
     }
+    In::Written
 }
 
 /// Closes the row of an attempt carried over a restart that nobody resumed or closed (the step
