@@ -10,8 +10,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::sync::broadcast;
 
-use crate::actors::registry::Registry;
-use crate::actors::step::RetryPolicy;
+use crate::actors::step::machine::RetryPolicy;
 use crate::db::{Db, DbError};
 use crate::store::Store;
 
@@ -305,7 +304,6 @@ pub struct Env {
     pub db: Db,
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
-    pub registry: Registry,
     pub retry: RetryPolicy,
     pub stats: Stats,
     pub events: broadcast::Sender<SchedEvent>,
@@ -346,7 +344,6 @@ impl Env {
             db,
             store,
             clock,
-            registry: Registry::default(),
             retry,
             stats: Stats::default(),
             events: broadcast::channel(4096).0,

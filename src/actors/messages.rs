@@ -2,12 +2,10 @@
 
 use std::sync::Arc;
 
-use actix::{Message, Recipient, WeakAddr};
+use actix::{Message, Recipient, WeakRecipient};
 
-use crate::actors::build::actor::BuildActor;
-use crate::actors::step::BuildOutcome;
-use crate::actors::step::actor::StepActor;
-use crate::actors::types::{Drv, Failure, Outputs, Waiter, WaiterRef};
+use crate::actors::step::machine::BuildOutcome;
+use crate::actors::types::{Drv, Failure, Outputs, Waiter};
 use crate::store::Derivation;
 
 /// A step's outputs landed: output name → store path (its realisations).
@@ -26,32 +24,6 @@ pub struct StepFailed {
     pub failure: Failure,
 }
 
-/// How to reach a waiter (weakly: references point up the graph weakly).
-#[derive(Clone, Debug)]
-pub enum WaiterAddr {
-    Step(Drv, WeakAddr<StepActor>),
-    Build(i64, WeakAddr<BuildActor>),
-}
-
-impl WaiterRef for WaiterAddr {
-    fn key(&self) -> Waiter {
-        match self {
-            WaiterAddr::Step(d, _) => Waiter::Step(d.clone()),
-            WaiterAddr::Build(id, _) => Waiter::Build(*id),
-        }
-    }
-
-    fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering {
-        use std::cmp::Ordering;
-        match (self, w) {
-            (WaiterAddr::Step(d, _), Waiter::Step(e)) => d.cmp(e),
-            (WaiterAddr::Step(..), Waiter::Build(_)) => Ordering::Less,
-            (WaiterAddr::Build(..), Waiter::Step(_)) => Ordering::Greater,
-            (WaiterAddr::Build(i, _), Waiter::Build(j)) => i.cmp(j),
-        }
-    }
-}
-
 /// Where a build stands in the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildPrio {
@@ -60,10 +32,6 @@ pub struct BuildPrio {
     /// Shared by every step the build needs (one allocation per build, not per step).
     pub jobset: Arc<str>,
 }
-
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct AddWaiter(pub WaiterAddr);
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -89,7 +57,8 @@ pub struct RunJob {
     pub drv_path: String,
     /// `None`: the machine reads the derivation from the store.
     pub drv: Option<Arc<Derivation>>,
-    pub step: WeakAddr<StepActor>,
+    /// Where the outcome goes (the step, weakly).
+    pub step: WeakRecipient<JobDone>,
     pub max_silent: std::time::Duration,
     pub timeout: std::time::Duration,
     /// The step row (build, step number) this run is recorded in: its log is named for it.
@@ -134,3 +103,10 @@ pub struct BumpBuild(pub i32);
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct NoMachine(pub String);
+
+/// How the dispatcher answers a runnable step (weakly: the step may be gone).
+#[derive(Clone, Debug)]
+pub struct StepHandle {
+    pub assigned: WeakRecipient<Assigned>,
+    pub no_machine: WeakRecipient<NoMachine>,
+}

@@ -6,16 +6,17 @@
 
 pub mod aggregate;
 pub mod build;
+pub mod built;
 pub mod carried;
 pub mod dispatcher;
 pub mod driver;
 pub mod env;
+pub mod graph;
 pub mod history;
 pub mod introspect;
 pub mod machine;
 pub mod messages;
 pub mod queue_monitor;
-pub mod registry;
 pub mod scheduler;
 pub mod step;
 pub mod types;

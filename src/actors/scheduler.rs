@@ -24,6 +24,8 @@ use crate::db::types::{BuildId, BuildStatus, StepNr};
 pub struct Scheduler {
     pub env: Arc<Env>,
     pub dispatcher: Addr<DispatcherActor>,
+    /// The live steps.
+    pub graph: Arc<crate::actors::graph::Graph>,
     pub monitor: Addr<QueueMonitor>,
     pub machines: Vec<Addr<LocalMachine>>,
 }
@@ -190,13 +192,15 @@ impl Scheduler {
             .into_iter()
             .map(|(info, ex)| LocalMachine::new(env.clone(), info, ex, dispatcher.clone()).start())
             .collect();
-        let expander = Expander::new(env.clone(), dispatcher.clone(), lookup).start();
+        let graph = crate::actors::graph::Graph::new(env.clone(), dispatcher.clone());
+        let expander = Expander::new(env.clone(), graph.clone(), lookup).start();
         let (e, d) = (env.clone(), dispatcher.clone());
         let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, expander.clone()));
         Ok((
             Scheduler {
                 env,
                 dispatcher,
+                graph,
                 monitor,
                 machines,
             },

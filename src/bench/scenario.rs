@@ -378,7 +378,7 @@ async fn setup_and_load(
     let rss_untrimmed = rss_bytes();
     trim_heap();
     let rss_after = rss_bytes();
-    let live = env.registry.len();
+    let live = sched.graph.len();
     let load = Load {
         seconds,
         steps_per_s: n as f64 / seconds,

@@ -21,7 +21,6 @@ use crate::actors::dispatcher::actor::{DispatcherActor, MachineHolds, SlotFreed}
 use crate::actors::env::Env;
 use crate::actors::messages::{AbortJob, JobDone, RunJob};
 use crate::actors::step::BuildOutcome;
-use crate::actors::step::actor::StepActor;
 use crate::actors::types::{Outputs, Status as BuildStatus};
 use crate::store::{LocalStore, PathInfo, Store};
 
@@ -74,7 +73,7 @@ pub struct Refuse(pub String);
 /// The step a job is for, and the step row (attempt) it is recorded in.
 #[derive(Clone)]
 pub struct StepRef {
-    step: actix::WeakAddr<StepActor>,
+    step: actix::WeakRecipient<JobDone>,
     attempt: Option<crate::builder::logs::Attempt>,
 }
 

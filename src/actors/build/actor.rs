@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::expand::Top;
 use super::expander::{Expand, Expanded, Expander};
 use super::machine::{BuildMachine, Effect, Event};
 use crate::actors::env::{Env, SchedEvent, Stats, persist};
+use crate::actors::graph::attach::Top;
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::*;
-use crate::actors::step::actor::StepActor;
+use crate::actors::step::actor::{AddWaiter, StepActor, WaiterAddr};
 use crate::actors::types::{Outputs, Status, Waiter};
 use crate::db::DbError;
 use crate::db::types::{Build, FinishBuild, NewStep};
@@ -120,7 +120,7 @@ impl BuildActor {
                                 rows.into_actor(act)
                                     .map(|res, act, ctx| act.written(res, ctx)),
                             );
-                            step.do_send(AddWaiter(WaiterAddr::Build(
+                            step.do_send(AddWaiter(WaiterAddr::build(
                                 act.row.id.0,
                                 ctx.address().downgrade(),
                             )));

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::expand::{self, PlanFor, RecordedLookup, Top};
-use crate::actors::dispatcher::actor::DispatcherActor;
+use super::expand::{self, PlanFor, RecordedLookup};
 use crate::actors::env::Env;
+use crate::actors::graph::Graph;
+use crate::actors::graph::attach::{self, Top};
 use crate::actors::messages::BuildPrio;
 
 /// Expand the closure of `top` for `build`.
@@ -39,7 +40,7 @@ struct RunBatch;
 pub struct Expander {
     env: Arc<Env>,
     /// Shared by every step actor (an `Addr` clone allocates twice).
-    dispatcher: Arc<Addr<DispatcherActor>>,
+    graph: Arc<Graph>,
     recorded: RecordedLookup,
     pending: Vec<(Expand, oneshot::Sender<Expanded>)>,
     /// A batch is running or about to.
@@ -47,10 +48,10 @@ pub struct Expander {
 }
 
 impl Expander {
-    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>, recorded: RecordedLookup) -> Self {
+    pub fn new(env: Arc<Env>, graph: Arc<Graph>, recorded: RecordedLookup) -> Self {
         Expander {
             env,
-            dispatcher: Arc::new(dispatcher),
+            graph,
             recorded,
             pending: Vec::new(),
             busy: false,
@@ -74,8 +75,9 @@ impl Expander {
         let tops: Vec<String> = batch.iter().map(|(r, _)| r.top.clone()).collect();
         let env = self.env.clone();
         let recorded = self.recorded.clone();
+        let graph = self.graph.clone();
         ctx.spawn(
-            async move { expand::plan_many(&env, &tops, &*recorded).await }
+            async move { expand::plan_many(&env, &graph, &tops, &*recorded).await }
                 .into_actor(self)
                 .map(move |planned, act, ctx| {
                     for (req, reply) in batch {
@@ -89,7 +91,7 @@ impl Expander {
                                 continue;
                             }
                         };
-                        match planned.plan_for(&act.env, &req.top) {
+                        match planned.plan_for(&act.graph, &req.top) {
                             PlanFor::Replan => act.pending.push((req, reply)),
                             PlanFor::Failed(msg) => {
                                 let _ = reply.send(Expanded {
@@ -98,14 +100,9 @@ impl Expander {
                                 });
                             }
                             PlanFor::Plan(plan) => {
-                                let cached = expand::cached_failures(&plan);
-                                match expand::attach(
-                                    &act.env,
-                                    &act.dispatcher,
-                                    plan,
-                                    req.build,
-                                    req.prio.clone(),
-                                ) {
+                                let cached = attach::cached_failures(&plan);
+                                match attach::attach(&act.graph, plan, req.build, req.prio.clone())
+                                {
                                     Top::Replan => act.pending.push((req, reply)),
                                     top => {
                                         let _ = reply.send(Expanded {

@@ -5,20 +5,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::WeakAddr;
 use actix::prelude::*;
 
 use super::machine::{Dispatcher, Effect, Event, MachineInfo, RunnableStep};
 use crate::actors::env::{Env, SchedEvent};
 use crate::actors::introspect::{ActorCell, ActorKind};
-use crate::actors::messages::{AbortJob, Assigned, NoMachine, RunJob};
-use crate::actors::step::actor::StepActor;
+use crate::actors::messages::{AbortJob, Assigned, NoMachine, RunJob, StepHandle};
 
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Runnable {
     pub step: RunnableStep,
-    pub addr: WeakAddr<StepActor>,
+    pub addr: StepHandle,
 }
 
 /// The step left the queue (abandoned or cancelled).
@@ -86,7 +84,7 @@ pub struct DispatchStatus {
 pub struct DispatcherActor {
     env: Arc<Env>,
     logic: Dispatcher,
-    steps: HashMap<String, WeakAddr<StepActor>>,
+    steps: HashMap<String, StepHandle>,
     runners: HashMap<String, (Recipient<RunJob>, Option<Recipient<AbortJob>>)>,
     start: Instant,
     decision_ns: Vec<u64>,
@@ -128,7 +126,7 @@ impl DispatcherActor {
         for e in effects {
             match e {
                 Effect::Assign { drv, machine, held } => {
-                    let step = self.steps.remove(&drv).and_then(|w| w.upgrade());
+                    let step = self.steps.remove(&drv).and_then(|h| h.assigned.upgrade());
                     match (step, self.runners.get(&machine)) {
                         (Some(step), Some((runner, abort))) => {
                             tracing::debug!(drv = %drv, machine = %machine, held, "assigned");
@@ -146,7 +144,8 @@ impl DispatcherActor {
                     }
                 }
                 Effect::Unsupported { drv } => {
-                    if let Some(step) = self.steps.remove(&drv).and_then(|w| w.upgrade()) {
+                    if let Some(step) = self.steps.remove(&drv).and_then(|h| h.no_machine.upgrade())
+                    {
                         tracing::warn!(drv = %drv, "no machine supports this step");
                         step.do_send(NoMachine(
                             "no machine supports this step's system and required features".into(),

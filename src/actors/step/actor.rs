@@ -8,46 +8,26 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 pub use super::core::Row;
-use super::core::{Cmd, Found, In, Note, StepCore, Wiring};
+use super::core::{Cmd, Found, In, Note, StepCore};
 use super::describe::Described;
 use super::machine::StepMachine;
+pub use super::wiring::{Actix, AddWaiter, JobRoute, StepActor, StepGraph, StepRef, WaiterAddr};
 use super::{outbox, perform};
 use crate::actors::carried::CarriedRow;
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, SlotFreed, StepLeft};
 use crate::actors::driver::{Done, Driver, Machine};
-use crate::actors::env::{Env, Stats};
+use crate::actors::env::Env;
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
-use crate::actors::messages::*;
-use crate::actors::registry::StepRef;
+use crate::actors::messages::{BuildPrio, StepHandle};
 use crate::actors::types::Drv;
 use crate::store::Derivation;
-
-/// The step actor.
-pub type StepActor = Driver<StepCore<Actix>>;
-
-/// What the actor's step holds: actix addresses.
-#[derive(Debug, Clone, Copy)]
-pub struct Actix;
-
-impl Wiring for Actix {
-    type Waiter = WaiterAddr;
-    type Dep = StepRef;
-    type Job = JobRoute;
-    type Drv = Arc<Derivation>;
-}
-
-/// The machine a step was assigned: where its job goes, and how to stop it.
-#[derive(Debug, Clone)]
-pub struct JobRoute {
-    pub runner: Recipient<RunJob>,
-    pub abort: Option<Recipient<AbortJob>>,
-}
 
 /// What performing needs.
 pub struct StepIo {
     env: Arc<Env>,
     /// Shared by every step actor (an `Addr` clone allocates twice).
     dispatcher: Arc<Addr<DispatcherActor>>,
+    graph: Arc<dyn StepGraph>,
     drv: Drv,
     cell: Arc<ActorCell>,
     described: Described,
@@ -58,25 +38,15 @@ pub struct StepIo {
 }
 
 impl StepActor {
-    /// A step for `drv` (`machine` holds its inputs), needed by `builds`. `recorded`: at
-    /// restart, its own Resolved row and its child's. A row left busy on a builder by a restart
-    /// is taken from the ledger here (the core decides whether it goes on or is closed).
+    /// A step for `drv` (`machine` holds its inputs), needed by `builds`; made only by the
+    /// [`Graph`](crate::actors::graph::Graph). `recorded`: at restart, its own Resolved row and
+    /// its child's. A row left busy on a builder by a restart is taken from the ledger here (the
+    /// core decides whether it goes on or is closed).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         env: Arc<Env>,
         dispatcher: Arc<Addr<DispatcherActor>>,
-        machine: StepMachine<WaiterAddr>,
-        drv: &Derivation,
-        deps: Vec<StepRef>,
-        builds: Vec<(i64, BuildPrio)>,
-        recorded: Option<(Row, Option<Row>)>,
-    ) -> Self {
-        Self::make(env, dispatcher, machine, drv, deps, builds, recorded, false)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn make(
-        env: Arc<Env>,
-        dispatcher: Arc<Addr<DispatcherActor>>,
+        graph: Arc<dyn StepGraph>,
         machine: StepMachine<WaiterAddr>,
         drv: &Derivation,
         deps: Vec<StepRef>,
@@ -108,6 +78,7 @@ impl StepActor {
         let io = StepIo {
             env,
             dispatcher,
+            graph,
             drv: drv_path,
             cell,
             described: Described::default(),
@@ -161,7 +132,7 @@ impl Machine for StepCore<Actix> {
             }
             Cmd::FindChild { resolved } => {
                 env.probe.resolved(&drv, &resolved);
-                match env.registry.get_keyed(&resolved) {
+                match io.graph.live(&resolved) {
                     Some((key, dep)) => Done::Now(In::Child(Found::Live { key, dep })),
                     None => later(&env, perform::look_for_child(env.clone(), resolved)),
                 }
@@ -170,7 +141,10 @@ impl Machine for StepCore<Actix> {
                 resolved,
                 drv: d,
                 builds,
-            } => Done::Now(In::Child(spawn_child(io, resolved, &d, builds))),
+            } => {
+                let (key, dep) = io.graph.clone().spawn_resolved(&resolved, &d, builds);
+                Done::Now(In::Child(Found::Spawned { key, dep }))
+            }
             Cmd::JoinChild { dep, adopt, builds } => {
                 let me = WaiterAddr::Step(drv, ctx.address().downgrade());
                 outbox::join_child(&env, &dep, me, adopt, builds);
@@ -179,7 +153,11 @@ impl Machine for StepCore<Actix> {
             Cmd::Enqueue(step) => {
                 io.runnable_since
                     .get_or_insert_with(std::time::Instant::now);
-                let addr = ctx.address().downgrade();
+                let me = ctx.address().downgrade();
+                let addr = StepHandle {
+                    assigned: me.clone().recipient(),
+                    no_machine: me.recipient(),
+                };
                 io.dispatcher.do_send(Runnable { step, addr });
                 Done::Nothing
             }
@@ -281,46 +259,9 @@ impl Machine for StepCore<Actix> {
                 row,
             )));
         }
-        io.env.registry.remove(&io.drv);
+        io.graph.forget(&io.drv);
         io.env.actors.unregister(&io.cell);
     }
-}
-
-/// Makes the step of a resolved drv for these builds, unless one is live since the lookup.
-fn spawn_child(
-    io: &StepIo,
-    resolved: String,
-    drv: &Derivation,
-    builds: Vec<(i64, BuildPrio)>,
-) -> Found<StepRef, Arc<Derivation>> {
-    let env = &io.env;
-    // The registry changes only on this thread; it is looked at again after the lookup's I/O
-    // all the same.
-    if let Some((key, dep)) = env.registry.get_keyed(&resolved) {
-        return Found::Spawned { key, dep };
-    }
-    let key: Drv = resolved.as_str().into();
-    let machine = StepMachine::new(
-        key.clone(),
-        false,
-        Default::default(),
-        Default::default(),
-        env.retry.clone(),
-    );
-    let a = StepActor::make(
-        env.clone(),
-        io.dispatcher.clone(),
-        machine,
-        drv,
-        vec![],
-        builds,
-        None,
-        true,
-    );
-    let dep = Arc::new(a.start());
-    env.registry.insert(&key, &dep);
-    Stats::inc(&env.stats.steps_created);
-    Found::Spawned { key, dep }
 }
 
 fn required_features(drv: &Derivation) -> BTreeSet<String> {

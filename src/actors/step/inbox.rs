@@ -1,8 +1,10 @@
 //! Messages to a step, as the events its core takes.
 
-use super::actor::{Actix, JobRoute};
 use super::core::In;
-use crate::actors::messages::*;
+use super::wiring::{Actix, AddWaiter, JobRoute};
+use crate::actors::messages::{
+    AddBuilds, AdoptRow, Assigned, JobDone, NoMachine, OutputsLanded, RemoveWaiter, StepFailed,
+};
 
 impl From<OutputsLanded> for In<Actix> {
     fn from(m: OutputsLanded) -> Self {

@@ -7,5 +7,6 @@ mod inbox;
 pub mod machine;
 mod outbox;
 pub mod perform;
+pub mod wiring;
 
 pub use machine::{BuildOutcome, Effect, Event, Phase, Resolution, RetryPolicy, StepMachine};

@@ -1,12 +1,13 @@
 //! What a step's commands tell others: its waiters, the child it joins, the steps below it, the
 //! machine running its job, and the stats and events watchers see.
 
-use super::actor::{JobRoute, StepActor};
 use super::core::{Counter, JobOrder, Note, Notice, Row};
 use super::machine::Gauge;
+use super::wiring::{AddWaiter, JobRoute, StepActor, StepRef, WaiterAddr};
 use crate::actors::env::{Env, SchedEvent, Stats};
-use crate::actors::messages::*;
-use crate::actors::registry::StepRef;
+use crate::actors::messages::{
+    AbortJob, AddBuilds, AdoptRow, BuildPrio, OutputsLanded, RunJob, StepFailed,
+};
 use crate::actors::types::Drv;
 
 /// Tells one waiter (if it still lives).
@@ -19,7 +20,7 @@ pub fn notify(w: &WaiterAddr, from: &Drv, notice: &Notice) {
             };
             match w {
                 WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.do_send(msg)),
-                WaiterAddr::Build(_, a) => a.upgrade().map(|a| a.do_send(msg)),
+                WaiterAddr::Build(_, a, _) => a.upgrade().map(|a| a.do_send(msg)),
             };
         }
         Notice::Failed(failure) => {
@@ -29,7 +30,7 @@ pub fn notify(w: &WaiterAddr, from: &Drv, notice: &Notice) {
             };
             match w {
                 WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.do_send(msg)),
-                WaiterAddr::Build(_, a) => a.upgrade().map(|a| a.do_send(msg)),
+                WaiterAddr::Build(_, _, a) => a.upgrade().map(|a| a.do_send(msg)),
             };
         }
     }
@@ -65,7 +66,7 @@ pub fn send_job(env: &Env, drv: &Drv, order: JobOrder<JobRoute>, me: actix::Weak
     order.to.runner.do_send(RunJob {
         drv_path: drv.to_string(),
         drv: None,
-        step: me,
+        step: me.recipient(),
         max_silent: env.max_silent,
         timeout: env.timeout,
         attempt: order

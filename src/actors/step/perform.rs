@@ -144,7 +144,7 @@ pub async fn look_for_child<A: Wiring<Drv = Arc<Derivation>>>(
 ) -> In<A> {
     In::Child(match env.store.read_derivation(&resolved).await {
         Err(e) => Found::Unreadable(e.to_string()),
-        Ok(d) => match crate::actors::build::expand::built_outputs(&env, &resolved, &d).await {
+        Ok(d) => match crate::actors::built::built_outputs(&env, &resolved, &d).await {
             Some(outputs) => Found::Built(outputs),
             None => Found::Missing(Arc::new(d)),
         },

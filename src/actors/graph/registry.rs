@@ -6,13 +6,8 @@ use std::sync::{Arc, Weak};
 use actix::{Addr, WeakAddr};
 use dashmap::DashMap;
 
-use crate::actors::step::actor::StepActor;
+use crate::actors::step::actor::{StepActor, StepRef};
 use crate::actors::types::Drv;
-
-/// A strong reference to a step shared by the steps that need it: each clone of an actix `Addr`
-/// allocates twice, so a step's dependents hold one `Addr` between them instead of one each.
-/// The step lives while any clone does (or any other `Addr` of it), as with plain `Addr`s.
-pub type StepRef = Arc<Addr<StepActor>>;
 
 /// A registered step: its address (weak: whether the actor lives), and the shared strong
 /// reference handed to dependents while one of them holds it.

@@ -1,0 +1,134 @@
+//! Attaching a build's plan to the graph in one synchronous step (as Hydra's `attach_step`):
+//! the missing steps are made inputs first, registered, wired to their waiters, and told which
+//! build needs them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::Graph;
+use super::plan::{Node, Plan};
+use crate::actors::messages::{AddBuilds, BuildPrio, StepFailed};
+use crate::actors::step::StepMachine;
+use crate::actors::step::actor::StepRef;
+use crate::actors::step::actor::{AddWaiter, StepActor, WaiterAddr};
+use crate::actors::types::{Drv, Failure, Outputs, Status};
+
+/// How the build's top-level drv stands after attaching.
+pub enum Top {
+    Built(Outputs),
+    Failed(Failure),
+    Step(Addr<StepActor>),
+    /// The graph changed while planning: plan again.
+    Replan,
+}
+
+/// The synchronous phase: creates the missing step actors (inputs first), registers them, wires
+/// waiters down and strong references up, and tells every step which build needs it.
+pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> Top {
+    // A step that was live while planning may have finished since: plan again (its outputs are valid
+    // now, so the next plan sees it built).
+    if plan
+        .nodes
+        .iter()
+        .any(|(d, n)| matches!(n, Node::Live) && !graph.is_live(d))
+    {
+        return Top::Replan;
+    }
+    // Each step with its shared drv path (the registry's key), so its dependents name it with
+    // that one allocation.
+    let mut actors: HashMap<String, (Drv, StepRef)> = HashMap::new();
+    for drv_path in &plan.order {
+        if let Some((key, live)) = graph.live(drv_path) {
+            graph.env.stats.membership();
+            live.do_send(AddBuilds(vec![(build, prio.clone())]));
+            actors.insert(drv_path.clone(), (key, live));
+            continue;
+        }
+        let Some(Node::New { drv, recorded }) = plan.nodes.get(drv_path) else {
+            continue;
+        };
+        let mut inputs: Vec<(Drv, Vec<String>)> = Vec::new();
+        let mut landed = BTreeMap::new();
+        let mut deps = Vec::new();
+        let mut failed_inputs = Vec::new();
+        for (input, outs) in &drv.input_drvs {
+            match plan.nodes.get(input) {
+                Some(Node::Built(o)) => {
+                    for out in outs {
+                        if let Some(p) = o.get(out) {
+                            landed.insert((input.clone(), out.clone()), p.clone());
+                        }
+                    }
+                }
+                Some(Node::CachedFailure) => failed_inputs.push(input.clone()),
+                _ => match actors.get(input) {
+                    Some((key, a)) => {
+                        inputs.push((key.clone(), outs.iter().cloned().collect()));
+                        deps.push(a.clone());
+                    }
+                    None if recorded.is_some() => {}
+                    None => failed_inputs.push(input.clone()),
+                },
+            }
+        }
+        let key: Drv = drv_path.as_str().into();
+        let dep_keys: Vec<Drv> = inputs.iter().map(|(k, _)| k.clone()).collect();
+        let mut machine = StepMachine::with_inputs(
+            key.clone(),
+            drv.needs_resolution(),
+            inputs,
+            landed,
+            graph.env.retry.clone(),
+        );
+        if let Some(r) = recorded {
+            machine = machine.with_recorded_resolution(r.resolved.clone());
+        }
+        let rec_rows = recorded.as_ref().map(|r| (r.own, r.child));
+        let (key, actor) = graph.spawn(
+            machine,
+            drv,
+            deps,
+            vec![(build, prio.clone())],
+            rec_rows,
+            false,
+        );
+        for d in dep_keys.iter().filter_map(|k| actors.get(&**k)) {
+            d.1.do_send(AddWaiter(WaiterAddr::Step(key.clone(), actor.downgrade())));
+        }
+        for f in failed_inputs {
+            actor.do_send(StepFailed {
+                from: f.as_str().into(),
+                failure: Failure::new(
+                    Status::CachedFailure,
+                    format!("{f} failed before (cached failure)"),
+                ),
+            });
+        }
+        actors.insert(drv_path.clone(), (key, actor));
+    }
+    match plan.nodes.get(&plan.top) {
+        Some(Node::Built(o)) => Top::Built(o.clone()),
+        Some(Node::CachedFailure) => Top::Failed(Failure::new(
+            Status::CachedFailure,
+            format!("{} failed before (cached failure)", plan.top),
+        )),
+        _ => match actors.get(&plan.top) {
+            Some((_, a)) => Top::Step(Addr::clone(a)),
+            None => Top::Failed(Failure::new(
+                Status::Aborted,
+                format!("step for {} vanished while attaching", plan.top),
+            )),
+        },
+    }
+}
+
+/// The drvs of the plan that are cached failures (each gets a step row in the build).
+pub fn cached_failures(plan: &Plan) -> Vec<String> {
+    plan.nodes
+        .iter()
+        .filter(|(_, n)| matches!(n, Node::CachedFailure))
+        .map(|(d, _)| d.clone())
+        .collect()
+}

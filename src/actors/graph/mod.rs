@@ -1,0 +1,123 @@
+//! The step graph: the one registry of live steps, keyed by drv path, and the only code that makes
+//! steps — a build's plan, attached in one synchronous step ([`attach`]), and the child a
+//! resolution needs ([`StepGraph::spawn_resolved`]).
+//!
+//! Strong references point down the graph (a build to its top step, a step to its inputs and its
+//! resolved child), weak ones up (a step to its waiters); the registry holds steps weakly, so a step
+//! lives as long as something downstream needs it.
+
+pub mod attach;
+pub mod plan;
+pub mod registry;
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use crate::actors::dispatcher::actor::DispatcherActor;
+use crate::actors::env::{Env, Stats};
+use crate::actors::messages::BuildPrio;
+use crate::actors::step::StepMachine;
+pub use crate::actors::step::actor::StepRef;
+use crate::actors::step::actor::{StepActor, StepGraph, WaiterAddr};
+use crate::actors::step::core::Row;
+use crate::actors::types::Drv;
+use crate::store::Derivation;
+use registry::Registry;
+
+pub struct Graph {
+    registry: Registry,
+    env: Arc<Env>,
+    /// Shared by every step (an `Addr` clone allocates twice).
+    dispatcher: Arc<Addr<DispatcherActor>>,
+}
+
+impl Graph {
+    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>) -> Arc<Self> {
+        Arc::new(Graph {
+            registry: Registry::default(),
+            env,
+            dispatcher: Arc::new(dispatcher),
+        })
+    }
+
+    /// Whether a step for `drv` is live.
+    pub fn is_live(&self, drv: &str) -> bool {
+        self.registry.get(drv).is_some()
+    }
+
+    /// The live step for `drv`, with its shared drv path and the strong reference its dependents
+    /// share.
+    pub fn live(&self, drv: &str) -> Option<(Drv, StepRef)> {
+        self.registry.get_keyed(drv)
+    }
+
+    /// Live steps.
+    pub fn len(&self) -> usize {
+        self.registry.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes, registers and starts a step: the one place a step is made.
+    pub fn spawn(
+        self: &Arc<Self>,
+        machine: StepMachine<WaiterAddr>,
+        drv: &Derivation,
+        deps: Vec<StepRef>,
+        builds: Vec<(i64, BuildPrio)>,
+        recorded: Option<(Row, Option<Row>)>,
+        resolved_child: bool,
+    ) -> (Drv, StepRef) {
+        let key = machine.drv().clone();
+        let graph: Arc<dyn StepGraph> = self.clone();
+        let actor = StepActor::new(
+            self.env.clone(),
+            self.dispatcher.clone(),
+            graph,
+            machine,
+            drv,
+            deps,
+            builds,
+            recorded,
+            resolved_child,
+        );
+        let actor = Arc::new(actor.start());
+        self.registry.insert(&key, &actor);
+        Stats::inc(&self.env.stats.steps_created);
+        (key, actor)
+    }
+}
+
+impl StepGraph for Graph {
+    fn live(&self, drv: &str) -> Option<(Drv, StepRef)> {
+        Graph::live(self, drv)
+    }
+
+    fn spawn_resolved(
+        self: Arc<Self>,
+        resolved: &str,
+        drv: &Derivation,
+        builds: Vec<(i64, BuildPrio)>,
+    ) -> (Drv, StepRef) {
+        // The registry changes only on the actors' thread; it is looked at again after the
+        // lookup's I/O all the same.
+        if let Some(live) = Graph::live(&self, resolved) {
+            return live;
+        }
+        let machine = StepMachine::new(
+            resolved,
+            false,
+            Default::default(),
+            Default::default(),
+            self.env.retry.clone(),
+        );
+        self.spawn(machine, drv, vec![], builds, None, true)
+    }
+
+    fn forget(&self, drv: &str) {
+        self.registry.remove(drv);
+    }
+}

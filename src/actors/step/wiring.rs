@@ -1,0 +1,96 @@
+//! What a step actor holds of the others, as actix addresses: its waiters, its inputs and child,
+//! the machine running its job, and the graph it was made in.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix::{WeakAddr, WeakRecipient};
+
+use super::core::{StepCore, Wiring};
+use crate::actors::driver::Driver;
+use crate::actors::messages::{AbortJob, BuildPrio, OutputsLanded, RunJob, StepFailed};
+use crate::actors::types::{Drv, Waiter, WaiterRef};
+use crate::store::Derivation;
+
+/// The step actor.
+pub type StepActor = Driver<StepCore<Actix>>;
+
+/// A strong reference to a step shared by the steps that need it: each clone of an actix `Addr`
+/// allocates twice, so a step's dependents hold one `Addr` between them instead of one each.
+/// The step lives while any clone does (or any other `Addr` of it), as with plain `Addr`s.
+pub type StepRef = Arc<Addr<StepActor>>;
+
+/// How a step reaches its graph (implemented by [`Graph`](crate::actors::graph::Graph)): the
+/// registry, and the making of a resolution's child.
+pub trait StepGraph: Send + Sync {
+    /// The live step for `drv`, with its shared drv path.
+    fn live(&self, drv: &str) -> Option<(Drv, StepRef)>;
+    /// The step of the resolved drv, for these builds: live, or made now.
+    fn spawn_resolved(
+        self: Arc<Self>,
+        resolved: &str,
+        drv: &Derivation,
+        builds: Vec<(i64, BuildPrio)>,
+    ) -> (Drv, StepRef);
+    /// The step for `drv` stopped.
+    fn forget(&self, drv: &str);
+}
+
+/// How to reach a waiter (weakly: references point up the graph weakly).
+#[derive(Clone, Debug)]
+pub enum WaiterAddr {
+    Step(Drv, WeakAddr<StepActor>),
+    Build(i64, WeakRecipient<OutputsLanded>, WeakRecipient<StepFailed>),
+}
+
+impl WaiterAddr {
+    /// A build waiting on its top step.
+    pub fn build<A>(id: i64, addr: WeakAddr<A>) -> Self
+    where
+        A: Actor<Context = Context<A>> + Handler<OutputsLanded> + Handler<StepFailed>,
+    {
+        WaiterAddr::Build(id, addr.clone().recipient(), addr.recipient())
+    }
+}
+
+impl WaiterRef for WaiterAddr {
+    fn key(&self) -> Waiter {
+        match self {
+            WaiterAddr::Step(d, _) => Waiter::Step(d.clone()),
+            WaiterAddr::Build(id, ..) => Waiter::Build(*id),
+        }
+    }
+
+    fn cmp_key(&self, w: &Waiter) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        match (self, w) {
+            (WaiterAddr::Step(d, _), Waiter::Step(e)) => d.cmp(e),
+            (WaiterAddr::Step(..), Waiter::Build(_)) => Ordering::Less,
+            (WaiterAddr::Build(..), Waiter::Step(_)) => Ordering::Greater,
+            (WaiterAddr::Build(i, ..), Waiter::Build(j)) => i.cmp(j),
+        }
+    }
+}
+
+/// A waiter for the step's outputs.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddWaiter(pub WaiterAddr);
+
+/// What the actor's step holds: actix addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct Actix;
+
+impl Wiring for Actix {
+    type Waiter = WaiterAddr;
+    type Dep = StepRef;
+    type Job = JobRoute;
+    type Drv = Arc<Derivation>;
+}
+
+/// The machine a step was assigned: where its job goes, and how to stop it.
+#[derive(Debug, Clone)]
+pub struct JobRoute {
+    pub runner: Recipient<RunJob>,
+    pub abort: Option<Recipient<AbortJob>>,
+}
