@@ -122,6 +122,66 @@ fn cached_failure(backend: Backend) {
     );
 }
 
+/// A drv whose input failed before waits on nothing to build: it ends DepFailed at once, its input
+/// a CachedFailure, and it is not run (it used to ignore the failure and try to build without the
+/// input; the simulation's seed 347892352648 found it).
+fn input_cached_failure(backend: Backend) {
+    let Some(qr) = Qr::new(backend, false) else {
+        return;
+    };
+    let mut g = Gen::new();
+    let bad = g.add(Kind::Ca, "in-bad", "echo broken; exit 1", &[], &[]);
+    let first = one(&qr, &g, &[]);
+    assert_eq!(first["status"], 1);
+    g.add(
+        Kind::Ia,
+        "needs-bad",
+        "echo built > $out",
+        &[],
+        &[bad.as_str()],
+    );
+    let file = qr.write_json("g2.json", &g.doc());
+    let out = qr.run(
+        &[
+            "run",
+            "--json",
+            "--jobset",
+            "again",
+            &file.display().to_string(),
+        ],
+        &[],
+    );
+    let builds: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let b = builds
+        .iter()
+        .find(|b| b["job"] == "needs-bad")
+        .unwrap_or_else(|| panic!("no build of needs-bad: {builds:?}"));
+    assert_eq!(b["status"], 2, "DepFailed: {b}");
+    let steps = all_steps(std::slice::from_ref(b));
+    assert!(
+        steps.iter().all(|(_, s)| !s["drvPath"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("-needs-bad.drv")
+            || s["machine"].as_str().unwrap_or("").is_empty()),
+        "needs-bad was not run: {steps:?}"
+    );
+}
+
+#[test]
+fn input_cached_failure_on_sqlite() {
+    input_cached_failure(Backend::Sqlite);
+}
+
+#[test]
+fn input_cached_failure_on_postgres() {
+    input_cached_failure(Backend::Postgres);
+}
+
 #[test]
 fn unsupported_on_sqlite() {
     unsupported(Backend::Sqlite);

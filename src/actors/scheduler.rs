@@ -41,6 +41,10 @@ pub struct Recovery {
     /// Rows left busy on a remote builder, still busy: that builder may still be running them
     /// (`carried.rs`).
     pub carried: Vec<CarriedRow>,
+    /// Pending targets of Resolved rows that no step will adopt (their build finished, or another
+    /// resolution of the drv is the one re-attached), closed as Aborted: nothing would ever finish
+    /// them.
+    pub orphaned: usize,
 }
 
 /// How restart recovery treats rows left busy.
@@ -96,8 +100,12 @@ pub async fn recover(
     }
     let mut recorded = HashMap::new();
     let mut finished: HashMap<i64, bool> = HashMap::new();
+    let mut pending_targets: Vec<(BuildId, StepNr)> = Vec::new();
     for pair in persist("read resolved steps", || env.db.resolved_steps()).await? {
         let b = pair.original.build.0;
+        if pair.resolved.status.is_none() && !pair.resolved.busy.is_busy() {
+            pending_targets.push((pair.resolved.build, pair.resolved.stepnr));
+        }
         let done = match finished.get(&b) {
             Some(d) => *d,
             None => {
@@ -137,10 +145,40 @@ pub async fn recover(
         };
         recorded.entry(orig).or_insert(rec);
     }
+    // A pending row is only ever a resolution's target: one that no step adopts now would stay
+    // unfinished for good.
+    let adopted: std::collections::HashSet<(i64, i32)> = recorded
+        .values()
+        .filter_map(|r: &Recorded| r.child)
+        .collect();
+    let orphans: Vec<(BuildId, StepNr)> = pending_targets
+        .into_iter()
+        .filter(|(b, n)| !adopted.contains(&(b.0, *n)))
+        .collect();
+    let orphaned = if orphans.is_empty() {
+        0
+    } else {
+        persist("abort orphaned steps", || {
+            env.db.abort_steps(
+                &orphans,
+                env.now(),
+                "aborted: the runner restarted and no unfinished build needs this step",
+            )
+        })
+        .await?
+        .len()
+    };
+    if orphaned > 0 {
+        tracing::warn!(
+            rows = orphaned,
+            "pending steps no build needs any more: aborted"
+        );
+    }
     let rec = Recovery {
         aborted: aborted.len(),
         resolutions: recorded.len(),
         carried,
+        orphaned,
     };
     Ok((rec, recorded))
 }

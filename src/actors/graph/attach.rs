@@ -62,7 +62,12 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
                         }
                     }
                 }
-                Some(Node::CachedFailure) => failed_inputs.push(input.clone()),
+                Some(Node::CachedFailure) => {
+                    // Waited on like any input, so the failure sent below fails the step (a step
+                    // not waiting on it would ignore it, and build without the input).
+                    inputs.push((input.as_str().into(), outs.iter().cloned().collect()));
+                    failed_inputs.push(input.clone());
+                }
                 _ => match actors.get(input) {
                     Some((key, a)) => {
                         inputs.push((key.clone(), outs.iter().cloned().collect()));

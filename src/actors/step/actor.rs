@@ -246,18 +246,39 @@ impl Machine for StepCore<Actix> {
     }
 
     fn stopped(&mut self, io: &mut StepIo, _ctx: &mut Context<StepActor>) {
-        let (gauge, carried) = self.on_stop();
-        if let Cmd::Gauge { left, entered } = gauge {
-            outbox::account(&io.env.stats, left, entered);
-        }
-        if let Some(row) = carried {
-            tracing::warn!(drv = %io.drv, build = row.0, stepnr = row.1, "a step stopped holding a carried attempt: closing it");
-            let env = io.env.clone();
-            actix::spawn(env.offload(perform::close_carried_on_stop(
-                env.clone(),
-                io.drv.clone(),
-                row,
-            )));
+        // What must outlive the actor is done without it: nothing is fed back.
+        let env = io.env.clone();
+        let drv = io.drv.clone();
+        for cmd in self.on_stop() {
+            match cmd {
+                Cmd::Gauge { left, entered } => outbox::account(&env.stats, left, entered),
+                Cmd::LeaveQueue => io.dispatcher.do_send(StepLeft(drv.to_string())),
+                Cmd::AbortJob(job) => outbox::abort_job(&drv, job),
+                Cmd::Db {
+                    writes, on_error, ..
+                } => {
+                    let (env2, drv2) = (env.clone(), drv.clone());
+                    actix::spawn(env.offload(async move {
+                        let done = perform::write_all::<Actix>(
+                            env2.clone(),
+                            drv2,
+                            writes,
+                            on_error,
+                            false,
+                            true,
+                        )
+                        .await;
+                        if matches!(done, In::WriteFailed { .. }) {
+                            env2.stats
+                                .db_write_failures
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }));
+                }
+                other => {
+                    tracing::error!(drv = %drv, cmd = ?other, "a stopping step gave a command it cannot perform")
+                }
+            }
         }
         io.graph.forget(&io.drv);
         io.env.actors.unregister(&io.cell);

@@ -464,14 +464,68 @@ impl<A: Wiring> StepCore<A> {
         }
     }
 
-    /// What stopping leaves behind: the phase's gauge, and a carried row neither resumed nor
-    /// closed (closed as Aborted; a failing write leaves it busy for the next start to decide).
-    pub fn on_stop(&mut self) -> (Cmd<A>, Option<Row>) {
-        let gauge = Cmd::Gauge {
+    /// What stopping leaves behind, done without waiting (the actor is gone): the phase's gauge;
+    /// and, when the step stops unfinished because nothing references it any more (no build needs
+    /// it), what abandoning does — out of the queue, its job aborted, its open rows closed as
+    /// Cancelled. A carried row neither resumed nor closed is closed as Aborted (a failing write
+    /// leaves it busy for the next start to decide).
+    pub fn on_stop(&mut self) -> Vec<Cmd<A>> {
+        let mut cmds = vec![Cmd::Gauge {
             left: self.machine.phase().gauge(),
             entered: None,
-        };
-        (gauge, self.carried_row.take().map(|c| c.row))
+        }];
+        let drv = self.drv().clone();
+        let mut writes = Vec::new();
+        if let Some(c) = self.carried_row.take() {
+            tracing::warn!(drv = %drv, build = c.row.0, stepnr = c.row.1, "a step stopped holding a carried attempt: closing it");
+            writes.push(Write::Finish(RowEnd {
+                row: c.row,
+                held: Held::Dropped,
+                status: Status::Aborted,
+                message: Some(
+                    "aborted: the runner restarted while this step was busy, and the step stopped"
+                        .into(),
+                ),
+                drv: drv.clone(),
+                outputs: Outputs::new(),
+                times_built: 0,
+                machine: None,
+            }));
+        }
+        if !self.machine.is_finished() {
+            tracing::info!(drv = %drv, "step stopped unfinished: no build needs it");
+            cmds.push(Cmd::LeaveQueue);
+            if self.in_flight
+                && let Some(job) = self.job.clone()
+            {
+                cmds.push(Cmd::AbortJob(job));
+            }
+            for row in self
+                .running_row
+                .take()
+                .into_iter()
+                .chain(std::mem::take(&mut self.pending_rows))
+            {
+                writes.push(Write::Finish(RowEnd {
+                    row,
+                    held: Held::Dropped,
+                    status: Status::Cancelled,
+                    message: Some("cancelled: no build needs this step".into()),
+                    drv: drv.clone(),
+                    outputs: Outputs::new(),
+                    times_built: 0,
+                    machine: None,
+                }));
+            }
+        }
+        if !writes.is_empty() {
+            let mut cmd = detached(writes);
+            if let Cmd::Db { on_error, .. } = &mut cmd {
+                *on_error = OnError::Continue;
+            }
+            cmds.push(cmd);
+        }
+        cmds
     }
 
     /// Takes one event.

@@ -466,3 +466,66 @@ fn abandoning_closes_every_row_aborts_the_job_and_stops() {
         "{cmds:?}"
     );
 }
+
+#[test]
+fn a_step_stopping_unfinished_closes_its_rows_and_aborts_its_job() {
+    let mut c = core(false, &[1], vec![]);
+    c.on(In::RowAdopted((1, 2)));
+    assigned(&mut c);
+    c.on(In::Started(Some((1, 2))));
+    drain(&mut c);
+    // Nothing references it any more: the actor stops while the job runs.
+    let cmds = c.on_stop();
+    assert!(
+        matches!(
+            cmds[0],
+            Cmd::Gauge {
+                left: Some(Gauge::Running),
+                entered: None
+            }
+        ),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c, Cmd::LeaveQueue)));
+    assert!(cmds.iter().any(|c| matches!(c, Cmd::AbortJob("job"))));
+    let Some(Cmd::Db {
+        writes,
+        detached: true,
+        ..
+    }) = cmds.last()
+    else {
+        panic!("{cmds:?}")
+    };
+    assert!(
+        matches!(
+            &writes[..],
+            [Write::Finish(RowEnd {
+                row: (1, 2),
+                status: Status::Cancelled,
+                ..
+            })]
+        ),
+        "{writes:?}"
+    );
+}
+
+#[test]
+fn a_finished_step_stopping_only_leaves_its_gauge() {
+    let mut c = core(false, &[1], vec![]);
+    assigned(&mut c);
+    c.on(In::Started(Some((1, 1))));
+    drain(&mut c);
+    c.on(In::JobDone(BuildOutcome::Built(outs("/s/o"))));
+    drain(&mut c);
+    let cmds = c.on_stop();
+    assert!(
+        matches!(
+            &cmds[..],
+            [Cmd::Gauge {
+                left: None,
+                entered: None
+            }]
+        ),
+        "{cmds:?}"
+    );
+}

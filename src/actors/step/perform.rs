@@ -377,21 +377,3 @@ pub async fn register_in_store<A: Wiring>(env: Arc<Env>, drv_path: Drv, outputs:
     }
     In::Written
 }
-
-/// Closes the row of an attempt carried over a restart that nobody resumed or closed (the step
-/// stopped): Aborted. A failing write leaves it busy for the next start to decide.
-pub async fn close_carried_on_stop(env: Arc<Env>, drv_path: Drv, row: Row) {
-    let key = [(BuildId(row.0), row.1)];
-    let closed = persist("close a carried attempt", || {
-        env.db.abort_steps(
-            &key,
-            env.now(),
-            "aborted: the runner restarted while this step was busy, and the step stopped",
-        )
-    })
-    .await;
-    if let Err(e) = closed {
-        failed("close a carried attempt", &drv_path, Some(row), None, &e);
-        Stats::inc(&env.stats.db_write_failures);
-    }
-}
