@@ -1,6 +1,6 @@
 //! A deterministic simulation of the scheduler's logic, in the style of FoundationDB's simulator
 //! and TigerBeetle's VOPR: the real machines — every step's [`StepCore`], the [`Dispatcher`] and
-//! each build's [`BuildMachine`] — composed in one thread on a virtual clock, with an in-memory
+//! each build's [`BuildCore`] — composed in one thread on a virtual clock, with an in-memory
 //! journal (the database's step and build rows, realisations, failed paths) standing in for the
 //! database and the store.
 //!
@@ -25,7 +25,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qr::actors::build::machine::{BuildMachine, Effect as BuildEffect, Event as BuildEvent};
+use qr::actors::build::core::{
+    BuildCore, BuildRow, BuildWiring, Cmd as BuildCmd, Expansion, In as BuildIn,
+};
 use qr::actors::dispatcher::machine::{
     Dispatcher, Effect as DispatchEffect, Event as DispatchEvent, MachineInfo,
 };
@@ -257,6 +259,13 @@ impl Journal {
 #[derive(Debug, Clone, Copy)]
 struct Sim;
 
+#[derive(Debug, Clone, Copy)]
+struct SimB;
+
+impl BuildWiring for SimB {
+    type Step = Drv;
+}
+
 impl Wiring for Sim {
     type Waiter = Waiter;
     type Dep = Drv;
@@ -267,7 +276,7 @@ impl Wiring for Sim {
 #[derive(Debug)]
 enum To {
     Step(Drv, In<Sim>),
-    Build(i64, BuildEvent),
+    Build(i64, BuildIn<SimB>),
     Dispatcher(DispatchEvent),
     /// A machine's job ends.
     JobEnd {
@@ -307,7 +316,9 @@ struct World<'g> {
     seq: u64,
     queue: Vec<Delivery>,
     steps: HashMap<Drv, StepCore<Sim>>,
-    builds: HashMap<i64, (BuildMachine, Option<Drv>)>,
+    builds: HashMap<i64, BuildCore<SimB>>,
+    /// The top step each build holds.
+    build_top: HashMap<i64, Drv>,
     dispatcher: Dispatcher,
     /// Jobs running: drv → (machine, job id).
     jobs: HashMap<Drv, (String, u64)>,
@@ -326,9 +337,10 @@ struct World<'g> {
     refs: HashMap<Drv, u32>,
     holds: HashMap<Drv, Vec<Drv>>,
     orphans: BTreeSet<Drv>,
-    pending_release: Vec<Drv>,
     /// Rows a failed write did not close (an injected fault): they may stay open.
     faulted_rows: HashSet<Row>,
+    /// Builds whose finish an injected fault refused (twice, it stays unfinished).
+    faulted_builds: HashSet<i64>,
     /// Resolutions recovery found (drv → resolved drv, own row, pending target), taken when the
     /// drv's step is made.
     recorded: HashMap<String, (String, Row, Option<Row>)>,
@@ -368,6 +380,7 @@ impl<'g> World<'g> {
             queue: vec![],
             steps: HashMap::new(),
             builds: HashMap::new(),
+            build_top: HashMap::new(),
             dispatcher: Dispatcher::new(Duration::from_secs(3600)),
             jobs: HashMap::new(),
             next_job: 0,
@@ -381,8 +394,8 @@ impl<'g> World<'g> {
             refs: HashMap::new(),
             holds: HashMap::new(),
             orphans: BTreeSet::new(),
-            pending_release: vec![],
             faulted_rows: HashSet::new(),
+            faulted_builds: HashSet::new(),
             recorded: HashMap::new(),
             trace: std::env::var_os("QR_SIM_TRACE").is_some_and(|v| (v == "ref") != faults.reorder),
         };
@@ -430,9 +443,14 @@ impl<'g> World<'g> {
         self.send_at(at, (from, "dispatcher"), false, To::Dispatcher(ev));
     }
 
-    fn send_build(&mut self, from: &str, id: i64, ev: BuildEvent) {
+    fn send_build(&mut self, from: &str, id: i64, ev: BuildIn<SimB>) {
         let at = self.now + self.rng.below(2);
         self.send_at(at, (from, &format!("build-{id}")), false, To::Build(id, ev));
+    }
+
+    fn reply_build(&mut self, id: i64, ev: BuildIn<SimB>) {
+        let at = self.now + 1 + self.rng.below(5);
+        self.send_at(at, ("io", &format!("build-{id}")), true, To::Build(id, ev));
     }
 
     /// Runs until nothing is left; `Err` names the broken invariant.
@@ -483,6 +501,9 @@ impl<'g> World<'g> {
                     To::Step(drv, _) => {
                         d.reply || !self.steps.get(drv).is_some_and(|s| s.is_awaiting())
                     }
+                    To::Build(id, _) => {
+                        d.reply || !self.builds.get(id).is_some_and(|b| b.is_awaiting())
+                    }
                     _ => true,
                 }
             })
@@ -508,7 +529,13 @@ impl<'g> World<'g> {
                 core.on(ev);
                 self.drain(&drv)
             }
-            To::Build(id, ev) => self.build_event(id, ev),
+            To::Build(id, ev) => {
+                let Some(b) = self.builds.get_mut(&id) else {
+                    return Ok(()); // done: the message is dropped
+                };
+                b.on(ev);
+                self.drain_build(id)
+            }
             To::Dispatcher(ev) => {
                 let fx = self.dispatcher.on(ev);
                 self.dispatch_effects(fx);
@@ -518,7 +545,7 @@ impl<'g> World<'g> {
             To::Arrive(i) => {
                 self.arrived.insert(i);
                 let (id, top, _, p) = self.g.builds[i].clone();
-                self.expand(id, &top, p)
+                self.start_build(id, &top, p)
             }
             To::Cancel(id) => {
                 if !self.journal.builds.contains_key(&id) {
@@ -527,14 +554,14 @@ impl<'g> World<'g> {
                         .builds
                         .insert(id, (Status::Cancelled, Outputs::new()));
                     if self.builds.contains_key(&id) {
-                        self.build_event(id, BuildEvent::Cancel)?;
+                        self.send_build("operator", id, BuildIn::Cancel);
                     }
                 }
                 Ok(())
             }
             To::Bump(id, p) => {
                 if self.builds.contains_key(&id) {
-                    self.build_event(id, BuildEvent::Bump { global_priority: p })?;
+                    self.send_build("operator", id, BuildIn::Bump(p));
                 }
                 Ok(())
             }
@@ -627,16 +654,41 @@ impl<'g> World<'g> {
 
     // -- builds and expansion (the graph's attach, over the journal) --
 
-    fn expand(&mut self, id: i64, top: &str, p: i32) -> Result<(), String> {
+    /// A build (queued, or unfinished at a restart) gets its actor.
+    fn start_build(&mut self, id: i64, top: &str, p: i32) -> Result<(), String> {
         if self.journal.builds.contains_key(&id) || self.builds.contains_key(&id) {
             return Ok(());
         }
-        let mut m = BuildMachine::new(id);
+        let mut b = BuildCore::new(id, top.to_string(), prio(p));
+        b.on(BuildIn::Start);
+        self.builds.insert(id, b);
+        self.drain_build(id)?;
+        if self.faults.cancel > 0.0 && self.rng.chance(self.faults.cancel) {
+            let at = self.now + self.rng.below(3000);
+            self.send_at(at, ("operator", "queue"), false, To::Cancel(id));
+        }
+        if self.rng.chance(0.2) {
+            let at = self.now + self.rng.below(3000);
+            let p = self.rng.below(5) as i32;
+            self.send_at(at, ("operator", "queue"), false, To::Bump(id, p));
+        }
+        Ok(())
+    }
+
+    /// The expander's attach, over the journal: steps made for what is not built, failed or
+    /// live, inputs first. Returns the top's state and the cached failures met.
+    fn expand(
+        &mut self,
+        id: i64,
+        top: &str,
+        p: i32,
+    ) -> Result<(Expansion<Drv>, Vec<String>), String> {
         let recorded = self.recorded.clone();
         // Inputs first.
         let mut order = vec![];
         let mut seen = HashSet::new();
         self.closure(top, &recorded, &mut seen, &mut order);
+        let mut cached = vec![];
         for drv in &order {
             if self.steps.contains_key(drv.as_str()) || self.built(drv).is_some() {
                 if let Some(s) = self.steps.get(drv.as_str()) {
@@ -646,41 +698,110 @@ impl<'g> World<'g> {
                 continue;
             }
             if self.journal.failed_paths.contains(drv) {
+                cached.push(drv.clone());
                 continue;
             }
             let rec = self.recorded.remove(drv);
             self.new_step(drv, id, p, rec)?;
         }
-        let top_key: Option<Drv> = self.steps.get(top).map(|s| s.drv().clone());
-        let fx = if let Some(o) = self.built(top) {
-            m.on(BuildEvent::AlreadyBuilt(o))
+        let top_state = if let Some(o) = self.built(top) {
+            Expansion::Built(o)
         } else if self.journal.failed_paths.contains(top) {
-            m.on(BuildEvent::TopFailed(Failure::new(
-                Status::CachedFailure,
-                "cached",
-            )))
+            Expansion::Failed(Failure::new(Status::CachedFailure, "cached"))
         } else {
-            let key = top_key.clone().ok_or("no step for the top drv")?;
+            let key = self
+                .steps
+                .get(top)
+                .map(|s| s.drv().clone())
+                .ok_or("no step for the top drv")?;
+            // The reply carries the address: held from here.
             self.hold(None, &key);
-            self.send_step(
-                &format!("build-{id}"),
-                &key,
-                In::WaiterAdded(Waiter::Build(id)),
-            );
-            m.on(BuildEvent::WaitingOn(top.to_string()))
+            self.build_top.insert(id, key.clone());
+            Expansion::Step(key)
         };
-        let waiting = matches!(m.phase(), qr::actors::build::machine::Phase::Waiting { .. });
-        self.builds
-            .insert(id, (m, if waiting { top_key } else { None }));
-        self.build_effects(id, fx)?;
-        if self.faults.cancel > 0.0 && self.rng.chance(self.faults.cancel) {
-            let at = self.now + self.rng.below(3000);
-            self.send_at(at, ("operator", "queue"), false, To::Cancel(id));
+        Ok((top_state, cached))
+    }
+
+    fn drain_build(&mut self, id: i64) -> Result<(), String> {
+        loop {
+            let Some(b) = self.builds.get_mut(&id) else {
+                return Ok(());
+            };
+            let Some(cmd) = b.poll() else {
+                return Ok(());
+            };
+            self.perform_build(id, cmd)?;
         }
-        if self.rng.chance(0.2) {
-            let at = self.now + self.rng.below(3000);
-            let p = self.rng.below(5) as i32;
-            self.send_at(at, ("operator", "queue"), false, To::Bump(id, p));
+    }
+
+    fn perform_build(&mut self, id: i64, cmd: BuildCmd<SimB>) -> Result<(), String> {
+        let chan = format!("build-{id}");
+        match cmd {
+            BuildCmd::Expand { prio: pr, .. } => {
+                let top = self.builds[&id].drv().to_string();
+                let (top, cached) = match self.expand(id, &top, pr.global_priority) {
+                    Ok((t, c)) => (Ok(t), c),
+                    Err(e) => return Err(e),
+                };
+                self.reply_build(id, BuildIn::Expanded { top, cached });
+            }
+            BuildCmd::RecordRows(rows) => {
+                let mut res = Ok(());
+                for row in rows {
+                    if self.write_fault() {
+                        res = Err("injected: cannot record a row".to_string());
+                        continue;
+                    }
+                    let (drv, status) = match row {
+                        BuildRow::CachedFailure { drv } => (drv, Status::CachedFailure),
+                        BuildRow::Propagated(o) => (o.drv, o.status),
+                    };
+                    let r = self.journal.new_row(id, &drv);
+                    self.journal.finish(r, status)?;
+                }
+                self.reply_build(id, BuildIn::Written(res));
+            }
+            BuildCmd::Wait(step) => {
+                self.send_step(&chan, &step, In::WaiterAdded(Waiter::Build(id)));
+            }
+            BuildCmd::Release(step) => {
+                self.send_step(&chan, &step, In::WaiterRemoved(Waiter::Build(id)));
+                if self.build_top.remove(&id).is_some() {
+                    self.release(&step);
+                }
+            }
+            BuildCmd::Reprioritise(step, pr) => {
+                self.send_step(&chan, &step, In::BuildsAdded(vec![(id, pr)]));
+            }
+            BuildCmd::CheckMarker(outputs) => {
+                self.reply_build(
+                    id,
+                    BuildIn::MarkerChecked {
+                        outputs,
+                        failed_marker: false,
+                    },
+                );
+            }
+            BuildCmd::Finish(f) => {
+                let res = if self.write_fault() {
+                    self.faulted_builds.insert(id);
+                    Err("injected: cannot finish the build".to_string())
+                } else {
+                    // Only if unfinished (a cancel may have finished it).
+                    self.journal
+                        .builds
+                        .entry(id)
+                        .or_insert((f.status, f.outputs));
+                    Ok(())
+                };
+                self.reply_build(id, BuildIn::Finished(res));
+            }
+            BuildCmd::Done => {
+                self.builds.remove(&id);
+                if let Some(top) = self.build_top.remove(&id) {
+                    self.release(&top);
+                }
+            }
         }
         Ok(())
     }
@@ -823,51 +944,6 @@ impl<'g> World<'g> {
                     failure,
                 },
             );
-        }
-        Ok(())
-    }
-
-    fn build_event(&mut self, id: i64, ev: BuildEvent) -> Result<(), String> {
-        let Some((m, _)) = self.builds.get_mut(&id) else {
-            return Ok(());
-        };
-        let fx = m.on(ev);
-        self.build_effects(id, fx)
-    }
-
-    fn build_effects(&mut self, id: i64, fx: Vec<BuildEffect>) -> Result<(), String> {
-        for e in fx {
-            match e {
-                BuildEffect::Finish {
-                    status, outputs, ..
-                } => {
-                    // Only if unfinished (a cancel may have finished it).
-                    self.journal.builds.entry(id).or_insert((status, outputs));
-                    // The finished build's actor stops: it no longer holds its top step (the
-                    // Release sent before stays in the step's mailbox).
-                    if let Some(top) = self.builds.get_mut(&id).and_then(|b| b.1.take()) {
-                        self.pending_release.push(top);
-                    }
-                }
-                BuildEffect::Release { .. } => {
-                    if let Some(top) = self.builds.get(&id).and_then(|b| b.1.clone()) {
-                        self.send_step(
-                            &format!("build-{id}"),
-                            &top,
-                            In::WaiterRemoved(Waiter::Build(id)),
-                        );
-                    }
-                }
-                BuildEffect::Reprioritise { global_priority } => {
-                    if let Some(top) = self.builds.get(&id).and_then(|b| b.1.clone()) {
-                        let ev = In::BuildsAdded(vec![(id, prio(global_priority))]);
-                        self.send_step(&format!("build-{id}"), &top, ev);
-                    }
-                }
-            }
-        }
-        for top in std::mem::take(&mut self.pending_release) {
-            self.release(&top);
         }
         Ok(())
     }
@@ -1059,16 +1135,11 @@ impl<'g> World<'g> {
                                 failure: f.clone(),
                             },
                         ),
-                        (Waiter::Build(b), Notice::Landed(o)) => self.send_build(
-                            &me,
-                            b,
-                            BuildEvent::TopLanded {
-                                outputs: o.clone(),
-                                failed_marker: false,
-                            },
-                        ),
+                        (Waiter::Build(b), Notice::Landed(o)) => {
+                            self.send_build(&me, b, BuildIn::Landed(o.clone()))
+                        }
                         (Waiter::Build(b), Notice::Failed(f)) => {
-                            self.send_build(&me, b, BuildEvent::TopFailed(f.clone()))
+                            self.send_build(&me, b, BuildIn::Failed(f.clone()))
                         }
                     }
                 }
@@ -1307,6 +1378,7 @@ impl<'g> World<'g> {
         // Arrivals already delivered are rows in the database now: recovery takes them up.
         self.steps.clear();
         self.builds.clear();
+        self.build_top.clear();
         self.jobs.clear();
         self.gauges = [0, 0];
         self.refs.clear();
@@ -1328,7 +1400,7 @@ impl<'g> World<'g> {
         let arrived: Vec<usize> = self.arrived.iter().copied().collect();
         for i in arrived {
             let (id, top, _, p) = self.g.builds[i].clone();
-            self.expand(id, &top, p)?;
+            self.start_build(id, &top, p)?;
         }
         Ok(())
     }
@@ -1361,7 +1433,10 @@ impl<'g> World<'g> {
             }
         }
         for (i, (id, ..)) in self.g.builds.iter().enumerate() {
-            if self.arrived.contains(&i) && !self.journal.builds.contains_key(id) {
+            if self.arrived.contains(&i)
+                && !self.journal.builds.contains_key(id)
+                && !self.faulted_builds.contains(id)
+            {
                 return Err(format!("build {id} never finished"));
             }
         }
