@@ -2,7 +2,8 @@
 //! version 3 (2.32) and version 4 (2.33 on) — is read into the derivations Nix 2.8 wrote: the same
 //! ATerm byte for byte and the same drv path, for every fixture graph (IA, fixed flat/recursive
 //! sha256 and flat sha1, floating CA, deferred, multiple outputs). `qr run FILE.json` builds the
-//! 2.8, version 3 and version 4 documents of a graph to Nix's own output paths. Real Nix 2.8's
+//! 2.8, version 3 and version 4 documents of a graph to Nix's own output paths, and `qr submit`
+//! queues the same builds from either. Real Nix 2.8's
 //! `nix show-derivation` output parses to the drvs it wrote. Malformed documents are refused
 //! with the reason, by the library and by `qr run`.
 
@@ -310,4 +311,45 @@ fn real_nix_2_8_show_derivation_parses_to_the_drvs_it_wrote() {
             "{path}: not the fixture's"
         );
     }
+}
+
+#[test]
+fn qr_submit_queues_the_same_builds_from_v3_and_v4_documents() {
+    // The drvs of `multi` no other drv of it uses: the builds a document queues.
+    let aterms = oracle_aterms("multi");
+    let drvs = import(&read_json(&doc_file("multi", "nix-2.8"))).expect("2.8 document");
+    let used: std::collections::BTreeSet<&String> =
+        drvs.iter().flat_map(|(_, d)| d.input_drvs.keys()).collect();
+    let tops: std::collections::BTreeSet<String> = aterms
+        .keys()
+        .filter(|p| !used.contains(p))
+        .cloned()
+        .collect();
+    assert!(!tops.is_empty());
+    let qr = Qr::new(Backend::Sqlite, true).expect("SQLite");
+    let mut queued = Vec::new();
+    for format in ["nix-2.32", "nix-2.33"] {
+        let file = doc_file("multi", format);
+        let out = qr.run(&["submit", "--json", file.to_str().unwrap()], &[]);
+        assert!(
+            out.status.success(),
+            "{format}: qr submit failed\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let builds: BTreeMap<String, i64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("a JSON line");
+                (
+                    v["drvPath"].as_str().unwrap().to_string(),
+                    v["id"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let paths: std::collections::BTreeSet<String> = builds.keys().cloned().collect();
+        assert_eq!(paths, tops, "{format}: queued drvs");
+        queued.push(builds);
+    }
+    // The second document is the same derivations: its builds are the first one's, not new.
+    assert_eq!(queued[0], queued[1]);
 }

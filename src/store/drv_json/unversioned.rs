@@ -67,6 +67,48 @@ mod tests {
         ));
     }
 
+    /// Nix 2.23–2.31's libstore-tests `output-caFixed{Flat,NAR,Text}.json`: the fixed output
+    /// `output-name` of `drv-name` with each method, and the path Nix computed for it.
+    #[test]
+    fn nix_fixed_output_vectors_of_every_method() {
+        let sd = StoreDir::default();
+        let hash = "894517c9163c896ec31a2adbd33c0681fd5f45b2c0ef08a64c92a03fb97f390f";
+        for (method, ma, path) in [
+            (
+                "flat",
+                "sha256",
+                "/nix/store/rhcg9h16sqvlbpsa6dqm57sbr2al6nzg-drv-name-output-name",
+            ),
+            (
+                "nar",
+                "r:sha256",
+                "/nix/store/c015dhfh5l0lp6wxyvdn7bmwhbbr6hr9-drv-name-output-name",
+            ),
+            (
+                "text",
+                "text:sha256",
+                "/nix/store/6s1zwabh956jvhv4w9xcdb5jiyanyxg1-drv-name-output-name",
+            ),
+        ] {
+            let v = json!({
+                "name": "drv-name", "system": "s", "builder": "b",
+                "outputs": {"output-name":
+                    {"hash": hash, "hashAlgo": "sha256", "method": method, "path": path}}
+            });
+            let d = Derivation::from_show_json(&v, None, &sd)
+                .unwrap_or_else(|e| panic!("{method}: {e}"));
+            assert_eq!(
+                d.outputs["output-name"],
+                DerivationOutput::CaFixed {
+                    method_algo: ma.into(),
+                    hash: hash.into(),
+                    path: path.into()
+                },
+                "{method}"
+            );
+        }
+    }
+
     #[test]
     fn inputs_of_every_era_and_bad_ones() {
         let sd = StoreDir::default();
