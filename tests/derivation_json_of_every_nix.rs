@@ -1,11 +1,11 @@
 //! `derivation show` JSON of every Nix from 2.8 to 2.35 — unversioned (2.8, 2.18, 2.23 shapes),
 //! version 3 (2.32) and version 4 (2.33 on) — is read into the derivations Nix 2.8 wrote: the same
-//! ATerm byte for byte and the same drv path, for every fixture graph (IA, fixed flat/recursive
-//! sha256 and flat sha1, floating CA, deferred, multiple outputs). `qr run FILE.json` builds the
-//! 2.8, version 3 and version 4 documents of a graph to Nix's own output paths, and `qr submit`
-//! queues the same builds from either. Real Nix 2.8's
-//! `nix show-derivation` output parses to the drvs it wrote. Malformed documents are refused
-//! with the reason, by the library and by `qr run`.
+//! ATerm byte for byte and the same drv path, for every fixture graph (IA, fixed flat and
+//! recursive sha256 and flat sha512, floating CA, deferred, multiple outputs). `qr run FILE.json`
+//! builds the 2.8, version 3 and version 4 documents of a graph to Nix's own output paths, and
+//! `qr submit` queues the same builds from either. Real Nix 2.8's `nix show-derivation` output
+//! parses to the drvs it wrote. Malformed documents are refused with the reason, by the library
+//! and by `qr run`.
 
 mod common;
 
