@@ -30,8 +30,8 @@ pub struct RunArgs {
     /// Jobset the builds are queued in.
     #[arg(long, default_value = "qr-run")]
     pub jobset: String,
-    /// `.drv` store paths in the configured store, or JSON files of derivations (Nix's
-    /// `derivation show` shape), which are added to the store first.
+    /// `.drv` store paths in the configured store, or JSON files of derivations (`derivation
+    /// show` of Nix 2.8 to 2.35, any version), which are added to the store first.
     #[arg(required = true, value_name = "TARGET")]
     pub targets: Vec<String>,
 }
@@ -64,23 +64,18 @@ async fn add_json_file(
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let doc: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    let first = doc
-        .as_object()
-        .and_then(|o| o.keys().next())
-        .with_context(|| {
-            format!(
-                "{}: expected an object of derivations keyed by drv path",
-                file.display()
-            )
-        })?;
-    let from = StoreDir::new(first.rsplit_once('/').map(|(d, _)| d).unwrap_or("/"))
-        .with_context(|| format!("{}: {first} is not an absolute store path", file.display()))?;
+    // Any shape Nix has printed; versions 3 and 4 carry no store dir, the document's own hashes
+    // tell which it is (the configured store's is tried first).
+    let parsed =
+        crate::store::drv_json::parse_show_document(&doc, std::slice::from_ref(store.store_dir()))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let from = parsed.store_dir.clone();
     let mut hashes = crate::store::hash_modulo::DrvHashes::new(from.clone());
     let mut no_external =
         |p: &str| -> Result<Derivation, String> { Err(format!("{p} is not in the file")) };
-    let drvs =
-        crate::store::derivation::derivations_from_show_json(&doc, &mut hashes, &mut no_external)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let drvs = parsed
+        .import(&mut hashes, &mut no_external)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let drvs: Vec<(String, Derivation)> =
         drvs.into_iter().map(|(p, d)| (from.print(&p), d)).collect();
     let drvs = crate::store::relocate::relocate(&drvs, &from, store.store_dir())

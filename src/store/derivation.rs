@@ -1,18 +1,18 @@
-//! The derivation model (what a `.drv` holds), its type rules, its store path, and conversion to and
-//! from the JSON shape of Nix's `derivation show`.
+//! The derivation model (what a `.drv` holds), its type rules and its store path. Its JSON forms
+//! (`derivation show` of every Nix) are in [`super::drv_json`].
 //!
 //! Paths are kept as full printed store paths (`/nix/store/…`), exactly as the ATerm holds them, so
 //! that printing gives back the bytes Nix wrote.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
-use serde_json::{Map, Value, json};
 use thiserror::Error;
 
 use super::hash::from_hex;
-use super::hash_modulo::{DrvHashes, HashModuloError};
 use super::path::{StoreDir, StorePath, StorePathError, output_path_name, validate_name};
-use super::placeholder::hash_placeholder;
+
+// The JSON readers lived here; their paths stay valid.
+pub use super::drv_json::{JsonError, ShowJsonError, derivations_from_show_json};
 
 /// One output of a derivation, as Nix 2.8 distinguishes them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -250,161 +250,13 @@ impl Derivation {
                 Ok(store_dir.make_source_path(&name, &h, [], false))
             }
             ("" | "r:", _) => Ok(store_dir.make_fixed_output_path(method_algo, hash_hex, &name)),
+            // A text-hashed output (Nix's dynamic derivations): `makeTextPath`, no references.
+            ("text:", "sha256") => {
+                let h = from_hex(hash_hex).ok_or_else(bad)?;
+                Ok(store_dir.make_store_path("text", &h, &name))
+            }
             _ => Err(bad()),
         }
-    }
-
-    /// Nix's `derivation show` JSON object for this derivation (without the drv path key).
-    pub fn to_show_json(&self) -> Value {
-        let mut outputs = Map::new();
-        for (name, out) in &self.outputs {
-            let mut o = Map::new();
-            if let Some(p) = out.path() {
-                o.insert("path".into(), json!(p));
-            }
-            if let Some(a) = out.hash_algo() {
-                o.insert("hashAlgo".into(), json!(a));
-            }
-            if let Some(h) = out.hash() {
-                o.insert("hash".into(), json!(h));
-            }
-            outputs.insert(name.clone(), Value::Object(o));
-        }
-        json!({
-            "outputs": outputs,
-            "inputSrcs": self.input_srcs,
-            "inputDrvs": self.input_drvs,
-            "system": self.system,
-            "builder": self.builder,
-            "args": self.args,
-            "env": self.env,
-        })
-    }
-
-    /// Reads Nix's `derivation show` JSON shape. Output `path`s may be absent: a fixed output's
-    /// path is then computed from its hash (and `env[o]` set to it when absent); an output with no
-    /// path and no `hashAlgo` comes back as [`DerivationOutput::Deferred`] — use
-    /// [`crate::store::hash_modulo::DrvHashes::fill_input_addressed_paths`] to turn it into an
-    /// input-addressed output when none of its inputs is deferred. A floating output's `env[o]`
-    /// defaults to its hash placeholder. The name comes from `name`, else `env["name"]`.
-    pub fn from_show_json(
-        v: &Value,
-        name: Option<&str>,
-        store_dir: &StoreDir,
-    ) -> Result<Derivation, JsonError> {
-        let obj = v.as_object().ok_or(JsonError::NotAnObject("derivation"))?;
-        let str_field = |k: &'static str| -> Result<String, JsonError> {
-            obj.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .ok_or(JsonError::Field(k, "a string"))
-        };
-        let str_list = |v: &Value, k: &'static str| -> Result<Vec<String>, JsonError> {
-            v.as_array()
-                .ok_or(JsonError::Field(k, "an array of strings"))?
-                .iter()
-                .map(|s| {
-                    s.as_str()
-                        .map(str::to_string)
-                        .ok_or(JsonError::Field(k, "an array of strings"))
-                })
-                .collect()
-        };
-        let system = str_field("system")?;
-        let builder = str_field("builder")?;
-        let args = str_list(obj.get("args").unwrap_or(&Value::Null), "args")?;
-        let mut env = BTreeMap::new();
-        if let Some(e) = obj.get("env") {
-            for (k, v) in e.as_object().ok_or(JsonError::Field("env", "an object"))? {
-                let v = v
-                    .as_str()
-                    .ok_or(JsonError::Field("env", "an object of strings"))?;
-                env.insert(k.clone(), v.to_string());
-            }
-        }
-        let input_srcs: BTreeSet<String> = match obj.get("inputSrcs") {
-            Some(v) => str_list(v, "inputSrcs")?.into_iter().collect(),
-            None => BTreeSet::new(),
-        };
-        let mut input_drvs = BTreeMap::new();
-        if let Some(d) = obj.get("inputDrvs") {
-            for (k, v) in d
-                .as_object()
-                .ok_or(JsonError::Field("inputDrvs", "an object"))?
-            {
-                // Newer Nix writes `{"outputs": [...], "dynamicOutputs": {}}`.
-                let outs = match v.get("outputs") {
-                    Some(o) => o,
-                    None => v,
-                };
-                input_drvs.insert(
-                    k.clone(),
-                    str_list(outs, "inputDrvs")?.into_iter().collect(),
-                );
-            }
-        }
-        let name = match name {
-            Some(n) => n.to_string(),
-            None => env
-                .get("name")
-                .cloned()
-                .ok_or(JsonError::Field("env.name", "a string"))?,
-        };
-        let mut drv = Derivation {
-            name,
-            outputs: BTreeMap::new(),
-            input_drvs,
-            input_srcs,
-            system,
-            builder,
-            args,
-            env,
-        };
-        let outs = obj
-            .get("outputs")
-            .and_then(Value::as_object)
-            .ok_or(JsonError::Field("outputs", "an object"))?;
-        for (oname, o) in outs {
-            let o = o.as_object().ok_or(JsonError::NotAnObject("output"))?;
-            let get = |k: &'static str| -> Result<Option<String>, JsonError> {
-                match o.get(k) {
-                    None | Some(Value::Null) => Ok(None),
-                    Some(Value::String(s)) if s.is_empty() => Ok(None),
-                    Some(Value::String(s)) => Ok(Some(s.clone())),
-                    Some(_) => Err(JsonError::Field(k, "a string")),
-                }
-            };
-            let (path, algo, hash) = (get("path")?, get("hashAlgo")?, get("hash")?);
-            let out = match (algo, hash, path) {
-                (Some(method_algo), Some(hash), path) => {
-                    let path = match path {
-                        Some(p) => p,
-                        None => {
-                            let p = drv.fixed_output_path(store_dir, oname, &method_algo, &hash)?;
-                            let p = store_dir.print(&p);
-                            drv.env.entry(oname.clone()).or_insert_with(|| p.clone());
-                            p
-                        }
-                    };
-                    DerivationOutput::CaFixed {
-                        method_algo,
-                        hash,
-                        path,
-                    }
-                }
-                (Some(method_algo), None, None) => {
-                    drv.env
-                        .entry(oname.clone())
-                        .or_insert_with(|| hash_placeholder(oname));
-                    DerivationOutput::CaFloating { method_algo }
-                }
-                (None, None, Some(path)) => DerivationOutput::InputAddressed { path },
-                (None, None, None) => DerivationOutput::Deferred,
-                _ => return Err(JsonError::BadOutput(oname.clone())),
-            };
-            drv.outputs.insert(oname.clone(), out);
-        }
-        Ok(drv)
     }
 }
 
@@ -437,138 +289,6 @@ pub fn is_valid_fixed_hash(method_algo: &str, hash: &str) -> bool {
         && hash
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// Why a `derivation show` JSON object could not be read.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum JsonError {
-    #[error("expected a JSON object for the {0}")]
-    NotAnObject(&'static str),
-    #[error("field {0:?} must be {1}")]
-    Field(&'static str, &'static str),
-    #[error(
-        "output {0:?}: needs either `path`, or `hashAlgo` (floating), or `hashAlgo` and `hash` (fixed)"
-    )]
-    BadOutput(String),
-    #[error(transparent)]
-    Derivation(#[from] DerivationError),
-}
-
-/// Why a `derivation show` document (drv path → derivation) could not be imported.
-#[derive(Debug, Error)]
-pub enum ShowJsonError<E> {
-    #[error("expected a JSON object mapping derivation paths to derivations")]
-    NotAnObject,
-    #[error("{key:?} is not a derivation path: {error}")]
-    BadKey { key: String, error: StorePathError },
-    #[error("{key}: {error}")]
-    Entry { key: String, error: JsonError },
-    #[error("{key}: {error}")]
-    Hash {
-        key: String,
-        error: HashModuloError<E>,
-    },
-    #[error("{key}: the derivation's contents give the path {computed}")]
-    KeyMismatch { key: String, computed: String },
-    #[error("the derivations have a dependency cycle through {0}")]
-    Cycle(String),
-}
-
-/// Imports a `derivation show` document (`{"<drv path>": {…}, …}`), computing missing output
-/// paths (inputs first; inputs not in the document are read with `load_external`). Returns the
-/// derivations in dependency order (inputs before dependents), each with its store path, which
-/// must equal its key.
-pub fn derivations_from_show_json<E, F>(
-    doc: &Value,
-    hashes: &mut DrvHashes,
-    load_external: &mut F,
-) -> Result<Vec<(StorePath, Derivation)>, ShowJsonError<E>>
-where
-    F: FnMut(&str) -> Result<Derivation, E>,
-{
-    let sd = hashes.store_dir().clone();
-    let obj = doc.as_object().ok_or(ShowJsonError::NotAnObject)?;
-    let mut raw: BTreeMap<&str, Derivation> = BTreeMap::new();
-    for (key, v) in obj {
-        let sp = sd.parse(key).map_err(|error| ShowJsonError::BadKey {
-            key: key.clone(),
-            error,
-        })?;
-        let drv = Derivation::from_show_json(v, Some(sp.drv_name()), &sd).map_err(|error| {
-            ShowJsonError::Entry {
-                key: key.clone(),
-                error,
-            }
-        })?;
-        raw.insert(key.as_str(), drv);
-    }
-    // Topological order over the document's own derivations (iterative DFS).
-    let mut order: Vec<&str> = Vec::with_capacity(raw.len());
-    let mut state: HashMap<&str, bool> = HashMap::new(); // false = on the path, true = done
-    for &root in raw.keys() {
-        if state.contains_key(root) {
-            continue;
-        }
-        let mut stack: Vec<(&str, bool)> = vec![(root, false)];
-        while let Some((key, expanded)) = stack.pop() {
-            if expanded {
-                state.insert(key, true);
-                order.push(key);
-                continue;
-            }
-            match state.get(key) {
-                Some(true) => continue,
-                Some(false) => return Err(ShowJsonError::Cycle(key.to_string())),
-                None => {}
-            }
-            state.insert(key, false);
-            stack.push((key, true));
-            if let Some(d) = raw.get(key) {
-                for input in d.input_drvs.keys() {
-                    if let Some((&k, _)) = raw.get_key_value(input.as_str()) {
-                        match state.get(k) {
-                            Some(true) => {}
-                            Some(false) => return Err(ShowJsonError::Cycle(k.to_string())),
-                            None => stack.push((k, false)),
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let mut done: HashMap<String, Derivation> = HashMap::new();
-    let mut result = Vec::with_capacity(order.len());
-    for key in order {
-        let Some(mut drv) = raw.remove(key) else {
-            continue;
-        };
-        {
-            let mut load = |p: &str| match done.get(p) {
-                Some(d) => Ok(d.clone()),
-                None => load_external(p),
-            };
-            hashes
-                .fill_input_addressed_paths(&mut drv, &mut load)
-                .map_err(|error| ShowJsonError::Hash {
-                    key: key.to_string(),
-                    error,
-                })?;
-        }
-        let path = drv.drv_path(&sd).map_err(|error| ShowJsonError::Entry {
-            key: key.to_string(),
-            error: error.into(),
-        })?;
-        let computed = sd.print(&path);
-        if computed != key {
-            return Err(ShowJsonError::KeyMismatch {
-                key: key.to_string(),
-                computed,
-            });
-        }
-        done.insert(key.to_string(), drv.clone());
-        result.push((path, drv));
-    }
-    Ok(result)
 }
 
 #[cfg(test)]
@@ -650,71 +370,5 @@ mod tests {
         );
         assert!(d.fixed_output_path(&sd, "out", "sha256", "abc").is_err());
         assert!(d.fixed_output_path(&sd, "out", "crc32", "00").is_err());
-    }
-
-    #[test]
-    fn json_round_trip_and_missing_paths() {
-        let sd = StoreDir::default();
-        let v = json!({
-            "outputs": {"out": {"hashAlgo": "sha256", "hash": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}},
-            "inputSrcs": [], "inputDrvs": {}, "system": "x86_64-linux", "builder": "/bin/sh",
-            "args": ["-c", "printf hello > $out"],
-            "env": {"name": "mx-fod"}
-        });
-        let d = Derivation::from_show_json(&v, None, &sd).unwrap();
-        assert_eq!(
-            d.outputs["out"].path(),
-            Some("/nix/store/ys815iw6x4amdbmrqjzficz815kkixhy-mx-fod")
-        );
-        assert_eq!(
-            d.env["out"],
-            "/nix/store/ys815iw6x4amdbmrqjzficz815kkixhy-mx-fod"
-        );
-        let back = Derivation::from_show_json(&d.to_show_json(), None, &sd).unwrap();
-        assert_eq!(back, d);
-        let bad = json!({"outputs": {"out": {"hash": "00"}}, "system": "s", "builder": "b",
-            "args": [], "env": {"name": "x"}});
-        assert!(matches!(
-            Derivation::from_show_json(&bad, None, &sd),
-            Err(JsonError::BadOutput(_))
-        ));
-        assert!(Derivation::from_show_json(&json!([]), None, &sd).is_err());
-    }
-
-    #[test]
-    fn show_json_documents() {
-        let sd = StoreDir::default();
-        let fod = json!({
-            "outputs": {"out": {"hashAlgo": "sha256", "hash": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}},
-            "inputSrcs": [], "inputDrvs": {}, "system": "x86_64-linux", "builder": "/bin/sh",
-            "args": ["-c", "printf hello > $out"],
-            "env": {"PATH": "/usr/bin:/bin", "builder": "/bin/sh", "name": "mx-fod",
-                    "outputHash": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
-                    "outputHashAlgo": "sha256", "outputHashMode": "flat", "system": "x86_64-linux"}
-        });
-        let key = "/nix/store/jxkwkrwv1n4dzis261s21aj8aavxw98c-mx-fod.drv";
-        let mut ext = |p: &str| -> Result<Derivation, String> { Err(p.to_string()) };
-        let mut hs = DrvHashes::new(sd.clone());
-        let doc = json!({ key: fod.clone() });
-        let list = derivations_from_show_json(&doc, &mut hs, &mut ext).unwrap();
-        assert_eq!(sd.print(&list[0].0), key);
-        let wrong = "/nix/store/00000000000000000000000000000000-mx-fod.drv";
-        let doc = json!({ wrong: fod.clone() });
-        assert!(matches!(
-            derivations_from_show_json(&doc, &mut hs, &mut ext),
-            Err(ShowJsonError::KeyMismatch { .. })
-        ));
-        // Two derivations depending on each other.
-        let a = "/nix/store/00000000000000000000000000000000-a.drv";
-        let b = "/nix/store/11111111111111111111111111111111-b.drv";
-        let mut da = fod.clone();
-        da["inputDrvs"] = json!({ b: ["out"] });
-        let mut db = fod;
-        db["inputDrvs"] = json!({ a: ["out"] });
-        let doc = json!({ a: da, b: db });
-        assert!(matches!(
-            derivations_from_show_json(&doc, &mut hs, &mut ext),
-            Err(ShowJsonError::Cycle(_))
-        ));
     }
 }

@@ -4,6 +4,7 @@ pub mod api;
 pub mod aterm;
 pub mod ca_output;
 pub mod derivation;
+pub mod drv_json;
 pub(crate) mod fsutil;
 pub mod hash;
 pub mod hash_modulo;

@@ -115,7 +115,7 @@ impl Rewriter {
 }
 
 /// Relocates `drvs` (drv path under `from` → derivation, inputs before the derivations that use
-/// them; e.g. what [`crate::store::derivation::derivations_from_show_json`] returns) into the store
+/// them; e.g. what [`crate::store::drv_json::derivations_from_show_json`] returns) into the store
 /// dir `to`. Returns the relocated derivations with their new drv paths, in the same order.
 ///
 /// Every input derivation must be in `drvs`. Derivations with input sources are refused (see
@@ -291,7 +291,7 @@ mod tests {
     use serde_json::{Map, Value};
 
     use super::*;
-    use crate::store::derivation::derivations_from_show_json;
+    use crate::store::drv_json::derivations_from_show_json;
 
     const NEW: &str = "/tmp/qr-x/store";
 
