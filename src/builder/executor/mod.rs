@@ -8,6 +8,7 @@ pub mod log;
 mod native;
 pub mod nix;
 pub mod sandbox;
+pub mod structured_attrs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -498,10 +498,10 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
             message: format!("keeping the log file: {e}"),
         })?;
 
+    // As Nix's `inputRewrites`: every output's hash placeholder becomes where it is built.
     let rewrites: BTreeMap<String, String> = job
         .plans
         .iter()
-        .filter(|p| matches!(p.kind, OutKind::Floating))
         .map(|p| (hash_placeholder(&p.name), sd.print(&p.build_path)))
         .collect();
     let build_top = if job.namespace {
@@ -517,8 +517,8 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
         &rewrites,
         |n| std::env::var(n).ok(),
     )
-    .map_err(|e| ExecError::Unsupported {
-        message: format!("{drv_path}: {e}"),
+    .map_err(|e| ExecError::BadDerivation {
+        message: format!("derivation '{drv_path}': {e}"),
     })?;
     for (name, contents) in &env.files {
         let p = build_dir.0.join(name);
