@@ -96,7 +96,9 @@ pub fn builder_env(
     if drv.is_fixed_output() {
         env.insert("NIX_OUTPUT_CHECKED".into(), "1".into());
         let vars: Vec<String> = match &structured {
-            Some(attrs) => structured_attrs::strings_attr(attrs, "impureEnvVars")?.unwrap_or_default(),
+            Some(attrs) => {
+                structured_attrs::strings_attr(attrs, "impureEnvVars")?.unwrap_or_default()
+            }
             None => drv
                 .env
                 .get("impureEnvVars")
@@ -113,7 +115,9 @@ pub fn builder_env(
     if let Some(attrs) = &structured {
         let attrs = structured_attrs::with_outputs(
             attrs,
-            drv.outputs.keys().map(|o| (o.as_str(), hash_placeholder(o))),
+            drv.outputs
+                .keys()
+                .map(|o| (o.as_str(), hash_placeholder(o))),
         );
         for (file, contents, var) in [
             (
@@ -240,8 +244,7 @@ mod tests {
         let mut drv = aterm::parse(CA1.as_bytes()).unwrap();
         drv.env.insert(
             "__json".into(),
-            r#"{"name":"mx-ca1","passAsFile":["x"],"x":"in $out: ","impureEnvVars":["A"]}"#
-                .into(),
+            r#"{"name":"mx-ca1","passAsFile":["x"],"x":"in $out: ","impureEnvVars":["A"]}"#.into(),
         );
         drv.env.insert("x".into(), "not passed".into());
         let rewrites: BTreeMap<String, String> =

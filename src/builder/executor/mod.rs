@@ -7,6 +7,7 @@ pub mod env;
 pub mod log;
 mod native;
 pub mod nix;
+pub mod output_checks;
 pub mod sandbox;
 pub mod structured_attrs;
 

@@ -33,6 +33,7 @@ use sha2::{Digest, Sha256, Sha512};
 
 use super::env::{builder_env, rewrite};
 use super::log::{Outcome, SuperviseLimits, TimeLimit, kill_group, supervise};
+use super::output_checks::{OutputCheckError, check_outputs, checks_of};
 use super::sandbox::{SANDBOX_BUILD_DIR, Sandbox, SandboxSpec, cloexec_pipe, read_failed_step};
 use super::{BuildResult, ExecError, ExecutorConfig, Limits};
 use crate::store::api::{PathInfo, Store};
@@ -443,6 +444,7 @@ impl NativeExecutor {
                 })??
         };
         let names: Vec<String> = job.plans.iter().map(|p| p.name.clone()).collect();
+        check_references(&job, &names, &staged).await?;
         let infos = store.register_staged(staged, realisations).await?;
         cleanup.armed = false;
         drop(cleanup);
@@ -453,6 +455,50 @@ impl NativeExecutor {
             ran: true,
         })
     }
+}
+
+/// Nix's `checkOutputs` on the built outputs (see [`super::output_checks`]): a violation
+/// rejects them all.
+async fn check_references(
+    job: &Job,
+    names: &[String],
+    staged: &[StagedPath],
+) -> Result<(), ExecError> {
+    let checks = checks_of(&job.drv, &job.drv_path).map_err(|e| ExecError::OutputRejected {
+        message: e.to_string(),
+    })?;
+    if checks.is_empty() {
+        return Ok(());
+    }
+    let outputs: BTreeMap<String, PathInfo> = names
+        .iter()
+        .cloned()
+        .zip(staged.iter().map(|s| s.info.clone()))
+        .collect();
+    // Closures reach the inputs' closure at most (outputs refer to inputs and outputs only).
+    let mut others: HashMap<String, (u64, BTreeSet<String>)> = HashMap::new();
+    if checks.values().any(|c| c.needs_closure()) {
+        for p in &job.inputs {
+            let p = job.store_dir.print(p);
+            if let Some(i) = job.store.query_path_info(&p).await? {
+                others.insert(p, (i.nar_size, i.references));
+            }
+        }
+    }
+    check_outputs(&job.store_dir, &checks, &outputs, &|p| {
+        others.get(p).cloned()
+    })
+    .map_err(|e| {
+        match e {
+            // An input's info went missing: trouble of this store, not of the build.
+            OutputCheckError::NotValid(_) => ExecError::Io {
+                message: format!("checking the outputs of '{}': {e}", job.drv_path),
+            },
+            _ => ExecError::OutputRejected {
+                message: e.to_string(),
+            },
+        }
+    })
 }
 
 /// Directories kept alive until registration, and the log path.
