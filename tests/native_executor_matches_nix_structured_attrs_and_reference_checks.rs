@@ -5,6 +5,7 @@
 //! - structured attributes (`.attrs.json`, `.attrs.sh`, the environment), `passAsFile` and
 //!   hash placeholders: each builder copies what it was given into its outputs, so equal NAR
 //!   hashes mean byte-for-byte equal files and environments;
+//! - fixed outputs: `impureEnvVars` from the caller's environment (only for them), the hash;
 //! - `allowedReferences`, `allowedRequisites`, `disallowedReferences`, `disallowedRequisites`
 //!   and structured `outputChecks` (`maxSize`, `maxClosureSize`, the lists per output): what Nix
 //!   accepts is built to the same outputs, what Nix rejects is rejected with Nix's message, as a
@@ -26,6 +27,7 @@ const CORES: usize = 2;
 /// Builders copy what they get into `$out`. `env` lists leave out `NIX_ATTRS_*_FILE`, whose
 /// value Nix 2.8 takes from the build dir outside its sandbox (see docs/builders.md).
 const EXPR: &str = r#"
+{ callerPath }:
 let
   sh = name: script: attrs: derivation ({
     inherit name;
@@ -89,7 +91,25 @@ in rec {
     empty = "";
     plain = "not in a file";
     here = builtins.placeholder "out";
+    # Only fixed-output derivations get these from the caller.
+    impureEnvVars = [ "PATH" "HOME" ];
   };
+
+  # Fixed outputs: impureEnvVars come from the caller's environment (PATH here, before the
+  # builder changes it); the hash is checked.
+  fod = name: check: hash: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/bash";
+    args = [ "-c" ((if check then "[ \"$PATH\" = '${callerPath}' ] && " else "") + "echo fixed > $out") ];
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = hash;
+    impureEnvVars = [ "PATH" ];
+  };
+  # sha256 of "fixed\n" and of "other\n".
+  fodImpure = fod "fod-impure" true "0c3071418e6356e614898c84ed064ca95e88551bc0811b534bdf1952ecdae534";
+  fodMismatch = fod "fod-mismatch" false "7e4fa2eb8c7ac089739d5defc4489fad68a100d92082ca35c6b40a4524821f87";
 
   # Reference checks without structured attributes: the lists apply to every output.
   refsOk = sh "refs-ok" "echo ${dep} > $out" { allowedReferences = [ dep ]; };
@@ -161,6 +181,7 @@ const SAME_OUTPUTS: &[&str] = &[
     "requisitesIgnoreSelf",
     "checksOk",
     "checksTopLevelIgnored",
+    "fodImpure",
 ];
 
 /// Builds Nix rejects after the builder ran.
@@ -175,6 +196,7 @@ const REJECTED: &[&str] = &[
     "checksMaxSize",
     "checksMaxClosureSize",
     "checksDisallowedByName",
+    "fodMismatch",
 ];
 
 struct Rig {
@@ -207,9 +229,19 @@ impl Rig {
     }
 
     fn instantiate(&self, attr: &str) -> String {
+        // The caller's PATH, which the fixed-output builders check they were given.
+        let path = std::env::var("PATH").unwrap_or_default();
+        assert!(!path.contains('\''), "PATH {path:?}");
         let out = self.nix.run(
             "nix-instantiate",
-            &[self.expr.to_str().unwrap(), "-A", attr],
+            &[
+                self.expr.to_str().unwrap(),
+                "--argstr",
+                "callerPath",
+                &path,
+                "-A",
+                attr,
+            ],
         );
         assert!(
             out.status.success(),

@@ -255,6 +255,13 @@ impl NativeExecutor {
                 ),
             });
         }
+        if uses_export_references_graph(drv) {
+            return Err(ExecError::Unsupported {
+                message: format!(
+                    "derivation {drv_path} uses exportReferencesGraph, which the native executor does not provide"
+                ),
+            });
+        }
         if !self.cfg.systems.contains(&drv.system) {
             return Err(ExecError::Unsupported {
                 message: format!(
@@ -454,6 +461,22 @@ impl NativeExecutor {
             duration: start.elapsed(),
             ran: true,
         })
+    }
+}
+
+/// Whether Nix would act on `exportReferencesGraph` (a non-empty list of pairs, or under
+/// structured attributes a non-empty object).
+fn uses_export_references_graph(drv: &Derivation) -> bool {
+    match drv.env.get("__json") {
+        Some(j) => super::structured_attrs::parse(j).is_ok_and(|a| {
+            a.get("exportReferencesGraph")
+                .and_then(|v| v.as_object())
+                .is_some_and(|m| !m.is_empty())
+        }),
+        None => drv
+            .env
+            .get("exportReferencesGraph")
+            .is_some_and(|v| !v.trim().is_empty()),
     }
 }
 
