@@ -181,13 +181,16 @@ pub fn checks_of(
     Ok(out)
 }
 
+/// The NAR size and references of a path that is not one of the outputs, if known.
+pub type OtherPath<'a> = &'a dyn Fn(&str) -> Option<(u64, BTreeSet<String>)>;
+
 /// Applies `checks` to the built `outputs` (by output name; final paths). `other(path)` gives
 /// the NAR size and references of any other path a closure reaches (the inputs' closure).
 pub fn check_outputs(
     sd: &StoreDir,
     checks: &BTreeMap<String, Checks>,
     outputs: &BTreeMap<String, PathInfo>,
-    other: &dyn Fn(&str) -> Option<(u64, BTreeSet<String>)>,
+    other: OtherPath<'_>,
 ) -> Result<(), OutputCheckError> {
     let by_path: BTreeMap<&str, &PathInfo> =
         outputs.values().map(|i| (i.path.as_str(), i)).collect();
