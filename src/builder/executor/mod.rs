@@ -120,7 +120,8 @@ pub enum ExecError {
     #[error("{message}")]
     LogLimitExceeded { message: String },
     /// The builder exited 0 but its outputs are unacceptable: missing, a fixed-output hash
-    /// mismatch, references from a fixed output, writes outside its outputs, a cycle.
+    /// mismatch, references from a fixed output, writes outside its outputs, a cycle, a
+    /// violated reference or size check (`allowedReferences`, `outputChecks`, …).
     #[error("{message}")]
     OutputRejected { message: String },
     /// A system or builder this executor cannot run.

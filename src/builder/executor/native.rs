@@ -7,7 +7,10 @@
 //! - A fresh build dir, Nix's environment ([`super::env`]), CA floating outputs built at their
 //!   scratch paths (each `hashPlaceholder(o)` rewritten to it in builder, args and env) and then
 //!   finalised with [`finalize_ca_outputs`]; input-addressed and fixed outputs built at their
-//!   paths. References are scanned against the input closure and the drv's own outputs.
+//!   paths. References are scanned against the input closure and the drv's own outputs, then
+//!   checked against the drv's reference and size constraints ([`super::output_checks`]).
+//! - Structured attributes ([`super::structured_attrs`]) and `passAsFile` as Nix 2.8 passes them;
+//!   `builtin:` builders and `exportReferencesGraph` are refused as unsupported.
 //! - When the store's physical root differs from its logical dir, the builder runs in a private
 //!   mount namespace ([`super::sandbox`]); otherwise directly in the store (no namespace).
 //! - The log goes to a file; timeouts, max-silent-time and the log limit kill the whole process
