@@ -402,6 +402,26 @@ async fn unbuildable_derivations_are_refused_before_running() {
         )
     );
     assert_eq!(e.status(), 9);
+    // exportReferencesGraph (also under structured attributes) is not provided.
+    for (k, v) in [
+        ("exportReferencesGraph", "graph /nix/store/x".to_string()),
+        (
+            "__json",
+            r#"{"exportReferencesGraph":{"graph":["/nix/store/x"]}}"#.to_string(),
+        ),
+    ] {
+        let mut g = ca_drv("g", "true");
+        g.env.insert(k.into(), v);
+        let gp = add(&store, &g).await;
+        let e = exec.build(&gp, &g, Limits::default()).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "derivation {gp} uses exportReferencesGraph, which the native executor does not provide"
+            )
+        );
+        assert_eq!(e.status(), 9);
+    }
     // A missing input is machine trouble (transient).
     let missing = format!("{sd}/00000000000000000000000000000000-gone");
     let d = ia_drv(&sd, "d", "true", &[&missing]);

@@ -31,6 +31,21 @@ pub struct NixStore {
 
 impl NixStore {
     pub fn new() -> NixStore {
+        Self::with_settings("sandbox = false\n")
+    }
+
+    /// A store whose builds run in Nix's sandbox as `nix-bin` sets it up here (the build dir at
+    /// `/build`, uid 1000, `/bin`, `/usr`, `/lib`, `/lib64` from this machine), with `cores`
+    /// build cores (`NIX_BUILD_CORES`).
+    pub fn sandboxed(cores: usize) -> NixStore {
+        Self::with_settings(&format!(
+            "sandbox = true\nsandbox-fallback = false\n\
+             extra-sandbox-paths = /bin=/usr/bin /usr /lib=/usr/lib /lib64=/usr/lib64\n\
+             cores = {cores}\n"
+        ))
+    }
+
+    fn with_settings(settings: &str) -> NixStore {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().join("root");
         let conf = dir.path().join("conf");
@@ -41,7 +56,7 @@ impl NixStore {
         std::fs::write(
             conf.join("nix.conf"),
             format!(
-                "store = {}\nbuild-users-group =\nsandbox = false\n\
+                "store = {}\nbuild-users-group =\n{settings}\
                  experimental-features = nix-command ca-derivations\nsubstituters =\n\
                  fsync-metadata = false\nconnect-timeout = 5\n",
                 root.display()

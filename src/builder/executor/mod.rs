@@ -7,7 +7,9 @@ pub mod env;
 pub mod log;
 mod native;
 pub mod nix;
+pub mod output_checks;
 pub mod sandbox;
+pub mod structured_attrs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,7 +120,8 @@ pub enum ExecError {
     #[error("{message}")]
     LogLimitExceeded { message: String },
     /// The builder exited 0 but its outputs are unacceptable: missing, a fixed-output hash
-    /// mismatch, references from a fixed output, writes outside its outputs, a cycle.
+    /// mismatch, references from a fixed output, writes outside its outputs, a cycle, a
+    /// violated reference or size check (`allowedReferences`, `outputChecks`, …).
     #[error("{message}")]
     OutputRejected { message: String },
     /// A system or builder this executor cannot run.

@@ -7,7 +7,10 @@
 //! - A fresh build dir, Nix's environment ([`super::env`]), CA floating outputs built at their
 //!   scratch paths (each `hashPlaceholder(o)` rewritten to it in builder, args and env) and then
 //!   finalised with [`finalize_ca_outputs`]; input-addressed and fixed outputs built at their
-//!   paths. References are scanned against the input closure and the drv's own outputs.
+//!   paths. References are scanned against the input closure and the drv's own outputs, then
+//!   checked against the drv's reference and size constraints ([`super::output_checks`]).
+//! - Structured attributes ([`super::structured_attrs`]) and `passAsFile` as Nix 2.8 passes them;
+//!   `builtin:` builders and `exportReferencesGraph` are refused as unsupported.
 //! - When the store's physical root differs from its logical dir, the builder runs in a private
 //!   mount namespace ([`super::sandbox`]); otherwise directly in the store (no namespace).
 //! - The log goes to a file; timeouts, max-silent-time and the log limit kill the whole process
@@ -33,6 +36,7 @@ use sha2::{Digest, Sha256, Sha512};
 
 use super::env::{builder_env, rewrite};
 use super::log::{Outcome, SuperviseLimits, TimeLimit, kill_group, supervise};
+use super::output_checks::{OutputCheckError, check_outputs, checks_of};
 use super::sandbox::{SANDBOX_BUILD_DIR, Sandbox, SandboxSpec, cloexec_pipe, read_failed_step};
 use super::{BuildResult, ExecError, ExecutorConfig, Limits};
 use crate::store::api::{PathInfo, Store};
@@ -254,6 +258,13 @@ impl NativeExecutor {
                 ),
             });
         }
+        if uses_export_references_graph(drv) {
+            return Err(ExecError::Unsupported {
+                message: format!(
+                    "derivation {drv_path} uses exportReferencesGraph, which the native executor does not provide"
+                ),
+            });
+        }
         if !self.cfg.systems.contains(&drv.system) {
             return Err(ExecError::Unsupported {
                 message: format!(
@@ -443,6 +454,7 @@ impl NativeExecutor {
                 })??
         };
         let names: Vec<String> = job.plans.iter().map(|p| p.name.clone()).collect();
+        check_references(&job, &names, &staged).await?;
         let infos = store.register_staged(staged, realisations).await?;
         cleanup.armed = false;
         drop(cleanup);
@@ -453,6 +465,66 @@ impl NativeExecutor {
             ran: true,
         })
     }
+}
+
+/// Whether Nix would act on `exportReferencesGraph` (a non-empty list of pairs, or under
+/// structured attributes a non-empty object).
+fn uses_export_references_graph(drv: &Derivation) -> bool {
+    match drv.env.get("__json") {
+        Some(j) => super::structured_attrs::parse(j).is_ok_and(|a| {
+            a.get("exportReferencesGraph")
+                .and_then(|v| v.as_object())
+                .is_some_and(|m| !m.is_empty())
+        }),
+        None => drv
+            .env
+            .get("exportReferencesGraph")
+            .is_some_and(|v| !v.trim().is_empty()),
+    }
+}
+
+/// Nix's `checkOutputs` on the built outputs (see [`super::output_checks`]): a violation
+/// rejects them all.
+async fn check_references(
+    job: &Job,
+    names: &[String],
+    staged: &[StagedPath],
+) -> Result<(), ExecError> {
+    let checks = checks_of(&job.drv, &job.drv_path).map_err(|e| ExecError::OutputRejected {
+        message: e.to_string(),
+    })?;
+    if checks.is_empty() {
+        return Ok(());
+    }
+    let outputs: BTreeMap<String, PathInfo> = names
+        .iter()
+        .cloned()
+        .zip(staged.iter().map(|s| s.info.clone()))
+        .collect();
+    // Closures reach the inputs' closure at most (outputs refer to inputs and outputs only).
+    let mut others: HashMap<String, (u64, BTreeSet<String>)> = HashMap::new();
+    if checks.values().any(|c| c.needs_closure()) {
+        for p in &job.inputs {
+            let p = job.store_dir.print(p);
+            if let Some(i) = job.store.query_path_info(&p).await? {
+                others.insert(p, (i.nar_size, i.references));
+            }
+        }
+    }
+    check_outputs(&job.store_dir, &checks, &outputs, &|p| {
+        others.get(p).cloned()
+    })
+    .map_err(|e| {
+        match e {
+            // An input's info went missing: trouble of this store, not of the build.
+            OutputCheckError::NotValid(_) => ExecError::Io {
+                message: format!("checking the outputs of '{}': {e}", job.drv_path),
+            },
+            _ => ExecError::OutputRejected {
+                message: e.to_string(),
+            },
+        }
+    })
 }
 
 /// Directories kept alive until registration, and the log path.
@@ -498,10 +570,10 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
             message: format!("keeping the log file: {e}"),
         })?;
 
+    // As Nix's `inputRewrites`: every output's hash placeholder becomes where it is built.
     let rewrites: BTreeMap<String, String> = job
         .plans
         .iter()
-        .filter(|p| matches!(p.kind, OutKind::Floating))
         .map(|p| (hash_placeholder(&p.name), sd.print(&p.build_path)))
         .collect();
     let build_top = if job.namespace {
@@ -517,8 +589,8 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
         &rewrites,
         |n| std::env::var(n).ok(),
     )
-    .map_err(|e| ExecError::Unsupported {
-        message: format!("{drv_path}: {e}"),
+    .map_err(|e| ExecError::BadDerivation {
+        message: format!("derivation '{drv_path}': {e}"),
     })?;
     for (name, contents) in &env.files {
         let p = build_dir.0.join(name);
