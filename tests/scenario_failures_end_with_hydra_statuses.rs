@@ -1,6 +1,6 @@
 //! Failures end with Hydra's statuses through `qr run`: a step for a system no machine has ends
 //! Unsupported after the configured wait; a build exceeding its time limit ends TimedOut; an output
-//! holding `nix-support/failed` ends FailedWithOutput; a drv that failed before is a CachedFailure
+//! holding `nix-support/failed` ends FailedWithOutput (also when queued again with the output valid); a drv that failed before is a CachedFailure
 //! the next time, without running. On SQLite and on PostgreSQL.
 
 mod common;
@@ -82,6 +82,28 @@ fn failed_with_output(backend: Backend) {
             .is_some_and(|p| p.ends_with("-st-failed-output")),
         "{b}"
     );
+    // Queued again (another jobset, so a new build) with its output valid: the status it would
+    // have had if built now, not Success.
+    let file = qr.write_json("g.json", &g.doc());
+    let out = qr.run(
+        &[
+            "run",
+            "--json",
+            "--jobset",
+            "again",
+            &file.display().to_string(),
+        ],
+        &[],
+    );
+    let again: Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .expect("a build"),
+    )
+    .expect("json");
+    assert_eq!(again["status"], 6, "FailedWithOutput, cached: {again}");
+    assert_eq!(again["outputs"], b["outputs"], "{again}");
 }
 
 fn cached_failure(backend: Backend) {

@@ -773,14 +773,13 @@ impl<'g> World<'g> {
             BuildCmd::Reprioritise(step, pr) => {
                 self.send_step(&chan, &step, In::BuildsAdded(vec![(id, pr)]));
             }
-            BuildCmd::CheckMarker(outputs) => {
-                self.reply_build(
-                    id,
-                    BuildIn::MarkerChecked {
-                        outputs,
-                        failed_marker: false,
-                    },
-                );
+            BuildCmd::CheckMarker { outputs, cached } => {
+                let ev = BuildIn::MarkerChecked {
+                    outputs,
+                    failed_marker: false,
+                    cached,
+                };
+                self.reply_build(id, ev);
             }
             BuildCmd::Finish(f) => {
                 let res = if self.write_fault() {

@@ -176,7 +176,7 @@ impl Machine for BuildCore<ActixBuild> {
                 step.do_send(AddBuilds(vec![(id, prio)]));
                 Done::Nothing
             }
-            Cmd::CheckMarker(outputs) => {
+            Cmd::CheckMarker { outputs, cached } => {
                 // As in Hydra: an output holding `nix-support/failed` finishes the build as
                 // FailedWithOutput.
                 let store = io.env.store.clone();
@@ -189,6 +189,7 @@ impl Machine for BuildCore<ActixBuild> {
                     In::MarkerChecked {
                         outputs,
                         failed_marker,
+                        cached,
                     }
                 });
                 Done::Later(Box::pin(fut))

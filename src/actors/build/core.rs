@@ -65,6 +65,7 @@ pub enum In<W: BuildWiring> {
     MarkerChecked {
         outputs: Outputs,
         failed_marker: bool,
+        cached: bool,
     },
     Finished(Result<(), String>),
 }
@@ -81,8 +82,9 @@ pub enum Cmd<W: BuildWiring> {
     Release(W::Step),
     /// The build's new place in the queue, for the top step and below.
     Reprioritise(W::Step, BuildPrio),
-    /// Whether an output holds `nix-support/failed`. Replies `MarkerChecked`.
-    CheckMarker(Outputs),
+    /// Whether an output holds `nix-support/failed` (`cached`: of outputs valid before the build
+    /// started). Replies `MarkerChecked`.
+    CheckMarker { outputs: Outputs, cached: bool },
     /// Finish the build row (only if unfinished). Replies `Finished`.
     Finish(Finish),
     /// Nothing more to do: the actor stops.
@@ -93,7 +95,7 @@ impl<W: BuildWiring> Cmd<W> {
     pub fn replies(&self) -> bool {
         matches!(
             self,
-            Cmd::Expand { .. } | Cmd::RecordRows(_) | Cmd::CheckMarker(_) | Cmd::Finish(_)
+            Cmd::Expand { .. } | Cmd::RecordRows(_) | Cmd::CheckMarker { .. } | Cmd::Finish(_)
         )
     }
 }
@@ -159,15 +161,26 @@ impl<W: BuildWiring> BuildCore<W> {
                 self.awaiting = false;
                 self.expanded(top, cached);
             }
-            In::Landed(outputs) => self.ready.push_back(Cmd::CheckMarker(outputs)),
+            In::Landed(outputs) => self.ready.push_back(Cmd::CheckMarker {
+                outputs,
+                cached: false,
+            }),
             In::MarkerChecked {
                 outputs,
                 failed_marker,
+                cached,
             } => {
                 self.awaiting = false;
-                self.feed(Event::TopLanded {
-                    outputs,
-                    failed_marker,
+                self.feed(if cached {
+                    Event::AlreadyBuilt {
+                        outputs,
+                        failed_marker,
+                    }
+                } else {
+                    Event::TopLanded {
+                        outputs,
+                        failed_marker,
+                    }
                 });
             }
             In::Failed(failure) => {
@@ -235,9 +248,12 @@ impl<W: BuildWiring> BuildCore<W> {
                 prio: self.prio.clone(),
                 first: false,
             }),
-            Ok(Expansion::Built(outputs)) => {
-                self.feed(Event::AlreadyBuilt(outputs));
-            }
+            // Built before: the status it would have had if built now (FailedWithOutput when an
+            // output holds `nix-support/failed`).
+            Ok(Expansion::Built(outputs)) => self.ready.push_back(Cmd::CheckMarker {
+                outputs,
+                cached: true,
+            }),
             Ok(Expansion::Failed(f)) => {
                 // The rows first, then the build finishes.
                 let rows = rows(cached);

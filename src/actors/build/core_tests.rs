@@ -133,10 +133,14 @@ fn an_output_holding_the_failed_marker_finishes_failed_with_output() {
     drain(&mut c);
     let outputs: Outputs = [("out".to_string(), "/s/o".to_string())].into();
     c.on(In::Landed(outputs.clone()));
-    assert!(matches!(&drain(&mut c)[..], [Cmd::CheckMarker(_)]));
+    assert!(matches!(
+        &drain(&mut c)[..],
+        [Cmd::CheckMarker { cached: false, .. }]
+    ));
     c.on(In::MarkerChecked {
         outputs,
         failed_marker: true,
+        cached: false,
     });
     let cmds = drain(&mut c);
     assert_eq!(
@@ -154,6 +158,15 @@ fn a_finish_the_database_refuses_is_tried_once_more_as_aborted_then_the_build_is
     c.on(In::Expanded {
         top: Ok(Expansion::Built(Outputs::new())),
         cached: vec![],
+    });
+    assert!(matches!(
+        &drain(&mut c)[..],
+        [Cmd::CheckMarker { cached: true, .. }]
+    ));
+    c.on(In::MarkerChecked {
+        outputs: Outputs::new(),
+        failed_marker: false,
+        cached: true,
     });
     assert_eq!(finish_status(&drain(&mut c)), Some(Status::Success));
     c.on(In::Finished(Err("refused".into())));
@@ -184,4 +197,30 @@ fn a_cancel_releases_the_top_step_and_finishes_cancelled() {
     assert_eq!(finish_status(&cmds), Some(Status::Cancelled));
     c.on(In::Finished(Ok(())));
     assert!(matches!(&drain(&mut c)[..], [Cmd::Done]));
+}
+
+#[test]
+fn outputs_valid_before_with_the_failed_marker_finish_failed_with_output_as_cached() {
+    let mut c = core();
+    c.on(In::Start);
+    drain(&mut c);
+    let outputs: Outputs = [("out".to_string(), "/s/o".to_string())].into();
+    c.on(In::Expanded {
+        top: Ok(Expansion::Built(outputs.clone())),
+        cached: vec![],
+    });
+    assert!(matches!(
+        &drain(&mut c)[..],
+        [Cmd::CheckMarker { cached: true, .. }]
+    ));
+    c.on(In::MarkerChecked {
+        outputs,
+        failed_marker: true,
+        cached: true,
+    });
+    let cmds = drain(&mut c);
+    assert!(
+        matches!(&cmds[..], [Cmd::Finish(f)] if f.status == Status::FailedWithOutput && f.cached),
+        "{cmds:?}"
+    );
 }

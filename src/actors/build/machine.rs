@@ -19,7 +19,11 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Expansion found every output of the build's drv already valid (or realised).
-    AlreadyBuilt(Outputs),
+    AlreadyBuilt {
+        outputs: Outputs,
+        /// An output holds `nix-support/failed`: the build failed with output when it ran.
+        failed_marker: bool,
+    },
     /// Expansion made (or found) the step for the top-level drv; the build waits on it.
     WaitingOn(String),
     /// The top-level step's outputs landed; `failed_marker` when an output holds `nix-support/failed`.
@@ -90,7 +94,18 @@ impl BuildMachine {
             return vec![];
         }
         match ev {
-            Event::AlreadyBuilt(outputs) => self.finish(Status::Success, outputs, true, None),
+            // The status it would have had if built now (as Hydra marks a cached build).
+            Event::AlreadyBuilt {
+                outputs,
+                failed_marker,
+            } => {
+                let status = if failed_marker {
+                    Status::FailedWithOutput
+                } else {
+                    Status::Success
+                };
+                self.finish(status, outputs, true, None)
+            }
             Event::WaitingOn(top) => {
                 self.phase = Phase::Waiting { top };
                 vec![]
@@ -235,7 +250,10 @@ mod tests {
     fn already_built_finishes_as_cached_success() {
         let mut b = BuildMachine::new(1);
         assert_eq!(
-            b.on(Event::AlreadyBuilt(outs())),
+            b.on(Event::AlreadyBuilt {
+                outputs: outs(),
+                failed_marker: false,
+            }),
             vec![Effect::Finish {
                 status: Status::Success,
                 outputs: outs(),
