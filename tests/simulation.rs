@@ -961,6 +961,20 @@ impl<'g> World<'g> {
         }
     }
 
+    /// A machine starts the step's job; it ends after a while.
+    fn start_job(&mut self, drv: &Drv, machine: String) {
+        self.next_job += 1;
+        let job = self.next_job;
+        self.jobs.insert(drv.clone(), (machine.clone(), job));
+        let at = self.now + 1 + self.rng.below(400);
+        let end = To::JobEnd {
+            machine: machine.clone(),
+            drv: drv.clone(),
+            job,
+        };
+        self.send_at(at, (&machine, drv), false, end);
+    }
+
     fn write_fault(&mut self) -> bool {
         self.faults.write > 0.0 && self.rng.chance(self.faults.write)
     }
@@ -1037,7 +1051,12 @@ impl<'g> World<'g> {
             Cmd::Enqueue(step) => self.send_dispatcher(&me, DispatchEvent::Runnable(step)),
             Cmd::LeaveQueue => self.send_dispatcher(&me, DispatchEvent::Removed(me.clone())),
             Cmd::FreeSlot(m) => self.send_dispatcher(&me, DispatchEvent::SlotFreed(m)),
-            Cmd::StartRow { pending, owner, .. } => {
+            Cmd::StartRow {
+                pending,
+                owner,
+                job,
+                ..
+            } => {
                 let ev = if self.write_fault() {
                     In::WriteFailed {
                         error: WriteError {
@@ -1073,34 +1092,30 @@ impl<'g> World<'g> {
                         }
                         (None, None) => None,
                     };
+                    // The job goes as soon as its row is written.
+                    if let Some(machine) = job {
+                        self.start_job(drv, machine);
+                    }
                     In::Started(row)
                 };
                 self.reply(drv, ev);
             }
-            Cmd::SendJob(order) => {
-                self.next_job += 1;
-                let job = self.next_job;
-                let machine = order.to;
-                self.jobs.insert(drv.clone(), (machine.clone(), job));
-                let at = self.now + 1 + self.rng.below(400);
-                let end = To::JobEnd {
-                    machine: machine.clone(),
-                    drv: drv.clone(),
-                    job,
-                };
-                self.send_at(at, (&machine, &me), false, end);
-            }
+            Cmd::SendJob(order) => self.start_job(drv, order.to),
             Cmd::AbortJob(machine) => {
                 if self.jobs.remove(drv).is_some() {
                     self.send_dispatcher(&machine, DispatchEvent::SlotFreed(machine.clone()));
                 }
             }
             Cmd::Db {
+                register,
                 writes,
                 on_error,
                 free_slot,
                 detached,
             } => {
+                if let Some(outputs) = register {
+                    self.journal.realised.insert(me.clone(), outputs);
+                }
                 let ev = match self.writes(drv, writes, on_error)? {
                     Ok(()) => In::Written,
                     Err(error) => In::WriteFailed {
@@ -1110,10 +1125,6 @@ impl<'g> World<'g> {
                     },
                 };
                 self.reply(drv, ev);
-            }
-            Cmd::RegisterInStore(outputs) => {
-                self.journal.realised.insert(me.clone(), outputs);
-                self.reply(drv, In::Written);
             }
             Cmd::Notify { to, notice } => {
                 for w in to {

@@ -174,20 +174,33 @@ impl Machine for StepCore<Actix> {
                 owner,
                 machine,
                 system,
-            } => later(
-                &env,
-                perform::start_row(env.clone(), drv, pending, owner, machine, system),
-            ),
-            Cmd::SendJob(order) => {
-                outbox::send_job(&env, &drv, order, ctx.address().downgrade());
+                job,
+            } => {
+                // The job goes as soon as its row is written (named for it), from the I/O.
+                let send =
+                    job.map(|to| outbox::job_sender(&env, &drv, to, ctx.address().downgrade()));
                 #[cfg(feature = "test-hooks")]
-                if io.resolved_child && env.crash_armed("building-resolved") {
-                    // crash tests only: let the job start, then die while the resolved step builds
-                    actix::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        env.crash_point("building-resolved");
-                    });
-                }
+                let crash = io.resolved_child && env.crash_armed("building-resolved");
+                let e = env.clone();
+                later(&env, async move {
+                    let ev =
+                        perform::start_row(e.clone(), drv, pending, owner, machine, system).await;
+                    if let (In::Started(row), Some(send)) = (&ev, send) {
+                        send(*row);
+                        #[cfg(feature = "test-hooks")]
+                        if crash {
+                            // crash tests only: let the job start, then die while the resolved
+                            // step builds
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            e.crash_point("building-resolved");
+                        }
+                    }
+                    ev
+                })
+            }
+            Cmd::SendJob(order) => {
+                let send = outbox::job_sender(&env, &drv, order.to, ctx.address().downgrade());
+                send(order.attempt);
                 Done::Nothing
             }
             Cmd::AbortJob(job) => {
@@ -195,16 +208,19 @@ impl Machine for StepCore<Actix> {
                 Done::Nothing
             }
             Cmd::Db {
+                register,
                 writes,
                 on_error,
                 free_slot,
                 detached,
-            } => later(
-                &env,
-                perform::write_all(env.clone(), drv, writes, on_error, free_slot, detached),
-            ),
-            Cmd::RegisterInStore(outputs) => {
-                later(&env, perform::register_in_store(env.clone(), drv, outputs))
+            } => {
+                let e = env.clone();
+                later(&env, async move {
+                    if let Some(outputs) = register {
+                        perform::register_in_store(e.clone(), drv.clone(), outputs).await;
+                    }
+                    perform::write_all(e, drv, writes, on_error, free_slot, detached).await
+                })
             }
             Cmd::Notify { to, notice } => {
                 for w in to {

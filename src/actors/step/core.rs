@@ -238,18 +238,20 @@ pub enum Cmd<A: Wiring> {
         owner: Option<i64>,
         machine: String,
         system: String,
+        /// Where the job goes once the row is written (named for it).
+        job: Option<A::Job>,
     },
     SendJob(JobOrder<A::Job>),
     AbortJob(A::Job),
-    /// Database writes, in order. Replies `Written` or `WriteFailed`.
+    /// Database writes, in order, after the drv's realisations into the store's own table
+    /// (`register`; a failure there is logged only). Replies `Written` or `WriteFailed`.
     Db {
+        register: Option<Outputs>,
         writes: Vec<Write>,
         on_error: OnError,
         free_slot: bool,
         detached: bool,
     },
-    /// The drv's realisations into the store's own table (a failure is logged only).
-    RegisterInStore(Outputs),
     Notify {
         to: Vec<A::Waiter>,
         notice: Notice,
@@ -280,7 +282,6 @@ impl<A: Wiring> Cmd<A> {
                 | Cmd::SpawnChild { .. }
                 | Cmd::StartRow { .. }
                 | Cmd::Db { .. }
-                | Cmd::RegisterInStore(_)
         )
     }
 
@@ -598,11 +599,8 @@ impl<A: Wiring> StepCore<A> {
             }
             In::Started(row) => {
                 self.awaiting = false;
+                // The performer sent the job once the row was written.
                 self.running_row = row;
-                if let Some(to) = self.job.clone() {
-                    self.ready
-                        .push_front(Cmd::SendJob(JobOrder { to, attempt: row }));
-                }
                 self
             }
             In::Written => {
@@ -742,6 +740,7 @@ impl<A: Wiring> StepCore<A> {
                     // The success fed below is recorded after this write; if it fails for good,
                     // the step fails instead.
                     self.ready.push_back(Cmd::Db {
+                        register: None,
                         writes: vec![Write::Finish(cached(
                             row,
                             key,
@@ -838,6 +837,7 @@ impl<A: Wiring> StepCore<A> {
                     // Closing before a new attempt starts: a failure leaves the job unsent.
                     let not_started = matches!(self.machine.phase(), Phase::Building { .. });
                     self.ready.push_back(Cmd::Db {
+                        register: None,
                         writes: vec![Write::Finish(RowEnd {
                             row: c.row,
                             held: Held::Pending,
@@ -860,6 +860,7 @@ impl<A: Wiring> StepCore<A> {
             } => {
                 if let Some(row) = self.running_row.take() {
                     self.ready.push_back(Cmd::Db {
+                        register: None,
                         writes: vec![Write::Finish(RowEnd {
                             row,
                             held: Held::Running,
@@ -922,6 +923,7 @@ impl<A: Wiring> StepCore<A> {
             owner: self.owner(),
             machine,
             system: self.system.clone(),
+            job: self.job.clone(),
         });
     }
 
@@ -960,27 +962,32 @@ impl<A: Wiring> StepCore<A> {
                     Held::Pending,
                 )));
             }
-            self.ready.push_back(Cmd::RegisterInStore(outputs));
-            if !writes.is_empty() {
-                self.ready.push_back(Cmd::Db {
-                    writes,
-                    on_error: OnError::Stop,
-                    free_slot: false,
-                    detached: false,
-                });
-            }
+            // The store's own realisations first, then the rows: one I/O.
+            self.ready.push_back(Cmd::Db {
+                register: Some(outputs),
+                writes,
+                on_error: OnError::Stop,
+                free_slot: false,
+                detached: false,
+            });
         } else {
             // A resolved parent aliases its child's outputs: realisations for its own drv.
             let row = self.resolved_row;
-            self.ready.push_back(Cmd::RegisterInStore(outputs.clone()));
-            if !outputs.is_empty() {
-                self.ready.push_back(Cmd::Db {
-                    writes: vec![Write::Realise { outputs, row }],
-                    on_error: OnError::Stop,
-                    free_slot: false,
-                    detached: false,
-                });
-            }
+            let writes = if outputs.is_empty() {
+                vec![]
+            } else {
+                vec![Write::Realise {
+                    outputs: outputs.clone(),
+                    row,
+                }]
+            };
+            self.ready.push_back(Cmd::Db {
+                register: Some(outputs),
+                writes,
+                on_error: OnError::Stop,
+                free_slot: false,
+                detached: false,
+            });
         }
     }
 
@@ -1050,6 +1057,7 @@ impl<A: Wiring> StepCore<A> {
         // failure on again: the notification was queued behind these writes).
         if !writes.is_empty() {
             self.ready.push_back(Cmd::Db {
+                register: None,
                 writes,
                 on_error: OnError::Continue,
                 free_slot: false,
@@ -1102,6 +1110,7 @@ impl<A: Wiring> StepCore<A> {
 /// A write nothing waits on.
 fn detached<A: Wiring>(writes: Vec<Write>) -> Cmd<A> {
     Cmd::Db {
+        register: None,
         writes,
         on_error: OnError::Stop,
         free_slot: false,

@@ -1,7 +1,7 @@
 //! What a step's commands tell others: its waiters, the child it joins, the steps below it, the
 //! machine running its job, and the stats and events watchers see.
 
-use super::core::{Counter, JobOrder, Note, Notice, Row};
+use super::core::{Counter, Note, Notice, Row};
 use super::machine::Gauge;
 use super::wiring::{AddWaiter, JobRoute, StepActor, StepRef, WaiterAddr};
 use crate::actors::env::{Env, SchedEvent, Stats};
@@ -62,17 +62,27 @@ pub fn pass_builds(env: &Env, to: Vec<StepRef>, builds: Vec<(i64, BuildPrio)>) {
     }
 }
 
-pub fn send_job(env: &Env, drv: &Drv, order: JobOrder<JobRoute>, me: actix::WeakAddr<StepActor>) {
-    order.to.runner.do_send(RunJob {
+/// What sends the step's job to its machine, named for the row it is recorded in.
+pub fn job_sender(
+    env: &Env,
+    drv: &Drv,
+    to: JobRoute,
+    me: actix::WeakAddr<StepActor>,
+) -> impl FnOnce(Option<Row>) + Send + 'static {
+    let job = RunJob {
         drv_path: drv.to_string(),
         drv: None,
         step: me.recipient(),
         max_silent: env.max_silent,
         timeout: env.timeout,
-        attempt: order
-            .attempt
-            .map(|(build, stepnr)| crate::builder::logs::Attempt { build, stepnr }),
-    });
+        attempt: None,
+    };
+    move |attempt| {
+        to.runner.do_send(RunJob {
+            attempt: attempt.map(|(build, stepnr)| crate::builder::logs::Attempt { build, stepnr }),
+            ..job
+        })
+    }
 }
 
 pub fn abort_job(drv: &Drv, job: JobRoute) {

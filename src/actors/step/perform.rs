@@ -365,7 +365,7 @@ async fn finish_row(env: &Arc<Env>, end: &RowEnd) -> Result<(), DbError> {
 
 /// Records the drv's realisations in the store too (Nix's own realisation table); a failure is
 /// logged only (the database holds them).
-pub async fn register_in_store<A: Wiring>(env: Arc<Env>, drv_path: Drv, outputs: Outputs) -> In<A> {
+pub async fn register_in_store(env: Arc<Env>, drv_path: Drv, outputs: Outputs) {
     for (o, p) in outputs {
         if let Err(e) = env
             .store
@@ -375,5 +375,4 @@ pub async fn register_in_store<A: Wiring>(env: Arc<Env>, drv_path: Drv, outputs:
             tracing::error!(drv = %drv_path, error = %e, "cannot register realisation in the store");
         }
     }
-    In::Written
 }
