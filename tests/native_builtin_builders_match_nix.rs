@@ -7,6 +7,7 @@
 //!   Nix's message, permanently, and leaves nothing valid.
 //! - `builtin:buildenv`: a profile of three packages (directories merged, a priority deciding a
 //!   collision, a propagated package): equal NAR hashes; equal priorities collide in both.
+//! - `builtin:unpack-channel` is refused as unsupported (Hydra status 9).
 
 mod common;
 
@@ -61,6 +62,13 @@ in rec {
   b = sh "b" "mkdir -p $out/bin $out/share/doc $out/nix-support; echo b > $out/bin/x; echo b > $out/bin/y; echo b > $out/share/doc/b; echo ${c} > $out/nix-support/propagated-user-env-packages";
   env = profile "env" "true 3 1 ${a} true 5 1 ${b} false 0 1 ${c}";
   collide = profile "collide" "true 5 1 ${a} true 5 1 ${b}";
+  channel = derivation {
+    name = "channel";
+    system = "builtin";
+    builder = "builtin:unpack-channel";
+    src = builtins.toFile "channel.tar" "";
+    channelName = "c";
+  };
 }
 "#;
 
@@ -355,4 +363,17 @@ async fn a_wrong_hash_and_a_collision_fail_in_both() {
     assert!(normalise(&nix_err).contains(&normalise(&format!(
         "builder for '{drv}' failed with exit code 1"
     ))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builtin_unpack_channel_is_refused_as_unsupported() {
+    if !nix::available() {
+        return;
+    }
+    let rig = Rig::new().await;
+    let drv = rig.instantiate("channel");
+    let e = rig.qr_build(&drv).await.expect_err("built unpack-channel");
+    assert!(matches!(e, ExecError::Unsupported { .. }), "{e:?}");
+    assert_eq!((e.status(), e.is_transient()), (9, false));
+    assert!(e.to_string().contains("builtin:unpack-channel"), "{e}");
 }
