@@ -3,6 +3,7 @@
 //! [`NativeExecutor`] builds a derivation into a [`crate::store::LocalStore`] the way Nix does,
 //! with no Nix installed (see `native.rs`).
 
+pub mod builtins;
 pub mod env;
 pub mod log;
 mod native;

@@ -10,7 +10,8 @@
 //!   paths. References are scanned against the input closure and the drv's own outputs, then
 //!   checked against the drv's reference and size constraints ([`super::output_checks`]).
 //! - Structured attributes ([`super::structured_attrs`]) and `passAsFile` as Nix 2.8 passes them;
-//!   `builtin:` builders and `exportReferencesGraph` are refused as unsupported.
+//!   `builtin:fetchurl` and `builtin:buildenv` run in this process ([`super::builtins`]);
+//!   `builtin:unpack-channel` and `exportReferencesGraph` are refused as unsupported.
 //! - When the store's physical root differs from its logical dir, the builder runs in a private
 //!   mount namespace ([`super::sandbox`]); otherwise directly in the store (no namespace).
 //! - The log goes to a file; timeouts, max-silent-time and the log limit kill the whole process
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256, Sha512};
 
+use super::builtins::{Builtin, BuiltinCtx, StoreFs};
 use super::env::{builder_env, rewrite};
 use super::log::{Outcome, SuperviseLimits, TimeLimit, kill_group, supervise};
 use super::output_checks::{OutputCheckError, check_outputs, checks_of};
@@ -250,14 +252,18 @@ impl NativeExecutor {
                 "derivation {drv_path} must be resolved before it is built (it is CA floating with input derivations, or has deferred outputs)"
             )));
         }
-        if drv.builder.starts_with("builtin:") {
-            return Err(ExecError::Unsupported {
-                message: format!(
-                    "derivation {drv_path} uses the built-in builder {:?}, which the native executor does not provide",
-                    drv.builder
-                ),
-            });
-        }
+        let builtin = match Builtin::of_builder(&drv.builder) {
+            Some(Ok(Builtin::UnpackChannel)) | Some(Err(_)) => {
+                return Err(ExecError::Unsupported {
+                    message: format!(
+                        "derivation {drv_path} uses the built-in builder {:?}, which the native executor does not provide",
+                        drv.builder
+                    ),
+                });
+            }
+            Some(Ok(b)) => Some(b),
+            None => None,
+        };
         if uses_export_references_graph(drv) {
             return Err(ExecError::Unsupported {
                 message: format!(
@@ -265,7 +271,8 @@ impl NativeExecutor {
                 ),
             });
         }
-        if !self.cfg.systems.contains(&drv.system) {
+        // As in Nix, a builtin builder runs whatever the derivation's system (`builtin`).
+        if builtin.is_none() && !self.cfg.systems.contains(&drv.system) {
             return Err(ExecError::Unsupported {
                 message: format!(
                     "derivation {drv_path} is for system {:?}; this executor builds for {}",
@@ -576,6 +583,9 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
         .iter()
         .map(|p| (hash_placeholder(&p.name), sd.print(&p.build_path)))
         .collect();
+    if let Some(Ok(b)) = Builtin::of_builder(&job.drv.builder) {
+        return run_builtin(job, counters, b, build_dir, log, log_path, &rewrites);
+    }
     let build_top = if job.namespace {
         SANDBOX_BUILD_DIR.to_string()
     } else {
@@ -787,6 +797,67 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     Ok(Ran {
         _build_dir: build_dir,
         _sandbox: sandbox,
+        log_path,
+        locations,
+    })
+}
+
+/// Runs a builtin builder in this thread ([`super::builtins`]): its outputs are written at their
+/// place in the root (no namespace) or in the build dir (namespace; moved out as a chroot's are).
+fn run_builtin(
+    job: &Job,
+    counters: &Counters,
+    builtin: Builtin,
+    build_dir: OwnedDir,
+    mut log: fs::File,
+    log_path: PathBuf,
+    rewrites: &BTreeMap<String, String>,
+) -> Result<Ran, ExecError> {
+    let out_dir = if job.namespace {
+        let d = build_dir.0.join(".qr-builtin-outputs");
+        fs::create_dir(&d).map_err(io_msg(format!("creating {}", d.display())))?;
+        d
+    } else {
+        job.root.clone()
+    };
+    let locations: BTreeMap<String, PathBuf> = job
+        .plans
+        .iter()
+        .map(|p| (p.name.clone(), out_dir.join(p.build_path.base_name())))
+        .collect();
+    for l in locations.values() {
+        remove_tree(l).map_err(io_msg(format!("removing {}", l.display())))?;
+    }
+    let ctx = BuiltinCtx {
+        env: job
+            .drv
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), rewrite(v, rewrites)))
+            .collect(),
+        fs: StoreFs {
+            store_dir: job.store_dir.as_str().to_string(),
+            root: job.root.clone(),
+            elsewhere: job
+                .plans
+                .iter()
+                .map(|p| (p.build_path.base_name(), locations[&p.name].clone()))
+                .collect(),
+        },
+        fixed_output: job.drv.is_fixed_output(),
+        timeout: job.limits.timeout,
+        max_silent: job.limits.max_silent,
+    };
+    counters.count(&job.drv_path);
+    if let Err(e) = super::builtins::execute(&job.drv_path, builtin, &ctx, &mut log) {
+        for l in locations.values() {
+            let _ = remove_tree(l);
+        }
+        return Err(e);
+    }
+    Ok(Ran {
+        _build_dir: build_dir,
+        _sandbox: None,
         log_path,
         locations,
     })

@@ -1,0 +1,379 @@
+//! The native executor's builtin builders against Debian's Nix 2.8 on the same derivations
+//! (instantiated by `nix-instantiate`, built by `nix-store --realise` in Nix's sandbox and by the
+//! native executor, store dir `/nix/store` in both):
+//!
+//! - `builtin:fetchurl` from an HTTP server in this test: a flat file, an executable one, a NAR
+//!   unpacked; the same output paths and NAR hashes as Nix. A wrong hash fails in both, with
+//!   Nix's message, permanently, and leaves nothing valid.
+//! - `builtin:buildenv`: a profile of three packages (directories merged, a priority deciding a
+//!   collision, a propagated package): equal NAR hashes; equal priorities collide in both.
+//! - `builtin:unpack-channel` is refused as unsupported (Hydra status 9).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use common::nix::{self, NixStore};
+use qr::builder::executor::{ExecError, ExecutorConfig, Limits, NativeExecutor};
+use qr::store::hash::render_sri;
+use qr::store::nar::NarTree;
+use qr::store::{LocalStore, Store, StoreDir};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const FILE: &[u8] = b"#!/bin/sh\necho fetched\n";
+
+const EXPR: &str = r#"
+{ base, flatHash, execHash, narHash }:
+let
+  fetch = { name, url, hash, executable ? false, unpack ? false }: derivation {
+    builder = "builtin:fetchurl";
+    system = "builtin";
+    inherit name url executable unpack;
+    outputHashAlgo = "sha256";
+    outputHash = hash;
+    outputHashMode = if unpack || executable then "recursive" else "flat";
+    urls = [ url ];
+  };
+  sh = name: script: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" ("set -e; " + script) ];
+    PATH = "/usr/bin:/bin";
+  };
+  profile = name: derivations: derivation {
+    inherit name derivations;
+    system = "builtin";
+    builder = "builtin:buildenv";
+    manifest = builtins.toFile "manifest.nix" "[ ]";
+  };
+in rec {
+  flat = fetch { name = "flat"; url = "${base}/file"; hash = flatHash; };
+  exec = fetch { name = "exec"; url = "${base}/redirect"; hash = execHash; executable = true; };
+  nar = fetch { name = "nar"; url = "${base}/tree.nar"; hash = narHash; unpack = true; };
+  wrong = fetch { name = "wrong"; url = "${base}/file"; hash = "0000000000000000000000000000000000000000000000000000000000000000"; };
+
+  c = sh "c" "mkdir -p $out/lib; echo c > $out/lib/z";
+  a = sh "a" "mkdir -p $out/bin $out/share/doc; echo a > $out/bin/x; echo a > $out/share/doc/a; echo > $out/.hidden";
+  b = sh "b" "mkdir -p $out/bin $out/share/doc $out/nix-support; echo b > $out/bin/x; echo b > $out/bin/y; echo b > $out/share/doc/b; echo ${c} > $out/nix-support/propagated-user-env-packages";
+  env = profile "env" "true 3 1 ${a} true 5 1 ${b} false 0 1 ${c}";
+  collide = profile "collide" "true 5 1 ${a} true 5 1 ${b}";
+  channel = derivation {
+    name = "channel";
+    system = "builtin";
+    builder = "builtin:unpack-channel";
+    src = builtins.toFile "channel.tar" "";
+    channelName = "c";
+  };
+}
+"#;
+
+fn sha256_hex(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+fn tree() -> NarTree {
+    NarTree::dir([
+        ("bin", NarTree::dir([("run", NarTree::executable(FILE))])),
+        ("link", NarTree::symlink("bin/run")),
+    ])
+}
+
+/// Serves `/file`, `/redirect` (302 to `/file`) and `/tree.nar` until the test ends.
+fn serve() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let nar = tree().to_nar().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut rd = BufReader::new(s.try_clone().unwrap());
+            let mut first = String::new();
+            let _ = rd.read_line(&mut first);
+            let mut line = String::new();
+            while rd.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (head, body): (String, &[u8]) = match path.as_str() {
+                "/file" => ("200 OK".into(), FILE),
+                "/tree.nar" => ("200 OK".into(), &nar),
+                "/redirect" => ("302 Found\r\nLocation: /file".into(), b""),
+                _ => ("404 Not Found".into(), b""),
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(body);
+        }
+    });
+    port
+}
+
+struct Rig {
+    nix: NixStore,
+    expr: std::path::PathBuf,
+    args: Vec<String>,
+    _tmp: tempfile::TempDir,
+    exec: NativeExecutor,
+}
+
+impl Rig {
+    async fn new() -> Rig {
+        let port = serve();
+        let nix = NixStore::sandboxed(1);
+        let expr = nix.dir.path().join("drvs.nix");
+        std::fs::write(&expr, EXPR).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            LocalStore::open(StoreDir::default(), &tmp.path().join("root"))
+                .await
+                .unwrap(),
+        );
+        let cfg = ExecutorConfig::new(tmp.path());
+        let args = vec![
+            ("base", format!("http://127.0.0.1:{port}")),
+            ("flatHash", sha256_hex(FILE)),
+            (
+                "execHash",
+                sha256_hex(&NarTree::executable(FILE).to_nar().unwrap()),
+            ),
+            ("narHash", sha256_hex(&tree().to_nar().unwrap())),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| ["--argstr".to_string(), k.to_string(), v])
+        .collect();
+        Rig {
+            nix,
+            expr,
+            args,
+            _tmp: tmp,
+            exec: NativeExecutor::new(store, cfg),
+        }
+    }
+
+    fn instantiate(&self, attr: &str) -> String {
+        let mut a: Vec<&str> = vec![self.expr.to_str().unwrap(), "-A", attr];
+        a.extend(self.args.iter().map(String::as_str));
+        let out = self.nix.run("nix-instantiate", &a);
+        assert!(
+            out.status.success(),
+            "nix-instantiate -A {attr}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn nix_build(&self, drv: &str) -> Result<BTreeSet<String>, String> {
+        let out = self.nix.run("nix-store", &["--realise", drv]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn nix_info(&self, path: &str) -> Value {
+        let out = self.nix.run("nix", &["path-info", "--json", path]);
+        assert!(out.status.success(), "nix path-info {path}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0].clone()
+    }
+
+    /// Imports `drv`'s closure, builds its inputs, then `drv`.
+    async fn qr_build(&self, drv: &str) -> Result<qr::builder::executor::BuildResult, ExecError> {
+        let store = self.exec.store();
+        store
+            .import_from_dir(&self.nix.physical_store(), &[drv.to_string()])
+            .await
+            .unwrap();
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![(drv.to_string(), false)];
+        while let Some((p, expanded)) = stack.pop() {
+            if expanded {
+                order.push(p);
+                continue;
+            }
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            stack.push((p.clone(), true));
+            let d = store.read_derivation(&p).await.unwrap();
+            stack.extend(d.input_drvs.keys().map(|i| (i.clone(), false)));
+        }
+        order.pop();
+        for input in order {
+            let i = store.read_derivation(&input).await.unwrap();
+            self.exec
+                .build(&input, &i, Limits::default())
+                .await
+                .unwrap_or_else(|e| panic!("building input {input}: {e}"));
+        }
+        let d = store.read_derivation(drv).await.unwrap();
+        self.exec.build(drv, &d, Limits::default()).await
+    }
+}
+
+fn normalise(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builtin_fetchurl_and_buildenv_give_nixs_outputs() {
+    if !nix::available() {
+        return;
+    }
+    let rig = Rig::new().await;
+    for attr in ["flat", "exec", "nar", "env"] {
+        let drv = rig.instantiate(attr);
+        let nix_paths = rig
+            .nix_build(&drv)
+            .unwrap_or_else(|e| panic!("Nix failed to build {attr}: {e}"));
+        let r = rig
+            .qr_build(&drv)
+            .await
+            .unwrap_or_else(|e| panic!("the native executor failed to build {attr}: {e}"));
+        assert!(r.ran, "{attr}");
+        let qr_paths: BTreeSet<String> = r.outputs.values().map(|i| i.path.clone()).collect();
+        assert_eq!(qr_paths, nix_paths, "{attr}: output paths");
+        for (o, info) in &r.outputs {
+            let n = rig.nix_info(&info.path);
+            assert_eq!(
+                render_sri(&info.nar_hash),
+                n["narHash"].as_str().unwrap(),
+                "{attr}.{o}: NAR hash"
+            );
+            assert_eq!(info.nar_size, n["narSize"].as_u64().unwrap(), "{attr}.{o}");
+            let refs: BTreeSet<String> = n["references"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(info.references, refs, "{attr}.{o}: references");
+        }
+    }
+    // What the outputs hold (equal to Nix's, so these say what both did).
+    let store = rig.exec.store();
+    let out_of = |attr: &str| {
+        let drv = rig.instantiate(attr);
+        let store = store.clone();
+        async move {
+            let d = store.read_derivation(&drv).await.unwrap();
+            store
+                .physical_path(d.outputs["out"].path().unwrap())
+                .unwrap()
+        }
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let exec = out_of("exec").await;
+    assert_eq!(std::fs::read(&exec).unwrap(), FILE);
+    assert_eq!(
+        std::fs::metadata(&exec).unwrap().permissions().mode() & 0o111,
+        0o111
+    );
+    let flat = out_of("flat").await;
+    assert_eq!(
+        std::fs::metadata(&flat).unwrap().permissions().mode() & 0o111,
+        0
+    );
+    assert_eq!(NarTree::from_path(&out_of("nar").await).unwrap(), tree());
+    let env = out_of("env").await;
+    let link = |rel: &str| std::fs::read_link(env.join(rel)).unwrap();
+    let a = rig
+        .exec
+        .store()
+        .read_derivation(&rig.instantiate("a"))
+        .await
+        .unwrap();
+    let a = a.outputs["out"].path().unwrap().to_string();
+    assert_eq!(
+        link("bin/x"),
+        std::path::PathBuf::from(format!("{a}/bin/x"))
+    );
+    assert!(link("lib").to_string_lossy().ends_with("-c/lib"));
+    assert!(
+        std::fs::symlink_metadata(env.join("share/doc"))
+            .unwrap()
+            .is_dir()
+    );
+    assert!(std::fs::symlink_metadata(env.join(".hidden")).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_hash_and_a_collision_fail_in_both() {
+    if !nix::available() {
+        return;
+    }
+    let rig = Rig::new().await;
+    // A wrong hash: rejected with Nix's message, permanently.
+    let drv = rig.instantiate("wrong");
+    let nix_err = rig.nix_build(&drv).expect_err("Nix built the wrong hash");
+    let e = rig.qr_build(&drv).await.expect_err("built the wrong hash");
+    assert!(matches!(e, ExecError::OutputRejected { .. }), "{e:?}");
+    assert_eq!((e.status(), e.is_transient()), (1, false));
+    assert!(
+        normalise(&nix_err).contains(&normalise(&format!("error: {e}"))),
+        "the native executor says\n{e}\nNix says\n{nix_err}"
+    );
+    let d = rig.exec.store().read_derivation(&drv).await.unwrap();
+    let out = d.outputs["out"].path().unwrap();
+    assert!(!rig.exec.store().is_valid_path(out).await.unwrap());
+    assert!(!rig.nix.is_valid(out));
+
+    // Equal priorities: the builder fails, in both, naming the same two files.
+    let drv = rig.instantiate("collide");
+    let nix_err = rig.nix_build(&drv).expect_err("Nix built the collision");
+    let e = rig.qr_build(&drv).await.expect_err("built the collision");
+    assert!(matches!(e, ExecError::Failed { .. }), "{e:?}");
+    assert_eq!((e.status(), e.is_transient()), (1, false));
+    let ours = e.log_tail().last().cloned().unwrap_or_default();
+    assert!(ours.contains("have the same priority 5"), "{e}");
+    let sentence = ours.trim_start_matches("error: ");
+    assert!(
+        normalise(&nix_err).contains(&normalise(sentence)),
+        "the native executor says\n{e}\nNix says\n{nix_err}"
+    );
+    assert!(normalise(&nix_err).contains(&normalise(&format!(
+        "builder for '{drv}' failed with exit code 1"
+    ))));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builtin_unpack_channel_is_refused_as_unsupported() {
+    if !nix::available() {
+        return;
+    }
+    let rig = Rig::new().await;
+    let drv = rig.instantiate("channel");
+    let e = rig.qr_build(&drv).await.expect_err("built unpack-channel");
+    assert!(matches!(e, ExecError::Unsupported { .. }), "{e:?}");
+    assert_eq!((e.status(), e.is_transient()), (9, false));
+    assert!(e.to_string().contains("builtin:unpack-channel"), "{e}");
+}
