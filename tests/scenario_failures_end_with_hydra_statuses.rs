@@ -20,6 +20,32 @@ fn one(qr: &Qr, g: &Gen, envs: &[(&str, &str)]) -> Value {
     builds.into_iter().next().expect("a build")
 }
 
+/// The graph queued again through `qr run --json` in another jobset (so new builds): the builds,
+/// one JSON object per stdout line.
+fn queue_again(qr: &Qr, g: &Gen, name: &str) -> Vec<Value> {
+    let file = qr.write_json(name, &g.doc());
+    let out = qr.run(
+        &[
+            "run",
+            "--json",
+            "--jobset",
+            "again",
+            &file.display().to_string(),
+        ],
+        &[],
+    );
+    let builds: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON build line"))
+        .collect();
+    assert!(
+        !builds.is_empty(),
+        "no build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    builds
+}
+
 fn unsupported(backend: Backend) {
     let Some(qr) = Qr::new(backend, false) else {
         return;
@@ -84,24 +110,7 @@ fn failed_with_output(backend: Backend) {
     );
     // Queued again (another jobset, so a new build) with its output valid: the status it would
     // have had if built now, not Success.
-    let file = qr.write_json("g.json", &g.doc());
-    let out = qr.run(
-        &[
-            "run",
-            "--json",
-            "--jobset",
-            "again",
-            &file.display().to_string(),
-        ],
-        &[],
-    );
-    let again: Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .expect("a build"),
-    )
-    .expect("json");
+    let again = queue_again(&qr, &g, "g.json").swap_remove(0);
     assert_eq!(again["status"], 6, "FailedWithOutput, cached: {again}");
     assert_eq!(again["outputs"], b["outputs"], "{again}");
 }
@@ -115,24 +124,7 @@ fn cached_failure(backend: Backend) {
     let first = one(&qr, &g, &[]);
     assert_eq!(first["status"], 1);
     // The same drv queued again (another jobset, so a new build): not run again.
-    let file = qr.write_json("g.json", &g.doc());
-    let out = qr.run(
-        &[
-            "run",
-            "--json",
-            "--jobset",
-            "again",
-            &file.display().to_string(),
-        ],
-        &[],
-    );
-    let second: Value = serde_json::from_str(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .expect("a build"),
-    )
-    .expect("json");
+    let second = queue_again(&qr, &g, "g.json").swap_remove(0);
     assert_eq!(second["status"], 8, "CachedFailure: {second}");
     let steps = all_steps(&[second]);
     assert!(
@@ -162,22 +154,7 @@ fn input_cached_failure(backend: Backend) {
         &[],
         &[bad.as_str()],
     );
-    let file = qr.write_json("g2.json", &g.doc());
-    let out = qr.run(
-        &[
-            "run",
-            "--json",
-            "--jobset",
-            "again",
-            &file.display().to_string(),
-        ],
-        &[],
-    );
-    let builds: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let builds = queue_again(&qr, &g, "g2.json");
     let b = builds
         .iter()
         .find(|b| b["job"] == "needs-bad")

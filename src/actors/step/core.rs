@@ -476,10 +476,9 @@ impl<A: Wiring> StepCore<A> {
             entered: None,
         }];
         let drv = self.drv().clone();
-        let mut writes = Vec::new();
         if let Some(c) = self.carried_row.take() {
             tracing::warn!(drv = %drv, build = c.row.0, stepnr = c.row.1, "a step stopped holding a carried attempt: closing it");
-            writes.push(Write::Finish(RowEnd {
+            let close = Write::Finish(RowEnd {
                 row: c.row,
                 held: Held::Dropped,
                 status: Status::Aborted,
@@ -487,44 +486,16 @@ impl<A: Wiring> StepCore<A> {
                     "aborted: the runner restarted while this step was busy, and the step stopped"
                         .into(),
                 ),
-                drv: drv.clone(),
+                drv,
                 outputs: Outputs::new(),
                 times_built: 0,
                 machine: None,
-            }));
+            });
+            cmds.push(detached(vec![close], OnError::Stop));
         }
         if !self.machine.is_finished() {
-            tracing::info!(drv = %drv, "step stopped unfinished: no build needs it");
-            cmds.push(Cmd::LeaveQueue);
-            if self.in_flight
-                && let Some(job) = self.job.clone()
-            {
-                cmds.push(Cmd::AbortJob(job));
-            }
-            for row in self
-                .running_row
-                .take()
-                .into_iter()
-                .chain(std::mem::take(&mut self.pending_rows))
-            {
-                writes.push(Write::Finish(RowEnd {
-                    row,
-                    held: Held::Dropped,
-                    status: Status::Cancelled,
-                    message: Some("cancelled: no build needs this step".into()),
-                    drv: drv.clone(),
-                    outputs: Outputs::new(),
-                    times_built: 0,
-                    machine: None,
-                }));
-            }
-        }
-        if !writes.is_empty() {
-            let mut cmd = detached(writes);
-            if let Cmd::Db { on_error, .. } = &mut cmd {
-                *on_error = OnError::Continue;
-            }
-            cmds.push(cmd);
+            tracing::info!(drv = %self.drv(), "step stopped unfinished: no build needs it");
+            cmds.extend(self.let_go());
         }
         cmds
     }
@@ -670,15 +641,11 @@ impl<A: Wiring> StepCore<A> {
                 self.ready.push_back(Cmd::Count(Counter::EarlyCutoffs));
                 self.ready
                     .push_back(Cmd::Note(Note::EarlyCutoff { drv: drv.clone() }));
-                self.ready.push_back(detached(vec![Write::Finish(cached(
-                    row,
-                    drv,
-                    outputs,
-                    Held::Dropped,
-                ))]));
+                let close = Write::Finish(cached(row, drv, outputs, Held::Dropped));
+                self.ready.push_back(detached(vec![close], OnError::Stop));
             }
             Phase::Failed(f) => {
-                self.ready.push_back(detached(vec![Write::Finish(RowEnd {
+                let close = Write::Finish(RowEnd {
                     row,
                     held: Held::Dropped,
                     status: f.status,
@@ -687,7 +654,8 @@ impl<A: Wiring> StepCore<A> {
                     outputs: Outputs::new(),
                     times_built: 0,
                     machine: None,
-                })]));
+                });
+                self.ready.push_back(detached(vec![close], OnError::Stop));
             }
             _ => self.pending_rows.push(row),
         }
@@ -1071,11 +1039,20 @@ impl<A: Wiring> StepCore<A> {
     /// closed is counted.
     fn abandon(&mut self) {
         tracing::info!(drv = %self.drv(), "step abandoned: no build needs it");
-        self.ready.push_back(Cmd::LeaveQueue);
+        let cmds = self.let_go();
+        self.ready.extend(cmds);
+        self.ready.push_back(Cmd::Stop);
+    }
+
+    /// What a step nobody needs does, abandoned or stopped unfinished: out of the queue, its
+    /// running job aborted, its open rows closed as Cancelled (every close tried, nothing waiting
+    /// on them).
+    fn let_go(&mut self) -> Vec<Cmd<A>> {
+        let mut cmds = vec![Cmd::LeaveQueue];
         if self.in_flight
             && let Some(job) = self.job.clone()
         {
-            self.ready.push_back(Cmd::AbortJob(job));
+            cmds.push(Cmd::AbortJob(job));
         }
         let drv = self.drv().clone();
         let rows: Vec<Write> = self
@@ -1097,22 +1074,18 @@ impl<A: Wiring> StepCore<A> {
             })
             .collect();
         if !rows.is_empty() {
-            let mut cmd = detached(rows);
-            if let Cmd::Db { on_error, .. } = &mut cmd {
-                *on_error = OnError::Continue;
-            }
-            self.ready.push_back(cmd);
+            cmds.push(detached(rows, OnError::Continue));
         }
-        self.ready.push_back(Cmd::Stop);
+        cmds
     }
 }
 
-/// A write nothing waits on.
-fn detached<A: Wiring>(writes: Vec<Write>) -> Cmd<A> {
+/// Writes nothing waits on.
+fn detached<A: Wiring>(writes: Vec<Write>, on_error: OnError) -> Cmd<A> {
     Cmd::Db {
         register: None,
         writes,
-        on_error: OnError::Stop,
+        on_error,
         free_slot: false,
         detached: true,
     }
