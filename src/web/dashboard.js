@@ -113,13 +113,13 @@ function treeRow(n) {
   const toggle = hasKids ? `<span class="toggle" data-id="${esc(n.id)}" data-open="${n.open}">${n.open ? "▾" : "▸"}</span>`
     : `<span class="toggle leaf">·</span>`;
   const rel = n.rel === "resolved" ? '<span class="resolved-link">⤷ resolved</span>' : "";
-  const counts = hasKids ? `<span class="muted">${fmt(n.child_count)} children${n.descendants > n.child_count ? `, ${fmt(n.descendants)} below` : ""}</span>` : "";
+  const counts = hasKids ? `<span class="muted">${fmt(n.child_count)} ${n.child_count === 1 ? "child" : "children"}${n.descendants > n.child_count ? `, ${fmt(n.descendants)} below` : ""}</span>` : "";
   const also = n.other_parents ? `<span class="muted">(+${fmt(n.other_parents)} other parents)</span>` : "";
   const stats = n.kind === "unattached" ? "" : `<span class="muted">handled ${n.handled} · mailbox ${n.blocked ? "blocked" : "open"}${n.queued_effects ? " +" + n.queued_effects : ""} · restarts ${n.restarts}</span>`;
   const detail = n.detail ? `<span class="${n.detail.startsWith("resolved") ? "resolved-link" : "muted"}">${esc(n.detail)}</span>` : "";
-  let html = `<li data-actor="${esc(n.id)}" data-state="${esc(n.state)}"${n.rel === "resolved" ? ' class="resolved-child"' : ""}>${toggle}<span class="node${n.match ? " match" : ""}">${rel}<span class="kind">${esc(n.kind)}</span>
+  let html = `<li data-actor="${esc(n.id)}" data-state="${esc(n.state)}"${n.rel === "resolved" ? ' class="resolved-child"' : ""}><div class="row">${toggle}<span class="node${n.match ? " match" : ""}">${rel}<span class="kind">${esc(n.kind)}</span>
     <span class="name" title="${esc(n.id)}">${esc(short(n.id))}</span>${n.state ? `<span class="state ${esc(n.state)}">${esc(n.state)}</span>` : ""}
-    ${counts}${also}${stats}${detail}</span>`;
+    ${counts}${also}${stats}${detail}</span></div>`;
   if (n.open && (n.children.length || n.more)) {
     html += "<ul>" + n.children.map(treeRow).join("") +
       (n.more && n.children.length ? `<li class="more">… ${fmt(n.more)} more not shown${treeQuery ? "" : " (search to find one)"}</li>` : "") + "</ul>";
@@ -164,12 +164,16 @@ function heartbeat(m) {
   return `<span title="${esc(new Date(m.last_heartbeat_ms).toISOString())}">${m.heartbeat_age_s.toFixed(1)} s ago</span>`;
 }
 
+function showSummary(st) {
+  $("summary").textContent = `up ${st.uptime_s}s · ${st.builds_queued} queued · ${st.builds_active} active · ` +
+    `${st.runnable} runnable · slots ${st.slots_busy}/${st.slots_total} · built ${st.steps_built} · resolutions ${st.resolutions} · early cutoffs ${st.early_cutoffs}`;
+}
+
 async function refreshHome() {
   const q = route().query.get("q") || "";
   if (q !== treeQuery && document.activeElement !== $("treesearch")) { treeQuery = q; $("treesearch").value = q; }
   const [st, ms, bs, ev] = await Promise.all([get("/api/status"), get("/api/machines"), get("/api/builds"), get("/api/evals")]);
-  $("summary").textContent = `up ${st.uptime_s}s · ${st.builds_queued} queued · ${st.builds_active} active · ` +
-    `${st.runnable} runnable · slots ${st.slots_busy}/${st.slots_total} · built ${st.steps_built} · resolutions ${st.resolutions} · early cutoffs ${st.early_cutoffs}`;
+  showSummary(st);
   await Promise.all([refreshHistory(st), refreshTree()]);
   $("queue").innerHTML = "<tr><th>system</th><th>runnable</th></tr>" +
     st.runnable_per_system.map((c) => `<tr><td>${esc(c.key)}</td><td>${c.count}</td></tr>`).join("");
@@ -336,7 +340,7 @@ async function tick() {
   $("home").style.display = parts.length ? "none" : "";
   $("page").style.display = parts.length ? "" : "none";
   if (!parts.length && pageKey) { pageKey = ""; stopFollowing(); }
-  try { await (parts.length ? refreshPage(parts) : refreshHome()); }
+  try { await (parts.length ? Promise.all([refreshPage(parts), get("/api/status").then(showSummary)]) : refreshHome()); }
   catch (e) { $("summary").textContent = "error: " + e.message; }
   finally { busy = false; }
 }
