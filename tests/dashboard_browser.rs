@@ -92,7 +92,11 @@ fn dump(chrome: &PathBuf, url: &str) -> String {
 fn screenshot(chrome: &PathBuf, url: &str, name: &str) {
     if let Some(dir) = std::env::var_os("QR_SCREENSHOT_DIR") {
         let path = Path::new(&dir).join(name);
-        output(headless(chrome, url, &[format!("--screenshot={}", path.display())]));
+        output(headless(
+            chrome,
+            url,
+            &[format!("--screenshot={}", path.display())],
+        ));
         assert!(path.exists(), "no screenshot at {}", path.display());
     }
 }
@@ -359,15 +363,16 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
     let (resolving, child) = wait_for(90, "the slow step resolves and runs", || {
         let t = get_json(&c, &format!("/api/builds/{slow_build}/tree"));
         let steps = t["steps"].as_array()?.clone();
-        let from = steps.iter().find(|s| s["resolved_to_step"].as_i64() > Some(0))?;
+        let from = steps
+            .iter()
+            .find(|s| s["resolved_to_step"].as_i64() > Some(0))?;
         let to = from["resolved_to_step"].as_i64()?;
         let child = steps.iter().find(|s| s["stepnr"].as_i64() == Some(to))?;
         (child["status"] == -1 && child["busy"].as_i64() != Some(0))
             .then(|| (from["stepnr"].as_i64().unwrap(), to))
     });
     let before = wait_for(30, "the child's log has lines", || {
-        let (code, _, body) =
-            c.http_get(&format!("/api/builds/{slow_build}/steps/{child}/log"));
+        let (code, _, body) = c.http_get(&format!("/api/builds/{slow_build}/steps/{child}/log"));
         let v: Value = serde_json::from_str(&body).ok()?;
         let n = last_tick(v["text"].as_str()?);
         (code == 200 && n >= 2).then_some(n)
@@ -397,10 +402,7 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let shown = last_tick(text_of(&dom, r#"id="logtail""#));
-    assert!(
-        events >= 2,
-        "the log tail got {events} events:\n{dom}"
-    );
+    assert!(events >= 2, "the log tail got {events} events:\n{dom}");
     assert!(
         shown > before + 2,
         "the log tail did not grow past tick {before} (shows {shown}):\n{dom}"
@@ -409,7 +411,11 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
         attr(&dom, r#"id="logtail""#, "data-step").as_deref(),
         Some(format!("{slow_build}/{child}").as_str())
     );
-    screenshot(&chrome, &build_url.replace("settle=5000", "settle=3000"), "dashboard-build.png");
+    screenshot(
+        &chrome,
+        &build_url.replace("settle=5000", "settle=3000"),
+        "dashboard-build.png",
+    );
     // The evaluation page, once the failing job has failed.
     let fail_build = job_build("evp.fail");
     wait_for(60, "the failing job fails", || {
@@ -422,8 +428,16 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
     );
     let dom = dump(&chrome, &eval_url);
     let job_attr = |job: &str, a: &str| attr(&dom, &format!(r#"data-job="{job}""#), a);
-    assert_eq!(job_attr("evp.fail", "data-status").as_deref(), Some("Failed"), "{dom}");
-    assert_eq!(job_attr("evp.quick", "data-status").as_deref(), Some("Success"), "{dom}");
+    assert_eq!(
+        job_attr("evp.fail", "data-status").as_deref(),
+        Some("Failed"),
+        "{dom}"
+    );
+    assert_eq!(
+        job_attr("evp.quick", "data-status").as_deref(),
+        Some("Success"),
+        "{dom}"
+    );
     assert_eq!(
         job_attr("evp.quick", "data-build").as_deref(),
         Some(builds[0]["id"].to_string().as_str()),
@@ -434,10 +448,16 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
         let end = dom[at..].find("</tr>").map_or(dom.len(), |e| at + e);
         dom[at..end].to_string()
     };
-    assert!(row_of("evp.quick").contains(r#"class="reuse reused""#), "{dom}");
+    assert!(
+        row_of("evp.quick").contains(r#"class="reuse reused""#),
+        "{dom}"
+    );
     assert!(row_of("evp.fail").contains(r#"class="reuse new""#), "{dom}");
     assert!(row_of("evp.slow").contains(r#"class="reuse new""#), "{dom}");
-    assert!(dom.contains("error: evp is broken"), "no error line:\n{dom}");
+    assert!(
+        dom.contains("error: evp is broken"),
+        "no error line:\n{dom}"
+    );
     screenshot(&chrome, &eval_url, "dashboard-eval.png");
     // Per-machine load: the local builder was busy in the runner's samples.
     let load = get_json(&c, "/api/machines/history");
@@ -459,7 +479,10 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
     let samples: usize = attr(&dom, r#"id="loadgraph""#, "data-samples")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(drawn >= 1 && samples >= 2, "load graph: {drawn} machines, {samples} samples:\n{dom}");
+    assert!(
+        drawn >= 1 && samples >= 2,
+        "load graph: {drawn} machines, {samples} samples:\n{dom}"
+    );
     assert!(
         dom.contains(r#"data-peak="1""#) || dom.contains(r#"data-peak="2""#) || peak > 2,
         "the legend shows no busy peak:\n{dom}"
@@ -486,7 +509,15 @@ fn supervision_tree_at_10000_actors_is_collapsed_and_searchable() {
     c.serve_env = vec![("QR_SCHEDULER_UNSUPPORTED_WAIT_S".into(), "100000".into())];
     let mut g = Gen::new();
     let leaves: Vec<String> = (0..10_000)
-        .map(|i| g.add(Kind::Ca, &format!("wide-{i}"), &format!("echo {i} > $out"), &[], &[]))
+        .map(|i| {
+            g.add(
+                Kind::Ca,
+                &format!("wide-{i}"),
+                &format!("echo {i} > $out"),
+                &[],
+                &[],
+            )
+        })
         .collect();
     let refs: Vec<&str> = leaves.iter().map(String::as_str).collect();
     let top = g.add(Kind::Ca, "wide-top", "echo top > $out", &[], &refs);
@@ -505,26 +536,42 @@ fn supervision_tree_at_10000_actors_is_collapsed_and_searchable() {
     let shown_total: u64 = attr(&dom, r#"id="treetotal""#, "data-total")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(shown_total >= total, "the page counts {shown_total} actors:\n{dom}");
-    assert_eq!(attr(&dom, r#"id="tree""#, "data-auto-open").as_deref(), Some("false"));
+    assert!(
+        shown_total >= total,
+        "the page counts {shown_total} actors:\n{dom}"
+    );
+    assert_eq!(
+        attr(&dom, r#"id="tree""#, "data-auto-open").as_deref(),
+        Some("false")
+    );
     let rows = count(&dom, "<li data-actor=");
     assert!(
         (1..=5).contains(&rows),
         "{rows} rows at {total} actors (collapsed: the roots):\n{}",
         &dom[..dom.len().min(20_000)]
     );
-    assert!(!dom.contains("wide-42.drv"), "a leaf is shown while collapsed");
+    assert!(
+        !dom.contains("wide-42.drv"),
+        "a leaf is shown while collapsed"
+    );
     // Search: one leaf among 10,000, with its path open (queue monitor → build → top → leaf).
     let leaf = &leaves[4242];
     let name = leaf.rsplit('/').next().unwrap();
     let search = format!("{home}#/?q={name}");
     let dom = dump(&chrome, &search);
-    assert_eq!(attr(&dom, r#"id="treematches""#, "data-matches").as_deref(), Some("1"), "{dom}");
+    assert_eq!(
+        attr(&dom, r#"id="treematches""#, "data-matches").as_deref(),
+        Some("1"),
+        "{dom}"
+    );
     let hit = format!(r#"data-actor="step:{leaf}""#);
     assert!(dom.contains(&hit), "the match is not shown:\n{dom}");
     let at = dom.find(&hit).unwrap();
     assert!(dom[at..].contains(r#"class="node match""#));
-    assert!(dom.contains(&format!(r#"data-actor="step:{top}""#)), "its parent is not shown");
+    assert!(
+        dom.contains(&format!(r#"data-actor="step:{top}""#)),
+        "its parent is not shown"
+    );
     let rows = count(&dom, "<li data-actor=");
     assert!((3..=6).contains(&rows), "{rows} rows for one match:\n{dom}");
     screenshot(&chrome, &search, "dashboard-tree.png");

@@ -156,12 +156,10 @@ impl<'a> Spanning<'a> {
         };
         let mut reached = vec![false; n];
         let mut queue = VecDeque::new();
-        for i in 0..n {
-            if is_root(s.actors[i]) {
-                reached[i] = true;
-                s.roots.push(i);
-                queue.push_back(i);
-            }
+        s.roots = (0..n).filter(|&i| is_root(s.actors[i])).collect();
+        for &i in &s.roots {
+            reached[i] = true;
+            queue.push_back(i);
         }
         s.walk(&mut reached, &mut queue);
         // Actors no root reaches: the topmost of them (no parent among the unreached, or on a
@@ -172,10 +170,11 @@ impl<'a> Spanning<'a> {
                 continue;
             }
             let a = s.actors[i];
-            let has_live_parent = a
-                .parents
-                .iter()
-                .any(|p| s.index.get(p.as_str()).is_some_and(|&j| !reached[j] && j != i));
+            let has_live_parent = a.parents.iter().any(|p| {
+                s.index
+                    .get(p.as_str())
+                    .is_some_and(|&j| !reached[j] && j != i)
+            });
             if has_live_parent {
                 continue;
             }
@@ -263,7 +262,10 @@ fn matches(a: &Actor, needle: &str) -> bool {
 }
 
 fn ids(s: &str) -> HashSet<&str> {
-    s.split('\n').map(str::trim).filter(|x| !x.is_empty()).collect()
+    s.split('\n')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .collect()
 }
 
 /// Counts by key, most first (then by key).
@@ -313,37 +315,31 @@ pub fn tree(actors: &[Actor], q: &TreeQuery) -> Tree {
     let mut rows = 0;
     // Depth-first, building nodes bottom-up with an explicit stack (a chain of 10,000 steps
     // must not overflow the thread's stack).
-    fn node(
-        s: &Spanning<'_>,
-        i: usize,
-        rel: &'static str,
-        is_open: bool,
-        is_match: bool,
-    ) -> Node {
+    fn node(s: &Spanning<'_>, i: usize, rel: &'static str, is_open: bool, is_match: bool) -> Node {
         let n = s.actors.len();
-        let (kind, state, detail, handled, restarts, blocked, queued, parents) = match s.actors.get(i)
-        {
-            Some(a) => (
-                a.kind.clone(),
-                a.state.clone(),
-                a.detail.clone(),
-                a.handled,
-                a.restarts,
-                a.blocked,
-                a.queued_effects,
-                a.parents.len(),
-            ),
-            None => (
-                "unattached".to_string(),
-                String::new(),
-                format!("{} actors no root reaches", s.kids[i].len()),
-                0,
-                0,
-                false,
-                0,
-                0,
-            ),
-        };
+        let (kind, state, detail, handled, restarts, blocked, queued, parents) =
+            match s.actors.get(i) {
+                Some(a) => (
+                    a.kind.clone(),
+                    a.state.clone(),
+                    a.detail.clone(),
+                    a.handled,
+                    a.restarts,
+                    a.blocked,
+                    a.queued_effects,
+                    a.parents.len(),
+                ),
+                None => (
+                    "unattached".to_string(),
+                    String::new(),
+                    format!("{} actors no root reaches", s.kids[i].len()),
+                    0,
+                    0,
+                    false,
+                    0,
+                    0,
+                ),
+            };
         let other_parents = if i < n && s.parent[i].is_some() {
             parents.saturating_sub(1)
         } else {
@@ -503,7 +499,13 @@ mod tests {
         let refs: Vec<&str> = leaves.iter().map(String::as_str).collect();
         let top = "step:/nix/store/ffffffffffffffffffffffffffffffff-top.drv";
         let mut v = vec![
-            actor("queue-monitor", "queue_monitor", "watching", &[], &["build:1"]),
+            actor(
+                "queue-monitor",
+                "queue_monitor",
+                "watching",
+                &[],
+                &["build:1"],
+            ),
             actor("dispatcher", "dispatcher", "dispatching", &[], &[]),
             actor("build:1", "build", "waiting", &["queue-monitor"], &[top]),
             actor(top, "step", "waiting_for_inputs", &["build:1"], &refs),
@@ -515,10 +517,7 @@ mod tests {
     }
 
     fn count_rows(nodes: &[Node]) -> usize {
-        nodes
-            .iter()
-            .map(|n| 1 + count_rows(&n.children))
-            .sum()
+        nodes.iter().map(|n| 1 + count_rows(&n.children)).sum()
     }
 
     fn find<'a>(nodes: &'a [Node], id: &str) -> Option<&'a Node> {
@@ -541,7 +540,10 @@ mod tests {
         assert_eq!(t.rows, 2);
         assert_eq!(count_rows(&t.roots), 2);
         let qm = &t.roots[0];
-        assert_eq!((qm.id.as_str(), qm.open, qm.child_count), ("queue-monitor", false, 1));
+        assert_eq!(
+            (qm.id.as_str(), qm.open, qm.child_count),
+            ("queue-monitor", false, 1)
+        );
         assert_eq!(qm.descendants, 10_002);
         assert_eq!(t.by_kind[0], ("step".to_string(), 10_001));
         assert_eq!(t.by_state[0], ("runnable".to_string(), 10_000));
@@ -579,8 +581,11 @@ mod tests {
         assert_eq!(t.rows, 4);
         let hit = find(&t.roots, &leaf(4242)).expect("the match is shown");
         assert!(hit.is_match);
-        let top = find(&t.roots, "step:/nix/store/ffffffffffffffffffffffffffffffff-top.drv")
-            .expect("its parent");
+        let top = find(
+            &t.roots,
+            "step:/nix/store/ffffffffffffffffffffffffffffffff-top.drv",
+        )
+        .expect("its parent");
         assert!(top.open);
         assert_eq!(top.children.len(), 1);
         assert_eq!(top.more, 9_999);
@@ -609,10 +614,22 @@ mod tests {
     fn a_small_tree_starts_open_unless_closed_and_marks_resolved_children() {
         let a = "step:/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-a.drv";
         let r = "step:/nix/store/rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr-a.drv";
-        let mut resolved = actor(a, "step", "awaiting_resolved", &["build:1", "build:2"], &[r]);
+        let mut resolved = actor(
+            a,
+            "step",
+            "awaiting_resolved",
+            &["build:1", "build:2"],
+            &[r],
+        );
         resolved.detail = "resolved to /nix/store/rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr-a.drv".into();
         let actors = vec![
-            actor("queue-monitor", "queue_monitor", "watching", &[], &["build:1", "build:2"]),
+            actor(
+                "queue-monitor",
+                "queue_monitor",
+                "watching",
+                &[],
+                &["build:1", "build:2"],
+            ),
             actor("build:1", "build", "waiting", &["queue-monitor"], &[a]),
             // build 2 shares the step: shown once, under build 1.
             actor("build:2", "build", "waiting", &["queue-monitor"], &[a]),
@@ -642,9 +659,27 @@ mod tests {
     fn actors_no_root_reaches_are_grouped_per_kind() {
         let mut actors = wide(3);
         // Steps left over from finished builds, one on a cycle of two.
-        actors.push(actor("step:/nix/store/x-orphan.drv", "step", "succeeded", &[], &[]));
-        actors.push(actor("step:/nix/store/c1.drv", "step", "runnable", &["step:/nix/store/c2.drv"], &["step:/nix/store/c2.drv"]));
-        actors.push(actor("step:/nix/store/c2.drv", "step", "runnable", &["step:/nix/store/c1.drv"], &["step:/nix/store/c1.drv"]));
+        actors.push(actor(
+            "step:/nix/store/x-orphan.drv",
+            "step",
+            "succeeded",
+            &[],
+            &[],
+        ));
+        actors.push(actor(
+            "step:/nix/store/c1.drv",
+            "step",
+            "runnable",
+            &["step:/nix/store/c2.drv"],
+            &["step:/nix/store/c2.drv"],
+        ));
+        actors.push(actor(
+            "step:/nix/store/c2.drv",
+            "step",
+            "runnable",
+            &["step:/nix/store/c1.drv"],
+            &["step:/nix/store/c1.drv"],
+        ));
         let t = tree(
             &actors,
             &TreeQuery {
@@ -665,7 +700,13 @@ mod tests {
     #[test]
     fn a_chain_of_ten_thousand_does_not_overflow_the_stack() {
         let ids: Vec<String> = (0..10_000).map(leaf).collect();
-        let mut actors = vec![actor("queue-monitor", "queue_monitor", "watching", &[], &[&ids[0]])];
+        let mut actors = vec![actor(
+            "queue-monitor",
+            "queue_monitor",
+            "watching",
+            &[],
+            &[&ids[0]],
+        )];
         for (i, id) in ids.iter().enumerate() {
             let kids: Vec<&str> = ids.get(i + 1).map(String::as_str).into_iter().collect();
             actors.push(actor(id, "step", "waiting_for_inputs", &[], &kids));

@@ -64,15 +64,21 @@ pub fn follow(
                 tracing::debug!(build, step = nr, error = %e, "log follow ended with an error");
                 let data = serde_json::json!({ "error": e.to_string() }).to_string();
                 // The page may have gone meanwhile; nothing else is to be done then.
-                if tx.send(Event::default().event("end").data(data)).await.is_err() {
+                if tx
+                    .send(Event::default().event("end").data(data))
+                    .await
+                    .is_err()
+                {
                     tracing::debug!(build, step = nr, "the page left before the end event");
                 }
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok(e), rx))
-    });
+    let stream =
+        futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+        );
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
@@ -148,7 +154,11 @@ async fn run(
         match found {
             Some(f) => break f,
             None if finished => {
-                send(tx, json_event("end", serde_json::json!({"reason": "no log"}))).await?;
+                send(
+                    tx,
+                    json_event("end", serde_json::json!({"reason": "no log"})),
+                )
+                .await?;
                 return Ok(());
             }
             None => tokio::time::sleep(STATUS_EVERY).await,
@@ -172,11 +182,18 @@ async fn run(
         let text = String::from_utf8_lossy(&bytes[start..]).into_owned();
         send(
             tx,
-            json_event("log", serde_json::json!({"text": text, "truncated": start > 0 && from.is_none()}))
-                .id(bytes.len().to_string()),
+            json_event(
+                "log",
+                serde_json::json!({"text": text, "truncated": start > 0 && from.is_none()}),
+            )
+            .id(bytes.len().to_string()),
         )
         .await?;
-        send(tx, json_event("end", serde_json::json!({"reason": "finished"}))).await?;
+        send(
+            tx,
+            json_event("end", serde_json::json!({"reason": "finished"})),
+        )
+        .await?;
         return Ok(());
     }
     let mut f = tokio::fs::File::open(&file).await.map_err(io)?;
@@ -238,7 +255,10 @@ async fn run(
             let (name, _) = status(admin, build, nr).await?;
             send(
                 tx,
-                json_event("end", serde_json::json!({"reason": "finished", "status_name": name})),
+                json_event(
+                    "end",
+                    serde_json::json!({"reason": "finished", "status_name": name}),
+                ),
             )
             .await?;
             return Ok(());

@@ -70,8 +70,8 @@ pub struct LoadAnswer {
 impl MachineHistory {
     pub fn new(interval: Duration, window: Duration) -> Self {
         let interval = interval.max(Duration::from_millis(1));
-        let capacity = ((window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize + 1)
-            .clamp(2, 100_000);
+        let capacity =
+            ((window.as_secs_f64() / interval.as_secs_f64()).ceil() as usize + 1).clamp(2, 100_000);
         MachineHistory {
             interval,
             window,

@@ -44,7 +44,11 @@ pub fn step_tree(build: Option<Build>, steps: Vec<Step>) -> StepTree {
         .collect();
     edges.sort_by_key(|e| (e.from, e.to));
     let targets: BTreeSet<i32> = edges.iter().map(|e| e.to).collect();
-    let mut roots: Vec<i32> = nrs.iter().copied().filter(|n| !targets.contains(n)).collect();
+    let mut roots: Vec<i32> = nrs
+        .iter()
+        .copied()
+        .filter(|n| !targets.contains(n))
+        .collect();
     // Steps that only sit on a cycle of links (the database does not allow one, but) still show.
     let mut reached: BTreeSet<i32> = BTreeSet::new();
     let by_from: BTreeMap<i32, Vec<i32>> = edges.iter().fold(BTreeMap::new(), |mut m, e| {
