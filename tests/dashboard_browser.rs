@@ -494,6 +494,76 @@ fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
     });
     let b = get_json(&c, &format!("/api/builds/{slow_build}"));
     assert_eq!(b["build"]["status"], 0, "{}", c.serve_logs());
+    // The finished step's log followed whole, then again as a reconnect after byte 100 would.
+    let path = format!("/api/builds/{slow_build}/steps/{child}/log/follow");
+    let (text, last_id, end) = follow_sse(&c, &path, None);
+    assert!(
+        text.starts_with("tick 1\n") && text.contains("tick 120\n"),
+        "{text}"
+    );
+    assert_eq!(last_id, Some(text.len() as u64));
+    assert_eq!(end["reason"], "finished", "{end}");
+    let (rest, _, _) = follow_sse(&c, &path, Some(100));
+    assert_eq!(rest, text[100..]);
+}
+
+/// Reads the server-sent events of `path` until the server ends them: the `log` texts joined,
+/// the last event id, and the `end` event's data.
+fn follow_sse(c: &Cluster, path: &str, last_event_id: Option<u64>) -> (String, Option<u64>, Value) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", c.http_port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let extra = last_event_id.map_or(String::new(), |i| format!("Last-Event-ID: {i}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("text/event-stream"),
+        "{head}"
+    );
+    // Undo the chunked transfer encoding.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = after[n..].strip_prefix("\r\n").expect("a chunk's end");
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    let (mut text, mut id, mut end) = (String::new(), None, Value::Null);
+    let mut kind = String::new();
+    for line in body.lines() {
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k.to_string();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}"));
+            match kind.as_str() {
+                "log" => text.push_str(v["text"].as_str().unwrap_or_default()),
+                "end" => end = v,
+                _ => {}
+            }
+        } else if let Some(i) = line.strip_prefix("id: ") {
+            id = i.trim().parse().ok();
+        }
+    }
+    (text, id, end)
 }
 
 #[test]

@@ -161,6 +161,7 @@ async fn run(
                 .await?;
                 return Ok(());
             }
+            None if tx.is_closed() => return Err(FollowError::Gone),
             None => tokio::time::sleep(STATUS_EVERY).await,
         }
     };
