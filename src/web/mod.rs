@@ -6,7 +6,11 @@
 //! Everything here is read-only, so it needs no token; actions go through the token-protected
 //! gRPC admin service (`qr admin …`).
 
+pub mod actor_tree;
 pub mod cache;
+pub mod log_tail;
+pub mod machine_load;
+pub mod step_tree;
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -24,8 +28,10 @@ use futures::{Stream, StreamExt};
 use crate::actors::env::Stats;
 use crate::grpc::admin::Admin;
 
-/// The dashboard page.
+/// The dashboard page, its script and its style sheet.
 const DASHBOARD: &str = include_str!("dashboard.html");
+const DASHBOARD_JS: &str = include_str!("dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard.css");
 
 /// Counters only the web side keeps (scrapes), besides the actors' `Stats`.
 #[derive(Default)]
@@ -37,16 +43,34 @@ struct WebStats {
 struct AppState {
     admin: Admin,
     stats: Arc<WebStats>,
+    machine_history: machine_load::SharedMachineHistory,
 }
 
-/// The router (also used by tests).
+/// The router. Inside a tokio runtime whose runner keeps a history (`[http]
+/// history_interval_s`), it also starts sampling the machines' load at that interval
+/// ([`machine_load`]).
 pub fn router(admin: Admin) -> Router {
+    let h = admin.history(i64::MAX);
+    let machine_history = Arc::new(std::sync::Mutex::new(machine_load::MachineHistory::new(
+        std::time::Duration::from_secs_f64(h.interval_s.max(0.001)),
+        std::time::Duration::from_secs_f64(h.window_s.max(0.0)),
+    )));
+    if h.interval_s > 0.0 && tokio::runtime::Handle::try_current().is_ok() {
+        machine_load::spawn_sampler(admin.clone(), machine_history.clone());
+    }
     let state = AppState {
         admin,
         stats: Arc::default(),
+        machine_history,
     };
     Router::new()
         .route("/", get(dashboard))
+        .route("/dashboard.js", get(dashboard_js))
+        .route("/dashboard.css", get(dashboard_css))
+        .route("/api/builds/{id}/tree", get(build_tree))
+        .route("/api/builds/{id}/steps/{nr}/log/follow", get(follow_log))
+        .route("/api/actors/tree", get(actors_tree))
+        .route("/api/machines/history", get(machines_history))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
@@ -118,6 +142,89 @@ async fn dashboard() -> Response {
         DASHBOARD,
     )
         .into_response()
+}
+
+async fn dashboard_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        DASHBOARD_JS,
+    )
+        .into_response()
+}
+
+async fn dashboard_css() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        DASHBOARD_CSS,
+    )
+        .into_response()
+}
+
+/// A build's steps with their links ([`step_tree`]).
+async fn build_tree(State(s): State<AppState>, Path(id): Path<i64>) -> Response {
+    answer(
+        s.admin
+            .get_build(id)
+            .await
+            .map(|d| step_tree::step_tree(d.build, d.steps)),
+    )
+}
+
+/// The live log of a step ([`log_tail`]); a reconnecting `EventSource`'s `Last-Event-ID` is the
+/// byte offset to go on from.
+async fn follow_log(
+    State(s): State<AppState>,
+    Path((id, nr)): Path<(i64, i32)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Refuse what cannot be followed before the stream starts (as a status, not an event).
+    if let Err(e) = s.admin.get_step(id, nr).await {
+        return error(e);
+    }
+    log_tail::follow(s.admin, id, nr, from).into_response()
+}
+
+/// The supervision tree as the page shows it ([`actor_tree`]).
+async fn actors_tree(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<actor_tree::TreeQuery>,
+) -> Response {
+    let actors = match s.admin.actors("") {
+        Ok(a) => a.actors,
+        Err(e) => return error(e),
+    };
+    let q = actor_tree::TreeQuery {
+        page: q.page.clamp(1, 1000),
+        max_matches: q.max_matches.clamp(1, 1000),
+        ..q
+    };
+    match tokio::task::spawn_blocking(move || actor_tree::tree(&actors, &q)).await {
+        Ok(t) => json(&t),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn machines_history(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<HistoryQuery>,
+) -> Response {
+    let h = s
+        .machine_history
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .answer(q.after_ms);
+    // No runner history: no samples either (the page says so).
+    if s.admin.history(i64::MAX).interval_s == 0.0 {
+        return json(&machine_load::LoadAnswer {
+            interval_s: 0.0,
+            ..h
+        });
+    }
+    json(&h)
 }
 
 /// Answers after `ms` milliseconds (at most 10 s): the dashboard loads it when opened with
