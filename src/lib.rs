@@ -12,5 +12,6 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod grpc;
+pub mod metrics;
 pub mod store;
 pub mod web;

@@ -111,6 +111,9 @@ pub async fn fail(
     };
     if persist("finish the aggregate", || env.db.finish_build(&f)).await? {
         Stats::inc(&env.stats.builds_finished);
+        crate::metrics::global()
+            .builds
+            .finished(BuildStatus::DepFailed.code());
         env.emit(SchedEvent::BuildFinished {
             build: build.id.0,
             status: BuildStatus::DepFailed.code(),

@@ -119,9 +119,45 @@ pub struct ActorCell {
     blocked: AtomicBool,
     queued: AtomicU64,
     described: Mutex<Described>,
+    /// Metrics: a step's machine type (set once, after the cell is made).
+    group: std::sync::OnceLock<Arc<str>>,
+    /// Metrics: when the state name last changed (microseconds on [`since_start`]).
+    state_since: AtomicU64,
+}
+
+/// Microseconds since the first call (a monotonic clock for state ages).
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let s = START.get_or_init(std::time::Instant::now);
+    u64::try_from(s.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 impl ActorCell {
+    /// Sets the group the metrics count this actor in (a step's machine type); once.
+    pub fn set_group(&self, g: Arc<str>) {
+        self.group.get_or_init(|| g);
+    }
+
+    /// Whether its mailbox waits on its I/O now.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
+    }
+
+    pub fn group(&self) -> Option<&Arc<str>> {
+        self.group.get()
+    }
+
+    /// The state name now, and how long it has been that.
+    pub fn state_and_age(&self) -> (String, std::time::Duration) {
+        let state = self
+            .described
+            .lock()
+            .map(|d| d.state.to_string())
+            .unwrap_or_default();
+        let age = since_start().saturating_sub(self.state_since.load(Ordering::Relaxed));
+        (state, std::time::Duration::from_micros(age))
+    }
+
     /// One message handled (the hot path: one relaxed add).
     #[inline]
     pub fn handled(&self) {
@@ -145,7 +181,11 @@ impl ActorCell {
     /// Changes the descriptive part.
     pub fn describe(&self, f: impl FnOnce(&mut Described)) {
         if let Ok(mut d) = self.described.lock() {
+            let was = d.state.clone();
             f(&mut d);
+            if d.state != was {
+                self.state_since.store(since_start(), Ordering::Relaxed);
+            }
         }
     }
 
@@ -223,6 +263,8 @@ impl Actors {
             blocked: AtomicBool::new(false),
             queued: AtomicU64::new(0),
             described: Mutex::new(Described::default()),
+            group: std::sync::OnceLock::new(),
+            state_since: AtomicU64::new(since_start()),
         });
         self.cells.insert(id, cell.clone());
         cell
@@ -231,6 +273,16 @@ impl Actors {
     /// Forgets the actor if `cell` is still the registered one.
     pub fn unregister(&self, cell: &Arc<ActorCell>) {
         self.cells.remove_if(&cell.id, |_, c| Arc::ptr_eq(c, cell));
+    }
+
+    /// The live cell of `id`.
+    pub fn cell(&self, id: &ActorId) -> Option<Arc<ActorCell>> {
+        self.cells.get(id).map(|c| c.clone())
+    }
+
+    /// Every live cell, unordered (for the metrics: no snapshot copies).
+    pub fn cells(&self) -> Vec<Arc<ActorCell>> {
+        self.cells.iter().map(|c| c.clone()).collect()
     }
 
     pub fn get(&self, id: &str) -> Option<ActorSnapshot> {

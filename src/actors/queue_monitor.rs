@@ -87,6 +87,7 @@ impl QueueMonitor {
                 Some(ctx.address().recipient()),
             )
             .start();
+            crate::metrics::global().queue.builds_loaded.inc();
             self.builds.insert(id, actor);
         }
         self.describe();
@@ -97,6 +98,7 @@ impl QueueMonitor {
         let since = self.last_id;
         ctx.wait(
             async move {
+                let check = crate::metrics::global().queue.check();
                 let shares = env.db.jobsets().await.unwrap_or_default();
                 let rows = if all { env.db.unfinished_builds().await } else { env.db.unfinished_builds_since(crate::db::types::BuildId(since)).await };
                 // After the rows: an aggregate among them has its constituents recorded (one
@@ -109,6 +111,7 @@ impl QueueMonitor {
                     (Ok(r), Ok(g)) => Ok((r, g)),
                     (Err(e), _) | (_, Err(e)) => Err(e),
                 };
+                check.finish(rows.as_ref().map(|(r, _)| r.len()));
                 (shares, rows)
             }
             .into_actor(self)
@@ -297,6 +300,7 @@ impl Handler<Queue> for QueueMonitor {
     type Result = ();
     fn handle(&mut self, msg: Queue, ctx: &mut Context<Self>) {
         self.cell.handled();
+        crate::metrics::global().queue.wakeups.inc();
         match msg.0 {
             QueueEvent::BuildsAdded(_) => self.read(ctx, false),
             QueueEvent::BuildsRestarted(_) | QueueEvent::Rescan => self.read(ctx, true),

@@ -129,6 +129,7 @@ impl Publisher {
                 }
                 // A narinfo in DIR means its path (and, as we write them, its closure) is there.
                 if narinfo_name(p).is_ok_and(|n| exists(&dir.join(n))) {
+                    crate::metrics::global().cache.upload_skipped.inc();
                     published.insert(p.to_string());
                     return false;
                 }
@@ -143,14 +144,22 @@ impl Publisher {
                 self.dir.join("nar"),
             );
             let c = self.cache.settings().compression;
+            let started = std::time::Instant::now();
             let file = tokio::task::spawn_blocking(move || {
                 write_nar_file(&*store as &dyn Store, &path, c, &nar_dir)
             })
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
+            let m = &crate::metrics::global().cache;
+            m.upload_nar_bytes.add(info.nar_size);
+            m.upload_file_bytes.add(file.file_size);
+            if c != crate::cache::compression::Compression::None {
+                m.compressed(info.nar_size, file.file_size, started.elapsed());
+            }
             let text = narinfo::render(&info, &file, self.cache.key());
             write_atomic(&self.dir, &name, text.as_bytes())?;
             self.published.insert(info.path.clone());
+            crate::metrics::global().cache.upload_paths.inc();
             done.paths += 1;
             tracing::debug!(path = %info.path, dir = %self.dir.display(), "published a path");
         }
@@ -173,6 +182,7 @@ impl Publisher {
         if !exists(&tdir.join(&tname)) {
             write_atomic(&tdir, &tname, trace.to_json(self.cache.key()).as_bytes())?;
         }
+        crate::metrics::global().cache.upload_realisations.inc();
         done.realisations += 1;
         let drv_base = base_name(&key.drv_path);
         let ldir = self.dir.join("log");
@@ -180,6 +190,7 @@ impl Publisher {
             && let Some(log) = self.cache.log(drv_base).await?
         {
             write_atomic(&ldir, drv_base, &log)?;
+            crate::metrics::global().cache.upload_logs.inc();
             done.logs += 1;
         }
         Ok(())
@@ -191,7 +202,14 @@ impl Publisher {
         tokio::spawn(async move {
             tracing::info!(dir = %self.dir.display(), "publishing to a file:// binary cache");
             loop {
-                match self.pass().await {
+                let pass = self.pass().await;
+                let result = if pass.is_ok() { "ok" } else { "error" };
+                crate::metrics::global()
+                    .cache
+                    .upload_passes
+                    .with(&[("result", result)])
+                    .inc();
+                match pass {
                     Ok(p) if p.realisations > 0 => tracing::info!(
                         realisations = p.realisations,
                         paths = p.paths,

@@ -184,6 +184,11 @@ impl Cache {
                 Ok(f)
             })
             .await?;
+            crate::metrics::global().cache.compressed(
+                info.nar_size,
+                f.file_size,
+                started.elapsed(),
+            );
             tracing::info!(path = %info.path, compression = c.name(), nar_size = info.nar_size,
                 file_size = f.file_size, ms = started.elapsed().as_millis() as u64,
                 "compressed a NAR for the binary cache");

@@ -40,6 +40,7 @@ mod plans;
 mod retry;
 mod rows;
 mod sql;
+mod stats;
 mod timing;
 pub mod types;
 
@@ -64,6 +65,7 @@ pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use plans::QueryPlan;
 pub use retry::{RetryPolicy, retry, retry_checked};
+pub use stats::{EvalCounts, PoolStats};
 pub use timing::{BUCKETS as TX_BUCKETS, Histogram, HistogramSnapshot, TxKind, TxTimings};
 pub use types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
@@ -423,7 +425,11 @@ impl Db {
         Fut: std::future::Future<Output = Result<T, DbError>>,
     {
         let hist = self.inner.timings.of(kind);
-        retry(&self.inner.options.retry, what, || observed(hist, op())).await
+        let r = retry(&self.inner.options.retry, what, || observed(hist, op())).await;
+        if r.is_err() {
+            self.inner.timings.failed(kind);
+        }
+        r
     }
 
     /// [`Db::writing`] for a write whose commit reply may be lost: `check` tells whether it

@@ -87,9 +87,21 @@ impl TxKind {
 pub struct TxTimings {
     read: Histogram,
     write: Histogram,
+    /// Operations that failed for good (after their retries), by kind.
+    failures: [AtomicU64; 2],
 }
 
 impl TxTimings {
+    /// An operation of `kind` failed for good.
+    pub fn failed(&self, kind: TxKind) {
+        self.failures[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Operations of `kind` that failed for good.
+    pub fn failures(&self, kind: TxKind) -> u64 {
+        self.failures[kind as usize].load(Ordering::Relaxed)
+    }
+
     pub fn of(&self, kind: TxKind) -> &Histogram {
         match kind {
             TxKind::Read => &self.read,

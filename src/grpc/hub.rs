@@ -76,6 +76,11 @@ pub struct Join {
 #[rtype(result = "Option<Addr<RemoteMachine>>")]
 pub struct Lookup(pub String);
 
+/// The machine id of the live session with this id (for its metrics), and the session.
+#[derive(Message)]
+#[rtype(result = "Option<(String, Addr<RemoteMachine>)>")]
+pub struct LookupMachine(pub String);
+
 /// A session ended (its stream closed, or it was closed by the runner).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -283,6 +288,16 @@ impl Handler<Lookup> for BuilderHub {
             .values()
             .find(|s| s.id == msg.0)
             .map(|s| s.addr.clone())
+    }
+}
+
+impl Handler<LookupMachine> for BuilderHub {
+    type Result = Option<(String, Addr<RemoteMachine>)>;
+    fn handle(&mut self, msg: LookupMachine, _: &mut Context<Self>) -> Self::Result {
+        self.sessions
+            .iter()
+            .find(|(_, s)| s.id == msg.0)
+            .map(|(m, s)| (m.clone(), s.addr.clone()))
     }
 }
 

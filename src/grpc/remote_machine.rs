@@ -4,7 +4,7 @@
 //! quarantines the builder, and every job in flight is answered `Aborted` (transient), so its step
 //! is retried elsewhere. Nothing a builder sends enters the store unchecked (see [`super::verify`]).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,9 @@ pub struct RemoteMachine {
     closed: bool,
     load: f64,
     free_disk: u64,
+    /// This machine's metrics, and the jobs in flight timed by phase (by job id).
+    counters: Arc<crate::metrics::MachineCounters>,
+    timers: HashMap<String, crate::metrics::JobTimer>,
 }
 
 impl RemoteMachine {
@@ -115,7 +118,11 @@ impl RemoteMachine {
         tx: Outbound,
         held: BTreeMap<String, String>,
     ) -> Self {
+        let counters = crate::metrics::global().machine(&info.id);
+        counters.sessions.inc();
         RemoteMachine {
+            counters,
+            timers: HashMap::new(),
             jobs: JobTable::new(settings.store_dir.clone(), session.clone()),
             env,
             store,
@@ -157,6 +164,10 @@ impl RemoteMachine {
         }
         self.tx = None;
         let jobs = self.jobs.drain();
+        // Jobs lost with the session count as the machine's failures.
+        for (_, t) in self.timers.drain() {
+            t.finish(false);
+        }
         if !jobs.is_empty() {
             tracing::warn!(machine = %self.info.id, jobs = jobs.len(), reason = why, "builder session ended with jobs in flight: they will be retried");
         } else {
@@ -183,6 +194,7 @@ impl RemoteMachine {
         // The reason quotes what the builder sent, which may be huge.
         let reason = clip_message(&reason);
         tracing::error!(machine = %self.info.id, reason = %reason, "refusing what the builder sent");
+        self.counters.refusals.inc();
         self.hub.do_send(Quarantine {
             machine: self.info.id.clone(),
             reason: reason.clone(),
@@ -196,6 +208,9 @@ impl RemoteMachine {
 
     /// A job ended: its step hears the outcome, the dispatcher gets the slot back.
     fn finish(&mut self, job_id: &str, outcome: BuildOutcome) {
+        if let Some(t) = self.timers.remove(job_id) {
+            t.finish(matches!(outcome, BuildOutcome::Built(_)));
+        }
         if let Some(j) = self.jobs.take(job_id) {
             if let Some(step) = j.payload.step.upgrade() {
                 step.do_send(JobDone(outcome));
@@ -429,6 +444,8 @@ impl RemoteMachine {
             },
         );
         tracing::info!(machine = %self.info.id, drv = %msg.drv_path, job = %job_id, adopting, "sending a build");
+        self.timers.insert(job_id.clone(), self.counters.job());
+        let machine_type = crate::metrics::steps::machine_type_of(&drv);
         let store = self.store.clone();
         let drv_aterm = drv.to_aterm();
         let drv_path = msg.drv_path.clone();
@@ -475,6 +492,14 @@ impl RemoteMachine {
                     );
                 }
                 Ok(infos) => {
+                    if let Some(t) = act.timers.get_mut(&job_id) {
+                        t.phase(crate::metrics::Phase::Building);
+                    }
+                    crate::metrics::global()
+                        .steps
+                        .input_closure_bytes
+                        .with(&[("machine_type", &machine_type)])
+                        .observe(infos.iter().map(|i| i.nar_size as f64).sum());
                     act.jobs
                         .set_inputs(&job_id, infos.iter().map(|i| i.path.clone()).collect());
                     let job = runner_v1::BuildJob {
@@ -499,6 +524,8 @@ impl Handler<AbortJob> for RemoteMachine {
             return;
         };
         tracing::info!(machine = %self.info.id, drv = %msg.drv_path, "aborting a remote build: no longer wanted");
+        // Dropped unfinished: counted as aborted.
+        self.timers.remove(&id);
         self.jobs.take(&id);
         self.remember_aborted(id.clone());
         self.dispatcher.do_send(SlotFreed(self.info.id.clone()));
@@ -567,14 +594,19 @@ impl Handler<CheckUpload> for RemoteMachine {
             return Err("the session is closed".into());
         }
         match self.jobs.check_upload(&msg.job_id, &msg.output, &msg.info) {
-            Ok(expected) => Ok(UploadPermit {
-                expected,
-                inputs: self
-                    .jobs
-                    .get(&msg.job_id)
-                    .map(|j| j.inputs.clone())
-                    .unwrap_or_default(),
-            }),
+            Ok(expected) => {
+                if let Some(t) = self.timers.get_mut(&msg.job_id) {
+                    t.phase(crate::metrics::Phase::ReceivingOutputs);
+                }
+                Ok(UploadPermit {
+                    expected,
+                    inputs: self
+                        .jobs
+                        .get(&msg.job_id)
+                        .map(|j| j.inputs.clone())
+                        .unwrap_or_default(),
+                })
+            }
             Err(v) => {
                 let reason = format!("upload of {}: {v}", msg.info.path);
                 if self.aborted.contains(&msg.job_id) {

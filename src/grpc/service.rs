@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::clip::clip_status;
-use super::hub::{BuilderHub, Join, Lookup, RemoteSettings};
+use super::hub::{BuilderHub, Join, Lookup, LookupMachine, RemoteSettings};
 use super::info_from_proto;
 use super::nar::{ChunkReader, export};
 use super::remote_machine::{
@@ -47,6 +47,20 @@ impl RunnerServiceImpl {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::permission_denied(format!("no live session {id:?}")))
+    }
+
+    /// The live session `id` and its machine's metrics.
+    async fn session_counters(
+        &self,
+        id: &str,
+    ) -> Result<(Addr<RemoteMachine>, Arc<crate::metrics::MachineCounters>), Status> {
+        let (machine, addr) = self
+            .hub
+            .send(LookupMachine(id.to_string()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::permission_denied(format!("no live session {id:?}")))?;
+        Ok((addr, crate::metrics::global().machine(&machine)))
     }
 }
 
@@ -142,7 +156,7 @@ impl RunnerService for RunnerServiceImpl {
         request: Request<FetchNarRequest>,
     ) -> Result<Response<Self::FetchNarStream>, Status> {
         let r = request.into_inner();
-        self.session(&r.session_id).await?;
+        let (_, counters) = self.session_counters(&r.session_id).await?;
         let valid = self
             .store
             .is_valid_path(&r.path)
@@ -156,9 +170,18 @@ impl RunnerService for RunnerServiceImpl {
         }
         let store: Arc<dyn Store> = self.store.clone();
         let rx = export(store, r.path);
-        let s = ReceiverStream::new(rx).map(|c| match c {
-            Ok(data) => Ok(NarChunk { data }),
-            Err(e) => Err(clip_status(Code::Internal, &e)),
+        counters.nars_out.inc();
+        // Counted while the stream lives (an input being copied to the machine).
+        let copying = crate::metrics::global().steps.copying_to.hold();
+        let s = ReceiverStream::new(rx).map(move |c| {
+            let _copying = &copying;
+            match c {
+                Ok(data) => {
+                    counters.bytes_out.add(data.len() as u64);
+                    Ok(NarChunk { data })
+                }
+                Err(e) => Err(clip_status(Code::Internal, &e)),
+            }
         });
         Ok(Response::new(Box::pin(s)))
     }
@@ -172,7 +195,8 @@ impl RunnerService for RunnerServiceImpl {
         else {
             return Err(Status::invalid_argument("an upload starts with its header"));
         };
-        let addr = self.session(&h.session_id).await?;
+        let (addr, counters) = self.session_counters(&h.session_id).await?;
+        let _copying = crate::metrics::global().steps.copying_from.hold();
         let info = match h.info.as_ref().map(info_from_proto) {
             Some(Ok(i)) => i,
             Some(Err(e)) => {
@@ -228,6 +252,7 @@ impl RunnerService for RunnerServiceImpl {
             match s.message().await {
                 Ok(Some(m)) => match m.msg {
                     Some(upload_nar_request::Msg::Data(d)) => {
+                        counters.bytes_in.add(d.len() as u64);
                         if tx.send(Ok(d)).await.is_err() {
                             break; // the checker stopped reading (it failed)
                         }
@@ -269,6 +294,7 @@ impl RunnerService for RunnerServiceImpl {
         }
         match res {
             Ok(()) => {
+                counters.nars_in.inc();
                 addr.send(UploadDone {
                     job_id: h.job_id,
                     output: h.output_name,

@@ -10,10 +10,10 @@ pub mod actor_tree;
 pub mod cache;
 pub mod log_tail;
 pub mod machine_load;
+pub mod metrics;
 pub mod step_tree;
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt};
 
-use crate::actors::env::Stats;
 use crate::grpc::admin::Admin;
 
 /// The dashboard page, its script and its style sheet.
@@ -97,7 +96,7 @@ pub async fn serve(
     use axum::serve::ListenerExt as _;
     let mut app = router(admin);
     if let Some(c) = cache {
-        app = app.merge(cache::router(c));
+        app = app.merge(cache::router(c).layer(axum::middleware::from_fn(metrics::count_cache)));
     }
     // Without TCP_NODELAY a response written in two parts (head, then body) waits for the
     // client's delayed ACK: about 40 ms per request, which dominates a substitution of many
@@ -320,296 +319,17 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-/// One metric family in the Prometheus text format.
-fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name} {v}");
-        } else {
-            let _ = writeln!(out, "{name}{{{labels}}} {v}");
-        }
-    }
-}
-
-fn label(k: &str, v: &str) -> String {
-    let v = v
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
-    format!("{k}=\"{v}\"")
-}
-
 async fn metrics(State(s): State<AppState>) -> Response {
-    s.stats.scrapes.fetch_add(1, Ordering::Relaxed);
-    // Served while the database is away (that is when it is wanted): the queue length is then
-    // left out and `qr_database_up` is 0.
-    let queued = s.admin.queued().await;
-    let st = match s.admin.status_with(*queued.as_ref().unwrap_or(&0)).await {
-        Ok(st) => st,
-        Err(e) => return error(e),
-    };
-    let machines = s.admin.machines().await.unwrap_or_default();
-    let env = s.admin.env();
-    let c = |a: &AtomicU64| Stats::get(a) as f64;
-    let one = |v: f64| vec![(String::new(), v)];
-    let mut o = String::new();
-    family(
-        &mut o,
-        "qr_uptime_seconds",
-        "gauge",
-        "Seconds since the runner started.",
-        &one(st.uptime_s as f64),
-    );
-    family(
-        &mut o,
-        "qr_database_up",
-        "gauge",
-        "1 if the database answered this scrape's queue count, else 0.",
-        &one(if queued.is_ok() { 1.0 } else { 0.0 }),
-    );
-    family(
-        &mut o,
-        "qr_builds_queued",
-        "gauge",
-        "Unfinished builds in the database (absent while the database is away).",
-        &if queued.is_ok() {
-            one(st.builds_queued as f64)
-        } else {
-            vec![]
-        },
-    );
-    family(
-        &mut o,
-        "qr_builds_active",
-        "gauge",
-        "Builds with a live actor.",
-        &one(st.builds_active as f64),
-    );
-    family(
-        &mut o,
-        "qr_builds_finished_total",
-        "counter",
-        "Builds finished since start.",
-        &one(c(&env.stats.builds_finished)),
-    );
-    family(
-        &mut o,
-        "qr_steps",
-        "gauge",
-        "Live step actors by state.",
-        &st.steps_by_state
-            .iter()
-            .map(|x| (label("state", &x.key), x.count as f64))
-            .collect::<Vec<_>>(),
-    );
-    family(
-        &mut o,
-        "qr_runnable_steps",
-        "gauge",
-        "Steps waiting for a machine.",
-        &one(st.runnable as f64),
-    );
-    family(
-        &mut o,
-        "qr_runnable_steps_by_system",
-        "gauge",
-        "Steps waiting for a machine, per system.",
-        &st.runnable_per_system
-            .iter()
-            .map(|x| (label("system", &x.key), x.count as f64))
-            .collect::<Vec<_>>(),
-    );
-    family(
-        &mut o,
-        "qr_steps_created_total",
-        "counter",
-        "Step actors created.",
-        &one(c(&env.stats.steps_created)),
-    );
-    family(
-        &mut o,
-        "qr_steps_built_total",
-        "counter",
-        "Steps built by a machine.",
-        &one(c(&env.stats.steps_built)),
-    );
-    family(
-        &mut o,
-        "qr_steps_failed_total",
-        "counter",
-        "Steps failed.",
-        &one(c(&env.stats.steps_failed)),
-    );
-    family(
-        &mut o,
-        "qr_resolutions_total",
-        "counter",
-        "CA steps resolved to another drv.",
-        &one(c(&env.stats.resolutions)),
-    );
-    family(
-        &mut o,
-        "qr_early_cutoffs_total",
-        "counter",
-        "Resolved drvs found already built.",
-        &one(c(&env.stats.early_cutoffs)),
-    );
-    family(
-        &mut o,
-        "qr_gauge_underflows_total",
-        "counter",
-        "Gauge decrements below 0 (a bookkeeping bug; each is logged as an error).",
-        &one(c(&env.stats.gauge_underflows)),
-    );
-    family(
-        &mut o,
-        "qr_db_write_failures_total",
-        "counter",
-        "Database writes that failed for good (each failed its step or build, or is logged).",
-        &one(c(&env.stats.db_write_failures)),
-    );
-    family(
-        &mut o,
-        "qr_executor_runs_total",
-        "counter",
-        "Successful executor runs.",
-        &one(env.stats.runs.total() as f64),
-    );
-    family(
-        &mut o,
-        "qr_executor_reruns_total",
-        "counter",
-        "Executor runs of a drv already run recently (among the last 65536 drvs).",
-        &one(env.stats.runs.reruns() as f64),
-    );
-    family(
-        &mut o,
-        "qr_actor_restarts_total",
-        "counter",
-        "Supervised actor restarts.",
-        &one(c(&env.stats.actor_restarts)),
-    );
-    family(
-        &mut o,
-        "qr_actors",
-        "gauge",
-        "Live actors.",
-        &one(env.actors.len() as f64),
-    );
-    let slot = |f: fn(&crate::grpc::admin::admin_v1::Machine) -> u32| -> Vec<(String, f64)> {
-        machines
-            .iter()
-            .map(|m| (label("machine", &m.id), f64::from(f(m))))
-            .collect()
-    };
-    family(
-        &mut o,
-        "qr_machine_slots",
-        "gauge",
-        "Job slots per machine.",
-        &slot(|m| m.max_jobs),
-    );
-    family(
-        &mut o,
-        "qr_machine_slots_busy",
-        "gauge",
-        "Busy job slots per machine.",
-        &slot(|m| m.running),
-    );
-    family(
-        &mut o,
-        "qr_machine_enabled",
-        "gauge",
-        "1 if the machine takes new jobs.",
-        &slot(|m| u32::from(m.enabled)),
-    );
-    family(
-        &mut o,
-        "qr_machine_heartbeat_age_seconds",
-        "gauge",
-        "Seconds since the machine's last heartbeat (0 for the local builder).",
-        &machines
-            .iter()
-            .filter(|m| m.last_heartbeat_ms != 0)
-            .map(|m| (label("machine", &m.id), m.heartbeat_age_s))
-            .collect::<Vec<_>>(),
-    );
-    let ds = env.stats.dispatch.snapshot();
-    family(
-        &mut o,
-        "qr_dispatch_latency_seconds",
-        "summary",
-        "Time from a step becoming runnable to its start on a machine.",
-        &[],
-    );
-    let _ = writeln!(o, "qr_dispatch_latency_seconds_sum {}", ds.0);
-    let _ = writeln!(o, "qr_dispatch_latency_seconds_count {}", ds.1);
-    let bd = env.stats.build_seconds.snapshot();
-    family(
-        &mut o,
-        "qr_build_duration_seconds",
-        "summary",
-        "Build durations (queued to finished).",
-        &[],
-    );
-    let _ = writeln!(o, "qr_build_duration_seconds_sum {}", bd.0);
-    let _ = writeln!(o, "qr_build_duration_seconds_count {}", bd.1);
-    let db = &env.db;
-    let backend = match db.backend() {
-        crate::db::Backend::Sqlite => "sqlite",
-        crate::db::Backend::Postgres => "postgres",
-    };
-    family(
-        &mut o,
-        "qr_db_transaction_seconds",
-        "histogram",
-        "Database operation latency per attempt (pool wait to commit), by kind.",
-        &[],
-    );
-    for kind in [crate::db::TxKind::Read, crate::db::TxKind::Write] {
-        let h = db.transaction_timings().of(kind).snapshot();
-        let base = format!(
-            "{},{}",
-            label("backend", backend),
-            label("kind", kind.as_str())
-        );
-        for (le, n) in &h.buckets {
-            let le = if le.is_infinite() {
-                "+Inf".to_string()
-            } else {
-                le.to_string()
-            };
-            let _ = writeln!(
-                o,
-                "qr_db_transaction_seconds_bucket{{{base},{}}} {n}",
-                label("le", &le)
-            );
-        }
-        let _ = writeln!(o, "qr_db_transaction_seconds_sum{{{base}}} {}", h.sum);
-        let _ = writeln!(o, "qr_db_transaction_seconds_count{{{base}}} {}", h.count);
+    let scrapes = s.stats.scrapes.fetch_add(1, Ordering::Relaxed) + 1;
+    match metrics::render(&s.admin, scrapes).await {
+        Ok(page) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            page,
+        )
+            .into_response(),
+        Err(e) => error(e),
     }
-    family(
-        &mut o,
-        "qr_db_write_transactions_total",
-        "counter",
-        "Write transactions committed.",
-        &one(db.write_transactions() as f64),
-    );
-    family(
-        &mut o,
-        "qr_metrics_scrapes_total",
-        "counter",
-        "Scrapes of this endpoint.",
-        &one(s.stats.scrapes.load(Ordering::Relaxed) as f64),
-    );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        o,
-    )
-        .into_response()
 }

@@ -73,6 +73,7 @@ pub async fn finish(env: Arc<Env>, id: BuildId, queued: i64, f: Finish) -> Resul
         return Err(write_failed(&env, id.0, "finish the build", "", &e));
     }
     Stats::inc(&env.stats.builds_finished);
+    crate::metrics::global().builds.finished(f.status.code());
     env.stats
         .build_seconds
         .observe(std::time::Duration::from_secs(

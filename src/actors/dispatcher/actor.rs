@@ -125,6 +125,7 @@ impl Driver<DispatchCore<Actix>> {
     fn timed(&mut self, ev: In<Actix>, ctx: &mut Context<Self>) {
         let t = Instant::now();
         self.feed(ev, ctx);
+        crate::metrics::global().dispatcher.decided(t.elapsed());
         if self.io.decision_ns.len() < 1_000_000 {
             self.io.decision_ns.push(t.elapsed().as_nanos() as u64);
         }

@@ -86,6 +86,7 @@ impl Graph {
         );
         let actor = Arc::new(actor.start());
         self.registry.insert(&key, &actor);
+        crate::metrics::global().steps.spawned(&self.env, &key, drv);
         Stats::inc(&self.env.stats.steps_created);
         (key, actor)
     }

@@ -65,6 +65,7 @@ impl Handler<RunJob> for LocalMachine {
         let drv_path = msg.drv_path;
         let key = drv_path.clone();
         let io = self.env.clone();
+        let mut timer = crate::metrics::global().machine(&machine).job();
         let handle = ctx.spawn(
             io.offload(async move {
                 let drv = match drv {
@@ -77,10 +78,12 @@ impl Handler<RunJob> for LocalMachine {
                         }
                     }),
                 };
+                timer.phase(crate::metrics::Phase::Building);
                 let run = match drv {
                     Ok(drv) => executor.execute(Job { drv_path: drv_path.clone(), drv, max_silent, timeout, attempt }).await,
                     Err(f) => Err(f),
                 };
+                timer.finish(run.is_ok());
                 let outcome = match run {
                     Ok(built) => {
                         if built.ran {

@@ -233,6 +233,7 @@ impl Machine for StepCore<Actix> {
                 Done::Nothing
             }
             Cmd::Timer(after) => {
+                crate::metrics::global().steps.retries.inc();
                 ctx.run_later(after, |act, ctx| act.feed(In::RetryDue, ctx));
                 Done::Nothing
             }
@@ -247,6 +248,9 @@ impl Machine for StepCore<Actix> {
             Cmd::Note(Note::Dispatched) => {
                 if let Some(t) = io.runnable_since.take() {
                     env.stats.dispatch.observe(t.elapsed());
+                    crate::metrics::global()
+                        .steps
+                        .waited(io.cell.group(), t.elapsed());
                 }
                 Done::Nothing
             }

@@ -120,6 +120,7 @@ pub fn count(stats: &Stats, c: Counter) {
 
 /// The watchers' event for a note (`Dispatched` is the adapter's, for the latency).
 pub fn note(env: &Env, drv: &Drv, n: Note) {
+    crate::metrics::global().steps.noted(&n);
     let ev = match n {
         Note::Dispatched => return,
         Note::Started { machine } => SchedEvent::StepStarted {
