@@ -16,6 +16,49 @@ use common::qr::Backend;
 /// `# TYPE` came first (summaries may add `_sum`/`_count`), names and labels are well-formed,
 /// values are floats. Returns samples keyed by `name{labels}`.
 fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
+    parse_families(text).map(|(samples, _, _)| samples)
+}
+
+/// [`parse_prometheus`], and also: every family has both its `# HELP` and its `# TYPE`, and every
+/// series of every histogram is consistent ([`histogram`]). Returns the samples and the families
+/// (name → type).
+fn parse_page(text: &str) -> Result<(BTreeMap<String, f64>, BTreeMap<String, String>), String> {
+    let (out, types, helped) = parse_families(text)?;
+    let typed: BTreeSet<String> = types.keys().cloned().collect();
+    if typed != helped {
+        return Err(format!(
+            "HELP without TYPE or TYPE without HELP: {:?}",
+            typed.symmetric_difference(&helped).collect::<Vec<_>>()
+        ));
+    }
+    for (name, t) in &types {
+        if t != "histogram" {
+            continue;
+        }
+        let count = format!("{name}_count");
+        for series in out.keys() {
+            let labels = match series.strip_prefix(&count) {
+                Some("") => "",
+                Some(l) => match l.strip_prefix('{').and_then(|l| l.strip_suffix('}')) {
+                    Some(l) => l,
+                    None => continue,
+                },
+                None => continue,
+            };
+            histogram(&out, name, labels)?;
+        }
+    }
+    Ok((out, types))
+}
+
+/// The samples, the families' types and the families with a HELP.
+type Parsed = (
+    BTreeMap<String, f64>,
+    BTreeMap<String, String>,
+    BTreeSet<String>,
+);
+
+fn parse_families(text: &str) -> Result<Parsed, String> {
     fn name_ok(n: &str) -> bool {
         let mut c = n.chars();
         matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_' || ch == ':')
@@ -121,7 +164,7 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
             return Err(at("duplicate series"));
         }
     }
-    Ok(out)
+    Ok((out, types, helped))
 }
 
 #[test]
@@ -144,6 +187,13 @@ fn the_parser_is_strict() {
     assert!(histogram(&parse_prometheus(bad).unwrap(), "h", "").is_err());
     let bad = "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0\nh_count 3\n";
     assert!(histogram(&parse_prometheus(bad).unwrap(), "h", "").is_err());
+    // The page checks: HELP and TYPE both, histograms consistent.
+    assert!(parse_page("# HELP a A.\n# TYPE a counter\na 1\n").is_ok());
+    assert!(parse_page("# TYPE a counter\na 1\n").is_err());
+    assert!(parse_page("# HELP a A.\n# TYPE a counter\n# HELP b B.\n").is_err());
+    let h = "# HELP h H.\n# TYPE h histogram\nh_bucket{k=\"x\",le=\"+Inf\"} 2\nh_sum{k=\"x\"} 1\nh_count{k=\"x\"} 3\n";
+    assert!(parse_prometheus(h).is_ok());
+    assert!(parse_page(h).is_err(), "+Inf bucket is not the count");
 }
 
 /// Checks one series of histogram `name` (its labels besides `le`, e.g. `kind="write"`, given as
@@ -271,7 +321,8 @@ fn metrics_and_status(backend: Backend) {
     assert_eq!(builds[0]["status"], 0);
 
     let (_, _, body) = c.http_get("/metrics");
-    let after = parse_prometheus(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let (after, families) = parse_page(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    assert!(families.len() >= 80, "{} families:\n{body}", families.len());
     let moved = |k: &str, by: f64| {
         assert!(
             after[k] >= before[k] + by,
@@ -436,4 +487,207 @@ fn metrics_and_status_on_sqlite() {
 #[test]
 fn metrics_and_status_on_postgres() {
     metrics_and_status(Backend::Postgres);
+}
+
+/// The Hydra-grade families after a real run: a CA graph built on a remote builder over gRPC, an
+/// evaluation with an error line, binary cache requests (a hit, a miss). The page parses
+/// strictly with at least 80 families, and the new families moved where the things happened.
+fn hydra_grade_metrics(backend: Backend) {
+    let Some(mut c) = Cluster::new(backend) else {
+        return;
+    };
+    let system = qr::config::this_system();
+    let mut g = Gen::new();
+    g.system = system.clone();
+    let a = g.add(Kind::Ca, "hm-a", "sleep 2; echo a > $out", &[], &[]);
+    let script = format!("cat {} > $out; echo b >> $out", g.out(&a));
+    let b = g.add(Kind::Ca, "hm-b", &script, &[], &[&a]);
+    let file = c.qr.write_json("hm-graph.json", &g.doc());
+    c.start_serve();
+    let builder = c.builder("b1", &[], &[]);
+    assert!(
+        c.wait_joined("b1", 1, Duration::from_secs(30)),
+        "{}",
+        c.logs(&[&builder])
+    );
+    let scrape = |c: &Cluster| {
+        let (code, _, body) = c.http_get("/metrics");
+        assert_eq!(code, 200, "{body}");
+        let (samples, families) = parse_page(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        (samples, families, body)
+    };
+    let (before, families, body) = scrape(&c);
+    assert!(families.len() >= 80, "{} families:\n{body}", families.len());
+
+    // While `a` builds: the steps by machine type and state, and the machine busy.
+    let child = c.submit(&[&file], 120);
+    let building =
+        format!("qr_steps_by_machine_type{{machine_type=\"{system}\",state=\"building\"}}");
+    let t = std::time::Instant::now();
+    let mut seen_building = false;
+    while t.elapsed() < Duration::from_secs(60) && !seen_building {
+        let (s, _, _) = scrape(&c);
+        seen_building = s.get(&building).is_some_and(|v| *v >= 1.0)
+            && s.get("qr_machine_running_jobs{machine=\"b1\"}") == Some(&1.0)
+            && s.get("qr_machine_idle_since_timestamp_seconds{machine=\"b1\"}") == Some(&0.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(seen_building, "never saw {building} with b1 busy");
+    let (out, builds) = c.finish(child);
+    assert!(out.status.success(), "{}", c.logs(&[&builder]));
+    assert_eq!(builds[0]["status"], 0, "{builds:?}");
+    let out_path = builds[0]["outputs"]["out"]
+        .as_str()
+        .expect("b's output")
+        .to_string();
+
+    // An evaluation: b's job (joins the existing build) and a line that queued nothing.
+    let lines = format!(
+        "{}\n{}\n",
+        serde_json::json!({"attr": "hm-b", "attrPath": ["hm-b"], "drvPath": b, "name": "hm-b",
+            "outputs": {"out": null}, "system": system}),
+        serde_json::json!({"attr": "broken", "attrPath": ["broken"], "error": "boom"}),
+    );
+    let evals = c.qr.state_dir().join("hm-evals.jsonl");
+    std::fs::write(&evals, lines).unwrap();
+    let mut cmd = c.qr.command();
+    cmd.args(["submit", "--eval-jobs"]).arg(&evals);
+    let o = cmd.output().expect("qr submit --eval-jobs");
+    assert_eq!(o.status.code(), Some(1), "an error line: exit 1\n{o:?}");
+
+    // The binary cache: its info, b's narinfo (a hit), a narinfo it does not have (a miss).
+    let hash = out_path
+        .strip_prefix("/nix/store/")
+        .and_then(|p| p.split('-').next())
+        .expect("a store path");
+    assert_eq!(c.http_get("/nix-cache-info").0, 200);
+    let (code, _, narinfo) = c.http_get(&format!("/{hash}.narinfo"));
+    assert_eq!(code, 200, "{narinfo}");
+    assert_eq!(
+        c.http_get("/00000000000000000000000000000000.narinfo").0,
+        404
+    );
+
+    let (after, families, body) = scrape(&c);
+    assert!(families.len() >= 80, "{} families", families.len());
+    eprintln!("/metrics: {} families, {} series", families.len(), after.len());
+    let get = |k: &str| -> f64 { *after.get(k).unwrap_or_else(|| panic!("no {k} in\n{body}")) };
+    let grew = |k: &str, by: f64| {
+        let was = before.get(k).copied().unwrap_or(0.0);
+        assert!(get(k) >= was + by, "{k}: {was} -> {}\n{body}", get(k));
+    };
+    // Per machine: jobs, no failures, busy time (a sleeps 2 s), bytes both ways.
+    let m = |f: &str| format!("{f}{{machine=\"b1\"}}");
+    grew(&m("qr_machine_jobs_started_total"), 2.0);
+    grew(&m("qr_machine_steps_done_total"), 2.0);
+    assert_eq!(get(&m("qr_machine_step_failures_total")), 0.0);
+    assert_eq!(get(&m("qr_machine_consecutive_failures")), 0.0);
+    assert_eq!(get(&m("qr_machine_running_jobs")), 0.0);
+    assert!(get(&m("qr_machine_busy_seconds_total")) >= 2.0, "{body}");
+    assert!(
+        get("qr_machine_phase_seconds_total{machine=\"b1\",phase=\"building\"}") >= 2.0,
+        "{body}"
+    );
+    grew(&m("qr_machine_nars_received_total"), 2.0);
+    grew(&m("qr_machine_nar_bytes_received_total"), 1.0);
+    grew(&m("qr_machine_nars_sent_total"), 1.0);
+    grew(&m("qr_machine_nar_bytes_sent_total"), 1.0);
+    assert!(get(&m("qr_machine_sessions_total")) >= 1.0);
+    assert!(get(&m("qr_machine_idle_since_timestamp_seconds")) > 0.0);
+    assert!(get(&m("qr_machine_last_heartbeat_timestamp_seconds")) > 0.0);
+    // Transfers in flight are given back.
+    assert_eq!(get("qr_steps_copying_to"), 0.0);
+    assert_eq!(get("qr_steps_copying_from"), 0.0);
+    // Phases and waits as histograms.
+    let count = |name: &str, labels: &str| -> f64 {
+        histogram(&after, name, labels)
+            .unwrap_or_else(|e| panic!("{e}\n{body}"))
+            .0
+    };
+    assert!(count("qr_step_phase_seconds", "phase=\"total\"") >= 2.0);
+    assert!(count("qr_step_phase_seconds", "phase=\"building\"") >= 2.0);
+    assert!(count("qr_step_phase_seconds", "phase=\"receiving_outputs\"") >= 2.0);
+    let mt = format!("machine_type=\"{system}\"");
+    assert!(count("qr_job_wait_seconds", &mt) >= 2.0);
+    assert!(count("qr_step_input_drvs", &mt) >= 2.0);
+    assert!(count("qr_step_input_closure_bytes", &mt) >= 2.0);
+    // Steps, resolutions, builds.
+    grew("qr_steps_started_total", 2.0);
+    grew("qr_steps_finished_total{status=\"success\"}", 2.0);
+    grew("qr_resolutions_total", 1.0);
+    assert_eq!(
+        get("qr_dynamic_steps_total"),
+        0.0,
+        "no dynamic derivations yet"
+    );
+    grew("qr_builds_succeeded_total", 1.0);
+    grew(
+        "qr_builds_finished_by_status_total{status=\"success\"}",
+        1.0,
+    );
+    assert_eq!(get("qr_builds_failed_total"), 0.0);
+    // The queue monitor and the dispatcher.
+    grew("qr_queue_checks_finished_total", 1.0);
+    grew("qr_queue_builds_read_total", 1.0);
+    grew("qr_queue_builds_loaded_total", 1.0);
+    grew("qr_dispatcher_wakeups_total", 2.0);
+    assert!(get("qr_dispatcher_busy_seconds_total") > 0.0);
+    // The binary cache.
+    grew(
+        "qr_cache_requests_total{kind=\"cache_info\",result=\"hit\"}",
+        1.0,
+    );
+    grew(
+        "qr_cache_requests_total{kind=\"narinfo\",result=\"hit\"}",
+        1.0,
+    );
+    grew(
+        "qr_cache_requests_total{kind=\"narinfo\",result=\"miss\"}",
+        1.0,
+    );
+    grew(
+        "qr_cache_response_bytes_total{kind=\"narinfo\"}",
+        narinfo.len() as f64,
+    );
+    let ratio = get("qr_cache_narinfo_hit_ratio");
+    assert!(ratio > 0.0 && ratio < 1.0, "{ratio}");
+    // Evaluations.
+    grew("qr_evaluations_total", 1.0);
+    grew("qr_evaluation_errors_total", 1.0);
+    grew("qr_evaluation_jobs_total", 1.0);
+    // The database: latency and the pool.
+    let be = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    assert!(
+        count(
+            "qr_db_transaction_seconds",
+            &format!("backend=\"{be}\",kind=\"write\"")
+        ) > 0.0
+    );
+    assert!(get("qr_db_pool_max_connections") >= 1.0);
+    let sat = get("qr_db_pool_saturation_ratio");
+    assert!((0.0..=1.0).contains(&sat), "{sat}");
+    assert!(
+        get("qr_db_pool_connections{state=\"idle\"}")
+            + get("qr_db_pool_connections{state=\"in_use\"}")
+            >= 1.0
+    );
+    assert_eq!(
+        get(&format!(
+            "qr_db_operation_failures_total{{backend=\"{be}\",kind=\"write\"}}"
+        )),
+        0.0
+    );
+}
+
+#[test]
+fn hydra_grade_metrics_on_sqlite() {
+    hydra_grade_metrics(Backend::Sqlite);
+}
+
+#[test]
+fn hydra_grade_metrics_on_postgres() {
+    hydra_grade_metrics(Backend::Postgres);
 }
