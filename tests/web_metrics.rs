@@ -22,7 +22,7 @@ fn parse_prometheus(text: &str) -> Result<BTreeMap<String, f64>, String> {
 /// [`parse_prometheus`], and also: every family has both its `# HELP` and its `# TYPE`, and every
 /// series of every histogram is consistent ([`histogram`]). Returns the samples and the families
 /// (name → type).
-fn parse_page(text: &str) -> Result<(BTreeMap<String, f64>, BTreeMap<String, String>), String> {
+fn parse_page(text: &str) -> Result<Page, String> {
     let (out, types, helped) = parse_families(text)?;
     let typed: BTreeSet<String> = types.keys().cloned().collect();
     if typed != helped {
@@ -50,6 +50,9 @@ fn parse_page(text: &str) -> Result<(BTreeMap<String, f64>, BTreeMap<String, Str
     }
     Ok((out, types))
 }
+
+/// The samples and the families (name → type).
+type Page = (BTreeMap<String, f64>, BTreeMap<String, String>);
 
 /// The samples, the families' types and the families with a HELP.
 type Parsed = (
@@ -570,7 +573,11 @@ fn hydra_grade_metrics(backend: Backend) {
 
     let (after, families, body) = scrape(&c);
     assert!(families.len() >= 80, "{} families", families.len());
-    eprintln!("/metrics: {} families, {} series", families.len(), after.len());
+    eprintln!(
+        "/metrics: {} families, {} series",
+        families.len(),
+        after.len()
+    );
     let get = |k: &str| -> f64 { *after.get(k).unwrap_or_else(|| panic!("no {k} in\n{body}")) };
     let grew = |k: &str, by: f64| {
         let was = before.get(k).copied().unwrap_or(0.0);

@@ -272,6 +272,7 @@ impl DispatcherMetrics {
 }
 
 /// The binary cache over HTTP and its `file://` upload.
+#[derive(Default)]
 pub struct CacheMetrics {
     /// By `kind` (`cache_info`, `narinfo`, `nar`, `log`, `realisation`, `other`) and `result`
     /// (`hit`, `miss`, `error`).
@@ -293,26 +294,6 @@ pub struct CacheMetrics {
     pub upload_file_bytes: Counter,
 }
 
-impl Default for CacheMetrics {
-    fn default() -> Self {
-        CacheMetrics {
-            requests: Labeled::default(),
-            bytes: Labeled::default(),
-            compressions: Counter::default(),
-            compression_in_bytes: Counter::default(),
-            compression_out_bytes: Counter::default(),
-            compression_micros: Counter::default(),
-            upload_passes: Labeled::default(),
-            upload_paths: Counter::default(),
-            upload_skipped: Counter::default(),
-            upload_realisations: Counter::default(),
-            upload_logs: Counter::default(),
-            upload_nar_bytes: Counter::default(),
-            upload_file_bytes: Counter::default(),
-        }
-    }
-}
-
 impl CacheMetrics {
     /// A NAR of `nar_bytes` compressed to `file_bytes` in `d`.
     pub fn compressed(&self, nar_bytes: u64, file_bytes: u64, d: Duration) {
@@ -324,6 +305,7 @@ impl CacheMetrics {
 }
 
 /// Everything [`global`] holds.
+#[derive(Default)]
 pub struct Metrics {
     pub queue: QueueMetrics,
     pub builds: BuildMetrics,
@@ -332,19 +314,6 @@ pub struct Metrics {
     /// By `machine`.
     pub machines: Labeled<MachineCounters>,
     pub cache: CacheMetrics,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            queue: QueueMetrics::default(),
-            builds: BuildMetrics::default(),
-            steps: steps::StepMetrics::default(),
-            dispatcher: DispatcherMetrics::default(),
-            machines: Labeled::default(),
-            cache: CacheMetrics::default(),
-        }
-    }
 }
 
 impl Metrics {
