@@ -47,6 +47,8 @@ pub trait Machine: Sized + Unpin + 'static {
     fn start_event() -> Option<Self::In> {
         None
     }
+    /// The supervisor restarts the actor (its state is kept; [`Machine::start_event`] follows).
+    fn restarting(&mut self, _io: &mut Self::Io) {}
     /// The actor stopped: what must outlive it (performed by the runtime half, detached).
     fn stopped(&mut self, _io: &mut Self::Io, _ctx: &mut Context<Driver<Self>>) {}
 }
@@ -95,6 +97,13 @@ impl<M: Machine> Actor for Driver<M> {
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
         self.machine.stopped(&mut self.io, ctx);
+    }
+}
+
+/// A supervised driver keeps its machine over a restart and tells it.
+impl<M: Machine> actix::Supervised for Driver<M> {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.machine.restarting(&mut self.io);
     }
 }
 

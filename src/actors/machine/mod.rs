@@ -2,6 +2,7 @@
 
 pub mod executor;
 pub mod local;
+pub mod local_core;
 pub mod native;
 pub mod simulated;
 

@@ -276,25 +276,7 @@ impl Machine for StepCore<Actix> {
                 Cmd::AbortJob(job) => outbox::abort_job(&drv, job),
                 Cmd::Db {
                     writes, on_error, ..
-                } => {
-                    let (env2, drv2) = (env.clone(), drv.clone());
-                    actix::spawn(env.offload(async move {
-                        let done = perform::write_all::<Actix>(
-                            env2.clone(),
-                            drv2,
-                            writes,
-                            on_error,
-                            false,
-                            true,
-                        )
-                        .await;
-                        if matches!(done, In::WriteFailed { .. }) {
-                            env2.stats
-                                .db_write_failures
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }));
-                }
+                } => perform::write_detached(env.clone(), drv.clone(), writes, on_error),
                 other => {
                     tracing::error!(drv = %drv, cmd = ?other, "a stopping step gave a command it cannot perform")
                 }

@@ -221,6 +221,19 @@ pub async fn write_all<A: Wiring>(
     }
 }
 
+/// The writes of a step that stopped, done without it: a failure is counted (and logged by the
+/// write), as nothing is left to fail.
+pub fn write_detached(env: Arc<Env>, drv_path: Drv, writes: Vec<Write>, on_error: OnError) {
+    actix::spawn(env.clone().offload(async move {
+        if let Err(e) = writes_in_order(env.clone(), drv_path, writes, on_error).await {
+            tracing::error!(error = %e.message, "a stopped step's writes failed");
+            env.stats
+                .db_write_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }));
+}
+
 async fn writes_in_order(
     env: Arc<Env>,
     drv_path: Drv,
