@@ -4,7 +4,7 @@
 //!
 //! Status and busy codes are never written as numbers here: a statement that names one is built
 //! once from the enums ([`with_codes`]), so its text (which the partial indexes match, e.g.
-//! `where status = 13`) is the same as if it were spelt out.
+//! the Resolved code in `indexbuildstepsonresolvedtostep`) is the same as if it were spelt out.
 
 use std::sync::LazyLock;
 
