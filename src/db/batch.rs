@@ -1,629 +1,250 @@
-//! PostgreSQL: the hot step writes (a step row created when a build starts, a step finished)
-//! of many actors coalesced into one statement per kind. Each is otherwise its own round trip
-//! and its own commit — one WAL flush each — and with hundreds of steps finishing a second
-//! those are what the runner waits for.
+//! PostgreSQL: the hot step writes (a step row created when a build starts, a step started or
+//! finished, a realisation recorded) of many actors coalesced into one statement per kind. Each
+//! is otherwise its own round trip and its own commit — one WAL flush each — and with hundreds
+//! of steps finishing a second those are what the runner waits for.
 //!
-//! One task per [`Db`](super::Db) takes whatever writes are waiting when it is free (no timer:
-//! a write that finds the task idle goes alone, at once), runs them as one statement per kind,
-//! and answers each. All of a statement is committed or none of it, so a failed statement has
-//! written nothing of its writes and each is then done alone by its caller, through the
-//! one-write path with its retries and its precise errors; a statement whose reply was lost
-//! leaves each caller to check its own write first ([`Outcome::Unknown`]).
+//! Generic over the write ([`Batched`]): one task per kind and [`Db`](super::Db) takes whatever
+//! writes of its kind are waiting when it is free (no timer: a write that finds the task idle
+//! goes alone, at once), runs them as one statement ([`Batched::apply_many`]), and answers each.
+//! All of a statement is committed or none of it, so a write the statement did not do (it
+//! failed, or that write's row did not match) goes through the one retry layer alone
+//! ([`Outcome::Alone`]: [`Db::write`]); a statement whose reply was lost leaves each write to be
+//! read back first ([`Outcome::Unknown`]), with what the batch learned for it (its step numbers).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::DbError;
-use super::sql;
-use super::timing::TxKind;
-use super::types::{BuildId, BusyPhase, FinishStep, NewStep, Realisation, StepNr};
-use super::{Db, FaultPoint, Inner};
+use super::lanes::Lanes;
+use super::steps::{CreateSteps, FinishStepWrite, InsertRealisation, StartStep};
+use super::write::{Start, Write};
+use super::{Db, Inner};
 
 /// The most writes of one kind in one statement.
 const MAX_BATCH: usize = 512;
 
 /// What became of a write handed to the batch.
 #[derive(Debug)]
-pub(super) enum Outcome<T> {
+pub(crate) enum Outcome<A> {
     /// Written (committed), with its answer.
-    Done(T),
+    Done(A),
     /// Not written: do it alone.
     Alone,
-    /// The statement may or may not have been committed (its reply was lost): check, then do
-    /// it alone if it was not.
-    Unknown,
+    /// The statement may or may not have been committed (its reply was lost, for this reason):
+    /// read back, then do it alone if it was not.
+    Unknown(String),
+    /// Not written, for good (a fault injected in the batch).
+    Failed(DbError),
 }
 
-/// Step rows to create together under consecutive new numbers of one build: one step, or a
-/// step already `Resolved` and the step it is resolved to (the last). `nr` holds the last
-/// number allocated (0 until then), so that a caller whose answer is lost can look for its rows.
-struct Create {
-    build: BuildId,
-    rows: Vec<NewStep>,
-    resolves: bool,
-    nr: Arc<AtomicI32>,
-    reply: oneshot::Sender<Outcome<StepNr>>,
+/// A write waiting in (or taken by) the batch.
+pub(crate) struct Pending<W: Write> {
+    write: Arc<W>,
+    trace: Arc<Mutex<W::Trace>>,
+    reply: oneshot::Sender<Outcome<W::Answer>>,
 }
 
-/// A step to finish; answered with the realisations of `f` that were not inserted (already
-/// recorded): their drv and output.
-struct Finish {
-    f: FinishStep,
-    reply: oneshot::Sender<Outcome<Vec<(String, String)>>>,
+impl<W: Write> Pending<W> {
+    pub(crate) fn write(&self) -> &W {
+        &self.write
+    }
+
+    /// Records what the batch learned for this write, before its statement is sent: a caller
+    /// whose answer is lost reads back with it.
+    pub(crate) fn learned(&self, trace: W::Trace) {
+        *self.trace.lock().unwrap_or_else(|p| p.into_inner()) = trace;
+    }
 }
 
-/// A step that started building.
-struct Start {
-    build: BuildId,
-    stepnr: StepNr,
-    busy: BusyPhase,
-    machine: String,
-    time: i64,
-    reply: oneshot::Sender<Outcome<()>>,
+/// A write the batch coalesces with others of its kind.
+pub(crate) trait Batched: Write<Answer: 'static, Trace: 'static> + Sized + 'static {
+    /// This kind's queue.
+    fn queue(b: &Batcher) -> &Queue<Self>;
+
+    /// Runs the writes as one statement (or as few as the kind needs): one outcome per write,
+    /// in order.
+    fn apply_many(
+        db: &Db,
+        lanes: &Lanes,
+        writes: &[Pending<Self>],
+    ) -> impl std::future::Future<Output = Vec<Outcome<Self::Answer>>> + Send;
 }
 
-/// A realisation to record (`Alone` when it was recorded already: the one-write path compares).
-struct Realise {
-    r: Realisation,
-    reply: oneshot::Sender<Outcome<()>>,
+/// One kind's queue: its task is started on first use (again if its runtime went).
+pub(crate) struct Queue<W: Write> {
+    tx: Mutex<Option<mpsc::UnboundedSender<Pending<W>>>>,
 }
 
-enum Job {
-    Create(Create),
-    Finish(Finish),
-    Start(Start),
-    Realise(Realise),
+impl<W: Write> Default for Queue<W> {
+    fn default() -> Self {
+        Queue {
+            tx: Mutex::new(None),
+        }
+    }
 }
 
-/// The handle in [`Inner`]: the task's queue, started on first use (again if its runtime went).
+/// The queues in [`Inner`], one per kind.
 #[derive(Default)]
-pub(super) struct Batcher {
-    queue: Mutex<Option<mpsc::UnboundedSender<Job>>>,
-    /// Where the task runs ([`Db::run_batches_on`]); else on the runtime of the first writer.
+pub(crate) struct Batcher {
+    /// Where the tasks run ([`Db::run_batches_on`]); else on the runtime of the first writer.
     runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    pub(crate) create: Queue<CreateSteps>,
+    pub(crate) finish: Queue<FinishStepWrite>,
+    pub(crate) start: Queue<StartStep>,
+    pub(crate) realise: Queue<InsertRealisation>,
 }
 
 impl Batcher {
-    /// Queues `job`; `None` when there is no runtime to run the task on.
-    fn send(&self, inner: &Arc<Inner>, job: Job) -> Option<()> {
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+    /// Runs the tasks on `rt` from now on (the first call wins).
+    pub(crate) fn run_on(&self, rt: tokio::runtime::Handle) {
+        if self.runtime.set(rt).is_err() {
+            tracing::debug!("the write batch already has its runtime");
+        }
+    }
+
+    /// Queues `job` on its kind's task; `false` when there is no runtime to run it on.
+    fn send<W: Batched>(&self, inner: &Arc<Inner>, job: Pending<W>) -> bool {
+        let mut q = W::queue(self).tx.lock().unwrap_or_else(|p| p.into_inner());
         let job = match q.as_ref() {
             Some(tx) => match tx.send(job) {
-                Ok(()) => return Some(()),
+                Ok(()) => return true,
                 Err(mpsc::error::SendError(job)) => job,
             },
             None => job,
         };
         let rt = match self.runtime.get() {
             Some(h) => h.clone(),
-            None => tokio::runtime::Handle::try_current().ok()?,
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(h) => h,
+                Err(_) => return false,
+            },
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        rt.spawn(run(Arc::downgrade(inner), rx));
-        let sent = tx.send(job).ok();
+        rt.spawn(run::<W>(Arc::downgrade(inner), rx));
+        let sent = tx.send(job).is_ok();
         *q = Some(tx);
         sent
     }
+}
 
-    /// Runs the task on `rt` from now on (the first call wins).
-    pub(super) fn run_on(&self, rt: tokio::runtime::Handle) {
-        let _ = self.runtime.set(rt);
-    }
-
-    /// Sends the job `make` builds around a reply channel and waits for the answer; the task
-    /// gone mid-statement (its runtime shut down) is a lost reply.
-    async fn ask<T>(
-        &self,
-        inner: &Arc<Inner>,
-        make: impl FnOnce(oneshot::Sender<Outcome<T>>) -> Job,
-    ) -> Outcome<T> {
-        let (reply, rx) = oneshot::channel();
-        if self.send(inner, make(reply)).is_none() {
-            return Outcome::Alone;
+impl Db {
+    /// A write of a batched kind: through the batch when it is on ([`DbOptions::batch_writes`],
+    /// PostgreSQL), else alone; either way through the one retry layer when the batch did not
+    /// write it.
+    ///
+    /// [`DbOptions::batch_writes`]: super::DbOptions::batch_writes
+    pub(crate) async fn write_batched<W: Batched>(&self, w: W) -> Result<W::Answer, DbError> {
+        if self.batch_lanes().is_none() {
+            return self.write(&w).await;
         }
-        rx.await.unwrap_or(Outcome::Unknown)
+        let write = Arc::new(w);
+        let trace = Arc::new(Mutex::new(W::Trace::default()));
+        let (reply, rx) = oneshot::channel();
+        let job = Pending {
+            write: write.clone(),
+            trace: trace.clone(),
+            reply,
+        };
+        let outcome = match self.inner.batcher.send(&self.inner, job) {
+            false => Outcome::Alone,
+            // The task gone mid-statement (its runtime shut down) is a lost reply.
+            true => rx
+                .await
+                .unwrap_or_else(|_| Outcome::Unknown("the write batch's task stopped".into())),
+        };
+        // What the batch learned for it (its step numbers, committed): the lone write goes on.
+        let learned = std::mem::take(&mut *trace.lock().unwrap_or_else(|p| p.into_inner()));
+        match outcome {
+            Outcome::Done(a) => Ok(a),
+            Outcome::Failed(e) => Err(e),
+            Outcome::Alone => self.write_from(&*write, Start::Fresh(learned)).await,
+            Outcome::Unknown(why) => {
+                let source = sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    why,
+                ));
+                self.write_from(&*write, Start::Lost(learned, source)).await
+            }
+        }
     }
 
-    /// Creates step rows through the batch (see [`Create`]): answered with the last number;
-    /// `Unknown` comes with the last number allocated (0: none, nothing was inserted).
-    pub(super) async fn create(
-        &self,
-        inner: &Arc<Inner>,
-        build: BuildId,
-        rows: Vec<NewStep>,
-        resolves: bool,
-    ) -> (Outcome<StepNr>, StepNr) {
-        let nr = Arc::new(AtomicI32::new(0));
-        let n = nr.clone();
-        let out = self
-            .ask(inner, |reply| {
-                Job::Create(Create {
-                    build,
-                    rows,
-                    resolves,
-                    nr: n,
-                    reply,
-                })
-            })
-            .await;
-        (out, nr.load(Ordering::SeqCst))
-    }
-
-    pub(super) async fn finish(
-        &self,
-        inner: &Arc<Inner>,
-        f: &FinishStep,
-    ) -> Outcome<Vec<(String, String)>> {
-        let f = f.clone();
-        self.ask(inner, |reply| Job::Finish(Finish { f, reply }))
-            .await
-    }
-
-    pub(super) async fn start(
-        &self,
-        inner: &Arc<Inner>,
-        (build, stepnr): (BuildId, StepNr),
-        machine: &str,
-        busy: BusyPhase,
-        time: i64,
-    ) -> Outcome<()> {
-        let machine = machine.to_string();
-        self.ask(inner, |reply| {
-            Job::Start(Start {
-                build,
-                stepnr,
-                busy,
-                machine,
-                time,
-                reply,
-            })
-        })
-        .await
-    }
-
-    pub(super) async fn realise(&self, inner: &Arc<Inner>, r: &Realisation) -> Outcome<()> {
-        let r = r.clone();
-        self.ask(inner, |reply| Job::Realise(Realise { r, reply }))
-            .await
+    /// The connections the write batch runs on, when it is on: PostgreSQL with
+    /// [`DbOptions::batch_writes`](super::DbOptions::batch_writes).
+    pub(crate) fn batch_lanes(&self) -> Option<&Lanes> {
+        if !self.inner.options.batch_writes {
+            return None;
+        }
+        self.inner.lanes.as_ref()
     }
 }
 
-/// The task: waits for a write, takes every other one waiting, runs them (one statement per
-/// kind, the kinds at once on separate connections), answers; ends when the database handle
-/// is gone.
-async fn run(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
+/// A kind's task: waits for a write, takes every other one waiting, runs them, answers; ends
+/// when the database handle is gone.
+async fn run<W: Batched>(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Pending<W>>) {
     while let Some(first) = rx.recv().await {
-        let (mut creates, mut finishes, mut starts, mut realises) =
-            (vec![], vec![], vec![], vec![]);
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(job) = next.take() {
-            match job {
-                Job::Create(j) => creates.push(j),
-                Job::Finish(j) => finishes.push(j),
-                Job::Start(j) => starts.push(j),
-                Job::Realise(j) => realises.push(j),
-            }
-            taken += 1;
-            if taken < MAX_BATCH {
-                next = rx.try_recv().ok();
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
             }
         }
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let db = Db { inner };
-        tokio::join!(
-            create_many(&db, creates),
-            finish_many(&db, finishes),
-            start_many(&db, starts),
-            realise_many(&db, realises),
-        );
+        let outcomes = match db.batch_lanes() {
+            Some(lanes) => W::apply_many(&db, lanes, &jobs).await,
+            None => Vec::new(),
+        };
+        let mut outcomes = outcomes.into_iter();
+        for j in jobs {
+            // A write the statement gave no outcome for is done alone.
+            let out = outcomes.next().unwrap_or(Outcome::Alone);
+            if j.reply.send(out).is_err() {
+                tracing::debug!(op = j.write.name(), "a batched write's caller is gone");
+            }
+        }
     }
 }
 
-/// Answers every job `Alone`.
-fn alone<J, T>(jobs: Vec<J>, reply: impl Fn(J) -> oneshot::Sender<Outcome<T>>) {
-    for j in jobs {
-        let _ = reply(j).send(Outcome::Alone);
+/// How a batch statement failed: every write of it gets [`Failed::outcome`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Failed {
+    /// The database refused it, or there was no connection: nothing was written.
+    Refused,
+    /// Its reply was lost: it may have been committed.
+    Lost,
+}
+
+impl Failed {
+    pub(crate) fn outcome<A>(self) -> Outcome<A> {
+        match self {
+            Failed::Refused => Outcome::Alone,
+            Failed::Lost => Outcome::Unknown("the reply to the batch statement was lost".into()),
+        }
     }
 }
 
-/// Runs one batch statement as [`autocommit`](super::ops::autocommit) does, timing it as a
-/// write.
-async fn statement<T>(
+/// Runs one batch statement as [`Db::autocommit`] does, timing it as a write.
+pub(crate) async fn statement<T>(
     db: &Db,
     run: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, DbError> {
-    let start = std::time::Instant::now();
-    let r = super::ops::autocommit(db, run).await;
-    db.inner.timings.of(TxKind::Write).observe(start.elapsed());
-    r
-}
-
-/// An error of a batch statement: the database refusing it (or no connection) wrote nothing;
-/// anything else leaves the outcome unknown.
-fn outcome_of_error<T>(e: &DbError) -> Outcome<T> {
-    match e {
-        DbError::CommitOutcomeUnknown(_) => Outcome::Unknown,
-        _ => Outcome::Alone,
-    }
-}
-
-async fn create_many(db: &Db, jobs: Vec<Create>) {
-    if jobs.is_empty() {
-        return;
-    }
-    let Some(lanes) = db.batch_lanes(Some(FaultPoint::CreateStepAfterAlloc)) else {
-        return alone(jobs, |j| j.reply);
-    };
-    // How many numbers each build needs.
-    let mut want: BTreeMap<i64, i32> = BTreeMap::new();
-    for j in &jobs {
-        *want.entry(j.build.0).or_default() += j.rows.len() as i32;
-    }
-    let (ids, counts): (Vec<i64>, Vec<i32>) = want.iter().map(|(b, n)| (*b, *n)).unzip();
-    let start = std::time::Instant::now();
-    let last: Result<Vec<(i64, i32)>, sqlx::Error> = lanes
-        .run(async |c| {
-            sqlx::query_as(sql::PG_ALLOC_STEPNRS_MANY)
-                .bind(&ids)
-                .bind(&counts)
-                .fetch_all(&mut *c)
-                .await
-        })
-        .await;
-    db.inner.timings.of(TxKind::Write).observe(start.elapsed());
-    // Numbers possibly allocated but unknown are gaps, never duplicates.
-    let Ok(last) = last else {
-        return alone(jobs, |j| j.reply);
-    };
-    db.count_write();
-    // The next free number of each build, handed out in order of arrival.
-    let mut next: BTreeMap<i64, i32> = last
-        .into_iter()
-        .map(|(b, l)| (b, l - want.get(&b).copied().unwrap_or(0) + 1))
-        .collect();
-    // Builds gone (deleted) are answered alone: their error is the one-write path's.
-    let (numbered, gone): (Vec<Create>, Vec<Create>) = jobs
-        .into_iter()
-        .partition(|j| next.contains_key(&j.build.0));
-    alone(gone, |j| j.reply);
-    let mut cols = StepColumns::default();
-    for j in &numbered {
-        let Some(n) = next.get_mut(&j.build.0) else {
-            continue;
-        };
-        let first = *n;
-        *n += j.rows.len() as i32;
-        let last = *n - 1;
-        j.nr.store(last, Ordering::SeqCst);
-        for (i, row) in j.rows.iter().enumerate() {
-            let nr = first + i as i32;
-            // All but the last are resolved to the last.
-            let resolved_to = (j.resolves && nr != last).then_some(last);
-            cols.push(j.build, nr, row, resolved_to);
+) -> Result<T, Failed> {
+    let hist = db.inner.timings.of(super::timing::TxKind::Write);
+    let begun = std::time::Instant::now();
+    let r = db.autocommit(run).await;
+    hist.observe(begun.elapsed());
+    match r {
+        Ok(v) => Ok(v),
+        Err(DbError::CommitOutcomeUnknown(e)) => {
+            tracing::warn!(error = %e, "the reply to a batch statement was lost; each write is read back");
+            Err(Failed::Lost)
         }
-    }
-    let inserted = statement(
-        db,
-        lanes.run(async |c| {
-            cols.bind(sqlx::query_scalar::<_, i64>(sql::PG_INSERT_STEPS_MANY))
-                .fetch_one(&mut *c)
-                .await
-        }),
-    )
-    .await;
-    for j in numbered {
-        let out = match &inserted {
-            Ok(_) => Outcome::Done(j.nr.load(Ordering::SeqCst)),
-            Err(e) => outcome_of_error(e),
-        };
-        let _ = j.reply.send(out);
-    }
-}
-
-/// The columns of many new step rows and their outputs, as the arrays the statement unnests.
-#[derive(Default)]
-struct StepColumns {
-    build: Vec<i64>,
-    nr: Vec<i32>,
-    step_type: Vec<i32>,
-    drv: Vec<String>,
-    busy: Vec<i32>,
-    status: Vec<Option<i32>>,
-    error: Vec<Option<String>>,
-    start: Vec<Option<i64>>,
-    stop: Vec<Option<i64>>,
-    machine: Vec<String>,
-    system: Vec<Option<String>>,
-    propagated: Vec<Option<i64>>,
-    times_built: Vec<Option<i32>>,
-    resolved_to: Vec<Option<i32>>,
-    out_build: Vec<i64>,
-    out_nr: Vec<i32>,
-    out_name: Vec<String>,
-    out_path: Vec<Option<String>>,
-}
-
-impl StepColumns {
-    fn push(&mut self, build: BuildId, nr: StepNr, s: &NewStep, resolved_to: Option<StepNr>) {
-        self.build.push(build.0);
-        self.nr.push(nr);
-        self.step_type.push(s.step_type.code());
-        self.drv.push(s.drv_path.clone());
-        self.busy.push(s.busy.code());
-        self.status.push(s.status.map(|st| st.code()));
-        self.error.push(s.error_msg.clone());
-        self.start.push(s.start_time);
-        self.stop.push(s.stop_time);
-        self.machine.push(s.machine.clone());
-        self.system.push(s.system.clone());
-        self.propagated.push(s.propagated_from.map(|b| b.0));
-        self.times_built.push(s.times_built);
-        self.resolved_to.push(resolved_to);
-        let (names, paths) = super::ops::unique_outputs(&s.outputs);
-        for (name, path) in names.into_iter().zip(paths) {
-            self.out_build.push(build.0);
-            self.out_nr.push(nr);
-            self.out_name.push(name);
-            self.out_path.push(path);
-        }
-    }
-
-    fn bind<'q, O>(
-        &'q self,
-        q: sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
-        q.bind(&self.build)
-            .bind(&self.nr)
-            .bind(&self.step_type)
-            .bind(&self.drv)
-            .bind(&self.busy)
-            .bind(&self.status)
-            .bind(&self.error)
-            .bind(&self.start)
-            .bind(&self.stop)
-            .bind(&self.machine)
-            .bind(&self.system)
-            .bind(&self.propagated)
-            .bind(&self.times_built)
-            .bind(&self.resolved_to)
-            .bind(&self.out_build)
-            .bind(&self.out_nr)
-            .bind(&self.out_name)
-            .bind(&self.out_path)
-    }
-}
-
-/// Splits off the jobs whose `key` an earlier job has (answered `Alone`: one write per row in
-/// a statement).
-fn first_of_each<J, K: std::hash::Hash + Eq, T>(
-    jobs: Vec<J>,
-    key: impl Fn(&J) -> K,
-    reply: impl Fn(J) -> oneshot::Sender<Outcome<T>>,
-) -> Vec<J> {
-    let mut seen = HashSet::new();
-    let (jobs, again): (Vec<J>, Vec<J>) = jobs.into_iter().partition(|j| seen.insert(key(j)));
-    alone(again, reply);
-    jobs
-}
-
-async fn finish_many(db: &Db, jobs: Vec<Finish>) {
-    if jobs.is_empty() {
-        return;
-    }
-    let Some(lanes) = db.batch_lanes(Some(FaultPoint::FinishStepAfterStepRow)) else {
-        return alone(jobs, |j| j.reply);
-    };
-    let jobs = first_of_each(jobs, |j| (j.f.build.0, j.f.stepnr), |j| j.reply);
-    let mut c = FinishColumns::default();
-    for j in &jobs {
-        c.push(&j.f);
-    }
-    type Row = (
-        String,
-        Option<i64>,
-        Option<i32>,
-        Option<String>,
-        Option<String>,
-    );
-    let rows: Result<Vec<Row>, DbError> = statement(
-        db,
-        lanes.run(async |conn| {
-            sqlx::query_as(sql::PG_FINISH_STEPS_MANY)
-                .bind(&c.build)
-                .bind(&c.nr)
-                .bind(&c.status)
-                .bind(&c.error)
-                .bind(&c.stop)
-                .bind(&c.times_built)
-                .bind(&c.machine)
-                .bind(&c.out_build)
-                .bind(&c.out_nr)
-                .bind(&c.out_name)
-                .bind(&c.out_path)
-                .bind(&c.r_fbuild)
-                .bind(&c.r_fnr)
-                .bind(&c.r_drv)
-                .bind(&c.r_out)
-                .bind(&c.r_path)
-                .bind(&c.r_build)
-                .bind(&c.r_nr)
-                .fetch_all(&mut *conn)
-                .await
-        }),
-    )
-    .await;
-    let rows = match rows {
-        Ok(r) => r,
         Err(e) => {
-            for j in jobs {
-                let _ = j.reply.send(outcome_of_error(&e));
-            }
-            return;
-        }
-    };
-    let mut updated = HashSet::new();
-    let mut inserted = HashSet::new();
-    for (kind, b, n, drv, out) in rows {
-        match (kind.as_str(), b, n, drv, out) {
-            ("s", Some(b), Some(n), _, _) => {
-                updated.insert((b, n));
-            }
-            ("r", _, _, Some(d), Some(o)) => {
-                inserted.insert((d, o));
-            }
-            _ => {}
-        }
-    }
-    for j in jobs {
-        let f = &j.f;
-        let out = if updated.contains(&(f.build.0, f.stepnr)) {
-            Outcome::Done(
-                f.realisations
-                    .iter()
-                    .map(|r| (r.drv_path.clone(), r.output_name.clone()))
-                    .filter(|k| !inserted.contains(k))
-                    .collect(),
-            )
-        } else {
-            // Not unfinished (finished, or no such step): the one-write path says which.
-            Outcome::Alone
-        };
-        let _ = j.reply.send(out);
-    }
-}
-
-/// Starts: idempotent, so a step not updated, or a statement that failed however, is done
-/// again alone.
-async fn start_many(db: &Db, jobs: Vec<Start>) {
-    if jobs.is_empty() {
-        return;
-    }
-    let Some(lanes) = db.batch_lanes(None) else {
-        return alone(jobs, |j| j.reply);
-    };
-    let jobs = first_of_each(jobs, |j| (j.build.0, j.stepnr), |j| j.reply);
-    let build: Vec<i64> = jobs.iter().map(|j| j.build.0).collect();
-    let nr: Vec<i32> = jobs.iter().map(|j| j.stepnr).collect();
-    let busy: Vec<i32> = jobs.iter().map(|j| j.busy.code()).collect();
-    let machine: Vec<&str> = jobs.iter().map(|j| j.machine.as_str()).collect();
-    let time: Vec<i64> = jobs.iter().map(|j| j.time).collect();
-    let updated: Result<Vec<(i64, i32)>, DbError> = statement(
-        db,
-        lanes.run(async |c| {
-            sqlx::query_as(sql::PG_START_STEPS_MANY)
-                .bind(&build)
-                .bind(&nr)
-                .bind(&busy)
-                .bind(&machine)
-                .bind(&time)
-                .fetch_all(&mut *c)
-                .await
-        }),
-    )
-    .await;
-    let updated: HashSet<(i64, i32)> = updated.unwrap_or_default().into_iter().collect();
-    for j in jobs {
-        let out = match updated.contains(&(j.build.0, j.stepnr)) {
-            true => Outcome::Done(()),
-            false => Outcome::Alone,
-        };
-        let _ = j.reply.send(out);
-    }
-}
-
-/// Realisations: inserting one is idempotent, so one not inserted, or a statement that failed
-/// however, is done again alone (which tells a disagreement from the same one recorded).
-async fn realise_many(db: &Db, jobs: Vec<Realise>) {
-    if jobs.is_empty() {
-        return;
-    }
-    let Some(lanes) = db.batch_lanes(None) else {
-        return alone(jobs, |j| j.reply);
-    };
-    let drv: Vec<&str> = jobs.iter().map(|j| j.r.drv_path.as_str()).collect();
-    let out: Vec<&str> = jobs.iter().map(|j| j.r.output_name.as_str()).collect();
-    let path: Vec<&str> = jobs.iter().map(|j| j.r.out_path.as_str()).collect();
-    let build: Vec<Option<i64>> = jobs.iter().map(|j| j.r.build.map(|b| b.0)).collect();
-    let nr: Vec<Option<i32>> = jobs.iter().map(|j| j.r.stepnr).collect();
-    let inserted: Result<Vec<(String, String)>, DbError> = statement(
-        db,
-        lanes.run(async |c| {
-            sqlx::query_as(sql::PG_INSERT_REALISATIONS_MANY)
-                .bind(&drv)
-                .bind(&out)
-                .bind(&path)
-                .bind(&build)
-                .bind(&nr)
-                .fetch_all(&mut *c)
-                .await
-        }),
-    )
-    .await;
-    let mut inserted: HashSet<(String, String)> =
-        inserted.unwrap_or_default().into_iter().collect();
-    for j in jobs {
-        // Taken out: a second job for the same output was not the one inserted.
-        let out = match inserted.remove(&(j.r.drv_path.clone(), j.r.output_name.clone())) {
-            true => Outcome::Done(()),
-            false => Outcome::Alone,
-        };
-        let _ = j.reply.send(out);
-    }
-}
-
-/// The arguments of many finishes, as the arrays the statement unnests.
-#[derive(Default)]
-struct FinishColumns {
-    build: Vec<i64>,
-    nr: Vec<i32>,
-    status: Vec<i32>,
-    error: Vec<Option<String>>,
-    stop: Vec<i64>,
-    times_built: Vec<Option<i32>>,
-    machine: Vec<Option<String>>,
-    out_build: Vec<i64>,
-    out_nr: Vec<i32>,
-    out_name: Vec<String>,
-    out_path: Vec<Option<String>>,
-    r_fbuild: Vec<i64>,
-    r_fnr: Vec<i32>,
-    r_drv: Vec<String>,
-    r_out: Vec<String>,
-    r_path: Vec<String>,
-    r_build: Vec<Option<i64>>,
-    r_nr: Vec<Option<i32>>,
-}
-
-impl FinishColumns {
-    fn push(&mut self, f: &FinishStep) {
-        self.build.push(f.build.0);
-        self.nr.push(f.stepnr);
-        self.status.push(f.status.code());
-        self.error.push(f.error_msg.clone());
-        self.stop.push(f.stop_time);
-        self.times_built.push(f.times_built);
-        self.machine.push(f.machine.clone());
-        let (names, paths) = super::ops::unique_outputs(&f.outputs);
-        for (name, path) in names.into_iter().zip(paths) {
-            self.out_build.push(f.build.0);
-            self.out_nr.push(f.stepnr);
-            self.out_name.push(name);
-            self.out_path.push(path);
-        }
-        for r in &f.realisations {
-            self.r_fbuild.push(f.build.0);
-            self.r_fnr.push(f.stepnr);
-            self.r_drv.push(r.drv_path.clone());
-            self.r_out.push(r.output_name.clone());
-            self.r_path.push(r.out_path.clone());
-            self.r_build.push(r.build.map(|b| b.0));
-            self.r_nr.push(r.stepnr);
+            tracing::warn!(error = %e, "a batch statement failed; each write is done alone");
+            Err(Failed::Refused)
         }
     }
 }

@@ -7,16 +7,14 @@
 //! its constituents are recorded, and a lost commit reply is read back rather than written twice.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::LazyLock;
 
-use sqlx::Row;
-
+use super::Db;
 use super::error::DbError;
+use super::exec::Row;
 use super::notify::QueueEvent;
-use super::ops::{WritePool, commit};
-use super::rows::RowExt;
 use super::types::{Build, BuildId, BuildStatus, Output};
-use super::{Db, on_pool};
+use super::write::Write;
 
 /// A job of a new evaluation: its attr and the build it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,25 +134,21 @@ const INSERT_CONSTITUENT: &str = "insert into aggregateconstituents (aggregate, 
 const INSERT_ERROR: &str =
     "insert into jobsetevalerrors (eval, line, job, message) values ($1, $2, $3, $4)";
 
-/// The columns of an evaluation with its counts (`e` is its `jobsetevals` row).
-macro_rules! eval_cols {
-    () => {
-        "select e.id, e.jobset, e.timestamp, e.source, \
-         (select count(*) from jobsetevalmembers m where m.eval = e.id) as jobs, \
-         (select count(*) from jobsetevalmembers m where m.eval = e.id and m.isnew = 1) as newbuilds, \
-         (select count(*) from jobsetevalerrors x where x.eval = e.id) as errors, \
-         (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
-            where m.eval = e.id and b.finished = 1 and b.buildstatus = 0) as succeeded, \
-         (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
-            where m.eval = e.id and b.finished = 1 and b.buildstatus != 0) as failed, \
-         (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
-            where m.eval = e.id and b.finished = 0) as queued \
-         from jobsetevals e "
-    };
-}
-
-/// The `$1` most recent evaluations (admin listing, like `recent_builds`).
-const RECENT_EVALS: &str = concat!(eval_cols!(), "order by e.id desc limit $1");
+/// The `$1` most recent evaluations (admin listing, like `recent_builds`), with their counts.
+static RECENT_EVALS: LazyLock<String> = LazyLock::new(|| {
+    "select e.id, e.jobset, e.timestamp, e.source, \
+     (select count(*) from jobsetevalmembers m where m.eval = e.id) as jobs, \
+     (select count(*) from jobsetevalmembers m where m.eval = e.id and m.isnew = 1) as newbuilds, \
+     (select count(*) from jobsetevalerrors x where x.eval = e.id) as errors, \
+     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+        where m.eval = e.id and b.finished = 1 and b.buildstatus = {success}) as succeeded, \
+     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+        where m.eval = e.id and b.finished = 1 and b.buildstatus != {success}) as failed, \
+     (select count(*) from jobsetevalmembers m join builds b on b.id = m.build \
+        where m.eval = e.id and b.finished = 0) as queued \
+     from jobsetevals e order by e.id desc limit $1"
+        .replace("{success}", &BuildStatus::Success.code().to_string())
+});
 
 /// One evaluation's row (its counts come from its members).
 const EVAL: &str = "select id, jobset, timestamp, source from jobsetevals where id = $1";
@@ -191,20 +185,6 @@ pub(crate) const CONSTITUENTS_OF: &str = "select a.aggregate, a.constituent, c.f
      from aggregateconstituents a join builds c on c.id = a.constituent \
      where a.aggregate = $1 order by a.constituent";
 
-/// Decodes a `ConstituentState` row (either backend).
-macro_rules! constituent_row {
-    ($r:expr) => {{
-        let r = $r;
-        let code: Option<i32> = r.try_get("buildstatus")?;
-        ConstituentState {
-            aggregate: BuildId(r.try_get("aggregate")?),
-            constituent: BuildId(r.try_get("constituent")?),
-            finished: r.try_get::<i32, _>("finished")? != 0,
-            status: code.map(BuildStatus::from_code).transpose()?,
-        }
-    }};
-}
-
 /// Checks what the database cannot: job names unique, constituents naming jobs of the evaluation.
 fn check_new_eval(e: &NewEval) -> Result<(), DbError> {
     let mut seen = HashSet::new();
@@ -229,6 +209,124 @@ fn check_new_eval(e: &NewEval) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Recording an evaluation (see [`Db::record_eval`]).
+struct RecordEval<'a>(&'a NewEval);
+
+impl Write for RecordEval<'_> {
+    type Answer = RecordedEval;
+    /// The id the last attempt inserted: after a lost reply, the row tells.
+    type Trace = i64;
+
+    fn name(&self) -> &'static str {
+        "record_eval"
+    }
+
+    async fn apply(&self, db: &Db, inserted: &mut i64) -> Result<RecordedEval, DbError> {
+        let e = self.0;
+        let mut tx = db.begin_write().await?;
+        tx.exec()
+            .execute(INSERT_JOBSET_IF_MISSING, &[&e.jobset])
+            .await?;
+        let id: i64 = returned_id(
+            tx.exec()
+                .fetch_optional(INSERT_EVAL, &[&e.jobset, &e.timestamp, &e.source])
+                .await?,
+        )?;
+        *inserted = id;
+        let mut by_drv: HashMap<&str, (BuildId, bool)> = HashMap::new();
+        let mut by_job: HashMap<&str, BuildId> = HashMap::new();
+        let mut members = Vec::with_capacity(e.jobs.len());
+        for j in &e.jobs {
+            let (build, is_new) = match by_drv.get(j.drv_path.as_str()) {
+                Some(x) => *x,
+                None => {
+                    let existing = tx
+                        .exec()
+                        .fetch_optional(EXISTING_BUILD, &[&e.jobset, &j.drv_path])
+                        .await?;
+                    match existing {
+                        Some(r) => (BuildId(r.first()?), false),
+                        None => {
+                            let args: [&dyn super::exec::Param; 5] =
+                                [&e.jobset, &j.job, &j.drv_path, &j.system, &e.timestamp];
+                            let b =
+                                returned_id(tx.exec().fetch_optional(INSERT_BUILD, &args).await?)?;
+                            for (name, path) in &j.outputs {
+                                tx.exec()
+                                    .execute(UPSERT_BUILD_OUTPUT, &[&b, name, path])
+                                    .await?;
+                            }
+                            (BuildId(b), true)
+                        }
+                    }
+                }
+            };
+            by_drv.insert(&j.drv_path, (build, is_new));
+            by_job.insert(&j.job, build);
+            let args: [&dyn super::exec::Param; 4] = [&id, &j.job, &build.0, &i32::from(is_new)];
+            tx.exec().execute(INSERT_MEMBER, &args).await?;
+            members.push(EvalMember {
+                job: j.job.clone(),
+                build,
+                is_new,
+            });
+        }
+        for j in &e.jobs {
+            let aggregate = by_job[j.job.as_str()];
+            for c in &j.constituents {
+                let constituent = by_job[c.as_str()];
+                // Two jobs with one drv share a build; it is not its own constituent.
+                if constituent == aggregate {
+                    continue;
+                }
+                tx.exec()
+                    .execute(INSERT_CONSTITUENT, &[&aggregate.0, &constituent.0])
+                    .await?;
+            }
+        }
+        for x in &e.errors {
+            tx.exec()
+                .execute(INSERT_ERROR, &[&id, &x.line, &x.job, &x.message])
+                .await?;
+        }
+        db.commit(tx).await?;
+        Ok(RecordedEval { id, members })
+    }
+
+    async fn verify(&self, db: &Db, inserted: &i64) -> Result<Option<RecordedEval>, DbError> {
+        let (e, id) = (self.0, *inserted);
+        if id == 0 {
+            return Ok(None);
+        }
+        match db.eval(id).await {
+            Ok(d) if d.summary.jobset == e.jobset && d.summary.timestamp == e.timestamp => {
+                // In the order of the request.
+                let by_job: HashMap<String, EvalMember> = d
+                    .members
+                    .into_iter()
+                    .map(|(m, _)| (m.job.clone(), m))
+                    .collect();
+                let members = e
+                    .jobs
+                    .iter()
+                    .filter_map(|j| by_job.get(&j.job).cloned())
+                    .collect();
+                Ok(Some(RecordedEval { id, members }))
+            }
+            Ok(_) | Err(DbError::EvalNotFound(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// The id an `insert … returning id` returned.
+fn returned_id(row: Option<Row>) -> Result<i64, DbError> {
+    match row {
+        Some(r) => r.first(),
+        None => Err(DbError::Invalid("an insert returned no id".into())),
+    }
+}
+
 impl Db {
     /// Records an evaluation in one transaction: the jobset (created with the default shares if
     /// missing), the `jobsetevals` row, for each job the newest build of its drv in the jobset or
@@ -236,132 +334,7 @@ impl Db {
     /// aggregates' constituents and the errors. New builds are announced (`builds_added`).
     pub async fn record_eval(&self, e: &NewEval) -> Result<RecordedEval, DbError> {
         check_new_eval(e)?;
-        let inserted = &AtomicI64::new(0);
-        let rec = self
-            .retrying_checked(
-                "record_eval",
-                || async move {
-                    on_pool!(self, |pool| {
-                        let mut tx = pool.begin_write().await?;
-                        sqlx::query(INSERT_JOBSET_IF_MISSING)
-                            .bind(&e.jobset)
-                            .execute(&mut *tx)
-                            .await?;
-                        let id: i64 = sqlx::query_scalar(INSERT_EVAL)
-                            .bind(&e.jobset)
-                            .bind(e.timestamp)
-                            .bind(&e.source)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                        inserted.store(id, Ordering::SeqCst);
-                        let mut by_drv: HashMap<&str, (BuildId, bool)> = HashMap::new();
-                        let mut by_job: HashMap<&str, BuildId> = HashMap::new();
-                        let mut members = Vec::with_capacity(e.jobs.len());
-                        for j in &e.jobs {
-                            let (build, is_new) = match by_drv.get(j.drv_path.as_str()) {
-                                Some(x) => *x,
-                                None => {
-                                    let existing: Option<i64> = sqlx::query_scalar(EXISTING_BUILD)
-                                        .bind(&e.jobset)
-                                        .bind(&j.drv_path)
-                                        .fetch_optional(&mut *tx)
-                                        .await?;
-                                    match existing {
-                                        Some(b) => (BuildId(b), false),
-                                        None => {
-                                            let b: i64 = sqlx::query_scalar(INSERT_BUILD)
-                                                .bind(&e.jobset)
-                                                .bind(&j.job)
-                                                .bind(&j.drv_path)
-                                                .bind(&j.system)
-                                                .bind(e.timestamp)
-                                                .fetch_one(&mut *tx)
-                                                .await?;
-                                            for (name, path) in &j.outputs {
-                                                sqlx::query(UPSERT_BUILD_OUTPUT)
-                                                    .bind(b)
-                                                    .bind(name)
-                                                    .bind(path)
-                                                    .execute(&mut *tx)
-                                                    .await?;
-                                            }
-                                            (BuildId(b), true)
-                                        }
-                                    }
-                                }
-                            };
-                            by_drv.insert(&j.drv_path, (build, is_new));
-                            by_job.insert(&j.job, build);
-                            sqlx::query(INSERT_MEMBER)
-                                .bind(id)
-                                .bind(&j.job)
-                                .bind(build.0)
-                                .bind(i32::from(is_new))
-                                .execute(&mut *tx)
-                                .await?;
-                            members.push(EvalMember {
-                                job: j.job.clone(),
-                                build,
-                                is_new,
-                            });
-                        }
-                        for j in &e.jobs {
-                            let aggregate = by_job[j.job.as_str()];
-                            for c in &j.constituents {
-                                let constituent = by_job[c.as_str()];
-                                // Two jobs with one drv share a build; it is not its own constituent.
-                                if constituent == aggregate {
-                                    continue;
-                                }
-                                sqlx::query(INSERT_CONSTITUENT)
-                                    .bind(aggregate.0)
-                                    .bind(constituent.0)
-                                    .execute(&mut *tx)
-                                    .await?;
-                            }
-                        }
-                        for x in &e.errors {
-                            sqlx::query(INSERT_ERROR)
-                                .bind(id)
-                                .bind(x.line)
-                                .bind(&x.job)
-                                .bind(&x.message)
-                                .execute(&mut *tx)
-                                .await?;
-                        }
-                        commit(self, tx).await?;
-                        Ok(RecordedEval { id, members })
-                    })
-                },
-                || async move {
-                    let id = inserted.load(Ordering::SeqCst);
-                    if id == 0 {
-                        return Ok(None);
-                    }
-                    match self.eval(id).await {
-                        Ok(d)
-                            if d.summary.jobset == e.jobset
-                                && d.summary.timestamp == e.timestamp =>
-                        {
-                            // In the order of the request.
-                            let by_job: HashMap<String, EvalMember> = d
-                                .members
-                                .into_iter()
-                                .map(|(m, _)| (m.job.clone(), m))
-                                .collect();
-                            let members = e
-                                .jobs
-                                .iter()
-                                .filter_map(|j| by_job.get(&j.job).cloned())
-                                .collect();
-                            Ok(Some(RecordedEval { id, members }))
-                        }
-                        Ok(_) | Err(DbError::EvalNotFound(_)) => Ok(None),
-                        Err(err) => Err(err),
-                    }
-                },
-            )
-            .await?;
+        let rec = self.write(&RecordEval(e)).await?;
         if rec.members.iter().any(|m| m.is_new) {
             self.emit(QueueEvent::BuildsAdded(None));
         }
@@ -370,35 +343,29 @@ impl Db {
 
     /// The `limit` most recent evaluations, newest first, with their counts.
     pub async fn evals(&self, limit: i64) -> Result<Vec<EvalSummary>, DbError> {
-        self.eval_summaries(RECENT_EVALS, limit).await
+        self.eval_summaries(&RECENT_EVALS, limit).await
     }
 
     /// The summaries `query` selects with `arg` (a limit, or an id).
-    async fn eval_summaries(
-        &self,
-        query: &'static str,
-        arg: i64,
-    ) -> Result<Vec<EvalSummary>, DbError> {
+    async fn eval_summaries(&self, query: &str, arg: i64) -> Result<Vec<EvalSummary>, DbError> {
         self.reading("evals", || async move {
-            on_pool!(self, |pool| {
-                let rows = sqlx::query(query).bind(arg).fetch_all(pool).await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    out.push(EvalSummary {
-                        id: r.try_get("id")?,
-                        jobset: r.try_get("jobset")?,
-                        timestamp: r.try_get("timestamp")?,
-                        source: r.try_get("source")?,
-                        jobs: r.try_get("jobs")?,
-                        new_builds: r.try_get("newbuilds")?,
-                        errors: r.try_get("errors")?,
-                        succeeded: r.try_get("succeeded")?,
-                        failed: r.try_get("failed")?,
-                        queued: r.try_get("queued")?,
-                    });
-                }
-                Ok(out)
-            })
+            let rows = self.exec().fetch_all(query, &[&arg]).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                out.push(EvalSummary {
+                    id: r.get("id")?,
+                    jobset: r.get("jobset")?,
+                    timestamp: r.get("timestamp")?,
+                    source: r.get("source")?,
+                    jobs: r.get("jobs")?,
+                    new_builds: r.get("newbuilds")?,
+                    errors: r.get("errors")?,
+                    succeeded: r.get("succeeded")?,
+                    failed: r.get("failed")?,
+                    queued: r.get("queued")?,
+                });
+            }
+            Ok(out)
         })
         .await
     }
@@ -409,69 +376,60 @@ impl Db {
             return Err(DbError::EvalNotFound(id));
         }
         self.reading("eval", || async move {
-            on_pool!(self, |pool| {
-                let Some(r) = sqlx::query(EVAL).bind(id).fetch_optional(pool).await? else {
-                    return Err(DbError::EvalNotFound(id));
-                };
-                let mut summary = EvalSummary {
-                    id: r.try_get("id")?,
-                    jobset: r.try_get("jobset")?,
-                    timestamp: r.try_get("timestamp")?,
-                    source: r.try_get("source")?,
-                    jobs: 0,
-                    new_builds: 0,
-                    errors: 0,
-                    succeeded: 0,
-                    failed: 0,
-                    queued: 0,
-                };
-                let mut members = Vec::new();
-                for r in sqlx::query(EVAL_MEMBERS).bind(id).fetch_all(pool).await? {
-                    let build = r.build()?;
-                    members.push((
-                        EvalMember {
-                            job: r.try_get("evaljob")?,
-                            build: build.id,
-                            is_new: r.try_get::<i32, _>("isnew")? != 0,
-                        },
-                        build,
-                    ));
+            let Some(r) = self.exec().fetch_optional(EVAL, &[&id]).await? else {
+                return Err(DbError::EvalNotFound(id));
+            };
+            let mut summary = EvalSummary {
+                id: r.get("id")?,
+                jobset: r.get("jobset")?,
+                timestamp: r.get("timestamp")?,
+                source: r.get("source")?,
+                jobs: 0,
+                new_builds: 0,
+                errors: 0,
+                succeeded: 0,
+                failed: 0,
+                queued: 0,
+            };
+            let mut members = Vec::new();
+            for r in self.exec().fetch_all(EVAL_MEMBERS, &[&id]).await? {
+                let build = r.build()?;
+                members.push((
+                    EvalMember {
+                        job: r.get("evaljob")?,
+                        build: build.id,
+                        is_new: r.get::<i32>("isnew")? != 0,
+                    },
+                    build,
+                ));
+            }
+            let mut errors = Vec::new();
+            for r in self.exec().fetch_all(EVAL_ERRORS, &[&id]).await? {
+                errors.push(EvalError {
+                    line: r.get("line")?,
+                    job: r.get("job")?,
+                    message: r.get("message")?,
+                });
+            }
+            let mut constituents = Vec::new();
+            for r in self.exec().fetch_all(EVAL_CONSTITUENTS, &[&id]).await? {
+                constituents.push((BuildId(r.get("aggregate")?), BuildId(r.get("constituent")?)));
+            }
+            for (m, b) in &members {
+                summary.jobs += 1;
+                summary.new_builds += i64::from(m.is_new);
+                match (b.finished, b.build_status) {
+                    (false, _) => summary.queued += 1,
+                    (true, Some(BuildStatus::Success)) => summary.succeeded += 1,
+                    (true, _) => summary.failed += 1,
                 }
-                let mut errors = Vec::new();
-                for r in sqlx::query(EVAL_ERRORS).bind(id).fetch_all(pool).await? {
-                    errors.push(EvalError {
-                        line: r.try_get("line")?,
-                        job: r.try_get("job")?,
-                        message: r.try_get("message")?,
-                    });
-                }
-                let mut constituents = Vec::new();
-                for r in sqlx::query(EVAL_CONSTITUENTS)
-                    .bind(id)
-                    .fetch_all(pool)
-                    .await?
-                {
-                    constituents.push((
-                        BuildId(r.try_get("aggregate")?),
-                        BuildId(r.try_get("constituent")?),
-                    ));
-                }
-                for (m, b) in &members {
-                    summary.jobs += 1;
-                    summary.new_builds += i64::from(m.is_new);
-                    match (b.finished, b.build_status) {
-                        (false, _) => summary.queued += 1,
-                        (true, Some(BuildStatus::Success)) => summary.succeeded += 1,
-                        (true, _) => summary.failed += 1,
-                    }
-                }
-                summary.errors = errors.len() as i64;
-                Ok(EvalDetail {
-                    summary,
-                    members,
-                    errors,
-                    constituents,
-                })
+            }
+            summary.errors = errors.len() as i64;
+            Ok(EvalDetail {
+                summary,
+                members,
+                errors,
+                constituents,
             })
         })
         .await
@@ -484,18 +442,12 @@ impl Db {
         after: BuildId,
     ) -> Result<Vec<ConstituentState>, DbError> {
         self.reading("unfinished_aggregates", || async move {
-            on_pool!(self, |pool| {
-                let q = match self.backend() {
-                    super::Backend::Sqlite => UNFINISHED_AGGREGATES,
-                    super::Backend::Postgres => UNFINISHED_AGGREGATES_PG,
-                };
-                let rows = sqlx::query(q).bind(after.0).fetch_all(pool).await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    out.push(constituent_row!(r));
-                }
-                Ok(out)
-            })
+            let q = match self.backend() {
+                super::Backend::Sqlite => UNFINISHED_AGGREGATES,
+                super::Backend::Postgres => UNFINISHED_AGGREGATES_PG,
+            };
+            let rows = self.exec().fetch_all(q, &[&after.0]).await?;
+            rows.iter().map(Row::constituent).collect()
         })
         .await
     }
@@ -506,17 +458,11 @@ impl Db {
         aggregate: BuildId,
     ) -> Result<Vec<ConstituentState>, DbError> {
         self.reading("constituents_of", || async move {
-            on_pool!(self, |pool| {
-                let rows = sqlx::query(CONSTITUENTS_OF)
-                    .bind(aggregate.0)
-                    .fetch_all(pool)
-                    .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    out.push(constituent_row!(r));
-                }
-                Ok(out)
-            })
+            let rows = self
+                .exec()
+                .fetch_all(CONSTITUENTS_OF, &[&aggregate.0])
+                .await?;
+            rows.iter().map(Row::constituent).collect()
         })
         .await
     }

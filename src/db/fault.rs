@@ -1,5 +1,7 @@
-//! Fault injection between the statements of multi-statement transactions, so tests can prove
-//! they are all-or-nothing. Compiled only with the `test-hooks` feature (and in unit tests);
+//! Fault injection inside the write paths production runs, so tests can prove the writes are
+//! all-or-nothing: between the statements of a transaction, and before a one-statement write
+//! (or, in the PostgreSQL batch, before a write's numbers are allocated) where nothing of it is
+//! committed yet. Compiled only with the `test-hooks` feature (and in unit tests);
 //! without it [`Faults::check`] is a constant `Ok` the compiler removes, and nothing can be armed.
 
 #[cfg(any(test, feature = "test-hooks"))]
@@ -9,7 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::error::DbError;
 
-/// A place inside a transaction where an armed fault makes the operation fail (and roll back).
+/// A place inside a write where an armed fault makes it fail (and roll back). On PostgreSQL the
+/// step writes are one statement each (after their step numbers, which commit on their own):
+/// the first three points fire there before the numbers and the statement, with nothing of the
+/// write committed, as a failure between the statements of the transaction leaves it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultPoint {
     /// `resolve_step`: after the resolved step row is inserted, before the original is updated.
@@ -38,11 +43,6 @@ pub(crate) struct Faults {
 #[cfg(not(any(test, feature = "test-hooks")))]
 impl Faults {
     #[inline(always)]
-    pub(crate) fn is_armed(&self, _point: FaultPoint) -> bool {
-        false
-    }
-
-    #[inline(always)]
     pub(crate) fn check(&self, _point: FaultPoint) -> Result<(), DbError> {
         Ok(())
     }
@@ -68,16 +68,6 @@ impl Faults {
         let mut armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
         armed.clear();
         self.any.store(false, Ordering::SeqCst);
-    }
-
-    /// Whether `point` is armed (without firing it).
-    pub(crate) fn is_armed(&self, point: FaultPoint) -> bool {
-        self.any.load(Ordering::Relaxed)
-            && self
-                .armed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&point)
     }
 
     /// `Err(FaultInjected)` if `point` is armed (and disarms it).

@@ -16,22 +16,30 @@
 //!   `UPDATE … RETURNING` inside the inserting transaction: the row lock (PostgreSQL) or the write
 //!   lock (SQLite, whose write transactions start with `BEGIN IMMEDIATE`) serialises allocation
 //!   per build, so concurrent writers never collide.
-//! - Transient failures (PostgreSQL 40001/40P01, SQLite `SQLITE_BUSY`/`SQLITE_LOCKED`, a lost
-//!   connection or a pool timeout) re-run the whole operation, bounded by [`RetryPolicy`], logging
-//!   each retry; the last error is returned after the last attempt. A connection lost during
-//!   `COMMIT` leaves the outcome unknown ([`DbError::CommitOutcomeUnknown`]): each write then
-//!   reads back whether it happened (the row it inserted under the number or id it got, the
-//!   status it set) and returns that result, or runs again if it did not
-//!   ([`retry_checked`]), so a lost reply neither duplicates rows nor loses a write.
+//! - Every write is a value with its parameters, how it is applied on each backend and how it is
+//!   read back (`write::Write`), run by one retry layer: transient failures (PostgreSQL
+//!   40001/40P01, SQLite `SQLITE_BUSY`/`SQLITE_LOCKED`, a lost connection or a pool timeout)
+//!   re-run the whole write, bounded by [`RetryPolicy`], logging each retry; the last error is
+//!   returned after the last attempt. A connection lost during `COMMIT` leaves the outcome
+//!   unknown ([`DbError::CommitOutcomeUnknown`]): the write then reads back whether it happened
+//!   (the row it inserted under the number or id it got, the status it set) and returns that
+//!   result, or runs again if it did not, so a lost reply neither duplicates rows nor loses a
+//!   write. On PostgreSQL the hot step writes of many actors share one statement per kind
+//!   (`batch`); a write the statement did not do goes through the same retry layer alone.
+//!   Reads are retried by [`retry`].
 //! - Queue changes arrive through [`Db::listen`] as [`QueueEvent`]s: LISTEN/NOTIFY with triggers
 //!   on PostgreSQL, an in-process broadcast on SQLite, and a periodic `Rescan` on both.
 //! - Timestamps are unix seconds passed in by the caller (the clock is injected).
-//! - [`FaultPoint`]s let tests fail a transaction between its statements; they can be armed
-//!   only in a build with the `test-hooks` feature (without it a check is a constant `Ok`).
+//! - [`FaultPoint`]s let tests fail a write inside the path production runs (between the
+//!   statements of a transaction; before a one-statement write or a batch's numbers); they can
+//!   be armed only in a build with the `test-hooks` feature (without it a check is a constant
+//!   `Ok`).
 
 mod batch;
+mod builds;
 mod error;
 mod evals;
+mod exec;
 mod fault;
 mod lanes;
 mod notify;
@@ -41,8 +49,10 @@ mod retry;
 mod rows;
 mod sql;
 mod stats;
+mod steps;
 mod timing;
 pub mod types;
+mod write;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -64,7 +74,7 @@ pub use evals::{
 pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use plans::QueryPlan;
-pub use retry::{RetryPolicy, retry, retry_checked};
+pub use retry::{RetryPolicy, retry};
 pub use stats::{EvalCounts, PoolStats};
 pub use timing::{BUCKETS as TX_BUCKETS, Histogram, HistogramSnapshot, TxKind, TxTimings};
 pub use types::{
@@ -177,17 +187,6 @@ impl std::fmt::Debug for Db {
     }
 }
 
-/// Runs `$body` with `$pool` bound to the backend's pool (the body is compiled once per backend).
-macro_rules! on_pool {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match &$db.inner.pool {
-            $crate::db::Pool::Sqlite($pool) => $body,
-            $crate::db::Pool::Postgres($pool, _) => $body,
-        }
-    };
-}
-pub(crate) use on_pool;
-
 impl Db {
     /// Opens (creating if needed) and migrates the database at `url` with default options.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
@@ -275,7 +274,10 @@ impl Db {
         if let Some(l) = &self.inner.lanes {
             l.close();
         }
-        on_pool!(self, |pool| pool.close().await)
+        match &self.inner.pool {
+            Pool::Sqlite(p) => p.close().await,
+            Pool::Postgres(p, _) => p.close().await,
+        }
     }
 
     /// Write transactions committed so far through this handle and its clones: each multi-row
@@ -311,52 +313,10 @@ impl Db {
         self.inner.faults.check(point)
     }
 
-    /// The PostgreSQL pool, unless a fault is armed at `point`: the one-statement forms of the
-    /// hot writes have no point between their statements, so a test that arms one gets the
-    /// multi-statement transaction it is about.
-    pub(crate) fn one_statement_pool(&self, point: FaultPoint) -> Option<(&PgPool, &lanes::Lanes)> {
-        match (&self.inner.pool, &self.inner.lanes) {
-            (Pool::Postgres(p, _), Some(l)) if !self.inner.faults.is_armed(point) => Some((p, l)),
-            _ => None,
-        }
-    }
-
-    /// The write batch, on PostgreSQL with [`DbOptions::batch_writes`], unless a fault is armed
-    /// at `point` (see [`Db::one_statement_pool`]).
-    fn batch(&self, point: Option<FaultPoint>) -> Option<&batch::Batcher> {
-        self.batch_lanes(point).map(|_| &self.inner.batcher)
-    }
-
-    /// Runs the write batch's task ([`DbOptions::batch_writes`]) on `rt` — the runner's I/O
+    /// Runs the write batch's tasks ([`DbOptions::batch_writes`]) on `rt` — the runner's I/O
     /// runtime, not the thread of the actors — instead of on the runtime of its first writer.
     pub fn run_batches_on(&self, rt: tokio::runtime::Handle) {
         self.inner.batcher.run_on(rt);
-    }
-
-    /// [`read_back`](retry::read_back) under this handle's retry policy: whether a write whose
-    /// reply was lost happened, asked until the database answers.
-    pub(crate) async fn read_back<T, C, CFut>(
-        &self,
-        what: &str,
-        check: C,
-    ) -> Result<Option<T>, DbError>
-    where
-        C: FnMut() -> CFut,
-        CFut: std::future::Future<Output = Result<Option<T>, DbError>>,
-    {
-        retry::read_back(&self.inner.options.retry, what, check).await
-    }
-
-    /// The connections the write batch runs on, when it is on (see [`Db::batch`]).
-    fn batch_lanes(&self, point: Option<FaultPoint>) -> Option<&lanes::Lanes> {
-        if !self.inner.options.batch_writes {
-            return None;
-        }
-        match point {
-            Some(p) => self.one_statement_pool(p).map(|(_, lanes)| lanes),
-            // Lanes exist on PostgreSQL only.
-            None => self.inner.lanes.as_ref(),
-        }
     }
 
     /// Waits for queue changes; `Rescan` every [`DbOptions::rescan_interval`].
@@ -407,16 +367,6 @@ impl Db {
         self.timed(TxKind::Read, what, op).await
     }
 
-    /// Runs a writing operation (one transaction, or one statement) under the retry policy,
-    /// timing each attempt.
-    pub(crate) async fn writing<T, F, Fut>(&self, what: &str, op: F) -> Result<T, DbError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, DbError>>,
-    {
-        self.timed(TxKind::Write, what, op).await
-    }
-
     /// Each attempt is observed in the histogram of `kind`, failed ones included: the time from
     /// asking the pool for a connection to the commit (or the error), as the caller waits for it.
     async fn timed<T, F, Fut>(&self, kind: TxKind, what: &str, mut op: F) -> Result<T, DbError>
@@ -431,33 +381,6 @@ impl Db {
         }
         r
     }
-
-    /// [`Db::writing`] for a write whose commit reply may be lost: `check` tells whether it
-    /// happened ([`retry_checked`]).
-    pub(crate) async fn retrying_checked<T, F, Fut, C, CFut>(
-        &self,
-        what: &str,
-        op: F,
-        check: C,
-    ) -> Result<T, DbError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, DbError>>,
-        C: FnMut() -> CFut,
-        CFut: std::future::Future<Output = Result<Option<T>, DbError>>,
-    {
-        // Timed like [`Db::writing`]: each attempt of `op` (the read-back is not a transaction
-        // of its own making).
-        let hist = self.inner.timings.of(TxKind::Write);
-        let mut op = op;
-        retry_checked(
-            &self.inner.options.retry,
-            what,
-            || observed(hist, op()),
-            check,
-        )
-        .await
-    }
 }
 
 /// Awaits one attempt and observes how long it took in `hist` (failed attempts included).
@@ -468,40 +391,40 @@ async fn observed<T>(hist: &Histogram, attempt: impl std::future::Future<Output 
     r
 }
 
-/// Applies the migrations, retrying the whole run (each migration is its own transaction, so an
-/// interrupted one left nothing) when it failed for a transient reason — a lost connection, a
-/// busy database — as the operations do ([`DbOptions::retry`]). Without it a connection dropped
+/// Applies the migrations (`run`), retrying the whole run (each migration is its own
+/// transaction, so an interrupted one left nothing) when it failed for a transient reason — a
+/// lost connection, a busy database — under [`DbOptions::retry`]. Without it a connection dropped
 /// while a runner starts (a PostgreSQL restart, a failover, `pg_terminate_backend`) would stop
 /// the runner; the torture test `torture_db_connections_dropped_during_ca_graph` found that.
-macro_rules! migrate {
-    ($migrator:expr, $pool:expr, $shown:expr, $o:expr) => {{
-        let mut attempt = 1;
-        loop {
-            match $migrator.run($pool).await {
-                Ok(()) => break,
-                Err(source) => {
-                    let transient = match &source {
-                        sqlx::migrate::MigrateError::Execute(e)
-                        | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => {
-                            classify(e).is_some()
-                        }
-                        _ => false,
-                    };
-                    if !transient || attempt >= $o.retry.max_attempts.max(1) {
-                        return Err(DbError::Migrate {
-                            url: $shown.to_string(),
-                            source,
-                        });
-                    }
-                    let delay = $o.retry.delay(attempt);
-                    tracing::warn!(attempt, ?delay, error = %source, "migrating the database failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-            }
+async fn migrate<F, Fut>(shown: &str, o: &DbOptions, mut run: F) -> Result<(), DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::migrate::MigrateError>>,
+{
+    let mut attempt = 1;
+    loop {
+        let source = match run().await {
+            Ok(()) => return Ok(()),
+            Err(source) => source,
+        };
+        let transient = match &source {
+            sqlx::migrate::MigrateError::Execute(e)
+            | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => classify(e).is_some(),
+            _ => false,
+        };
+        if !transient || attempt >= o.retry.max_attempts.max(1) {
+            return Err(DbError::Migrate {
+                url: shown.to_string(),
+                source,
+            });
         }
-    }};
+        let delay = o.retry.delay(attempt);
+        tracing::warn!(attempt, ?delay, error = %source, "migrating the database failed; retrying");
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
 }
+
 fn io_timeout(what: &str, after: Duration) -> sqlx::Error {
     sqlx::Error::Io(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
@@ -551,7 +474,7 @@ async fn open_sqlite(url: &str, shown: &str, o: &DbOptions) -> Result<SqlitePool
         .await
         .map_err(|_| unreachable(io_timeout("opening the database", o.connect_timeout)))?
         .map_err(unreachable)?;
-    migrate!(SQLITE_MIGRATOR, &pool, shown, o);
+    migrate(shown, o, || SQLITE_MIGRATOR.run(&pool)).await?;
     Ok(pool)
 }
 
@@ -585,7 +508,7 @@ async fn open_postgres(
         // COMMIT reply is read back), so the ping only narrowed a window the retries cover.
         .test_before_acquire(false)
         .connect_lazy_with(opts.clone());
-    migrate!(POSTGRES_MIGRATOR, &pool, shown, o);
+    migrate(shown, o, || POSTGRES_MIGRATOR.run(&pool)).await?;
     Ok((pool, opts))
 }
 

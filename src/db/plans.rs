@@ -89,7 +89,11 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
             sql::FINISH_BUILD.into(),
             vec![b(), I32(0), I64(0), I64(0), I32(0)],
         ),
-        ("cancel_build", sql::CANCEL_BUILD.into(), vec![b(), I64(0)]),
+        (
+            "cancel_build",
+            sql::CANCEL_BUILD.to_string(),
+            vec![b(), I64(0)],
+        ),
         ("restart_build", sql::RESTART_BUILD.into(), vec![b()]),
         (
             "restart_build: clear failed drvs",
@@ -102,7 +106,11 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
             vec![b()],
         ),
         ("bump_build", sql::BUMP_BUILD.into(), vec![b(), I32(1)]),
-        ("allocate step number", sql::ALLOC_STEPNR.into(), vec![b()]),
+        (
+            "allocate step numbers",
+            sql::ALLOC_STEPNRS.into(),
+            vec![b(), I32(1)],
+        ),
         ("step", sql::STEP.into(), vec![b(), s()]),
         ("step status", sql::STEP_STATUS.into(), vec![b(), s()]),
         ("steps_of_build", sql::STEPS_OF_BUILD.into(), vec![b()]),
@@ -119,41 +127,41 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
         ),
         (
             "finish_step",
-            sql::FINISH_STEP.into(),
+            sql::FINISH_STEP.to_string(),
             vec![b(), s(), I32(0), Text("e"), I64(0), I32(1), Text("m")],
         ),
         (
             "resolve_step: mark original",
-            sql::MARK_RESOLVED.into(),
+            sql::MARK_RESOLVED.to_string(),
             vec![b(), s(), I64(0), I32(2)],
         ),
         (
             "steps_resolved_to",
-            sql::STEPS_RESOLVED_TO.into(),
+            sql::STEPS_RESOLVED_TO.to_string(),
             vec![b(), s()],
         ),
-        ("busy_steps", sql::BUSY_STEPS.into(), vec![]),
+        ("busy_steps", sql::BUSY_STEPS.to_string(), vec![]),
         (
             "abort_busy_steps",
-            sql::ABORT_BUSY_STEPS.into(),
+            sql::ABORT_BUSY_STEPS.to_string(),
             vec![I64(0), Text("aborted")],
         ),
         (
             "abort_busy_steps: stray",
-            sql::CLEAR_STRAY_BUSY.into(),
+            sql::CLEAR_STRAY_BUSY.to_string(),
             vec![],
         ),
         (
             "abort_steps",
-            sql::ABORT_STEP.into(),
+            sql::ABORT_STEP.to_string(),
             vec![b(), s(), I64(0), Text("aborted")],
         ),
         (
             "abort_steps: stray",
-            sql::CLEAR_FINISHED_BUSY.into(),
+            sql::CLEAR_FINISHED_BUSY.to_string(),
             vec![],
         ),
-        ("resolved_steps", sql::RESOLVED_STEPS.into(), vec![]),
+        ("resolved_steps", sql::RESOLVED_STEPS.to_string(), vec![]),
         (
             "jobset_seconds_since",
             sql::JOBSET_SECONDS.into(),
@@ -214,20 +222,34 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
     q
 }
 
-/// Binds `$params` to `$q`; `$texts` says what to do with an array (`$v`) on this backend.
-macro_rules! bind_all {
-    ($q:expr, $params:expr, |$acc:ident, $v:ident| $texts:expr) => {{
-        let mut $acc = $q;
-        for p in $params {
-            $acc = match p {
-                P::I64(x) => $acc.bind(*x),
-                P::I32(x) => $acc.bind(*x),
-                P::Text(x) => $acc.bind(*x),
-                P::Texts($v) => $texts,
-            };
-        }
-        $acc
-    }};
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+type PgQueryScalar<'q> =
+    sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
+
+/// Binds `params` to an SQLite query (it has no array parameters: the caller spells them out).
+fn bind_sqlite<'q>(mut q: SqliteQuery<'q>, params: &'q [P]) -> SqliteQuery<'q> {
+    for p in params {
+        q = match p {
+            P::I64(x) => q.bind(*x),
+            P::I32(x) => q.bind(*x),
+            P::Text(x) => q.bind(*x),
+            P::Texts(_) => q,
+        };
+    }
+    q
+}
+
+/// Binds `params` to a PostgreSQL query.
+fn bind_pg<'q>(mut q: PgQueryScalar<'q>, params: &'q [P]) -> PgQueryScalar<'q> {
+    for p in params {
+        q = match p {
+            P::I64(x) => q.bind(*x),
+            P::I32(x) => q.bind(*x),
+            P::Text(x) => q.bind(*x),
+            P::Texts(v) => q.bind(v),
+        };
+    }
+    q
 }
 
 impl Db {
@@ -240,7 +262,7 @@ impl Db {
                 use sqlx::Row;
                 for (name, sql, params) in hot_queries(backend) {
                     let text = format!("EXPLAIN QUERY PLAN {sql}");
-                    let rows = bind_all!(sqlx::query(&text), &params, |q, _v| q)
+                    let rows = bind_sqlite(sqlx::query(&text), &params)
                         .fetch_all(pool)
                         .await?;
                     // (id, parent, notused, detail); indent by depth.
@@ -267,10 +289,9 @@ impl Db {
                     .await?;
                 for (name, sql, params) in hot_queries(backend) {
                     let text = format!("EXPLAIN (COSTS OFF) {sql}");
-                    let plan: Vec<String> =
-                        bind_all!(sqlx::query_scalar(&text), &params, |q, v| q.bind(v.clone()))
-                            .fetch_all(&mut *tx)
-                            .await?;
+                    let plan: Vec<String> = bind_pg(sqlx::query_scalar(&text), &params)
+                        .fetch_all(&mut *tx)
+                        .await?;
                     out.push(QueryPlan { name, sql, plan });
                 }
                 tx.rollback().await?;

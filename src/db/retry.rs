@@ -1,4 +1,5 @@
-//! Bounded retries of whole operations (each attempt is a fresh transaction).
+//! The retry policy, and the bounded retry of reads (each attempt a fresh statement). Writes are
+//! retried by the write layer (`write.rs`), under the same policy.
 
 use std::future::Future;
 use std::time::Duration;
@@ -44,7 +45,7 @@ impl RetryPolicy {
     }
 }
 
-/// Runs `op` until it succeeds, fails with a non-transient error, or `policy.max_attempts`
+/// Runs `op` (a read) until it succeeds, fails with a non-transient error, or `policy.max_attempts`
 /// attempts have failed; then the last error is returned. Every retry is logged with
 /// `tracing::warn!`, giving up with `tracing::error!`.
 pub async fn retry<T, F, Fut>(policy: &RetryPolicy, what: &str, mut op: F) -> Result<T, DbError>
@@ -74,95 +75,8 @@ where
     }
 }
 
-/// After a commit whose reply was lost: `check` (whether it happened), retried on transient
-/// errors for as long as it takes (backing off to `max_delay`) — giving up would leave the
-/// caller with an unknown outcome again.
-pub async fn read_back<T, C, CFut>(
-    policy: &RetryPolicy,
-    what: &str,
-    mut check: C,
-) -> Result<Option<T>, DbError>
-where
-    C: FnMut() -> CFut,
-    CFut: Future<Output = Result<Option<T>, DbError>>,
-{
-    let mut n = 1;
-    loop {
-        match check().await {
-            Ok(found) => return Ok(found),
-            Err(ce) if ce.is_retryable() => {
-                let delay = jitter(policy.delay(n));
-                tracing::warn!(op = what, error = %ce, ?delay, "cannot tell yet whether a commit whose reply was lost happened; checking again");
-                tokio::time::sleep(delay).await;
-                n += 1;
-            }
-            Err(ce) => return Err(ce),
-        }
-    }
-}
-
-/// [`retry`] for an operation whose commit reply may be lost. When a commit's outcome is unknown
-/// ([`DbError::CommitOutcomeUnknown`]: the connection went away during `COMMIT`), `check` reads
-/// whether it happened: `Some(v)` — it did, and `v` is the operation's result; `None` — it did
-/// not, and the operation runs again (as one more attempt; past the bound the lost connection
-/// is returned as an ordinary transient error, which the caller may retry safely since nothing
-/// was committed). The check is retried on transient errors for as long as it takes (backing
-/// off to `max_delay`): giving up would leave the caller with an unknown outcome again.
-pub async fn retry_checked<T, F, Fut, C, CFut>(
-    policy: &RetryPolicy,
-    what: &str,
-    mut op: F,
-    mut check: C,
-) -> Result<T, DbError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, DbError>>,
-    C: FnMut() -> CFut,
-    CFut: Future<Output = Result<Option<T>, DbError>>,
-{
-    let max = policy.max_attempts.max(1);
-    let mut attempt = 1;
-    loop {
-        let e = match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) => e,
-        };
-        if let DbError::CommitOutcomeUnknown(source) = e {
-            let found = read_back(policy, what, &mut check).await?;
-            match found {
-                Some(v) => {
-                    tracing::warn!(op = what, error = %source, "the connection was lost during COMMIT; the commit had happened");
-                    return Ok(v);
-                }
-                None if attempt >= max => {
-                    tracing::error!(op = what, attempts = attempt, error = %source, "the connection was lost during COMMIT, which had not happened; giving up");
-                    return Err(DbError::Sql(source));
-                }
-                None => {
-                    let delay = jitter(policy.delay(attempt));
-                    tracing::warn!(op = what, attempt, error = %source, ?delay, "the connection was lost during COMMIT, which had not happened; retrying");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                    continue;
-                }
-            }
-        }
-        let Some(kind) = e.transient() else {
-            return Err(e);
-        };
-        if attempt >= max {
-            tracing::error!(op = what, attempts = attempt, ?kind, error = %e, "database operation failed; giving up");
-            return Err(e);
-        }
-        let delay = jitter(policy.delay(attempt));
-        tracing::warn!(op = what, attempt, max_attempts = max, ?kind, ?delay, error = %e, "database operation failed; retrying");
-        tokio::time::sleep(delay).await;
-        attempt += 1;
-    }
-}
-
 /// `d` plus up to a quarter of it, so that writers who collided do not collide again in step.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|t| t.subsec_nanos())

@@ -1,6 +1,28 @@
 //! The SQL the runner sends. The same text runs on both backends (sqlx's SQLite driver accepts
 //! `$N` parameters) except where a function says otherwise. Every query here is covered by
 //! `Db::explain_hot_queries`.
+//!
+//! Status and busy codes are never written as numbers here: a statement that names one is built
+//! once from the enums ([`with_codes`]), so its text (which the partial indexes match, e.g.
+//! the Resolved code in `indexbuildstepsonresolvedtostep`) is the same as if it were spelt out.
+
+use std::sync::LazyLock;
+
+use super::types::{BuildStatus, BusyPhase};
+
+/// `sql` with the codes it names filled in from the enums: `{resolved}`, `{aborted}`,
+/// `{cancelled}`, `{success}` (status codes) and `{not_busy}` (busy phase).
+fn with_codes(sql: &str) -> String {
+    let code = |s: BuildStatus| s.code().to_string();
+    sql.replace("{resolved}", &code(BuildStatus::Resolved))
+        .replace("{aborted}", &code(BuildStatus::Aborted))
+        .replace("{cancelled}", &code(BuildStatus::Cancelled))
+        .replace("{success}", &code(BuildStatus::Success))
+        .replace("{not_busy}", &BusyPhase::NotBusy.code().to_string())
+}
+
+/// A statement built by [`with_codes`] on first use.
+pub(crate) type Coded = LazyLock<String>;
 
 macro_rules! build_cols {
     () => {
@@ -132,9 +154,13 @@ pub(crate) const FINISH_BUILD: &str = "update builds set finished = 1, buildstat
      starttime = coalesce($3, starttime, $4), stoptime = $4, iscachedbuild = $5 \
      where id = $1 and finished = 0";
 
-pub(crate) const CANCEL_BUILD: &str = "update builds set finished = 1, buildstatus = 4, \
-     starttime = coalesce(starttime, $2), stoptime = $2, iscachedbuild = 0 \
-     where id = $1 and finished = 0";
+pub(crate) static CANCEL_BUILD: Coded = LazyLock::new(|| {
+    with_codes(
+        "update builds set finished = 1, buildstatus = {cancelled}, \
+         starttime = coalesce(starttime, $2), stoptime = $2, iscachedbuild = 0 \
+         where id = $1 and finished = 0",
+    )
+});
 
 pub(crate) const RESTART_BUILD: &str = "update builds set finished = 0, buildstatus = null, \
      starttime = null, stoptime = null, iscachedbuild = 0 where id = $1 and finished = 1";
@@ -151,10 +177,11 @@ pub(crate) const BUMP_BUILD: &str =
 
 // --- steps ---
 
-/// Step-number allocation: bumping the build's counter locks its row until commit, so
-/// concurrent writers of one build serialise here (both backends).
-pub(crate) const ALLOC_STEPNR: &str =
-    "update builds set laststepnr = laststepnr + 1 where id = $1 returning laststepnr";
+/// Step-number allocation: `$2` consecutive numbers of build `$1`; returns the last. Bumping the
+/// build's counter locks its row until commit, so concurrent writers of one build serialise here
+/// (both backends).
+pub(crate) const ALLOC_STEPNRS: &str =
+    "update builds set laststepnr = laststepnr + $2 where id = $1 returning laststepnr";
 
 pub(crate) const INSERT_STEP: &str = "insert into buildsteps (build, stepnr, type, drvpath, busy, \
      status, errormsg, starttime, stoptime, machine, system, propagatedfrom, timesbuilt, \
@@ -188,60 +215,85 @@ pub(crate) const START_STEP: &str = "update buildsteps set busy = $3, machine = 
 pub(crate) const SET_STEP_BUSY: &str =
     "update buildsteps set busy = $3 where build = $1 and stepnr = $2 and status is null";
 
-pub(crate) const FINISH_STEP: &str = "update buildsteps set busy = 0, status = $3, errormsg = $4, \
-     stoptime = $5, timesbuilt = $6, machine = coalesce($7, machine) \
-     where build = $1 and stepnr = $2 and status is null";
+pub(crate) static FINISH_STEP: Coded = LazyLock::new(|| {
+    with_codes(
+        "update buildsteps set busy = {not_busy}, status = $3, errormsg = $4, \
+         stoptime = $5, timesbuilt = $6, machine = coalesce($7, machine) \
+         where build = $1 and stepnr = $2 and status is null",
+    )
+});
 
-/// The second statement of the resolve transaction.
-pub(crate) const MARK_RESOLVED: &str = "update buildsteps set status = 13, busy = 0, stoptime = $3, \
-     resolvedtostep = $4 where build = $1 and stepnr = $2 and status is null";
+/// The last statement of the resolve transaction: marks the original Resolved.
+pub(crate) static MARK_RESOLVED: Coded = LazyLock::new(|| {
+    with_codes(
+        "update buildsteps set status = {resolved}, busy = {not_busy}, stoptime = $3, \
+         resolvedtostep = $4 where build = $1 and stepnr = $2 and status is null",
+    )
+});
 
 /// Restart recovery: rows left busy (index `indexbuildstepsonbusy`).
-pub(crate) const BUSY_STEPS: &str = concat!(
-    "select ",
-    step_cols!(),
-    " from buildsteps where busy != 0 order by build, stepnr"
-);
+pub(crate) static BUSY_STEPS: Coded = LazyLock::new(|| {
+    with_codes(concat!(
+        "select ",
+        step_cols!(),
+        " from buildsteps where busy != {not_busy} order by build, stepnr"
+    ))
+});
 
-pub(crate) const ABORT_BUSY_STEPS: &str = concat!(
-    "update buildsteps set busy = 0, status = 3, errormsg = $2, stoptime = $1 \
-     where busy != 0 and status is null returning ",
-    step_cols!()
-);
+pub(crate) static ABORT_BUSY_STEPS: Coded = LazyLock::new(|| {
+    with_codes(concat!(
+        "update buildsteps set busy = {not_busy}, status = {aborted}, errormsg = $2, \
+         stoptime = $1 where busy != {not_busy} and status is null returning ",
+        step_cols!()
+    ))
+});
 
 /// Restart recovery: closes one busy row as Aborted (the rows that really stopped).
-pub(crate) const ABORT_STEP: &str = concat!(
-    "update buildsteps set busy = 0, status = 3, errormsg = $4, stoptime = $3 \
-     where build = $1 and stepnr = $2 and status is null returning ",
-    step_cols!()
-);
+pub(crate) static ABORT_STEP: Coded = LazyLock::new(|| {
+    with_codes(concat!(
+        "update buildsteps set busy = {not_busy}, status = {aborted}, errormsg = $4, \
+         stoptime = $3 where build = $1 and stepnr = $2 and status is null returning ",
+        step_cols!()
+    ))
+});
 
 /// Busy flags left on rows that already have a status (should not happen; cleared anyway),
 /// leaving unfinished busy rows alone.
-pub(crate) const CLEAR_FINISHED_BUSY: &str =
-    "update buildsteps set busy = 0 where busy != 0 and status is not null";
+pub(crate) static CLEAR_FINISHED_BUSY: Coded = LazyLock::new(|| {
+    with_codes(
+        "update buildsteps set busy = {not_busy} where busy != {not_busy} \
+         and status is not null",
+    )
+});
 
 /// Busy flags left on rows that already have a status (should not happen; cleared anyway).
-pub(crate) const CLEAR_STRAY_BUSY: &str = "update buildsteps set busy = 0 where busy != 0";
+pub(crate) static CLEAR_STRAY_BUSY: Coded = LazyLock::new(|| {
+    with_codes("update buildsteps set busy = {not_busy} where busy != {not_busy}")
+});
 
 /// Restart recovery: Resolved rows and their targets (index `indexbuildstepsonresolvedtostep`,
 /// then the primary key). Unordered: an `order by` makes SQLite walk the whole primary key
 /// instead; the caller sorts.
-pub(crate) const RESOLVED_STEPS: &str = concat!(
-    "select ",
-    step_cols!(o),
-    ", ",
-    step_cols!(r),
-    " from buildsteps o join buildsteps r on r.build = o.build and r.stepnr = o.resolvedtostep \
-     where o.status = 13"
-);
+pub(crate) static RESOLVED_STEPS: Coded = LazyLock::new(|| {
+    with_codes(concat!(
+        "select ",
+        step_cols!(o),
+        ", ",
+        step_cols!(r),
+        " from buildsteps o join buildsteps r on r.build = o.build \
+         and r.stepnr = o.resolvedtostep where o.status = {resolved}"
+    ))
+});
 
 /// The steps that resolved to a given step.
-pub(crate) const STEPS_RESOLVED_TO: &str = concat!(
-    "select ",
-    step_cols!(),
-    " from buildsteps where build = $1 and resolvedtostep = $2 and status = 13 order by stepnr"
-);
+pub(crate) static STEPS_RESOLVED_TO: Coded = LazyLock::new(|| {
+    with_codes(concat!(
+        "select ",
+        step_cols!(),
+        " from buildsteps where build = $1 and resolvedtostep = $2 and status = {resolved} \
+         order by stepnr"
+    ))
+});
 
 /// Step seconds per jobset since `$1` (index `indexbuildstepsonstoptime`).
 pub(crate) const JOBSET_SECONDS: &str = "select b.jobset as jobset, \
@@ -321,74 +373,24 @@ pub(crate) const REALISATIONS_FOR_DRV: &str = concat!(
 // ------------------------------------------------ PostgreSQL: one statement, one round trip
 //
 // A multi-statement transaction costs a round trip per statement plus `BEGIN` and `COMMIT`;
-// on PostgreSQL these do the same work in one statement (its own transaction: all or nothing),
-// using data-modifying `WITH` clauses. Foreign keys are checked at the end of the statement, so
-// rows inserted by one clause may reference rows inserted by another.
-
-/// A step row and its outputs (`$13` names, `$14` paths; unique names), under number `$2`
-/// allocated beforehand (`ALLOC_STEPNR`).
-pub(crate) const PG_INSERT_STEP_WITH_OUTPUTS: &str = "with st as (
-       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
-           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
-       values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, null)
-       returning build, stepnr),
-     o as (
-       insert into buildstepoutputs (build, stepnr, name, path)
-       select st.build, st.stepnr, u.name, u.path
-       from st, unnest($14::text[], $15::text[]) as u(name, path))
-     select stepnr from st";
-
-/// `FINISH_STEP`, the outputs upserted (`$8` names, `$9` paths; unique names) and the
-/// realisations inserted (`$10` drvs, `$11` outputs, `$12` paths, `$13` builds, `$14` step
-/// numbers) — only if the step row was updated. Returns whether it was, and for each
-/// realisation not inserted because one was already recorded: its drv, output, the attempted
-/// path and the recorded one as of the statement's snapshot (`NULL` if another transaction
-/// recorded it since).
-pub(crate) const PG_FINISH_STEP: &str = "with s as (
-       update buildsteps set busy = 0, status = $3, errormsg = $4, stoptime = $5,
-           timesbuilt = $6, machine = coalesce($7, machine)
-       where build = $1 and stepnr = $2 and status is null
-       returning build, stepnr),
-     o as (
-       insert into buildstepoutputs (build, stepnr, name, path)
-       select s.build, s.stepnr, u.name, u.path
-       from s, unnest($8::text[], $9::text[]) as u(name, path)
-       on conflict (build, stepnr, name)
-       do update set path = coalesce(excluded.path, buildstepoutputs.path)),
-     w as (
-       select * from unnest($10::text[], $11::text[], $12::text[], $13::int8[], $14::int4[])
-           as u(drvpath, outputname, outpath, build, stepnr)),
-     r as (
-       insert into realisations (drvpath, outputname, outpath, build, stepnr)
-       select w.drvpath, w.outputname, w.outpath, w.build, w.stepnr from s, w
-       on conflict (drvpath, outputname) do nothing
-       returning drvpath, outputname)
-     select (select count(*) from s) as updated,
-       coalesce((select array_agg(w.drvpath order by w.drvpath, w.outputname) from w
-           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_drvs,
-       coalesce((select array_agg(w.outputname order by w.drvpath, w.outputname) from w
-           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_outputs,
-       coalesce((select array_agg(w.outpath order by w.drvpath, w.outputname) from w
-           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_attempted,
-       coalesce((select array_agg(e.outpath order by w.drvpath, w.outputname) from w
-           left join realisations e on e.drvpath = w.drvpath and e.outputname = w.outputname
-           where not exists (select 1 from r where r.drvpath = w.drvpath and r.outputname = w.outputname)), '{}') as kept_recorded";
-
-/// Allocates `$2` consecutive step numbers of build `$1`; returns the last.
-pub(crate) const PG_ALLOC_STEPNRS: &str =
-    "update builds set laststepnr = laststepnr + $2 where id = $1 returning laststepnr";
+// on PostgreSQL the step writes do the same work in one statement (its own transaction: all or
+// nothing), using data-modifying `WITH` clauses. Foreign keys are checked at the end of the
+// statement, so rows inserted by one clause may reference rows inserted by another.
 
 /// The resolve transaction as one statement: only if step `$2` of build `$1` is unfinished,
 /// allocates the next step number, marks `$2` Resolved (busy 0, stop time `$3`) pointing at it,
 /// and inserts the resolved step under it (`$4`…`$14`) with its outputs (`$15` names, `$16`
 /// paths). Returns the new number, `NULL` when nothing was done (the counter is not moved).
-pub(crate) const PG_RESOLVE_STEP: &str = "with a as (
+pub(crate) static PG_RESOLVE_STEP: Coded = LazyLock::new(|| {
+    with_codes(
+        "with a as (
        update builds set laststepnr = laststepnr + 1
        where id = $1
          and exists (select 1 from buildsteps where build = $1 and stepnr = $2 and status is null)
        returning laststepnr),
      m as (
-       update buildsteps set status = 13, busy = 0, stoptime = $3, resolvedtostep = a.laststepnr
+       update buildsteps set status = {resolved}, busy = {not_busy}, stoptime = $3,
+           resolvedtostep = a.laststepnr
        from a where build = $1 and stepnr = $2 and status is null
        returning buildsteps.build, a.laststepnr as nr),
      res as (
@@ -400,35 +402,15 @@ pub(crate) const PG_RESOLVE_STEP: &str = "with a as (
        insert into buildstepoutputs (build, stepnr, name, path)
        select res.build, res.stepnr, u.name, u.path
        from res, unnest($15::text[], $16::text[]) as u(name, path))
-     select (select nr from m)";
-
-/// The create-and-resolve transaction as one statement: inserts step `$2` (`$5`…`$12`) already
-/// Resolved (busy 0, stop time `$4`) pointing at step `$3` (`$13`…`$23`), both with their
-/// outputs (`$24`/`$25` and `$26`/`$27`: names, paths).
-pub(crate) const PG_CREATE_AND_RESOLVE_STEP: &str = "with res as (
-       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
-           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
-       values ($1, $3, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, null)
-       returning build, stepnr),
-     own as (
-       insert into buildsteps (build, stepnr, type, drvpath, busy, status, errormsg, starttime,
-           stoptime, machine, system, propagatedfrom, timesbuilt, resolvedtostep)
-       values ($1, $2, $5, $6, 0, 13, $7, $8, $4, $9, $10, $11, $12, $3)
-       returning build, stepnr),
-     oo as (
-       insert into buildstepoutputs (build, stepnr, name, path)
-       select own.build, own.stepnr, u.name, u.path
-       from own, unnest($24::text[], $25::text[]) as u(name, path)),
-     ro as (
-       insert into buildstepoutputs (build, stepnr, name, path)
-       select res.build, res.stepnr, u.name, u.path
-       from res, unnest($26::text[], $27::text[]) as u(name, path))
-     select count(*) from own";
+     select (select nr from m)",
+    )
+});
 
 // ------------------------------------------------ PostgreSQL: many steps, one statement
 //
 // The writes of many step actors arriving together are coalesced (`db::batch`) into one
-// statement per kind: one round trip and one commit (one WAL flush) for all of them.
+// statement per kind: one round trip and one commit (one WAL flush) for all of them. A write
+// done alone runs the same statement with one write in it.
 
 /// Allocates step numbers for many builds at once: `$1` build ids (unique), `$2` how many for
 /// each; returns each existing build's id and its last number (the `n` numbers end there).
@@ -439,7 +421,7 @@ pub(crate) const PG_ALLOC_STEPNRS_MANY: &str = "with want as (
      returning b.id, b.laststepnr";
 
 /// Inserts many step rows under numbers allocated beforehand (`$1` builds, `$2` numbers, then
-/// one array per column as `step_binds!` orders them: `$3`…`$13`, then `$14` the step each is
+/// one array per column in the order of [`INSERT_STEP`]: `$3`…`$13`, then `$14` the step each is
 /// resolved to), and their outputs (`$15` builds, `$16` numbers, `$17` names, `$18` paths;
 /// unique names per step). A row resolved to another is inserted with it (foreign keys are
 /// checked at the end of the statement). Returns how many step rows it inserted.
@@ -472,7 +454,8 @@ pub(crate) const PG_INSERT_REALISATIONS_MANY: &str = "insert into realisations
      on conflict (drvpath, outputname) do nothing
      returning drvpath, outputname";
 
-/// `PG_FINISH_STEP` for many steps (unique): `$1`…`$7` one array per argument of one finish
+/// `FINISH_STEP` for many steps (unique), with their outputs and realisations, written only
+/// for the steps it updated: `$1`…`$7` one array per argument of one finish
 /// (build, number, status, error, stop time, times built, machine); outputs `$8` builds, `$9`
 /// numbers, `$10` names, `$11` paths (unique names per step); realisations `$12` builds and
 /// `$13` numbers of the finishing step they belong to, `$14` drvs, `$15` outputs, `$16` paths,
@@ -480,12 +463,14 @@ pub(crate) const PG_INSERT_REALISATIONS_MANY: &str = "insert into realisations
 /// outputs and realisations written. Returns one row per step updated (`'s'`, build, number)
 /// and per realisation inserted (`'r'`, drv, output); a realisation not inserted was already
 /// recorded.
-pub(crate) const PG_FINISH_STEPS_MANY: &str = "with f as (
+pub(crate) static PG_FINISH_STEPS_MANY: Coded = LazyLock::new(|| {
+    with_codes(
+        "with f as (
        select * from unnest($1::int8[], $2::int4[], $3::int4[], $4::text[], $5::int8[],
            $6::int4[], $7::text[])
            as u(build, stepnr, status, errormsg, stoptime, timesbuilt, machine)),
      s as (
-       update buildsteps b set busy = 0, status = f.status, errormsg = f.errormsg,
+       update buildsteps b set busy = {not_busy}, status = f.status, errormsg = f.errormsg,
            stoptime = f.stoptime, timesbuilt = f.timesbuilt, machine = coalesce(f.machine, b.machine)
        from f where b.build = f.build and b.stepnr = f.stepnr and b.status is null
        returning b.build, b.stepnr),
@@ -506,7 +491,9 @@ pub(crate) const PG_FINISH_STEPS_MANY: &str = "with f as (
        returning drvpath, outputname)
      select 's' as kind, build, stepnr, null::text as drvpath, null::text as outputname from s
      union all
-     select 'r', null, null, drvpath, outputname from r";
+     select 'r', null, null, drvpath, outputname from r",
+    )
+});
 
 #[cfg(test)]
 mod tests {
@@ -518,6 +505,34 @@ mod tests {
             failed_paths_among_sqlite(3),
             "select path from failedpaths where path in ($1, $2, $3) order by path"
         );
+    }
+
+    /// Every statement that names a code has it filled in, and none spells a status or busy
+    /// code as a number.
+    #[test]
+    fn codes_come_from_the_enums() {
+        let coded: [&str; 12] = [
+            &CANCEL_BUILD,
+            &FINISH_STEP,
+            &MARK_RESOLVED,
+            &BUSY_STEPS,
+            &ABORT_BUSY_STEPS,
+            &ABORT_STEP,
+            &CLEAR_FINISHED_BUSY,
+            &CLEAR_STRAY_BUSY,
+            &RESOLVED_STEPS,
+            &STEPS_RESOLVED_TO,
+            &PG_RESOLVE_STEP,
+            &PG_FINISH_STEPS_MANY,
+        ];
+        for sql in coded {
+            assert!(!sql.contains('{'), "{sql}");
+        }
+        assert!(MARK_RESOLVED.contains("status = 13, busy = 0"));
+        assert!(RESOLVED_STEPS.ends_with("where o.status = 13"));
+        assert!(BUSY_STEPS.contains("where busy != 0 order by"));
+        assert!(CANCEL_BUILD.contains("buildstatus = 4,"));
+        assert!(ABORT_STEP.contains("status = 3,"));
     }
 
     #[test]

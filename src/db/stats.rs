@@ -2,7 +2,7 @@
 //! submit --eval-jobs`, which writes them itself, so the runner learns of them here).
 
 use super::error::DbError;
-use super::{Db, Pool, on_pool};
+use super::{Db, Pool};
 
 /// The connection pool at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,18 +53,19 @@ impl Db {
 
     pub async fn eval_counts(&self) -> Result<EvalCounts, DbError> {
         self.reading("eval_counts", || async move {
-            on_pool!(self, |pool| {
-                let r = sqlx::query(EVAL_COUNTS).fetch_one(pool).await?;
-                use sqlx::Row;
-                let n = |k: &str| -> Result<u64, DbError> {
-                    Ok(u64::try_from(r.try_get::<i64, _>(k)?).unwrap_or(0))
-                };
-                Ok(EvalCounts {
-                    evals: n("evals")?,
-                    errors: n("errors")?,
-                    jobs: n("jobs")?,
-                    new_builds: n("newbuilds")?,
-                })
+            let r = self
+                .exec()
+                .fetch_optional(EVAL_COUNTS, &[])
+                .await?
+                .ok_or_else(|| DbError::Invalid("no row of eval counts".into()))?;
+            let n = |k: &str| -> Result<u64, DbError> {
+                Ok(u64::try_from(r.get::<i64>(k)?).unwrap_or(0))
+            };
+            Ok(EvalCounts {
+                evals: n("evals")?,
+                errors: n("errors")?,
+                jobs: n("jobs")?,
+                new_builds: n("newbuilds")?,
             })
         })
         .await
