@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use actix::{Message, Recipient, WeakRecipient};
 
+use crate::actors::limits::{BuildLimits, Needing};
 use crate::actors::step::machine::BuildOutcome;
 use crate::actors::types::{Drv, Failure, Outputs, Waiter};
 use crate::store::Derivation;
@@ -31,6 +32,19 @@ pub struct BuildPrio {
     pub local_priority: i32,
     /// Shared by every step the build needs (one allocation per build, not per step).
     pub jobset: Arc<str>,
+    /// The build's top-level drv (shared likewise) and its own limits: see
+    /// [`limits::choose`](crate::actors::limits::choose).
+    pub top: Arc<str>,
+    pub limits: BuildLimits,
+}
+
+impl Needing for (i64, BuildPrio) {
+    fn top(&self) -> &str {
+        &self.1.top
+    }
+    fn limits(&self) -> BuildLimits {
+        self.1.limits
+    }
 }
 
 #[derive(Message)]

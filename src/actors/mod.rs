@@ -14,6 +14,7 @@ pub mod env;
 pub mod graph;
 pub mod history;
 pub mod introspect;
+pub mod limits;
 pub mod machine;
 pub mod messages;
 pub mod queue_monitor;

@@ -2,7 +2,10 @@
 //! (<https://jsonlines.org>) with `attr`, `attrPath`, `drvPath`, `name`, `outputs`, `system`, and
 //! `error` for a job that failed to evaluate; aggregate jobs (`--constituents`) carry
 //! `constituents` (drv paths, after nix-eval-jobs rewrote the aggregate; qr also takes attr
-//! names there) and, before the rewrite, `namedConstituents` (attr names).
+//! names there) and, before the rewrite, `namedConstituents` (attr names). Of `meta` (printed with
+//! `--meta`), `timeout` and `maxSilent` are read: the build's own limits in seconds, as Hydra
+//! takes them (an integer, or a string holding one as Nix's `queryMetaInt` reads it; 0 is no
+//! limit).
 //!
 //! [`parse`] turns the input into jobs and line errors (malformed JSON, a missing or mistyped
 //! field, a `drvPath` that is not a derivation of this store dir, a repeated attr), each with its
@@ -36,6 +39,15 @@ pub struct Job {
     pub outputs: BTreeMap<String, Option<String>>,
     /// `Some` for an aggregate job.
     pub constituents: Option<Vec<Constituent>>,
+    /// `meta.timeout` and `meta.maxSilent`, seconds (0: no limit); `None` when the line has none.
+    pub limits: MetaLimits,
+}
+
+/// A job's own time limits from its `meta`, seconds; `None` where the line sets none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetaLimits {
+    pub timeout: Option<u32>,
+    pub max_silent: Option<u32>,
 }
 
 /// A line that queues nothing: the evaluator's `error`, or why qr could not use it.
@@ -72,6 +84,12 @@ pub enum LineProblem {
     NotADerivation(String),
     #[error("constituent {path:?} is not a derivation of this store ({store_dir})")]
     BadConstituent { path: String, store_dir: String },
+    #[error("field `meta.{field}` is not a number of seconds (a non-negative integer up to {max}): {found}")]
+    BadLimit {
+        field: &'static str,
+        max: i32,
+        found: String,
+    },
     #[error("job {attr:?} already appeared on line {first}")]
     Duplicate { attr: String, first: usize },
 }
@@ -160,6 +178,40 @@ fn strings(
     }
 }
 
+/// `meta.timeout` / `meta.maxSilent`: an integer, or a string holding one (as Nix's
+/// `queryMetaInt` reads it), of at most `i32::MAX` seconds (the `builds` column).
+fn limit(meta: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<u32>, LineProblem> {
+    let bad = |found: String| LineProblem::BadLimit {
+        field,
+        max: i32::MAX,
+        found,
+    };
+    let n = match meta.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| bad(n.to_string()))?,
+        Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| bad(format!("{s:?}")))?,
+        Some(v) => return Err(bad(kind(v).to_string())),
+    };
+    match u32::try_from(n) {
+        Ok(n) if i32::try_from(n).is_ok() => Ok(Some(n)),
+        _ => Err(bad(n.to_string())),
+    }
+}
+
+fn meta_limits(o: &serde_json::Map<String, Value>) -> Result<MetaLimits, LineProblem> {
+    match o.get("meta") {
+        None | Some(Value::Null) => Ok(MetaLimits::default()),
+        Some(Value::Object(meta)) => Ok(MetaLimits {
+            timeout: limit(meta, "timeout")?,
+            max_silent: limit(meta, "maxSilent")?,
+        }),
+        Some(_) => Err(LineProblem::WrongType {
+            field: "meta",
+            expected: "an object",
+        }),
+    }
+}
+
 fn drv_path(path: &str, sd: &StoreDir) -> Result<(), LineProblem> {
     let sp = sd.parse(path).map_err(|e| LineProblem::NotInStore {
         path: path.to_string(),
@@ -244,6 +296,7 @@ fn job_of(
         system: opt_string(o, "system")?,
         outputs,
         constituents,
+        limits: meta_limits(o)?,
     })
 }
 
@@ -556,6 +609,48 @@ mod tests {
     }
 
     #[test]
+    fn meta_timeout_and_max_silent_are_the_jobs_limits() {
+        let limits = |meta: &str| match one(&format!(
+            r#"{{"attr":"a","drvPath":"{DRV}"{meta}}}"#
+        )) {
+            Parsed::Job(j) => Ok(j.limits),
+            Parsed::Error(e) => Err(e.message),
+        };
+        assert_eq!(limits(""), Ok(MetaLimits::default()));
+        assert_eq!(limits(r#","meta":null"#), Ok(MetaLimits::default()));
+        assert_eq!(
+            limits(r#","meta":{"description":"x","maintainers":[]}"#),
+            Ok(MetaLimits::default())
+        );
+        assert_eq!(
+            limits(r#","meta":{"timeout":1,"maxSilent":0}"#),
+            Ok(MetaLimits {
+                timeout: Some(1),
+                max_silent: Some(0)
+            })
+        );
+        // A string holding an integer, as Nix's queryMetaInt takes it.
+        assert_eq!(
+            limits(r#","meta":{"maxSilent":"7200"}"#),
+            Ok(MetaLimits {
+                timeout: None,
+                max_silent: Some(7200)
+            })
+        );
+        for (meta, want) in [
+            (r#","meta":{"timeout":-1}"#, "`meta.timeout` is not a number of seconds"),
+            (r#","meta":{"timeout":1.5}"#, "`meta.timeout` is not"),
+            (r#","meta":{"maxSilent":"soon"}"#, "`meta.maxSilent` is not"),
+            (r#","meta":{"maxSilent":true}"#, "a boolean"),
+            (r#","meta":{"timeout":2147483648}"#, "2147483648"),
+            (r#","meta":[]"#, "field `meta` is not an object"),
+        ] {
+            let e = limits(meta).expect_err(meta);
+            assert!(e.contains(want), "{meta}: {e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
     fn an_error_line_keeps_the_evaluators_message() {
         let e = error_of(
             r#"{"attr":"broken","attrPath":["broken"],"error":"error: this job is broken\n"}"#,
@@ -708,6 +803,7 @@ mod tests {
             system: None,
             outputs: BTreeMap::new(),
             constituents: cs,
+            limits: MetaLimits::default(),
         }
     }
 

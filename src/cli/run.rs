@@ -98,13 +98,32 @@ async fn add_json_file(
     Ok(tops)
 }
 
-/// Queues a build per top-level drv, reusing an unfinished build of the same drv in the jobset
+/// The limits of a build that sets none of its own: `[scheduler] max_silent_time_s` and
+/// `build_timeout_s`, seconds (0: no limit), as stored in `builds.maxsilent` / `builds.timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DefaultLimits {
+    pub max_silent: i32,
+    pub timeout: i32,
+}
+
+impl DefaultLimits {
+    pub fn of(cfg: &crate::config::SchedulerConfig) -> Self {
+        let clamp = |s: u64| i32::try_from(s).unwrap_or(i32::MAX);
+        DefaultLimits {
+            max_silent: clamp(cfg.max_silent_time_s),
+            timeout: clamp(cfg.build_timeout_s),
+        }
+    }
+}
+
+/// Queues a build per top-level drv (with `limits`), reusing an unfinished build of the same drv in the jobset
 /// (so running the same command after a crash resumes instead of duplicating).
 pub async fn queue_builds(
     db: &Db,
     jobset: &str,
     tops: &[(String, Derivation)],
     now: i64,
+    limits: &DefaultLimits,
 ) -> anyhow::Result<Vec<BuildId>> {
     persist("create jobset", || db.create_jobset(jobset, 100)).await?;
     let unfinished = persist("read the queue", || db.unfinished_builds()).await?;
@@ -124,8 +143,8 @@ pub async fn queue_builds(
             system: drv.system.clone(),
             priority: 0,
             global_priority: 0,
-            max_silent: 0,
-            timeout: 0,
+            max_silent: limits.max_silent,
+            timeout: limits.timeout,
             timestamp: now,
             outputs: drv
                 .outputs
@@ -347,6 +366,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         &args.jobset,
         &tops,
         crate::actors::env::Clock::now(&*clock),
+        &DefaultLimits::of(&ctx.config.scheduler),
     )
     .await?;
     let mut env = Env::new(db.clone(), store.clone(), clock, retry_policy(&ctx));

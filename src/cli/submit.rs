@@ -19,7 +19,8 @@ use anyhow::Context as _;
 use super::Context;
 use super::eval_jobs::{self, LineError, Parsed};
 use super::run::{
-    open_db, open_store, print_reports, queue_builds, report, report_json, report_table,
+    DefaultLimits, open_db, open_store, print_reports, queue_builds, report, report_json,
+    report_table,
     targets_to_drvs,
 };
 use crate::actors::env::persist;
@@ -71,7 +72,8 @@ async fn submit(ctx: Context, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let ids = queue_builds(&db, &args.jobset, &tops, now).await?;
+    let limits = DefaultLimits::of(&ctx.config.scheduler);
+    let ids = queue_builds(&db, &args.jobset, &tops, now, &limits).await?;
     if !args.wait {
         for (id, (path, _)) in ids.iter().zip(&tops) {
             if args.json {
@@ -142,6 +144,7 @@ async fn prepare_job(
     store: &LocalStore,
     from: Option<&Path>,
     job: &eval_jobs::Job,
+    defaults: &DefaultLimits,
 ) -> Result<NewEvalJob, String> {
     let drv = &job.drv_path;
     let valid = store
@@ -173,7 +176,14 @@ async fn prepare_job(
             .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
             .collect(),
         constituents: vec![],
+        max_silent: job.limits.max_silent.map_or(defaults.max_silent, seconds),
+        timeout: job.limits.timeout.map_or(defaults.timeout, seconds),
     })
+}
+
+/// A limit the parser bounded to the column's range.
+fn seconds(s: u32) -> i32 {
+    i32::try_from(s).unwrap_or(i32::MAX)
 }
 
 /// A line error on stderr: `line N (job A): message` (a message of several lines indented).
@@ -197,10 +207,11 @@ async fn submit_eval_jobs(ctx: Context, args: SubmitArgs, file: &str) -> anyhow:
     let mut jobs = Vec::new();
     let mut errors = Vec::new();
     let mut prepared = std::collections::HashMap::new();
+    let defaults = DefaultLimits::of(&ctx.config.scheduler);
     for p in eval_jobs::parse(&input, store.store_dir()) {
         match p {
             Parsed::Error(e) => errors.push(e),
-            Parsed::Job(j) => match prepare_job(&store, from.as_deref(), &j).await {
+            Parsed::Job(j) => match prepare_job(&store, from.as_deref(), &j, &defaults).await {
                 Ok(nj) => {
                     prepared.insert(j.attr.clone(), nj);
                     jobs.push(j);

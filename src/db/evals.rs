@@ -27,6 +27,10 @@ pub struct NewEvalJob {
     pub outputs: Vec<Output>,
     /// For an aggregate: the attrs of the jobs of this evaluation it is made of.
     pub constituents: Vec<String>,
+    /// The new build's `maxsilent` and `timeout` (seconds, 0: no limit): the job's `meta`, else
+    /// the submitter's defaults. An existing build keeps its own.
+    pub max_silent: i32,
+    pub timeout: i32,
 }
 
 /// A line of the evaluator's output that queued nothing, and why.
@@ -119,7 +123,7 @@ pub(crate) const EXISTING_BUILD: &str =
     "select id from builds where jobset = $1 and drvpath = $2 order by id desc limit 1";
 
 const INSERT_BUILD: &str = "insert into builds (jobset, job, drvpath, system, priority, \
-     globalpriority, maxsilent, timeout, timestamp) values ($1, $2, $3, $4, 0, 0, 0, 0, $5) \
+     globalpriority, maxsilent, timeout, timestamp) values ($1, $2, $3, $4, 0, 0, $5, $6, $7) \
      returning id";
 
 const UPSERT_BUILD_OUTPUT: &str = "insert into buildoutputs (build, name, path) values ($1, $2, $3) \
@@ -247,8 +251,15 @@ impl Write for RecordEval<'_> {
                     match existing {
                         Some(r) => (BuildId(r.first()?), false),
                         None => {
-                            let args: [&dyn super::exec::Param; 5] =
-                                [&e.jobset, &j.job, &j.drv_path, &j.system, &e.timestamp];
+                            let args: [&dyn super::exec::Param; 7] = [
+                                &e.jobset,
+                                &j.job,
+                                &j.drv_path,
+                                &j.system,
+                                &j.max_silent,
+                                &j.timeout,
+                                &e.timestamp,
+                            ];
                             let b =
                                 returned_id(tx.exec().fetch_optional(INSERT_BUILD, &args).await?)?;
                             for (name, path) in &j.outputs {
@@ -479,6 +490,8 @@ mod tests {
             system: "x86_64-linux".into(),
             outputs: vec![],
             constituents: constituents.iter().map(|c| c.to_string()).collect(),
+            max_silent: 7200,
+            timeout: 36000,
         }
     }
 

@@ -13,6 +13,7 @@ use crate::actors::driver::{Done, Driver, Machine};
 use crate::actors::env::{Env, SchedEvent};
 use crate::actors::graph::attach::Top;
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
+use crate::actors::limits::BuildLimits;
 use crate::actors::messages::{
     AddBuilds, BuildPrio, BumpBuild, CancelBuild, OutputsLanded, RemoveWaiter, StepFailed,
 };
@@ -64,6 +65,8 @@ impl BuildActor {
             global_priority: row.global_priority,
             local_priority: row.priority,
             jobset: row.jobset.as_str().into(),
+            top: row.drv_path.as_str().into(),
+            limits: BuildLimits::from_row(row.max_silent, row.timeout),
         };
         let core = BuildCore::new(row.id.0, row.drv_path.clone(), prio);
         Driver::with(

@@ -16,6 +16,8 @@ fn core() -> BuildCore<T> {
         global_priority: 0,
         local_priority: 0,
         jobset: Arc::from("js"),
+        top: Arc::from("/s/top.drv"),
+        limits: Default::default(),
     };
     BuildCore::new(7, "/s/top.drv".into(), prio)
 }

@@ -175,10 +175,12 @@ impl Machine for StepCore<Actix> {
                 machine,
                 system,
                 job,
+                limits,
             } => {
                 // The job goes as soon as its row is written (named for it), from the I/O.
-                let send =
-                    job.map(|to| outbox::job_sender(&env, &drv, to, ctx.address().downgrade()));
+                let send = job.map(|to| {
+                    outbox::job_sender(&env, &drv, to, limits, ctx.address().downgrade())
+                });
                 #[cfg(feature = "test-hooks")]
                 let crash = io.resolved_child && env.crash_armed("building-resolved");
                 let e = env.clone();
@@ -199,7 +201,13 @@ impl Machine for StepCore<Actix> {
                 })
             }
             Cmd::SendJob(order) => {
-                let send = outbox::job_sender(&env, &drv, order.to, ctx.address().downgrade());
+                let send = outbox::job_sender(
+                    &env,
+                    &drv,
+                    order.to,
+                    order.limits,
+                    ctx.address().downgrade(),
+                );
                 send(order.attempt);
                 Done::Nothing
             }

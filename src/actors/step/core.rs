@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::machine::{BuildOutcome, Effect, Event, Gauge, Phase, Resolution, StepMachine};
 use crate::actors::dispatcher::{Priority, RunnableStep};
+use crate::actors::limits::{self, BuildLimits};
 use crate::actors::messages::BuildPrio;
 use crate::actors::types::{Drv, Failure, FailureOrigin, Outputs, Status, Waiter, WaiterRef};
 
@@ -99,6 +100,8 @@ pub struct JobOrder<J> {
     pub to: J,
     /// The row the run is recorded in (its log is named for it).
     pub attempt: Option<Row>,
+    /// The job's time limits ([`StepCore::limits`]).
+    pub limits: Option<BuildLimits>,
 }
 
 /// What a waiter is told.
@@ -240,6 +243,8 @@ pub enum Cmd<A: Wiring> {
         system: String,
         /// Where the job goes once the row is written (named for it).
         job: Option<A::Job>,
+        /// The job's time limits ([`StepCore::limits`]).
+        limits: Option<BuildLimits>,
     },
     SendJob(JobOrder<A::Job>),
     AbortJob(A::Job),
@@ -419,6 +424,13 @@ impl<A: Wiring> StepCore<A> {
     /// The build that owns this step's rows: the oldest build that needs it.
     pub fn owner(&self) -> Option<i64> {
         self.builds.first().map(|b| b.0)
+    }
+
+    /// The time limits its job runs with: those of the oldest build of which it is the top-level
+    /// drv, else of the oldest build needing it, as Hydra chooses ([`limits::choose`]); `None`
+    /// without builds (the runner's defaults).
+    pub fn limits(&self) -> Option<BuildLimits> {
+        limits::choose(self.drv(), &self.builds)
     }
 
     /// The step's place in the queue: the best build's global priority and jobset, the highest
@@ -793,6 +805,7 @@ impl<A: Wiring> StepCore<A> {
                         self.ready.push_back(Cmd::SendJob(JobOrder {
                             to,
                             attempt: Some(c.row),
+                            limits: self.limits(),
                         }));
                     }
                 }
@@ -892,6 +905,7 @@ impl<A: Wiring> StepCore<A> {
             machine,
             system: self.system.clone(),
             job: self.job.clone(),
+            limits: self.limits(),
         });
     }
 

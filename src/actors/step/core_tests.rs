@@ -24,6 +24,8 @@ fn prio(g: i32) -> BuildPrio {
         global_priority: g,
         local_priority: 0,
         jobset: Arc::from("js"),
+        top: Arc::from("/s/top.drv"),
+        limits: Default::default(),
     }
 }
 
@@ -118,6 +120,55 @@ fn a_start_takes_the_owner_builds_pending_row_and_the_job_names_it() {
     assert!(drain(&mut c).is_empty());
     assert_eq!(c.pending_rows(), &[(5, 3)]);
     assert_eq!(c.running_row(), Some((2, 7)));
+}
+
+fn limited(top: &str, max_silent: u32, timeout: u32) -> BuildPrio {
+    BuildPrio {
+        top: Arc::from(top),
+        limits: crate::actors::limits::BuildLimits {
+            max_silent,
+            timeout,
+        },
+        ..prio(0)
+    }
+}
+
+fn started_limits(cmds: &[Cmd<T>]) -> Option<crate::actors::limits::BuildLimits> {
+    match cmds.last() {
+        Some(Cmd::StartRow { limits, .. }) => *limits,
+        other => panic!("no start: {other:?}"),
+    }
+}
+
+#[test]
+fn the_job_takes_the_limits_of_the_build_whose_top_level_it_is_else_the_owners() {
+    use crate::actors::limits::BuildLimits;
+    // Build 2 (the owner) needs S below its top; build 5 is S's own build.
+    let mut c = core(false, &[], vec![]);
+    c.on(In::BuildsAdded(vec![
+        (5, limited(S, 1, 2)),
+        (2, limited("/s/top.drv", 3600, 36000)),
+    ]));
+    assert_eq!(
+        started_limits(&assigned(&mut c)),
+        Some(BuildLimits {
+            max_silent: 1,
+            timeout: 2
+        })
+    );
+    // No build of which S is the top-level: the owner's.
+    let mut c = core(false, &[], vec![]);
+    c.on(In::BuildsAdded(vec![
+        (5, limited("/s/b.drv", 1, 2)),
+        (2, limited("/s/a.drv", 3600, 0)),
+    ]));
+    assert_eq!(
+        started_limits(&assigned(&mut c)),
+        Some(BuildLimits {
+            max_silent: 3600,
+            timeout: 0
+        })
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ use super::core::{Counter, Note, Notice, Row};
 use super::machine::Gauge;
 use super::wiring::{AddWaiter, JobRoute, StepActor, StepRef, WaiterAddr};
 use crate::actors::env::{Env, SchedEvent, Stats};
+use crate::actors::limits::BuildLimits;
 use crate::actors::messages::{
     AbortJob, AddBuilds, AdoptRow, BuildPrio, OutputsLanded, RunJob, StepFailed,
 };
@@ -62,19 +63,26 @@ pub fn pass_builds(env: &Env, to: Vec<StepRef>, builds: Vec<(i64, BuildPrio)>) {
     }
 }
 
-/// What sends the step's job to its machine, named for the row it is recorded in.
+/// What sends the step's job to its machine, named for the row it is recorded in, with the
+/// chosen build's limits (`None`: the runner's defaults).
 pub fn job_sender(
     env: &Env,
     drv: &Drv,
     to: JobRoute,
+    limits: Option<BuildLimits>,
     me: actix::WeakAddr<StepActor>,
 ) -> impl FnOnce(Option<Row>) + Send + 'static {
+    let (max_silent, timeout) = match limits {
+        Some(l) => (l.max_silent(), l.timeout()),
+        None => (env.max_silent, env.timeout),
+    };
+    tracing::debug!(drv = %drv, max_silent_s = max_silent.as_secs(), timeout_s = timeout.as_secs(), "job limits");
     let job = RunJob {
         drv_path: drv.to_string(),
         drv: None,
         step: me.recipient(),
-        max_silent: env.max_silent,
-        timeout: env.timeout,
+        max_silent,
+        timeout,
         attempt: None,
     };
     move |attempt| {
