@@ -132,10 +132,7 @@ fn a_builder_gone_longer_than_the_wait_leaves_its_steps_unsupported() {
     let logs = c.logs(&[&gone]);
     assert!(!out.status.success(), "{logs}");
     assert_eq!(builds.len(), 3, "{logs}");
-    let unsupported = builds
-        .iter()
-        .filter(|b| b["status"] == UNSUPPORTED)
-        .count();
+    let unsupported = builds.iter().filter(|b| b["status"] == UNSUPPORTED).count();
     // The two that waited at least; the one that was building too, once its job was given up.
     assert!(
         unsupported >= 2,

@@ -71,14 +71,21 @@ fn meta_limits_kill_slow_builds(backend: Backend, remote: bool) {
     let (text, drvs) = lines(&from);
     let file = c.qr.state_dir().join("jobs.jsonl");
     std::fs::write(&file, text).unwrap();
-    c.serve_env = ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    c.serve_env = ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     if !remote {
         c.serve_env
             .push(("QR_LOCAL_BUILDER_ENABLED".into(), "true".into()));
     }
     c.start_serve();
     let builders = if remote {
-        let b = c.builder("b1", &["--systems", "x86_64-linux", "--max-jobs", "3"], &ENV);
+        let b = c.builder(
+            "b1",
+            &["--systems", "x86_64-linux", "--max-jobs", "3"],
+            &ENV,
+        );
         assert!(
             c.wait_joined("b1", 1, Duration::from_secs(20)),
             "{}",
@@ -134,7 +141,11 @@ fn meta_limits_kill_slow_builds(backend: Backend, remote: bool) {
     }
     // Which limit it was.
     let msg = |job: &str| by_job[job]["steps"][0]["errorMsg"].to_string();
-    assert!(msg("timeout").contains("build timeout"), "{}", msg("timeout"));
+    assert!(
+        msg("timeout").contains("build timeout"),
+        "{}",
+        msg("timeout")
+    );
     assert!(msg("silent").contains("silent"), "{}", msg("silent"));
     assert_eq!(out.status.code(), Some(1), "two builds failed: {}", logs());
 }

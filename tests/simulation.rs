@@ -366,6 +366,8 @@ fn prio(g: i32) -> BuildPrio {
         global_priority: g,
         local_priority: 0,
         jobset: Arc::from("sim"),
+        top: Arc::from(""),
+        limits: Default::default(),
     }
 }
 

@@ -84,7 +84,9 @@ pub enum LineProblem {
     NotADerivation(String),
     #[error("constituent {path:?} is not a derivation of this store ({store_dir})")]
     BadConstituent { path: String, store_dir: String },
-    #[error("field `meta.{field}` is not a number of seconds (a non-negative integer up to {max}): {found}")]
+    #[error(
+        "field `meta.{field}` is not a number of seconds (a non-negative integer up to {max}): {found}"
+    )]
     BadLimit {
         field: &'static str,
         max: i32,
@@ -180,7 +182,10 @@ fn strings(
 
 /// `meta.timeout` / `meta.maxSilent`: an integer, or a string holding one (as Nix's
 /// `queryMetaInt` reads it), of at most `i32::MAX` seconds (the `builds` column).
-fn limit(meta: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<u32>, LineProblem> {
+fn limit(
+    meta: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<u32>, LineProblem> {
     let bad = |found: String| LineProblem::BadLimit {
         field,
         max: i32::MAX,
@@ -610,9 +615,7 @@ mod tests {
 
     #[test]
     fn meta_timeout_and_max_silent_are_the_jobs_limits() {
-        let limits = |meta: &str| match one(&format!(
-            r#"{{"attr":"a","drvPath":"{DRV}"{meta}}}"#
-        )) {
+        let limits = |meta: &str| match one(&format!(r#"{{"attr":"a","drvPath":"{DRV}"{meta}}}"#)) {
             Parsed::Job(j) => Ok(j.limits),
             Parsed::Error(e) => Err(e.message),
         };
@@ -638,7 +641,10 @@ mod tests {
             })
         );
         for (meta, want) in [
-            (r#","meta":{"timeout":-1}"#, "`meta.timeout` is not a number of seconds"),
+            (
+                r#","meta":{"timeout":-1}"#,
+                "`meta.timeout` is not a number of seconds",
+            ),
             (r#","meta":{"timeout":1.5}"#, "`meta.timeout` is not"),
             (r#","meta":{"maxSilent":"soon"}"#, "`meta.maxSilent` is not"),
             (r#","meta":{"maxSilent":true}"#, "a boolean"),

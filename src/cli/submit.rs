@@ -20,8 +20,7 @@ use super::Context;
 use super::eval_jobs::{self, LineError, Parsed};
 use super::run::{
     DefaultLimits, open_db, open_store, print_reports, queue_builds, report, report_json,
-    report_table,
-    targets_to_drvs,
+    report_table, targets_to_drvs,
 };
 use crate::actors::env::persist;
 use crate::db::types::{BuildId, BuildStatus};
