@@ -14,6 +14,8 @@ pub mod codec;
 pub mod hub;
 pub mod jobs;
 pub mod nar;
+pub mod remote_core;
+mod remote_io;
 pub mod remote_machine;
 pub mod service;
 pub mod verify;
