@@ -304,7 +304,7 @@ impl<S: Clone> RemoteCore<S> {
                 }
             }
             In::Abort(drv) => self.abort(&drv),
-            In::FromBuilder { msg, at } => self.from_builder(msg, at),
+            In::FromBuilder { msg, at } => self.heard(msg, at),
             In::UploadDone {
                 job_id,
                 output,
@@ -464,7 +464,7 @@ impl<S: Clone> RemoteCore<S> {
         }
     }
 
-    fn from_builder(&mut self, msg: runner_v1::BuilderMessage, at: Instant) {
+    fn heard(&mut self, msg: runner_v1::BuilderMessage, at: Instant) {
         if self.closed {
             return;
         }

@@ -1,73 +1,31 @@
 //! One actor per connected builder: a machine to the dispatcher (it handles `RunJob` and
 //! `AbortJob` like the local machine), the runner's end of the builder's session.
-//! [`RemoteCore`] decides (see [`super::remote_core`]); this file holds the session's messages
-//! and only performs, the I/O in [`super::remote_io`]. Nothing a builder sends enters the store
+//! [`RemoteCore`] decides (see [`super::remote_core`]); this file only performs its commands: the
+//! I/O in [`super::remote_io`], the metrics in [`super::remote_metrics`], the session's messages
+//! and their events in [`super::remote_messages`]. Nothing a builder sends enters the store
 //! unchecked (see [`super::verify`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use super::hub::{BuilderHub, Outbound, Quarantine, RemoteSettings, SessionEnded};
-pub use super::remote_core::UploadPermit;
-use super::remote_core::{Cmd, In, Note, Order, RemoteCore};
+use super::remote_core::{Cmd, In, RemoteCore};
 use super::remote_io;
-use super::runner_v1::{self, RunnerMessage};
+pub use super::remote_messages::{
+    CheckUpload, Disconnected, FromBuilder, JobAttempt, Refuse, StepAddr, Superseded, UploadDone,
+    UploadPermit,
+};
+use super::remote_metrics::RemoteMetrics;
+use super::runner_v1::RunnerMessage;
 use crate::actors::dispatcher::MachineInfo;
 use crate::actors::dispatcher::actor::{DispatcherActor, MachineHolds, SlotFreed};
 use crate::actors::driver::{Done, Driver, Machine};
 use crate::actors::env::Env;
-use crate::actors::messages::{AbortJob, JobDone, RunJob};
-use crate::metrics::{JobTimer, MachineCounters, Phase};
-use crate::store::{LocalStore, PathInfo};
-
-/// A message the builder sent on its session stream.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct FromBuilder(pub runner_v1::BuilderMessage);
-
-/// The session stream ended (or broke).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Disconnected(pub String);
-
-/// The builder opened a new session: this one ends (its jobs may be adopted by the new one).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Superseded;
-
-/// May this session upload `info` as `output` of `job_id`?
-#[derive(Message)]
-#[rtype(result = "Result<UploadPermit, String>")]
-pub struct CheckUpload {
-    pub job_id: String,
-    pub output: String,
-    pub info: PathInfo,
-}
-
-/// An upload was checked and registered (or the path was valid already).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct UploadDone {
-    pub job_id: String,
-    pub output: String,
-    pub info: PathInfo,
-}
-
-/// Something the builder sent broke the protocol (seen by the service): refuse the builder.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Refuse(pub String);
-
-/// The step attempt job `0` of this session is for (names the log the builder streams up).
-#[derive(Message)]
-#[rtype(result = "Option<crate::builder::logs::Attempt>")]
-pub struct JobAttempt(pub String);
-
-/// Where a job's outcome goes.
-pub type StepAddr = actix::WeakRecipient<JobDone>;
+use crate::actors::messages::JobDone;
+use crate::store::LocalStore;
 
 /// The session actor.
 pub type RemoteMachine = Driver<RemoteCore<StepAddr>>;
@@ -82,9 +40,7 @@ pub struct RemoteIo {
     info: MachineInfo,
     session: String,
     tx: Option<Outbound>,
-    /// This machine's metrics, and the jobs in flight timed by phase (by job id).
-    counters: Arc<MachineCounters>,
-    timers: HashMap<String, JobTimer>,
+    metrics: RemoteMetrics,
 }
 
 impl RemoteMachine {
@@ -109,7 +65,7 @@ impl RemoteMachine {
             settings.silent_timeout,
             Instant::now(),
         );
-        let counters = crate::metrics::global().machine(&info.id);
+        let metrics = RemoteMetrics::new(&info.id);
         let io = RemoteIo {
             env,
             store,
@@ -119,8 +75,7 @@ impl RemoteMachine {
             info,
             session,
             tx: Some(tx),
-            counters,
-            timers: HashMap::new(),
+            metrics,
         };
         Driver::with(core, io)
     }
@@ -231,54 +186,12 @@ impl Machine for RemoteCore<StepAddr> {
                 machine: io.info.id.clone(),
                 session: io.session.clone(),
             }),
-            Cmd::Note(note) => io.note(note),
+            Cmd::Note(note) => io.metrics.note(note),
             Cmd::StopLater => {
                 ctx.run_later(Duration::from_secs(30), |_, ctx| ctx.stop());
             }
         }
         Done::Nothing
-    }
-}
-
-impl RemoteIo {
-    /// Feeds the machine's metrics.
-    fn note(&mut self, note: Note) {
-        match note {
-            Note::Opened => self.counters.sessions.inc(),
-            Note::Refused => self.counters.refusals.inc(),
-            Note::Taken(job) => {
-                self.timers.insert(job, self.counters.job());
-            }
-            Note::Sending {
-                job_id,
-                drv,
-                closure_bytes,
-            } => {
-                if let Some(t) = self.timers.get_mut(&job_id) {
-                    t.phase(Phase::Building);
-                }
-                let machine_type = crate::metrics::steps::machine_type_of(&drv);
-                crate::metrics::global()
-                    .steps
-                    .input_closure_bytes
-                    .with(&[("machine_type", &machine_type)])
-                    .observe(closure_bytes as f64);
-            }
-            Note::Receiving(job) => {
-                if let Some(t) = self.timers.get_mut(&job) {
-                    t.phase(Phase::ReceivingOutputs);
-                }
-            }
-            Note::Ended { job_id, built } => {
-                if let Some(t) = self.timers.remove(&job_id) {
-                    t.finish(built);
-                }
-            }
-            // Dropped unfinished: counted as aborted.
-            Note::Dropped(job) => drop(self.timers.remove(&job)),
-            // Jobs lost with the session count as the machine's failures.
-            Note::SessionLost => self.timers.drain().for_each(|(_, t)| t.finish(false)),
-        }
     }
 }
 
@@ -290,62 +203,6 @@ struct Fed(In<StepAddr>);
 impl From<Fed> for In<StepAddr> {
     fn from(f: Fed) -> Self {
         f.0
-    }
-}
-
-impl From<RunJob> for In<StepAddr> {
-    fn from(m: RunJob) -> Self {
-        In::Run(Order {
-            drv_path: m.drv_path,
-            drv: m.drv,
-            step: m.step,
-            max_silent: m.max_silent,
-            timeout: m.timeout,
-            attempt: m.attempt,
-        })
-    }
-}
-
-impl From<AbortJob> for In<StepAddr> {
-    fn from(m: AbortJob) -> Self {
-        In::Abort(m.drv_path)
-    }
-}
-
-impl From<FromBuilder> for In<StepAddr> {
-    fn from(m: FromBuilder) -> Self {
-        In::FromBuilder {
-            msg: m.0,
-            at: Instant::now(),
-        }
-    }
-}
-
-impl From<Disconnected> for In<StepAddr> {
-    fn from(m: Disconnected) -> Self {
-        In::Disconnected(m.0)
-    }
-}
-
-impl From<Superseded> for In<StepAddr> {
-    fn from(_: Superseded) -> Self {
-        In::Superseded
-    }
-}
-
-impl From<UploadDone> for In<StepAddr> {
-    fn from(m: UploadDone) -> Self {
-        In::UploadDone {
-            job_id: m.job_id,
-            output: m.output,
-            info: m.info,
-        }
-    }
-}
-
-impl From<Refuse> for In<StepAddr> {
-    fn from(m: Refuse) -> Self {
-        In::Refuse(m.0)
     }
 }
 
