@@ -70,6 +70,15 @@ impl<M: Machine> Driver<M> {
         self.drain(ctx);
     }
 
+    /// Runs a decision that answers its caller (a query with a result), then performs what it
+    /// led to.
+    pub fn decide<T>(&mut self, ctx: &mut Context<Self>, f: impl FnOnce(&mut M) -> T) -> T {
+        M::received(&mut self.io);
+        let out = f(&mut self.machine);
+        self.drain(ctx);
+        out
+    }
+
     fn drain(&mut self, ctx: &mut Context<Self>) {
         while let Some(cmd) = self.machine.next() {
             match M::perform(&mut self.io, cmd, ctx) {

@@ -2,8 +2,9 @@
 //!
 //! - `proto/qr/runner/v1/runner.proto`: the builder protocol ([`runner_v1`]).
 //! - Server side: [`service`] (the tonic service), [`auth`] (tokens), [`hub`] (sessions by machine,
-//!   quarantine), [`remote_machine`] (one actor per connected builder, a machine to the dispatcher),
-//!   [`jobs`] (its job table, a plain state machine), [`verify`] (checking uploaded outputs).
+//!   quarantine), [`remote_machine`] (one actor per connected builder, a machine to the dispatcher:
+//!   [`remote_core`] decides, its messages in [`remote_messages`]), [`jobs`] (its job table, a
+//!   plain state machine), [`verify`] (checking uploaded outputs).
 //! - Both sides: [`nar`] (NAR streams over gRPC chunks), [`codec`] (protobuf, with malformed
 //!   messages refused as `INVALID_ARGUMENT`), [`clip`] (status messages of bounded size).
 
@@ -14,7 +15,11 @@ pub mod codec;
 pub mod hub;
 pub mod jobs;
 pub mod nar;
+pub mod remote_core;
+mod remote_io;
 pub mod remote_machine;
+pub mod remote_messages;
+mod remote_metrics;
 pub mod service;
 pub mod verify;
 
