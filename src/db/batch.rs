@@ -127,7 +127,7 @@ impl Batcher {
     /// there is no runtime to run it on.
     fn send<W: Batched>(&self, inner: &Arc<Inner>, job: Pending<W>) -> bool {
         let mut wake = self.wake.lock().unwrap_or_else(|p| p.into_inner());
-        if !wake.as_ref().is_some_and(|tx| !tx.is_closed()) {
+        if wake.as_ref().is_none_or(|tx| tx.is_closed()) {
             let Some(tx) = self.start_task(inner) else {
                 return false;
             };
