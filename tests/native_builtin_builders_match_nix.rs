@@ -7,7 +7,8 @@
 //!   Nix's message, permanently, and leaves nothing valid.
 //! - `builtin:buildenv`: a profile of three packages (directories merged, a priority deciding a
 //!   collision, a propagated package): equal NAR hashes; equal priorities collide in both.
-//! - `builtin:unpack-channel` is refused as unsupported (Hydra status 9).
+//! - `builtin:unpack-channel`: an xz channel tarball (a directory, an executable, a symlink)
+//!   unpacked to the same output as Nix's; a tarball of two entries fails in both.
 
 mod common;
 
@@ -66,7 +67,14 @@ in rec {
     name = "channel";
     system = "builtin";
     builder = "builtin:unpack-channel";
-    src = builtins.toFile "channel.tar" "";
+    src = ./channel.tar.xz;
+    channelName = "nixpkgs";
+  };
+  channelTwo = derivation {
+    name = "channel-two";
+    system = "builtin";
+    builder = "builtin:unpack-channel";
+    src = ./two.tar;
     channelName = "c";
   };
 }
@@ -133,6 +141,7 @@ impl Rig {
         let nix = NixStore::sandboxed(1);
         let expr = nix.dir.path().join("drvs.nix");
         std::fs::write(&expr, EXPR).unwrap();
+        channel_tarballs(nix.dir.path());
         let tmp = tempfile::tempdir().unwrap();
         let store = Arc::new(
             LocalStore::open(StoreDir::default(), &tmp.path().join("root"))
@@ -365,15 +374,89 @@ async fn a_wrong_hash_and_a_collision_fail_in_both() {
     ))));
 }
 
+/// `channel.tar.xz` (one top-level directory) and `two.tar` (two entries) beside the expression,
+/// made by the system's `tar`.
+fn channel_tarballs(dir: &std::path::Path) {
+    let src = tempfile::tempdir().unwrap();
+    let top = src.path().join("nixexprs-1.0");
+    std::fs::create_dir_all(top.join("bin")).unwrap();
+    std::fs::write(top.join("default.nix"), "{ }: 42\n").unwrap();
+    std::fs::write(top.join("bin/tool"), FILE).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(top.join("bin/tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("default.nix", top.join("link")).unwrap();
+    std::fs::write(src.path().join("stray"), "x").unwrap();
+    let tar = |args: &[&str]| {
+        let st = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(src.path())
+            .args(args)
+            .status()
+            .expect("running tar");
+        assert!(st.success(), "tar {args:?}");
+    };
+    let out = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    tar(&["-cJf", &out("channel.tar.xz"), "nixexprs-1.0"]);
+    tar(&["-cf", &out("two.tar"), "nixexprs-1.0", "stray"]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn builtin_unpack_channel_is_refused_as_unsupported() {
+async fn builtin_unpack_channel_gives_nixs_output_and_refuses_two_entries() {
     if !nix::available() {
         return;
     }
     let rig = Rig::new().await;
     let drv = rig.instantiate("channel");
-    let e = rig.qr_build(&drv).await.expect_err("built unpack-channel");
-    assert!(matches!(e, ExecError::Unsupported { .. }), "{e:?}");
-    assert_eq!((e.status(), e.is_transient()), (9, false));
-    assert!(e.to_string().contains("builtin:unpack-channel"), "{e}");
+    let nix_paths = rig
+        .nix_build(&drv)
+        .unwrap_or_else(|e| panic!("Nix failed to build the channel: {e}"));
+    let r = rig
+        .qr_build(&drv)
+        .await
+        .unwrap_or_else(|e| panic!("the native executor failed to build the channel: {e}"));
+    assert!(r.ran);
+    let info = &r.outputs["out"];
+    assert_eq!(BTreeSet::from([info.path.clone()]), nix_paths);
+    let n = rig.nix_info(&info.path);
+    assert_eq!(render_sri(&info.nar_hash), n["narHash"].as_str().unwrap());
+    // What both made: the one directory renamed to the channel's name.
+    let out = rig.exec.store().physical_path(&info.path).unwrap();
+    assert_eq!(
+        std::fs::read(out.join("nixpkgs/bin/tool")).unwrap(),
+        FILE,
+        "{}",
+        out.display()
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("nixpkgs/link")).unwrap(),
+        std::path::PathBuf::from("default.nix")
+    );
+
+    let two = rig.instantiate("channelTwo");
+    let nix_err = rig
+        .nix_build(&two)
+        .expect_err("Nix built a channel of two entries");
+    let e = rig
+        .qr_build(&two)
+        .await
+        .expect_err("the native executor built a channel of two entries");
+    assert!(!e.is_transient(), "{e:?}");
+    let sentence = "contains more than one file";
+    assert!(
+        normalise(&nix_err).contains(sentence),
+        "Nix says\n{nix_err}"
+    );
+    assert!(e.to_string().contains(sentence), "{e}");
+    assert!(
+        !rig.exec
+            .store()
+            .is_valid_path(two_out(&rig, &two).await.as_str())
+            .await
+            .unwrap()
+    );
+}
+
+async fn two_out(rig: &Rig, drv: &str) -> String {
+    let d = rig.exec.store().read_derivation(drv).await.unwrap();
+    d.outputs["out"].path().unwrap().to_string()
 }

@@ -9,7 +9,9 @@
 //! - `allowedReferences`, `allowedRequisites`, `disallowedReferences`, `disallowedRequisites`
 //!   and structured `outputChecks` (`maxSize`, `maxClosureSize`, the lists per output): what Nix
 //!   accepts is built to the same outputs, what Nix rejects is rejected with Nix's message, as a
-//!   permanent failure that leaves no output valid.
+//!   permanent failure that leaves no output valid;
+//! - `exportReferencesGraph`, as files and under structured attributes: the same outputs; a path
+//!   outside the input closure fails in both.
 
 mod common;
 
@@ -163,6 +165,23 @@ in rec {
     outputs = [ "out" "lib" ];
     outputChecks.lib.disallowedReferences = [ "out" ];
   };
+  # exportReferencesGraph: closures as registration files, and as JSON under structured
+  # attributes (NAR hashes, sizes and closure sizes, so equal outputs mean equal path infos).
+  exportGraph = sh "export-graph" "mkdir $out; cp refs refs2 $out/" {
+    exportReferencesGraph = [ "refs" dep "refs2" dep2 ];
+  };
+  exportGraphStructured = sh "export-graph-structured" ''
+    . .attrs.sh
+    mkdir ''${outputs[out]}
+    cp .attrs.json .attrs.sh ''${outputs[out]}/
+  '' {
+    __structuredAttrs = true;
+    exportReferencesGraph = { g = [ dep ]; h = [ dep2 dep ]; };
+  };
+  exportNotAnInput = sh "export-not-an-input" "echo > $out" {
+    exportReferencesGraph = [ "refs" "/nix/store/00000000000000000000000000000000-nope" ];
+  };
+
   # Top-level lists do not count under structured attributes.
   checksTopLevelIgnored = sh "checks-top-level-ignored" ". .attrs.sh; echo ${dep} > \${outputs[out]}" {
     __structuredAttrs = true;
@@ -327,6 +346,61 @@ fn normalise(s: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Builds `attr` with Nix and with the native executor: the same output paths, NAR hashes,
+/// sizes and references.
+async fn assert_same_outputs(rig: &Rig, attr: &str) {
+    let drv = rig.instantiate(attr);
+    let nix_paths = rig
+        .nix_build(&drv)
+        .unwrap_or_else(|e| panic!("Nix failed to build {attr}: {e}"));
+    let r = rig
+        .qr_build(&drv)
+        .await
+        .unwrap_or_else(|e| panic!("the native executor failed to build {attr}: {e}"));
+    assert!(r.ran, "{attr}");
+    let qr_paths: BTreeSet<String> = r.outputs.values().map(|i| i.path.clone()).collect();
+    assert_eq!(qr_paths, nix_paths, "{attr}: output paths");
+    for (o, info) in &r.outputs {
+        let n = rig.nix_info(&info.path);
+        let store = rig.exec.store();
+        let show = |p: &str| {
+            let phys = store.physical_path(p).unwrap();
+            let mut s = String::new();
+            for f in ["", "/.attrs.json", "/.attrs.sh", "/env", "/vars"] {
+                if let Ok(t) = std::fs::read_to_string(format!("{}{f}", phys.display())) {
+                    s.push_str(&format!("--- {f}\n{t}\n"));
+                }
+            }
+            s
+        };
+        assert_eq!(
+            render_sri(&info.nar_hash),
+            n["narHash"].as_str().unwrap(),
+            "{attr}.{o}: NAR hash; the native executor's output:\n{}",
+            show(&info.path)
+        );
+        assert_eq!(info.nar_size, n["narSize"].as_u64().unwrap(), "{attr}.{o}");
+        let refs: BTreeSet<String> = n["references"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(info.references, refs, "{attr}.{o}: references");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_references_graph_gives_nixs_outputs() {
+    if !nix::available() {
+        return;
+    }
+    let rig = Rig::new().await;
+    for attr in ["exportGraph", "exportGraphStructured"] {
+        assert_same_outputs(&rig, attr).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn native_builds_match_nix_for_structured_attrs_pass_as_file_and_accepted_reference_checks() {
     if !nix::available() {
@@ -334,45 +408,7 @@ async fn native_builds_match_nix_for_structured_attrs_pass_as_file_and_accepted_
     }
     let rig = Rig::new().await;
     for attr in SAME_OUTPUTS {
-        let drv = rig.instantiate(attr);
-        let nix_paths = rig
-            .nix_build(&drv)
-            .unwrap_or_else(|e| panic!("Nix failed to build {attr}: {e}"));
-        let r = rig
-            .qr_build(&drv)
-            .await
-            .unwrap_or_else(|e| panic!("the native executor failed to build {attr}: {e}"));
-        assert!(r.ran, "{attr}");
-        let qr_paths: BTreeSet<String> = r.outputs.values().map(|i| i.path.clone()).collect();
-        assert_eq!(qr_paths, nix_paths, "{attr}: output paths");
-        for (o, info) in &r.outputs {
-            let n = rig.nix_info(&info.path);
-            let store = rig.exec.store();
-            let show = |p: &str| {
-                let phys = store.physical_path(p).unwrap();
-                let mut s = String::new();
-                for f in ["", "/.attrs.json", "/.attrs.sh", "/env", "/vars"] {
-                    if let Ok(t) = std::fs::read_to_string(format!("{}{f}", phys.display())) {
-                        s.push_str(&format!("--- {f}\n{t}\n"));
-                    }
-                }
-                s
-            };
-            assert_eq!(
-                render_sri(&info.nar_hash),
-                n["narHash"].as_str().unwrap(),
-                "{attr}.{o}: NAR hash; the native executor's output:\n{}",
-                show(&info.path)
-            );
-            assert_eq!(info.nar_size, n["narSize"].as_u64().unwrap(), "{attr}.{o}");
-            let refs: BTreeSet<String> = n["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_string())
-                .collect();
-            assert_eq!(info.references, refs, "{attr}.{o}: references");
-        }
+        assert_same_outputs(&rig, attr).await;
     }
     // The structured build really saw its attributes (not an empty .attrs.sh copied twice).
     let drv = rig.instantiate("structured");
@@ -427,4 +463,27 @@ async fn reference_violations_fail_in_both_with_nixs_message() {
             assert!(!rig.nix.is_valid(out), "{attr}: {out} in Nix");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exporting_a_path_outside_the_input_closure_fails_in_both() {
+    if !nix::available() {
+        return;
+    }
+    let rig = Rig::new().await;
+    let drv = rig.instantiate("exportNotAnInput");
+    let nix_err = rig
+        .nix_build(&drv)
+        .expect_err("Nix exported a path outside the input closure");
+    let e = rig
+        .qr_build(&drv)
+        .await
+        .expect_err("the native executor exported a path outside the input closure");
+    assert!(!e.is_transient(), "{e:?}");
+    let sentence = "cannot export references of path '/nix/store/00000000000000000000000000000000-nope' because it is not in the input closure of the derivation";
+    assert!(
+        normalise(&nix_err).contains(sentence),
+        "Nix says\n{nix_err}"
+    );
+    assert!(e.to_string().contains(sentence), "{e}");
 }

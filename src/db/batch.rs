@@ -3,9 +3,10 @@
 //! is otherwise its own round trip and its own commit — one WAL flush each — and with hundreds
 //! of steps finishing a second those are what the runner waits for.
 //!
-//! Generic over the write ([`Batched`]): one task per kind and [`Db`](super::Db) takes whatever
-//! writes of its kind are waiting when it is free (no timer: a write that finds the task idle
-//! goes alone, at once), runs them as one statement ([`Batched::apply_many`]), and answers each.
+//! Generic over the write ([`Batched`]): one task takes whatever writes of every kind are
+//! waiting when it is free (no timer: a write that finds the task idle goes alone, at once),
+//! runs each kind's as one statement ([`Batched::apply_many`]), the kinds at once, and answers
+//! each write.
 //! All of a statement is committed or none of it, so a write the statement did not do (it
 //! failed, or that write's row did not match) goes through the one retry layer alone
 //! ([`Outcome::Alone`]: [`Db::write`]); a statement whose reply was lost leaves each write to be
@@ -71,24 +72,43 @@ pub(crate) trait Batched: Write<Answer: 'static, Trace: 'static> + Sized + 'stat
     ) -> impl std::future::Future<Output = Vec<Outcome<Self::Answer>>> + Send;
 }
 
-/// One kind's queue: its task is started on first use (again if its runtime went).
+/// One kind's writes waiting for the task.
 pub(crate) struct Queue<W: Write> {
-    tx: Mutex<Option<mpsc::UnboundedSender<Pending<W>>>>,
+    waiting: Mutex<Vec<Pending<W>>>,
 }
 
 impl<W: Write> Default for Queue<W> {
     fn default() -> Self {
         Queue {
-            tx: Mutex::new(None),
+            waiting: Mutex::new(Vec::new()),
         }
     }
 }
 
-/// The queues in [`Inner`], one per kind.
+impl<W: Write> Queue<W> {
+    fn push(&self, job: Pending<W>) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job);
+    }
+
+    /// The oldest writes waiting, at most [`MAX_BATCH`].
+    fn take(&self) -> Vec<Pending<W>> {
+        let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len().min(MAX_BATCH);
+        q.drain(..n).collect()
+    }
+}
+
+/// The queues in [`Inner`], one per kind, and the one task that runs them all.
 #[derive(Default)]
 pub(crate) struct Batcher {
-    /// Where the tasks run ([`Db::run_batches_on`]); else on the runtime of the first writer.
+    /// Where the task runs ([`Db::run_batches_on`]); else on the runtime of the first writer.
     runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Wakes the task, one token per write queued. The task ends when this goes (with
+    /// [`Inner`]); a closed one is a task whose runtime went, and the next write starts another.
+    wake: Mutex<Option<mpsc::UnboundedSender<()>>>,
     pub(crate) create: Queue<CreateSteps>,
     pub(crate) finish: Queue<FinishStepWrite>,
     pub(crate) start: Queue<StartStep>,
@@ -96,35 +116,49 @@ pub(crate) struct Batcher {
 }
 
 impl Batcher {
-    /// Runs the tasks on `rt` from now on (the first call wins).
+    /// Runs the task on `rt` from now on (the first call wins).
     pub(crate) fn run_on(&self, rt: tokio::runtime::Handle) {
         if self.runtime.set(rt).is_err() {
             tracing::debug!("the write batch already has its runtime");
         }
     }
 
-    /// Queues `job` on its kind's task; `false` when there is no runtime to run it on.
+    /// Queues `job` for the task (started if there is none); `false`, with nothing queued, when
+    /// there is no runtime to run it on.
     fn send<W: Batched>(&self, inner: &Arc<Inner>, job: Pending<W>) -> bool {
-        let mut q = W::queue(self).tx.lock().unwrap_or_else(|p| p.into_inner());
-        let job = match q.as_ref() {
-            Some(tx) => match tx.send(job) {
-                Ok(()) => return true,
-                Err(mpsc::error::SendError(job)) => job,
-            },
-            None => job,
-        };
+        let mut wake = self.wake.lock().unwrap_or_else(|p| p.into_inner());
+        if wake.as_ref().is_none_or(|tx| tx.is_closed()) {
+            let Some(tx) = self.start_task(inner) else {
+                return false;
+            };
+            *wake = Some(tx);
+        }
+        W::queue(self).push(job);
+        if wake.as_ref().is_some_and(|tx| tx.send(()).is_ok()) {
+            return true;
+        }
+        // The task ended between the check and the token (its runtime went): another takes it.
+        match self.start_task(inner) {
+            Some(tx) => {
+                if tx.send(()).is_err() {
+                    tracing::debug!("the write batch's new task ended at once; the write waits");
+                }
+                *wake = Some(tx);
+            }
+            None => tracing::debug!("the write batch has no runtime; the write waits"),
+        }
+        true
+    }
+
+    /// Starts the task on its runtime; `None` when there is none.
+    fn start_task(&self, inner: &Arc<Inner>) -> Option<mpsc::UnboundedSender<()>> {
         let rt = match self.runtime.get() {
             Some(h) => h.clone(),
-            None => match tokio::runtime::Handle::try_current() {
-                Ok(h) => h,
-                Err(_) => return false,
-            },
+            None => tokio::runtime::Handle::try_current().ok()?,
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        rt.spawn(run::<W>(Arc::downgrade(inner), rx));
-        let sent = tx.send(job).is_ok();
-        *q = Some(tx);
-        sent
+        rt.spawn(run(Arc::downgrade(inner), rx));
+        Some(tx)
     }
 }
 
@@ -179,32 +213,53 @@ impl Db {
     }
 }
 
-/// A kind's task: waits for a write, takes every other one waiting, runs them, answers; ends
-/// when the database handle is gone.
-async fn run<W: Batched>(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Pending<W>>) {
-    while let Some(first) = rx.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+/// The task: waits for a write, then takes what every kind has waiting and runs the kinds at
+/// once (one statement per kind, on separate connections), again until nothing waits; ends when
+/// the database handle is gone. One loop for all kinds, so writes of every kind that come while
+/// a round runs share the next round rather than each going alone.
+async fn run(inner: Weak<Inner>, mut wake: mpsc::UnboundedReceiver<()>) {
+    while wake.recv().await.is_some() {
+        while wake.try_recv().is_ok() {}
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let db = Db { inner };
-        let outcomes = match db.batch_lanes() {
-            Some(lanes) => W::apply_many(&db, lanes, &jobs).await,
-            None => Vec::new(),
-        };
-        let mut outcomes = outcomes.into_iter();
-        for j in jobs {
-            // A write the statement gave no outcome for is done alone.
-            let out = outcomes.next().unwrap_or(Outcome::Alone);
-            if j.reply.send(out).is_err() {
-                tracing::debug!(op = j.write.name(), "a batched write's caller is gone");
+        loop {
+            let b = &db.inner.batcher;
+            let (create, finish, start, realise) = (
+                b.create.take(),
+                b.finish.take(),
+                b.start.take(),
+                b.realise.take(),
+            );
+            if create.is_empty() && finish.is_empty() && start.is_empty() && realise.is_empty() {
+                break;
             }
+            tokio::join!(
+                round(&db, create),
+                round(&db, finish),
+                round(&db, start),
+                round(&db, realise),
+            );
+        }
+    }
+}
+
+/// One kind's writes of a round, as one statement: each answered.
+async fn round<W: Batched>(db: &Db, jobs: Vec<Pending<W>>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let outcomes = match db.batch_lanes() {
+        Some(lanes) => W::apply_many(db, lanes, &jobs).await,
+        None => Vec::new(),
+    };
+    let mut outcomes = outcomes.into_iter();
+    for j in jobs {
+        // A write the statement gave no outcome for is done alone.
+        let out = outcomes.next().unwrap_or(Outcome::Alone);
+        if j.reply.send(out).is_err() {
+            tracing::debug!(op = j.write.name(), "a batched write's caller is gone");
         }
     }
 }

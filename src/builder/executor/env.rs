@@ -60,6 +60,7 @@ pub fn rewrite(s: &str, rewrites: &BTreeMap<String, String>) -> String {
 /// as the builder sees it, `impure(name)` reads the caller's environment (fixed-output only).
 pub fn builder_env(
     drv: &Derivation,
+    exported: &serde_json::Map<String, serde_json::Value>,
     store_dir: &str,
     build_top: &str,
     cores: usize,
@@ -113,12 +114,16 @@ pub fn builder_env(
     env.insert("NIX_LOG_FD".into(), "2".into());
     env.insert("TERM".into(), "xterm-256color".into());
     if let Some(attrs) = &structured {
-        let attrs = structured_attrs::with_outputs(
+        let mut attrs = structured_attrs::with_outputs(
             attrs,
             drv.outputs
                 .keys()
                 .map(|o| (o.as_str(), hash_placeholder(o))),
         );
+        // `exportReferencesGraph`'s closures, as Nix adds them after `outputs`.
+        for (k, v) in exported {
+            attrs.insert(k.clone(), v.clone());
+        }
         for (file, contents, var) in [
             (
                 ".attrs.sh",
@@ -162,7 +167,16 @@ mod tests {
         let scratch = "/nix/store/ad2n5slxflrm5nvc2ykyjqk6d9x3dgr0-mx-ca1";
         let rewrites: BTreeMap<String, String> =
             [(hash_placeholder("out"), scratch.to_string())].into();
-        let e = builder_env(&drv, "/nix/store", "/build", 4, &rewrites, |_| None).unwrap();
+        let e = builder_env(
+            &drv,
+            &Default::default(),
+            "/nix/store",
+            "/build",
+            4,
+            &rewrites,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(
             pairs(&e),
             vec![
@@ -196,7 +210,16 @@ mod tests {
         drv.env.insert("HOME".into(), "/h".into());
         drv.env.insert("TMPDIR".into(), "/mine".into());
         drv.env.insert("NIX_LOG_FD".into(), "7".into());
-        let e = builder_env(&drv, "/s", "/tmp/b", 1, &BTreeMap::new(), |_| None).unwrap();
+        let e = builder_env(
+            &drv,
+            &Default::default(),
+            "/s",
+            "/tmp/b",
+            1,
+            &BTreeMap::new(),
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(e.vars["PATH"], "/path-not-set");
         assert_eq!(e.vars["HOME"], "/h");
         assert_eq!(e.vars["TMPDIR"], "/tmp/b");
@@ -213,7 +236,16 @@ mod tests {
             .insert("big".into(), format!("x {}", hash_placeholder("out")));
         let rewrites: BTreeMap<String, String> =
             [(hash_placeholder("out"), "/s/o".to_string())].into();
-        let e = builder_env(&drv, "/s", "/build", 1, &rewrites, |_| None).unwrap();
+        let e = builder_env(
+            &drv,
+            &Default::default(),
+            "/s",
+            "/build",
+            1,
+            &rewrites,
+            |_| None,
+        )
+        .unwrap();
         assert!(!e.vars.contains_key("big"));
         let file = format!(".attr-{}", nix32::encode(&sha256(b"big")));
         assert_eq!(e.vars["bigPath"], format!("/build/{file}"));
@@ -230,9 +262,15 @@ mod tests {
         );
         fod.env
             .insert("impureEnvVars".into(), "http_proxy NOPE".into());
-        let e = builder_env(&fod, "/s", "/build", 1, &BTreeMap::new(), |n| {
-            (n == "http_proxy").then(|| "p:1".to_string())
-        })
+        let e = builder_env(
+            &fod,
+            &Default::default(),
+            "/s",
+            "/build",
+            1,
+            &BTreeMap::new(),
+            |n| (n == "http_proxy").then(|| "p:1".to_string()),
+        )
         .unwrap();
         assert_eq!(e.vars["NIX_OUTPUT_CHECKED"], "1");
         assert_eq!(e.vars["http_proxy"], "p:1");
@@ -249,7 +287,16 @@ mod tests {
         drv.env.insert("x".into(), "not passed".into());
         let rewrites: BTreeMap<String, String> =
             [(hash_placeholder("out"), "/s/o".to_string())].into();
-        let e = builder_env(&drv, "/s", "/build", 1, &rewrites, |_| None).unwrap();
+        let e = builder_env(
+            &drv,
+            &Default::default(),
+            "/s",
+            "/build",
+            1,
+            &rewrites,
+            |_| None,
+        )
+        .unwrap();
         // None of the drv's env (not even PATH or out), no passAsFile.
         let names: Vec<&str> = e.vars.keys().map(String::as_str).collect();
         assert_eq!(
@@ -301,20 +348,45 @@ mod tests {
                 path: "/s/x".into(),
             },
         );
-        let e = builder_env(&drv, "/s", "/build", 1, &rewrites, |n| {
-            (n == "A").then(|| "a".to_string())
-        })
+        let e = builder_env(
+            &drv,
+            &Default::default(),
+            "/s",
+            "/build",
+            1,
+            &rewrites,
+            |n| (n == "A").then(|| "a".to_string()),
+        )
         .unwrap();
         assert_eq!(e.vars["A"], "a");
         drv.env
             .insert("__json".into(), r#"{"impureEnvVars":"A"}"#.into());
         assert_eq!(
-            builder_env(&drv, "/s", "/b", 1, &BTreeMap::new(), |_| None)
-                .unwrap_err()
-                .to_string(),
+            builder_env(
+                &drv,
+                &Default::default(),
+                "/s",
+                "/b",
+                1,
+                &BTreeMap::new(),
+                |_| None
+            )
+            .unwrap_err()
+            .to_string(),
             "attribute 'impureEnvVars' must be a list of strings"
         );
         drv.env.insert("__json".into(), "[]".into());
-        assert!(builder_env(&drv, "/s", "/b", 1, &BTreeMap::new(), |_| None).is_err());
+        assert!(
+            builder_env(
+                &drv,
+                &Default::default(),
+                "/s",
+                "/b",
+                1,
+                &BTreeMap::new(),
+                |_| None
+            )
+            .is_err()
+        );
     }
 }

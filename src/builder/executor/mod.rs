@@ -5,6 +5,7 @@
 
 pub mod builtins;
 pub mod env;
+pub mod export_refs;
 pub mod log;
 mod native;
 pub mod nix;

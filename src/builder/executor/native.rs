@@ -11,7 +11,8 @@
 //!   checked against the drv's reference and size constraints ([`super::output_checks`]).
 //! - Structured attributes ([`super::structured_attrs`]) and `passAsFile` as Nix 2.8 passes them;
 //!   `builtin:fetchurl` and `builtin:buildenv` run in this process ([`super::builtins`]);
-//!   `builtin:unpack-channel` and `exportReferencesGraph` are refused as unsupported.
+//!   `builtin:unpack-channel` too; `exportReferencesGraph` as Nix 2.8 provides it
+//!   ([`super::export_refs`]).
 //! - When the store's physical root differs from its logical dir, the builder runs in a private
 //!   mount namespace ([`super::sandbox`]); otherwise directly in the store (no namespace).
 //! - The log goes to a file; timeouts, max-silent-time and the log limit kill the whole process
@@ -37,6 +38,7 @@ use sha2::{Digest, Sha256, Sha512};
 
 use super::builtins::{Builtin, BuiltinCtx, StoreFs};
 use super::env::{builder_env, rewrite};
+use super::export_refs::{self, ExportError, Exported};
 use super::log::{Outcome, SuperviseLimits, TimeLimit, kill_group, supervise};
 use super::output_checks::{OutputCheckError, check_outputs, checks_of};
 use super::sandbox::{SANDBOX_BUILD_DIR, Sandbox, SandboxSpec, cloexec_pipe, read_failed_step};
@@ -106,6 +108,8 @@ struct Job {
     namespace: bool,
     plans: Vec<OutPlan>,
     inputs: Vec<StorePath>,
+    /// `exportReferencesGraph`'s files and structured attributes.
+    exported: Exported,
     cfg: ExecutorConfig,
     limits: SuperviseLimits,
     /// The step attempt the log is named for.
@@ -253,7 +257,7 @@ impl NativeExecutor {
             )));
         }
         let builtin = match Builtin::of_builder(&drv.builder) {
-            Some(Ok(Builtin::UnpackChannel)) | Some(Err(_)) => {
+            Some(Err(_)) => {
                 return Err(ExecError::Unsupported {
                     message: format!(
                         "derivation {drv_path} uses the built-in builder {:?}, which the native executor does not provide",
@@ -264,13 +268,6 @@ impl NativeExecutor {
             Some(Ok(b)) => Some(b),
             None => None,
         };
-        if uses_export_references_graph(drv) {
-            return Err(ExecError::Unsupported {
-                message: format!(
-                    "derivation {drv_path} uses exportReferencesGraph, which the native executor does not provide"
-                ),
-            });
-        }
         // As in Nix, a builtin builder runs whatever the derivation's system (`builtin`).
         if builtin.is_none() && !self.cfg.systems.contains(&drv.system) {
             return Err(ExecError::Unsupported {
@@ -381,6 +378,7 @@ impl NativeExecutor {
             .map(|p| sd.parse(p))
             .collect::<Result<_, _>>()
             .map_err(|e| bad(e.to_string()))?;
+        let exported = exported_graphs(store, drv_path, drv, &closure, builtin.is_some()).await?;
 
         let namespace = store.needs_namespace();
         let root = store.root().to_path_buf();
@@ -425,6 +423,7 @@ impl NativeExecutor {
             namespace,
             plans,
             inputs,
+            exported,
             cfg: self.cfg.clone(),
             attempt,
             // 0 is no limit, as in Nix (`timeout`, `max-silent-time`, `max-build-log-size`).
@@ -474,19 +473,35 @@ impl NativeExecutor {
     }
 }
 
-/// Whether Nix would act on `exportReferencesGraph` (a non-empty list of pairs, or under
-/// structured attributes a non-empty object).
-fn uses_export_references_graph(drv: &Derivation) -> bool {
-    match drv.env.get("__json") {
-        Some(j) => super::structured_attrs::parse(j).is_ok_and(|a| {
-            a.get("exportReferencesGraph")
-                .and_then(|v| v.as_object())
-                .is_some_and(|m| !m.is_empty())
-        }),
-        None => drv
-            .env
-            .get("exportReferencesGraph")
-            .is_some_and(|v| !v.trim().is_empty()),
+/// What `exportReferencesGraph` gives the builder ([`super::export_refs`]); nothing for a
+/// builtin, which Nix runs without it.
+async fn exported_graphs(
+    store: &LocalStore,
+    drv_path: &str,
+    drv: &Derivation,
+    closure: &BTreeSet<String>,
+    builtin: bool,
+) -> Result<Exported, ExecError> {
+    let bad = |e: &dyn std::fmt::Display| ExecError::BadDerivation {
+        message: format!("derivation '{drv_path}': {e}"),
+    };
+    if builtin {
+        return Ok(Exported::default());
+    }
+    let structured = match drv.env.get("__json") {
+        Some(j) => Some(super::structured_attrs::parse(j).map_err(|e| bad(&e))?),
+        None => None,
+    };
+    let request = export_refs::request(&drv.env, structured.as_ref(), store.store_dir().as_str())
+        .map_err(|e| bad(&e))?;
+    match request {
+        None => Ok(Exported::default()),
+        Some(r) => export_refs::export(store, &r, closure)
+            .await
+            .map_err(|e| match e {
+                ExportError::Store(e) => ExecError::from(e),
+                e => bad(&e),
+            }),
     }
 }
 
@@ -593,6 +608,7 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     };
     let env = builder_env(
         &job.drv,
+        &job.exported.attrs,
         sd.as_str(),
         &build_top,
         cfg.cores,
@@ -602,7 +618,7 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     .map_err(|e| ExecError::BadDerivation {
         message: format!("derivation '{drv_path}': {e}"),
     })?;
-    for (name, contents) in &env.files {
+    for (name, contents) in env.files.iter().chain(&job.exported.files) {
         let p = build_dir.0.join(name);
         fs::write(&p, contents).map_err(io_msg(format!("writing {}", p.display())))?;
     }

@@ -11,11 +11,14 @@
 //! not the builder environment, and reads and writes store paths by their logical names: a
 //! [`StoreFs`] maps them to where they are on disk (the store's root, or the output's location
 //! when the outputs are built outside the root), following symlinks as the sandboxed builder
-//! would see them. `builtin:unpack-channel` is refused as unsupported.
+//! would see them.
+//! - `builtin:unpack-channel` ([`unpack_channel`]): a channel tarball unpacked into `out`, its
+//!   one top-level entry renamed to `channelName`.
 
 pub mod buildenv;
 pub mod fetchurl;
 mod http;
+pub mod unpack_channel;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
@@ -245,9 +248,7 @@ pub fn run(
     match builtin {
         Builtin::Fetchurl => fetchurl::fetchurl(ctx, log),
         Builtin::Buildenv => buildenv::buildenv(ctx, log),
-        Builtin::UnpackChannel => Err(BuiltinError::Build(
-            "builtin:unpack-channel is not supported by the native executor".to_string(),
-        )),
+        Builtin::UnpackChannel => unpack_channel::unpack_channel(ctx, log),
     }
 }
 
