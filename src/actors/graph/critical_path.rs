@@ -73,46 +73,82 @@ impl CriticalPath {
         self.visits
     }
 
-    /// Adds a step expected to take `own_ms` that waits on `inputs` (inputs not tracked, e.g.
-    /// already built, are skipped). A step already tracked gains the new input edges (its expected
-    /// duration stays). Inputs are added before the steps that need them (as a plan's order is),
-    /// so a new step has no dependents yet; its inputs' values rise along its path.
+    /// Adds a step expected to take `own_ms` that waits on `inputs` (see [`Self::insert_all`]).
     pub fn insert(&mut self, drv: &Drv, own_ms: u64, inputs: &[Drv]) -> Changes {
+        self.insert_all(&[(drv.clone(), own_ms, inputs.to_vec())])
+    }
+
+    /// Adds steps (drv, expected ms, the drvs it waits on), inputs before the steps that need
+    /// them (a plan's order). Inputs not tracked (built, cached failures) are skipped; a step
+    /// already tracked gains the new edges (its expected duration stays). The new steps' values
+    /// are computed once each, dependents first; tracked steps they wait on rise as far as their
+    /// values change. Returns every value set or changed, new steps included.
+    pub fn insert_all(&mut self, steps: &[(Drv, u64, Vec<Drv>)]) -> Changes {
         let mut changes = Changes::new();
-        let fresh = !self.nodes.contains_key(drv);
-        if fresh {
-            self.nodes.insert(
-                drv.clone(),
-                Node {
-                    own_ms,
-                    value_ms: own_ms,
-                    dependents: Vec::new(),
-                    inputs: Vec::new(),
-                },
-            );
-            changes.push((drv.clone(), own_ms));
-        }
-        let mut linked = Vec::new();
-        for input in inputs {
-            if input == drv {
-                continue;
+        let mut fresh = Vec::new();
+        for (drv, own_ms, _) in steps {
+            if !self.nodes.contains_key(drv) {
+                self.nodes.insert(
+                    drv.clone(),
+                    Node {
+                        own_ms: *own_ms,
+                        value_ms: *own_ms,
+                        dependents: Vec::new(),
+                        inputs: Vec::new(),
+                    },
+                );
+                fresh.push(drv.clone());
             }
-            let Some(i) = self.nodes.get_mut(input) else {
+        }
+        // Tracked steps that were there before and gained a dependent.
+        let mut raised: Vec<Drv> = Vec::new();
+        for (drv, _, inputs) in steps {
+            for input in inputs {
+                if input == drv {
+                    continue;
+                }
+                let Some(i) = self.nodes.get_mut(input) else {
+                    continue;
+                };
+                if i.dependents.contains(drv) {
+                    continue;
+                }
+                i.dependents.push(drv.clone());
+                if !fresh.contains(input) {
+                    raised.push(input.clone());
+                }
+                if let Some(n) = self.nodes.get_mut(drv) {
+                    n.inputs.push(input.clone());
+                }
+            }
+        }
+        // Dependents come after their inputs: from the end, every dependent of a new step is
+        // final when the step is computed.
+        for drv in fresh.iter().rev() {
+            self.visits += 1;
+            let Some(n) = self.nodes.get(drv) else {
                 continue;
             };
-            if i.dependents.contains(drv) {
-                continue;
+            let best = self.best_dependent(n);
+            let v = n.own_ms.saturating_add(best);
+            if let Some(n) = self.nodes.get_mut(drv) {
+                n.value_ms = v;
             }
-            i.dependents.push(drv.clone());
-            linked.push(input.clone());
+            changes.push((drv.clone(), v));
         }
-        let value = self.nodes.get(drv).map_or(own_ms, |n| n.value_ms);
-        if let Some(n) = self.nodes.get_mut(drv) {
-            n.inputs.extend(linked.iter().cloned());
-        }
-        let work = linked.into_iter().map(|i| (i, Visit::Raised(value))).collect();
+        raised.sort();
+        raised.dedup();
+        let work = raised.into_iter().map(|i| (i, Visit::Recompute)).collect();
         self.propagate(work, &mut changes);
         last_per_step(changes)
+    }
+
+    fn best_dependent(&self, n: &Node) -> u64 {
+        n.dependents
+            .iter()
+            .filter_map(|d| self.nodes.get(d).map(|x| x.value_ms))
+            .max()
+            .unwrap_or(0)
     }
 
     /// A dependent edge added to steps both tracked (e.g. a resolved child waited on by its
@@ -166,12 +202,7 @@ impl CriticalPath {
                     let Some(n) = self.nodes.get(&drv) else {
                         continue;
                     };
-                    let best = n
-                        .dependents
-                        .iter()
-                        .filter_map(|d| self.nodes.get(d).map(|x| x.value_ms))
-                        .max()
-                        .unwrap_or(0);
+                    let best = self.best_dependent(n);
                     let v = n.own_ms.saturating_add(best);
                     if v == n.value_ms {
                         continue;

@@ -7,12 +7,7 @@ fn d(s: &str) -> Drv {
 /// A full recompute from scratch, to check the incremental values against.
 fn brute(cp: &CriticalPath, drv: &str) -> u64 {
     let n = &cp.nodes[drv];
-    n.own_ms
-        + n.dependents
-            .iter()
-            .map(|x| brute(cp, x))
-            .max()
-            .unwrap_or(0)
+    n.own_ms + n.dependents.iter().map(|x| brute(cp, x)).max().unwrap_or(0)
 }
 
 #[test]
@@ -70,10 +65,11 @@ fn a_rise_stops_where_values_no_longer_change() {
     }
     cp.insert(&d("long"), 1000, &[chain[99].clone()]);
     let before = cp.visits();
-    // A short dependent of the chain's top changes nothing below it: one visit.
+    // A short dependent of the chain's top changes nothing below it: the new step and its input
+    // are visited, the chain below is not.
     let changes = cp.insert(&d("short"), 1, &[chain[99].clone()]);
     assert_eq!(changes, vec![(d("short"), 1)]);
-    assert_eq!(cp.visits() - before, 1);
+    assert_eq!(cp.visits() - before, 2);
 }
 
 #[test]
@@ -127,7 +123,17 @@ fn incremental_values_match_a_full_recompute() {
             let inputs: Vec<Drv> = (0..k)
                 .map(|_| live[rnd(live.len() as u64) as usize].clone())
                 .collect();
-            cp.insert(&drv, 1 + rnd(1000), &inputs);
+            if rnd(2) == 0 {
+                cp.insert(&drv, 1 + rnd(1000), &inputs);
+            } else {
+                // A small plan: the step and a new dependent of it.
+                let top = d(&format!("t{i}"));
+                cp.insert_all(&[
+                    (drv.clone(), 1 + rnd(1000), inputs),
+                    (top.clone(), 1 + rnd(1000), vec![drv.clone()]),
+                ]);
+                live.push(top);
+            }
             live.push(drv);
             if rnd(5) == 0 {
                 let gone = live.remove(rnd(live.len() as u64) as usize);
@@ -138,4 +144,34 @@ fn incremental_values_match_a_full_recompute() {
             }
         }
     }
+}
+
+/// A whole plan added at once (inputs first) costs one visit per step, however deep it is; the
+/// same plan added step by step would raise each chain below again.
+#[test]
+fn a_plan_added_at_once_visits_each_step_once() {
+    let chain: Vec<Drv> = (0..1000).map(|i| d(&format!("c{i}"))).collect();
+    let plan: Vec<(Drv, u64, Vec<Drv>)> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let inputs = if i == 0 {
+                vec![]
+            } else {
+                vec![chain[i - 1].clone()]
+            };
+            (c.clone(), 2, inputs)
+        })
+        .collect();
+    let mut cp = CriticalPath::new();
+    let changes = cp.insert_all(&plan);
+    assert_eq!(changes.len(), 1000);
+    assert_eq!(cp.visits(), 1000);
+    assert_eq!(cp.value("c0"), Some(2000));
+    assert_eq!(cp.value("c999"), Some(2));
+    // A second plan on top of it (a new build sharing the chain): the chain rises once.
+    let before = cp.visits();
+    cp.insert_all(&[(d("top"), 10, vec![chain[999].clone()])]);
+    assert_eq!(cp.value("c0"), Some(2010));
+    assert_eq!(cp.visits() - before, 1 + 1000);
 }

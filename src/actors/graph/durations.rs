@@ -109,7 +109,10 @@ mod tests {
     #[test]
     fn same_name_then_job_then_default() {
         let mut d = Durations::new(Duration::from_secs(60));
-        assert_eq!(d.expected_ms(&path("a"), Some("j")), (60_000, Source::Default));
+        assert_eq!(
+            d.expected_ms(&path("a"), Some("j")),
+            (60_000, Source::Default)
+        );
         d.record(&path("b"), Some("j"), Duration::from_secs(10));
         // Another name in the same job: the job's history.
         assert_eq!(d.expected_ms(&path("a"), Some("j")), (10_000, Source::Job));
