@@ -31,8 +31,6 @@ pub struct BuildPrio {
     pub local_priority: i32,
     /// Shared by every step the build needs (one allocation per build, not per step).
     pub jobset: Arc<str>,
-    /// The build's job (expected step durations fall back to its history).
-    pub job: Arc<str>,
 }
 
 #[derive(Message)]

@@ -64,7 +64,6 @@ impl BuildActor {
             global_priority: row.global_priority,
             local_priority: row.priority,
             jobset: row.jobset.as_str().into(),
-            job: row.job.as_str().into(),
         };
         let core = BuildCore::new(row.id.0, row.drv_path.clone(), prio);
         Driver::with(

@@ -16,7 +16,6 @@ fn core() -> BuildCore<T> {
         global_priority: 0,
         local_priority: 0,
         jobset: Arc::from("js"),
-        job: Arc::from("j"),
     };
     BuildCore::new(7, "/s/top.drv".into(), prio)
 }

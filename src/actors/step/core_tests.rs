@@ -24,7 +24,6 @@ fn prio(g: i32) -> BuildPrio {
         global_priority: g,
         local_priority: 0,
         jobset: Arc::from("js"),
-        job: Arc::from("j"),
     }
 }
 
