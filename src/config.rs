@@ -184,6 +184,20 @@ pub struct SchedulerConfig {
     pub max_silent_time_s: u64,
     pub build_timeout_s: u64,
     pub unsupported_wait_s: u64,
+    /// How runnable steps of equal priority and share use are ordered.
+    pub order: crate::actors::dispatcher::machine::Order,
+    /// Expected duration of a step with no history of its name or job.
+    pub default_step_duration_s: u64,
+}
+
+impl SchedulerConfig {
+    /// The queue's order and expected durations, for the actors.
+    pub fn scheduling(&self) -> crate::actors::env::Scheduling {
+        crate::actors::env::Scheduling {
+            order: self.order,
+            default_step_duration: std::time::Duration::from_secs(self.default_step_duration_s),
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -195,6 +209,8 @@ impl Default for SchedulerConfig {
             max_silent_time_s: 3600,
             build_timeout_s: 36000,
             unsupported_wait_s: 60,
+            order: Default::default(),
+            default_step_duration_s: 60,
         }
     }
 }

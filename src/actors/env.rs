@@ -299,6 +299,23 @@ pub enum SchedEvent {
     },
 }
 
+/// How runnable steps are ordered and how long a step without history is expected to take
+/// (`[scheduler] order`, `default_step_duration_s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduling {
+    pub order: crate::actors::dispatcher::machine::Order,
+    pub default_step_duration: Duration,
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Scheduling {
+            order: Default::default(),
+            default_step_duration: Duration::from_secs(60),
+        }
+    }
+}
+
 /// The environment shared by the actors.
 pub struct Env {
     pub db: Db,
@@ -316,6 +333,8 @@ pub struct Env {
     /// This runner's default timeouts, used where a build sets none.
     pub max_silent: Duration,
     pub timeout: Duration,
+    /// The queue's order and expected step durations.
+    pub scheduling: Scheduling,
     /// Where each successful executor run is appended (drv path per line), for operators and the
     /// restart tests that check no drv is built twice across processes.
     pub runs_ledger: Option<std::path::PathBuf>,
@@ -352,6 +371,7 @@ impl Env {
             probe: Probe::default(),
             max_silent: Duration::from_secs(3600),
             timeout: Duration::from_secs(36000),
+            scheduling: Scheduling::default(),
             runs_ledger: None,
             heartbeats: DashMap::new(),
             #[cfg(feature = "test-hooks")]

@@ -208,7 +208,8 @@ impl Scheduler {
         let recorded = Arc::new(std::sync::Mutex::new(recorded));
         let lookup: RecordedLookup =
             Arc::new(move |drv: &str| recorded.lock().ok().and_then(|mut m| m.remove(drv)));
-        let dispatcher = DispatcherActor::new(env.clone(), unsupported_wait).start();
+        let dispatcher =
+            DispatcherActor::new(env.clone(), unsupported_wait, env.scheduling.order).start();
         if let Restart::CarryRemote { grace, .. } = restart {
             // Before the queue monitor has read anything, so before any step is runnable.
             for c in &recovery.carried {

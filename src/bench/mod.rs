@@ -3,6 +3,7 @@
 //! `scenario` runs them, `measure` holds the instruments.
 
 pub mod graph;
+pub mod makespan;
 pub mod measure;
 pub mod pickup;
 pub mod scenario;

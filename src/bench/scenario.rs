@@ -621,6 +621,7 @@ pub fn runnable_step(i: usize, system: &str) -> crate::actors::dispatcher::machi
             global_priority: 0,
             jobset: "bench".into(),
             local_priority: 0,
+            critical_path_ms: 0,
             build_id: i as i64,
         },
     }

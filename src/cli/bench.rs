@@ -91,6 +91,21 @@ pub struct BenchArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Only the makespan scenario (virtual time, no database): the real dispatcher and
+    /// critical-path tracker on a seeded DAG of --makespan-steps steps, once per order.
+    #[arg(long)]
+    pub makespan: bool,
+    #[arg(long, default_value_t = 7_200)]
+    pub makespan_steps: usize,
+    /// Makespan scenario: inputs are picked among this many steps made before (smaller: deeper).
+    #[arg(long, default_value_t = 2_000)]
+    pub makespan_window: usize,
+    /// Makespan scenario: longest true step duration, in seconds.
+    #[arg(long, default_value_t = 7_200.0)]
+    pub makespan_max_duration_s: f64,
+    /// Makespan scenario: seconds between the evaluations' arrivals.
+    #[arg(long, default_value_t = 300)]
+    pub makespan_eval_interval_s: u64,
 }
 
 /// The targets of the performance issue (2-core machine).
@@ -101,6 +116,9 @@ const TARGET_RESOLUTION_P99_MS: f64 = 2.0;
 const TARGET_RSS_PER_STEP: f64 = 2048.0;
 
 pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.makespan {
+        return makespan(&args);
+    }
     let work_dir = args
         .work_dir
         .clone()
@@ -488,4 +506,46 @@ fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.3}")
     }
+}
+
+/// `qr bench --makespan`: both orders on one workload, against the lower bound.
+fn makespan(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use crate::bench::makespan::{Spec, run};
+    if args.makespan_steps < 2 {
+        anyhow::bail!("--makespan-steps must be at least 2");
+    }
+    let spec = Spec {
+        steps: args.makespan_steps,
+        window: args.makespan_window.max(1),
+        max_duration_s: args.makespan_max_duration_s.max(1.0),
+        eval_interval_s: args.makespan_eval_interval_s,
+        seed: args.seed,
+        ..Spec::default()
+    };
+    let report = run(&spec);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "makespan scenario: {} steps, {} evaluations every {} s, {} machines x {} slots, seed {}",
+        report.steps_built,
+        spec.evaluations,
+        spec.eval_interval_s,
+        spec.machines,
+        spec.slots_per_machine,
+        spec.seed
+    );
+    println!(
+        "total work {:.0} s, work / slots {:.0} s, critical path {:.0} s: lower bound {:.0} s",
+        report.total_work_s, report.work_bound_s, report.critical_path_s, report.lower_bound_s
+    );
+    for r in &report.runs {
+        println!(
+            "  {:<14} makespan {:>8.0} s  ratio {:.3}  (reprioritised {}, tracker visits {})",
+            r.order, r.makespan_s, r.ratio, r.reprioritised, r.cp_visits
+        );
+    }
+    println!("note: {}", report.note);
+    Ok(ExitCode::SUCCESS)
 }

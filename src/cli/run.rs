@@ -372,6 +372,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut env = Env::new(db.clone(), store.clone(), clock, retry_policy(&ctx));
     env.max_silent = Duration::from_secs(ctx.config.scheduler.max_silent_time_s);
     env.timeout = Duration::from_secs(ctx.config.scheduler.build_timeout_s);
+    env.scheduling = ctx.config.scheduler.scheduling();
     let executor = local_executor(&ctx, store.clone())?;
     env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
     let io = crate::actors::env::io_runtime().context("starting the I/O runtime")?;

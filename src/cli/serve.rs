@@ -107,6 +107,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     let mut env = Env::new(db, store.clone(), Arc::new(SystemClock), retry_policy(&ctx));
     env.max_silent = Duration::from_secs(ctx.config.scheduler.max_silent_time_s);
     env.timeout = Duration::from_secs(ctx.config.scheduler.build_timeout_s);
+    env.scheduling = ctx.config.scheduler.scheduling();
     env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
     let io = crate::actors::env::io_runtime().context("starting the I/O runtime")?;
     env.db.run_batches_on(io.clone());

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::core::{Cmd, DispatchCore, In};
-use super::machine::Dispatcher;
+use super::machine::{Dispatcher, Order};
 pub use super::messages::{
-    Actix, DispatchStatus, GetMachines, GetStatus, JobsetUsage, MachineHolds, MachineJoined,
-    MachineLeft, Reserve, Runnable, SetMachineEnabled, SlotFreed, StepLeft,
+    Actix, CriticalPaths, DispatchStatus, GetMachines, GetStatus, JobsetUsage, MachineHolds,
+    MachineJoined, MachineLeft, Reserve, Runnable, SetMachineEnabled, SlotFreed, StepLeft,
 };
 use crate::actors::driver::{Done, Driver, Machine};
 use crate::actors::env::{Env, SchedEvent};
@@ -31,7 +31,7 @@ pub struct DispatchIo {
 }
 
 impl DispatcherActor {
-    pub fn new(env: Arc<Env>, unsupported_wait: Duration) -> Self {
+    pub fn new(env: Arc<Env>, unsupported_wait: Duration, order: Order) -> Self {
         let cell = env
             .actors
             .register("dispatcher", ActorKind::Dispatcher, env.now());
@@ -42,7 +42,10 @@ impl DispatcherActor {
             start: Instant::now(),
             decision_ns: Vec::new(),
         };
-        Driver::with(DispatchCore::new(Dispatcher::new(unsupported_wait)), io)
+        Driver::with(
+            DispatchCore::new(Dispatcher::with_order(unsupported_wait, order)),
+            io,
+        )
     }
 }
 

@@ -25,6 +25,8 @@ pub enum In<R: Routes> {
     },
     /// The step left the queue (abandoned or cancelled).
     StepLeft(String),
+    /// Steps' remaining critical paths changed (ms).
+    CriticalPaths(Vec<(String, u64)>),
     MachineJoined {
         info: MachineInfo,
         runner: R::Runner,
@@ -131,6 +133,7 @@ impl<R: Routes> DispatchCore<R> {
                 self.steps.remove(&drv);
                 self.decide(Event::Removed(drv));
             }
+            In::CriticalPaths(changes) => self.decide(Event::CriticalPaths(changes)),
             In::MachineJoined { info, runner } => {
                 self.runners.insert(info.id.clone(), runner);
                 self.ready.push_back(Cmd::Joined(info.clone()));

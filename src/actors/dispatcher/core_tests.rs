@@ -33,6 +33,7 @@ fn runnable(drv: &str, build: i64) -> In<Names> {
                 global_priority: 0,
                 jobset: "js".into(),
                 local_priority: 0,
+                critical_path_ms: 0,
                 build_id: build,
             },
         },

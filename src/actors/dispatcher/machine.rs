@@ -1,5 +1,6 @@
 //! The dispatcher's logic: runnable steps per system, ordered by global priority, jobset share use,
-//! local priority, then lowest build id; machines picked by system, supported and mandatory
+//! local priority, remaining critical path (longest first; [`Order::CriticalPath`]), then lowest
+//! build id; machines picked by system, supported and mandatory
 //! features, speed factor and free slots. Plain state machine, no runtime; time is injected.
 
 use std::cmp::Reverse;
@@ -34,7 +35,31 @@ pub struct Priority {
     pub global_priority: i32,
     pub jobset: String,
     pub local_priority: i32,
+    /// The step's remaining critical path (ms): its expected duration plus the longest chain of
+    /// expected durations from it up to a build that needs it (`graph::critical_path`).
+    pub critical_path_ms: u64,
     pub build_id: i64,
+}
+
+/// How steps of equal global priority, share use and local priority are ordered
+/// (`[scheduler] order`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Order {
+    /// The longest remaining critical path first, then the lowest build id.
+    #[default]
+    CriticalPath,
+    /// The lowest build id first (the critical path is ignored).
+    BuildId,
+}
+
+impl Order {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Order::CriticalPath => "critical-path",
+            Order::BuildId => "build-id",
+        }
+    }
 }
 
 /// A step ready for a machine.
@@ -55,6 +80,9 @@ pub enum Event {
     Runnable(RunnableStep),
     /// The step left the queue (cancelled, abandoned).
     Removed(String),
+    /// Steps' remaining critical paths changed (ms): queued ones move to their new place. Steps
+    /// not queued are ignored (they carry their value when they become runnable).
+    CriticalPaths(Vec<(String, u64)>),
     /// A jobset used builder time: share use is seconds per share.
     JobsetUsed {
         jobset: String,
@@ -101,11 +129,12 @@ pub enum Effect {
 }
 
 /// How good a jobset's head step is: higher global priority, lower share use, higher local
-/// priority, lower build id.
-type Rank = (Reverse<i32>, f64, Reverse<i32>, i64);
+/// priority, longer critical path, lower build id.
+type Rank = (Reverse<i32>, f64, Reverse<i32>, Reverse<u64>, i64);
 
-/// Per-jobset queue key: higher global, higher local, then lower build id first.
-type QueueKey = (Reverse<i32>, Reverse<i32>, i64, String);
+/// Per-jobset queue key: higher global, higher local, longer critical path (0 for all with
+/// [`Order::BuildId`]), then lower build id first.
+type QueueKey = (Reverse<i32>, Reverse<i32>, Reverse<u64>, i64, String);
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -149,6 +178,7 @@ pub struct Dispatcher {
     /// Machines an operator disabled (or is draining): no new jobs; running jobs finish. Kept
     /// across a machine leaving and rejoining.
     disabled: std::collections::BTreeSet<String>,
+    order: Order,
 }
 
 impl Dispatcher {
@@ -166,7 +196,20 @@ impl Dispatcher {
             reserved: HashMap::new(),
             parked: HashMap::new(),
             disabled: Default::default(),
+            order: Order::default(),
         }
+    }
+
+    /// The same, ordering by `order`.
+    pub fn with_order(unsupported_wait: Duration, order: Order) -> Self {
+        Dispatcher {
+            order,
+            ..Dispatcher::new(unsupported_wait)
+        }
+    }
+
+    pub fn order(&self) -> Order {
+        self.order
     }
 
     /// Number of runnable steps waiting for a machine.
@@ -294,6 +337,31 @@ impl Dispatcher {
                 self.reserved.remove(&drv);
                 vec![]
             }
+            Event::CriticalPaths(changes) => {
+                for (drv, ms) in changes {
+                    if let Some(p) = self.parked.get_mut(&drv) {
+                        p.priority.critical_path_ms = ms;
+                        continue;
+                    }
+                    let Some(step) = self.steps.get(&drv) else {
+                        continue;
+                    };
+                    if step.priority.critical_path_ms == ms {
+                        continue;
+                    }
+                    let mut step = step.clone();
+                    step.priority.critical_path_ms = ms;
+                    // Keeps how long it has waited unsupported.
+                    let since = self.unsupported_since.get(&drv).copied();
+                    self.remove(&drv);
+                    self.enqueue_quiet(step);
+                    if let Some(t) = since {
+                        self.unsupported_since.insert(drv, t);
+                    }
+                }
+                // Only the order changed: no slot is freer than before.
+                vec![]
+            }
             Event::JobsetUsed { jobset, seconds } => {
                 *self.share_used.entry(jobset).or_insert(0.0) += seconds;
                 vec![]
@@ -392,7 +460,7 @@ impl Dispatcher {
 
     /// Queues a runnable step without dispatching.
     fn enqueue_quiet(&mut self, step: RunnableStep) {
-        let key = queue_key(&step);
+        let key = queue_key(&step, self.order);
         self.queues
             .entry((step.system.clone(), step.features.clone()))
             .or_default()
@@ -419,7 +487,7 @@ impl Dispatcher {
         let qk = (step.system.clone(), step.features.clone());
         if let Some(q) = self.queues.get_mut(&qk) {
             if let Some(set) = q.by_jobset.get_mut(&step.priority.jobset) {
-                set.remove(&queue_key(&step));
+                set.remove(&queue_key(&step, self.order));
                 if set.is_empty() {
                     q.by_jobset.remove(&step.priority.jobset);
                 }
@@ -503,10 +571,10 @@ impl Dispatcher {
                 continue;
             }
             for (jobset, set) in &q.by_jobset {
-                let Some((g, l, build, drv)) = set.first() else {
+                let Some((g, l, cp, build, drv)) = set.first() else {
                     continue;
                 };
-                let rank = (*g, self.share_use(jobset), *l, *build);
+                let rank = (*g, self.share_use(jobset), *l, *cp, *build);
                 let better = match &best {
                     None => true,
                     Some((b, _)) => rank
@@ -515,6 +583,7 @@ impl Dispatcher {
                         .then(rank.1.total_cmp(&b.1))
                         .then(rank.2.cmp(&b.2))
                         .then(rank.3.cmp(&b.3))
+                        .then(rank.4.cmp(&b.4))
                         .is_lt(),
                 };
                 if better {
@@ -526,10 +595,15 @@ impl Dispatcher {
     }
 }
 
-fn queue_key(s: &RunnableStep) -> QueueKey {
+fn queue_key(s: &RunnableStep, order: Order) -> QueueKey {
+    let cp = match order {
+        Order::CriticalPath => s.priority.critical_path_ms,
+        Order::BuildId => 0,
+    };
     (
         Reverse(s.priority.global_priority),
         Reverse(s.priority.local_priority),
+        Reverse(cp),
         s.priority.build_id,
         s.drv.clone(),
     )

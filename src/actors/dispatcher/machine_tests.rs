@@ -31,6 +31,7 @@ fn step(
             global_priority: global,
             jobset: jobset.into(),
             local_priority: local,
+            critical_path_ms: 0,
             build_id: build,
         },
     }
@@ -520,4 +521,120 @@ fn a_disabled_machine_gets_no_new_jobs_until_enabled_even_across_a_rejoin() {
     });
     assert_eq!(assigned(&fx), vec![("a".to_string(), "m".to_string())]);
     assert_eq!(d.machines()[0].running, 1);
+}
+
+fn with_cp(mut s: RunnableStep, ms: u64) -> RunnableStep {
+    s.priority.critical_path_ms = ms;
+    s
+}
+
+/// Assignments one slot at a time, after `steps` are queued with no machine.
+fn one_by_one(mut d: Dispatcher, steps: Vec<RunnableStep>) -> Vec<String> {
+    let n = steps.len();
+    for s in steps {
+        assert_eq!(d.on(Event::Runnable(s)), vec![]);
+    }
+    let mut order: Vec<String> = assigned(&d.on(Event::MachineJoined(machine(
+        "m",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    ))))
+    .into_iter()
+    .map(|a| a.0)
+    .collect();
+    for _ in 1..n {
+        order.extend(
+            assigned(&d.on(Event::SlotFreed("m".into())))
+                .into_iter()
+                .map(|a| a.0),
+        );
+    }
+    order
+}
+
+#[test]
+fn a_longer_critical_path_goes_first_at_equal_priority_and_shares() {
+    let steps = vec![
+        with_cp(step("short-old", "x86_64-linux", 0, "js", 0, 1), 10),
+        with_cp(step("long-new", "x86_64-linux", 0, "js", 0, 9), 5_000),
+        with_cp(step("mid", "x86_64-linux", 0, "js", 0, 5), 100),
+        // Equal critical paths: the lower build id.
+        with_cp(step("mid-older", "x86_64-linux", 0, "js", 0, 4), 100),
+    ];
+    let d = Dispatcher::new(Duration::from_secs(60));
+    assert_eq!(d.order(), Order::CriticalPath);
+    assert_eq!(
+        one_by_one(d, steps.clone()),
+        vec!["long-new", "mid-older", "mid", "short-old"]
+    );
+    // Build-id order ignores the critical path.
+    let d = Dispatcher::with_order(Duration::from_secs(60), Order::BuildId);
+    assert_eq!(
+        one_by_one(d, steps),
+        vec!["short-old", "mid-older", "mid", "long-new"]
+    );
+}
+
+#[test]
+fn global_priority_and_shares_still_win_over_the_critical_path() {
+    let d = Dispatcher::new(Duration::from_secs(60));
+    let order = one_by_one(
+        d,
+        vec![
+            with_cp(step("long-low", "x86_64-linux", 0, "js", 0, 1), 1_000_000),
+            with_cp(step("short-high", "x86_64-linux", 5, "js", 0, 2), 1),
+        ],
+    );
+    assert_eq!(order, vec!["short-high", "long-low"]);
+
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::JobsetUsed {
+        jobset: "busy".into(),
+        seconds: 1000.0,
+    });
+    let order = one_by_one(
+        d,
+        vec![
+            with_cp(
+                step("long-busy", "x86_64-linux", 0, "busy", 0, 1),
+                1_000_000,
+            ),
+            with_cp(step("short-idle", "x86_64-linux", 0, "idle", 0, 2), 1),
+        ],
+    );
+    assert_eq!(order, vec!["short-idle", "long-busy"]);
+}
+
+#[test]
+fn a_queued_step_moves_when_its_critical_path_changes() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    d.on(Event::Runnable(with_cp(
+        step("a", "x86_64-linux", 0, "js", 0, 1),
+        50,
+    )));
+    d.on(Event::Runnable(with_cp(
+        step("b", "x86_64-linux", 0, "js", 0, 2),
+        10,
+    )));
+    // A new build needs b through a long chain; unknown steps are ignored.
+    assert_eq!(
+        d.on(Event::CriticalPaths(vec![
+            ("b".into(), 900),
+            ("gone".into(), 1)
+        ])),
+        vec![]
+    );
+    assert_eq!(d.runnable(), 2);
+    let fx = d.on(Event::MachineJoined(machine(
+        "m",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    assert_eq!(assigned(&fx), vec![("b".into(), "m".into())]);
+    assert_eq!(
+        assigned(&d.on(Event::SlotFreed("m".into()))),
+        vec![("a".into(), "m".into())]
+    );
 }

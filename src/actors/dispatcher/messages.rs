@@ -21,6 +21,11 @@ pub struct Runnable {
 #[rtype(result = "()")]
 pub struct StepLeft(pub String);
 
+/// Steps' remaining critical paths changed (ms), from the graph.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CriticalPaths(pub Vec<(String, u64)>);
+
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct MachineJoined {
@@ -81,6 +86,12 @@ pub struct DispatchStatus {
 impl From<StepLeft> for In<Actix> {
     fn from(m: StepLeft) -> Self {
         In::StepLeft(m.0)
+    }
+}
+
+impl From<CriticalPaths> for In<Actix> {
+    fn from(m: CriticalPaths) -> Self {
+        In::CriticalPaths(m.0)
     }
 }
 

@@ -5,4 +5,4 @@ pub mod core;
 pub mod machine;
 pub mod messages;
 
-pub use machine::{Dispatcher, Effect, Event, MachineInfo, Priority, RunnableStep};
+pub use machine::{Dispatcher, Effect, Event, MachineInfo, Order, Priority, RunnableStep};

@@ -7,6 +7,8 @@
 //! lives as long as something downstream needs it.
 
 pub mod attach;
+pub mod critical_path;
+pub mod durations;
 pub mod plan;
 pub mod registry;
 

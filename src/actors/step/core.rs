@@ -451,12 +451,15 @@ impl<A: Wiring> StepCore<A> {
                     .map(|b| b.1.local_priority)
                     .max()
                     .unwrap_or(0),
+                // The graph's to know: filled in when the step is queued.
+                critical_path_ms: 0,
                 build_id: *id,
             },
             None => Priority {
                 global_priority: 0,
                 jobset: String::new(),
                 local_priority: 0,
+                critical_path_ms: 0,
                 build_id: i64::MAX,
             },
         }
