@@ -283,10 +283,12 @@ fn slow_chain(tag: &str, sleep_s: u32) -> Value {
     g.doc()
 }
 
+/// Waits until the builder runs the build of `name_part` (its inputs fetched from the runner:
+/// a runner killed earlier would fail the fetch, and the job with it).
 fn wait_started(p: &Proc, name_part: &str) -> bool {
     let t = std::time::Instant::now();
     while t.elapsed() < Duration::from_secs(30) {
-        if p.count_lines(&["build started", name_part]) > 0 {
+        if p.count_lines(&["inputs in place; the build runs", name_part]) > 0 {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -558,6 +558,9 @@ async fn build(cfg: &Arc<AgentConfig>, state: &Shared, job: runner_v1::BuildJob)
             return transient(e);
         }
     }
+    // Tests that kill the runner mid-build wait for this line: before it, the job still needs
+    // the runner (its inputs come from it).
+    tracing::info!(drv = %job.drv_path, job = %job.job_id, "inputs in place; the build runs");
     let tailer = cfg.log_dir.clone().map(|dir| {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let t = tokio::spawn(tail_log(
