@@ -36,6 +36,10 @@ pub struct Job {
     pub outputs: BTreeMap<String, Option<String>>,
     /// `Some` for an aggregate job.
     pub constituents: Option<Vec<Constituent>>,
+    /// `meta.repo` and `meta.rev` (`nix-eval-jobs --meta`), when the job carries them: the
+    /// repository (`owner/name`) and commit its github-status notifications are for.
+    pub repo: Option<String>,
+    pub rev: Option<String>,
 }
 
 /// A line that queues nothing: the evaluator's `error`, or why qr could not use it.
@@ -141,6 +145,20 @@ fn opt_string(
     }
 }
 
+/// `meta.repo` / `meta.rev`: a string, or absent.
+fn meta_string(
+    m: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, LineProblem> {
+    opt_string(m, field).map_err(|_| LineProblem::WrongType {
+        field: match field {
+            "repo" => "meta.repo",
+            _ => "meta.rev",
+        },
+        expected: "a string",
+    })
+}
+
 fn strings(
     o: &serde_json::Map<String, Value>,
     field: &'static str,
@@ -236,6 +254,16 @@ fn job_of(
         cs.extend(named.unwrap_or_default().into_iter().map(Constituent::Job));
         Some(cs)
     };
+    let (repo, rev) = match o.get("meta") {
+        None | Some(Value::Null) => (None, None),
+        Some(Value::Object(m)) => (meta_string(m, "repo")?, meta_string(m, "rev")?),
+        Some(_) => {
+            return Err(LineProblem::WrongType {
+                field: "meta",
+                expected: "an object",
+            });
+        }
+    };
     Ok(Job {
         line,
         attr,
@@ -244,6 +272,8 @@ fn job_of(
         system: opt_string(o, "system")?,
         outputs,
         constituents,
+        repo,
+        rev,
     })
 }
 
@@ -708,6 +738,8 @@ mod tests {
             system: None,
             outputs: BTreeMap::new(),
             constituents: cs,
+            repo: None,
+            rev: None,
         }
     }
 

@@ -173,6 +173,8 @@ async fn prepare_job(
             .map(|(o, out)| (o.clone(), out.path().map(str::to_string)))
             .collect(),
         constituents: vec![],
+        repo: job.repo.clone(),
+        rev: job.rev.clone(),
     })
 }
 

@@ -12,6 +12,8 @@ fn job(name: &str, constituents: &[&str]) -> NewEvalJob {
         system: SYSTEM.into(),
         outputs: vec![("out".into(), None)],
         constituents: constituents.iter().map(|c| c.to_string()).collect(),
+        repo: None,
+        rev: None,
     }
 }
 
