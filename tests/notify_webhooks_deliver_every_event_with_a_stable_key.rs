@@ -236,7 +236,10 @@ target_url = "http://qr.example/build/{{build}}"
         self.serves += 1;
         let mut c = self.command();
         c.args(["serve", "--listen", &format!("127.0.0.1:{}", self.grpc)]);
-        let log = self.qr.state_dir().join(format!("serve-{}.log", self.serves));
+        let log = self
+            .qr
+            .state_dir()
+            .join(format!("serve-{}.log", self.serves));
         let p = Proc::spawn("serve", c, log);
         assert!(
             p.wait_log("listening on", WAIT),
@@ -331,7 +334,10 @@ fn subject(v: &Value) -> (String, i64) {
         Some("eval_completed") => v["eval"]["eval"].as_i64(),
         _ => v["build"]["id"].as_i64(),
     };
-    (v["event"].as_str().unwrap_or("").to_string(), id.unwrap_or(-1))
+    (
+        v["event"].as_str().unwrap_or("").to_string(),
+        id.unwrap_or(-1),
+    )
 }
 
 /// Every key names one subject and is always sent (to one webhook: the key names the event, so
@@ -377,7 +383,10 @@ fn every_event_arrives_signed(backend: Backend) {
     let drv = graph[0]["drvPath"].as_str().expect("drvPath").to_string();
     let eval = s.submit_eval(&drv);
     let eval_build = ids(&eval)[0];
-    assert!(!built.contains(&eval_build), "the evaluation queued a new build");
+    assert!(
+        !built.contains(&eval_build),
+        "the evaluation queued a new build"
+    );
 
     let got = s.rx.wait_for("every event", |g| {
         let subjects: BTreeSet<(String, i64)> = g
@@ -390,7 +399,8 @@ fn every_event_arrives_signed(backend: Backend) {
                 && subjects.contains(&("build_finished".into(), *b))
         }) && subjects.contains(&("build_finished".into(), eval_build))
             && subjects.iter().any(|(e, _)| e == "eval_completed")
-            && g.iter().any(|x| x.path.starts_with("/repos/") && x.json()["state"] == "success")
+            && g.iter()
+                .any(|x| x.path.starts_with("/repos/") && x.json()["state"] == "success")
     });
     let subjects = check_keys_stable(&got);
     // The evaluation's event names its job and new build.
@@ -410,7 +420,10 @@ fn every_event_arrives_signed(backend: Backend) {
         }
     }
     // The github-status body, for the job with meta.repo/rev only (the graph's builds have none).
-    let gh: Vec<&Got> = got.iter().filter(|g| g.path.starts_with("/repos/")).collect();
+    let gh: Vec<&Got> = got
+        .iter()
+        .filter(|g| g.path.starts_with("/repos/"))
+        .collect();
     for g in &gh {
         assert_eq!(g.path, "/repos/o/r/statuses/abc123");
         assert_eq!(g.header("authorization"), "Bearer tok-123");
@@ -437,12 +450,21 @@ fn every_event_arrives_signed(backend: Backend) {
         .map(|g| g.header("x-qr-delivery").to_string())
         .collect();
     for r in &rows {
-        let skipped = r.last_error.as_deref().is_some_and(|e| e.starts_with("skipped:"));
+        let skipped = r
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("skipped:"));
         match r.webhook.as_str() {
             "gh" if r.build != Some(qr::db::types::BuildId(eval_build)) => {
-                assert!(skipped, "a github-status row without meta was not skipped: {r:?}")
+                assert!(
+                    skipped,
+                    "a github-status row without meta was not skipped: {r:?}"
+                )
             }
-            _ => assert!(received.contains(&r.key) && !skipped, "row {r:?} was not received"),
+            _ => assert!(
+                received.contains(&r.key) && !skipped,
+                "row {r:?} was not received"
+            ),
         }
     }
     assert_eq!(
@@ -493,7 +515,9 @@ fn a_receiver_down_for_a_while_gets_every_event_when_it_is_back() {
     for b in built {
         for e in ["build_started", "build_finished"] {
             assert!(
-                hook_requests(&got).iter().any(|(_, v)| subject(v) == (e.to_string(), b)),
+                hook_requests(&got)
+                    .iter()
+                    .any(|(_, v)| subject(v) == (e.to_string(), b)),
                 "{e} of build {b} missing"
             );
         }

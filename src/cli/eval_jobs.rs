@@ -586,6 +586,31 @@ mod tests {
     }
 
     #[test]
+    fn meta_repo_and_rev_are_kept_and_mistyped_ones_are_errors() {
+        let line = format!(
+            r#"{{"attr":"a","drvPath":"{DRV}","meta":{{"repo":"o/r","rev":"abc","description":"x"}}}}"#
+        );
+        let Parsed::Job(j) = one(&line) else {
+            panic!("not a job")
+        };
+        assert_eq!(
+            (j.repo.as_deref(), j.rev.as_deref()),
+            (Some("o/r"), Some("abc"))
+        );
+        let line = format!(r#"{{"attr":"a","drvPath":"{DRV}","meta":{{"description":"x"}}}}"#);
+        let Parsed::Job(j) = one(&line) else {
+            panic!("not a job")
+        };
+        assert_eq!((j.repo, j.rev), (None, None));
+        let e = error_of(&format!(
+            r#"{{"attr":"a","drvPath":"{DRV}","meta":{{"rev":7}}}}"#
+        ));
+        assert!(e.message.contains("meta.rev"), "{e:?}");
+        let e = error_of(&format!(r#"{{"attr":"a","drvPath":"{DRV}","meta":"x"}}"#));
+        assert!(e.message.contains("`meta`"), "{e:?}");
+    }
+
+    #[test]
     fn an_error_line_keeps_the_evaluators_message() {
         let e = error_of(
             r#"{"attr":"broken","attrPath":["broken"],"error":"error: this job is broken\n"}"#,

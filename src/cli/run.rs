@@ -446,7 +446,9 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
             .await
             .context("waiting for the notifications to be delivered")?;
         if left > 0 {
-            eprintln!("qr run: {left} notification(s) not delivered yet; the next `qr serve` or `qr run` delivers them");
+            eprintln!(
+                "qr run: {left} notification(s) not delivered yet; the next `qr serve` or `qr run` delivers them"
+            );
         }
     }
     actix_rt::System::current().stop();

@@ -154,8 +154,16 @@ impl Write for CancelBuild {
             return build_miss(tx.exec(), self.id).await;
         }
         let (id, stop) = (self.id, self.stop_time);
-        outbox::insert_finished(&mut tx, targets, id, BuildStatus::Cancelled, None, stop, false)
-            .await?;
+        outbox::insert_finished(
+            &mut tx,
+            targets,
+            id,
+            BuildStatus::Cancelled,
+            None,
+            stop,
+            false,
+        )
+        .await?;
         db.commit(tx).await?;
         Ok(true)
     }

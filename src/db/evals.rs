@@ -267,14 +267,8 @@ impl Write for RecordEval<'_> {
             };
             by_drv.insert(&j.drv_path, (build, is_new));
             by_job.insert(&j.job, build);
-            let args: [&dyn super::exec::Param; 6] = [
-                &id,
-                &j.job,
-                &build.0,
-                &i32::from(is_new),
-                &j.repo,
-                &j.rev,
-            ];
+            let args: [&dyn super::exec::Param; 6] =
+                [&id, &j.job, &build.0, &i32::from(is_new), &j.repo, &j.rev];
             tx.exec().execute(INSERT_MEMBER, &args).await?;
             members.push(EvalMember {
                 job: j.job.clone(),

@@ -261,7 +261,16 @@ pub(crate) async fn insert_finish(
     f: &FinishBuild,
 ) -> Result<(), DbError> {
     let start = f.start_time.or(Some(f.stop_time));
-    insert_finished(tx, targets, f.build, f.status, start, f.stop_time, f.is_cached).await
+    insert_finished(
+        tx,
+        targets,
+        f.build,
+        f.status,
+        start,
+        f.stop_time,
+        f.is_cached,
+    )
+    .await
 }
 
 /// In `tx`: evaluation `eval` was recorded; its `eval_completed` rows.
@@ -295,8 +304,9 @@ fn outbox_row(r: &Row) -> Result<OutboxRow, DbError> {
     let kind = EventKind::parse(&kind)
         .ok_or_else(|| DbError::Invalid(format!("outbox row with unknown kind {kind:?}")))?;
     let payload: String = r.get("payload")?;
-    let payload = serde_json::from_str(&payload)
-        .map_err(|e| DbError::Invalid(format!("outbox row with a payload that is not JSON: {e}")))?;
+    let payload = serde_json::from_str(&payload).map_err(|e| {
+        DbError::Invalid(format!("outbox row with a payload that is not JSON: {e}"))
+    })?;
     Ok(OutboxRow {
         id: r.get("id")?,
         webhook: r.get("webhook")?,
@@ -432,7 +442,10 @@ impl Db {
     }
 
     /// The `meta.repo` / `meta.rev` of the newest evaluation job naming `build` that carries both.
-    pub async fn build_repo_rev(&self, build: BuildId) -> Result<Option<(String, String)>, DbError> {
+    pub async fn build_repo_rev(
+        &self,
+        build: BuildId,
+    ) -> Result<Option<(String, String)>, DbError> {
         self.reading("build_repo_rev", || async move {
             match self.exec().fetch_optional(REPO_REV, &[&build.0]).await? {
                 Some(r) => Ok(Some((r.get("repo")?, r.get("rev")?))),

@@ -302,7 +302,10 @@ mod tests {
         w.secret = String::new();
         w.secret_file = "/nonexistent/secret".into();
         let e = err(vec![w]);
-        assert!(e.contains("secret_file") && e.contains("/nonexistent/secret"), "{e}");
+        assert!(
+            e.contains("secret_file") && e.contains("/nonexistent/secret"),
+            "{e}"
+        );
         let e = err(vec![wh("http://x/"), wh("http://x/")]);
         assert!(e.contains("two webhooks"), "{e}");
         let bad = NotifyConfig {

@@ -37,7 +37,10 @@ pub fn spawn(
     db: Db,
     settings: &NotifySettings,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, PostError> {
-    let https = settings.webhooks.iter().any(|w| w.url.starts_with("https://"));
+    let https = settings
+        .webhooks
+        .iter()
+        .any(|w| w.url.starts_with("https://"));
     let client = Client::new(&settings.ca_file, settings.timeout, https)?;
     let mut tasks = Vec::new();
     for w in &settings.webhooks {

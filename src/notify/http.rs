@@ -112,7 +112,9 @@ impl Client {
             url: url.to_string(),
             why,
         };
-        let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
@@ -124,7 +126,10 @@ impl Client {
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut req = Request::post(path)
             .header(hyper::header::HOST, authority)
-            .header(hyper::header::USER_AGENT, concat!("qr/", env!("CARGO_PKG_VERSION")))
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("qr/", env!("CARGO_PKG_VERSION")),
+            )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::ACCEPT, "*/*");
         for (k, v) in headers {

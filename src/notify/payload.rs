@@ -125,7 +125,9 @@ fn github_status(wh: &Webhook, row: &OutboxRow, cx: &Context<'_>) -> Rendered {
             let name = p.get("statusName").and_then(Value::as_str).unwrap_or("?");
             (state_of(status), format!("build {}: {name}", b.id.0))
         }
-        EventKind::EvalCompleted => return Rendered::Skip("no commit status for evaluations".into()),
+        EventKind::EvalCompleted => {
+            return Rendered::Skip("no commit status for evaluations".into());
+        }
     };
     let fill = |t: &str| {
         t.replace("{build}", &b.id.0.to_string())

@@ -68,7 +68,9 @@ pub async fn outbox_rows_come_with_the_changes_they_announce(ctx: Ctx) -> Result
     let quiet = ctx.db.create_build(&new_build("quiet", 0, 0)).await?;
     let nrs = steps(&ctx.db, quiet, "quiet", 2).await?;
     start_all(&ctx.db, quiet, &nrs).await?;
-    ctx.db.finish_build(&done(quiet, BuildStatus::Success)).await?;
+    ctx.db
+        .finish_build(&done(quiet, BuildStatus::Success))
+        .await?;
     ensure!(ctx.db.outbox().await?.is_empty());
 
     let db = with_targets(&ctx).await?;
@@ -158,14 +160,20 @@ pub async fn outbox_rows_come_with_the_changes_they_announce(ctx: Ctx) -> Result
     // Delivery bookkeeping: due rows by webhook, retried later, then delivered.
     let now = now_ms();
     let due = db.outbox_due("b", now, 100).await?;
-    ensure!(due.len() == 3 && due.iter().all(|r| r.webhook == "b"), "{due:#?}");
+    ensure!(
+        due.len() == 3 && due.iter().all(|r| r.webhook == "b"),
+        "{due:#?}"
+    );
     db.outbox_retry(due[0].id, now + 60_000, "HTTP 500").await?;
     let due2 = db.outbox_due("b", now, 100).await?;
     ensure!(due2.len() == 2 && due2.iter().all(|r| r.id != due[0].id));
     db.outbox_delivered(due[1].id, now, None).await?;
     let pending_before = db.outbox_pending().await?;
     db.outbox_delivered(due[1].id, now + 1, None).await?;
-    ensure!(db.outbox_pending().await? == pending_before, "delivered once");
+    ensure!(
+        db.outbox_pending().await? == pending_before,
+        "delivered once"
+    );
     let rows = db.outbox().await?;
     let r0 = rows.iter().find(|r| r.id == due[0].id).unwrap();
     ensure!(r0.attempts == 1 && r0.last_error.as_deref() == Some("HTTP 500"));
@@ -184,9 +192,14 @@ pub async fn an_event_commits_with_its_change_or_not_at_all(ctx: Ctx) -> Result<
     let r = db.finish_build(&done(b, BuildStatus::Success)).await;
     ensure!(r.is_err(), "{r:?}");
     ensure!(!db.get_build(b).await?.finished);
-    ensure!(db.outbox().await?.is_empty(), "an event for a change rolled back");
+    ensure!(
+        db.outbox().await?.is_empty(),
+        "an event for a change rolled back"
+    );
     for lost in [FaultPoint::CommitLostBefore, FaultPoint::CommitLostAfter] {
-        let b = db.create_build(&new_build(&format!("lost-{lost:?}"), 0, 0)).await?;
+        let b = db
+            .create_build(&new_build(&format!("lost-{lost:?}"), 0, 0))
+            .await?;
         let nrs = steps(&db, b, &format!("lost-{lost:?}"), 1).await?;
         db.arm_fault(lost);
         start_all(&db, b, &nrs).await?;
