@@ -284,7 +284,9 @@ pub struct WebhookConfig {
     pub name: String,
     /// Where to POST; with `format = "github-status"` a template with `{repo}` and `{rev}`.
     pub url: String,
-    /// The HMAC-SHA256 key of `X-Qr-Signature-256` (or `secret_file`).
+    /// The HMAC-SHA256 key of `X-Qr-Signature-256` (or `secret_file`). `qr config` prints it
+    /// as `<redacted>`.
+    #[serde(serialize_with = "redacted")]
     pub secret: String,
     pub secret_file: String,
     /// Any of `build_started`, `build_finished`, `eval_completed`; empty: every event the
@@ -298,6 +300,14 @@ pub struct WebhookConfig {
     pub target_url: String,
     /// github-status: `context`, a template with `{jobset}`, `{job}`; empty: `qr/{job}`.
     pub context: String,
+}
+
+/// A secret as `qr config` shows it: `<redacted>` unless empty.
+fn redacted<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
+    match secret.is_empty() {
+        true => s.serialize_str(""),
+        false => s.serialize_str("<redacted>"),
+    }
 }
 
 /// The default state dir: `$XDG_STATE_HOME/qr`, else `$HOME/.local/state/qr`, else `./qr-state`.
@@ -501,6 +511,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn webhooks_are_read_and_their_secret_is_not_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[notify]\npoll_interval_s = 0.5\n[[notify.webhooks]]\nurl = \"http://x/\"\n\
+             secret = \"hunter2\"\nsecret_file = \"{state_dir}/s\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&f), Path::new("/sd"), no_env()).unwrap();
+        assert_eq!(cfg.notify.poll_interval_s, 0.5);
+        assert_eq!(cfg.notify.webhooks.len(), 1);
+        assert_eq!(cfg.notify.webhooks[0].secret, "hunter2");
+        assert_eq!(cfg.notify.webhooks[0].secret_file, "/sd/s");
+        let shown = toml::to_string_pretty(&cfg).unwrap();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -286,6 +286,14 @@ target_url = "http://qr.example/build/{{build}}"
         self.submit(&["--eval-jobs", f.to_str().unwrap(), "--jobset", "ev"])
     }
 
+    /// The outbox, or nothing when the database was never created.
+    fn outbox_if_any(&self) -> Vec<qr::db::OutboxRow> {
+        match self.qr.db_url.strip_prefix("sqlite://") {
+            Some(p) if !Path::new(p).exists() => vec![],
+            _ => self.outbox(),
+        }
+    }
+
     fn outbox(&self) -> Vec<qr::db::OutboxRow> {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
@@ -573,4 +581,70 @@ fn kill9_during_delivery_loses_nothing_sqlite() {
 #[test]
 fn kill9_during_delivery_loses_nothing_postgres() {
     kill9_during_delivery_loses_nothing(Backend::Postgres);
+}
+
+#[test]
+fn qr_run_delivers_its_events_before_it_exits() {
+    let Some(s) = Setup::new(Backend::Sqlite, 10.0) else {
+        return;
+    };
+    s.rx.listen();
+    let graph = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/diamond.json");
+    let out = s
+        .command()
+        .args(["run", "--json", graph.to_str().unwrap()])
+        .output()
+        .expect("qr run");
+    assert!(
+        out.status.success(),
+        "qr run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let builds: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    // Already there when it exited: no waiting.
+    let got = s.rx.got();
+    check_keys_stable(&got);
+    for b in ids(&builds) {
+        for e in ["build_started", "build_finished"] {
+            assert!(
+                hook_requests(&got)
+                    .iter()
+                    .any(|(_, v)| subject(v) == (e.to_string(), b)),
+                "{e} of build {b} not delivered before qr run exited"
+            );
+        }
+    }
+    assert_eq!(
+        s.outbox()
+            .iter()
+            .filter(|r| r.delivered_at.is_none())
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn a_bad_webhook_stops_the_runner_at_start_with_a_clear_message() {
+    let Some(s) = Setup::new(Backend::Sqlite, 10.0) else {
+        return;
+    };
+    std::fs::write(
+        &s.config,
+        "[[notify.webhooks]]\nurl = \"http://127.0.0.1:9/h\"\nevents = [\"build_done\"]\n",
+    )
+    .unwrap();
+    for cmd in [&["serve"][..], &["run", "/nonexistent.drv"][..]] {
+        let out = s.command().args(cmd).output().expect("qr");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd:?} started");
+        assert!(
+            err.contains("[[notify.webhooks]] #1") && err.contains("build_done"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert!(s.outbox_if_any().is_empty());
 }

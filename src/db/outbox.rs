@@ -224,9 +224,12 @@ pub(crate) async fn insert_finished(
     stop: i64,
     cached: bool,
 ) -> Result<(), DbError> {
-    if !targets.build_started.is_empty() {
-        tx.exec().execute(CLOSE_STARTS, &[&build.0]).await?;
+    if targets.is_empty() {
+        return Ok(());
     }
+    // Closed whatever the webhooks now want: a start left open by an earlier configuration would
+    // otherwise hide the next attempt's.
+    tx.exec().execute(CLOSE_STARTS, &[&build.0]).await?;
     let payload = finished_payload(build, status, start, stop, cached);
     let now = now_ms();
     for w in &targets.build_finished {

@@ -188,3 +188,50 @@ where
     }
     Ok(status)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_needs_a_readable_ca_file() {
+        let missing = Path::new("/nonexistent/ca.pem");
+        let e = Client::new(missing, Duration::from_secs(1), true)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("ca.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = Client::new(&empty, Duration::from_secs(1), true)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("no usable certificate"), "{e}");
+        // Plain http needs none.
+        assert!(Client::new(missing, Duration::from_secs(1), false).is_ok());
+        // The system's bundle, where there is one, loads.
+        let system = Path::new("/etc/ssl/certs/ca-certificates.crt");
+        if system.exists() {
+            assert!(Client::new(system, Duration::from_secs(1), true).is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_an_error_naming_the_address() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let c = Client::new(Path::new("/x"), Duration::from_secs(5), false).unwrap();
+        let e = c
+            .post(&format!("http://127.0.0.1:{port}/h"), &[], b"{}".to_vec())
+            .await
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
+    }
+}
