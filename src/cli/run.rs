@@ -442,7 +442,7 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let ok = print_reports(&report(&db, &ids).await?, args.json);
     if !notify.webhooks.is_empty() {
         // This run's events are delivered before it exits (what is left, by the next start).
-        let left = crate::notify::deliver::drain(&db, notify.drain_timeout, notify.poll_interval)
+        let left = crate::notify::deliver::drain(&db, &notify)
             .await
             .context("waiting for the notifications to be delivered")?;
         if left > 0 {

@@ -147,7 +147,7 @@ const DUE: &str = "select id, webhook, kind, build, eval, key, payload, created,
      next_attempt_at, delivered_at, last_error from outbox \
      where webhook = $1 and delivered_at is null and next_attempt_at <= $2 order by id limit $3";
 
-const PENDING: &str = "select count(*) from outbox where delivered_at is null";
+const PENDING: &str = "select count(*) from outbox where webhook = $1 and delivered_at is null";
 
 const MARK_DELIVERED: &str = "update outbox set delivered_at = $2, attempts = attempts + 1, \
      last_error = $3 where id = $1 and delivered_at is null";
@@ -413,10 +413,10 @@ impl Db {
         .await
     }
 
-    /// How many rows are not delivered yet.
-    pub async fn outbox_pending(&self) -> Result<i64, DbError> {
+    /// How many rows of `webhook` are not delivered yet.
+    pub async fn outbox_pending(&self, webhook: &str) -> Result<i64, DbError> {
         self.reading("outbox_pending", || async move {
-            match self.exec().fetch_optional(PENDING, &[]).await? {
+            match self.exec().fetch_optional(PENDING, &[&webhook]).await? {
                 Some(r) => r.first(),
                 None => Ok(0),
             }

@@ -51,11 +51,16 @@ pub fn spawn(
     Ok(tasks)
 }
 
-/// Waits until no row is undelivered, at most `timeout`; the number still undelivered.
-pub async fn drain(db: &Db, timeout: Duration, poll: Duration) -> Result<i64, DbError> {
-    let until = tokio::time::Instant::now() + timeout;
+/// Waits until no row of the configured webhooks is undelivered, at most `drain_timeout`; the
+/// number still undelivered.
+pub async fn drain(db: &Db, settings: &NotifySettings) -> Result<i64, DbError> {
+    let until = tokio::time::Instant::now() + settings.drain_timeout;
+    let poll = settings.poll_interval;
     loop {
-        let left = db.outbox_pending().await?;
+        let mut left = 0;
+        for w in &settings.webhooks {
+            left += db.outbox_pending(&w.name).await?;
+        }
         if left == 0 || tokio::time::Instant::now() >= until {
             return Ok(left);
         }

@@ -168,10 +168,10 @@ pub async fn outbox_rows_come_with_the_changes_they_announce(ctx: Ctx) -> Result
     let due2 = db.outbox_due("b", now, 100).await?;
     ensure!(due2.len() == 2 && due2.iter().all(|r| r.id != due[0].id));
     db.outbox_delivered(due[1].id, now, None).await?;
-    let pending_before = db.outbox_pending().await?;
+    let pending_before = db.outbox_pending("b").await?;
     db.outbox_delivered(due[1].id, now + 1, None).await?;
     ensure!(
-        db.outbox_pending().await? == pending_before,
+        db.outbox_pending("b").await? == pending_before,
         "delivered once"
     );
     let rows = db.outbox().await?;
