@@ -39,6 +39,7 @@ pub struct Config {
     pub local_builder: LocalBuilderConfig,
     pub scheduler: SchedulerConfig,
     pub cache: CacheConfig,
+    pub notify: NotifyConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +255,77 @@ impl Default for CacheConfig {
     }
 }
 
+/// `[notify]`: webhooks for build and evaluation events, delivered from the database's outbox
+/// (`crate::notify`, `docs/ops.md` "Notifications").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Seconds between the delivery task's looks for due events.
+    pub poll_interval_s: f64,
+    /// The first retry of a failed delivery waits this long, each next one twice as long…
+    pub retry_base_s: f64,
+    /// … up to this.
+    pub retry_max_s: f64,
+    /// One delivery (connect, send, answer) may take this long before it counts as failed.
+    pub timeout_s: f64,
+    /// `qr run`: how long it waits, after its builds, for their events to be delivered (what is
+    /// left is delivered by the next `qr serve` or `qr run`).
+    pub drain_timeout_s: f64,
+    /// PEM file of the CA certificates `https://` receivers are verified against.
+    pub ca_file: String,
+    /// `[[notify.webhooks]]`: none by default (and then no outbox rows are written).
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            poll_interval_s: 1.0,
+            retry_base_s: 2.0,
+            retry_max_s: 600.0,
+            timeout_s: 10.0,
+            drain_timeout_s: 10.0,
+            ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
+            webhooks: vec![],
+        }
+    }
+}
+
+/// One `[[notify.webhooks]]` entry (checked by `crate::notify::config`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the webhook's outbox rows; default: the URL. Keep it when changing the URL, or
+    /// the undelivered events of the old name are left behind.
+    pub name: String,
+    /// Where to POST; with `format = "github-status"` a template with `{repo}` and `{rev}`.
+    pub url: String,
+    /// The HMAC-SHA256 key of `X-Qr-Signature-256` (or `secret_file`). `qr config` prints it
+    /// as `<redacted>`.
+    #[serde(serialize_with = "redacted")]
+    pub secret: String,
+    pub secret_file: String,
+    /// Any of `build_started`, `build_finished`, `eval_completed`; empty: every event the
+    /// format has.
+    pub events: Vec<String>,
+    /// `qr` (default) or `github-status`.
+    pub format: String,
+    /// github-status: file holding the token sent as `Authorization: Bearer …`.
+    pub token_file: String,
+    /// github-status: `target_url`, a template with `{build}`; empty: none.
+    pub target_url: String,
+    /// github-status: `context`, a template with `{jobset}`, `{job}`; empty: `qr/{job}`.
+    pub context: String,
+}
+
+/// A secret as `qr config` shows it: `<redacted>` unless empty.
+fn redacted<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
+    match secret.is_empty() {
+        true => s.serialize_str(""),
+        false => s.serialize_str("<redacted>"),
+    }
+}
+
 /// The default state dir: `$XDG_STATE_HOME/qr`, else `$HOME/.local/state/qr`, else `./qr-state`.
 pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
@@ -325,8 +397,14 @@ impl Config {
             &mut self.cache.secret_key_file,
             &mut self.cache.nar_dir,
             &mut self.cache.upload,
+            &mut self.notify.ca_file,
         ] {
             *s = s.replace("{state_dir}", &sd);
+        }
+        for w in &mut self.notify.webhooks {
+            for s in [&mut w.secret_file, &mut w.token_file] {
+                *s = s.replace("{state_dir}", &sd);
+            }
         }
     }
 
@@ -449,6 +527,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn webhooks_are_read_and_their_secret_is_not_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[notify]\npoll_interval_s = 0.5\n[[notify.webhooks]]\nurl = \"http://x/\"\n\
+             secret = \"hunter2\"\nsecret_file = \"{state_dir}/s\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&f), Path::new("/sd"), no_env()).unwrap();
+        assert_eq!(cfg.notify.poll_interval_s, 0.5);
+        assert_eq!(cfg.notify.webhooks.len(), 1);
+        assert_eq!(cfg.notify.webhooks[0].secret, "hunter2");
+        assert_eq!(cfg.notify.webhooks[0].secret_file, "/sd/s");
+        let shown = toml::to_string_pretty(&cfg).unwrap();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]

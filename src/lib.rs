@@ -13,5 +13,6 @@ pub mod config;
 pub mod db;
 pub mod grpc;
 pub mod metrics;
+pub mod notify;
 pub mod store;
 pub mod web;

@@ -207,16 +207,22 @@ suite!(
     query_plans_use_indexes,
     evals_record_members_errors_and_constituents,
     a_drv_with_a_build_in_the_jobset_is_not_queued_again,
+    outbox_rows_come_with_the_changes_they_announce,
 );
 
 #[path = "db_suite/evals.rs"]
 mod evals;
+#[path = "db_suite/outbox.rs"]
+mod outbox;
 #[cfg(feature = "test-hooks")]
 use evals::record_eval_is_one_transaction;
 use evals::{
     a_drv_with_a_build_in_the_jobset_is_not_queued_again,
     evals_record_members_errors_and_constituents,
 };
+#[cfg(feature = "test-hooks")]
+use outbox::an_event_commits_with_its_change_or_not_at_all;
+use outbox::outbox_rows_come_with_the_changes_they_announce;
 
 /// The tests that arm database faults: only with the `test-hooks` feature (scripts/test enables
 /// it), the only build in which `Db::arm_fault` exists.
@@ -228,6 +234,7 @@ mod faults {
         lost_commit_replies_are_read_back,
         finish_step_transaction_is_all_or_nothing,
         record_eval_is_one_transaction,
+        an_event_commits_with_its_change_or_not_at_all,
     );
 }
 

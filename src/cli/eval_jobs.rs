@@ -39,6 +39,10 @@ pub struct Job {
     pub outputs: BTreeMap<String, Option<String>>,
     /// `Some` for an aggregate job.
     pub constituents: Option<Vec<Constituent>>,
+    /// `meta.repo` and `meta.rev` (`nix-eval-jobs --meta`), when the job carries them: the
+    /// repository (`owner/name`) and commit its github-status notifications are for.
+    pub repo: Option<String>,
+    pub rev: Option<String>,
     /// `meta.timeout` and `meta.maxSilent`, seconds (0: no limit); `None` when the line has none.
     pub limits: MetaLimits,
 }
@@ -159,6 +163,20 @@ fn opt_string(
             expected: "a string",
         }),
     }
+}
+
+/// `meta.repo` / `meta.rev`: a string, or absent.
+fn meta_string(
+    m: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, LineProblem> {
+    opt_string(m, field).map_err(|_| LineProblem::WrongType {
+        field: match field {
+            "repo" => "meta.repo",
+            _ => "meta.rev",
+        },
+        expected: "a string",
+    })
 }
 
 fn strings(
@@ -293,6 +311,16 @@ fn job_of(
         cs.extend(named.unwrap_or_default().into_iter().map(Constituent::Job));
         Some(cs)
     };
+    let (repo, rev) = match o.get("meta") {
+        None | Some(Value::Null) => (None, None),
+        Some(Value::Object(m)) => (meta_string(m, "repo")?, meta_string(m, "rev")?),
+        Some(_) => {
+            return Err(LineProblem::WrongType {
+                field: "meta",
+                expected: "an object",
+            });
+        }
+    };
     Ok(Job {
         line,
         attr,
@@ -302,6 +330,8 @@ fn job_of(
         outputs,
         constituents,
         limits: meta_limits(o)?,
+        repo,
+        rev,
     })
 }
 
@@ -657,6 +687,31 @@ mod tests {
     }
 
     #[test]
+    fn meta_repo_and_rev_are_kept_and_mistyped_ones_are_errors() {
+        let line = format!(
+            r#"{{"attr":"a","drvPath":"{DRV}","meta":{{"repo":"o/r","rev":"abc","description":"x"}}}}"#
+        );
+        let Parsed::Job(j) = one(&line) else {
+            panic!("not a job")
+        };
+        assert_eq!(
+            (j.repo.as_deref(), j.rev.as_deref()),
+            (Some("o/r"), Some("abc"))
+        );
+        let line = format!(r#"{{"attr":"a","drvPath":"{DRV}","meta":{{"description":"x"}}}}"#);
+        let Parsed::Job(j) = one(&line) else {
+            panic!("not a job")
+        };
+        assert_eq!((j.repo, j.rev), (None, None));
+        let e = error_of(&format!(
+            r#"{{"attr":"a","drvPath":"{DRV}","meta":{{"rev":7}}}}"#
+        ));
+        assert!(e.message.contains("meta.rev"), "{e:?}");
+        let e = error_of(&format!(r#"{{"attr":"a","drvPath":"{DRV}","meta":"x"}}"#));
+        assert!(e.message.contains("`meta`"), "{e:?}");
+    }
+
+    #[test]
     fn an_error_line_keeps_the_evaluators_message() {
         let e = error_of(
             r#"{"attr":"broken","attrPath":["broken"],"error":"error: this job is broken\n"}"#,
@@ -810,6 +865,8 @@ mod tests {
             outputs: BTreeMap::new(),
             constituents: cs,
             limits: MetaLimits::default(),
+            repo: None,
+            rev: None,
         }
     }
 

@@ -290,12 +290,36 @@ pub async fn open_store(ctx: &Context) -> anyhow::Result<Arc<crate::store::local
 }
 
 /// Opens the database (one clear line and a non-zero exit when unreachable).
+/// `[notify]` is checked first (a bad webhook is a clear error before anything is written), and
+/// its webhooks given to the database, whose writes then queue their events.
 pub async fn open_db(ctx: &Context) -> anyhow::Result<Db> {
-    Ok(Db::connect(
+    let notify = notify_settings(ctx)?;
+    Ok(Db::connect_with(
         &ctx.config.database.url,
-        ctx.config.database.max_connections,
+        crate::db::DbOptions {
+            max_connections: ctx.config.database.max_connections,
+            notify: notify.targets(),
+            ..crate::db::DbOptions::default()
+        },
     )
     .await?)
+}
+
+/// `[notify]`, checked.
+pub fn notify_settings(ctx: &Context) -> anyhow::Result<crate::notify::NotifySettings> {
+    Ok(crate::notify::NotifySettings::from_config(
+        &ctx.config.notify,
+    )?)
+}
+
+/// Starts the delivery of `[notify]`'s webhooks on `rt`.
+pub fn start_notify(
+    rt: &tokio::runtime::Handle,
+    db: &Db,
+    settings: &crate::notify::NotifySettings,
+) -> anyhow::Result<()> {
+    crate::notify::deliver::spawn(rt, db.clone(), settings).context("[notify]")?;
+    Ok(())
 }
 
 pub fn local_machine(ctx: &Context) -> MachineInfo {
@@ -377,6 +401,8 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
     let io = crate::actors::env::io_runtime().context("starting the I/O runtime")?;
     env.db.run_batches_on(io.clone());
+    let notify = notify_settings(&ctx)?;
+    start_notify(&io, &db, &notify)?;
     env.io = Some(io);
     let env = Arc::new(env);
     let mut events = env.events.subscribe();
@@ -435,6 +461,17 @@ async fn run_async(ctx: Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         publish_once(p).await?;
     }
     let ok = print_reports(&report(&db, &ids).await?, args.json);
+    if !notify.webhooks.is_empty() {
+        // This run's events are delivered before it exits (what is left, by the next start).
+        let left = crate::notify::deliver::drain(&db, &notify)
+            .await
+            .context("waiting for the notifications to be delivered")?;
+        if left > 0 {
+            eprintln!(
+                "qr run: {left} notification(s) not delivered yet; the next `qr serve` or `qr run` delivers them"
+            );
+        }
+    }
     actix_rt::System::current().stop();
     Ok(if ok {
         ExitCode::SUCCESS

@@ -12,7 +12,9 @@ use anyhow::Context as _;
 use tonic::service::interceptor::InterceptedService;
 
 use super::Context;
-use super::run::{local_executor, local_machine, open_store, retry_policy};
+use super::run::{
+    local_executor, local_machine, notify_settings, open_store, retry_policy, start_notify,
+};
 use crate::actors::env::{Env, SystemClock};
 use crate::actors::scheduler::{Restart, Scheduler};
 use crate::db::{Db, DbOptions};
@@ -77,6 +79,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let notify = notify_settings(&ctx)?;
     let db = Db::connect_with(
         &ctx.config.database.url,
         DbOptions {
@@ -84,6 +87,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
             rescan_interval: secs(ctx.config.database.rescan_interval_s)
                 .max(Duration::from_millis(50)),
             sqlite_poll_interval: secs(ctx.config.database.sqlite_poll_interval_s),
+            notify: notify.targets(),
             ..DbOptions::default()
         },
     )
@@ -111,6 +115,7 @@ async fn serve(ctx: Context, args: ServeArgs) -> anyhow::Result<ExitCode> {
     env.runs_ledger = Some(ctx.state_dir.join("runs.log"));
     let io = crate::actors::env::io_runtime().context("starting the I/O runtime")?;
     env.db.run_batches_on(io.clone());
+    start_notify(&io, &env.db, &notify)?;
     env.io = Some(io);
     let env = Arc::new(env);
     let machines = if ctx.config.local_builder.enabled {

@@ -177,6 +177,8 @@ async fn prepare_job(
         constituents: vec![],
         max_silent: job.limits.max_silent.map_or(defaults.max_silent, seconds),
         timeout: job.limits.timeout.map_or(defaults.timeout, seconds),
+        repo: job.repo.clone(),
+        rev: job.rev.clone(),
     })
 }
 

@@ -4,6 +4,7 @@
 use super::Db;
 use super::error::DbError;
 use super::fault::FaultPoint;
+use super::outbox;
 use super::sql;
 use super::steps::build_miss;
 use super::types::{BuildId, BuildStatus, FinishBuild, NewBuild};
@@ -109,6 +110,7 @@ impl Write for FinishBuildWrite<'_> {
                 .execute(sql::UPSERT_BUILD_OUTPUT, &[&f.build.0, name, path])
                 .await?;
         }
+        outbox::insert_finish(&mut tx, db.notify_targets(), f).await?;
         db.commit(tx).await?;
         Ok(true)
     }
@@ -135,13 +137,34 @@ impl Write for CancelBuild {
         "cancel_build"
     }
 
+    /// One statement; with webhooks, one transaction with the build's outbox rows.
     async fn apply(&self, db: &Db, _: &mut ()) -> Result<bool, DbError> {
-        let n = db
-            .execute_write(&sql::CANCEL_BUILD, &[&self.id.0, &self.stop_time])
-            .await?;
-        if n == 0 {
-            return build_miss(db.exec(), self.id).await;
+        let targets = db.notify_targets();
+        let args: [&dyn super::exec::Param; 2] = [&self.id.0, &self.stop_time];
+        if targets.build_started.is_empty() && targets.build_finished.is_empty() {
+            let n = db.execute_write(&sql::CANCEL_BUILD, &args).await?;
+            if n == 0 {
+                return build_miss(db.exec(), self.id).await;
+            }
+            return Ok(true);
         }
+        let mut tx = db.begin_write().await?;
+        let n = tx.exec().execute(&sql::CANCEL_BUILD, &args).await?;
+        if n == 0 {
+            return build_miss(tx.exec(), self.id).await;
+        }
+        let (id, stop) = (self.id, self.stop_time);
+        outbox::insert_finished(
+            &mut tx,
+            targets,
+            id,
+            BuildStatus::Cancelled,
+            None,
+            stop,
+            false,
+        )
+        .await?;
+        db.commit(tx).await?;
         Ok(true)
     }
 

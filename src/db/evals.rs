@@ -31,6 +31,10 @@ pub struct NewEvalJob {
     /// the submitter's defaults. An existing build keeps its own.
     pub max_silent: i32,
     pub timeout: i32,
+    /// nix-eval-jobs' `meta.repo` and `meta.rev`, when the line carries them (the
+    /// github-status notification's repository and commit).
+    pub repo: Option<String>,
+    pub rev: Option<String>,
 }
 
 /// A line of the evaluator's output that queued nothing, and why.
@@ -129,8 +133,8 @@ const INSERT_BUILD: &str = "insert into builds (jobset, job, drvpath, system, pr
 const UPSERT_BUILD_OUTPUT: &str = "insert into buildoutputs (build, name, path) values ($1, $2, $3) \
      on conflict (build, name) do update set path = coalesce(excluded.path, buildoutputs.path)";
 
-const INSERT_MEMBER: &str =
-    "insert into jobsetevalmembers (eval, job, build, isnew) values ($1, $2, $3, $4)";
+const INSERT_MEMBER: &str = "insert into jobsetevalmembers (eval, job, build, isnew, repo, rev) \
+     values ($1, $2, $3, $4, $5, $6)";
 
 const INSERT_CONSTITUENT: &str = "insert into aggregateconstituents (aggregate, constituent) \
      values ($1, $2) on conflict (aggregate, constituent) do nothing";
@@ -274,7 +278,8 @@ impl Write for RecordEval<'_> {
             };
             by_drv.insert(&j.drv_path, (build, is_new));
             by_job.insert(&j.job, build);
-            let args: [&dyn super::exec::Param; 4] = [&id, &j.job, &build.0, &i32::from(is_new)];
+            let args: [&dyn super::exec::Param; 6] =
+                [&id, &j.job, &build.0, &i32::from(is_new), &j.repo, &j.rev];
             tx.exec().execute(INSERT_MEMBER, &args).await?;
             members.push(EvalMember {
                 job: j.job.clone(),
@@ -299,6 +304,11 @@ impl Write for RecordEval<'_> {
             tx.exec()
                 .execute(INSERT_ERROR, &[&id, &x.line, &x.job, &x.message])
                 .await?;
+        }
+        let targets = db.notify_targets();
+        if !targets.eval_completed.is_empty() {
+            let payload = eval_payload(id, e, &members);
+            super::outbox::insert_eval(&mut tx, targets, id, &payload).await?;
         }
         db.commit(tx).await?;
         Ok(RecordedEval { id, members })
@@ -328,6 +338,24 @@ impl Write for RecordEval<'_> {
             Err(err) => Err(err),
         }
     }
+}
+
+/// The facts of an `eval_completed` event.
+fn eval_payload(id: i64, e: &NewEval, members: &[EvalMember]) -> serde_json::Value {
+    let builds: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| serde_json::json!({"job": m.job, "build": m.build.0, "isNew": m.is_new}))
+        .collect();
+    serde_json::json!({
+        "eval": id,
+        "jobset": e.jobset,
+        "timestamp": e.timestamp,
+        "source": e.source,
+        "jobs": members.len(),
+        "newBuilds": members.iter().filter(|m| m.is_new).count(),
+        "errors": e.errors.len(),
+        "builds": builds,
+    })
 }
 
 /// The id an `insert … returning id` returned.
@@ -492,6 +520,8 @@ mod tests {
             constituents: constituents.iter().map(|c| c.to_string()).collect(),
             max_silent: 7200,
             timeout: 36000,
+            repo: None,
+            rev: None,
         }
     }
 

@@ -44,6 +44,7 @@ mod fault;
 mod lanes;
 mod notify;
 mod ops;
+mod outbox;
 mod plans;
 mod retry;
 mod rows;
@@ -73,6 +74,7 @@ pub use evals::{
 };
 pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
+pub use outbox::{EventKind, NotifyTargets, OutboxRow, now_ms, status_name};
 pub use plans::QueryPlan;
 pub use retry::{RetryPolicy, retry};
 pub use stats::{EvalCounts, PoolStats};
@@ -133,6 +135,9 @@ pub struct DbOptions {
     /// PostgreSQL: step rows created and steps finished by many actors at once are written by
     /// one statement (one round trip, one commit) instead of one each.
     pub batch_writes: bool,
+    /// The webhooks that want each event (`[notify]`): the writes that make those changes insert
+    /// their outbox rows (`outbox.rs`); empty, they insert none.
+    pub notify: NotifyTargets,
 }
 
 impl Default for DbOptions {
@@ -146,6 +151,7 @@ impl Default for DbOptions {
             rescan_interval: Duration::from_secs(30),
             sqlite_poll_interval: Duration::from_millis(200),
             batch_writes: true,
+            notify: NotifyTargets::default(),
         }
     }
 }

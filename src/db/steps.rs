@@ -13,6 +13,7 @@ use super::error::DbError;
 use super::exec::{Exec, Param, Tx};
 use super::fault::FaultPoint;
 use super::lanes::Lanes;
+use super::outbox;
 use super::sql;
 use super::timing::TxKind;
 use super::types::{
@@ -781,24 +782,32 @@ impl Write for StartStep {
         "start_step"
     }
 
-    /// One statement, the same on both backends.
+    /// One statement, the same on both backends; with webhooks wanting `build_started`, one
+    /// transaction with the build's outbox rows (`outbox.rs`).
     async fn apply(&self, db: &Db, _: &mut ()) -> Result<(), DbError> {
-        let n = db
-            .execute_write(
-                sql::START_STEP,
-                &[
-                    &self.build.0,
-                    &self.stepnr,
-                    &self.busy.code(),
-                    &self.machine,
-                    &self.time,
-                ],
-            )
-            .await?;
-        if n == 0 {
-            return Err(step_miss(db.exec(), self.build, self.stepnr).await);
+        let args: [&dyn super::exec::Param; 5] = [
+            &self.build.0,
+            &self.stepnr,
+            &self.busy.code(),
+            &self.machine,
+            &self.time,
+        ];
+        let targets = db.notify_targets();
+        if targets.build_started.is_empty() {
+            let n = db.execute_write(sql::START_STEP, &args).await?;
+            if n == 0 {
+                return Err(step_miss(db.exec(), self.build, self.stepnr).await);
+            }
+            return Ok(());
         }
-        Ok(())
+        let mut tx = db.begin_write().await?;
+        let n = tx.exec().execute(sql::START_STEP, &args).await?;
+        if n == 0 {
+            return Err(step_miss(tx.exec(), self.build, self.stepnr).await);
+        }
+        let payload = outbox::started_payload(self.build, self.stepnr, &self.machine, self.time);
+        outbox::insert_started(&mut tx, targets, self.build, self.stepnr, &payload).await?;
+        db.commit(tx).await
     }
 
     /// Setting the same values again is harmless.
@@ -825,17 +834,33 @@ impl Batched for StartStep {
         let busy: Vec<i32> = ws().map(|w| w.busy.code()).collect();
         let machine: Vec<&str> = ws().map(|w| w.machine.as_str()).collect();
         let time: Vec<i64> = ws().map(|w| w.time).collect();
+        // With webhooks wanting `build_started`, the same statement inserts the outbox rows.
+        let webhooks = &db.notify_targets().build_started;
+        let payload: Vec<String> = match webhooks.is_empty() {
+            true => Vec::new(),
+            false => ws()
+                .map(|w| outbox::started_payload(w.build, w.stepnr, &w.machine, w.time))
+                .collect(),
+        };
+        let now = outbox::now_ms();
         let updated = statement(
             db,
             lanes.run(async |c| {
-                sqlx::query_as::<_, (i64, i32)>(sql::PG_START_STEPS_MANY)
+                let q = match webhooks.is_empty() {
+                    true => sqlx::query_as::<_, (i64, i32)>(sql::PG_START_STEPS_MANY),
+                    false => sqlx::query_as::<_, (i64, i32)>(outbox::PG_START_STEPS_MANY_NOTIFY),
+                };
+                let q = q
                     .bind(&build)
                     .bind(&nr)
                     .bind(&busy)
                     .bind(&machine)
-                    .bind(&time)
-                    .fetch_all(&mut *c)
-                    .await
+                    .bind(&time);
+                let q = match webhooks.is_empty() {
+                    true => q,
+                    false => q.bind(&payload).bind(webhooks).bind(now),
+                };
+                q.fetch_all(&mut *c).await
             }),
         )
         .await

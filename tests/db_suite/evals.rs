@@ -14,6 +14,8 @@ fn job(name: &str, constituents: &[&str]) -> NewEvalJob {
         constituents: constituents.iter().map(|c| c.to_string()).collect(),
         max_silent: 7200,
         timeout: 36000,
+        repo: None,
+        rev: None,
     }
 }
 
