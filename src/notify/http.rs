@@ -229,8 +229,7 @@ mod tests {
         let e = c
             .post(&format!("http://127.0.0.1:{port}/h"), &[], b"{}".to_vec())
             .await
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(e.contains(&format!("127.0.0.1:{port}")), "{e}");
     }
