@@ -366,6 +366,7 @@ fn prio(g: i32) -> BuildPrio {
         global_priority: g,
         local_priority: 0,
         jobset: Arc::from("sim"),
+        job: Arc::from("j"),
         top: Arc::from(""),
         limits: Default::default(),
     }

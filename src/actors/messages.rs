@@ -32,6 +32,9 @@ pub struct BuildPrio {
     pub local_priority: i32,
     /// Shared by every step the build needs (one allocation per build, not per step).
     pub jobset: Arc<str>,
+    /// The build's job in its jobset (shared likewise): the steps' expected durations fall back
+    /// on the job's history (`graph::durations`).
+    pub job: Arc<str>,
     /// The build's top-level drv (shared likewise) and its own limits: see
     /// [`limits::choose`](crate::actors::limits::choose).
     pub top: Arc<str>,

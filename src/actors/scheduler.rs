@@ -232,6 +232,7 @@ impl Scheduler {
             .map(|(info, ex)| LocalMachine::new(env.clone(), info, ex, dispatcher.clone()).start())
             .collect();
         let graph = crate::actors::graph::Graph::new(env.clone(), dispatcher.clone());
+        learn_durations(&env, &graph).await;
         let expander = Expander::new(env.clone(), graph.clone(), lookup).start();
         let (e, d) = (env.clone(), dispatcher.clone());
         let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, expander.clone()));
@@ -245,6 +246,27 @@ impl Scheduler {
             },
             recovery,
         ))
+    }
+}
+
+/// How far back, and how many of the latest successful steps, the expected durations are learnt
+/// from at start.
+pub const HISTORY_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
+pub const HISTORY_ROWS: i64 = 50_000;
+
+/// Learns the expected step durations from the latest successful steps. Without them (the read
+/// failed) every step is expected to take the default until steps finish here: the order is
+/// worse, nothing is wrong, so the runner starts all the same.
+async fn learn_durations(env: &Env, graph: &crate::actors::graph::Graph) {
+    let since = env.now() - HISTORY_WINDOW.as_secs() as i64;
+    match env.db.recent_step_durations(since, HISTORY_ROWS).await {
+        Ok(rows) => {
+            graph.learn(&rows);
+            tracing::info!(rows = rows.len(), since, "expected step durations learnt from history");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read step durations: every step is expected to take the default until steps finish")
+        }
     }
 }
 

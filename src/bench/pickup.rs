@@ -79,7 +79,7 @@ pub async fn pickup(n: usize, p: Params, target: DbTarget) -> anyhow::Result<Pic
             .context("the submitter's connection")?;
         submitter.create_jobset("pickup", 100).await?;
 
-        let env = runner_env(&db, &store)?;
+        let env = runner_env(&db, &store, p.order)?;
         let (sched, _) = Scheduler::start(env.clone(), vec![], Duration::from_secs(86400)).await?;
         let started = Arc::new(Mutex::new(HashMap::new()));
         let exec = Arc::new(Stamping {

@@ -82,6 +82,9 @@ pub struct Params {
     pub no_fsync: bool,
     /// PostgreSQL: step writes arriving together share a statement ([`DbOptions::batch_writes`]).
     pub batch_writes: bool,
+    /// The queue's order (`[scheduler] order`): with `critical-path` the graph tracks every
+    /// step's critical path.
+    pub order: crate::actors::dispatcher::Order,
 }
 
 /// Untimed preparation.
@@ -354,7 +357,7 @@ async fn setup_and_load(
     trim_heap();
     let rss_before = rss_bytes();
 
-    let env = runner_env(db, store)?;
+    let env = runner_env(db, store, p.order)?;
     let t0 = Instant::now();
     let (sched, _) = Scheduler::start(env.clone(), vec![], Duration::from_secs(30 * 86400)).await?;
     let s = &env.stats;
@@ -401,15 +404,20 @@ async fn setup_and_load(
     })
 }
 
-/// The runner's environment of the scenarios: the system clock, default retries, and the I/O
-/// runtime (database batches included) that `qr serve` gives its actors.
-pub(super) fn runner_env(db: &Db, store: &Arc<LocalStore>) -> anyhow::Result<Arc<Env>> {
+/// The runner's environment of the scenarios: the system clock, default retries, the queue's
+/// `order`, and the I/O runtime (database batches included) that `qr serve` gives its actors.
+pub(super) fn runner_env(
+    db: &Db,
+    store: &Arc<LocalStore>,
+    order: crate::actors::dispatcher::Order,
+) -> anyhow::Result<Arc<Env>> {
     let mut env = Env::new(
         db.clone(),
         store.clone(),
         Arc::new(SystemClock),
         RetryPolicy::default(),
     );
+    env.scheduling.order = order;
     let io = crate::actors::env::io_runtime()?;
     env.db.run_batches_on(io.clone());
     env.io = Some(io);

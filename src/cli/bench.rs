@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// Longest a timed phase may take, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_s: u64,
+    /// The queue's order in the real-actor scenarios (`[scheduler] order`: `critical-path`, the
+    /// default, tracks every step's critical path; `build-id` does not).
+    #[arg(long, default_value = "critical-path", value_parser = parse_order)]
+    pub order: crate::actors::dispatcher::Order,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +110,14 @@ pub struct BenchArgs {
     /// Makespan scenario: seconds between the evaluations' arrivals.
     #[arg(long, default_value_t = 300)]
     pub makespan_eval_interval_s: u64,
+}
+
+fn parse_order(s: &str) -> Result<crate::actors::dispatcher::Order, String> {
+    use crate::actors::dispatcher::Order;
+    [Order::CriticalPath, Order::BuildId]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+        .ok_or_else(|| format!("expected critical-path or build-id, not {s:?}"))
 }
 
 /// The targets of the performance issue (2-core machine).
@@ -140,6 +152,7 @@ pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
         load_only: args.load_only,
         no_fsync: args.no_fsync,
         batch_writes: !args.no_batch_writes,
+        order: args.order,
     };
     let mut targets = Vec::new();
     if args.backend != BackendArg::Postgres {

@@ -17,7 +17,8 @@ use super::steps::{
 };
 use super::types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
-    NewBuild, NewStep, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step, StepNr,
+    NewBuild, NewStep, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step, StepDuration,
+    StepNr,
 };
 use super::write::found;
 
@@ -63,6 +64,23 @@ impl Db {
                 .fetch_all(sql::JOBSET_SECONDS, &[&since])
                 .await?;
             decode(rows, Row::jobset_seconds)
+        })
+        .await
+    }
+
+    /// The latest successful build steps that stopped at or after `since`, newest first, at
+    /// most `limit` of them (expected step durations for the critical path).
+    pub async fn recent_step_durations(
+        &self,
+        since: i64,
+        limit: i64,
+    ) -> Result<Vec<StepDuration>, DbError> {
+        self.reading("recent_step_durations", || async move {
+            let rows = self
+                .exec()
+                .fetch_all(&sql::RECENT_STEP_DURATIONS, &[&since, &limit])
+                .await?;
+            decode(rows, Row::step_duration)
         })
         .await
     }

@@ -169,6 +169,11 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
             vec![I64(1_700_000_000)],
         ),
         (
+            "recent_step_durations",
+            sql::RECENT_STEP_DURATIONS.to_string(),
+            vec![I64(1_700_000_000), I64(50_000)],
+        ),
+        (
             "is_failed_path",
             sql::IS_FAILED_PATH.into(),
             vec![Text("/nix/store/x")],

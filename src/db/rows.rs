@@ -5,6 +5,7 @@ use super::evals::ConstituentState;
 use super::exec::Row;
 use super::types::{
     Build, BuildId, BuildStatus, BusyPhase, Jobset, JobsetSeconds, OutputRow, Realisation, Step,
+    StepDuration,
     StepType,
 };
 
@@ -91,6 +92,15 @@ impl Row {
     pub(crate) fn jobset_seconds(&self) -> Result<JobsetSeconds, DbError> {
         Ok(JobsetSeconds {
             jobset: self.get("jobset")?,
+            seconds: self.get::<Option<i64>>("seconds")?.unwrap_or(0),
+        })
+    }
+
+    pub(crate) fn step_duration(&self) -> Result<StepDuration, DbError> {
+        Ok(StepDuration {
+            drv_path: self.get("drvpath")?,
+            jobset: self.get("jobset")?,
+            job: self.get("job")?,
             seconds: self.get::<Option<i64>>("seconds")?.unwrap_or(0),
         })
     }

@@ -302,6 +302,20 @@ pub(crate) const JOBSET_SECONDS: &str = "select b.jobset as jobset, \
      where s.starttime is not null and s.stoptime is not null and s.stoptime >= $1 \
      group by b.jobset order by b.jobset";
 
+/// The latest successful build steps that stopped at or after `$1`, newest first, at most `$2`
+/// (the critical path's expected durations; index `indexbuildstepsonstoptime`, read backwards
+/// from the newest and stopped after `$2` rows: never all of history).
+pub(crate) static RECENT_STEP_DURATIONS: Coded = LazyLock::new(|| {
+    with_codes(
+        "select s.drvpath as drvpath, b.jobset as jobset, b.job as job, \
+         s.stoptime - s.starttime as seconds \
+         from buildsteps s join builds b on b.id = s.build \
+         where s.starttime is not null and s.stoptime is not null and s.stoptime >= $1 \
+         and s.status = {success} and s.type = 0 \
+         order by s.stoptime desc limit $2",
+    )
+});
+
 // --- failed paths ---
 
 pub(crate) const ADD_FAILED_PATH: &str =

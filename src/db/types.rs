@@ -298,6 +298,16 @@ pub struct ResolvedPair {
     pub resolved: Step,
 }
 
+/// How long a successful build step took (`stoptime - starttime`), with its build's job: what
+/// the critical path's expected durations learn from (`Db::recent_step_durations`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepDuration {
+    pub drv_path: String,
+    pub jobset: String,
+    pub job: String,
+    pub seconds: i64,
+}
+
 /// Build-step seconds spent per jobset since some time (for scheduling shares).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobsetSeconds {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qr::actors::dispatcher::MachineInfo;
-use qr::actors::env::{Env, SchedEvent, Stats, SystemClock};
+use qr::actors::env::{Env, SchedEvent, Scheduling, Stats, SystemClock};
 use qr::actors::machine::Executor;
 use qr::actors::scheduler::Scheduler;
 use qr::actors::step::RetryPolicy;
@@ -60,20 +60,55 @@ pub async fn rig(
     retry: RetryPolicy,
     exec: impl FnOnce(&Qr, &Arc<LocalStore>) -> Arc<dyn Executor>,
 ) -> Option<Rig> {
+    rig_with(
+        backend,
+        Setup {
+            max_jobs,
+            retry,
+            scheduling: Scheduling::default(),
+            before_start: vec![],
+        },
+        exec,
+    )
+    .await
+}
+
+/// What a rig starts with, besides its executor.
+pub struct Setup {
+    pub max_jobs: u32,
+    pub retry: RetryPolicy,
+    /// The queue's order and expected durations (`[scheduler]`).
+    pub scheduling: Scheduling,
+    /// SQL statements run on the database before the scheduler starts (history rows, say).
+    pub before_start: Vec<String>,
+}
+
+/// A rig as [`rig`] makes it, with `setup`.
+pub async fn rig_with(
+    backend: Backend,
+    setup: Setup,
+    exec: impl FnOnce(&Qr, &Arc<LocalStore>) -> Arc<dyn Executor>,
+) -> Option<Rig> {
+    let Setup {
+        max_jobs,
+        retry,
+        scheduling,
+        before_start,
+    } = setup;
     let qr = Qr::new(backend, false)?;
     let db = Db::connect(&qr.db_url, 4).await.expect("database");
+    for st in &before_start {
+        db.execute_unchecked(st).await.expect(st);
+    }
     let dir = qr.state_dir().join("store");
     let store = Arc::new(
         LocalStore::open(StoreDir::new(dir.display().to_string()).expect("dir"), &dir)
             .await
             .expect("store"),
     );
-    let env = Arc::new(Env::new(
-        db.clone(),
-        store.clone(),
-        Arc::new(SystemClock),
-        retry,
-    ));
+    let mut env = Env::new(db.clone(), store.clone(), Arc::new(SystemClock), retry);
+    env.scheduling = scheduling;
+    let env = Arc::new(env);
     let events = env.events.subscribe();
     let executor = exec(&qr, &store);
     let info = MachineInfo {

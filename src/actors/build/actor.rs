@@ -65,6 +65,7 @@ impl BuildActor {
             global_priority: row.global_priority,
             local_priority: row.priority,
             jobset: row.jobset.as_str().into(),
+            job: row.job.as_str().into(),
             top: row.drv_path.as_str().into(),
             limits: BuildLimits::from_row(row.max_silent, row.timeout),
         };

@@ -16,6 +16,7 @@ fn core() -> BuildCore<T> {
         global_priority: 0,
         local_priority: 0,
         jobset: Arc::from("js"),
+        job: Arc::from("j"),
         top: Arc::from("/s/top.drv"),
         limits: Default::default(),
     };

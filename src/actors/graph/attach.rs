@@ -1,6 +1,7 @@
 //! Attaching a build's plan to the graph in one synchronous step (as Hydra's `attach_step`):
 //! the missing steps are made inputs first, registered, wired to their waiters, and told which
-//! build needs them.
+//! build needs them; then the new steps join the critical paths ([`Graph::track`]) in the same
+//! step, before any of them can be enqueued.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::Graph;
+use super::live_paths::job_key;
 use super::plan::{Node, Plan};
 use crate::actors::messages::{AddBuilds, BuildPrio, StepFailed};
 use crate::actors::step::StepMachine;
@@ -39,6 +41,8 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
     // Each step with its shared drv path (the registry's key), so its dependents name it with
     // that one allocation.
     let mut actors: HashMap<String, (Drv, StepRef)> = HashMap::new();
+    // The new steps, inputs first, with the steps they wait on (for the critical paths).
+    let mut tracked: Vec<(Drv, Vec<Drv>)> = Vec::new();
     for drv_path in &plan.order {
         if let Some((key, live)) = graph.live(drv_path) {
             graph.env.stats.membership();
@@ -102,6 +106,7 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
         for d in dep_keys.iter().filter_map(|k| actors.get(&**k)) {
             d.1.do_send(AddWaiter(WaiterAddr::Step(key.clone(), actor.downgrade())));
         }
+        tracked.push((key.clone(), dep_keys));
         for f in failed_inputs {
             actor.do_send(StepFailed {
                 from: f.as_str().into(),
@@ -113,6 +118,7 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
         }
         actors.insert(drv_path.clone(), (key, actor));
     }
+    graph.track(&tracked, &job_key(&prio.jobset, &prio.job));
     match plan.nodes.get(&plan.top) {
         Some(Node::Built(o)) => Top::Built(o.clone()),
         Some(Node::CachedFailure) => Top::Failed(Failure::new(

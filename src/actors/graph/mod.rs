@@ -9,14 +9,16 @@
 pub mod attach;
 pub mod critical_path;
 pub mod durations;
+pub mod live_paths;
 pub mod plan;
 pub mod registry;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use actix::prelude::*;
 
-use crate::actors::dispatcher::actor::DispatcherActor;
+use crate::actors::dispatcher::actor::{CriticalPaths, DispatcherActor};
 use crate::actors::env::{Env, Stats};
 use crate::actors::messages::BuildPrio;
 use crate::actors::step::StepMachine;
@@ -24,7 +26,10 @@ pub use crate::actors::step::actor::StepRef;
 use crate::actors::step::actor::{StepActor, StepGraph, WaiterAddr};
 use crate::actors::step::core::Row;
 use crate::actors::types::Drv;
+use crate::db::types::StepDuration;
 use crate::store::Derivation;
+use critical_path::Changes;
+use live_paths::LivePaths;
 use registry::Registry;
 
 pub struct Graph {
@@ -32,15 +37,57 @@ pub struct Graph {
     env: Arc<Env>,
     /// Shared by every step (an `Addr` clone allocates twice).
     dispatcher: Arc<Addr<DispatcherActor>>,
+    /// The live steps' critical paths and expected durations: changed only in the graph's
+    /// synchronous steps (attaching, a step finishing or stopping), on the actors' thread.
+    paths: Mutex<LivePaths>,
 }
 
 impl Graph {
     pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>) -> Arc<Self> {
         Arc::new(Graph {
             registry: Registry::default(),
+            paths: Mutex::new(LivePaths::new(&env.scheduling)),
             env,
             dispatcher: Arc::new(dispatcher),
         })
+    }
+
+    /// The critical paths (a panic while holding them leaves nothing half-done: every change
+    /// is one call).
+    fn paths(&self) -> MutexGuard<'_, LivePaths> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Learns expected durations from history rows, newest first (at start).
+    pub fn learn(&self, history: &[StepDuration]) {
+        self.paths().learn(history);
+    }
+
+    /// Steps tracked for their critical path.
+    pub fn tracked(&self) -> usize {
+        self.paths().len()
+    }
+
+    /// A step's remaining critical path (ms), 0 when it is not tracked.
+    pub fn critical_path_ms(&self, drv: &str) -> u64 {
+        self.paths().value(drv)
+    }
+
+    /// Tracks a build's new steps (inputs first, each with the steps it waits on); queued steps
+    /// whose path grew are moved in the dispatcher's queue, in one message.
+    pub(crate) fn track(&self, steps: &[(Drv, Vec<Drv>)], job: &str) {
+        let changes = self.paths().attach(steps, job);
+        self.moved(changes);
+    }
+
+    /// Tells the dispatcher of changed paths (one message per graph change; steps not queued
+    /// are ignored there).
+    fn moved(&self, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        let changes = changes.into_iter().map(|(d, ms)| (d.to_string(), ms)).collect();
+        self.dispatcher.do_send(CriticalPaths(changes));
     }
 
     /// Whether a step for `drv` is live.
@@ -117,10 +164,28 @@ impl StepGraph for Graph {
             Default::default(),
             self.env.retry.clone(),
         );
-        self.spawn(machine, drv, vec![], builds, None, true)
+        let (key, step) = self.spawn(machine, drv, vec![], builds, None, true);
+        self.paths().add_resolved(&key);
+        (key, step)
     }
 
     fn forget(&self, drv: &str) {
         self.registry.remove(drv);
+        let changes = self.paths().finished(drv, None);
+        self.moved(changes);
+    }
+
+    fn critical_path_ms(&self, drv: &str) -> u64 {
+        Graph::critical_path_ms(self, drv)
+    }
+
+    fn linked(&self, input: &Drv, dependent: &Drv) {
+        let changes = self.paths().link(input, dependent);
+        self.moved(changes);
+    }
+
+    fn finished(&self, drv: &str, built: Option<(Option<&str>, Duration)>) {
+        let changes = self.paths().finished(drv, built);
+        self.moved(changes);
     }
 }

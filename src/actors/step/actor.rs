@@ -19,7 +19,8 @@ use crate::actors::driver::{Done, Driver, Machine};
 use crate::actors::env::Env;
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::{BuildPrio, StepHandle};
-use crate::actors::types::Drv;
+use crate::actors::graph::live_paths::job_key;
+use crate::actors::types::{Drv, Status};
 use crate::store::Derivation;
 
 /// What performing needs.
@@ -33,6 +34,10 @@ pub struct StepIo {
     described: Described,
     /// When it last became runnable (dispatch latency).
     runnable_since: Option<std::time::Instant>,
+    /// When its current attempt started on a machine (its duration, learnt when it is built).
+    started: Option<std::time::Instant>,
+    /// The job key ([`job_key`]) of the build that first needed it: whose history it adds to.
+    job: Option<String>,
     #[cfg(feature = "test-hooks")]
     resolved_child: bool,
 }
@@ -65,6 +70,7 @@ impl StepActor {
         let cell = env
             .actors
             .register(ActorId::Step(drv_path.clone()), ActorKind::Step, env.now());
+        let job = builds.first().map(|(_, p)| job_key(&p.jobset, &p.job));
         let core = StepCore::new(
             machine,
             drv.system.clone(),
@@ -83,6 +89,8 @@ impl StepActor {
             cell,
             described: Described::default(),
             runnable_since: None,
+            started: None,
+            job,
             #[cfg(feature = "test-hooks")]
             resolved_child,
         };
@@ -133,7 +141,10 @@ impl Machine for StepCore<Actix> {
             Cmd::FindChild { resolved } => {
                 env.probe.resolved(&drv, &resolved);
                 match io.graph.live(&resolved) {
-                    Some((key, dep)) => Done::Now(In::Child(Found::Live { key, dep })),
+                    Some((key, dep)) => {
+                        io.graph.linked(&key, &drv);
+                        Done::Now(In::Child(Found::Live { key, dep }))
+                    }
                     None => later(&env, perform::look_for_child(env.clone(), resolved)),
                 }
             }
@@ -143,6 +154,7 @@ impl Machine for StepCore<Actix> {
                 builds,
             } => {
                 let (key, dep) = io.graph.clone().spawn_resolved(&resolved, &d, builds);
+                io.graph.linked(&key, &drv);
                 Done::Now(In::Child(Found::Spawned { key, dep }))
             }
             Cmd::JoinChild { dep, adopt, builds } => {
@@ -150,7 +162,10 @@ impl Machine for StepCore<Actix> {
                 outbox::join_child(&env, &dep, me, adopt, builds);
                 Done::Nothing
             }
-            Cmd::Enqueue(step) => {
+            Cmd::Enqueue(mut step) => {
+                // Read now, in the same turn as the message is sent: a later change of the path
+                // reaches the dispatcher after it (one sender thread, one mailbox).
+                step.priority.critical_path_ms = io.graph.critical_path_ms(&drv);
                 io.runnable_since
                     .get_or_insert_with(std::time::Instant::now);
                 let me = ctx.address().downgrade();
@@ -263,6 +278,20 @@ impl Machine for StepCore<Actix> {
                 Done::Nothing
             }
             Cmd::Note(n) => {
+                match &n {
+                    Note::Started { .. } => io.started = Some(std::time::Instant::now()),
+                    Note::Finished { status, built } => {
+                        let took = io.started.take().map(|t| t.elapsed());
+                        let learnt = match took {
+                            Some(t) if *built && *status == Status::Success => {
+                                Some((io.job.as_deref(), t))
+                            }
+                            _ => None,
+                        };
+                        io.graph.finished(&drv, learnt);
+                    }
+                    _ => {}
+                }
                 outbox::note(&env, &drv, n);
                 Done::Nothing
             }

@@ -24,6 +24,7 @@ fn prio(g: i32) -> BuildPrio {
         global_priority: g,
         local_priority: 0,
         jobset: Arc::from("js"),
+        job: Arc::from("j"),
         top: Arc::from("/s/top.drv"),
         limits: Default::default(),
     }

@@ -34,6 +34,12 @@ pub trait StepGraph: Send + Sync {
     ) -> (Drv, StepRef);
     /// The step for `drv` stopped.
     fn forget(&self, drv: &str);
+    /// The step's remaining critical path (ms), for its place in the queue.
+    fn critical_path_ms(&self, drv: &str) -> u64;
+    /// `dependent` waits on `input` from now on (a step on its resolution's child).
+    fn linked(&self, input: &Drv, dependent: &Drv);
+    /// The step finished; `built`: its build's job key and how long it took, to learn from.
+    fn finished(&self, drv: &str, built: Option<(Option<&str>, std::time::Duration)>);
 }
 
 /// How to reach a waiter (weakly: references point up the graph weakly).
