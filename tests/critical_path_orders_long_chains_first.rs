@@ -3,7 +3,8 @@
 //! steps are long: the remaining critical path orders the queue (`[scheduler] order =
 //! "critical-path"`, the default). With `order = "build-id"` the older build's steps go first,
 //! as before. The order is the one in which the machine was handed the jobs (one slot: one at a
-//! time), not a timing. On SQLite and PostgreSQL.
+//! time), not a timing. Without the history both sides would tie (three steps of the default
+//! each), and the older build would win. On SQLite and PostgreSQL.
 
 mod common;
 
@@ -38,7 +39,9 @@ impl Executor for Gate {
         self.order.lock().expect("lock").push(name.clone());
         if name == "cp-blocker" {
             let mut open = self.open.clone();
-            open.wait_for(|o| *o).await.expect("the gate's sender lives");
+            open.wait_for(|o| *o)
+                .await
+                .expect("the gate's sender lives");
         }
         self.inner.execute(job).await
     }
@@ -126,7 +129,9 @@ async fn dispatch_order(backend: Backend, order: Order) -> Option<Vec<String>> {
     let c3 = ia(&mut g, "cp-chain-3", &[&c2]);
     let b0 = r.queue(&g, &blocker).await;
     wait_until("the blocker runs", || {
-        jobs.lock().expect("lock").contains(&"cp-blocker".to_string())
+        jobs.lock()
+            .expect("lock")
+            .contains(&"cp-blocker".to_string())
     })
     .await;
     // The short steps' build is older (lower id) than the chain's.
@@ -134,12 +139,8 @@ async fn dispatch_order(backend: Backend, order: Order) -> Option<Vec<String>> {
     let b2 = r.queue(&g, &c3).await;
     assert!(b1.0 < b2.0);
     // short-a, short-b and chain-1 wait for the slot.
-    r.gauge_settles(
-        "three steps runnable",
-        |s| Stats::get(&s.steps_runnable),
-        3,
-    )
-    .await;
+    r.gauge_settles("three steps runnable", |s| Stats::get(&s.steps_runnable), 3)
+        .await;
     release.send(true).expect("the gate listens");
     for id in [b0, b1, b2] {
         assert_eq!(r.finished(id).await, BuildStatus::Success, "build {id}");
@@ -174,14 +175,11 @@ fn long_chain_first(backend: Backend) {
             return;
         };
         assert_eq!(order.len(), 8, "each step ran once: {order:?}");
-        // The whole chain (300 s of path from its head) before any short step (3 s), though
-        // the short steps' build is older.
-        assert_eq!(
-            &order[..4],
-            ["cp-blocker", "cp-chain-1", "cp-chain-2", "cp-chain-3"],
-            "{order:?}"
-        );
-        assert_eq!(&order[6..], ["cp-short-mid", "cp-short-top"], "{order:?}");
+        // When the blocker's slot frees, the chain's head (300 s of path) goes before the
+        // short steps (3 s), though their build is older. (A slot frees before the step that
+        // waited on the finished one is queued, so later picks are not asserted.)
+        assert_eq!(order[1], "cp-chain-1", "{order:?}");
+        assert_eq!(order[7], "cp-short-top", "{order:?}");
     });
 }
 
@@ -191,19 +189,11 @@ fn oldest_build_first(backend: Backend) {
             return;
         };
         assert_eq!(order.len(), 8, "each step ran once: {order:?}");
-        // The older build's steps, its top included, before the chain's head.
-        assert!(
-            at(&order, "cp-short-a") < at(&order, "cp-chain-1")
-                && at(&order, "cp-short-b") < at(&order, "cp-chain-1")
-                && at(&order, "cp-short-mid") < at(&order, "cp-chain-1")
-                && at(&order, "cp-short-top") < at(&order, "cp-chain-1"),
-            "{order:?}"
-        );
-        assert_eq!(
-            &order[5..],
-            ["cp-chain-1", "cp-chain-2", "cp-chain-3"],
-            "{order:?}"
-        );
+        // The older build's runnable steps before the chain's head.
+        let mut first: Vec<&str> = order[1..3].iter().map(|s| s.as_str()).collect();
+        first.sort_unstable();
+        assert_eq!(first, ["cp-short-a", "cp-short-b"], "{order:?}");
+        assert!(at(&order, "cp-chain-1") > 2, "{order:?}");
     });
 }
 

@@ -41,6 +41,19 @@ pub struct BuildPrio {
     pub limits: BuildLimits,
 }
 
+impl BuildPrio {
+    /// The key the build's job's step durations are kept under (jobs are named within their
+    /// jobset): `jobset/job`.
+    pub fn job_key(&self) -> String {
+        job_key(&self.jobset, &self.job)
+    }
+}
+
+/// The key a job's step durations are kept under: `jobset/job`.
+pub fn job_key(jobset: &str, job: &str) -> String {
+    format!("{jobset}/{job}")
+}
+
 impl Needing for (i64, BuildPrio) {
     fn top(&self) -> &str {
         &self.1.top

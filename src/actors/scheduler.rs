@@ -262,7 +262,11 @@ async fn learn_durations(env: &Env, graph: &crate::actors::graph::Graph) {
     match env.db.recent_step_durations(since, HISTORY_ROWS).await {
         Ok(rows) => {
             graph.learn(&rows);
-            tracing::info!(rows = rows.len(), since, "expected step durations learnt from history");
+            tracing::info!(
+                rows = rows.len(),
+                since,
+                "expected step durations learnt from history"
+            );
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot read step durations: every step is expected to take the default until steps finish")

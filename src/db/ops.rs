@@ -17,8 +17,8 @@ use super::steps::{
 };
 use super::types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
-    NewBuild, NewStep, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step, StepDuration,
-    StepNr,
+    NewBuild, NewStep, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step,
+    StepDuration, StepNr,
 };
 use super::write::found;
 

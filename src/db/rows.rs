@@ -5,8 +5,7 @@ use super::evals::ConstituentState;
 use super::exec::Row;
 use super::types::{
     Build, BuildId, BuildStatus, BusyPhase, Jobset, JobsetSeconds, OutputRow, Realisation, Step,
-    StepDuration,
-    StepType,
+    StepDuration, StepType,
 };
 
 fn col<'a>(prefix: &str, name: &'a str) -> std::borrow::Cow<'a, str> {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::Graph;
-use super::live_paths::job_key;
 use super::plan::{Node, Plan};
 use crate::actors::messages::{AddBuilds, BuildPrio, StepFailed};
 use crate::actors::step::StepMachine;
@@ -118,7 +117,7 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
         }
         actors.insert(drv_path.clone(), (key, actor));
     }
-    graph.track(&tracked, &job_key(&prio.jobset, &prio.job));
+    graph.track(&tracked, &prio.job_key());
     match plan.nodes.get(&plan.top) {
         Some(Node::Built(o)) => Top::Built(o.clone()),
         Some(Node::CachedFailure) => Top::Failed(Failure::new(

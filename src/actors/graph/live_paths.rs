@@ -12,13 +12,9 @@ use super::critical_path::{Changes, CriticalPath};
 use super::durations::Durations;
 use crate::actors::dispatcher::machine::Order;
 use crate::actors::env::Scheduling;
+use crate::actors::messages::job_key;
 use crate::actors::types::Drv;
 use crate::db::types::StepDuration;
-
-/// The key a job's history is kept under: jobs are named within their jobset.
-pub fn job_key(jobset: &str, job: &str) -> String {
-    format!("{jobset}/{job}")
-}
 
 #[derive(Debug)]
 pub struct LivePaths {
@@ -50,7 +46,7 @@ impl LivePaths {
 
     /// A build's new steps, inputs first, each with the steps it waits on (live ones included:
     /// they rise if the new steps make their path longer), expected as `job`'s steps (its key,
-    /// [`job_key`]). Returns the changed values of steps that were tracked before.
+    /// `messages::job_key`). Returns the changed values of steps that were tracked before.
     pub fn attach(&mut self, steps: &[(Drv, Vec<Drv>)], job: &str) -> Changes {
         if !self.tracking || steps.is_empty() {
             return Changes::new();
@@ -152,8 +148,14 @@ mod tests {
         p.learn(&[row("long", "j", 30), row("long", "j", 10)]);
         let (long, short) = (drv("long"), drv("short"));
         // short waits on long: long's path is 20 s + short's 1 s (the default).
-        let changes = p.attach(&[(long.clone(), vec![]), (short.clone(), vec![long.clone()])], "js/j2");
-        assert!(changes.is_empty(), "new steps are read when enqueued: {changes:?}");
+        let changes = p.attach(
+            &[(long.clone(), vec![]), (short.clone(), vec![long.clone()])],
+            "js/j2",
+        );
+        assert!(
+            changes.is_empty(),
+            "new steps are read when enqueued: {changes:?}"
+        );
         assert_eq!(p.value(&long), 21_000);
         assert_eq!(p.value(&short), 1_000);
         // Another build's new step waits on the live `long`: only `long` is reported.
@@ -187,7 +189,10 @@ mod tests {
         let mut p = LivePaths::new(&scheduling(Order::CriticalPath));
         p.learn(&[row("ca", "j", 5), row("top", "j", 3)]);
         let (ca, top) = (drv("ca"), drv("top"));
-        p.attach(&[(ca.clone(), vec![]), (top.clone(), vec![ca.clone()])], "js/j");
+        p.attach(
+            &[(ca.clone(), vec![]), (top.clone(), vec![ca.clone()])],
+            "js/j",
+        );
         assert_eq!(p.value(&ca), 8_000);
         let child = drv("ca-resolved");
         p.add_resolved(&child);

@@ -86,7 +86,10 @@ impl Graph {
         if changes.is_empty() {
             return;
         }
-        let changes = changes.into_iter().map(|(d, ms)| (d.to_string(), ms)).collect();
+        let changes = changes
+            .into_iter()
+            .map(|(d, ms)| (d.to_string(), ms))
+            .collect();
         self.dispatcher.do_send(CriticalPaths(changes));
     }
 

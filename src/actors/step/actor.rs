@@ -19,7 +19,6 @@ use crate::actors::driver::{Done, Driver, Machine};
 use crate::actors::env::Env;
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::{BuildPrio, StepHandle};
-use crate::actors::graph::live_paths::job_key;
 use crate::actors::types::{Drv, Status};
 use crate::store::Derivation;
 
@@ -36,7 +35,7 @@ pub struct StepIo {
     runnable_since: Option<std::time::Instant>,
     /// When its current attempt started on a machine (its duration, learnt when it is built).
     started: Option<std::time::Instant>,
-    /// The job key ([`job_key`]) of the build that first needed it: whose history it adds to.
+    /// The job key (`BuildPrio::job_key`) of the build that first needed it: whose history it adds to.
     job: Option<String>,
     #[cfg(feature = "test-hooks")]
     resolved_child: bool,
@@ -70,7 +69,7 @@ impl StepActor {
         let cell = env
             .actors
             .register(ActorId::Step(drv_path.clone()), ActorKind::Step, env.now());
-        let job = builds.first().map(|(_, p)| job_key(&p.jobset, &p.job));
+        let job = builds.first().map(|(_, p)| p.job_key());
         let core = StepCore::new(
             machine,
             drv.system.clone(),
