@@ -233,6 +233,7 @@ impl Scheduler {
             .collect();
         let graph = crate::actors::graph::Graph::new(env.clone(), dispatcher.clone());
         let expander = Expander::new(env.clone(), graph.clone(), lookup).start();
+        graph.set_expander(expander.clone().recipient());
         let (e, d) = (env.clone(), dispatcher.clone());
         let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, expander.clone()));
         Ok((

@@ -21,7 +21,7 @@ use crate::actors::env::{Env, Stats};
 use crate::actors::messages::BuildPrio;
 use crate::actors::step::StepMachine;
 pub use crate::actors::step::actor::StepRef;
-use crate::actors::step::actor::{StepActor, StepGraph, WaiterAddr};
+use crate::actors::step::actor::{ExpandProduced, StepActor, StepGraph, WaiterAddr};
 use crate::actors::step::core::Row;
 use crate::actors::types::Drv;
 use crate::store::Derivation;
@@ -32,6 +32,8 @@ pub struct Graph {
     env: Arc<Env>,
     /// Shared by every step (an `Addr` clone allocates twice).
     dispatcher: Arc<Addr<DispatcherActor>>,
+    /// The expander, for the derivations steps' inputs produce (set once it is started).
+    expander: std::sync::OnceLock<Recipient<ExpandProduced>>,
 }
 
 impl Graph {
@@ -40,7 +42,15 @@ impl Graph {
             registry: Registry::default(),
             env,
             dispatcher: Arc::new(dispatcher),
+            expander: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The expander steps hand produced derivations to (once; later calls are ignored).
+    pub fn set_expander(&self, expander: Recipient<ExpandProduced>) {
+        if self.expander.set(expander).is_err() {
+            tracing::warn!("the graph's expander was set twice; the first one stays");
+        }
     }
 
     /// Whether a step for `drv` is live.
@@ -122,5 +132,9 @@ impl StepGraph for Graph {
 
     fn forget(&self, drv: &str) {
         self.registry.remove(drv);
+    }
+
+    fn expander(&self) -> Option<Recipient<ExpandProduced>> {
+        self.expander.get().cloned()
     }
 }

@@ -11,6 +11,10 @@ use super::{JsonError, Parts, input_drvs, input_srcs};
 use crate::store::path::StoreDir;
 
 pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
+    let (input_drvs, dynamic_inputs) = match obj.get("inputDrvs") {
+        Some(v) => input_drvs(v, "inputDrvs", PathForm::Full, sd)?,
+        None => Default::default(),
+    };
     Ok(Parts {
         name: match obj.get("name") {
             None => None,
@@ -20,10 +24,8 @@ pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
             Some(v) => input_srcs(v, "inputSrcs", PathForm::Full, sd)?,
             None => Default::default(),
         },
-        input_drvs: match obj.get("inputDrvs") {
-            Some(v) => input_drvs(v, "inputDrvs", PathForm::Full, sd)?,
-            None => Default::default(),
-        },
+        input_drvs,
+        dynamic_inputs,
     })
 }
 
@@ -140,11 +142,17 @@ mod tests {
             }
             Derivation::from_show_json(&v, None, &sd).unwrap_err()
         };
-        assert!(matches!(
-            err(json!({"inputDrvs": {dep: {"outputs": ["out"],
-                "dynamicOutputs": {"cat": {"outputs": ["kitten"], "dynamicOutputs": {}}}}}})),
-            JsonError::DynamicDerivation(_)
-        ));
+        // Dynamic outputs are read (and printed back in the same shape).
+        let mut dynv = base.clone();
+        dynv["inputDrvs"] = json!({dep: {"outputs": ["out"],
+            "dynamicOutputs": {"cat": {"outputs": ["kitten"], "dynamicOutputs": {}}}}});
+        let dd = Derivation::from_show_json(&dynv, None, &sd).unwrap();
+        assert!(dd.has_dynamic_inputs());
+        assert_eq!(dd.to_show_json()["inputDrvs"], dynv["inputDrvs"]);
+        assert_eq!(
+            Derivation::from_show_json(&dd.to_show_json(), Some("simple-derivation"), &sd).unwrap(),
+            dd
+        );
         assert!(matches!(
             err(json!({"inputSrcs": ["c015dhfh5l0lp6wxyvdn7bmwhbbr6hr9-dep1"]})),
             JsonError::BadStorePath {

@@ -8,6 +8,12 @@ use super::{JsonError, Parts, input_drvs, input_srcs};
 use crate::store::path::StoreDir;
 
 pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
+    let (input_drvs, dynamic_inputs) = input_drvs(
+        obj.required("inputDrvs")?,
+        "inputDrvs",
+        PathForm::BaseName,
+        sd,
+    )?;
     Ok(Parts {
         name: Some(obj.string("name")?),
         input_srcs: input_srcs(
@@ -16,12 +22,8 @@ pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
             PathForm::BaseName,
             sd,
         )?,
-        input_drvs: input_drvs(
-            obj.required("inputDrvs")?,
-            "inputDrvs",
-            PathForm::BaseName,
-            sd,
-        )?,
+        input_drvs,
+        dynamic_inputs,
     })
 }
 
