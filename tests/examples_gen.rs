@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 
 use common::load_fixtures;
 
-use common::instantiate::{DynInput, Gen, Kind, SYSTEM};
+use common::instantiate::{DynInput, Gen, Kind, SYSTEM, hide_out_placeholder, writes_drv};
 
 /// The example graphs, by file stem. The drv names say which graph a derivation belongs to; the
 /// comments give the Nix expression (with the fixtures' `lib.nix`, `examples/nix/lib.nix`).
@@ -177,21 +177,26 @@ fn examples() -> Vec<(&'static str, Value)> {
 /// The `dynamic` example (dynamic derivations, depth 2) and its drv paths (outer, mid, leaf,
 /// top): `outer`'s output is the `.drv` of `mid`, whose output is the `.drv` of `leaf`; `top`
 /// reads `leaf`'s output. Only `outer` and `top` are in the file: `mid` and `leaf` exist once
-/// their producers have run.
+/// their producers have run. A producer's builder writes `$drv` with its `out` placeholder put
+/// back (hidden as `@OUT1@` / `@OUT2@` in the env: the executor rewrites the producer's own).
 ///   leaf  = ca   "dyn-leaf"         "echo leaf > $out" {};
-///   mid   = text "dyn-leaf.drv"     "printf %s \"$drv\" > $out" { drv = <leaf's ATerm>; };
-///   outer = text "dyn-leaf.drv.drv" "printf %s \"$drv\" > $out" { drv = <mid's ATerm>; };
+///   mid   = text "dyn-leaf.drv"     (writes_drv "@OUT1@") { drv = <leaf's ATerm>; };
+///   outer = text "dyn-leaf.drv.drv" (writes_drv "@OUT2@") { drv = <mid's ATerm>; };
 ///   top   = ca   "dyn-top" "cat ${outputOf (outputOf outer.outPath "out") "out"} > $out" {};
 fn dynamic() -> (Value, [String; 4]) {
     let mut g = Gen::new();
-    let write = r#"printf %s "$drv" > $out"#;
     let (leaf, leaf_aterm) = g.make(Kind::Ca, "dyn-leaf", "echo leaf > $out", &[]);
-    let (mid, mid_aterm) = g.make(Kind::Text, "dyn-leaf.drv", write, &[("drv", &leaf_aterm)]);
+    let (mid, mid_aterm) = g.make(
+        Kind::Text,
+        "dyn-leaf.drv",
+        &writes_drv("@OUT1@"),
+        &[("drv", &hide_out_placeholder(&leaf_aterm, "@OUT1@"))],
+    );
     let outer = g.add(
         Kind::Text,
         "dyn-leaf.drv.drv",
-        write,
-        &[("drv", &mid_aterm)],
+        &writes_drv("@OUT2@"),
+        &[("drv", &hide_out_placeholder(&mid_aterm, "@OUT2@"))],
         &[],
     );
     let leaf_out = DynInput {
@@ -480,15 +485,19 @@ fn dynamic_example_produces_its_drvs_and_resolves_top() {
     let (_, t) = drvs.iter().find(|(p, _)| *p == top).unwrap();
     assert!(t.has_dynamic_inputs() && t.needs_resolution());
     assert!(t.to_aterm().starts_with("DrvWithVersion(\"xp-dyn-drv\","));
-    // What each producer's builder writes is the next derivation, at the path Nix gives it.
-    let text_out = |d: &Derivation, name: &str| {
-        sd.print(&sd.make_text_path(name, d.env["drv"].as_bytes(), []))
+    // What each producer's builder writes (`$drv`, its marker turned back into the `out`
+    // placeholder) is the next derivation, at the path Nix gives it.
+    let ph = qr::store::placeholder::hash_placeholder("out");
+    let written = |d: &Derivation, marker: &str| d.env["drv"].replace(marker, &ph);
+    let text_out = |d: &Derivation, marker: &str, name: &str| {
+        sd.print(&sd.make_text_path(name, written(d, marker).as_bytes(), []))
     };
-    assert_eq!(text_out(o, "dyn-leaf.drv.drv"), mid);
-    let m = qr::store::aterm::parse_named(o.env["drv"].as_bytes(), "dyn-leaf.drv").unwrap();
+    assert_eq!(text_out(o, "@OUT2@", "dyn-leaf.drv.drv"), mid);
+    let m = qr::store::aterm::parse_named(written(o, "@OUT2@").as_bytes(), "dyn-leaf.drv")
+        .unwrap();
     assert_eq!(sd.print(&m.drv_path(&sd).unwrap()), mid);
-    assert_eq!(text_out(&m, "dyn-leaf.drv"), leaf);
-    let l = qr::store::aterm::parse_named(m.env["drv"].as_bytes(), "dyn-leaf").unwrap();
+    assert_eq!(text_out(&m, "@OUT1@", "dyn-leaf.drv"), leaf);
+    let l = qr::store::aterm::parse_named(written(&m, "@OUT1@").as_bytes(), "dyn-leaf").unwrap();
     assert_eq!(sd.print(&l.drv_path(&sd).unwrap()), leaf);
     let leaf_out = ca_output(&leaf, NarTree::file(b"leaf\n".to_vec()));
     let real: BTreeMap<(String, String), String> = [

@@ -12,11 +12,9 @@ use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
-use common::instantiate::{DynInput, Gen, Kind};
+use common::instantiate::{DynInput, Gen, Kind, hide_out_placeholder, writes_drv};
 use common::qr::{Backend, Qr, all_steps};
 use serde_json::Value;
-
-const WRITE: &str = r#"printf %s "$drv" > $out"#;
 
 /// A producer (named `<leaf>.drv`) whose output is the `.drv` of `leaf` (`script`), made with
 /// `variant` (producers differing only in it write the same drv); returns its drv path.
@@ -25,8 +23,11 @@ fn producer(g: &mut Gen, leaf: &str, script: &str, variant: &str) -> String {
     g.add(
         Kind::Text,
         &format!("{leaf}.drv"),
-        WRITE,
-        &[("drv", &aterm), ("variant", variant)],
+        &writes_drv("@OUT@"),
+        &[
+            ("drv", &hide_out_placeholder(&aterm, "@OUT@")),
+            ("variant", variant),
+        ],
         &[],
     )
 }

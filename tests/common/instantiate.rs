@@ -23,6 +23,22 @@ pub enum Kind {
     Text,
 }
 
+/// The builder script of a producer (dynamic derivations): writes `$drv` (a derivation's
+/// ATerm with its `out` hash placeholder hidden as `marker`, see [`hide_out_placeholder`]) to
+/// `$out`, the placeholder put back. Hidden because the executor, as Nix, rewrites every hash
+/// placeholder of the producer's own outputs in its env and args to their paths; the script
+/// spells it in two halves for the same reason.
+pub fn writes_drv(marker: &str) -> String {
+    let ph = hash_placeholder("out");
+    let (a, b) = ph.split_at(ph.len() / 2);
+    format!(r#"a={a}; b={b}; printf %s "$drv" | sed "s|{marker}|$a$b|g" > $out"#)
+}
+
+/// `aterm` with its `out` hash placeholder replaced by `marker` (for [`writes_drv`]).
+pub fn hide_out_placeholder(aterm: &str, marker: &str) -> String {
+    aterm.replace(&hash_placeholder("out"), marker)
+}
+
 /// A dynamic input: output `output` of the derivation reached from `producer` by following
 /// the `.drv` outputs of `chain` (`producer^chain[0]^…^output`).
 pub struct DynInput<'a> {
