@@ -493,8 +493,7 @@ fn dynamic_example_produces_its_drvs_and_resolves_top() {
         sd.print(&sd.make_text_path(name, written(d, marker).as_bytes(), []))
     };
     assert_eq!(text_out(o, "@OUT2@", "dyn-leaf.drv.drv"), mid);
-    let m = qr::store::aterm::parse_named(written(o, "@OUT2@").as_bytes(), "dyn-leaf.drv")
-        .unwrap();
+    let m = qr::store::aterm::parse_named(written(o, "@OUT2@").as_bytes(), "dyn-leaf.drv").unwrap();
     assert_eq!(sd.print(&m.drv_path(&sd).unwrap()), mid);
     assert_eq!(text_out(&m, "@OUT1@", "dyn-leaf.drv"), leaf);
     let l = qr::store::aterm::parse_named(written(&m, "@OUT1@").as_bytes(), "dyn-leaf").unwrap();
