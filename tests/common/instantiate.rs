@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use qr::store::StoreDir;
-use qr::store::derivation::{Derivation, DerivationOutput, DynamicNode};
+use qr::store::derivation::{Derivation, DerivationOutput};
 use qr::store::hash_modulo::DrvHashes;
 use qr::store::placeholder::{downstream_placeholder, dynamic_placeholder, hash_placeholder};
 use serde_json::Value;
@@ -186,7 +186,7 @@ impl Gen {
                 .entry(d.producer.to_string())
                 .or_default()
                 .entry(first.to_string())
-                .or_insert_with(DynamicNode::default);
+                .or_default();
             for link in rest {
                 node = node.dynamic_outputs.entry(link.to_string()).or_default();
             }

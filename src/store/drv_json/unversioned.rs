@@ -11,19 +11,22 @@ use super::{JsonError, Parts, input_drvs, input_srcs};
 use crate::store::path::StoreDir;
 
 pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
+    // In this order: a bad field is reported as before (name, inputSrcs, inputDrvs).
+    let name = match obj.get("name") {
+        None => None,
+        Some(_) => Some(obj.string("name")?),
+    };
+    let input_srcs = match obj.get("inputSrcs") {
+        Some(v) => input_srcs(v, "inputSrcs", PathForm::Full, sd)?,
+        None => Default::default(),
+    };
     let (input_drvs, dynamic_inputs) = match obj.get("inputDrvs") {
         Some(v) => input_drvs(v, "inputDrvs", PathForm::Full, sd)?,
         None => Default::default(),
     };
     Ok(Parts {
-        name: match obj.get("name") {
-            None => None,
-            Some(_) => Some(obj.string("name")?),
-        },
-        input_srcs: match obj.get("inputSrcs") {
-            Some(v) => input_srcs(v, "inputSrcs", PathForm::Full, sd)?,
-            None => Default::default(),
-        },
+        name,
+        input_srcs,
         input_drvs,
         dynamic_inputs,
     })

@@ -9,11 +9,14 @@ use crate::store::path::StoreDir;
 
 pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
     let inputs = Obj::new(obj.required("inputs")?, "inputs")?;
+    // In this order: a missing field is reported as before (name, srcs, drvs).
+    let name = Some(obj.string("name")?);
+    let input_srcs = input_srcs(inputs.required("srcs")?, "srcs", PathForm::BaseName, sd)?;
     let (input_drvs, dynamic_inputs) =
         input_drvs(inputs.required("drvs")?, "drvs", PathForm::BaseName, sd)?;
     Ok(Parts {
-        name: Some(obj.string("name")?),
-        input_srcs: input_srcs(inputs.required("srcs")?, "srcs", PathForm::BaseName, sd)?,
+        name,
+        input_srcs,
         input_drvs,
         dynamic_inputs,
     })
