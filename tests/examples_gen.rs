@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 
 use common::load_fixtures;
 
-use common::instantiate::{Gen, Kind, SYSTEM};
+use common::instantiate::{DynInput, Gen, Kind, SYSTEM, hide_out_placeholder, writes_drv};
 
 /// The example graphs, by file stem. The drv names say which graph a derivation belongs to; the
 /// comments give the Nix expression (with the fixtures' `lib.nix`, `examples/nix/lib.nix`).
@@ -170,7 +170,50 @@ fn examples() -> Vec<(&'static str, Value)> {
     );
     v.push(("ia-on-ca", g.doc()));
 
+    v.push(("dynamic", dynamic().0));
     v
+}
+
+/// The `dynamic` example (dynamic derivations, depth 2) and its drv paths (outer, mid, leaf,
+/// top): `outer`'s output is the `.drv` of `mid`, whose output is the `.drv` of `leaf`; `top`
+/// reads `leaf`'s output. Only `outer` and `top` are in the file: `mid` and `leaf` exist once
+/// their producers have run. A producer's builder writes `$drv` with its `out` placeholder put
+/// back (hidden as `@OUT1@` / `@OUT2@` in the env: the executor rewrites the producer's own).
+///   leaf  = ca   "dyn-leaf"         "echo leaf > $out" {};
+///   mid   = text "dyn-leaf.drv"     (writes_drv "@OUT1@") { drv = <leaf's ATerm>; };
+///   outer = text "dyn-leaf.drv.drv" (writes_drv "@OUT2@") { drv = <mid's ATerm>; };
+///   top   = ca   "dyn-top" "cat ${outputOf (outputOf outer.outPath "out") "out"} > $out" {};
+fn dynamic() -> (Value, [String; 4]) {
+    let mut g = Gen::new();
+    let (leaf, leaf_aterm) = g.make(Kind::Ca, "dyn-leaf", "echo leaf > $out", &[]);
+    let (mid, mid_aterm) = g.make(
+        Kind::Text,
+        "dyn-leaf.drv",
+        &writes_drv("@OUT1@"),
+        &[("drv", &hide_out_placeholder(&leaf_aterm, "@OUT1@"))],
+    );
+    let outer = g.add(
+        Kind::Text,
+        "dyn-leaf.drv.drv",
+        &writes_drv("@OUT2@"),
+        &[("drv", &hide_out_placeholder(&mid_aterm, "@OUT2@"))],
+        &[],
+    );
+    let leaf_out = DynInput {
+        producer: &outer,
+        chain: &["out", "out"],
+        output: "out",
+    };
+    let ol = g.dyn_out(&leaf_out);
+    let top = g.add_dyn(
+        Kind::Ca,
+        "dyn-top",
+        &format!("cat {ol} > $out"),
+        &[],
+        &[],
+        &[leaf_out],
+    );
+    (g.doc(), [outer, mid, leaf, top])
 }
 
 fn examples_dir() -> PathBuf {
@@ -426,4 +469,53 @@ fn examples_relocate_to_another_store_dir_and_back() {
         derivations_from_show_json(&Value::Object(moved), &mut hs, &mut ext).unwrap();
         assert_eq!(relocate(&there, &to, &from).unwrap(), drvs, "{name}");
     }
+}
+
+/// The `dynamic` example resolves as `examples/README.md` says: the text output of a producer
+/// is the produced `.drv` (its path is `makeTextPath` over the ATerm, as Nix's `.drv` files
+/// are), and `top` resolves once `leaf` is built, its placeholder (Nix's `DownstreamPlaceholder`
+/// of `outer^out^out^out`) replaced by `leaf`'s output.
+#[test]
+fn dynamic_example_produces_its_drvs_and_resolves_top() {
+    let sd = StoreDir::default();
+    let (_, [outer, mid, leaf, top]) = dynamic();
+    let drvs = example("dynamic");
+    assert_eq!(drvs.len(), 2);
+    let (_, o) = drvs.iter().find(|(p, _)| *p == outer).unwrap();
+    let (_, t) = drvs.iter().find(|(p, _)| *p == top).unwrap();
+    assert!(t.has_dynamic_inputs() && t.needs_resolution());
+    assert!(t.to_aterm().starts_with("DrvWithVersion(\"xp-dyn-drv\","));
+    // What each producer's builder writes (`$drv`, its marker turned back into the `out`
+    // placeholder) is the next derivation, at the path Nix gives it.
+    let ph = qr::store::placeholder::hash_placeholder("out");
+    let written = |d: &Derivation, marker: &str| d.env["drv"].replace(marker, &ph);
+    let text_out = |d: &Derivation, marker: &str, name: &str| {
+        sd.print(&sd.make_text_path(name, written(d, marker).as_bytes(), []))
+    };
+    assert_eq!(text_out(o, "@OUT2@", "dyn-leaf.drv.drv"), mid);
+    let m = qr::store::aterm::parse_named(written(o, "@OUT2@").as_bytes(), "dyn-leaf.drv").unwrap();
+    assert_eq!(sd.print(&m.drv_path(&sd).unwrap()), mid);
+    assert_eq!(text_out(&m, "@OUT1@", "dyn-leaf.drv"), leaf);
+    let l = qr::store::aterm::parse_named(written(&m, "@OUT1@").as_bytes(), "dyn-leaf").unwrap();
+    assert_eq!(sd.print(&l.drv_path(&sd).unwrap()), leaf);
+    let leaf_out = ca_output(&leaf, NarTree::file(b"leaf\n".to_vec()));
+    let real: BTreeMap<(String, String), String> = [
+        ((outer.clone(), "out".to_string()), mid.clone()),
+        ((mid.clone(), "out".to_string()), leaf.clone()),
+        ((leaf.clone(), "out".to_string()), leaf_out.clone()),
+    ]
+    .into();
+    let r = try_resolve(t, &sd, |d, o| {
+        real.get(&(d.to_string(), o.to_string())).cloned()
+    })
+    .unwrap();
+    assert_eq!(r.args[1], format!("cat {leaf_out} > $out"));
+    assert_eq!(r.input_srcs, BTreeSet::from([leaf_out.clone()]));
+    assert!(r.input_drvs.is_empty() && !r.has_dynamic_inputs());
+    // Without the leaf built, resolution names the missing link.
+    let e = try_resolve(t, &sd, |d, o| {
+        (o == "out" && d != leaf).then(|| real[&(d.to_string(), o.to_string())].clone())
+    })
+    .unwrap_err();
+    assert_eq!(e.to_string(), format!("no realisation for {leaf}^out"));
 }

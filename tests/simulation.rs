@@ -33,9 +33,12 @@ use qr::actors::dispatcher::machine::{
 };
 use qr::actors::messages::BuildPrio;
 use qr::actors::step::core::{
-    Cmd, Found, Held, In, Notice, OnError, Row, RowEnd, StepCore, Wiring, Write, WriteError,
+    Cmd, Found, Held, In, Notice, OnError, Produced, Row, RowEnd, StepCore, Wiring, Write,
+    WriteError,
 };
-use qr::actors::step::machine::{BuildOutcome, Gauge, Resolution, RetryPolicy, StepMachine};
+use qr::actors::step::machine::{
+    BuildOutcome, DynamicNeed, Gauge, Resolution, RetryPolicy, StepMachine,
+};
 use qr::actors::types::{Drv, Failure, Outputs, Status, Waiter};
 
 // ---------------------------------------------------------------------------------------------
@@ -85,6 +88,11 @@ struct DrvSpec {
     template: u64,
     inputs: Vec<String>,
     needs_resolution: bool,
+    /// Dynamic derivations: the drv its output `out.drv` holds (made only when a dependent
+    /// needs it, never by a build's expansion).
+    produces: Option<String>,
+    /// Producers (among `inputs`) whose produced drv's `out` it uses (`X^out.drv^out`).
+    dyn_inputs: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +127,47 @@ fn make_graph(rng: &mut Rng) -> Graph {
                     inputs.insert(pl[rng.below(pl.len() as u64) as usize].clone());
                 }
             }
+            let mut dyn_inputs = vec![];
+            if l > 0 && rng.chance(0.1) {
+                // A dependent of a dynamic derivation: a new producer (from the layers below)
+                // and the drv it produces (also over the layers below).
+                let pick = |rng: &mut Rng| {
+                    let pl = &by_layer[rng.below(l as u64) as usize];
+                    pl[rng.below(pl.len() as u64) as usize].clone()
+                };
+                let produced = drv_name(i);
+                let producer = drv_name(i + 1);
+                i += 2;
+                let pin = pick(rng);
+                let dca = rng.chance(0.5);
+                drvs.insert(
+                    produced.clone(),
+                    DrvSpec {
+                        ca: dca,
+                        fails: rng.chance(0.05),
+                        template: rng.next(),
+                        needs_resolution: dca || drvs[&pin].needs_resolution,
+                        inputs: vec![pin],
+                        produces: None,
+                        dyn_inputs: vec![],
+                    },
+                );
+                let xin = pick(rng);
+                drvs.insert(
+                    producer.clone(),
+                    DrvSpec {
+                        ca: true,
+                        fails: rng.chance(0.02),
+                        template: rng.next(),
+                        needs_resolution: true,
+                        inputs: vec![xin],
+                        produces: Some(produced),
+                        dyn_inputs: vec![],
+                    },
+                );
+                inputs.insert(producer.clone());
+                dyn_inputs.push(producer);
+            }
             let inputs: Vec<String> = inputs.into_iter().collect();
             let ca = rng.chance(0.4);
             let deferred = inputs.iter().any(|d| drvs[d].needs_resolution);
@@ -126,8 +175,10 @@ fn make_graph(rng: &mut Rng) -> Graph {
                 ca,
                 fails: rng.chance(0.02),
                 template: rng.next(),
-                needs_resolution: ca || deferred,
+                needs_resolution: ca || deferred || !dyn_inputs.is_empty(),
                 inputs,
+                produces: None,
+                dyn_inputs,
             };
             let name = drv_name(i);
             i += 1;
@@ -170,6 +221,7 @@ struct Resolved {
     template: u64,
     ca: bool,
     fails: bool,
+    produces: Option<String>,
 }
 
 fn input_paths(
@@ -187,6 +239,21 @@ fn input_paths(
                     // An input without a resolution (input-addressed all the way): its static path.
                     static_out(g, i)
                 })
+        })
+        .collect()
+}
+
+/// The paths of the produced drvs' `out` that `spec` uses, in `dyn_inputs` order (`None` for
+/// one not landed).
+fn dynamic_paths(
+    landed: &BTreeMap<(String, String), String>,
+    spec: &DrvSpec,
+) -> Vec<Option<String>> {
+    spec.dyn_inputs
+        .iter()
+        .map(|x| {
+            let d = landed.get(&(x.clone(), "out.drv".into()))?;
+            landed.get(&(d.clone(), "out".into())).cloned()
         })
         .collect()
 }
@@ -331,6 +398,8 @@ struct World<'g> {
     cancelled: BTreeSet<i64>,
     events: u64,
     crashes: u32,
+    /// Produced drvs attached by dependents (dynamic derivations).
+    produced: u64,
     /// Strong references to each step (from the steps that need it and the builds waiting on
     /// it), and the steps each step holds: a step nothing references stops once its mailbox is
     /// empty, as an actix actor does.
@@ -394,6 +463,7 @@ impl<'g> World<'g> {
             cancelled: BTreeSet::new(),
             events: 0,
             crashes: 0,
+            produced: 0,
             refs: HashMap::new(),
             holds: HashMap::new(),
             orphans: BTreeSet::new(),
@@ -686,6 +756,23 @@ impl<'g> World<'g> {
         top: &str,
         p: i32,
     ) -> Result<(Expansion<Drv>, Vec<String>), String> {
+        let (top_state, cached) = self.attach_closure(id, top, p)?;
+        if let Expansion::Step(key) = &top_state {
+            // The reply carries the address: held from here.
+            self.hold(None, key);
+            self.build_top.insert(id, key.clone());
+        }
+        Ok((top_state, cached))
+    }
+
+    /// The closure of `top` attached for build `id`: steps made for what is not built, failed
+    /// or live, inputs first (the expander's plan and attach).
+    fn attach_closure(
+        &mut self,
+        id: i64,
+        top: &str,
+        p: i32,
+    ) -> Result<(Expansion<Drv>, Vec<String>), String> {
         let recorded = self.recorded.clone();
         // Inputs first.
         let mut order = vec![];
@@ -717,9 +804,6 @@ impl<'g> World<'g> {
                 .get(top)
                 .map(|s| s.drv().clone())
                 .ok_or("no step for the top drv")?;
-            // The reply carries the address: held from here.
-            self.hold(None, &key);
-            self.build_top.insert(id, key.clone());
             Expansion::Step(key)
         };
         Ok((top_state, cached))
@@ -893,16 +977,21 @@ impl<'g> World<'g> {
         let mut failed = vec![];
         let mut deps = vec![];
         for i in &spec.inputs {
+            // As the graph's attach: a producer's `out.drv` is wanted too.
+            let mut wanted: BTreeSet<String> = ["out".to_string()].into();
+            if spec.dyn_inputs.contains(i) {
+                wanted.insert("out.drv".into());
+            }
             if let Some(o) = self.built(i) {
                 for (name, path) in o {
                     landed.insert((i.clone(), name), path);
                 }
             } else if self.journal.failed_paths.contains(i) {
                 // As the graph's attach: waited on, so the failure sent fails the step.
-                inputs.insert(i.clone(), ["out".to_string()].into());
+                inputs.insert(i.clone(), wanted);
                 failed.push(i.clone());
             } else if let Some(s) = self.steps.get(i.as_str()) {
-                inputs.insert(i.clone(), ["out".to_string()].into());
+                inputs.insert(i.clone(), wanted);
                 deps.push(s.drv().clone());
             } else if recorded.is_none() {
                 return Err(format!(
@@ -911,7 +1000,17 @@ impl<'g> World<'g> {
             }
         }
         let mut machine =
-            StepMachine::new(key.clone(), spec.needs_resolution, inputs, landed, retry());
+            StepMachine::new(key.clone(), spec.needs_resolution, inputs, landed, retry())
+                .with_dynamic(
+                    spec.dyn_inputs
+                        .iter()
+                        .map(|x| DynamicNeed {
+                            input: x.as_str().into(),
+                            chain: vec!["out.drv".into()],
+                            wanted: vec!["out".into()],
+                        })
+                        .collect(),
+                );
         let rows = recorded.as_ref().map(|(_, own, child)| (*own, *child));
         if let Some((r, _, _)) = &recorded {
             machine = machine.with_recorded_resolution(r.clone());
@@ -990,7 +1089,7 @@ impl<'g> World<'g> {
                 owner,
                 pending,
             } => {
-                let ev = self.resolve(drv, &inputs, owner, pending);
+                let ev = self.resolve(drv, &inputs, owner, pending)?;
                 self.reply(drv, ev);
             }
             Cmd::FindChild { resolved } => {
@@ -1040,6 +1139,38 @@ impl<'g> World<'g> {
                         key: dep.clone(),
                         dep,
                     }));
+            }
+            Cmd::AttachProduced {
+                drv: produced,
+                build,
+                prio: pr,
+            } => {
+                // The expander, for the step's owner build (cached failures get no rows here:
+                // the dependent fails as DepFailed through its own build).
+                let key: Drv = produced.as_str().into();
+                self.produced += 1;
+                let Some(build) = build else {
+                    // As the actor: no build to attach it for.
+                    let failure = Failure::new(Status::Aborted, "no build to attach it for");
+                    let produced = Produced::Failed(failure);
+                    self.reply(drv, In::Produced { drv: key, produced });
+                    return Ok(());
+                };
+                let p = pr.map(|p| p.global_priority).unwrap_or(0);
+                let produced = match self.attach_closure(build, &produced, p)?.0 {
+                    Expansion::Replan => return Err("the model never replans".into()),
+                    Expansion::Built(o) => Produced::Built(o),
+                    Expansion::Failed(f) => Produced::Failed(f),
+                    Expansion::Step(k) => {
+                        // The reply carries the address: held from here (by the dependent).
+                        self.hold(Some(drv), &k);
+                        Produced::Step {
+                            key: k.clone(),
+                            dep: k,
+                        }
+                    }
+                };
+                self.reply(drv, In::Produced { drv: key, produced });
             }
             Cmd::JoinChild { dep, adopt, builds } => {
                 self.hold(Some(drv), &dep);
@@ -1198,15 +1329,22 @@ impl<'g> World<'g> {
         inputs: &BTreeMap<(String, String), String>,
         owner: Option<i64>,
         pending: Option<Row>,
-    ) -> In<Sim> {
+    ) -> Result<In<Sim>, String> {
         let spec = &self.g.drvs[&**drv];
         if spec.inputs.is_empty() {
-            return In::Resolved {
+            return Ok(In::Resolved {
                 resolution: Resolution::Same,
                 rows: None,
-            };
+            });
         }
-        let paths = input_paths(self.g, inputs, spec);
+        let mut paths = input_paths(self.g, inputs, spec);
+        for (x, p) in spec.dyn_inputs.iter().zip(dynamic_paths(inputs, spec)) {
+            match p {
+                Some(p) => paths.push(p),
+                // The step must have waited for the drv its input produced.
+                None => return Err(format!("{drv} resolved before the drv {x} produced landed")),
+            }
+        }
         let t = spec.template.to_string();
         let mut parts: Vec<&str> = vec![&t];
         parts.extend(paths.iter().map(String::as_str));
@@ -1217,23 +1355,24 @@ impl<'g> World<'g> {
                 template: hash(&parts),
                 ca: spec.ca,
                 fails: spec.fails,
+                produces: spec.produces.clone(),
             },
         );
         let Some(owner) = owner else {
-            return In::Resolved {
+            return Ok(In::Resolved {
                 resolution: Resolution::Child(resolved),
                 rows: None,
-            };
+            });
         };
         if self.write_fault() {
-            return In::WriteFailed {
+            return Ok(In::WriteFailed {
                 error: WriteError {
                     message: "injected: cannot resolve".into(),
                     unclosed: vec![],
                 },
                 free_slot: false,
                 detached: false,
-            };
+            });
         }
         let own = match pending {
             Some(r) => r,
@@ -1244,10 +1383,10 @@ impl<'g> World<'g> {
             rec.status = Some(Status::Resolved);
             rec.resolved_to = Some(child);
         }
-        In::Resolved {
+        Ok(In::Resolved {
             resolution: Resolution::Child(resolved),
             rows: Some((own, child)),
-        }
+        })
     }
 
     /// The performer's write semantics over the journal (see `step/perform.rs`).
@@ -1352,17 +1491,27 @@ impl<'g> World<'g> {
 
     /// What building `drv` produces in the model.
     fn outcome(&self, drv: &str) -> Result<Outputs, String> {
-        let out = |p: String| [("out".to_string(), p)].into();
+        let with = |p: String, produces: &Option<String>| {
+            let mut o: Outputs = [("out".to_string(), p)].into();
+            if let Some(d) = produces {
+                o.insert("out.drv".to_string(), d.clone());
+            }
+            o
+        };
         if let Some(r) = self.journal.resolved.get(drv) {
             if r.fails {
                 return Err(format!("{drv} failed"));
             }
-            return Ok(out(if r.ca {
-                format!("/s/ca-{:016x}", r.template)
-            } else {
-                static_out(self.g, drv)
-            }));
+            return Ok(with(
+                if r.ca {
+                    format!("/s/ca-{:016x}", r.template)
+                } else {
+                    static_out(self.g, drv)
+                },
+                &r.produces,
+            ));
         }
+        let out = |p: String| with(p, &None);
         let spec = self
             .g
             .drvs
@@ -1492,7 +1641,8 @@ fn outcome(s: &(Status, Outputs)) -> Result<Outputs, ()> {
 }
 
 /// One seed: a graph, a crash-free reference run, and a run with the seed's faults.
-fn run_seed(seed: u64) -> Result<String, String> {
+/// Runs a seed: its summary, and how many produced drvs dependents attached.
+fn run_seed(seed: u64) -> Result<(String, u64), String> {
     let mut rng = Rng(seed);
     let g = make_graph(&mut rng);
     let calm = Faults {
@@ -1554,12 +1704,16 @@ fn run_seed(seed: u64) -> Result<String, String> {
             }
         }
     }
-    Ok(format!(
-        "{} drvs, {} builds, {} events, {} crashes",
-        g.drvs.len(),
-        g.builds.len(),
-        w.events,
-        w.crashes
+    Ok((
+        format!(
+            "{} drvs, {} builds, {} events, {} crashes, {} produced drvs attached",
+            g.drvs.len(),
+            g.builds.len(),
+            w.events,
+            w.crashes,
+            w.produced
+        ),
+        w.produced,
     ))
 }
 
@@ -1593,7 +1747,7 @@ fn seeded_runs_keep_every_invariant() {
         .and_then(|s| s.parse::<u64>().ok())
     {
         match run_seed(seed) {
-            Ok(s) => eprintln!("seed {seed}: {s}"),
+            Ok((s, _)) => eprintln!("seed {seed}: {s}"),
             Err(e) => panic!("seed {seed}: {e}"),
         }
         return;
@@ -1604,15 +1758,19 @@ fn seeded_runs_keep_every_invariant() {
         .unwrap_or(500);
     let base = 0x51_u64 << 32;
     let mut failures = vec![];
+    let mut produced = 0;
     for i in 0..n {
         let seed = base + i;
-        if let Err(e) = run_seed(seed) {
-            failures.push(format!(
+        match run_seed(seed) {
+            Ok((_, p)) => produced += p,
+            Err(e) => failures.push(format!(
                 "seed {seed}: {e}\n  replay: QR_SIM_SEED={seed} cargo test --test simulation"
-            ));
+            )),
         }
     }
-    eprintln!("{n} seeds");
+    eprintln!("{n} seeds, {produced} produced drvs attached");
+    // The graphs have dynamic derivations: dependents attach the drvs their inputs produce.
+    assert!(n < 20 || produced > 0, "no seed attached a produced drv");
     assert!(
         failures.is_empty(),
         "{} of {n} seeds failed:\n{}",

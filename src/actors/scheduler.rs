@@ -234,6 +234,7 @@ impl Scheduler {
         let graph = crate::actors::graph::Graph::new(env.clone(), dispatcher.clone());
         learn_durations(&env, &graph).await;
         let expander = Expander::new(env.clone(), graph.clone(), lookup).start();
+        graph.set_expander(expander.clone().recipient());
         let (e, d) = (env.clone(), dispatcher.clone());
         let monitor = actix::Supervisor::start(move |_| QueueMonitor::new(e, d, expander.clone()));
         Ok((

@@ -148,6 +148,7 @@ pub fn generate(spec: &GraphSpec, sd: &StoreDir, system: &str) -> anyhow::Result
                     .iter()
                     .map(|&j| (drvs[j].0.clone(), BTreeSet::from(["out".to_string()])))
                     .collect(),
+                dynamic_inputs: BTreeMap::new(),
                 input_srcs: BTreeSet::new(),
                 system: system.to_string(),
                 builder: "/bin/sh".into(),

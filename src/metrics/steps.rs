@@ -20,8 +20,8 @@ pub struct StepMetrics {
     pub finished: Labeled<Counter>,
     /// Transient failures retried (the retry timer set).
     pub retries: Counter,
-    /// Steps made by a dynamic derivation's output. Dynamic derivations are not supported yet:
-    /// nothing feeds it, it stays 0.
+    /// Produced derivations (dynamic derivations: a `.drv` an input's output holds) whose step
+    /// a dependent waits on (made then, or shared when live).
     pub dynamic: Counter,
     /// NAR streams to builders in flight (inputs being copied to machines).
     pub copying_to: Arc<Gauge>,

@@ -1,5 +1,8 @@
 //! The ATerm text of a `.drv`:
-//! `Derive([outputs],[inputDrvs],[inputSrcs],"system","builder",[args],[env])`.
+//! `Derive([outputs],[inputDrvs],[inputSrcs],"system","builder",[args],[env])`, or, for a
+//! derivation with dynamic inputs (outputs of derivations that are themselves built),
+//! `DrvWithVersion("xp-dyn-drv",[outputs],…)`, where an input drv entry may be
+//! `(path,([outputs],[(outputName,node),…]))` and each node is again `[outputs]` or that pair.
 //!
 //! The parser accepts exactly the canonical form Nix writes, so that for every input it accepts,
 //! printing the result gives back the identical bytes (and hence the same drv path):
@@ -9,21 +12,31 @@
 //!   (no duplicates);
 //! - every output tuple is one of Nix's four shapes (input-addressed, fixed, floating, deferred),
 //!   hash algorithms are known and fixed hashes are lower-case hex of the algorithm's length;
-//! - paths are absolute; nothing may follow the closing `)`.
+//! - paths are absolute; nothing may follow the closing `)`;
+//! - `DrvWithVersion("xp-dyn-drv",…)` only when some input is dynamic, and a node's pair form
+//!   only when it has dynamic outputs (Nix prints the plain list otherwise).
 //!
 //! The printer escapes every string the same way. (Nix prints output fields and input paths
 //! without escaping; they never contain characters that need it, so the bytes are identical for
 //! every real derivation, and ours stay parseable for arbitrary strings.)
 //!
-//! Parsing is a single linear pass with fixed nesting depth (no recursion), and every failure is a
-//! [`ParseError`] carrying the byte offset and what was expected.
+//! Parsing is a single linear pass; only dynamic input nodes nest, to at most [`MAX_DYNAMIC_DEPTH`]
+//! levels, and every failure is a [`ParseError`] carrying the byte offset and what was expected.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use thiserror::Error;
 
-use super::derivation::{Derivation, DerivationOutput, is_valid_fixed_hash, split_method_algo};
+use super::derivation::{
+    Derivation, DerivationOutput, DynamicNode, is_valid_fixed_hash, split_method_algo,
+};
+
+/// How deeply dynamic input nodes may nest (a bound on the parser's recursion).
+pub const MAX_DYNAMIC_DEPTH: usize = 64;
+
+/// The version string of the ATerm form with dynamic inputs.
+pub const DYN_DRV_VERSION: &str = "xp-dyn-drv";
 
 /// What went wrong while parsing an ATerm.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +59,11 @@ pub enum ParseErrorKind {
     BadOutput(&'static str),
     /// Bytes after the closing `)`.
     TrailingData,
+    /// A form Nix would never print for this derivation (e.g. `DrvWithVersion` without dynamic
+    /// inputs, or a dynamic node's pair form with no dynamic outputs).
+    NotCanonical(&'static str),
+    /// Dynamic input nodes nested deeper than [`MAX_DYNAMIC_DEPTH`].
+    TooDeep,
 }
 
 impl fmt::Display for ParseErrorKind {
@@ -69,6 +87,11 @@ impl fmt::Display for ParseErrorKind {
             ParseErrorKind::NotAbsolute(what) => write!(f, "expected an absolute path in {what}"),
             ParseErrorKind::BadOutput(why) => write!(f, "invalid output: {why}"),
             ParseErrorKind::TrailingData => write!(f, "unexpected data after the derivation"),
+            ParseErrorKind::NotCanonical(why) => write!(f, "not the canonical form: {why}"),
+            ParseErrorKind::TooDeep => write!(
+                f,
+                "dynamic inputs nested deeper than {MAX_DYNAMIC_DEPTH} levels"
+            ),
         }
     }
 }
@@ -288,9 +311,68 @@ impl<'a> Parser<'a> {
         Ok((name, out, start))
     }
 
+    /// A dynamic node's children: `[(name,node),…]`, strictly sorted by name.
+    fn dynamic_children(&mut self, depth: usize) -> Result<BTreeMap<String, DynamicNode>> {
+        let mut children: BTreeMap<String, DynamicNode> = BTreeMap::new();
+        self.list(|p| {
+            p.expect(b'(', "'('")?;
+            let (name, at) = p.string()?;
+            if children.last_key_value().is_some_and(|(k, _)| *k >= name) {
+                return Err(p.err_at(at, ParseErrorKind::NotSorted("dynamic outputs")));
+            }
+            p.expect(b',', "','")?;
+            let node = p.node(depth + 1)?;
+            p.expect(b')', "')'")?;
+            children.insert(name, node);
+            Ok(())
+        })?;
+        Ok(children)
+    }
+
+    /// An input node of the versioned form: `[outputs]` or `([outputs],[(name,node),…])`.
+    fn node(&mut self, depth: usize) -> Result<DynamicNode> {
+        if depth > MAX_DYNAMIC_DEPTH {
+            return Err(self.err_at(self.pos, ParseErrorKind::TooDeep));
+        }
+        if self.peek() != Some(b'(') {
+            return Ok(DynamicNode {
+                outputs: self.sorted_strings("input derivation outputs", false)?,
+                dynamic_outputs: BTreeMap::new(),
+            });
+        }
+        self.pos += 1;
+        let outputs = self.sorted_strings("input derivation outputs", false)?;
+        self.expect(b',', "','")?;
+        let at = self.pos;
+        let dynamic_outputs = self.dynamic_children(depth)?;
+        if dynamic_outputs.is_empty() {
+            return Err(self.err_at(
+                at,
+                ParseErrorKind::NotCanonical("a dynamic node with no dynamic outputs"),
+            ));
+        }
+        self.expect(b')', "')'")?;
+        Ok(DynamicNode {
+            outputs,
+            dynamic_outputs,
+        })
+    }
+
     fn derivation(&mut self) -> Result<Derivation> {
         let mut drv = Derivation::default();
-        self.expect_lit(b"Derive(", "'Derive('")?;
+        let start = self.pos;
+        let versioned = if self.s[self.pos..].starts_with(b"DrvWithVersion(") {
+            self.pos += b"DrvWithVersion(".len();
+            let (v, at) = self.string()?;
+            if v != DYN_DRV_VERSION {
+                return Err(self.err_at(at, ParseErrorKind::Expected("\"xp-dyn-drv\"")));
+            }
+            self.expect(b',', "','")?;
+            true
+        } else {
+            self.expect_lit(b"Derive(", "'Derive('")?;
+            false
+        };
 
         self.list(|p| {
             let (name, out, at) = p.output()?;
@@ -317,11 +399,26 @@ impl<'a> Parser<'a> {
                 return Err(p.err_at(at, ParseErrorKind::NotSorted("inputDrvs")));
             }
             p.expect(b',', "','")?;
-            let outs = p.sorted_strings("input derivation outputs", false)?;
+            if versioned {
+                let node = p.node(1)?;
+                if !node.dynamic_outputs.is_empty() {
+                    drv.dynamic_inputs
+                        .insert(path.clone(), node.dynamic_outputs);
+                }
+                drv.input_drvs.insert(path, node.outputs);
+            } else {
+                let outs = p.sorted_strings("input derivation outputs", false)?;
+                drv.input_drvs.insert(path, outs);
+            }
             p.expect(b')', "')'")?;
-            drv.input_drvs.insert(path, outs);
             Ok(())
         })?;
+        if versioned && drv.dynamic_inputs.is_empty() {
+            return Err(self.err_at(
+                start,
+                ParseErrorKind::NotCanonical("'DrvWithVersion' without dynamic inputs"),
+            ));
+        }
         self.expect(b',', "','")?;
 
         drv.input_srcs = self.sorted_strings("inputSrcs", true)?;
@@ -408,8 +505,15 @@ fn write(
     drv: &Derivation,
     mask: bool,
     input_drvs: &BTreeMap<String, BTreeSet<String>>,
+    dynamic: &BTreeMap<String, BTreeMap<String, DynamicNode>>,
 ) {
-    out.push_str("Derive([");
+    if dynamic.values().any(|m| !m.is_empty()) {
+        out.push_str("DrvWithVersion(");
+        write_string(out, DYN_DRV_VERSION);
+        out.push_str(",[");
+    } else {
+        out.push_str("Derive([");
+    }
     for (i, (name, o)) in drv.outputs.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -440,7 +544,10 @@ fn write(
         out.push('(');
         write_string(out, path);
         out.push(',');
-        write_list(out, outs.iter().map(String::as_str));
+        match dynamic.get(path) {
+            Some(children) if !children.is_empty() => write_node(out, outs, children),
+            _ => write_list(out, outs.iter().map(String::as_str)),
+        }
         out.push(')');
     }
     out.push_str("],");
@@ -470,6 +577,28 @@ fn write(
     out.push_str("])");
 }
 
+/// `([outputs],[(name,node),…])`, a node printed as the plain list when it has no children.
+fn write_node(out: &mut String, outs: &BTreeSet<String>, children: &BTreeMap<String, DynamicNode>) {
+    out.push('(');
+    write_list(out, outs.iter().map(String::as_str));
+    out.push_str(",[");
+    for (i, (name, node)) in children.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('(');
+        write_string(out, name);
+        out.push(',');
+        if node.dynamic_outputs.is_empty() {
+            write_list(out, node.outputs.iter().map(String::as_str));
+        } else {
+            write_node(out, &node.outputs, &node.dynamic_outputs);
+        }
+        out.push(')');
+    }
+    out.push_str("])");
+}
+
 fn size_hint(drv: &Derivation) -> usize {
     let strs = drv
         .env
@@ -486,7 +615,7 @@ fn size_hint(drv: &Derivation) -> usize {
 /// The ATerm text of `drv`, exactly as Nix writes it.
 pub fn print(drv: &Derivation) -> String {
     let mut out = String::with_capacity(size_hint(drv));
-    write(&mut out, drv, false, &drv.input_drvs);
+    write(&mut out, drv, false, &drv.input_drvs, &drv.dynamic_inputs);
     out
 }
 
@@ -498,7 +627,7 @@ pub fn print_modulo(
     input_hashes: &BTreeMap<String, BTreeSet<String>>,
 ) -> String {
     let mut out = String::with_capacity(size_hint(drv));
-    write(&mut out, drv, mask, input_hashes);
+    write(&mut out, drv, mask, input_hashes, &BTreeMap::new());
     out
 }
 
@@ -583,6 +712,89 @@ mod tests {
         assert_eq!(e.kind, ParseErrorKind::NotAbsolute("inputDrvs"));
     }
 
+    const DYN_DEP: &str = include_str!("../../tests/data/dyn-drv/dyn-dep-derivation.drv");
+    const DYN_DEP_JSON: &str = include_str!("../../tests/data/dyn-drv/dyn-dep-derivation.json");
+    const BAD_OLD_DYN: &str = include_str!("../../tests/data/dyn-drv/bad-old-version-dyn-deps.drv");
+
+    #[test]
+    fn nix_dyn_dep_derivation_round_trips() {
+        let d = parse_named(DYN_DEP.as_bytes(), "dyn-dep-derivation").unwrap();
+        let dep2 = "/nix/store/c015dhfh5l0lp6wxyvdn7bmwhbbr6hr9-dep2.drv";
+        assert_eq!(
+            d.input_drvs[dep2],
+            BTreeSet::from(["cat".to_string(), "dog".to_string()])
+        );
+        let dynamic = &d.dynamic_inputs[dep2];
+        assert_eq!(
+            dynamic.keys().collect::<Vec<_>>(),
+            [&"cat".to_string(), &"goose".to_string()]
+        );
+        assert_eq!(
+            dynamic["goose"].outputs,
+            BTreeSet::from(["gosling".to_string()])
+        );
+        assert!(d.has_dynamic_inputs() && d.needs_resolution());
+        let wants: Vec<String> = d
+            .dynamic_wants()
+            .into_iter()
+            .map(|(p, c, o)| format!("{p}^{}^{o}", c.join("^")))
+            .collect();
+        assert_eq!(
+            wants,
+            [
+                format!("{dep2}^cat^kitten"),
+                format!("{dep2}^goose^gosling")
+            ]
+        );
+        assert_eq!(print(&d), DYN_DEP);
+        // The same derivation in Nix's version-4 JSON.
+        let v: serde_json::Value = serde_json::from_str(DYN_DEP_JSON).unwrap();
+        let j = Derivation::from_show_json(&v, None, &crate::store::StoreDir::default()).unwrap();
+        assert_eq!(j, d);
+        assert_eq!(print(&j), DYN_DEP);
+    }
+
+    #[test]
+    fn dynamic_forms_only_where_nix_prints_them() {
+        // The pair form needs the versioned header.
+        let e = err(BAD_OLD_DYN);
+        assert_eq!(e.kind, ParseErrorKind::Expected("'['"));
+        // The versioned header needs a dynamic input.
+        let e = err(&CHAIN_B.replacen("Derive(", "DrvWithVersion(\"xp-dyn-drv\",", 1));
+        assert!(matches!(e.kind, ParseErrorKind::NotCanonical(_)));
+        assert_eq!(e.offset, 0);
+        // A pair with no dynamic outputs is printed as the plain list.
+        let e = err(&DYN_DEP.replace(r#"("goose",["gosling"])"#, r#"("goose",(["gosling"],[]))"#));
+        assert!(matches!(e.kind, ParseErrorKind::NotCanonical(_)));
+        let e = err(&DYN_DEP.replace("xp-dyn-drv", "xp-dyn-drv-2"));
+        assert!(matches!(e.kind, ParseErrorKind::Expected(_)));
+        let e = err(&DYN_DEP.replace(
+            r#"("cat",["kitten"]),("goose",["gosling"])"#,
+            r#"("goose",["gosling"]),("cat",["kitten"])"#,
+        ));
+        assert_eq!(e.kind, ParseErrorKind::NotSorted("dynamic outputs"));
+        // Depth 3 round-trips; nesting past the bound is an error, not a stack overflow.
+        let deep = DYN_DEP.replace(
+            r#"("goose",["gosling"])"#,
+            r#"("goose",(["gosling"],[("a.drv",([],[("b.drv",["out"])]))]))"#,
+        );
+        let d = parse(deep.as_bytes()).unwrap();
+        assert_eq!(print(&d), deep);
+        assert_eq!(
+            d.dynamic_inputs.values().next().unwrap()["goose"].depth(),
+            3
+        );
+        let mut nest = String::from(r#"["x"]"#);
+        for _ in 0..MAX_DYNAMIC_DEPTH + 1 {
+            nest = format!(r#"([],[("o",{nest})])"#);
+        }
+        let e = err(&DYN_DEP.replace(
+            r#"(["cat","dog"],[("cat",["kitten"]),("goose",["gosling"])])"#,
+            &nest,
+        ));
+        assert_eq!(e.kind, ParseErrorKind::TooDeep);
+    }
+
     #[test]
     fn masked_printing() {
         let d = parse(
@@ -627,6 +839,7 @@ mod proptests {
 
     const SEEDS: &[&str] = &[
         super::tests_seed::CHAIN_B,
+        include_str!("../../tests/data/dyn-drv/dyn-dep-derivation.drv"),
         r#"Derive([("out","/nix/store/ys815iw6x4amdbmrqjzficz815kkixhy-mx-fod","sha256","2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")],[],[],"x86_64-linux","/bin/sh",["-c","printf hello > $out"],[("PATH","/usr/bin:/bin"),("builder","/bin/sh"),("name","mx-fod"),("out","/nix/store/ys815iw6x4amdbmrqjzficz815kkixhy-mx-fod"),("outputHash","2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"),("outputHashAlgo","sha256"),("system","x86_64-linux")])"#,
         r#"Derive([("dev","","r:sha256",""),("out","","r:sha256","")],[],[],"x86_64-linux","/bin/sh",["-c","a\"b\\c\nd\re\tf"],[("dev","/02qcpld1y6xhs5gz9bchpxaw0xdhmsp5dv88lh25r2ss44kh8dxz"),("name","mo-lib"),("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9")])"#,
         r#"Derive([("out","","","")],[("/nix/store/kgl69vyd5yssfkn9a7jvb6s21zfah5ja-mx-ca1.drv",["out"]),("/nix/store/p1qxcx8sbmi2zvx8dk4944x7hnlh4fly-mx-ia-leaf.drv",["dev","out"])],["/nix/store/igp3ry331i6rq512l5i84f06s7mhvf65-mx-src.txt"],"x86_64-linux","/bin/sh",[],[("name","mx-ia-on-ca"),("out","")])"#,
@@ -679,11 +892,36 @@ mod proptests {
         ]
     }
 
+    /// A dynamic input node, up to three levels deep.
+    fn dynamic_node() -> impl Strategy<Value = DynamicNode> {
+        let leaf =
+            prop::collection::btree_set(any_string(), 0..3).prop_map(|outputs| DynamicNode {
+                outputs,
+                dynamic_outputs: BTreeMap::new(),
+            });
+        leaf.prop_recursive(3, 12, 3, |inner| {
+            (
+                prop::collection::btree_set(any_string(), 0..3),
+                prop::collection::btree_map(any_string(), inner, 0..3),
+            )
+                .prop_map(|(outputs, dynamic_outputs)| DynamicNode {
+                    outputs,
+                    dynamic_outputs,
+                })
+        })
+    }
+
     prop_compose! {
         fn derivation()(
             outputs in prop::collection::btree_map(any_string(), output(), 0..5),
-            input_drvs in prop::collection::btree_map(
-                abs_path(), prop::collection::btree_set(any_string(), 0..4), 0..6),
+            inputs in prop::collection::btree_map(
+                abs_path(),
+                (
+                    prop::collection::btree_set(any_string(), 0..4),
+                    prop::collection::btree_map(any_string(), dynamic_node(), 0..3),
+                ),
+                0..6,
+            ),
             input_srcs in prop::collection::btree_set(abs_path(), 0..6),
             system in any_string(),
             builder in any_string(),
@@ -691,7 +929,17 @@ mod proptests {
             env in prop::collection::btree_map(any_string(), any_string(), 0..8),
         ) -> Derivation {
             let name = env.get("name").cloned().unwrap_or_default();
-            Derivation { name, outputs, input_drvs, input_srcs, system, builder, args, env }
+            let mut input_drvs = BTreeMap::new();
+            let mut dynamic_inputs = BTreeMap::new();
+            for (p, (outs, dynamic)) in inputs {
+                if !dynamic.is_empty() {
+                    dynamic_inputs.insert(p.clone(), dynamic);
+                }
+                input_drvs.insert(p, outs);
+            }
+            Derivation {
+                name, outputs, input_drvs, dynamic_inputs, input_srcs, system, builder, args, env,
+            }
         }
     }
 

@@ -83,7 +83,38 @@ pub enum DerivationTypeError {
     MixedOutputTypes,
 }
 
+/// One level of a dynamic input (Nix's `DerivedPathMap` child node): the output named by the key
+/// that holds this node is itself a `.drv`; `outputs` are the outputs wanted of that produced
+/// derivation, `dynamic_outputs` the outputs of it that are derivations again (deeper levels).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+pub struct DynamicNode {
+    pub outputs: BTreeSet<String>,
+    pub dynamic_outputs: BTreeMap<String, DynamicNode>,
+}
+
+impl DynamicNode {
+    /// Depth of the deepest level below this node (1 for a node with no dynamic outputs).
+    pub fn depth(&self) -> usize {
+        1 + self
+            .dynamic_outputs
+            .values()
+            .map(DynamicNode::depth)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// One step of a path into the dynamic-input tree: "output `output` of the derivation named
+/// by the previous step" (the first step's derivation is an input drv path).
+pub type DynamicChain = Vec<String>;
+
 /// A derivation: the contents of a `.drv` plus its name.
+///
+/// The input derivations form Nix's tree (`DerivedPathMap<StringSet>`), kept in two maps so that
+/// the common, static case stays a plain map: `input_drvs[p]` is the set of outputs wanted of `p`
+/// (the root level; possibly empty when only dynamic outputs of `p` are used), and
+/// `dynamic_inputs[p]` maps an output of `p` that is a `.drv` to what is wanted of the
+/// derivation it holds, to any depth. Every key of `dynamic_inputs` is a key of `input_drvs`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Derivation {
     /// The derivation name (the drv file's name without hash part and `.drv`).
@@ -91,6 +122,9 @@ pub struct Derivation {
     pub outputs: BTreeMap<String, DerivationOutput>,
     /// Input derivation paths → the outputs used from each.
     pub input_drvs: BTreeMap<String, BTreeSet<String>>,
+    /// Input derivation paths → output name → the produced derivation's wanted outputs (dynamic
+    /// derivations); empty for every derivation Nix 2.8 can write.
+    pub dynamic_inputs: BTreeMap<String, BTreeMap<String, DynamicNode>>,
     pub input_srcs: BTreeSet<String>,
     pub system: String,
     pub builder: String,
@@ -176,8 +210,85 @@ impl Derivation {
 
     /// Whether Nix resolves this derivation before building it: deferred IA, or CA floating with
     /// at least one input derivation.
+    /// A derivation with dynamic inputs always needs it (its placeholders name outputs of
+    /// derivations that are not known yet).
     pub fn needs_resolution(&self) -> bool {
-        self.has_deferred_outputs() || (self.is_ca_floating() && !self.input_drvs.is_empty())
+        self.has_deferred_outputs()
+            || self.has_dynamic_inputs()
+            || (self.is_ca_floating() && !self.input_drvs.is_empty())
+    }
+
+    /// True if some input is an output of a derivation that is itself built (dynamic
+    /// derivations: the ATerm is `DrvWithVersion("xp-dyn-drv", …)`).
+    pub fn has_dynamic_inputs(&self) -> bool {
+        self.dynamic_inputs.values().any(|m| !m.is_empty())
+    }
+
+    /// Every wanted dynamic output, as (input drv path, chain of `.drv` outputs, wanted output):
+    /// `(p, [a.drv, b.drv], out)` is `p^a.drv^b.drv^out` (the output `out` of the derivation in
+    /// output `b.drv` of the derivation in output `a.drv` of `p`). Sorted.
+    pub fn dynamic_wants(&self) -> Vec<(&str, DynamicChain, &str)> {
+        fn walk<'a>(
+            p: &'a str,
+            chain: &mut Vec<String>,
+            node: &'a DynamicNode,
+            out: &mut Vec<(&'a str, DynamicChain, &'a str)>,
+        ) {
+            for o in &node.outputs {
+                out.push((p, chain.clone(), o));
+            }
+            for (name, child) in &node.dynamic_outputs {
+                chain.push(name.clone());
+                walk(p, chain, child, out);
+                chain.pop();
+            }
+        }
+        let mut out = Vec::new();
+        for (p, children) in &self.dynamic_inputs {
+            for (name, node) in children {
+                let mut chain = vec![name.clone()];
+                walk(p, &mut chain, node, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The outputs a builder of this derivation needs of input `input`: those it uses, and
+    /// those that hold derivations whose outputs it uses (dynamic inputs).
+    pub fn wanted_of_input(&self, input: &str) -> BTreeSet<String> {
+        let mut wanted = self.input_drvs.get(input).cloned().unwrap_or_default();
+        if let Some(d) = self.dynamic_inputs.get(input) {
+            wanted.extend(d.keys().cloned());
+        }
+        wanted
+    }
+
+    /// Every level of the dynamic inputs, as (input drv path, chain of `.drv` outputs, the
+    /// outputs wanted of the derivation at the chain's end): for `p^a.drv^b.drv^out`, the levels
+    /// `(p, [a.drv], {b.drv})` and `(p, [a.drv, b.drv], {out})`. Shallower levels first.
+    pub fn dynamic_levels(&self) -> Vec<(&str, DynamicChain, BTreeSet<String>)> {
+        let mut out = Vec::new();
+        let mut frontier: Vec<(&str, DynamicChain, &DynamicNode)> = Vec::new();
+        for (p, children) in &self.dynamic_inputs {
+            for (name, node) in children {
+                frontier.push((p, vec![name.clone()], node));
+            }
+        }
+        while !frontier.is_empty() {
+            let mut next = Vec::new();
+            for (p, chain, node) in frontier {
+                let mut wanted = node.outputs.clone();
+                wanted.extend(node.dynamic_outputs.keys().cloned());
+                for (name, child) in &node.dynamic_outputs {
+                    let mut c = chain.clone();
+                    c.push(name.clone());
+                    next.push((p, c, child));
+                }
+                out.push((p, chain, wanted));
+            }
+            frontier = next;
+        }
+        out
     }
 
     /// Output names, sorted.

@@ -129,6 +129,12 @@ pub fn hash_derivation_modulo<'h>(
     } else {
         DrvHashKind::Regular
     };
+    // Outputs of derivations that are themselves built (dynamic inputs) are not known yet:
+    // like an input on a CA derivation, they defer this one. Only the root level of each input
+    // is hashed in (Nix never hashes a derivation with dynamic inputs before resolving it).
+    if drv.has_dynamic_inputs() {
+        kind = DrvHashKind::Deferred;
+    }
     let mut inputs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (input, outs) in &drv.input_drvs {
         let h = input_hash(input).ok_or_else(|| ModuloError::UnknownInput {

@@ -28,7 +28,7 @@ use thiserror::Error;
 use super::derivation::{Derivation, DerivationError, DerivationOutput};
 use super::hash_modulo::{DrvHashes, HashModuloError};
 use super::path::{StoreDir, StorePathError};
-use super::placeholder::downstream_placeholder;
+use super::placeholder::{downstream_placeholder, dynamic_placeholder};
 
 /// Why a derivation graph could not be relocated.
 #[derive(Debug, Error)]
@@ -170,6 +170,7 @@ pub fn relocate_with_sources(
 
         let mut drv = old.clone();
         drv.input_drvs = BTreeMap::new();
+        drv.dynamic_inputs = BTreeMap::new();
         for (input, outs) in &old.input_drvs {
             let new_input = match rw.get(input) {
                 Some(n) if done.contains_key(n) => n.to_string(),
@@ -186,6 +187,9 @@ pub fn relocate_with_sources(
                     });
                 }
             };
+            if let Some(d) = old.dynamic_inputs.get(input) {
+                drv.dynamic_inputs.insert(new_input.clone(), d.clone());
+            }
             drv.input_drvs.insert(new_input, outs.clone());
         }
         let missing: Vec<String> = old
@@ -214,6 +218,27 @@ pub fn relocate_with_sources(
                 let new = drv_fixed_path(old, to, o, method_algo, hash).map_err(derr)?;
                 rw.insert(std::mem::replace(path, new.clone()), new);
             }
+        }
+
+        // Dynamic inputs' placeholders hash the input drv path, which has moved.
+        for (input, chain, o) in old.dynamic_wants() {
+            let old_in = from
+                .parse(input)
+                .map_err(|error| RelocateError::BadDrvPath {
+                    path: input.to_string(),
+                    error,
+                })?;
+            let new_in = rw
+                .get(input)
+                .and_then(|n| to.parse(n).ok())
+                .ok_or_else(|| RelocateError::MissingInput {
+                    drv: old_path.clone(),
+                    input: input.to_string(),
+                })?;
+            rw.insert(
+                dynamic_placeholder(&old_in, &chain, o),
+                dynamic_placeholder(&new_in, &chain, o),
+            );
         }
 
         drv.builder = rw.rewrite(&old.builder);

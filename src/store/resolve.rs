@@ -8,6 +8,12 @@
 //! 3. Deferred outputs become input-addressed: `makeOutputPath(o, hashModulo(resolved, mask))`,
 //!    with `env[o]` set to the path. CA outputs stay floating.
 //!
+//! Dynamic inputs (`p^a.drv^…^o`: output `o` of the derivation held by output `a.drv` of `p`)
+//! resolve through the same lookup, one link at a time (`lookup(p, a.drv)` is the produced drv's
+//! path, then `lookup(that, o)`); their placeholder is [`dynamic_placeholder`], and only the last
+//! link's path joins `inputSrcs`, as in Nix. A missing link is reported as the first unknown
+//! `(drv, output)` of the chain.
+//!
 //! The resolved derivation's path is its [`Derivation::drv_path`] (references = `inputSrcs`).
 
 use std::collections::BTreeMap;
@@ -17,7 +23,7 @@ use thiserror::Error;
 use super::derivation::{Derivation, DerivationOutput};
 use super::hash_modulo::{ModuloError, hash_derivation_modulo};
 use super::path::{StoreDir, StorePathError, output_path_name, validate_name};
-use super::placeholder::downstream_placeholder;
+use super::placeholder::{downstream_placeholder, dynamic_placeholder};
 use super::realisation::DrvOutput;
 
 /// Why a derivation could not be resolved.
@@ -64,6 +70,7 @@ pub fn try_resolve(
 ) -> Result<Derivation, ResolveError> {
     let mut resolved = drv.clone();
     resolved.input_drvs.clear();
+    resolved.dynamic_inputs.clear();
     let mut rewrites = BTreeMap::new();
     let mut missing = Vec::new();
     for (input, outs) in &drv.input_drvs {
@@ -83,7 +90,33 @@ pub fn try_resolve(
             }
         }
     }
+    for (input, chain, o) in drv.dynamic_wants() {
+        let sp = store_dir
+            .parse(input)
+            .map_err(|error| ResolveError::BadInputPath {
+                path: input.to_string(),
+                error,
+            })?;
+        let mut at = input.to_string();
+        let mut found = true;
+        for link in chain.iter().map(String::as_str).chain([o]) {
+            match lookup(&at, link) {
+                Some(p) => at = p,
+                None => {
+                    missing.push(DrvOutput::new(at.clone(), link.to_string()));
+                    found = false;
+                    break;
+                }
+            }
+        }
+        if found {
+            rewrites.insert(dynamic_placeholder(&sp, &chain, o), at.clone());
+            resolved.input_srcs.insert(at);
+        }
+    }
     if !missing.is_empty() {
+        missing.sort();
+        missing.dedup();
         return Err(ResolveError::MissingRealisations(missing));
     }
 

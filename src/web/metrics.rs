@@ -417,8 +417,8 @@ pub async fn render(admin: &Admin, scrapes: u64) -> Result<String, tonic::Status
     p.one(
         "qr_dynamic_steps_total",
         "counter",
-        "Steps made from a dynamic derivation's output. Dynamic derivations are not supported \
-         yet: this stays 0 until they are.",
+        "Steps of produced derivations (a .drv an input's output holds, dynamic derivations) \
+         that a dependent waited on.",
         g.steps.dynamic.get() as f64,
     );
     p.one(

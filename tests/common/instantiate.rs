@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use qr::store::StoreDir;
 use qr::store::derivation::{Derivation, DerivationOutput};
 use qr::store::hash_modulo::DrvHashes;
-use qr::store::placeholder::{downstream_placeholder, hash_placeholder};
+use qr::store::placeholder::{downstream_placeholder, dynamic_placeholder, hash_placeholder};
 use serde_json::Value;
 
 pub const SYSTEM: &str = "x86_64-linux";
@@ -18,6 +18,33 @@ pub enum Kind {
     Ca,
     /// Input-addressed (deferred when an input is CA or deferred).
     Ia,
+    /// Floating content-addressed, text-hashed (`outputHashMode = "text"`): an output that is a
+    /// `.drv` (dynamic derivations; the name must end in `.drv`).
+    Text,
+}
+
+/// The builder script of a producer (dynamic derivations): writes `$drv` (a derivation's
+/// ATerm with its `out` hash placeholder hidden as `marker`, see [`hide_out_placeholder`]) to
+/// `$out`, the placeholder put back. Hidden because the executor, as Nix, rewrites every hash
+/// placeholder of the producer's own outputs in its env and args to their paths; the script
+/// spells it in two halves for the same reason.
+pub fn writes_drv(marker: &str) -> String {
+    let ph = hash_placeholder("out");
+    let (a, b) = ph.split_at(ph.len() / 2);
+    format!(r#"a={a}; b={b}; printf %s "$drv" | sed "s|{marker}|$a$b|g" > $out"#)
+}
+
+/// `aterm` with its `out` hash placeholder replaced by `marker` (for [`writes_drv`]).
+pub fn hide_out_placeholder(aterm: &str, marker: &str) -> String {
+    aterm.replace(&hash_placeholder("out"), marker)
+}
+
+/// A dynamic input: output `output` of the derivation reached from `producer` by following
+/// the `.drv` outputs of `chain` (`producer^chain[0]^…^output`).
+pub struct DynInput<'a> {
+    pub producer: &'a str,
+    pub chain: &'a [&'a str],
+    pub output: &'a str,
 }
 
 /// Instantiates derivations in memory as `derivation { name; system; builder = "/bin/sh";
@@ -54,6 +81,12 @@ impl Gen {
         }
     }
 
+    /// What `builtins.outputOf` of a dynamic input evaluates to: its placeholder.
+    pub fn dyn_out(&self, d: &DynInput<'_>) -> String {
+        let chain: Vec<String> = d.chain.iter().map(|c| c.to_string()).collect();
+        dynamic_placeholder(&self.sd.parse(d.producer).unwrap(), &chain, d.output)
+    }
+
     /// Adds a derivation; `inputs` are the drv paths whose `out` the script or `attrs` mention
     /// (the string context). Returns its drv path.
     pub fn add(
@@ -63,6 +96,34 @@ impl Gen {
         script: &str,
         attrs: &[(&str, &str)],
         inputs: &[&str],
+    ) -> String {
+        self.add_dyn(kind, name, script, attrs, inputs, &[])
+    }
+
+    /// The derivation [`add`](Self::add) would make, not added (e.g. to be written by a
+    /// producer's builder): its drv path and its ATerm.
+    pub fn make(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        script: &str,
+        attrs: &[(&str, &str)],
+    ) -> (String, String) {
+        let path = self.add(kind, name, script, attrs, &[]);
+        let drv = self.drvs.remove(&path).unwrap();
+        (path, drv.to_aterm())
+    }
+
+    /// [`add`](Self::add) with dynamic inputs too (each producer is also an input drv, using
+    /// no output of its own unless `inputs` names it).
+    pub fn add_dyn(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        script: &str,
+        attrs: &[(&str, &str)],
+        inputs: &[&str],
+        dynamic: &[DynInput<'_>],
     ) -> String {
         let mut env: BTreeMap<String, String> = [
             ("PATH", "/usr/bin:/bin"),
@@ -84,6 +145,14 @@ impl Gen {
                 }
             }
             Kind::Ia => DerivationOutput::Deferred,
+            Kind::Text => {
+                env.insert("outputHashAlgo".into(), "sha256".into());
+                env.insert("outputHashMode".into(), "text".into());
+                env.insert("out".into(), hash_placeholder("out"));
+                DerivationOutput::CaFloating {
+                    method_algo: "text:sha256".into(),
+                }
+            }
         };
         for i in inputs {
             assert!(self.drvs.contains_key(*i), "{name}: unknown input {i}");
@@ -95,12 +164,34 @@ impl Gen {
                 .iter()
                 .map(|i| (i.to_string(), BTreeSet::from(["out".to_string()])))
                 .collect(),
+            dynamic_inputs: BTreeMap::new(),
             input_srcs: BTreeSet::new(),
             system: self.system.clone(),
             builder: "/bin/sh".into(),
             args: vec!["-c".into(), script.into()],
             env,
         };
+        for d in dynamic {
+            assert!(
+                self.drvs.contains_key(d.producer),
+                "{name}: unknown producer"
+            );
+            drv.input_drvs.entry(d.producer.to_string()).or_default();
+            let (first, rest) = d
+                .chain
+                .split_first()
+                .expect("a chain of at least one output");
+            let mut node = drv
+                .dynamic_inputs
+                .entry(d.producer.to_string())
+                .or_default()
+                .entry(first.to_string())
+                .or_default();
+            for link in rest {
+                node = node.dynamic_outputs.entry(link.to_string()).or_default();
+            }
+            node.outputs.insert(d.output.to_string());
+        }
         let drvs = &self.drvs;
         let mut load = |p: &str| drvs.get(p).cloned().ok_or_else(|| p.to_string());
         self.hashes

@@ -15,6 +15,9 @@ use crate::actors::env::Env;
 use crate::actors::graph::Graph;
 use crate::actors::graph::attach::{self, Top};
 use crate::actors::messages::BuildPrio;
+use crate::actors::step::actor::ExpandProduced;
+use crate::actors::step::core::Produced;
+use crate::actors::types::{Failure, Status};
 
 /// Expand the closure of `top` for `build`.
 pub struct Expand {
@@ -137,6 +140,42 @@ impl Handler<Expand> for Expander {
                 top: Err("the expander stopped".into()),
                 cached: vec![],
             })
+        })
+    }
+}
+
+/// A derivation a step's input produced: expanded like a build's top-level drv, for the step's
+/// owner build, and answered with its step (from the registry) or how it stands.
+impl Handler<ExpandProduced> for Expander {
+    type Result = ResponseFuture<Produced<crate::actors::graph::StepRef>>;
+
+    fn handle(&mut self, msg: ExpandProduced, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let drv = msg.drv.clone();
+        self.pending.push((
+            Expand {
+                build: msg.build,
+                top: msg.drv,
+                prio: msg.prio,
+            },
+            tx,
+        ));
+        self.schedule(ctx);
+        let graph = self.graph.clone();
+        Box::pin(async move {
+            let failed = |m: String| Produced::Failed(Failure::new(Status::Failed, m));
+            match rx.await {
+                Err(_) => failed("the expander stopped".into()),
+                Ok(Expanded { top: Err(m), .. }) => failed(m),
+                Ok(Expanded { top: Ok(top), .. }) => match top {
+                    Top::Built(outputs) => Produced::Built(outputs),
+                    Top::Failed(f) => Produced::Failed(f),
+                    Top::Step(_) | Top::Replan => match graph.live(&drv) {
+                        Some((key, dep)) => Produced::Step { key, dep },
+                        None => failed(format!("the step for {drv} vanished while attaching")),
+                    },
+                },
+            }
         })
     }
 }

@@ -11,9 +11,9 @@ use actix::prelude::*;
 use super::Graph;
 use super::plan::{Node, Plan};
 use crate::actors::messages::{AddBuilds, BuildPrio, StepFailed};
-use crate::actors::step::StepMachine;
 use crate::actors::step::actor::StepRef;
 use crate::actors::step::actor::{AddWaiter, StepActor, WaiterAddr};
+use crate::actors::step::{DynamicNeed, StepMachine};
 use crate::actors::types::{Drv, Failure, Outputs, Status};
 
 /// How the build's top-level drv stands after attaching.
@@ -56,7 +56,9 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
         let mut landed = BTreeMap::new();
         let mut deps = Vec::new();
         let mut failed_inputs = Vec::new();
-        for (input, outs) in &drv.input_drvs {
+        for input in drv.input_drvs.keys() {
+            // The outputs used, and those holding derivations whose outputs are used.
+            let outs = &drv.wanted_of_input(input);
             match plan.nodes.get(input) {
                 Some(Node::Built(o)) => {
                     for out in outs {
@@ -90,6 +92,9 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
             landed,
             graph.env.retry.clone(),
         );
+        if drv.has_dynamic_inputs() {
+            machine = machine.with_dynamic(dynamic_needs(drv));
+        }
         if let Some(r) = recorded {
             machine = machine.with_recorded_resolution(r.resolved.clone());
         }
@@ -132,6 +137,18 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
             )),
         },
     }
+}
+
+/// The levels of a derivation's dynamic inputs, as its step machine waits on them.
+pub fn dynamic_needs(drv: &crate::store::Derivation) -> Vec<DynamicNeed> {
+    drv.dynamic_levels()
+        .into_iter()
+        .map(|(input, chain, wanted)| DynamicNeed {
+            input: input.into(),
+            chain,
+            wanted: wanted.into_iter().collect(),
+        })
+        .collect()
 }
 
 /// The drvs of the plan that are cached failures (each gets a step row in the build).

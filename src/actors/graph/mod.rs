@@ -23,7 +23,7 @@ use crate::actors::env::{Env, Stats};
 use crate::actors::messages::BuildPrio;
 use crate::actors::step::StepMachine;
 pub use crate::actors::step::actor::StepRef;
-use crate::actors::step::actor::{StepActor, StepGraph, WaiterAddr};
+use crate::actors::step::actor::{ExpandProduced, StepActor, StepGraph, WaiterAddr};
 use crate::actors::step::core::Row;
 use crate::actors::types::Drv;
 use crate::db::types::StepDuration;
@@ -40,6 +40,8 @@ pub struct Graph {
     /// The live steps' critical paths and expected durations: changed only in the graph's
     /// synchronous steps (attaching, a step finishing or stopping), on the actors' thread.
     paths: Mutex<LivePaths>,
+    /// The expander, for the derivations steps' inputs produce (set once it is started).
+    expander: std::sync::OnceLock<Recipient<ExpandProduced>>,
 }
 
 impl Graph {
@@ -49,6 +51,7 @@ impl Graph {
             paths: Mutex::new(LivePaths::new(&env.scheduling)),
             env,
             dispatcher: Arc::new(dispatcher),
+            expander: std::sync::OnceLock::new(),
         })
     }
 
@@ -91,6 +94,13 @@ impl Graph {
             .map(|(d, ms)| (d.to_string(), ms))
             .collect();
         self.dispatcher.do_send(CriticalPaths(changes));
+    }
+
+    /// The expander steps hand produced derivations to (once; later calls are ignored).
+    pub fn set_expander(&self, expander: Recipient<ExpandProduced>) {
+        if self.expander.set(expander).is_err() {
+            tracing::warn!("the graph's expander was set twice; the first one stays");
+        }
     }
 
     /// Whether a step for `drv` is live.
@@ -190,5 +200,9 @@ impl StepGraph for Graph {
     fn finished(&self, drv: &str, built: Option<(Option<&str>, Duration)>) {
         let changes = self.paths().finished(drv, built);
         self.moved(changes);
+    }
+
+    fn expander(&self) -> Option<Recipient<ExpandProduced>> {
+        self.expander.get().cloned()
     }
 }

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 pub use super::core::Row;
-use super::core::{Cmd, Found, In, Note, StepCore};
+use super::core::{Cmd, Found, In, Note, Produced, StepCore};
 use super::describe::Described;
 use super::machine::StepMachine;
-pub use super::wiring::{Actix, AddWaiter, JobRoute, StepActor, StepGraph, StepRef, WaiterAddr};
+pub use super::wiring::{
+    Actix, AddWaiter, ExpandProduced, JobRoute, StepActor, StepGraph, StepRef, WaiterAddr,
+};
 use super::{outbox, perform};
 use crate::actors::carried::CarriedRow;
 use crate::actors::dispatcher::actor::{DispatcherActor, Runnable, SlotFreed, StepLeft};
@@ -19,7 +21,7 @@ use crate::actors::driver::{Done, Driver, Machine};
 use crate::actors::env::Env;
 use crate::actors::introspect::{ActorCell, ActorId, ActorKind};
 use crate::actors::messages::{BuildPrio, StepHandle};
-use crate::actors::types::{Drv, Status};
+use crate::actors::types::{Drv, Failure, Status};
 use crate::store::Derivation;
 
 /// What performing needs.
@@ -155,6 +157,47 @@ impl Machine for StepCore<Actix> {
                 let (key, dep) = io.graph.clone().spawn_resolved(&resolved, &d, builds);
                 io.graph.linked(&key, &drv);
                 Done::Now(In::Child(Found::Spawned { key, dep }))
+            }
+            Cmd::AttachProduced {
+                drv: produced,
+                build,
+                prio,
+            } => {
+                // crash tests only: die once a producer has landed, before its drv is attached
+                #[cfg(feature = "test-hooks")]
+                env.crash_point("attach-produced");
+                let key: Drv = produced.as_str().into();
+                let (Some(expander), Some(build), Some(prio)) = (io.graph.expander(), build, prio)
+                else {
+                    let why = "no expander or no build to attach it for";
+                    return Done::Now(In::Produced {
+                        drv: key,
+                        produced: Produced::Failed(Failure::new(
+                            Status::Aborted,
+                            format!("cannot attach produced derivation {produced}: {why}"),
+                        )),
+                    });
+                };
+                Done::Later(Box::pin(async move {
+                    let msg = ExpandProduced {
+                        drv: produced.clone(),
+                        build,
+                        prio,
+                    };
+                    let produced = match expander.send(msg).await {
+                        Ok(p) => {
+                            if matches!(p, Produced::Step { .. }) {
+                                crate::metrics::global().steps.dynamic.inc();
+                            }
+                            p
+                        }
+                        Err(e) => Produced::Failed(Failure::new(
+                            Status::Aborted,
+                            format!("cannot attach produced derivation {produced}: {e}"),
+                        )),
+                    };
+                    In::Produced { drv: key, produced }
+                }))
             }
             Cmd::JoinChild { dep, adopt, builds } => {
                 let me = WaiterAddr::Step(drv, ctx.address().downgrade());

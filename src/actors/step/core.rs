@@ -159,6 +159,17 @@ pub enum Found<D, X> {
     Unreadable(String),
 }
 
+/// How the step of a derivation an input produced (dynamic derivations) stands.
+#[derive(Debug, Clone)]
+pub enum Produced<D> {
+    /// Its step (live, or made now with its closure's): wait on it.
+    Step { key: Drv, dep: D },
+    /// Its outputs are valid already: it has landed.
+    Built(Outputs),
+    /// It cannot be built (unreadable, a cached failure): the step fails as DepFailed.
+    Failed(Failure),
+}
+
 /// The events a step takes: messages from other actors and the replies to its commands.
 #[derive(Debug)]
 pub enum In<A: Wiring> {
@@ -192,6 +203,11 @@ pub enum In<A: Wiring> {
         rows: Option<(Row, Row)>,
     },
     Child(Found<A::Dep, A::Drv>),
+    /// The reply to `AttachProduced`.
+    Produced {
+        drv: Drv,
+        produced: Produced<A::Dep>,
+    },
     Started(Option<Row>),
     Written,
     WriteFailed {
@@ -224,6 +240,14 @@ pub enum Cmd<A: Wiring> {
         resolved: String,
         drv: A::Drv,
         builds: Vec<(i64, BuildPrio)>,
+    },
+    /// Get the step of a derivation an input produced, with its closure's, through the graph
+    /// (shared when live, made for `build` when missing; nothing when it is built).
+    /// Replies `Produced`.
+    AttachProduced {
+        drv: String,
+        build: Option<i64>,
+        prio: Option<BuildPrio>,
     },
     /// Join the resolved drv's step: hand it our pending row, tell it our builds, wait on it.
     JoinChild {
@@ -284,6 +308,7 @@ impl<A: Wiring> Cmd<A> {
             self,
             Cmd::Resolve { .. }
                 | Cmd::FindChild { .. }
+                | Cmd::AttachProduced { .. }
                 | Cmd::SpawnChild { .. }
                 | Cmd::StartRow { .. }
                 | Cmd::Db { .. }
@@ -583,6 +608,10 @@ impl<A: Wiring> StepCore<A> {
                 self.awaiting = false;
                 self.child_found(found)
             }
+            In::Produced { drv, produced } => {
+                self.awaiting = false;
+                self.produced_found(drv, produced)
+            }
             In::Started(row) => {
                 self.awaiting = false;
                 // The performer sent the job once the row was written.
@@ -744,6 +773,27 @@ impl<A: Wiring> StepCore<A> {
         }
     }
 
+    /// The step of a derivation an input produced: waited on like an input.
+    fn produced_found(&mut self, drv: Drv, produced: Produced<A::Dep>) -> &mut Self {
+        match produced {
+            Produced::Step { key, dep } => {
+                tracing::info!(drv = %self.drv(), produced = %key, "waiting on a produced derivation");
+                self.ready.push_back(Cmd::JoinChild {
+                    dep: dep.clone(),
+                    adopt: None,
+                    builds: Some(self.builds.clone()),
+                });
+                self.deps.push(dep);
+                self
+            }
+            Produced::Built(outputs) => {
+                tracing::info!(drv = %self.drv(), produced = %drv, "produced derivation already built");
+                self.feed(Event::InputLanded { drv, outputs })
+            }
+            Produced::Failed(failure) => self.feed(Event::InputFailed { drv, failure }),
+        }
+    }
+
     /// A write failed for good: counted; unless detached, the commands queued behind it are
     /// dropped, the rows it did not close are the step's again, and the machine is told (it fails
     /// the step, see [`Event::WriteFailed`]).
@@ -786,6 +836,12 @@ impl<A: Wiring> StepCore<A> {
             Effect::AttachChild { resolved } => {
                 self.resolved_to = Some(resolved.as_str().into());
                 self.ready.push_back(Cmd::FindChild { resolved });
+            }
+            Effect::AttachProduced { drv } => {
+                let build = self.owner();
+                let prio = self.builds.first().map(|b| b.1.clone());
+                self.ready
+                    .push_back(Cmd::AttachProduced { drv, build, prio });
             }
             Effect::MakeRunnable => self.ready.push_back(Cmd::Enqueue(RunnableStep {
                 drv: drv.to_string(),

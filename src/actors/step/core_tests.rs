@@ -573,3 +573,99 @@ fn a_finished_step_stopping_only_leaves_its_gauge() {
         "{cmds:?}"
     );
 }
+
+/// A step with a dynamic input: input P's `out` holds drv D, whose `out` the step uses.
+fn dynamic_core() -> StepCore<T> {
+    const P: &str = "/s/pppp-p.drv";
+    let m = StepMachine::new(
+        S,
+        true,
+        [(P.to_string(), ["out".to_string()].into())].into(),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    )
+    .with_dynamic(vec![crate::actors::step::machine::DynamicNeed {
+        input: P.into(),
+        chain: vec!["out".into()],
+        wanted: vec!["out".into()],
+    }]);
+    let mut c = StepCore::new(
+        m,
+        "x86_64-linux".into(),
+        BTreeSet::new(),
+        vec!["p"],
+        vec![(1, prio(0)), (2, prio(0))],
+        None,
+        None,
+        false,
+    );
+    c.on(In::WaiterAdded(Waiter::Build(1)));
+    c.on(In::Start);
+    assert!(drain(&mut c).is_empty());
+    c.on(In::Landed {
+        from: P.into(),
+        outputs: outs(D),
+    });
+    c
+}
+
+const D: &str = "/s/dddd-d.drv";
+
+#[test]
+fn a_produced_drv_is_attached_for_the_owner_build_and_joined_with_every_build() {
+    let mut c = dynamic_core();
+    let cmds = drain(&mut c);
+    assert!(
+        matches!(&cmds[..], [Cmd::AttachProduced { drv, build: Some(1), prio: Some(_) }] if drv == D),
+        "{cmds:?}"
+    );
+    // The reply is awaited.
+    assert!(c.is_awaiting());
+    c.on(In::Produced {
+        drv: D.into(),
+        produced: Produced::Step {
+            key: D.into(),
+            dep: "d",
+        },
+    });
+    let cmds = drain(&mut c);
+    assert!(
+        matches!(&cmds[..], [Cmd::JoinChild { dep: "d", adopt: None, builds: Some(b) }] if b.len() == 2),
+        "{cmds:?}"
+    );
+    // Its landing is an input's: the step resolves with the whole chain.
+    c.on(In::Landed {
+        from: D.into(),
+        outputs: outs("/s/d-out"),
+    });
+    let cmds = drain(&mut c);
+    assert!(
+        matches!(cmds.last(), Some(Cmd::Resolve { inputs, .. }) if inputs.len() == 2),
+        "{cmds:?}"
+    );
+}
+
+#[test]
+fn a_produced_drv_already_built_lands_at_once_and_one_that_cannot_be_built_fails_the_step() {
+    let mut c = dynamic_core();
+    drain(&mut c);
+    c.on(In::Produced {
+        drv: D.into(),
+        produced: Produced::Built(outs("/s/d-out")),
+    });
+    let cmds = drain(&mut c);
+    assert!(matches!(cmds.last(), Some(Cmd::Resolve { .. })), "{cmds:?}");
+
+    let mut c = dynamic_core();
+    drain(&mut c);
+    c.on(In::Produced {
+        drv: D.into(),
+        produced: Produced::Failed(Failure::new(Status::CachedFailure, "failed before")),
+    });
+    drain(&mut c);
+    assert!(
+        matches!(c.phase(), Phase::Failed(f) if f.status == Status::DepFailed),
+        "{:?}",
+        c.phase()
+    );
+}

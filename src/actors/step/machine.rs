@@ -89,6 +89,16 @@ pub fn gauge_change(before: Option<Gauge>, after: Option<Gauge>) -> (Option<Gaug
     }
 }
 
+/// One level of a dynamic input (dynamic derivations): the derivation reached from input
+/// `input` by following the `.drv` outputs of `chain`, and the outputs wanted of it. When every
+/// link of the chain has landed, the derivation is known and the step waits on its step too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicNeed {
+    pub input: Drv,
+    pub chain: Vec<String>,
+    pub wanted: Vec<String>,
+}
+
 /// What the adapter learned by resolving.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resolution {
@@ -185,6 +195,12 @@ pub enum Effect<W = Waiter> {
     AttachChild {
         resolved: String,
     },
+    /// A derivation an input produced (dynamic derivations) is needed: get its step and its
+    /// closure's through the registry (made if missing, shared if live), and wait on it as on
+    /// an input. Its landing (or failure) comes back as `InputLanded` / `InputFailed`.
+    AttachProduced {
+        drv: String,
+    },
     /// Put the step in the dispatcher's queue.
     MakeRunnable,
     /// Record that a machine started building it.
@@ -251,6 +267,18 @@ pub struct StepMachine<W = Waiter> {
     /// Set at restart when the step's row was busy on this remote builder: the attempt may still
     /// be running there. Taken when the step resumes it or closes it.
     carried: Option<String>,
+    /// Its dynamic inputs; `None` for every derivation without them (boxed: most steps have
+    /// none, and a waiting step's state is most of its memory).
+    dynamic: Option<Box<Dynamic>>,
+}
+
+/// The dynamic inputs of a step.
+#[derive(Debug, Clone, Default)]
+struct Dynamic {
+    /// Their levels.
+    needs: Vec<DynamicNeed>,
+    /// Derivations produced by inputs that it attached to (each once).
+    produced: Vec<Drv>,
 }
 
 impl<W: WaiterRef> StepMachine<W> {
@@ -311,7 +339,24 @@ impl<W: WaiterRef> StepMachine<W> {
             retry,
             preresolved: None,
             carried: None,
+            dynamic: None,
         }
+    }
+
+    /// The levels of the drv's dynamic inputs ([`Derivation::dynamic_levels`](crate::store::Derivation::dynamic_levels)).
+    pub fn with_dynamic(mut self, needs: Vec<DynamicNeed>) -> Self {
+        self.dynamic = (!needs.is_empty()).then(|| {
+            Box::new(Dynamic {
+                needs,
+                produced: Vec::new(),
+            })
+        });
+        self
+    }
+
+    /// The derivations produced by inputs that the step attached to, in the order it did.
+    pub fn produced(&self) -> &[Drv] {
+        self.dynamic.as_ref().map_or(&[], |d| &d.produced)
     }
 
     /// At restart: the database says this step was resolved to `resolved`; attach straight to it.
@@ -538,7 +583,64 @@ impl<W: WaiterRef> StepMachine<W> {
         }
     }
 
+    /// The derivations produced by inputs that are known now (every link of their chain has
+    /// landed) and not attached yet, with the outputs wanted of each: waited on from now on.
+    fn attach_produced(&mut self) -> Vec<Effect<W>> {
+        let Some(dynamic) = self.dynamic.as_mut() else {
+            return vec![];
+        };
+        let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for need in &dynamic.needs {
+            let mut at = need.input.to_string();
+            let mut known = true;
+            for link in &need.chain {
+                match self.landed.get(&(at.clone(), link.clone())) {
+                    Some(p) => at = p.clone(),
+                    None => {
+                        known = false;
+                        break;
+                    }
+                }
+            }
+            if known && !dynamic.produced.iter().any(|d| **d == *at) {
+                found
+                    .entry(at)
+                    .or_default()
+                    .extend(need.wanted.iter().cloned());
+            }
+        }
+        let mut effects = Vec::new();
+        for (drv, wanted) in found {
+            let key: Drv = drv.as_str().into();
+            dynamic.produced.push(key.clone());
+            let wanted: Vec<String> = wanted
+                .into_iter()
+                .filter(|o| !self.landed.contains_key(&(drv.clone(), o.clone())))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            match self.waiting_for.binary_search_by(|(d, _)| (**d).cmp(&*drv)) {
+                Ok(i) => {
+                    let outs = &mut self.waiting_for[i].1;
+                    outs.extend(wanted);
+                    outs.sort();
+                    outs.dedup();
+                }
+                Err(i) => self.waiting_for.insert(i, (key, wanted)),
+            }
+            effects.push(Effect::AttachProduced { drv });
+        }
+        effects
+    }
+
     fn inputs_complete(&mut self) -> Vec<Effect<W>> {
+        if self.dynamic.is_some() {
+            let attach = self.attach_produced();
+            if !attach.is_empty() || !self.waiting_for.is_empty() {
+                return attach;
+            }
+        }
         if self.needs_resolution {
             self.phase = Phase::Resolving;
             vec![Effect::Resolve {

@@ -790,3 +790,148 @@ fn a_carried_attempt_waits_through_inputs_and_resolution() {
         }]
     );
 }
+
+// Dynamic derivations: P produces D (in its output `out.drv`), D produces E (`out.drv`); B uses
+// `P^out.drv^out` (depth 1) and `P^out.drv^out.drv^out` (depth 2).
+const P: &str = "/s/pppp-p.drv";
+const D: &str = "/s/dddd-d.drv";
+const E: &str = "/s/eeee-e.drv";
+
+fn need(chain: &[&str], wanted: &[&str]) -> DynamicNeed {
+    DynamicNeed {
+        input: P.into(),
+        chain: chain.iter().map(|c| c.to_string()).collect(),
+        wanted: wanted.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+fn dynamic_step(needs: Vec<DynamicNeed>) -> StepMachine {
+    let mut s = StepMachine::new(
+        B,
+        true,
+        wants(&[(P, &["out.drv"])]),
+        BTreeMap::new(),
+        RetryPolicy::default(),
+    )
+    .with_dynamic(needs);
+    s.on(Event::WaiterAdded(Waiter::Build(1)));
+    s
+}
+
+#[test]
+fn a_produced_drv_is_attached_and_waited_on_before_resolving() {
+    let mut s = dynamic_step(vec![need(&["out.drv"], &["out"])]);
+    assert_eq!(s.on(Event::Start), vec![]);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: P.into(),
+            outputs: outs(&[("out.drv", D)]),
+        }),
+        vec![Effect::AttachProduced { drv: D.into() }]
+    );
+    assert_eq!(s.phase(), &Phase::WaitingForInputs);
+    assert_eq!(s.waiting_on().collect::<Vec<_>>(), vec![D]);
+    let fx = s.on(Event::InputLanded {
+        drv: D.into(),
+        outputs: outs(&[("out", "/s/x-d")]),
+    });
+    let expected: BTreeMap<(String, String), String> = [
+        ((D.to_string(), "out".to_string()), "/s/x-d".to_string()),
+        ((P.to_string(), "out.drv".to_string()), D.to_string()),
+    ]
+    .into();
+    assert_eq!(fx, vec![Effect::Resolve { inputs: expected }]);
+    assert_eq!(s.produced(), [Drv::from(D)]);
+}
+
+#[test]
+fn depth_two_attaches_each_level_when_the_one_above_lands() {
+    let mut s = dynamic_step(vec![
+        need(&["out.drv"], &["out.drv"]),
+        need(&["out.drv", "out.drv"], &["out"]),
+    ]);
+    s.on(Event::Start);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: P.into(),
+            outputs: outs(&[("out.drv", D)]),
+        }),
+        vec![Effect::AttachProduced { drv: D.into() }]
+    );
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: D.into(),
+            outputs: outs(&[("out.drv", E)]),
+        }),
+        vec![Effect::AttachProduced { drv: E.into() }]
+    );
+    let fx = s.on(Event::InputLanded {
+        drv: E.into(),
+        outputs: outs(&[("out", "/s/x-e")]),
+    });
+    assert!(matches!(&fx[..], [Effect::Resolve { inputs }] if inputs.len() == 3));
+    assert_eq!(s.produced(), [Drv::from(D), Drv::from(E)]);
+}
+
+#[test]
+fn two_needs_of_one_produced_drv_attach_it_once() {
+    // `P^out.drv^out` and `P^out.drv^dev`, written as two levels that reach the same drv.
+    let mut s = dynamic_step(vec![
+        need(&["out.drv"], &["out"]),
+        need(&["out.drv"], &["dev"]),
+    ]);
+    s.on(Event::Start);
+    assert_eq!(
+        s.on(Event::InputLanded {
+            drv: P.into(),
+            outputs: outs(&[("out.drv", D)]),
+        }),
+        vec![Effect::AttachProduced { drv: D.into() }]
+    );
+    // D must land with both outputs.
+    let fx = s.on(Event::InputLanded {
+        drv: D.into(),
+        outputs: outs(&[("out", "/s/x-d")]),
+    });
+    assert!(
+        matches!(&fx[..], [Effect::RecordFailure(f), Effect::NotifyFailed { .. }] if f.message.contains("'dev'"))
+    );
+}
+
+#[test]
+fn a_produced_drv_that_fails_fails_the_step_as_dep_failed() {
+    let mut s = dynamic_step(vec![need(&["out.drv"], &["out"])]);
+    s.on(Event::Start);
+    s.on(Event::InputLanded {
+        drv: P.into(),
+        outputs: outs(&[("out.drv", D)]),
+    });
+    let fx = s.on(Event::InputFailed {
+        drv: D.into(),
+        failure: Failure::new(Status::Failed, "builder failed"),
+    });
+    assert!(matches!(
+        &fx[..],
+        [Effect::RecordFailure(_), Effect::NotifyFailed { .. }]
+    ));
+    assert!(matches!(s.phase(), Phase::Failed(f) if f.status == Status::DepFailed));
+}
+
+#[test]
+fn an_already_known_produced_drv_output_needs_no_wait() {
+    // Restart: P is built and so is D; both realisations are known when the step is made.
+    let mut s = StepMachine::new(
+        B,
+        true,
+        BTreeMap::new(),
+        [
+            ((P.to_string(), "out.drv".to_string()), D.to_string()),
+            ((D.to_string(), "out".to_string()), "/s/x-d".to_string()),
+        ]
+        .into(),
+        RetryPolicy::default(),
+    )
+    .with_dynamic(vec![need(&["out.drv"], &["out"])]);
+    s.on(Event::WaiterAdded(Waiter::Build(1)));
+    assert!(matches!(&s.on(Event::Start)[..], [Effect::Resolve { .. }]));
+}

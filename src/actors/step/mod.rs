@@ -9,4 +9,6 @@ mod outbox;
 pub mod perform;
 pub mod wiring;
 
-pub use machine::{BuildOutcome, Effect, Event, Phase, Resolution, RetryPolicy, StepMachine};
+pub use machine::{
+    BuildOutcome, DynamicNeed, Effect, Event, Phase, Resolution, RetryPolicy, StepMachine,
+};

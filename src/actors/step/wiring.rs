@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix::{WeakAddr, WeakRecipient};
 
-use super::core::{StepCore, Wiring};
+use super::core::{Produced, StepCore, Wiring};
 use crate::actors::driver::Driver;
 use crate::actors::messages::{AbortJob, BuildPrio, OutputsLanded, RunJob, StepFailed};
 use crate::actors::types::{Drv, Waiter, WaiterRef};
@@ -40,6 +40,22 @@ pub trait StepGraph: Send + Sync {
     fn linked(&self, input: &Drv, dependent: &Drv);
     /// The step finished; `built`: its build's job key and how long it took, to learn from.
     fn finished(&self, drv: &str, built: Option<(Option<&str>, std::time::Duration)>);
+    /// Where the closure of a derivation an input produced is expanded and attached (the
+    /// expander every build uses); `None` before it is started.
+    fn expander(&self) -> Option<Recipient<ExpandProduced>>;
+}
+
+/// Expand and attach the closure of `drv`, a derivation an input of a step produced (dynamic
+/// derivations), for `build`: its step is shared when live, made with its closure's when
+/// missing, and none is made when it is built.
+pub struct ExpandProduced {
+    pub drv: String,
+    pub build: i64,
+    pub prio: BuildPrio,
+}
+
+impl Message for ExpandProduced {
+    type Result = Produced<StepRef>;
 }
 
 /// How to reach a waiter (weakly: references point up the graph weakly).

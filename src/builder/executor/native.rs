@@ -84,8 +84,14 @@ pub struct NativeExecutor {
 #[derive(Debug, Clone)]
 enum OutKind {
     InputAddressed,
-    Fixed { method_algo: String, hash: String },
+    Fixed {
+        method_algo: String,
+        hash: String,
+    },
     Floating,
+    /// Floating and text-hashed (`text:sha256`, dynamic derivations: an output that is a `.drv`):
+    /// one regular file, its path `makeTextPath` over its contents and references.
+    Text,
 }
 
 /// One output: where the builder writes it (its path, or its scratch path if CA floating).
@@ -298,16 +304,17 @@ impl NativeExecutor {
                     },
                     sd.parse(path).map_err(|e| bad(e.to_string()))?,
                 ),
-                DerivationOutput::CaFloating { method_algo } => {
-                    if method_algo != "r:sha256" {
+                DerivationOutput::CaFloating { method_algo } => match method_algo.as_str() {
+                    "r:sha256" => (OutKind::Floating, scratch_path(&sd, &drv_sp, name)),
+                    "text:sha256" => (OutKind::Text, scratch_path(&sd, &drv_sp, name)),
+                    _ => {
                         return Err(ExecError::Unsupported {
                             message: format!(
-                                "derivation {drv_path}: floating output {name:?} uses {method_algo:?}; only r:sha256 is supported"
+                                "derivation {drv_path}: floating output {name:?} uses {method_algo:?}; only r:sha256 and text:sha256 are supported"
                             ),
                         });
                     }
-                    (OutKind::Floating, scratch_path(&sd, &drv_sp, name))
-                }
+                },
                 DerivationOutput::Deferred => {
                     return Err(bad(format!(
                         "derivation {drv_path} has a deferred output {name:?}"
@@ -1017,6 +1024,49 @@ fn sri(algo: &str, hash: &[u8]) -> String {
 
 type Processed = (Vec<StagedPath>, Vec<(DrvOutput, String)>, ProcessedDirs);
 
+/// A text-hashed output's final path and `ca`: it must be one regular, non-executable file
+/// that does not refer to itself (as Nix requires of `text` outputs).
+fn text_output(
+    job: &Job,
+    p: &OutPlan,
+    loc: &Path,
+    refs: &BTreeSet<StorePath>,
+) -> Result<(StorePath, String), ExecError> {
+    let sd = &job.store_dir;
+    let reject = |why: &str| ExecError::OutputRejected {
+        message: format!(
+            "output '{}' of '{}' is text-hashed and {why}",
+            p.name, job.drv_path
+        ),
+    };
+    let meta = fs::symlink_metadata(loc).map_err(|e| ExecError::Io {
+        message: format!("reading output '{}' of '{}': {e}", p.name, job.drv_path),
+    })?;
+    if !meta.is_file() {
+        return Err(reject("must be a regular file"));
+    }
+    if meta.permissions().mode() & 0o111 != 0 {
+        return Err(reject("must not be executable"));
+    }
+    if refs.contains(&p.build_path) {
+        return Err(reject("must not refer to itself"));
+    }
+    let contents = fs::read(loc).map_err(|e| ExecError::Io {
+        message: format!("reading output '{}' of '{}': {e}", p.name, job.drv_path),
+    })?;
+    let printed: Vec<String> = refs.iter().map(|r| sd.print(r)).collect();
+    let sp = sd.make_text_path(
+        p.build_path.name(),
+        &contents,
+        printed.iter().map(String::as_str),
+    );
+    let ca = format!(
+        "text:sha256:{}",
+        nix32::encode(&crate::store::hash::sha256(&contents))
+    );
+    Ok((sp, ca))
+}
+
 /// Checks and hashes the outputs (blocking): CA floating ones are finalised, the others scanned.
 fn process_outputs(job: &Job, ran: Ran) -> Result<Processed, ExecError> {
     let sd = &job.store_dir;
@@ -1089,6 +1139,7 @@ fn process_outputs(job: &Job, ran: Ran) -> Result<Processed, ExecError> {
             .filter(|p| !matches!(p.kind, OutKind::Floating))
             .map(|p| p.build_path.clone()),
     );
+    let mut text_ca: Option<String> = None;
     for p in &job.plans {
         if matches!(p.kind, OutKind::Floating) {
             continue;
@@ -1098,7 +1149,13 @@ fn process_outputs(job: &Job, ran: Ran) -> Result<Processed, ExecError> {
             .map_err(|e| ExecError::Io {
                 message: format!("hashing output '{}' of '{drv_path}': {e}", p.name),
             })?;
-        let path = sd.print(&p.build_path);
+        let mut final_sp = p.build_path.clone();
+        if matches!(p.kind, OutKind::Text) {
+            let (sp, ca) = text_output(job, p, loc, &refs)?;
+            final_sp = sp;
+            text_ca = Some(ca);
+        }
+        let path = sd.print(&final_sp);
         let ca = match &p.kind {
             OutKind::Fixed { method_algo, hash } => {
                 let (got, ca) = fixed_output_hash(job, loc, method_algo, &nar_hash)?;
@@ -1125,10 +1182,11 @@ fn process_outputs(job: &Job, ran: Ran) -> Result<Processed, ExecError> {
                 }
                 Some(ca)
             }
+            OutKind::Text => text_ca.take(),
             _ => None,
         };
-        let staged_at = if job.namespace {
-            let dest = staging.path().join(p.build_path.base_name());
+        let staged_at = if job.namespace || final_sp != p.build_path {
+            let dest = staging.path().join(final_sp.base_name());
             move_tree(loc, &dest).map_err(io_msg(format!(
                 "moving output '{}' out of the sandbox",
                 p.name

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Map, Value};
 
 use super::JsonError;
+use crate::store::aterm::MAX_DYNAMIC_DEPTH;
 use crate::store::clip;
+use crate::store::derivation::DynamicNode;
 use crate::store::path::{StoreDir, StorePath};
 
 /// How a format writes store paths.
@@ -115,22 +117,27 @@ pub fn store_path(
 }
 
 /// The outputs used of one input derivation: `["out", …]` (Nix before 2.18), or
-/// `{"outputs": [...], "dynamicOutputs": {…}}` (Nix 2.18 on). A non-empty `dynamicOutputs` (an
-/// output of a derivation that is itself an output: dynamic derivations) is refused.
-pub fn input_drv_outputs(input: &str, v: &Value) -> Result<BTreeSet<String>, JsonError> {
-    let outs = match v {
-        Value::Array(_) => v,
-        Value::Object(o) => {
-            if let Some(dynamic) = o.get("dynamicOutputs") {
-                let dynamic = dynamic
-                    .as_object()
-                    .ok_or(JsonError::Field("dynamicOutputs", "an object"))?;
-                if !dynamic.is_empty() {
-                    return Err(JsonError::DynamicDerivation(clip(input)));
-                }
-            }
-            o.get("outputs").ok_or(JsonError::Missing("outputs"))?
-        }
+/// `{"outputs": [...], "dynamicOutputs": {…}}` (Nix 2.18 on), with the dynamic outputs (outputs
+/// of the derivations that outputs of this input hold: dynamic derivations) to any depth up to
+/// [`MAX_DYNAMIC_DEPTH`].
+pub fn input_drv_outputs(
+    input: &str,
+    v: &Value,
+) -> Result<(BTreeSet<String>, BTreeMap<String, DynamicNode>), JsonError> {
+    input_node(input, v, 1).map(|n| (n.outputs, n.dynamic_outputs))
+}
+
+/// One node: an array of output names, or `{"outputs": [...], "dynamicOutputs": {name: node}}`.
+fn input_node(input: &str, v: &Value, depth: usize) -> Result<DynamicNode, JsonError> {
+    if depth > MAX_DYNAMIC_DEPTH {
+        return Err(JsonError::DynamicTooDeep(clip(input)));
+    }
+    let (outs, dynamic) = match v {
+        Value::Array(_) => (v, None),
+        Value::Object(o) => (
+            o.get("outputs").ok_or(JsonError::Missing("outputs"))?,
+            o.get("dynamicOutputs"),
+        ),
         _ => {
             return Err(JsonError::Field(
                 "inputDrvs",
@@ -138,7 +145,19 @@ pub fn input_drv_outputs(input: &str, v: &Value) -> Result<BTreeSet<String>, Jso
             ));
         }
     };
-    Ok(string_list(outs, "outputs")?.into_iter().collect())
+    let mut dynamic_outputs = BTreeMap::new();
+    if let Some(d) = dynamic {
+        let d = d
+            .as_object()
+            .ok_or(JsonError::Field("dynamicOutputs", "an object"))?;
+        for (name, child) in d {
+            dynamic_outputs.insert(name.clone(), input_node(input, child, depth + 1)?);
+        }
+    }
+    Ok(DynamicNode {
+        outputs: string_list(outs, "outputs")?.into_iter().collect(),
+        dynamic_outputs,
+    })
 }
 
 /// Nix's `dump()` of a JSON value: compact, object keys sorted (nlohmann's objects are ordered

@@ -32,7 +32,7 @@ pub use document::{
     DocumentShape, ShowDocument, ShowJsonError, derivations_from_show_json, parse_show_document,
 };
 
-use crate::store::derivation::{Derivation, DerivationError, DerivationOutput};
+use crate::store::derivation::{Derivation, DerivationError, DerivationOutput, DynamicNode};
 use crate::store::path::{StoreDir, StorePathError};
 use crate::store::placeholder::hash_placeholder;
 use fields::{Obj, nlohmann_dump};
@@ -114,11 +114,8 @@ pub enum JsonError {
         given: String,
         computed: String,
     },
-    #[error(
-        "input derivation {0} is used through dynamicOutputs: dynamic derivations are not \
-         supported yet"
-    )]
-    DynamicDerivation(String),
+    #[error("input derivation {0}: dynamicOutputs nested too deeply")]
+    DynamicTooDeep(String),
     #[error("both `structuredAttrs` and `env.__json` are given")]
     StructuredAttrsTwice,
     #[error(transparent)]
@@ -130,6 +127,7 @@ pub(crate) struct Parts {
     pub name: Option<String>,
     pub input_srcs: BTreeSet<String>,
     pub input_drvs: BTreeMap<String, BTreeSet<String>>,
+    pub dynamic_inputs: BTreeMap<String, BTreeMap<String, DynamicNode>>,
 }
 
 impl Derivation {
@@ -152,12 +150,34 @@ impl Derivation {
         json!({
             "outputs": outputs,
             "inputSrcs": self.input_srcs,
-            "inputDrvs": self.input_drvs,
+            "inputDrvs": self.input_drvs_json(),
             "system": self.system,
             "builder": self.builder,
             "args": self.args,
             "env": self.env,
         })
+    }
+
+    /// `inputDrvs` as Nix 2.8 writes it (`path: [outputs]`), except that an input with dynamic
+    /// outputs is written as Nix 2.18 on write every input:
+    /// `{"outputs": [...], "dynamicOutputs": {name: node}}` (2.8 has no such inputs).
+    fn input_drvs_json(&self) -> Value {
+        fn node(outs: &BTreeSet<String>, dynamic: &BTreeMap<String, DynamicNode>) -> Value {
+            let d: Map<String, Value> = dynamic
+                .iter()
+                .map(|(k, n)| (k.clone(), node(&n.outputs, &n.dynamic_outputs)))
+                .collect();
+            json!({"dynamicOutputs": d, "outputs": outs})
+        }
+        let mut m = Map::new();
+        for (p, outs) in &self.input_drvs {
+            let v = match self.dynamic_inputs.get(p) {
+                Some(d) if !d.is_empty() => node(outs, d),
+                _ => json!(outs),
+            };
+            m.insert(p.clone(), v);
+        }
+        Value::Object(m)
     }
 
     /// Reads one derivation object in any [`Format`] (detected from its `version`); store paths
@@ -214,6 +234,7 @@ impl Derivation {
             name,
             outputs: BTreeMap::new(),
             input_drvs: parts.input_drvs,
+            dynamic_inputs: parts.dynamic_inputs,
             input_srcs: parts.input_srcs,
             system,
             builder,
@@ -266,19 +287,30 @@ impl Derivation {
     }
 }
 
-/// `inputDrvs` / `inputs.drvs`: drv path → outputs, paths in `form`.
+/// Input derivations (drv path → outputs) and dynamic inputs of `inputDrvs` / `inputs.drvs`.
+pub(crate) type InputDrvs = (
+    BTreeMap<String, BTreeSet<String>>,
+    BTreeMap<String, BTreeMap<String, DynamicNode>>,
+);
+
+/// `inputDrvs` / `inputs.drvs`: drv path → outputs (and dynamic outputs), paths in `form`.
 pub(crate) fn input_drvs(
     v: &Value,
     field: &'static str,
     form: fields::PathForm,
     sd: &StoreDir,
-) -> Result<BTreeMap<String, BTreeSet<String>>, JsonError> {
+) -> Result<InputDrvs, JsonError> {
     let mut res = BTreeMap::new();
+    let mut dynamic = BTreeMap::new();
     for (k, outs) in v.as_object().ok_or(JsonError::Field(field, "an object"))? {
         let path = fields::store_path(sd, form, field, k, true)?;
-        res.insert(path, fields::input_drv_outputs(k, outs)?);
+        let (outs, dyn_outs) = fields::input_drv_outputs(k, outs)?;
+        if !dyn_outs.is_empty() {
+            dynamic.insert(path.clone(), dyn_outs);
+        }
+        res.insert(path, outs);
     }
-    Ok(res)
+    Ok((res, dynamic))
 }
 
 /// `inputSrcs` / `inputs.srcs`: store paths in `form`.

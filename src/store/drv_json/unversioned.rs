@@ -11,19 +11,24 @@ use super::{JsonError, Parts, input_drvs, input_srcs};
 use crate::store::path::StoreDir;
 
 pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
+    // In this order: a bad field is reported as before (name, inputSrcs, inputDrvs).
+    let name = match obj.get("name") {
+        None => None,
+        Some(_) => Some(obj.string("name")?),
+    };
+    let input_srcs = match obj.get("inputSrcs") {
+        Some(v) => input_srcs(v, "inputSrcs", PathForm::Full, sd)?,
+        None => Default::default(),
+    };
+    let (input_drvs, dynamic_inputs) = match obj.get("inputDrvs") {
+        Some(v) => input_drvs(v, "inputDrvs", PathForm::Full, sd)?,
+        None => Default::default(),
+    };
     Ok(Parts {
-        name: match obj.get("name") {
-            None => None,
-            Some(_) => Some(obj.string("name")?),
-        },
-        input_srcs: match obj.get("inputSrcs") {
-            Some(v) => input_srcs(v, "inputSrcs", PathForm::Full, sd)?,
-            None => Default::default(),
-        },
-        input_drvs: match obj.get("inputDrvs") {
-            Some(v) => input_drvs(v, "inputDrvs", PathForm::Full, sd)?,
-            None => Default::default(),
-        },
+        name,
+        input_srcs,
+        input_drvs,
+        dynamic_inputs,
     })
 }
 
@@ -140,11 +145,17 @@ mod tests {
             }
             Derivation::from_show_json(&v, None, &sd).unwrap_err()
         };
-        assert!(matches!(
-            err(json!({"inputDrvs": {dep: {"outputs": ["out"],
-                "dynamicOutputs": {"cat": {"outputs": ["kitten"], "dynamicOutputs": {}}}}}})),
-            JsonError::DynamicDerivation(_)
-        ));
+        // Dynamic outputs are read (and printed back in the same shape).
+        let mut dynv = base.clone();
+        dynv["inputDrvs"] = json!({dep: {"outputs": ["out"],
+            "dynamicOutputs": {"cat": {"outputs": ["kitten"], "dynamicOutputs": {}}}}});
+        let dd = Derivation::from_show_json(&dynv, None, &sd).unwrap();
+        assert!(dd.has_dynamic_inputs());
+        assert_eq!(dd.to_show_json()["inputDrvs"], dynv["inputDrvs"]);
+        assert_eq!(
+            Derivation::from_show_json(&dd.to_show_json(), Some("simple-derivation"), &sd).unwrap(),
+            dd
+        );
         assert!(matches!(
             err(json!({"inputSrcs": ["c015dhfh5l0lp6wxyvdn7bmwhbbr6hr9-dep1"]})),
             JsonError::BadStorePath {

@@ -8,20 +8,25 @@ use super::{JsonError, Parts, input_drvs, input_srcs};
 use crate::store::path::StoreDir;
 
 pub(crate) fn parts(obj: &Obj<'_>, sd: &StoreDir) -> Result<Parts, JsonError> {
+    // In this order: a missing field is reported as before (name, inputSrcs, inputDrvs).
+    let name = Some(obj.string("name")?);
+    let input_srcs = input_srcs(
+        obj.required("inputSrcs")?,
+        "inputSrcs",
+        PathForm::BaseName,
+        sd,
+    )?;
+    let (input_drvs, dynamic_inputs) = input_drvs(
+        obj.required("inputDrvs")?,
+        "inputDrvs",
+        PathForm::BaseName,
+        sd,
+    )?;
     Ok(Parts {
-        name: Some(obj.string("name")?),
-        input_srcs: input_srcs(
-            obj.required("inputSrcs")?,
-            "inputSrcs",
-            PathForm::BaseName,
-            sd,
-        )?,
-        input_drvs: input_drvs(
-            obj.required("inputDrvs")?,
-            "inputDrvs",
-            PathForm::BaseName,
-            sd,
-        )?,
+        name,
+        input_srcs,
+        input_drvs,
+        dynamic_inputs,
     })
 }
 
