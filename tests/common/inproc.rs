@@ -60,6 +60,24 @@ pub async fn rig(
     retry: RetryPolicy,
     exec: impl FnOnce(&Qr, &Arc<LocalStore>) -> Arc<dyn Executor>,
 ) -> Option<Rig> {
+    let info = MachineInfo {
+        id: "local".into(),
+        systems: [system()].into(),
+        supported_features: Default::default(),
+        mandatory_features: Default::default(),
+        max_jobs,
+        speed_factor: 1.0,
+    };
+    rig_with(backend, vec![info], retry, exec).await
+}
+
+/// A rig with these in-process machines, all running jobs on the one executor `exec` makes.
+pub async fn rig_with(
+    backend: Backend,
+    machines: Vec<MachineInfo>,
+    retry: RetryPolicy,
+    exec: impl FnOnce(&Qr, &Arc<LocalStore>) -> Arc<dyn Executor>,
+) -> Option<Rig> {
     let qr = Qr::new(backend, false)?;
     let db = Db::connect(&qr.db_url, 4).await.expect("database");
     let dir = qr.state_dir().join("store");
@@ -76,15 +94,11 @@ pub async fn rig(
     ));
     let events = env.events.subscribe();
     let executor = exec(&qr, &store);
-    let info = MachineInfo {
-        id: "local".into(),
-        systems: [system()].into(),
-        supported_features: Default::default(),
-        mandatory_features: Default::default(),
-        max_jobs,
-        speed_factor: 1.0,
-    };
-    let (sched, _) = Scheduler::start(env.clone(), vec![(info, executor)], Duration::from_secs(60))
+    let machines = machines
+        .into_iter()
+        .map(|m| (m, executor.clone()))
+        .collect();
+    let (sched, _) = Scheduler::start(env.clone(), machines, Duration::from_secs(60))
         .await
         .expect("scheduler");
     Some(Rig {

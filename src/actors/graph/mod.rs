@@ -12,11 +12,13 @@ pub mod durations;
 pub mod plan;
 pub mod registry;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use actix::prelude::*;
 
 use crate::actors::dispatcher::actor::DispatcherActor;
+use crate::actors::dispatcher::machine::{MachineInfo, can_build_locally};
 use crate::actors::env::{Env, Stats};
 use crate::actors::messages::BuildPrio;
 use crate::actors::step::StepMachine;
@@ -25,6 +27,7 @@ use crate::actors::step::actor::{StepActor, StepGraph, WaiterAddr};
 use crate::actors::step::core::Row;
 use crate::actors::types::Drv;
 use crate::store::Derivation;
+use crate::store::drv_options::DrvOptions;
 use registry::Registry;
 
 pub struct Graph {
@@ -32,15 +35,37 @@ pub struct Graph {
     env: Arc<Env>,
     /// Shared by every step (an `Addr` clone allocates twice).
     dispatcher: Arc<Addr<DispatcherActor>>,
+    /// The runner's own (in-process) builders: a step prefers a local build only if one of them
+    /// could build it.
+    local: Vec<MachineInfo>,
 }
 
 impl Graph {
-    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>) -> Arc<Self> {
+    pub fn new(
+        env: Arc<Env>,
+        dispatcher: Addr<DispatcherActor>,
+        local: Vec<MachineInfo>,
+    ) -> Arc<Self> {
         Arc::new(Graph {
             registry: Registry::default(),
             env,
             dispatcher: Arc::new(dispatcher),
+            local,
         })
+    }
+
+    /// What the step of `drv` needs of a machine: its required features, and whether it prefers
+    /// a local build — Hydra's `preferLocalBuild && canBuildLocally`, the runner's own builders
+    /// standing for the runner's Nix (one with a slot that has the system and every feature).
+    /// Options that cannot be read (a bad `__json`) count as none (logged).
+    fn needs(&self, drv_path: &str, drv: &Derivation) -> (BTreeSet<String>, bool) {
+        let opts = DrvOptions::of(drv).unwrap_or_else(|e| {
+            tracing::warn!(drv = %drv_path, error = %e, "cannot read the derivation's options: dispatched as if it had none");
+            DrvOptions::default()
+        });
+        let prefer_local = opts.prefer_local_build
+            && can_build_locally(&self.local, &drv.system, &opts.required_features);
+        (opts.required_features, prefer_local)
     }
 
     /// Whether a step for `drv` is live.
@@ -75,12 +100,14 @@ impl Graph {
     ) -> (Drv, StepRef) {
         let key = machine.drv().clone();
         let graph: Arc<dyn StepGraph> = self.clone();
+        let (features, prefer_local) = self.needs(&key, drv);
         let actor = StepActor::new(
             self.env.clone(),
             self.dispatcher.clone(),
             graph,
             machine,
             drv,
+            (features, prefer_local),
             deps,
             builds,
             recorded,
