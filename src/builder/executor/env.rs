@@ -57,8 +57,10 @@ pub fn rewrite(s: &str, rewrites: &BTreeMap<String, String>) -> String {
 }
 
 /// Builds the environment of `drv`; `structured` is its `__json`, parsed once by the caller
-/// (`None` without structured attributes). `store_dir` is the logical store dir, `build_top` the build dir
+/// (`None` without structured attributes), `exported` what `exportReferencesGraph` adds to them.
+/// `store_dir` is the logical store dir, `build_top` the build dir
 /// as the builder sees it, `impure(name)` reads the caller's environment (fixed-output only).
+#[allow(clippy::too_many_arguments)]
 pub fn builder_env(
     drv: &Derivation,
     structured: Option<&serde_json::Map<String, serde_json::Value>>,
