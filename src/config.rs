@@ -160,6 +160,9 @@ pub struct LocalBuilderConfig {
     /// Systems it builds for; empty means this machine's own (e.g. `x86_64-linux`).
     pub systems: Vec<String>,
     pub features: Vec<String>,
+    /// Features a step must require for this builder to take it; `local` is met by a
+    /// `preferLocalBuild` step too (Hydra's), so `["local"]` keeps it for those.
+    pub mandatory_features: Vec<String>,
     /// `native` (builds like Nix, no Nix needed) or `simulated` (zero-time, for benchmarks).
     pub executor: String,
 }
@@ -171,6 +174,7 @@ impl Default for LocalBuilderConfig {
             max_jobs: 0,
             systems: vec![],
             features: vec![],
+            mandatory_features: vec![],
             executor: "native".into(),
         }
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::inproc::{Setup, in_actix, native, rig_with};
+use common::inproc::{Setup, in_actix, local_machine, native, rig_with};
 use common::instantiate::Kind;
 use common::qr::Backend;
 use qr::actors::dispatcher::Order;
@@ -84,7 +84,7 @@ async fn dispatch_order(backend: Backend, order: Order) -> Option<Vec<String>> {
     let (release, open) = watch::channel(false);
     let recorded = jobs.clone();
     let setup = Setup {
-        max_jobs: 1,
+        machines: vec![local_machine(1)],
         retry: RetryPolicy::default(),
         scheduling: Scheduling {
             order,

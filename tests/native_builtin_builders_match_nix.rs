@@ -12,17 +12,15 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Arc;
 
 use common::nix::{self, NixStore};
-use qr::builder::executor::{ExecError, ExecutorConfig, Limits, NativeExecutor};
-use qr::store::hash::render_sri;
+use common::nix_vs_native::{assert_same_outputs, native_build, normalise};
+use qr::builder::executor::{ExecError, ExecutorConfig, NativeExecutor};
 use qr::store::nar::NarTree;
 use qr::store::{LocalStore, Store, StoreDir};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const FILE: &[u8] = b"#!/bin/sh\necho fetched\n";
@@ -182,75 +180,10 @@ impl Rig {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    fn nix_build(&self, drv: &str) -> Result<BTreeSet<String>, String> {
-        let out = self.nix.run("nix-store", &["--realise", drv]);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn nix_info(&self, path: &str) -> Value {
-        let out = self.nix.run("nix", &["path-info", "--json", path]);
-        assert!(out.status.success(), "nix path-info {path}");
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v[0].clone()
-    }
-
     /// Imports `drv`'s closure, builds its inputs, then `drv`.
     async fn qr_build(&self, drv: &str) -> Result<qr::builder::executor::BuildResult, ExecError> {
-        let store = self.exec.store();
-        store
-            .import_from_dir(&self.nix.physical_store(), &[drv.to_string()])
-            .await
-            .unwrap();
-        let mut order = Vec::new();
-        let mut seen = BTreeSet::new();
-        let mut stack = vec![(drv.to_string(), false)];
-        while let Some((p, expanded)) = stack.pop() {
-            if expanded {
-                order.push(p);
-                continue;
-            }
-            if !seen.insert(p.clone()) {
-                continue;
-            }
-            stack.push((p.clone(), true));
-            let d = store.read_derivation(&p).await.unwrap();
-            stack.extend(d.input_drvs.keys().map(|i| (i.clone(), false)));
-        }
-        order.pop();
-        for input in order {
-            let i = store.read_derivation(&input).await.unwrap();
-            self.exec
-                .build(&input, &i, Limits::default())
-                .await
-                .unwrap_or_else(|e| panic!("building input {input}: {e}"));
-        }
-        let d = store.read_derivation(drv).await.unwrap();
-        self.exec.build(drv, &d, Limits::default()).await
+        native_build(&self.exec, &self.nix, drv).await
     }
-}
-
-fn normalise(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d == 'm' {
-                    break;
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -260,33 +193,7 @@ async fn builtin_fetchurl_and_buildenv_give_nixs_outputs() {
     }
     let rig = Rig::new().await;
     for attr in ["flat", "exec", "nar", "env"] {
-        let drv = rig.instantiate(attr);
-        let nix_paths = rig
-            .nix_build(&drv)
-            .unwrap_or_else(|e| panic!("Nix failed to build {attr}: {e}"));
-        let r = rig
-            .qr_build(&drv)
-            .await
-            .unwrap_or_else(|e| panic!("the native executor failed to build {attr}: {e}"));
-        assert!(r.ran, "{attr}");
-        let qr_paths: BTreeSet<String> = r.outputs.values().map(|i| i.path.clone()).collect();
-        assert_eq!(qr_paths, nix_paths, "{attr}: output paths");
-        for (o, info) in &r.outputs {
-            let n = rig.nix_info(&info.path);
-            assert_eq!(
-                render_sri(&info.nar_hash),
-                n["narHash"].as_str().unwrap(),
-                "{attr}.{o}: NAR hash"
-            );
-            assert_eq!(info.nar_size, n["narSize"].as_u64().unwrap(), "{attr}.{o}");
-            let refs: BTreeSet<String> = n["references"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r.as_str().unwrap().to_string())
-                .collect();
-            assert_eq!(info.references, refs, "{attr}.{o}: references");
-        }
+        assert_same_outputs(&rig.exec, &rig.nix, attr, &rig.instantiate(attr)).await;
     }
     // What the outputs hold (equal to Nix's, so these say what both did).
     let store = rig.exec.store();
@@ -343,7 +250,7 @@ async fn a_wrong_hash_and_a_collision_fail_in_both() {
     let rig = Rig::new().await;
     // A wrong hash: rejected with Nix's message, permanently.
     let drv = rig.instantiate("wrong");
-    let nix_err = rig.nix_build(&drv).expect_err("Nix built the wrong hash");
+    let nix_err = rig.nix.realise(&drv).expect_err("Nix built the wrong hash");
     let e = rig.qr_build(&drv).await.expect_err("built the wrong hash");
     assert!(matches!(e, ExecError::OutputRejected { .. }), "{e:?}");
     assert_eq!((e.status(), e.is_transient()), (1, false));
@@ -358,7 +265,7 @@ async fn a_wrong_hash_and_a_collision_fail_in_both() {
 
     // Equal priorities: the builder fails, in both, naming the same two files.
     let drv = rig.instantiate("collide");
-    let nix_err = rig.nix_build(&drv).expect_err("Nix built the collision");
+    let nix_err = rig.nix.realise(&drv).expect_err("Nix built the collision");
     let e = rig.qr_build(&drv).await.expect_err("built the collision");
     assert!(matches!(e, ExecError::Failed { .. }), "{e:?}");
     assert_eq!((e.status(), e.is_transient()), (1, false));
@@ -407,18 +314,8 @@ async fn builtin_unpack_channel_gives_nixs_output_and_refuses_two_entries() {
     }
     let rig = Rig::new().await;
     let drv = rig.instantiate("channel");
-    let nix_paths = rig
-        .nix_build(&drv)
-        .unwrap_or_else(|e| panic!("Nix failed to build the channel: {e}"));
-    let r = rig
-        .qr_build(&drv)
-        .await
-        .unwrap_or_else(|e| panic!("the native executor failed to build the channel: {e}"));
-    assert!(r.ran);
+    let r = assert_same_outputs(&rig.exec, &rig.nix, "the channel", &drv).await;
     let info = &r.outputs["out"];
-    assert_eq!(BTreeSet::from([info.path.clone()]), nix_paths);
-    let n = rig.nix_info(&info.path);
-    assert_eq!(render_sri(&info.nar_hash), n["narHash"].as_str().unwrap());
     // What both made: the one directory renamed to the channel's name.
     let out = rig.exec.store().physical_path(&info.path).unwrap();
     assert_eq!(
@@ -434,7 +331,8 @@ async fn builtin_unpack_channel_gives_nixs_output_and_refuses_two_entries() {
 
     let two = rig.instantiate("channelTwo");
     let nix_err = rig
-        .nix_build(&two)
+        .nix
+        .realise(&two)
         .expect_err("Nix built a channel of two entries");
     let e = rig
         .qr_build(&two)

@@ -227,11 +227,12 @@ impl Scheduler {
                 });
             }
         }
+        let local: Vec<MachineInfo> = machines.iter().map(|(info, _)| info.clone()).collect();
         let machines = machines
             .into_iter()
             .map(|(info, ex)| LocalMachine::new(env.clone(), info, ex, dispatcher.clone()).start())
             .collect();
-        let graph = crate::actors::graph::Graph::new(env.clone(), dispatcher.clone());
+        let graph = crate::actors::graph::Graph::new(env.clone(), dispatcher.clone(), local);
         learn_durations(&env, &graph).await;
         let expander = Expander::new(env.clone(), graph.clone(), lookup).start();
         graph.set_expander(expander.clone().recipient());

@@ -263,6 +263,7 @@ fn simulate(spec: &Spec, w: &Workload, order: Order) -> Run {
             drv: w.drvs[i].to_string(),
             system: "x86_64-linux".into(),
             features: Default::default(),
+            prefer_local: false,
             priority: Priority {
                 global_priority: 0,
                 jobset: "js".into(),

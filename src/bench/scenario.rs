@@ -625,6 +625,7 @@ pub fn runnable_step(i: usize, system: &str) -> crate::actors::dispatcher::machi
         drv: format!("/nix/store/{i:032}-bench-{i}.drv"),
         system: system.to_string(),
         features: Default::default(),
+        prefer_local: false,
         priority: Priority {
             global_priority: 0,
             jobset: "bench".into(),

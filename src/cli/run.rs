@@ -332,7 +332,13 @@ pub fn local_machine(ctx: &Context) -> MachineInfo {
         id: "localhost".into(),
         systems,
         supported_features: ctx.config.local_builder.features.iter().cloned().collect(),
-        mandatory_features: Default::default(),
+        mandatory_features: ctx
+            .config
+            .local_builder
+            .mandatory_features
+            .iter()
+            .cloned()
+            .collect(),
         max_jobs: ctx.config.local_max_jobs() as u32,
         speed_factor: 1.0,
     }

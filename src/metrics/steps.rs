@@ -59,13 +59,10 @@ impl Default for StepMetrics {
 /// The machine type of a derivation: its system, then `:` and its required features (sorted,
 /// comma-separated) when it has any.
 pub fn machine_type_of(drv: &Derivation) -> String {
-    let mut features: Vec<&str> = drv
-        .env
-        .get("requiredSystemFeatures")
-        .map(|s| s.split_whitespace().collect())
+    // Read as the dispatcher reads them (structured attributes too); none when unreadable.
+    let features: Vec<String> = crate::store::drv_options::DrvOptions::of(drv)
+        .map(|o| o.required_features.into_iter().collect())
         .unwrap_or_default();
-    features.sort_unstable();
-    features.dedup();
     if features.is_empty() {
         drv.system.clone()
     } else {

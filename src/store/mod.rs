@@ -5,6 +5,7 @@ pub mod aterm;
 pub mod ca_output;
 pub mod derivation;
 pub mod drv_json;
+pub mod drv_options;
 pub(crate) mod fsutil;
 pub mod hash;
 pub mod hash_modulo;

@@ -338,7 +338,7 @@ pub async fn render(admin: &Admin, scrapes: u64) -> Result<String, tonic::Status
         let (system, features) = split_type(t);
         let able: Vec<bool> = infos
             .iter()
-            .filter(|(i, _)| i.supports(system, &features))
+            .filter(|(i, _)| i.supports(system, &features, false))
             .map(|(_, enabled)| *enabled)
             .collect();
         if able.is_empty() {

@@ -63,7 +63,7 @@ pub async fn rig(
     rig_with(
         backend,
         Setup {
-            max_jobs,
+            machines: vec![local_machine(max_jobs)],
             retry,
             scheduling: Scheduling::default(),
             before_start: vec![],
@@ -73,9 +73,22 @@ pub async fn rig(
     .await
 }
 
+/// The one in-process machine [`rig`] starts: `max_jobs` slots for this system, no features.
+pub fn local_machine(max_jobs: u32) -> MachineInfo {
+    MachineInfo {
+        id: "local".into(),
+        systems: [system()].into(),
+        supported_features: Default::default(),
+        mandatory_features: Default::default(),
+        max_jobs,
+        speed_factor: 1.0,
+    }
+}
+
 /// What a rig starts with, besides its executor.
 pub struct Setup {
-    pub max_jobs: u32,
+    /// The in-process machines, all running jobs on the one executor.
+    pub machines: Vec<MachineInfo>,
     pub retry: RetryPolicy,
     /// The queue's order and expected durations (`[scheduler]`).
     pub scheduling: Scheduling,
@@ -90,7 +103,7 @@ pub async fn rig_with(
     exec: impl FnOnce(&Qr, &Arc<LocalStore>) -> Arc<dyn Executor>,
 ) -> Option<Rig> {
     let Setup {
-        max_jobs,
+        machines,
         retry,
         scheduling,
         before_start,
@@ -111,15 +124,11 @@ pub async fn rig_with(
     let env = Arc::new(env);
     let events = env.events.subscribe();
     let executor = exec(&qr, &store);
-    let info = MachineInfo {
-        id: "local".into(),
-        systems: [system()].into(),
-        supported_features: Default::default(),
-        mandatory_features: Default::default(),
-        max_jobs,
-        speed_factor: 1.0,
-    };
-    let (sched, _) = Scheduler::start(env.clone(), vec![(info, executor)], Duration::from_secs(60))
+    let machines = machines
+        .into_iter()
+        .map(|m| (m, executor.clone()))
+        .collect();
+    let (sched, _) = Scheduler::start(env.clone(), machines, Duration::from_secs(60))
         .await
         .expect("scheduler");
     Some(Rig {

@@ -7,6 +7,7 @@ pub mod fuzz;
 pub mod inproc;
 pub mod instantiate;
 pub mod nix;
+pub mod nix_vs_native;
 pub mod ports;
 pub mod procs;
 pub mod qr;

@@ -2,6 +2,7 @@
 //! (`store = <tmp>/root`: files under `<tmp>/root/nix/store`, paths under `/nix/store`), its own
 //! configuration and `HOME` (so no narinfo cache is shared between stores).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -111,6 +112,31 @@ impl NixStore {
             }
         }
         drvs
+    }
+
+    /// `nix-store --realise DRV`: the output paths, or the error text.
+    pub fn realise(&self, drv: &str) -> Result<BTreeSet<String>, String> {
+        let out = self.run("nix-store", &["--realise", drv]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// `nix path-info --json PATH`: its object (`narHash`, `narSize`, `references`, …).
+    pub fn path_info(&self, path: &str) -> serde_json::Value {
+        let out = self.run("nix", &["path-info", "--json", path]);
+        assert!(
+            out.status.success(),
+            "nix path-info {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("path-info JSON");
+        v[0].clone()
     }
 
     /// Whether `path` is valid in this store.

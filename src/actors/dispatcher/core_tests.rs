@@ -29,6 +29,7 @@ fn runnable(drv: &str, build: i64) -> In<Names> {
             drv: drv.into(),
             system: "x86_64-linux".into(),
             features: BTreeSet::new(),
+            prefer_local: false,
             priority: Priority {
                 global_priority: 0,
                 jobset: "js".into(),

@@ -2,10 +2,17 @@
 //! local priority, remaining critical path (longest first; [`Order::CriticalPath`]), then lowest
 //! build id; machines picked by system, supported and mandatory
 //! features, speed factor and free slots. Plain state machine, no runtime; time is injected.
+//!
+//! `preferLocalBuild` is Hydra's: a step that has it (and that the runner's own builder could
+//! build, [`can_build_locally`]) satisfies a machine's mandatory feature `local`, so a
+//! machine with `local` mandatory takes only such steps; any other machine takes them too.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
+
+/// The mandatory feature a `preferLocalBuild` step meets without requiring it (Hydra's).
+pub const LOCAL_FEATURE: &str = "local";
 
 /// A builder as the dispatcher sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,14 +26,34 @@ pub struct MachineInfo {
 }
 
 impl MachineInfo {
-    /// Can this machine build a step for `system` needing `features`?
-    pub fn supports(&self, system: &str, features: &BTreeSet<String>) -> bool {
+    /// Does this machine take a step for `system` needing `features`? Hydra's
+    /// `Machine::supportsStep`: it can build it ([`Self::can_build`]), and the step requires each
+    /// of its mandatory features — `local` is met by a `prefer_local` step too.
+    pub fn supports(&self, system: &str, features: &BTreeSet<String>, prefer_local: bool) -> bool {
+        self.can_build(system, features)
+            && self
+                .mandatory_features
+                .iter()
+                .all(|f| features.contains(f) || (prefer_local && f == LOCAL_FEATURE))
+    }
+
+    /// Could this machine build a step for `system` needing `features` (its mandatory features
+    /// aside)? The system is one of its own (or `builtin`), and it has every feature (supported
+    /// or mandatory). On the runner's own builder this is Nix's `canBuildLocally`.
+    pub fn can_build(&self, system: &str, features: &BTreeSet<String>) -> bool {
         (self.systems.contains(system) || system == "builtin")
             && features
                 .iter()
                 .all(|f| self.supported_features.contains(f) || self.mandatory_features.contains(f))
-            && self.mandatory_features.iter().all(|f| features.contains(f))
     }
+}
+
+/// Nix's `canBuildLocally`, the runner's own builders (`local`) standing for the runner's Nix:
+/// one of them has a slot (not needed for `builtin`), the system and every feature.
+pub fn can_build_locally(local: &[MachineInfo], system: &str, features: &BTreeSet<String>) -> bool {
+    local
+        .iter()
+        .any(|m| (m.max_jobs > 0 || system == "builtin") && m.can_build(system, features))
 }
 
 /// Where a runnable step stands in the queue (from the best build that needs it).
@@ -68,6 +95,9 @@ pub struct RunnableStep {
     pub drv: String,
     pub system: String,
     pub features: BTreeSet<String>,
+    /// `preferLocalBuild`, kept only when the runner's own builder could build the step (as
+    /// Hydra's `Step::preferLocalBuild`).
+    pub prefer_local: bool,
     pub priority: Priority,
 }
 
@@ -136,6 +166,13 @@ type Rank = (Reverse<i32>, f64, Reverse<i32>, Reverse<u64>, i64);
 /// [`Order::BuildId`]), then lower build id first.
 type QueueKey = (Reverse<i32>, Reverse<i32>, Reverse<u64>, i64, String);
 
+/// What a queue's steps need of a machine: (system, required features, prefer local).
+type Needs = (String, BTreeSet<String>, bool);
+
+fn needs(s: &RunnableStep) -> Needs {
+    (s.system.clone(), s.features.clone(), s.prefer_local)
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     /// jobset → ordered steps
@@ -159,8 +196,8 @@ pub struct MachineView {
 /// The dispatcher state machine.
 #[derive(Debug)]
 pub struct Dispatcher {
-    /// (system, features) → queue.
-    queues: BTreeMap<(String, BTreeSet<String>), Queue>,
+    /// What its steps need → queue.
+    queues: BTreeMap<Needs, Queue>,
     steps: HashMap<String, RunnableStep>,
     machines: BTreeMap<String, MachineState>,
     share_used: HashMap<String, f64>,
@@ -220,7 +257,7 @@ impl Dispatcher {
     /// Runnable steps per system.
     pub fn runnable_per_system(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
-        for ((system, _), q) in &self.queues {
+        for ((system, _, _), q) in &self.queues {
             *m.entry(system.clone()).or_insert(0) +=
                 q.by_jobset.values().map(BTreeSet::len).sum::<usize>();
         }
@@ -462,17 +499,16 @@ impl Dispatcher {
     fn enqueue_quiet(&mut self, step: RunnableStep) {
         let key = queue_key(&step, self.order);
         self.queues
-            .entry((step.system.clone(), step.features.clone()))
+            .entry(needs(&step))
             .or_default()
             .by_jobset
             .entry(step.priority.jobset.clone())
             .or_default()
             .insert(key);
-        if !self
-            .machines
-            .values()
-            .any(|m| m.info.supports(&step.system, &step.features))
-        {
+        if !self.machines.values().any(|m| {
+            m.info
+                .supports(&step.system, &step.features, step.prefer_local)
+        }) {
             self.unsupported_since.insert(step.drv.clone(), self.now_ms);
         }
         self.steps.insert(step.drv.clone(), step);
@@ -484,7 +520,7 @@ impl Dispatcher {
             return;
         };
         self.unsupported_since.remove(drv);
-        let qk = (step.system.clone(), step.features.clone());
+        let qk = needs(&step);
         if let Some(q) = self.queues.get_mut(&qk) {
             if let Some(set) = q.by_jobset.get_mut(&step.priority.jobset) {
                 set.remove(&queue_key(&step, self.order));
@@ -501,10 +537,10 @@ impl Dispatcher {
     fn recheck_unsupported(&mut self) {
         let now = self.now_ms;
         for step in self.steps.values() {
-            let supported = self
-                .machines
-                .values()
-                .any(|m| m.info.supports(&step.system, &step.features));
+            let supported = self.machines.values().any(|m| {
+                m.info
+                    .supports(&step.system, &step.features, step.prefer_local)
+            });
             if supported {
                 self.unsupported_since.remove(&step.drv);
             } else {
@@ -566,8 +602,8 @@ impl Dispatcher {
     /// The best queued step this machine supports.
     fn best_for(&self, machine: &MachineInfo) -> Option<String> {
         let mut best: Option<(Rank, &String)> = None;
-        for ((system, features), q) in &self.queues {
-            if !machine.supports(system, features) {
+        for ((system, features, prefer_local), q) in &self.queues {
+            if !machine.supports(system, features, *prefer_local) {
                 continue;
             }
             for (jobset, set) in &q.by_jobset {

@@ -27,6 +27,7 @@ fn step(
         drv: drv.into(),
         system: system.into(),
         features: set(&[]),
+        prefer_local: false,
         priority: Priority {
             global_priority: global,
             jobset: jobset.into(),
@@ -225,6 +226,148 @@ fn features_supported_and_mandatory() {
     assert_eq!(
         assigned(&d.on(Event::Runnable(plain))),
         vec![("plain".into(), "kvm".into())]
+    );
+}
+
+#[test]
+fn supports_is_hydras_supports_step_with_local_met_by_prefer_local() {
+    let mut local = machine("localhost", &["x86_64-linux"], 1, 1.0);
+    local.mandatory_features = set(&["local"]);
+    local.supported_features = set(&["kvm"]);
+    let x86 = "x86_64-linux";
+    // `local` mandatory: only steps that prefer a local build (or require `local`)
+    assert!(!local.supports(x86, &set(&[]), false));
+    assert!(local.supports(x86, &set(&[]), true));
+    assert!(local.supports(x86, &set(&["local"]), false));
+    assert!(local.supports("builtin", &set(&[]), true));
+    // still its systems and features only
+    assert!(!local.supports("aarch64-linux", &set(&[]), true));
+    assert!(local.supports(x86, &set(&["kvm"]), true));
+    assert!(!local.supports(x86, &set(&["big-parallel"]), true));
+    // other mandatory features are not met by preferring a local build
+    let mut bench = machine("bench", &["x86_64-linux"], 1, 1.0);
+    bench.mandatory_features = set(&["benchmark", "local"]);
+    assert!(!bench.supports(x86, &set(&[]), true));
+    assert!(bench.supports(x86, &set(&["benchmark"]), true));
+    assert!(!bench.supports(x86, &set(&["benchmark"]), false));
+    // a machine without mandatory features takes both
+    let plain = machine("plain", &["x86_64-linux"], 1, 1.0);
+    assert!(plain.supports(x86, &set(&[]), true));
+    assert!(plain.supports(x86, &set(&[]), false));
+    // can_build ignores mandatory features
+    assert!(local.can_build(x86, &set(&["kvm"])));
+    assert!(local.can_build(x86, &set(&["local"])));
+    assert!(!local.can_build(x86, &set(&["big-parallel"])));
+}
+
+#[test]
+fn can_build_locally_is_nixs_can_build_locally_over_the_runners_own_builders() {
+    let x86 = "x86_64-linux";
+    let mut local = machine("localhost", &["x86_64-linux"], 2, 1.0);
+    local.supported_features = set(&["kvm"]);
+    local.mandatory_features = set(&["local"]);
+    let builders = [local.clone()];
+    assert!(can_build_locally(&builders, x86, &set(&[])));
+    assert!(can_build_locally(&builders, x86, &set(&["kvm"])));
+    assert!(can_build_locally(&builders, "builtin", &set(&[])));
+    assert!(!can_build_locally(&builders, "aarch64-linux", &set(&[])));
+    assert!(!can_build_locally(&builders, x86, &set(&["big-parallel"])));
+    // no local builder at all (`[local_builder] enabled = false`)
+    assert!(!can_build_locally(&[], x86, &set(&[])));
+    // no slot: only builtins (Nix's `max-jobs = 0`)
+    local.max_jobs = 0;
+    assert!(!can_build_locally(&[local.clone()], x86, &set(&[])));
+    assert!(can_build_locally(&[local], "builtin", &set(&[])));
+}
+
+#[test]
+fn a_local_mandatory_machine_takes_only_prefer_local_steps_and_others_take_them_too() {
+    let mut d = Dispatcher::new(Duration::from_secs(60));
+    let mut local = machine("localhost", &["x86_64-linux"], 2, 2.0);
+    local.mandatory_features = set(&["local"]);
+    d.on(Event::MachineJoined(local));
+    d.on(Event::MachineJoined(machine(
+        "remote",
+        &["x86_64-linux"],
+        1,
+        1.0,
+    )));
+    let prefer = |drv: &str, b: i64| RunnableStep {
+        prefer_local: true,
+        ..step(drv, "x86_64-linux", 0, "js", 0, b)
+    };
+    // The plain steps go to the remote machine only, though localhost is faster and free.
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(step(
+            "plain1",
+            "x86_64-linux",
+            0,
+            "js",
+            0,
+            1
+        )))),
+        vec![("plain1".into(), "remote".into())]
+    );
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(step(
+            "plain2",
+            "x86_64-linux",
+            0,
+            "js",
+            0,
+            2
+        )))),
+        vec![]
+    );
+    // Preferring a local build: localhost takes them (the faster machine first) ...
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(prefer("writeText1", 3)))),
+        vec![("writeText1".into(), "localhost".into())]
+    );
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(prefer("writeText2", 4)))),
+        vec![("writeText2".into(), "localhost".into())]
+    );
+    // ... and when localhost is full, the next free machine (Hydra does not keep them for it).
+    assert_eq!(
+        assigned(&d.on(Event::Runnable(prefer("writeText3", 5)))),
+        vec![]
+    );
+    let fx = d.on(Event::SlotFreed("remote".into()));
+    // plain2 (build 2) ranks before writeText3 (build 5); both fit the remote machine.
+    assert_eq!(assigned(&fx), vec![("plain2".into(), "remote".into())]);
+    let fx = d.on(Event::SlotFreed("remote".into()));
+    assert_eq!(assigned(&fx), vec![("writeText3".into(), "remote".into())]);
+}
+
+#[test]
+fn a_step_only_a_local_mandatory_machine_could_take_waits_unsupported() {
+    let mut d = Dispatcher::new(Duration::from_secs(10));
+    let mut local = machine("localhost", &["x86_64-linux"], 1, 1.0);
+    local.mandatory_features = set(&["local"]);
+    d.on(Event::MachineJoined(local));
+    d.on(Event::Tick(1_000));
+    assert_eq!(
+        d.on(Event::Runnable(step(
+            "plain",
+            "x86_64-linux",
+            0,
+            "js",
+            0,
+            1
+        ))),
+        vec![]
+    );
+    let fx = d.on(Event::Runnable(RunnableStep {
+        prefer_local: true,
+        ..step("cheap", "x86_64-linux", 0, "js", 0, 2)
+    }));
+    assert_eq!(assigned(&fx), vec![("cheap".into(), "localhost".into())]);
+    assert_eq!(
+        d.on(Event::Tick(11_000)),
+        vec![Effect::Unsupported {
+            drv: "plain".into()
+        }]
     );
 }
 

@@ -13,12 +13,14 @@ pub mod live_paths;
 pub mod plan;
 pub mod registry;
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use actix::prelude::*;
 
 use crate::actors::dispatcher::actor::{CriticalPaths, DispatcherActor};
+use crate::actors::dispatcher::machine::{MachineInfo, can_build_locally};
 use crate::actors::env::{Env, Stats};
 use crate::actors::messages::BuildPrio;
 use crate::actors::step::StepMachine;
@@ -28,6 +30,7 @@ use crate::actors::step::core::Row;
 use crate::actors::types::Drv;
 use crate::db::types::StepDuration;
 use crate::store::Derivation;
+use crate::store::drv_options::DrvOptions;
 use critical_path::Changes;
 use live_paths::LivePaths;
 use registry::Registry;
@@ -42,16 +45,24 @@ pub struct Graph {
     paths: Mutex<LivePaths>,
     /// The expander, for the derivations steps' inputs produce (set once it is started).
     expander: std::sync::OnceLock<Recipient<ExpandProduced>>,
+    /// The runner's own (in-process) builders: a step prefers a local build only if one of them
+    /// could build it.
+    local: Vec<MachineInfo>,
 }
 
 impl Graph {
-    pub fn new(env: Arc<Env>, dispatcher: Addr<DispatcherActor>) -> Arc<Self> {
+    pub fn new(
+        env: Arc<Env>,
+        dispatcher: Addr<DispatcherActor>,
+        local: Vec<MachineInfo>,
+    ) -> Arc<Self> {
         Arc::new(Graph {
             registry: Registry::default(),
             paths: Mutex::new(LivePaths::new(&env.scheduling)),
             env,
             dispatcher: Arc::new(dispatcher),
             expander: std::sync::OnceLock::new(),
+            local,
         })
     }
 
@@ -103,6 +114,20 @@ impl Graph {
         }
     }
 
+    /// What the step of `drv` needs of a machine: its required features, and whether it prefers
+    /// a local build — Hydra's `preferLocalBuild && canBuildLocally`, the runner's own builders
+    /// standing for the runner's Nix (one with a slot that has the system and every feature).
+    /// Options that cannot be read (a bad `__json`) count as none (logged).
+    fn needs(&self, drv_path: &str, drv: &Derivation) -> (BTreeSet<String>, bool) {
+        let opts = DrvOptions::of(drv).unwrap_or_else(|e| {
+            tracing::warn!(drv = %drv_path, error = %e, "cannot read the derivation's options: dispatched as if it had none");
+            DrvOptions::default()
+        });
+        let prefer_local = opts.prefer_local_build
+            && can_build_locally(&self.local, &drv.system, &opts.required_features);
+        (opts.required_features, prefer_local)
+    }
+
     /// Whether a step for `drv` is live.
     pub fn is_live(&self, drv: &str) -> bool {
         self.registry.get(drv).is_some()
@@ -135,12 +160,14 @@ impl Graph {
     ) -> (Drv, StepRef) {
         let key = machine.drv().clone();
         let graph: Arc<dyn StepGraph> = self.clone();
+        let (features, prefer_local) = self.needs(&key, drv);
         let actor = StepActor::new(
             self.env.clone(),
             self.dispatcher.clone(),
             graph,
             machine,
             drv,
+            (features, prefer_local),
             deps,
             builds,
             recorded,

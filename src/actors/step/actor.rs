@@ -55,6 +55,7 @@ impl StepActor {
         graph: Arc<dyn StepGraph>,
         machine: StepMachine<WaiterAddr>,
         drv: &Derivation,
+        (features, prefer_local): (BTreeSet<String>, bool),
         deps: Vec<StepRef>,
         builds: Vec<(i64, BuildPrio)>,
         recorded: Option<(Row, Option<Row>)>,
@@ -75,13 +76,14 @@ impl StepActor {
         let core = StepCore::new(
             machine,
             drv.system.clone(),
-            required_features(drv),
+            features,
             deps,
             builds,
             recorded,
             carried,
             resolved_child,
-        );
+        )
+        .preferring_local(prefer_local);
         let io = StepIo {
             env,
             dispatcher,
@@ -364,13 +366,6 @@ impl Machine for StepCore<Actix> {
         io.graph.forget(&io.drv);
         io.env.actors.unregister(&io.cell);
     }
-}
-
-fn required_features(drv: &Derivation) -> BTreeSet<String> {
-    drv.env
-        .get("requiredSystemFeatures")
-        .map(|s| s.split_whitespace().map(str::to_string).collect())
-        .unwrap_or_default()
 }
 
 /// I/O on the I/O runtime, its reply fed back when done.

@@ -333,6 +333,8 @@ pub struct StepCore<A: Wiring> {
     machine: StepMachine<A::Waiter>,
     system: String,
     features: BTreeSet<String>,
+    /// `preferLocalBuild`, where the runner's own builder could build it.
+    prefer_local: bool,
     /// Strong references down the graph: the input steps and the resolved child.
     deps: Vec<A::Dep>,
     /// Builds needing this step, with their priorities; sorted by build id, without duplicates.
@@ -390,6 +392,7 @@ impl<A: Wiring> StepCore<A> {
             machine,
             system,
             features,
+            prefer_local: false,
             deps,
             builds,
             pending_rows: Vec::new(),
@@ -407,6 +410,13 @@ impl<A: Wiring> StepCore<A> {
             ready: VecDeque::new(),
             awaiting: false,
         }
+    }
+
+    /// The same, its runnable step preferring a local build (`preferLocalBuild`, kept only where
+    /// the runner's own builder could build it: see `actors::graph::Graph::needs`).
+    pub fn preferring_local(mut self, prefer_local: bool) -> Self {
+        self.prefer_local = prefer_local;
+        self
     }
 
     pub fn machine(&self) -> &StepMachine<A::Waiter> {
@@ -847,6 +857,7 @@ impl<A: Wiring> StepCore<A> {
                 drv: drv.to_string(),
                 system: self.system.clone(),
                 features: self.features.clone(),
+                prefer_local: self.prefer_local,
                 priority: self.priority(),
             })),
             Effect::RecordStart { machine } => self.record_start(machine),

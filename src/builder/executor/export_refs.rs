@@ -167,16 +167,15 @@ async fn closure_of(
 }
 
 async fn infos(store: &LocalStore, paths: &BTreeSet<String>) -> Result<Vec<PathInfo>, ExportError> {
-    let mut out = Vec::with_capacity(paths.len());
-    for p in paths {
-        out.push(
-            store
-                .query_path_info(p)
-                .await?
-                .ok_or_else(|| ExportError::NotValid(p.clone()))?,
-        );
-    }
-    Ok(out)
+    let mut found = store.query_path_infos(paths).await?;
+    paths
+        .iter()
+        .map(|p| {
+            found
+                .remove(p)
+                .ok_or_else(|| ExportError::NotValid(p.clone()))
+        })
+        .collect()
 }
 
 /// `nix-store --register-validity`'s format, derivers left empty.

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha512};
 
 use super::builtins::{Builtin, BuiltinCtx, StoreFs};
@@ -114,6 +115,9 @@ struct Job {
     namespace: bool,
     plans: Vec<OutPlan>,
     inputs: Vec<StorePath>,
+    /// The drv's structured attributes (its `__json`, parsed once); `None` without them, and
+    /// for a builtin (which Nix runs without them).
+    structured: Option<Map<String, Value>>,
     /// `exportReferencesGraph`'s files and structured attributes.
     exported: Exported,
     cfg: ExecutorConfig,
@@ -385,7 +389,23 @@ impl NativeExecutor {
             .map(|p| sd.parse(p))
             .collect::<Result<_, _>>()
             .map_err(|e| bad(e.to_string()))?;
-        let exported = exported_graphs(store, drv_path, drv, &closure, builtin.is_some()).await?;
+        let structured = match drv.env.get("__json") {
+            Some(j) if builtin.is_none() => Some(super::structured_attrs::parse(j).map_err(
+                |e| ExecError::BadDerivation {
+                    message: format!("derivation '{drv_path}': {e}"),
+                },
+            )?),
+            _ => None,
+        };
+        let exported = exported_graphs(
+            store,
+            drv_path,
+            drv,
+            structured.as_ref(),
+            &closure,
+            builtin.is_some(),
+        )
+        .await?;
 
         let namespace = store.needs_namespace();
         let root = store.root().to_path_buf();
@@ -430,6 +450,7 @@ impl NativeExecutor {
             namespace,
             plans,
             inputs,
+            structured,
             exported,
             cfg: self.cfg.clone(),
             attempt,
@@ -486,6 +507,7 @@ async fn exported_graphs(
     store: &LocalStore,
     drv_path: &str,
     drv: &Derivation,
+    structured: Option<&Map<String, Value>>,
     closure: &BTreeSet<String>,
     builtin: bool,
 ) -> Result<Exported, ExecError> {
@@ -495,11 +517,7 @@ async fn exported_graphs(
     if builtin {
         return Ok(Exported::default());
     }
-    let structured = match drv.env.get("__json") {
-        Some(j) => Some(super::structured_attrs::parse(j).map_err(|e| bad(&e))?),
-        None => None,
-    };
-    let request = export_refs::request(&drv.env, structured.as_ref(), store.store_dir().as_str())
+    let request = export_refs::request(&drv.env, structured, store.store_dir().as_str())
         .map_err(|e| bad(&e))?;
     match request {
         None => Ok(Exported::default()),
@@ -615,6 +633,7 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
     };
     let env = builder_env(
         &job.drv,
+        job.structured.as_ref(),
         &job.exported.attrs,
         sd.as_str(),
         &build_top,

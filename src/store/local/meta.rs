@@ -6,7 +6,7 @@
 //! while a valid path still refers to it (invalidate referrers first, as GC does). Realisations
 //! point at valid paths and disappear with them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -292,6 +292,71 @@ impl MetaDb {
                 ca,
                 deriver,
             }))
+        })
+    }
+
+    /// The infos of the valid paths among `paths`, by path, in one read (two queries whatever
+    /// their number).
+    pub(crate) async fn path_infos(
+        &self,
+        paths: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, PathInfo>, StoreError> {
+        if paths.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let json = json_arg(paths, "a path list")?;
+        self.read(|c| {
+            type Row = (i64, String, String, i64, Option<String>, Option<String>);
+            let rows: Vec<Row> = c
+                .prepare_cached(
+                    "SELECT id, path, narHash, narSize, ca, deriver FROM ValidPaths
+                      WHERE path IN (SELECT value FROM json_each(?))",
+                )
+                .and_then(|mut s| {
+                    s.query_map([&json], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })?
+                    .collect()
+                })
+                .map_err(db_err("querying path infos"))?;
+            let refs: Vec<(i64, String)> = c
+                .prepare_cached(
+                    "SELECT r.referrer, v.path FROM Refs r JOIN ValidPaths v ON v.id = r.reference
+                      WHERE r.referrer IN
+                        (SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?)))",
+                )
+                .and_then(|mut s| {
+                    s.query_map([&json], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect()
+                })
+                .map_err(db_err("querying references"))?;
+            let mut refs_of: HashMap<i64, BTreeSet<String>> = HashMap::new();
+            for (referrer, path) in refs {
+                refs_of.entry(referrer).or_default().insert(path);
+            }
+            let mut out = BTreeMap::new();
+            for (id, path, nar_hash_s, nar_size, ca, deriver) in rows {
+                let nar_hash = parse_sha256(&nar_hash_s).map_err(|e| {
+                    StoreError::Metadata(format!("{path}: stored narHash is corrupt: {e}"))
+                })?;
+                let info = PathInfo {
+                    path: path.clone(),
+                    nar_hash,
+                    nar_size: u64::try_from(nar_size).unwrap_or(0),
+                    references: refs_of.remove(&id).unwrap_or_default(),
+                    ca,
+                    deriver,
+                };
+                out.insert(path, info);
+            }
+            Ok(out)
         })
     }
 
@@ -840,6 +905,16 @@ mod tests {
         let i = db.path_info(C).await.unwrap().unwrap();
         assert_eq!(i, info(C, &[B]));
         assert_eq!(db.path_info(A).await.unwrap().unwrap().references.len(), 1);
+        // In one read: the valid ones among them, each as `path_info` has it.
+        let asked: BTreeSet<String> = [A, C, "/nix/store/dddddddddddddddddddddddddddddddd-d"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let infos = db.path_infos(&asked).await.unwrap();
+        assert_eq!(infos.keys().collect::<Vec<_>>(), [A, C]);
+        assert_eq!(infos[A], db.path_info(A).await.unwrap().unwrap());
+        assert_eq!(infos[C], info(C, &[B]));
+        assert!(db.path_infos(&BTreeSet::new()).await.unwrap().is_empty());
         let cl = db.closure([C]).await.unwrap();
         assert_eq!(cl, [A, B, C].iter().map(|s| s.to_string()).collect());
         // Re-registering is a no-op.

@@ -20,7 +20,7 @@ mod import;
 mod meta;
 mod valid_cache;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -378,6 +378,17 @@ impl LocalStore {
     /// The physical location of a store path (given as a [`StorePath`]).
     pub fn physical(&self, p: &StorePath) -> PathBuf {
         self.root.join(p.base_name())
+    }
+
+    /// The infos of the valid paths among `paths`, by path, in one read of the metadata.
+    pub async fn query_path_infos(
+        &self,
+        paths: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, PathInfo>, StoreError> {
+        for p in paths {
+            self.store_dir.parse(p)?;
+        }
+        self.db.path_infos(paths).await
     }
 
     /// The closure of `paths` under references (valid paths only).
