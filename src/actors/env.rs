@@ -226,6 +226,10 @@ pub struct ProbeData {
     pub resolved: Vec<(String, String)>,
     /// drv → when the dispatcher first queued it.
     pub runnable: std::collections::HashMap<String, std::time::Instant>,
+    /// drv → when the dispatcher last assigned it to a machine.
+    pub assigned: std::collections::HashMap<String, std::time::Instant>,
+    /// drv → when its step was counted built (outputs registered, row written).
+    pub built: std::collections::HashMap<String, std::time::Instant>,
 }
 
 impl Probe {
@@ -256,6 +260,19 @@ impl Probe {
             d.runnable
                 .entry(drv.to_string())
                 .or_insert_with(std::time::Instant::now);
+        });
+    }
+
+    pub fn assigned(&self, drv: &str) {
+        self.record(|d| {
+            d.assigned
+                .insert(drv.to_string(), std::time::Instant::now());
+        });
+    }
+
+    pub fn built(&self, drv: &str) {
+        self.record(|d| {
+            d.built.insert(drv.to_string(), std::time::Instant::now());
         });
     }
 

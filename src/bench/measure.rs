@@ -88,6 +88,67 @@ pub async fn wait_until(
     }
 }
 
+/// CPU time (user + system, seconds) process `pid` has used, from `/proc/<pid>/stat`; `None` when
+/// it is gone or unreadable.
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu(&stat).map(|ticks| ticks as f64 / clock_ticks())
+}
+
+/// utime + stime (clock ticks) of a `/proc/<pid>/stat` line; the command name may hold spaces
+/// and parentheses, so fields are counted after its last `)`.
+fn parse_stat_cpu(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state): utime is field 14, stime 15.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// CPU seconds of every process named `name` (`/proc/<pid>/comm`), e.g. the PostgreSQL server
+/// and its backends, with their number.
+pub fn processes_cpu_s(name: &str) -> (f64, usize) {
+    let mut total = 0.0;
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            if let Some(s) = process_cpu_s(pid) {
+                total += s;
+                n += 1;
+            }
+        }
+    }
+    (total, n)
+}
+
+/// The machine's CPU seconds from `/proc/stat`: (busy, all), summed over the cores (iowait
+/// counts as idle).
+pub fn machine_cpu_s() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user already)
+    let all: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let t = clock_ticks();
+    ((all - idle.min(all)) as f64 / t, all as f64 / t)
+}
+
 /// The machine the figures come from.
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineInfo {
@@ -139,6 +200,16 @@ mod tests {
         assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
         assert_eq!(Percentiles::of(vec![]).count, 0);
         assert_eq!(Percentiles::of(vec![3.0]).p99, 3.0);
+    }
+
+    #[test]
+    fn cpu_of_a_stat_line_with_an_odd_name() {
+        let line = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 1 0 9 0 0";
+        assert_eq!(parse_stat_cpu(line), Some(325));
+        assert_eq!(parse_stat_cpu("42 (x) S 1"), None);
+        assert!(process_cpu_s(std::process::id()).is_some());
+        let (busy, all) = machine_cpu_s();
+        assert!(all > 0.0 && busy <= all);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `qr bench`: synthetic workloads through the real actors, database and store, measured inside
 //! one run (percentiles, not single samples). `graph` generates the derivation graphs,
-//! `scenario` runs them, `measure` holds the instruments.
+//! `scenario` runs them (`remote`: with `qr builder` processes over gRPC), `measure` holds the
+//! instruments.
 
 pub mod graph;
 pub mod makespan;
 pub mod measure;
 pub mod pickup;
+pub mod remote;
 pub mod scenario;

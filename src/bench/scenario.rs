@@ -176,7 +176,7 @@ pub(super) struct FreshDb {
     pub(super) db: Db,
     /// Where the setup queues its builds: on PostgreSQL a second pool whose commits do not wait
     /// for the WAL flush (setup is not measured; 200,000 builds one fsync each took minutes).
-    setup: Db,
+    pub(super) setup: Db,
     pg: Option<(String, String)>,
 }
 
@@ -304,16 +304,16 @@ fn executor(p: &Params, store: Arc<LocalStore>, dir: &Path) -> Arc<dyn Executor>
 }
 
 /// The scheduler started on a loaded queue, and what loading it measured.
-struct Loaded {
-    env: Arc<Env>,
-    sched: Scheduler,
-    setup: Setup,
-    load: Load,
-    decisions_before: usize,
+pub(super) struct Loaded {
+    pub(super) env: Arc<Env>,
+    pub(super) sched: Scheduler,
+    pub(super) setup: Setup,
+    pub(super) load: Load,
+    pub(super) decisions_before: usize,
 }
 
 /// Setup (store, queue), then the timed load with no machine.
-async fn setup_and_load(
+pub(super) async fn setup_and_load(
     spec: &GraphSpec,
     p: &Params,
     store: &Arc<LocalStore>,
@@ -424,7 +424,7 @@ pub(super) fn runner_env(
     Ok(Arc::new(env))
 }
 
-fn ns_to_us(v: &[u64]) -> Percentiles {
+pub(super) fn ns_to_us(v: &[u64]) -> Percentiles {
     Percentiles::of(v.iter().map(|&n| n as f64).collect()).scaled(1000.0)
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::Context;
@@ -82,6 +83,13 @@ pub struct BenchArgs {
     /// in another process), each timed from its insert to its step's start (0 skips it).
     #[arg(long, default_value_t = 50)]
     pub pickup: usize,
+    /// Remote-builder scenario: the layered graph built by this many `qr builder` processes
+    /// (zero-time simulated builds, small NARs uploaded) over gRPC on loopback (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    pub remote_builders: usize,
+    /// Slots of each remote builder (default: --slots divided among them, at least 1).
+    #[arg(long)]
+    pub remote_jobs: Option<u32>,
     /// Scratch directory parent (default: <state dir>/bench); each scenario's is removed after.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
@@ -126,6 +134,7 @@ const TARGET_BUILD_STEPS_PER_S: f64 = 5_000.0;
 const TARGET_DISPATCH_P99_US: f64 = 50.0;
 const TARGET_RESOLUTION_P99_MS: f64 = 2.0;
 const TARGET_RSS_PER_STEP: f64 = 2048.0;
+const TARGET_REMOTE_STEPS_PER_S: f64 = 2_000.0;
 
 pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.makespan {
@@ -206,7 +215,37 @@ pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut layered = Vec::new();
     let mut dispatch = Vec::new();
     let mut pickup = Vec::new();
+    let mut remote = Vec::new();
+    let remote_spec = crate::bench::remote::RemoteSpec {
+        builders: args.remote_builders,
+        jobs: args
+            .remote_jobs
+            .unwrap_or_else(|| slots.div_ceil(args.remote_builders.max(1) as u32))
+            .max(1),
+        exe: std::env::current_exe().context("the path of this qr binary")?,
+    };
     for t in &targets {
+        if args.remote_builders > 0 {
+            eprintln!(
+                "qr bench: remote, {} steps, {} builders x {} slots over gRPC, {}",
+                args.steps,
+                remote_spec.builders,
+                remote_spec.jobs,
+                t.name()
+            );
+            let (s, r, p, t2) = (
+                GraphSpec {
+                    tag: format!("{tag}r"),
+                    ..spec.clone()
+                },
+                remote_spec.clone(),
+                params.clone(),
+                t.clone(),
+            );
+            remote.push(scenario::in_system(move || {
+                crate::bench::remote::remote(s, r, p, t2)
+            })?);
+        }
         if args.pickup > 0 {
             eprintln!(
                 "qr bench: pick-up, {} builds from another process, {}",
@@ -243,6 +282,7 @@ pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
 
     let mut summary = summarise(&layered, &dispatch, pure_n, &pure);
     summary.extend(pickup_rows(&pickup));
+    summary.extend(remote_rows(&remote));
     let doc = json!({
         "qr_version": env!("CARGO_PKG_VERSION"),
         "machine": MachineInfo::here(),
@@ -253,6 +293,7 @@ pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
         "dispatch": dispatch,
         "dispatch_pure": { "runnable": pure_n, "slots": slots, "decisions_us": pure },
         "pickup": pickup,
+        "remote": remote,
         "summary": summary,
         "no_fsync": args.no_fsync,
         "pg_async_commit": args.pg_async_commit,
@@ -447,6 +488,59 @@ fn pickup_rows(pickup: &[crate::bench::pickup::Pickup]) -> Vec<Value> {
     rows
 }
 
+/// The remote-builder figures, as rows of the summary.
+fn remote_rows(remote: &[crate::bench::remote::Remote]) -> Vec<Value> {
+    let mut rows = Vec::new();
+    for r in remote {
+        let b = &r.build;
+        let what = format!("{} builders x {}", r.builders, r.jobs_per_builder);
+        let mut row = |metric: String, value: f64, unit: &str, target: Option<(&str, bool)>| {
+            rows.push(json!({
+                "metric": metric,
+                "backend": r.backend,
+                "value": value,
+                "unit": unit,
+                "target": target.map(|t| t.0),
+                "met": target.map(|t| t.1),
+            }));
+        };
+        row(
+            format!("remote: zero-time steps/s, {what} (all joined)"),
+            b.steps_per_s,
+            "steps/s",
+            Some((">= 2000", b.steps_per_s >= TARGET_REMOTE_STEPS_PER_S)),
+        );
+        row(
+            format!("remote: steps/s from spawn ({} finished)", b.steps_finished),
+            b.steps_per_s_from_spawn,
+            "steps/s",
+            None,
+        );
+        row(
+            "remote: step p50 (assigned → built)".into(),
+            b.step_ms.p50,
+            "ms",
+            None,
+        );
+        row(
+            "remote: step p99 (assigned → built)".into(),
+            b.step_ms.p99,
+            "ms",
+            None,
+        );
+        row(
+            "remote: CPU busy share".into(),
+            r.cpu.machine_busy_share,
+            "",
+            None,
+        );
+        row("remote: runner CPU".into(), r.cpu.runner_s, "s", None);
+        row("remote: builders CPU".into(), r.cpu.builders_s, "s", None);
+        row("remote: postgres CPU".into(), r.cpu.postgres_s, "s", None);
+    }
+    rows
+}
+
 /// The summary as a table: one line per figure, a column per backend.
 fn table(doc: &Value) -> String {
     use std::fmt::Write;
@@ -501,6 +595,14 @@ fn table(doc: &Value) -> String {
             cell(m, "sqlite"),
             cell(m, "postgres"),
             target(m)
+        );
+    }
+    for r in doc["remote"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            t,
+            "remote ({}): bound: {}",
+            r["backend"].as_str().unwrap_or_default(),
+            r["bound"].as_str().unwrap_or_default()
         );
     }
     for n in doc["notes"].as_array().into_iter().flatten() {

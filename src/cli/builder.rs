@@ -38,9 +38,15 @@ pub struct BuilderArgs {
     /// Relative speed (the runner prefers faster builders).
     #[arg(long, default_value_t = 1.0)]
     pub speed_factor: f64,
-    /// `native` (builds as Nix would, no Nix needed) or `nix` (calls a real Nix).
+    /// `native` (builds as Nix would, no Nix needed), `nix` (calls a real Nix), or `simulated`
+    /// (zero-time builds: each output is a small file naming its drv, for `qr bench
+    /// --remote-builders`).
     #[arg(long, default_value = "native")]
     pub executor: String,
+    /// The builder's store does not fsync what it registers (outputs, fetched inputs) nor its
+    /// metadata commits: a power loss may lose them. Only for scratch builders (benchmarks).
+    #[arg(long)]
+    pub no_fsync: bool,
     /// The name this builder has on the runner; default: the host name.
     #[arg(long)]
     pub machine_id: Option<String>,
@@ -92,6 +98,9 @@ async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("opening the store at {}", ctx.store_root().display()))?;
         Arc::new(store)
     };
+    if args.no_fsync {
+        store.set_fsync(false);
+    }
     let systems = if args.systems.is_empty() {
         vec![crate::config::this_system()]
     } else {
@@ -117,7 +126,10 @@ async fn builder(ctx: Context, args: BuilderArgs) -> anyhow::Result<ExitCode> {
                 log_dir: log_dir.clone(),
             },
         )),
-        other => bail!("--executor {other:?}: expected native or nix"),
+        "simulated" => Arc::new(crate::actors::machine::simulated::SimulatedExecutor::new(
+            store.clone(),
+        )),
+        other => bail!("--executor {other:?}: expected native, nix or simulated"),
     };
     let host = hostname();
     let cfg = AgentConfig {

@@ -92,6 +92,7 @@ impl Machine for DispatchCore<Actix> {
             } => match to.assigned.upgrade() {
                 Some(step) => {
                     tracing::debug!(drv = %drv, machine = %machine, held, "assigned");
+                    io.env.probe.assigned(&drv);
                     step.do_send(Assigned {
                         machine,
                         held,

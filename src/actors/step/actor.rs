@@ -309,6 +309,9 @@ impl Machine for StepCore<Actix> {
                 Done::Nothing
             }
             Cmd::Count(c) => {
+                if c == super::core::Counter::StepsBuilt {
+                    env.probe.built(&drv);
+                }
                 outbox::count(&env.stats, c);
                 Done::Nothing
             }
