@@ -304,13 +304,16 @@ pub(crate) static RESOLVED_STEPS_SQLITE: Coded = LazyLock::new(|| {
 
 /// Restart recovery: pending targets of Resolved rows in finished builds (nothing will ever
 /// finish them), read through `indexbuildstepsonpending` (rows without a status: the unfinished
-/// rows only), each build by its primary key.
+/// rows only), each build by its primary key, and each row's Resolved original probed by key.
+/// A scalar subquery, not `exists`: PostgreSQL turns an `exists` into a semi-join, which may
+/// walk the whole of `indexbuildstepsonresolvedtostep` (every Resolved row ever written).
 pub(crate) static PENDING_TARGETS_OF_FINISHED: Coded = LazyLock::new(|| {
     with_codes(
         "select r.build, r.stepnr from buildsteps r join builds b on b.id = r.build \
          where r.status is null and r.busy = {not_busy} and b.finished = 1 \
-         and exists (select 1 from buildsteps o where o.build = r.build \
-         and o.resolvedtostep = r.stepnr and o.status = {resolved}) order by r.build, r.stepnr",
+         and (select o.stepnr from buildsteps o where o.build = r.build \
+         and o.resolvedtostep = r.stepnr and o.status = {resolved} limit 1) is not null \
+         order by r.build, r.stepnr",
     )
 });
 
