@@ -174,3 +174,107 @@ fn bench_with_remote_builders_reports_and_leaves_no_builder_behind() {
         processes_mentioning(&here)
     );
 }
+
+/// Whether PostgreSQL answers at `url` (through `psql`).
+fn postgres_answers(url: &str) -> bool {
+    Command::new("psql")
+        .args([url, "-q", "-c", "select 1"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn restart_scale_reports_fill_recovery_and_plans() {
+    let url = std::env::var("QR_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    if !postgres_answers(&url) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL is not reachable at {url} in CI"
+        );
+        eprintln!("restart_scale_reports_fill_recovery_and_plans: no PostgreSQL at {url}: skipped");
+        return;
+    }
+    let state = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_qr"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .args([
+            "bench",
+            "--restart-scale",
+            "--backend",
+            "postgres",
+            "--postgres-url",
+            &url,
+            "--history-builds",
+            "200",
+            "--history-steps",
+            "1000",
+            "--queued-builds",
+            "60",
+            "--queued-steps",
+            "150",
+            "--queued-depth",
+            "3",
+            "--busy-rows",
+            "5",
+            "--resolved-rows",
+            "5",
+            "--slots",
+            "4",
+            "--json",
+        ])
+        .output()
+        .expect("running qr bench --restart-scale");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qr bench failed: {stderr}");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let r = &doc["restart"];
+    assert_eq!(r["backend"], "postgres");
+    // the history: 200 builds of 5 steps, every other one's first step Resolved
+    assert_eq!(num(r, "/fill/history_builds"), 200.0);
+    assert_eq!(num(r, "/fill/history_steps"), 1000.0);
+    assert_eq!(num(r, "/fill/history_resolved"), 100.0);
+    assert_eq!(num(r, "/fill/queued_builds"), 60.0);
+    assert_eq!(num(r, "/fill/busy_rows"), 5.0);
+    assert!(num(r, "/fill/resolved_rows") >= 1.0);
+    // history rows, the busy rows, two rows per Resolved pair
+    assert_eq!(
+        num(r, "/fill/buildsteps_rows"),
+        1005.0 + 2.0 * num(r, "/fill/resolved_rows")
+    );
+    num(r, "/fill/total_s");
+    // recovery: the busy rows aborted, the resolutions re-attached, everything loaded
+    let rec = &r["recovery"];
+    assert_eq!(num(rec, "/aborted_busy"), 5.0);
+    assert_eq!(
+        num(rec, "/resolutions_reattached"),
+        num(r, "/fill/resolved_rows")
+    );
+    assert_eq!(num(rec, "/orphaned"), 0.0);
+    assert_eq!(num(rec, "/build_actors"), 60.0);
+    assert!(num(rec, "/steps_created") >= num(rec, "/expected_steps"));
+    assert!(num(rec, "/runnable_or_running") >= num(rec, "/expected_runnable"));
+    assert!(num(rec, "/jobs_started") >= 1.0);
+    assert!(num(rec, "/first_dispatch_s") > 0.0);
+    assert!(num(rec, "/full_recovery_s") >= num(rec, "/recover_s"));
+    // every recovery query explained (at this size the planner may well scan the tiny tables:
+    // the plans that matter are those of the full-size run, in docs/schema.md)
+    let plans = r["plans"].as_array().expect("plans");
+    for name in [
+        "abort_busy_steps",
+        "resolved_steps",
+        "pending_targets_of_finished",
+        "unfinished_builds",
+    ] {
+        let p = plans
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no plan for {name}"));
+        assert!(!p["plan"].as_array().expect("plan lines").is_empty());
+        assert!(p["full_scans"].is_array(), "{name}: {p:#}");
+        num(p, "/execution_ms");
+    }
+    let summary = doc["summary"].as_array().expect("summary rows");
+    assert!(summary.iter().any(|r| r["met"].is_boolean()));
+}

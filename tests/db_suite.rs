@@ -1636,8 +1636,9 @@ async fn retries_transient_failures(ctx: Ctx) -> Result<()> {
 }
 
 /// A database of some size, analysed, so the planners choose as they would in production:
-/// 5000 builds (50 unfinished), 20000 steps (20 busy, 10 Resolved), their outputs and
-/// realisations, 500 cached failures.
+/// 5000 builds (50 unfinished), 20000 steps (20 busy, 20 Resolved: 10 in unfinished builds, 10
+/// in finished ones with their targets left pending), their outputs and realisations, 500
+/// cached failures.
 async fn populate(db: &Db) -> Result<()> {
     let series = |n: u32| match db.backend() {
         Backend::Sqlite => {
@@ -1668,6 +1669,12 @@ async fn populate(db: &Db) -> Result<()> {
         ),
         "update buildsteps set status = 13, resolvedtostep = 4 \
          where stepnr = 3 and build % 500 = 0"
+            .to_string(),
+        "update buildsteps set status = 13, resolvedtostep = 4 \
+         where stepnr = 3 and build % 500 = 250"
+            .to_string(),
+        "update buildsteps set status = null, stoptime = null \
+         where stepnr = 4 and build % 500 = 250"
             .to_string(),
         "insert into buildstepoutputs (build, stepnr, name, path) \
          select build, stepnr, 'out', '/nix/store/o' || build || '-' || stepnr from buildsteps"
@@ -1704,7 +1711,9 @@ async fn populate(db: &Db) -> Result<()> {
     }
     ensure!(db.unfinished_builds().await?.len() == 50);
     ensure!(db.busy_steps().await?.len() == 20);
+    // Only the unfinished builds' Resolved rows; the finished builds' pending targets apart.
     ensure!(db.resolved_steps().await?.len() == 10);
+    ensure!(db.pending_targets_of_finished().await?.len() == 10);
     Ok(())
 }
 

@@ -99,38 +99,16 @@ pub async fn recover(
         tracing::info!(build = c.row.0, step = c.row.1, drv = %c.drv, machine = %c.machine, "step was busy on a builder at restart: kept busy for it to rejoin");
     }
     let mut recorded = HashMap::new();
-    let mut finished: HashMap<i64, bool> = HashMap::new();
     let mut pending_targets: Vec<(BuildId, StepNr)> = Vec::new();
+    // Only the Resolved rows of unfinished builds: the history's are never read.
     for pair in persist("read resolved steps", || env.db.resolved_steps()).await? {
         let b = pair.original.build.0;
-        if pair.resolved.status.is_none() && !pair.resolved.busy.is_busy() {
-            pending_targets.push((pair.resolved.build, pair.resolved.stepnr));
-        }
-        let done = match finished.get(&b) {
-            Some(d) => *d,
-            None => {
-                // A failed read taken as "finished" would skip the recorded resolution, and the
-                // step would resolve again: a second Resolved row for the drv in this build.
-                let d = match persist("read build", || env.db.get_build(pair.original.build)).await
-                {
-                    Ok(b) => b.finished,
-                    Err(DbError::BuildNotFound(_)) => true,
-                    Err(e) => return Err(e),
-                };
-                finished.insert(b, d);
-                d
-            }
-        };
-        if done {
-            continue;
-        }
-        let (orig, res) = (
-            pair.original.drv_path.clone(),
-            pair.resolved.drv_path.clone(),
-        );
         // A pending or successful target is re-attached; the row is adopted only while pending.
         // A carried target (still busy on a builder) is not: its step takes it from the ledger.
         let child_pending = pair.resolved.status.is_none() && !pair.resolved.busy.is_busy();
+        if child_pending {
+            pending_targets.push((pair.resolved.build, pair.resolved.stepnr));
+        }
         let failed = pair
             .resolved
             .status
@@ -139,12 +117,21 @@ pub async fn recover(
             continue;
         }
         let rec = Recorded {
-            resolved: res,
+            resolved: pair.resolved.drv_path.clone(),
             own: (b, pair.original.stepnr),
             child: child_pending.then_some((b, pair.resolved.stepnr)),
         };
-        recorded.entry(orig).or_insert(rec);
+        recorded
+            .entry(pair.original.drv_path.clone())
+            .or_insert(rec);
     }
+    // The pending targets in builds that finished meanwhile: no step will adopt them.
+    pending_targets.extend(
+        persist("read pending targets of finished builds", || {
+            env.db.pending_targets_of_finished()
+        })
+        .await?,
+    );
     // A pending row is only ever a resolution's target: one that no step adopts now would stay
     // unfinished for good.
     let adopted: std::collections::HashSet<(i64, i32)> = recorded

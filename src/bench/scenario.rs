@@ -177,7 +177,10 @@ pub(super) struct FreshDb {
     /// Where the setup queues its builds: on PostgreSQL a second pool whose commits do not wait
     /// for the WAL flush (setup is not measured; 200,000 builds one fsync each took minutes).
     pub(super) setup: Db,
-    pg: Option<(String, String)>,
+    /// PostgreSQL: the base URL it was created through, and its name.
+    pub(super) pg: Option<(String, String)>,
+    /// PostgreSQL: the URL of the database (what `db` connected to).
+    pub(super) url: String,
 }
 
 impl FreshDb {
@@ -190,6 +193,7 @@ impl FreshDb {
                     setup: db.clone(),
                     db,
                     pg: None,
+                    url: crate::db::default_url(dir),
                 })
             }
             DbTarget::Postgres { base_url } => {
@@ -236,6 +240,7 @@ impl FreshDb {
                     db,
                     setup,
                     pg: Some((base_url.clone(), name)),
+                    url,
                 })
             }
         }
@@ -253,13 +258,15 @@ struct Leftover {
 static LEFTOVERS: std::sync::Mutex<Vec<Leftover>> = std::sync::Mutex::new(Vec::new());
 
 pub(super) fn leave(dir: tempfile::TempDir, fresh: &FreshDb) {
+    leave_parts(dir, fresh.pg.clone());
+}
+
+/// [`leave`] for a scenario that opened its database in an earlier system.
+pub(super) fn leave_parts(dir: tempfile::TempDir, pg: Option<(String, String)>) {
     LEFTOVERS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push(Leftover {
-            dir,
-            pg: fresh.pg.clone(),
-        });
+        .push(Leftover { dir, pg });
 }
 
 async fn clean_up() {

@@ -118,6 +118,35 @@ pub struct BenchArgs {
     /// Makespan scenario: seconds between the evaluations' arrivals.
     #[arg(long, default_value_t = 300)]
     pub makespan_eval_interval_s: u64,
+    /// Only the restart-at-scale scenario (PostgreSQL): a database filled with a history and a
+    /// queue, then a runner started on it, timed to its first dispatch and to full recovery.
+    #[arg(long)]
+    pub restart_scale: bool,
+    /// Restart scenario: finished builds in the history.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub history_builds: u64,
+    /// Restart scenario: steps of the history (a whole number per build).
+    #[arg(long, default_value_t = 5_000_000)]
+    pub history_steps: u64,
+    /// Restart scenario: unfinished builds.
+    #[arg(long, default_value_t = 100_000)]
+    pub queued_builds: usize,
+    /// Restart scenario: derivations of the queued graph (unfinished steps).
+    #[arg(long, default_value_t = 250_000)]
+    pub queued_steps: usize,
+    /// Restart scenario: queued builds with a step row left busy by the crash.
+    #[arg(long, default_value_t = 1_000)]
+    pub busy_rows: usize,
+    /// Restart scenario: queued builds whose top step was Resolved, its target pending.
+    #[arg(long, default_value_t = 5_000)]
+    pub resolved_rows: usize,
+    /// Restart scenario: layers of the queued graph.
+    #[arg(long, default_value_t = 5)]
+    pub queued_depth: usize,
+    /// Only the actor-cost measurement: RSS per idle actix actor, per actor the size of a step
+    /// actor, and per the same bytes held as plain state, over this many of each.
+    #[arg(long)]
+    pub actor_cost: Option<usize>,
 }
 
 fn parse_order(s: &str) -> Result<crate::actors::dispatcher::Order, String> {
@@ -139,6 +168,20 @@ const TARGET_REMOTE_STEPS_PER_S: f64 = 2_000.0;
 pub fn run(ctx: Context, args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.makespan {
         return makespan(&args);
+    }
+    if args.restart_scale {
+        return restart_scale(&ctx, &args);
+    }
+    if let Some(n) = args.actor_cost {
+        let cost = crate::bench::actor_cost::actor_cost(n.max(1))?;
+        let doc = json!({
+            "qr_version": env!("CARGO_PKG_VERSION"),
+            "machine": MachineInfo::here(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "actor_cost": cost,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(ExitCode::SUCCESS);
     }
     let work_dir = args
         .work_dir
@@ -662,5 +705,114 @@ fn makespan(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("note: {}", report.note);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `qr bench --restart-scale`: the restart scenario alone, its figures against the goals.
+fn restart_scale(ctx: &Context, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use crate::bench::restart::{self, GOAL_FIRST_DISPATCH_S, GOAL_FULL_RECOVERY_S, RestartSpec};
+    if args.backend == BackendArg::Sqlite {
+        anyhow::bail!("--restart-scale fills PostgreSQL: use --backend postgres");
+    }
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| ctx.state_dir.join("bench"));
+    std::fs::create_dir_all(&work_dir)?;
+    let params = Params {
+        executor: ExecutorKind::Simulated,
+        slots: args.slots.unwrap_or(64),
+        setup_parallel: 64,
+        work_dir,
+        timeout: Duration::from_secs(args.timeout_s),
+        pg_async_commit: args.pg_async_commit,
+        load_only: false,
+        no_fsync: args.no_fsync,
+        batch_writes: !args.no_batch_writes,
+        order: args.order,
+    };
+    let spec = RestartSpec {
+        history_builds: args.history_builds,
+        history_steps: args.history_steps,
+        queued_builds: args.queued_builds,
+        queued_steps: args.queued_steps,
+        busy_rows: args.busy_rows,
+        resolved_rows: args.resolved_rows,
+        depth: args.queued_depth,
+        fan_in: args.fan_in,
+        ca_fraction: args.ca_fraction,
+        seed: args.seed,
+        tag: format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        ),
+    };
+    let r = restart::restart_scale(spec, params, args.postgres_url.clone())?;
+    let rec = &r.recovery;
+    let row = |metric: &str, value: f64, unit: &str, target: Option<(&str, bool)>| {
+        json!({
+            "metric": metric,
+            "backend": "postgres",
+            "value": value,
+            "unit": unit,
+            "target": target.map(|t| t.0),
+            "met": target.map(|t| t.1),
+        })
+    };
+    let scans: usize = r
+        .plans
+        .iter()
+        .filter(|p| !p.name.contains("before"))
+        .map(|p| p.full_scans.len())
+        .sum();
+    let summary = vec![
+        row(
+            "restart: fill (not part of recovery)",
+            r.fill.total_s,
+            "s",
+            None,
+        ),
+        row(
+            "restart: first dispatch",
+            rec.first_dispatch_s,
+            "s",
+            Some(("<= 10", rec.first_dispatch_s <= GOAL_FIRST_DISPATCH_S)),
+        ),
+        row(
+            "restart: full recovery",
+            rec.full_recovery_s,
+            "s",
+            Some(("<= 30", rec.full_recovery_s <= GOAL_FULL_RECOVERY_S)),
+        ),
+        row(
+            "restart: recovery reads and aborts",
+            rec.recover_s,
+            "s",
+            None,
+        ),
+        row(
+            "restart: recovery plans reading a whole table",
+            scans as f64,
+            "plans",
+            Some(("0", scans == 0)),
+        ),
+    ];
+    let doc = json!({
+        "qr_version": env!("CARGO_PKG_VERSION"),
+        "machine": MachineInfo::here(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "restart": r,
+        "summary": summary,
+        "notes": Vec::<String>::new(),
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", table(&doc));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -75,7 +75,7 @@ pub use evals::{
 pub use fault::FaultPoint;
 pub use notify::{CHANNELS, QueueEvent, QueueListener};
 pub use outbox::{EventKind, NotifyTargets, OutboxRow, now_ms, status_name};
-pub use plans::QueryPlan;
+pub use plans::{AnalyzedPlan, QueryPlan};
 pub use retry::{RetryPolicy, retry};
 pub use stats::{EvalCounts, PoolStats};
 pub use timing::{BUCKETS as TX_BUCKETS, Histogram, HistogramSnapshot, TxKind, TxTimings};

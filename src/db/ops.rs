@@ -472,10 +472,15 @@ impl Db {
         .await
     }
 
-    /// Every step marked Resolved with the step it points at, by build and step number.
+    /// Every step of an unfinished build marked Resolved, with the step it points at, by build
+    /// and step number. The Resolved rows of finished builds (history) are not read.
     pub async fn resolved_steps(&self) -> Result<Vec<ResolvedPair>, DbError> {
         self.reading("resolved_steps", || async move {
-            let rows = self.exec().fetch_all(&sql::RESOLVED_STEPS, &[]).await?;
+            let q: &str = match self.backend() {
+                super::Backend::Postgres => &sql::RESOLVED_STEPS_PG,
+                super::Backend::Sqlite => &sql::RESOLVED_STEPS_SQLITE,
+            };
+            let rows = self.exec().fetch_all(q, &[]).await?;
             let mut pairs = decode(rows, |r| {
                 Ok(ResolvedPair {
                     original: r.step("o_")?,
@@ -484,6 +489,19 @@ impl Db {
             })?;
             pairs.sort_by_key(|p| (p.original.build, p.original.stepnr));
             Ok(pairs)
+        })
+        .await
+    }
+
+    /// The pending (not started, no status) targets of Resolved rows whose build is finished:
+    /// nothing will ever finish them. By build and step number.
+    pub async fn pending_targets_of_finished(&self) -> Result<Vec<(BuildId, StepNr)>, DbError> {
+        self.reading("pending_targets_of_finished", || async move {
+            let rows = self
+                .exec()
+                .fetch_all(&sql::PENDING_TARGETS_OF_FINISHED, &[])
+                .await?;
+            decode(rows, |r| Ok((BuildId(r.get("build")?), r.get("stepnr")?)))
         })
         .await
     }

@@ -13,12 +13,13 @@ pub struct QueryPlan {
     pub plan: Vec<String>,
 }
 
-/// Partial indexes whose full scan is the intended plan: they hold only the rows the query wants
-/// (unfinished builds, busy steps, Resolved steps).
+/// Partial indexes whose full scan is the intended plan: they hold only live rows (unfinished
+/// builds, busy steps, steps without a status), never history. (`indexbuildstepsonresolvedtostep`
+/// is not one: it holds every Resolved row ever written, and is only probed by build.)
 pub const BOUNDED_INDEXES: [&str; 3] = [
     "indexbuildsonunfinished",
     "indexbuildstepsonbusy",
-    "indexbuildstepsonresolvedtostep",
+    "indexbuildstepsonpending",
 ];
 
 impl QueryPlan {
@@ -161,7 +162,24 @@ fn hot_queries(backend: Backend) -> Vec<(&'static str, String, Vec<P>)> {
             sql::CLEAR_FINISHED_BUSY.to_string(),
             vec![],
         ),
-        ("resolved_steps", sql::RESOLVED_STEPS.to_string(), vec![]),
+        (
+            "resolved_steps",
+            match backend {
+                Backend::Sqlite => sql::RESOLVED_STEPS_SQLITE.to_string(),
+                Backend::Postgres => sql::RESOLVED_STEPS_PG.to_string(),
+            },
+            vec![],
+        ),
+        (
+            "pending_targets_of_finished",
+            sql::PENDING_TARGETS_OF_FINISHED.to_string(),
+            vec![],
+        ),
+        (
+            "count_unfinished_builds",
+            sql::COUNT_UNFINISHED_BUILDS.into(),
+            vec![],
+        ),
         (
             "jobset_seconds_since",
             sql::JOBSET_SECONDS.into(),
@@ -306,6 +324,127 @@ impl Db {
     }
 }
 
+/// A recovery query run under `EXPLAIN ANALYZE` on a filled database (`qr bench
+/// --restart-scale`): its plan with the rows and times it really saw.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AnalyzedPlan {
+    pub name: &'static str,
+    pub sql: String,
+    pub plan: Vec<String>,
+    /// The plan's "Execution Time", ms.
+    pub execution_ms: f64,
+    /// [`QueryPlan::full_scans`] of the plan: empty when nothing reads a whole table.
+    pub full_scans: Vec<String>,
+}
+
+/// Resolved rows as recovery read them before `indexbuildstepsonpending`: every Resolved row of
+/// the whole history, then one `get_build` per build to drop the finished ones. Kept to show
+/// its plan beside the new one.
+pub const RESOLVED_STEPS_BEFORE: &str = "select o.build, o.stepnr, r.build, r.stepnr, r.status \
+     from buildsteps o join buildsteps r on r.build = o.build and r.stepnr = o.resolvedtostep \
+     where o.status = 13";
+
+/// What a start reads and writes before the queue is loaded, and the batched reads of loading it
+/// (PostgreSQL text). `drvs`: a sample of queued drvs for the batched lookups.
+fn recovery_queries(drvs: &[String], now: i64) -> Vec<(&'static str, String, Vec<P>)> {
+    use P::*;
+    vec![
+        (
+            "abort_busy_steps",
+            sql::ABORT_BUSY_STEPS.to_string(),
+            vec![I64(now), Text("aborted: explain")],
+        ),
+        (
+            "abort_busy_steps: stray",
+            sql::CLEAR_STRAY_BUSY.to_string(),
+            vec![],
+        ),
+        ("busy_steps (carried)", sql::BUSY_STEPS.to_string(), vec![]),
+        ("resolved_steps", sql::RESOLVED_STEPS_PG.to_string(), vec![]),
+        (
+            "resolved_steps before (whole history)",
+            RESOLVED_STEPS_BEFORE.into(),
+            vec![],
+        ),
+        (
+            "pending_targets_of_finished",
+            sql::PENDING_TARGETS_OF_FINISHED.to_string(),
+            vec![],
+        ),
+        ("jobsets", sql::JOBSETS.into(), vec![]),
+        ("unfinished_builds", sql::UNFINISHED_BUILDS.into(), vec![]),
+        (
+            "unfinished_aggregates",
+            super::evals::UNFINISHED_AGGREGATES_PG.into(),
+            vec![I64(0)],
+        ),
+        (
+            "count_unfinished_builds",
+            sql::COUNT_UNFINISHED_BUILDS.into(),
+            vec![],
+        ),
+        (
+            "failed_paths_among (queue load, per batch)",
+            sql::FAILED_PATHS_AMONG_PG.into(),
+            vec![Texts(drvs.to_vec())],
+        ),
+        (
+            "realisations_for_drvs (queue load, per batch)",
+            sql::REALISATIONS_FOR_DRVS_PG.into(),
+            vec![Texts(drvs.to_vec())],
+        ),
+    ]
+}
+
+impl Db {
+    /// `EXPLAIN (ANALYZE, COSTS OFF)` of every recovery query (PostgreSQL), in one transaction
+    /// that is rolled back (the writes among them change nothing). `drvs`: queued drvs for the
+    /// batched lookups; `now`: the abort's stop time.
+    pub async fn explain_recovery(
+        &self,
+        drvs: &[String],
+        now: i64,
+    ) -> Result<Vec<AnalyzedPlan>, DbError> {
+        let Pool::Postgres(pool, _) = &self.inner.pool else {
+            return Err(DbError::Invalid(
+                "explain_recovery runs on PostgreSQL".into(),
+            ));
+        };
+        let mut tx = pool.begin().await?;
+        let mut out = Vec::new();
+        for (name, sql, params) in recovery_queries(drvs, now) {
+            let text = format!("EXPLAIN (ANALYZE, COSTS OFF) {sql}");
+            let plan: Vec<String> = bind_pg(sqlx::query_scalar(&text), &params)
+                .fetch_all(&mut *tx)
+                .await?;
+            let execution_ms = plan
+                .iter()
+                .find_map(|l| l.trim().strip_prefix("Execution Time:"))
+                .and_then(|v| v.trim().trim_end_matches("ms").trim().parse().ok())
+                .unwrap_or(f64::NAN);
+            let qp = QueryPlan {
+                name,
+                sql: sql.clone(),
+                plan: plan.clone(),
+            };
+            let full_scans = qp
+                .full_scans(Backend::Postgres)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            out.push(AnalyzedPlan {
+                name,
+                sql,
+                plan,
+                execution_ms,
+                full_scans,
+            });
+        }
+        tx.rollback().await?;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +498,17 @@ mod tests {
                 "->  Index Only Scan using builds_pkey on builds"
             ]
         );
+    }
+
+    #[test]
+    fn every_recovery_query_has_its_parameters() {
+        for (name, sql, params) in recovery_queries(&["/nix/store/a".into()], 0) {
+            let max = (1..=20)
+                .filter(|i| sql.contains(&format!("${i}")))
+                .max()
+                .unwrap_or(0);
+            assert_eq!(max, params.len(), "{name}");
+        }
     }
 
     #[test]

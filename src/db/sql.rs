@@ -271,18 +271,50 @@ pub(crate) static CLEAR_STRAY_BUSY: Coded = LazyLock::new(|| {
     with_codes("update buildsteps set busy = {not_busy} where busy != {not_busy}")
 });
 
-/// Restart recovery: Resolved rows and their targets (index `indexbuildstepsonresolvedtostep`,
-/// then the primary key). Unordered: an `order by` makes SQLite walk the whole primary key
-/// instead; the caller sorts.
-pub(crate) static RESOLVED_STEPS: Coded = LazyLock::new(|| {
+/// Restart recovery: the Resolved rows of unfinished builds and their targets. Driven by the
+/// unfinished builds (index `indexbuildsonunfinished`), each probing
+/// `indexbuildstepsonresolvedtostep` by build, then the primary key: the Resolved rows of finished
+/// builds (history: that index grows with every resolution ever made) are never read. Unordered:
+/// the caller sorts. PostgreSQL: the ids as an array (`= any(array(...))`), so the plan is the
+/// index probes whatever the planner thinks of the join; SQLite: [`RESOLVED_STEPS_SQLITE`].
+pub(crate) static RESOLVED_STEPS_PG: Coded = LazyLock::new(|| {
     with_codes(concat!(
         "select ",
         step_cols!(o),
         ", ",
         step_cols!(r),
         " from buildsteps o join buildsteps r on r.build = o.build \
-         and r.stepnr = o.resolvedtostep where o.status = {resolved}"
+         and r.stepnr = o.resolvedtostep where o.status = {resolved} \
+         and o.build = any(array(select id from builds where finished = 0))"
     ))
+});
+
+/// [`RESOLVED_STEPS_PG`] on SQLite: the unfinished builds as an `in` list it probes the index with.
+pub(crate) static RESOLVED_STEPS_SQLITE: Coded = LazyLock::new(|| {
+    with_codes(concat!(
+        "select ",
+        step_cols!(o),
+        ", ",
+        step_cols!(r),
+        " from buildsteps o join buildsteps r on r.build = o.build \
+         and r.stepnr = o.resolvedtostep where o.status = {resolved} \
+         and o.build in (select id from builds where finished = 0)"
+    ))
+});
+
+/// Restart recovery: pending targets of Resolved rows in finished builds (nothing will ever
+/// finish them), read through `indexbuildstepsonpending` (rows without a status: the unfinished
+/// rows only), each build by its primary key, and each row's Resolved original probed by key.
+/// A scalar subquery, not `exists`: PostgreSQL turns an `exists` into a semi-join, which may
+/// walk the whole of `indexbuildstepsonresolvedtostep` (every Resolved row ever written).
+pub(crate) static PENDING_TARGETS_OF_FINISHED: Coded = LazyLock::new(|| {
+    with_codes(
+        "select r.build, r.stepnr from buildsteps r join builds b on b.id = r.build \
+         where r.status is null and r.busy = {not_busy} and b.finished = 1 \
+         and (select o.stepnr from buildsteps o where o.build = r.build \
+         and o.resolvedtostep = r.stepnr and o.status = {resolved} limit 1) is not null \
+         order by r.build, r.stepnr",
+    )
 });
 
 /// The steps that resolved to a given step.
@@ -525,7 +557,7 @@ mod tests {
     /// code as a number.
     #[test]
     fn codes_come_from_the_enums() {
-        let coded: [&str; 12] = [
+        let coded: [&str; 14] = [
             &CANCEL_BUILD,
             &FINISH_STEP,
             &MARK_RESOLVED,
@@ -534,7 +566,9 @@ mod tests {
             &ABORT_STEP,
             &CLEAR_FINISHED_BUSY,
             &CLEAR_STRAY_BUSY,
-            &RESOLVED_STEPS,
+            &RESOLVED_STEPS_PG,
+            &RESOLVED_STEPS_SQLITE,
+            &PENDING_TARGETS_OF_FINISHED,
             &STEPS_RESOLVED_TO,
             &PG_RESOLVE_STEP,
             &PG_FINISH_STEPS_MANY,
@@ -543,7 +577,7 @@ mod tests {
             assert!(!sql.contains('{'), "{sql}");
         }
         assert!(MARK_RESOLVED.contains("status = 13, busy = 0"));
-        assert!(RESOLVED_STEPS.ends_with("where o.status = 13"));
+        assert!(RESOLVED_STEPS_PG.contains("where o.status = 13 and"));
         assert!(BUSY_STEPS.contains("where busy != 0 order by"));
         assert!(CANCEL_BUILD.contains("buildstatus = 4,"));
         assert!(ABORT_STEP.contains("status = 3,"));
@@ -551,7 +585,7 @@ mod tests {
 
     #[test]
     fn prefixed_columns() {
-        assert!(RESOLVED_STEPS.contains("o.resolvedtostep as o_resolvedtostep"));
-        assert!(RESOLVED_STEPS.contains("r.build as r_build"));
+        assert!(RESOLVED_STEPS_PG.contains("o.resolvedtostep as o_resolvedtostep"));
+        assert!(RESOLVED_STEPS_SQLITE.contains("r.build as r_build"));
     }
 }

@@ -1,9 +1,9 @@
-//! The expander: expands builds' drv closures into steps for every build actor, a batch at a time.
-//! Requests that arrive while a batch does its I/O wait for the next batch; each batch reads its
-//! closures level by level with batched queries ([`expand::plan_many`]), then attaches the builds
-//! one after the other in one synchronous pass, so a drv shared by many builds is read once and
-//! its step created once (as Hydra's queue runner expands one build at a time, without its
-//! one-query-per-drv cost).
+//! The expander: expands builds' drv closures into steps for every build actor, a batch at a time
+//! (at most [`MAX_BATCH`] builds, oldest first). Requests that arrive while a batch does its I/O
+//! wait for the next batch; each batch reads its closures level by level with batched queries
+//! ([`expand::plan_many`]), then attaches the builds one after the other in one synchronous pass,
+//! so a drv shared by many builds is read once and its step created once (as Hydra's queue runner
+//! expands one build at a time, without its one-query-per-drv cost).
 
 use std::sync::Arc;
 
@@ -40,6 +40,9 @@ impl Message for Expand {
 #[rtype(result = "()")]
 struct RunBatch;
 
+/// The most builds one batch plans.
+pub const MAX_BATCH: usize = 2_048;
+
 pub struct Expander {
     env: Arc<Env>,
     /// Shared by every step actor (an `Addr` clone allocates twice).
@@ -70,7 +73,11 @@ impl Expander {
     }
 
     fn run_batch(&mut self, ctx: &mut Context<Self>) {
-        let batch = std::mem::take(&mut self.pending);
+        // At most MAX_BATCH builds (the oldest requests first): after a restart with 100,000
+        // queued builds, the first steps are attached (and dispatched) once the first batch's
+        // closures are read, not once every closure is.
+        let n = self.pending.len().min(MAX_BATCH);
+        let batch: Vec<_> = self.pending.drain(..n).collect();
         if batch.is_empty() {
             self.busy = false;
             return;
