@@ -208,12 +208,15 @@ suite!(
     evals_record_members_errors_and_constituents,
     a_drv_with_a_build_in_the_jobset_is_not_queued_again,
     outbox_rows_come_with_the_changes_they_announce,
+    produced_rows_link_to_their_producers_row,
 );
 
 #[path = "db_suite/evals.rs"]
 mod evals;
 #[path = "db_suite/outbox.rs"]
 mod outbox;
+#[path = "db_suite/produced.rs"]
+mod produced;
 #[cfg(feature = "test-hooks")]
 use evals::record_eval_is_one_transaction;
 use evals::{
@@ -223,6 +226,9 @@ use evals::{
 #[cfg(feature = "test-hooks")]
 use outbox::an_event_commits_with_its_change_or_not_at_all;
 use outbox::outbox_rows_come_with_the_changes_they_announce;
+#[cfg(feature = "test-hooks")]
+use produced::a_produced_row_and_its_links_commit_together;
+use produced::produced_rows_link_to_their_producers_row;
 
 /// The tests that arm database faults: only with the `test-hooks` feature (scripts/test enables
 /// it), the only build in which `Db::arm_fault` exists.
@@ -235,6 +241,7 @@ mod faults {
         finish_step_transaction_is_all_or_nothing,
         record_eval_is_one_transaction,
         an_event_commits_with_its_change_or_not_at_all,
+        a_produced_row_and_its_links_commit_together,
     );
 }
 

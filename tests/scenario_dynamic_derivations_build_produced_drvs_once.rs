@@ -5,6 +5,8 @@
 //! placeholder of `P^out^out` becomes the real path). Covered: depth 1 and 2, two producers
 //! writing the same drv (built once), a produced drv that fails, a produced drv already built,
 //! and a runner killed (SIGKILL) right after a producer landed. On SQLite and on PostgreSQL.
+//! Each produced drv's row links to its producer's row (`producedsteps`, reported as the
+//! step's `producedBy`).
 
 mod common;
 
@@ -72,6 +74,46 @@ fn out_of(qr: &Qr, build: &Value) -> String {
         .unwrap_or_else(|e| panic!("{p}: {e}"))
 }
 
+/// The name of a drv path (the part after the hash).
+fn name_of(drv: &str) -> &str {
+    drv.rsplit('/')
+        .next()
+        .map_or("", |b| b.get(33..).unwrap_or(""))
+}
+
+/// For each row of the drv named `name` in `builds`: the producer rows it links to, as
+/// `<producer's name>^<output>` (sorted), looked up among the rows of `builds`.
+fn producers_of(builds: &[Value], name: &str) -> Vec<Vec<String>> {
+    let steps = all_steps(builds);
+    let row = |b: i64, n: i64| {
+        steps
+            .iter()
+            .find(|(id, s)| *id == b && s["stepnr"] == n)
+            .map(|(_, s)| name_of(s["drvPath"].as_str().unwrap_or_default()).to_string())
+            .unwrap_or_else(|| format!("<no row {b}/{n}>"))
+    };
+    steps
+        .iter()
+        .filter(|(_, s)| s["drvPath"].as_str().is_some_and(|d| name_of(d) == name))
+        .map(|(_, s)| {
+            let mut by: Vec<String> = s["producedBy"]
+                .as_array()
+                .unwrap_or_else(|| panic!("a row without producedBy: {s}"))
+                .iter()
+                .map(|l| {
+                    let (b, n) = (l["build"].as_i64(), l["stepnr"].as_i64());
+                    let (Some(b), Some(n)) = (b, n) else {
+                        panic!("a link without a row: {l}");
+                    };
+                    format!("{}^{}", row(b, n), l["output"].as_str().unwrap_or_default())
+                })
+                .collect();
+            by.sort();
+            by
+        })
+        .collect()
+}
+
 /// Every drv the executor ran, by name (the part after the hash), with its count; none twice.
 fn runs_by_name(qr: &Qr) -> Vec<String> {
     let runs = qr.runs();
@@ -110,6 +152,16 @@ fn depth_one(backend: Backend) {
                 .as_str()
                 .is_some_and(|d| d.ends_with("-d1-top.drv"))),
         "{steps:?}"
+    );
+    // The produced drv's row links to the producer's row; nothing else is linked.
+    assert_eq!(
+        producers_of(&builds, "d1-leaf.drv"),
+        [["d1-leaf.drv.drv^out"]]
+    );
+    assert!(
+        producers_of(&builds, "d1-top.drv")
+            .iter()
+            .all(Vec::is_empty)
     );
     // Queued again: everything is built, nothing runs.
     let again = run(&qr, &file);
@@ -159,6 +211,15 @@ fn depth_two(backend: Backend) {
             "dyn-top.drv"
         ]
     );
+    // Each level's row links to the level above it.
+    assert_eq!(
+        producers_of(&builds, "dyn-leaf.drv.drv"),
+        [["dyn-leaf.drv.drv.drv^out"]]
+    );
+    assert_eq!(
+        producers_of(&builds, "dyn-leaf.drv"),
+        [["dyn-leaf.drv.drv^out"]]
+    );
 }
 
 fn two_producers_same_drv(backend: Backend) {
@@ -190,6 +251,14 @@ fn two_producers_same_drv(backend: Backend) {
         2,
         "each producer once: {runs:?}"
     );
+    // One row of the produced drv, linked to the producers that had landed when it was made
+    // (the second may land after it started).
+    let rows = producers_of(&builds, "tw-leaf.drv");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        (1..=2).contains(&rows[0].len()) && rows[0].iter().all(|p| p == "tw-leaf.drv.drv^out"),
+        "{rows:?}"
+    );
 }
 
 fn produced_drv_fails(backend: Backend) {
@@ -216,6 +285,10 @@ fn produced_drv_fails(backend: Backend) {
                 .as_str()
                 .is_some_and(|d| d.ends_with("-pf-leaf.drv"))),
         "the produced drv's own row failed: {steps:?}"
+    );
+    assert_eq!(
+        producers_of(&builds, "pf-leaf.drv"),
+        [["pf-leaf.drv.drv^out"]]
     );
     assert_eq!(runs_by_name(&qr), ["pf-leaf.drv.drv"]);
 }
@@ -252,6 +325,11 @@ fn killed_after_the_producer_landed(backend: Backend) {
     for (_, s) in all_steps(&builds) {
         assert!(s["status"] != Value::Null, "a row left unfinished: {s}");
     }
+    // The produced drv's row, made after the restart, links to the producer's row of before.
+    assert_eq!(
+        producers_of(&builds, "k9-leaf.drv"),
+        [["k9-leaf.drv.drv^out"]]
+    );
 }
 
 #[test]

@@ -1144,6 +1144,7 @@ impl<'g> World<'g> {
                 drv: produced,
                 build,
                 prio: pr,
+                ..
             } => {
                 // The expander, for the step's owner build (cached failures get no rows here:
                 // the dependent fails as DepFailed through its own build).

@@ -19,7 +19,7 @@ use crate::actors::machine::Executor;
 use crate::actors::scheduler::Scheduler;
 use crate::actors::step::RetryPolicy;
 use crate::db::Db;
-use crate::db::types::{Build, BuildId, BuildStatus, NewBuild, Step};
+use crate::db::types::{Build, BuildId, BuildStatus, NewBuild, ProducedLink, Step};
 use crate::store::{Derivation, Store, StoreDir};
 
 #[derive(Debug, clap::Args)]
@@ -162,6 +162,9 @@ pub struct Report {
     pub build: Build,
     pub outputs: BTreeMap<String, Option<String>>,
     pub steps: Vec<Step>,
+    /// Dynamic derivations: the links between producers' rows and produced drvs' rows, with a
+    /// row of this build on either side.
+    pub produced: Vec<ProducedLink>,
 }
 
 pub async fn report(db: &Db, ids: &[BuildId]) -> anyhow::Result<Vec<Report>> {
@@ -174,10 +177,12 @@ pub async fn report(db: &Db, ids: &[BuildId]) -> anyhow::Result<Vec<Report>> {
             .map(|o| (o.name, o.path))
             .collect();
         let steps = persist("read steps", || db.steps_of_build(*id)).await?;
+        let produced = persist("read produced links", || db.produced_links(*id)).await?;
         out.push(Report {
             build,
             outputs,
             steps,
+            produced,
         });
     }
     Ok(out)
@@ -209,6 +214,10 @@ pub fn report_json(r: &Report) -> serde_json::Value {
             "drvPath": s.drv_path,
             "status": s.status.map(|s| s.code()),
             "resolvedToStep": s.resolved_to_step,
+            "producedBy": r.produced.iter()
+                .filter(|l| l.produced_build == r.build.id && l.produced_step == s.stepnr)
+                .map(|l| json!({"build": l.build.0, "stepnr": l.stepnr, "output": l.output}))
+                .collect::<Vec<_>>(),
             "built": s.status == Some(BuildStatus::Success) && s.times_built.unwrap_or(0) > 0,
             "machine": s.machine,
             "errorMsg": s.error_msg,
@@ -252,6 +261,20 @@ pub fn report_table(reports: &[Report]) -> String {
                 }
                 (Some(BuildStatus::Success), _) => "cached (already built)".into(),
                 _ => String::new(),
+            };
+            let by: Vec<String> = r
+                .produced
+                .iter()
+                .filter(|l| l.produced_build == r.build.id && l.produced_step == s.stepnr)
+                .map(|l| match l.build == r.build.id {
+                    true => format!("step {}^{}", l.stepnr, l.output),
+                    false => format!("build {} step {}^{}", l.build, l.stepnr, l.output),
+                })
+                .collect();
+            let how = match (how.is_empty(), by.is_empty()) {
+                (_, true) => how,
+                (true, false) => format!("produced by {}", by.join(", ")),
+                (false, false) => format!("{how}; produced by {}", by.join(", ")),
             };
             let _ = writeln!(
                 t,

@@ -25,6 +25,9 @@ pub enum FaultPoint {
     CreateStepAfterAlloc,
     /// `finish_build`: after the build row is updated, before its outputs.
     FinishBuildAfterBuildRow,
+    /// `create_step` of a produced drv's row (dynamic derivations): after the row is inserted,
+    /// before its `producedsteps` links.
+    LinkProducedAfterRow,
     /// Any write transaction: the connection is "lost" instead of sending `COMMIT` (nothing is
     /// committed), and the operation sees `CommitOutcomeUnknown`.
     CommitLostBefore,

@@ -81,8 +81,8 @@ pub use stats::{EvalCounts, PoolStats};
 pub use timing::{BUCKETS as TX_BUCKETS, Histogram, HistogramSnapshot, TxKind, TxTimings};
 pub use types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
-    NewBuild, NewStep, Output, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step,
-    StepNr, StepType, UnknownCode,
+    NewBuild, NewStep, Output, OutputRow, ProducedLink, Realisation, RealisationConflict,
+    ResolvedPair, Step, StepNr, StepType, UnknownCode,
 };
 
 use fault::Faults;

@@ -17,8 +17,8 @@ use super::steps::{
 };
 use super::types::{
     Build, BuildId, BuildStatus, BusyPhase, FinishBuild, FinishStep, Jobset, JobsetSeconds,
-    NewBuild, NewStep, OutputRow, Realisation, RealisationConflict, ResolvedPair, Step,
-    StepDuration, StepNr,
+    NewBuild, NewStep, OutputRow, ProducedLink, Realisation, RealisationConflict, ResolvedPair,
+    Step, StepDuration, StepNr,
 };
 use super::write::found;
 
@@ -220,7 +220,10 @@ impl Db {
             rows: vec![step.clone()],
             resolves: false,
         };
-        self.write_batched(w).await
+        match w.links_producers() {
+            true => self.write(&w).await,
+            false => self.write_batched(w).await,
+        }
     }
 
     pub async fn step(&self, build: BuildId, stepnr: StepNr) -> Result<Step, DbError> {
@@ -244,6 +247,19 @@ impl Db {
                 .fetch_all(sql::STEPS_OF_BUILD, &[&build.0])
                 .await?;
             decode(rows, |r| r.step(""))
+        })
+        .await
+    }
+
+    /// The `producedsteps` links with a row of `build` on either side (dynamic derivations: a
+    /// producer's row and the rows of the drv its output holds), ordered.
+    pub async fn produced_links(&self, build: BuildId) -> Result<Vec<ProducedLink>, DbError> {
+        self.reading("produced_links", || async move {
+            let rows = self
+                .exec()
+                .fetch_all(sql::PRODUCED_LINKS_OF_BUILD, &[&build.0])
+                .await?;
+            decode(rows, |r| r.produced_link())
         })
         .await
     }
@@ -385,7 +401,10 @@ impl Db {
             rows: vec![marked, resolved.clone()],
             resolves: true,
         };
-        let nr = self.write_batched(w).await?;
+        let nr = match w.links_producers() {
+            true => self.write(&w).await?,
+            false => self.write_batched(w).await?,
+        };
         Ok((nr - 1, nr))
     }
 

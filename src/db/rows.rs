@@ -4,8 +4,8 @@ use super::error::DbError;
 use super::evals::ConstituentState;
 use super::exec::Row;
 use super::types::{
-    Build, BuildId, BuildStatus, BusyPhase, Jobset, JobsetSeconds, OutputRow, Realisation, Step,
-    StepDuration, StepType,
+    Build, BuildId, BuildStatus, BusyPhase, Jobset, JobsetSeconds, OutputRow, ProducedLink,
+    Realisation, Step, StepDuration, StepType,
 };
 
 fn col<'a>(prefix: &str, name: &'a str) -> std::borrow::Cow<'a, str> {
@@ -78,6 +78,16 @@ impl Row {
             out_path: self.get("outpath")?,
             build: self.get::<Option<i64>>("build")?.map(BuildId),
             stepnr: self.get("stepnr")?,
+        })
+    }
+
+    pub(crate) fn produced_link(&self) -> Result<ProducedLink, DbError> {
+        Ok(ProducedLink {
+            build: BuildId(self.get("build")?),
+            stepnr: self.get("stepnr")?,
+            output: self.get("output")?,
+            produced_build: BuildId(self.get("producedbuild")?),
+            produced_step: self.get("producedstep")?,
         })
     }
 

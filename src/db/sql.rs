@@ -541,6 +541,21 @@ pub(crate) static PG_FINISH_STEPS_MANY: Coded = LazyLock::new(|| {
     )
 });
 
+/// Dynamic derivations: links step `$1`/`$2` (a row of a produced drv) to the row of the step
+/// that recorded the realisation of producer `$3`'s output `$4` (none when no step did).
+pub(crate) const LINK_PRODUCED_STEP: &str = "insert into producedsteps \
+     (build, stepnr, output, producedbuild, producedstep) \
+     select r.build, r.stepnr, r.outputname, $1, $2 from realisations r \
+     where r.drvpath = $3 and r.outputname = $4 and r.build is not null \
+     on conflict do nothing";
+
+/// The links from producers' rows to the rows of the drvs they produced, of the rows of build
+/// `$1` on either side: (producer build, stepnr, output, produced build, stepnr).
+pub(crate) const PRODUCED_LINKS_OF_BUILD: &str = "select build, stepnr, output, producedbuild, \
+     producedstep from producedsteps where producedbuild = $1 \
+     union select build, stepnr, output, producedbuild, producedstep from producedsteps \
+     where build = $1 order by 1, 2, 3, 4, 5";
+
 #[cfg(test)]
 mod tests {
     use super::*;

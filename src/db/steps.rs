@@ -187,6 +187,12 @@ impl CreateSteps {
         self.rows.len() as i32
     }
 
+    /// Whether a row links to producers' rows (dynamic derivations): such a write is one
+    /// transaction on both backends, never part of PostgreSQL's batched statement.
+    pub(crate) fn links_producers(&self) -> bool {
+        self.rows.iter().any(|r| !r.produced_by.is_empty())
+    }
+
     /// Where a test can make it fail: between the numbers and the rows (one step), between the
     /// resolved step's row and the row marked Resolved (a pair).
     fn fault_point(&self) -> FaultPoint {
@@ -224,6 +230,17 @@ impl CreateSteps {
             insert_step(&mut tx, self.build, nr, row, self.resolved_to(nr, last)).await?;
             if self.resolves && nr == last {
                 db.fault(FaultPoint::ResolveAfterInsert)?;
+            }
+            if !row.produced_by.is_empty() {
+                db.fault(FaultPoint::LinkProducedAfterRow)?;
+            }
+            for (producer, output) in &row.produced_by {
+                tx.exec()
+                    .execute(
+                        sql::LINK_PRODUCED_STEP,
+                        &[&self.build.0, &nr, producer, output],
+                    )
+                    .await?;
             }
         }
         db.commit(tx).await?;
@@ -286,8 +303,8 @@ impl Write for CreateSteps {
 
     async fn apply(&self, db: &Db, trace: &mut Numbers) -> Result<StepNr, DbError> {
         match db.lanes() {
-            Some(lanes) => self.apply_pg(db, lanes, trace).await,
-            None => self.apply_tx(db, trace).await,
+            Some(lanes) if !self.links_producers() => self.apply_pg(db, lanes, trace).await,
+            _ => self.apply_tx(db, trace).await,
         }
     }
 

@@ -196,6 +196,10 @@ pub struct NewStep {
     pub times_built: Option<i32>,
     /// `buildstepoutputs` rows inserted with the step.
     pub outputs: Vec<Output>,
+    /// Dynamic derivations: the (producer drv, output) pairs whose output holds this step's
+    /// drv. In the same transaction, a `producedsteps` row links the row of each producer's
+    /// step (the one its realisation names) to this row; a producer without one links nothing.
+    pub produced_by: Vec<(String, String)>,
 }
 
 impl NewStep {
@@ -214,6 +218,7 @@ impl NewStep {
             propagated_from: None,
             times_built: None,
             outputs: Vec::new(),
+            produced_by: Vec::new(),
         }
     }
 }
@@ -296,6 +301,17 @@ pub struct RealisationConflict {
 pub struct ResolvedPair {
     pub original: Step,
     pub resolved: Step,
+}
+
+/// A `producedsteps` row (dynamic derivations): the producer's row, whose `output` holds a
+/// drv, and a row of the step that builds that drv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducedLink {
+    pub build: BuildId,
+    pub stepnr: StepNr,
+    pub output: String,
+    pub produced_build: BuildId,
+    pub produced_step: StepNr,
 }
 
 /// How long a successful build step took (`stoptime - starttime`), with its build's job: what

@@ -501,6 +501,7 @@ impl Admin {
         let b = self.db(db.get_build(id)).await?;
         let outputs = self.db(db.build_outputs(id)).await?;
         let steps = self.db(db.steps_of_build(id)).await?;
+        let produced = self.db(db.produced_links(id)).await?;
         Ok(BuildDetail {
             build: Some(build_to_proto(&b)),
             outputs: outputs
@@ -511,6 +512,16 @@ impl Admin {
                 })
                 .collect(),
             steps: steps.iter().map(step_to_proto).collect(),
+            produced: produced
+                .into_iter()
+                .map(|l| ProducedLink {
+                    build: l.build.0,
+                    stepnr: l.stepnr,
+                    output: l.output,
+                    produced_build: l.produced_build.0,
+                    produced_step: l.produced_step,
+                })
+                .collect(),
         })
     }
 

@@ -165,7 +165,7 @@ async fn build_tree(State(s): State<AppState>, Path(id): Path<i64>) -> Response 
         s.admin
             .get_build(id)
             .await
-            .map(|d| step_tree::step_tree(d.build, d.steps)),
+            .map(|d| step_tree::step_tree(d.build, d.steps, &d.produced)),
     )
 }
 

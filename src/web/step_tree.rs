@@ -1,22 +1,24 @@
 //! A build's steps as a tree (`/api/builds/{id}/tree`): its `BuildSteps` rows, each with the
 //! rows it links to as children.
 //!
-//! Today one link exists: a CA step that resolved points at the step of its resolved drv
-//! (`resolvedToStep`), the step's dynamic child. The answer is a flat list of rows plus typed
-//! edges (`{from, to, rel}`), so a future link — a dynamic derivation's step naming the steps of
-//! the drvs it produced (`rel: "produced"`) — is one more edge kind, with no change to the shape
-//! or to the page, which nests every edge the same way and labels it by `rel`.
+//! Two links exist: a CA step that resolved points at the step of its resolved drv
+//! (`resolvedToStep`, `rel: "resolved"`), and a step whose output holds a drv points at the rows
+//! of that produced drv's step (dynamic derivations: `producedsteps`, `rel: "produced"`). The
+//! answer is a flat list of rows plus typed edges (`{from, to, rel}`); the page nests every edge
+//! the same way and labels it by `rel`. Only links between two rows of the build are edges (a
+//! producer or produced row of another build is in the build's gRPC detail, not in its tree).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::grpc::admin::admin_v1::{Build, Step};
+use crate::grpc::admin::admin_v1::{Build, ProducedLink, Step};
 
 /// A link from one step row to another.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Edge {
     pub from: i32,
     pub to: i32,
-    /// `"resolved"`: `to` is the step of `from`'s resolved drv.
+    /// `"resolved"`: `to` is the step of `from`'s resolved drv; `"produced"`: `to` is a row of
+    /// the drv an output of `from` holds.
     pub rel: &'static str,
 }
 
@@ -29,9 +31,14 @@ pub struct StepTree {
     pub roots: Vec<i32>,
 }
 
-/// The tree of `steps` (a link to a step that is not a row of the build is dropped).
-pub fn step_tree(build: Option<Build>, steps: Vec<Step>) -> StepTree {
+/// The tree of `steps` and the `produced` links (a link to a step that is not a row of the build
+/// is dropped).
+pub fn step_tree(build: Option<Build>, steps: Vec<Step>, produced: &[ProducedLink]) -> StepTree {
     let nrs: BTreeSet<i32> = steps.iter().map(|s| s.stepnr).collect();
+    let id = build
+        .as_ref()
+        .map(|b| b.id)
+        .or_else(|| steps.first().map(|s| s.build));
     let mut edges: Vec<Edge> = steps
         .iter()
         .filter(|s| s.resolved_to_step != 0 && s.resolved_to_step != s.stepnr)
@@ -42,7 +49,20 @@ pub fn step_tree(build: Option<Build>, steps: Vec<Step>) -> StepTree {
             rel: "resolved",
         })
         .collect();
-    edges.sort_by_key(|e| (e.from, e.to));
+    edges.extend(
+        produced
+            .iter()
+            .filter(|l| Some(l.build) == id && Some(l.produced_build) == id)
+            .filter(|l| l.stepnr != l.produced_step)
+            .filter(|l| nrs.contains(&l.stepnr) && nrs.contains(&l.produced_step))
+            .map(|l| Edge {
+                from: l.stepnr,
+                to: l.produced_step,
+                rel: "produced",
+            }),
+    );
+    edges.sort_by_key(|e| (e.from, e.to, e.rel));
+    edges.dedup();
     let targets: BTreeSet<i32> = edges.iter().map(|e| e.to).collect();
     let mut roots: Vec<i32> = nrs
         .iter()
@@ -106,6 +126,7 @@ mod tests {
                 step(5, 0),
                 step(6, 99),
             ],
+            &[],
         );
         assert_eq!(t.roots, [1, 2, 3, 6]);
         assert_eq!(
@@ -127,8 +148,44 @@ mod tests {
 
     #[test]
     fn a_cycle_of_links_still_shows_each_step() {
-        let t = step_tree(None, vec![step(1, 2), step(2, 1), step(3, 3)]);
+        let t = step_tree(None, vec![step(1, 2), step(2, 1), step(3, 3)], &[]);
         assert_eq!(t.roots, [1, 3]);
         assert_eq!(t.edges.len(), 2);
+    }
+
+    fn link(build: i64, nr: i32, produced_build: i64, produced: i32) -> ProducedLink {
+        ProducedLink {
+            build,
+            stepnr: nr,
+            output: "out.drv".into(),
+            produced_build,
+            produced_step: produced,
+        }
+    }
+
+    #[test]
+    fn produced_steps_hang_under_their_producer_and_other_builds_rows_are_left_out() {
+        // 1 produced the drv of 2 (which resolved to 3) and of 4; 5 was produced by a row of
+        // build 8, and 1 also produced a row of build 9: neither is an edge of build 7's tree.
+        let steps: Vec<Step> = [(1, 0), (2, 3), (3, 0), (4, 0), (5, 0)]
+            .into_iter()
+            .map(|(n, r)| Step {
+                build: 7,
+                ..step(n, r)
+            })
+            .collect();
+        let links = [
+            link(7, 1, 7, 2),
+            link(7, 1, 7, 4),
+            link(8, 1, 7, 5),
+            link(7, 1, 9, 1),
+        ];
+        let t = step_tree(None, steps, &links);
+        let edges: Vec<(i32, i32, &str)> = t.edges.iter().map(|e| (e.from, e.to, e.rel)).collect();
+        assert_eq!(
+            edges,
+            [(1, 2, "produced"), (1, 4, "produced"), (2, 3, "resolved")]
+        );
+        assert_eq!(t.roots, [1, 5]);
     }
 }

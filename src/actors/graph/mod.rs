@@ -13,7 +13,7 @@ pub mod live_paths;
 pub mod plan;
 pub mod registry;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,6 +48,10 @@ pub struct Graph {
     /// The runner's own (in-process) builders: a step prefers a local build only if one of them
     /// could build it.
     local: Vec<MachineInfo>,
+    /// Produced derivations (dynamic derivations) → the (producer drv, output) pairs holding
+    /// them, noted when a dependent attaches one and dropped when its step stops: the rows the
+    /// step makes link to the producers' rows (`producedsteps`).
+    producers: Mutex<HashMap<Drv, Vec<(String, String)>>>,
 }
 
 impl Graph {
@@ -63,6 +67,7 @@ impl Graph {
             dispatcher: Arc::new(dispatcher),
             expander: std::sync::OnceLock::new(),
             local,
+            producers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -211,6 +216,10 @@ impl StepGraph for Graph {
 
     fn forget(&self, drv: &str) {
         self.registry.remove(drv);
+        self.producers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(drv);
         let changes = self.paths().finished(drv, None);
         self.moved(changes);
     }
@@ -231,5 +240,24 @@ impl StepGraph for Graph {
 
     fn expander(&self) -> Option<Recipient<ExpandProduced>> {
         self.expander.get().cloned()
+    }
+
+    fn produced_by(&self, drv: &str, by: &[(String, String)], noted: bool) {
+        let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        if !noted {
+            producers.remove(drv);
+            return;
+        }
+        let known = producers.entry(drv.into()).or_default();
+        for b in by {
+            if !known.contains(b) {
+                known.push(b.clone());
+            }
+        }
+    }
+
+    fn producers_of(&self, drv: &str) -> Vec<(String, String)> {
+        let producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        producers.get(drv).cloned().unwrap_or_default()
     }
 }

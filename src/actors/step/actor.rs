@@ -136,9 +136,10 @@ impl Machine for StepCore<Actix> {
                 pending,
             } => {
                 env.probe.resolving(&drv);
+                let producers = io.graph.producers_of(&drv);
                 later(
                     &env,
-                    perform::resolve(env.clone(), drv, inputs, owner, pending),
+                    perform::resolve(env.clone(), drv, inputs, owner, pending, producers),
                 )
             }
             Cmd::FindChild { resolved } => {
@@ -162,6 +163,7 @@ impl Machine for StepCore<Actix> {
             }
             Cmd::AttachProduced {
                 drv: produced,
+                by,
                 build,
                 prio,
             } => {
@@ -180,6 +182,9 @@ impl Machine for StepCore<Actix> {
                         )),
                     });
                 };
+                // Before the step can exist: every row it makes links to the producers' rows.
+                io.graph.produced_by(&produced, &by, true);
+                let graph = io.graph.clone();
                 Done::Later(Box::pin(async move {
                     let msg = ExpandProduced {
                         drv: produced.clone(),
@@ -190,6 +195,8 @@ impl Machine for StepCore<Actix> {
                         Ok(p) => {
                             if matches!(p, Produced::Step { .. }) {
                                 crate::metrics::global().steps.dynamic.inc();
+                            } else {
+                                graph.produced_by(&key, &[], false);
                             }
                             p
                         }
@@ -243,9 +250,18 @@ impl Machine for StepCore<Actix> {
                 #[cfg(feature = "test-hooks")]
                 let crash = io.resolved_child && env.crash_armed("building-resolved");
                 let e = env.clone();
+                let producers = io.graph.producers_of(&drv);
                 later(&env, async move {
-                    let ev =
-                        perform::start_row(e.clone(), drv, pending, owner, machine, system).await;
+                    let ev = perform::start_row(
+                        e.clone(),
+                        drv,
+                        pending,
+                        owner,
+                        machine,
+                        system,
+                        producers,
+                    )
+                    .await;
                     if let (In::Started(row), Some(send)) = (&ev, send) {
                         send(*row);
                         #[cfg(feature = "test-hooks")]
@@ -282,11 +298,13 @@ impl Machine for StepCore<Actix> {
                 detached,
             } => {
                 let e = env.clone();
+                let producers = io.graph.producers_of(&drv);
                 later(&env, async move {
                     if let Some(outputs) = register {
                         perform::register_in_store(e.clone(), drv.clone(), outputs).await;
                     }
-                    perform::write_all(e, drv, writes, on_error, free_slot, detached).await
+                    perform::write_all(e, drv, writes, on_error, free_slot, detached, producers)
+                        .await
                 })
             }
             Cmd::Notify { to, notice } => {
@@ -360,7 +378,10 @@ impl Machine for StepCore<Actix> {
                 Cmd::AbortJob(job) => outbox::abort_job(&drv, job),
                 Cmd::Db {
                     writes, on_error, ..
-                } => perform::write_detached(env.clone(), drv.clone(), writes, on_error),
+                } => {
+                    let producers = io.graph.producers_of(&drv);
+                    perform::write_detached(env.clone(), drv.clone(), writes, on_error, producers)
+                }
                 other => {
                     tracing::error!(drv = %drv, cmd = ?other, "a stopping step gave a command it cannot perform")
                 }

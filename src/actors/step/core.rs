@@ -246,6 +246,8 @@ pub enum Cmd<A: Wiring> {
     /// Replies `Produced`.
     AttachProduced {
         drv: String,
+        /// The (producer drv, output) pairs holding it: its rows link to their rows.
+        by: Vec<(String, String)>,
         build: Option<i64>,
         prio: Option<BuildPrio>,
     },
@@ -847,11 +849,15 @@ impl<A: Wiring> StepCore<A> {
                 self.resolved_to = Some(resolved.as_str().into());
                 self.ready.push_back(Cmd::FindChild { resolved });
             }
-            Effect::AttachProduced { drv } => {
+            Effect::AttachProduced { drv, by } => {
                 let build = self.owner();
                 let prio = self.builds.first().map(|b| b.1.clone());
-                self.ready
-                    .push_back(Cmd::AttachProduced { drv, build, prio });
+                self.ready.push_back(Cmd::AttachProduced {
+                    drv,
+                    by,
+                    build,
+                    prio,
+                });
             }
             Effect::MakeRunnable => self.ready.push_back(Cmd::Enqueue(RunnableStep {
                 drv: drv.to_string(),

@@ -616,7 +616,7 @@ fn a_produced_drv_is_attached_for_the_owner_build_and_joined_with_every_build() 
     let mut c = dynamic_core();
     let cmds = drain(&mut c);
     assert!(
-        matches!(&cmds[..], [Cmd::AttachProduced { drv, build: Some(1), prio: Some(_) }] if drv == D),
+        matches!(&cmds[..], [Cmd::AttachProduced { drv, by, build: Some(1), prio: Some(_) }] if drv == D && by.len() == 1),
         "{cmds:?}"
     );
     // The reply is awaited.

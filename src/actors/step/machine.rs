@@ -197,9 +197,11 @@ pub enum Effect<W = Waiter> {
     },
     /// A derivation an input produced (dynamic derivations) is needed: get its step and its
     /// closure's through the registry (made if missing, shared if live), and wait on it as on
-    /// an input. Its landing (or failure) comes back as `InputLanded` / `InputFailed`.
+    /// an input. Its landing (or failure) comes back as `InputLanded` / `InputFailed`. `by`:
+    /// the (producer drv, output) pairs whose output holds it, for the rows that link them.
     AttachProduced {
         drv: String,
+        by: Vec<(String, String)>,
     },
     /// Put the step in the dispatcher's queue.
     MakeRunnable,
@@ -589,13 +591,18 @@ impl<W: WaiterRef> StepMachine<W> {
         let Some(dynamic) = self.dynamic.as_mut() else {
             return vec![];
         };
-        let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        // produced drv → (outputs wanted of it, the (producer, output) pairs holding it)
+        type Found = (BTreeSet<String>, BTreeSet<(String, String)>);
+        let mut found: BTreeMap<String, Found> = BTreeMap::new();
         for need in &dynamic.needs {
             let mut at = need.input.to_string();
+            let mut by = None;
             let mut known = true;
             for link in &need.chain {
                 match self.landed.get(&(at.clone(), link.clone())) {
-                    Some(p) => at = p.clone(),
+                    Some(p) => {
+                        by = Some((std::mem::replace(&mut at, p.clone()), link.clone()));
+                    }
                     None => {
                         known = false;
                         break;
@@ -603,14 +610,13 @@ impl<W: WaiterRef> StepMachine<W> {
                 }
             }
             if known && !dynamic.produced.iter().any(|d| **d == *at) {
-                found
-                    .entry(at)
-                    .or_default()
-                    .extend(need.wanted.iter().cloned());
+                let entry = found.entry(at).or_default();
+                entry.0.extend(need.wanted.iter().cloned());
+                entry.1.extend(by);
             }
         }
         let mut effects = Vec::new();
-        for (drv, wanted) in found {
+        for (drv, (wanted, by)) in found {
             let key: Drv = drv.as_str().into();
             dynamic.produced.push(key.clone());
             let wanted: Vec<String> = wanted
@@ -629,7 +635,10 @@ impl<W: WaiterRef> StepMachine<W> {
                 }
                 Err(i) => self.waiting_for.insert(i, (key, wanted)),
             }
-            effects.push(Effect::AttachProduced { drv });
+            effects.push(Effect::AttachProduced {
+                drv,
+                by: by.into_iter().collect(),
+            });
         }
         effects
     }

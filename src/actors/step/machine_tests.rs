@@ -827,7 +827,10 @@ fn a_produced_drv_is_attached_and_waited_on_before_resolving() {
             drv: P.into(),
             outputs: outs(&[("out.drv", D)]),
         }),
-        vec![Effect::AttachProduced { drv: D.into() }]
+        vec![Effect::AttachProduced {
+            drv: D.into(),
+            by: vec![(P.into(), "out.drv".into())]
+        }]
     );
     assert_eq!(s.phase(), &Phase::WaitingForInputs);
     assert_eq!(s.waiting_on().collect::<Vec<_>>(), vec![D]);
@@ -856,14 +859,20 @@ fn depth_two_attaches_each_level_when_the_one_above_lands() {
             drv: P.into(),
             outputs: outs(&[("out.drv", D)]),
         }),
-        vec![Effect::AttachProduced { drv: D.into() }]
+        vec![Effect::AttachProduced {
+            drv: D.into(),
+            by: vec![(P.into(), "out.drv".into())]
+        }]
     );
     assert_eq!(
         s.on(Event::InputLanded {
             drv: D.into(),
             outputs: outs(&[("out.drv", E)]),
         }),
-        vec![Effect::AttachProduced { drv: E.into() }]
+        vec![Effect::AttachProduced {
+            drv: E.into(),
+            by: vec![(D.into(), "out.drv".into())]
+        }]
     );
     let fx = s.on(Event::InputLanded {
         drv: E.into(),
@@ -886,7 +895,10 @@ fn two_needs_of_one_produced_drv_attach_it_once() {
             drv: P.into(),
             outputs: outs(&[("out.drv", D)]),
         }),
-        vec![Effect::AttachProduced { drv: D.into() }]
+        vec![Effect::AttachProduced {
+            drv: D.into(),
+            by: vec![(P.into(), "out.drv".into())]
+        }]
     );
     // D must land with both outputs.
     let fx = s.on(Event::InputLanded {

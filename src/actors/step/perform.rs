@@ -45,8 +45,9 @@ pub async fn resolve<A: Wiring>(
     inputs: BTreeMap<(String, String), String>,
     owner: Option<i64>,
     pending: Option<Row>,
+    producers: Vec<(String, String)>,
 ) -> In<A> {
-    match resolution(env, drv_path, inputs, owner, pending).await {
+    match resolution(env, drv_path, inputs, owner, pending, producers).await {
         Ok((resolution, rows)) => In::Resolved { resolution, rows },
         Err(error) => write_failed(error, false, false),
     }
@@ -61,6 +62,7 @@ async fn resolution(
     inputs: BTreeMap<(String, String), String>,
     owner: Option<i64>,
     pending: Option<Row>,
+    producers: Vec<(String, String)>,
 ) -> Resolved {
     let impossible = |m: String| Ok((Resolution::Impossible(m), None));
     let drv = match env.store.read_derivation(&drv_path).await {
@@ -96,7 +98,8 @@ async fn resolution(
     #[cfg(feature = "test-hooks")]
     env.crash_point("before-resolve-tx");
     // ... then the database, in one transaction: the resolved row, then ours marked Resolved.
-    let own_step = NewStep::build(&*drv_path, &drv.system);
+    let mut own_step = NewStep::build(&*drv_path, &drv.system);
+    own_step.produced_by = producers;
     let resolved_step = NewStep::build(&written, &drv.system);
     let now = env.now();
     // A step without a row gets it in the same transaction (a row created on its own first would
@@ -159,8 +162,9 @@ pub async fn start_row<A: Wiring>(
     owner: Option<i64>,
     machine: String,
     system: String,
+    producers: Vec<(String, String)>,
 ) -> In<A> {
-    match start(env, drv_path, pending, owner, machine, system).await {
+    match start(env, drv_path, pending, owner, machine, system, producers).await {
         Ok(row) => In::Started(row),
         Err(error) => write_failed(error, true, false),
     }
@@ -174,6 +178,7 @@ async fn start(
     owner: Option<i64>,
     machine: String,
     system: String,
+    producers: Vec<(String, String)>,
 ) -> Result<Option<Row>, WriteError> {
     let now = env.now();
     match (pending, owner) {
@@ -192,6 +197,7 @@ async fn start(
             s.busy = BusyPhase::Building;
             s.start_time = Some(now);
             s.machine = machine.clone();
+            s.produced_by = producers;
             persist("create step", || env.db.create_step(BuildId(o), &s))
                 .await
                 .map(|n| Some((o, n)))
@@ -214,8 +220,9 @@ pub async fn write_all<A: Wiring>(
     on_error: OnError,
     free_slot: bool,
     detached: bool,
+    producers: Vec<(String, String)>,
 ) -> In<A> {
-    match writes_in_order(env, drv_path, writes, on_error).await {
+    match writes_in_order(env, drv_path, writes, on_error, &producers).await {
         Ok(()) => In::Written,
         Err(error) => write_failed(error, free_slot, detached),
     }
@@ -223,9 +230,16 @@ pub async fn write_all<A: Wiring>(
 
 /// The writes of a step that stopped, done without it: a failure is counted (and logged by the
 /// write), as nothing is left to fail.
-pub fn write_detached(env: Arc<Env>, drv_path: Drv, writes: Vec<Write>, on_error: OnError) {
+pub fn write_detached(
+    env: Arc<Env>,
+    drv_path: Drv,
+    writes: Vec<Write>,
+    on_error: OnError,
+    producers: Vec<(String, String)>,
+) {
     actix::spawn(env.clone().offload(async move {
-        if let Err(e) = writes_in_order(env.clone(), drv_path, writes, on_error).await {
+        let written = writes_in_order(env.clone(), drv_path, writes, on_error, &producers);
+        if let Err(e) = written.await {
             tracing::error!(error = %e.message, "a stopped step's writes failed");
             env.stats
                 .db_write_failures
@@ -239,11 +253,12 @@ async fn writes_in_order(
     drv_path: Drv,
     writes: Vec<Write>,
     on_error: OnError,
+    producers: &[(String, String)],
 ) -> Result<(), WriteError> {
     let mut first: Option<WriteError> = None;
     let mut writes = writes.into_iter();
     while let Some(w) = writes.next() {
-        let Err((message, row)) = write_one(&env, &drv_path, &w).await else {
+        let Err((message, row)) = write_one(&env, &drv_path, &w, producers).await else {
             continue;
         };
         let e = first.get_or_insert(WriteError {
@@ -267,6 +282,7 @@ async fn write_one(
     env: &Arc<Env>,
     drv_path: &Drv,
     w: &Write,
+    producers: &[(String, String)],
 ) -> Result<(), (String, Option<(Row, Held)>)> {
     match w {
         Write::Finish(end) => finish_row(env, end).await.map_err(|e| {
@@ -311,6 +327,7 @@ async fn write_one(
             s.error_msg = Some(failure.message.clone());
             s.start_time = Some(now);
             s.stop_time = Some(now);
+            s.produced_by = producers.to_vec();
             persist("create failed step", || {
                 env.db.create_step(BuildId(*build), &s)
             })

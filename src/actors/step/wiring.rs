@@ -43,6 +43,11 @@ pub trait StepGraph: Send + Sync {
     /// Where the closure of a derivation an input produced is expanded and attached (the
     /// expander every build uses); `None` before it is started.
     fn expander(&self) -> Option<Recipient<ExpandProduced>>;
+    /// `drv` is a derivation these (producer drv, output) pairs hold (dynamic derivations): the
+    /// rows its step makes from now on link to theirs. `false` undoes it (no step was made).
+    fn produced_by(&self, drv: &str, by: &[(String, String)], noted: bool);
+    /// The (producer drv, output) pairs holding `drv`, for the rows its step makes.
+    fn producers_of(&self, drv: &str) -> Vec<(String, String)>;
 }
 
 /// Expand and attach the closure of `drv`, a derivation an input of a step produced (dynamic
