@@ -616,6 +616,7 @@ fn hydra_grade_metrics(backend: Backend) {
     assert!(count("qr_step_phase_seconds", "phase=\"receiving_outputs\"") >= 2.0);
     let mt = format!("machine_type=\"{system}\"");
     assert!(count("qr_job_wait_seconds", &mt) >= 2.0);
+    assert!(count("qr_step_critical_path_seconds", &mt) >= 2.0);
     assert!(count("qr_step_input_drvs", &mt) >= 2.0);
     assert!(count("qr_step_input_closure_bytes", &mt) >= 2.0);
     // Steps, resolutions, builds.

@@ -31,6 +31,9 @@ pub struct StepMetrics {
     pub phases: Labeled<Histogram>,
     /// Runnable to taken by a machine, by `machine_type`.
     pub job_wait: Labeled<Histogram>,
+    /// A step's remaining critical path (expected seconds from its start to the end of the
+    /// longest chain of steps waiting on it) when it is queued, by `machine_type`.
+    pub critical_path: Labeled<Histogram>,
     /// Input derivations per step, by `machine_type`.
     pub input_drvs: Labeled<Histogram>,
     /// Bytes of the input closure sent with a job to a remote builder, by `machine_type`.
@@ -49,6 +52,7 @@ impl Default for StepMetrics {
             copying_from: Arc::default(),
             phases: Labeled::new(duration_histogram),
             job_wait: Labeled::new(duration_histogram),
+            critical_path: Labeled::new(duration_histogram),
             input_drvs: Labeled::new(count_histogram),
             input_closure_bytes: Labeled::new(bytes_histogram),
             types: Mutex::default(),
@@ -112,6 +116,14 @@ impl StepMetrics {
                 .inc(),
             Note::Dispatched | Note::EarlyCutoff { .. } => {}
         }
+    }
+
+    /// A step of `machine_type` was queued with this remaining critical path.
+    pub fn queued(&self, machine_type: Option<&Arc<str>>, critical_path_ms: u64) {
+        let t = machine_type.map_or(UNKNOWN_TYPE, |t| &**t);
+        self.critical_path
+            .with(&[("machine_type", t)])
+            .observe_duration(Duration::from_millis(critical_path_ms));
     }
 
     /// A step of `machine_type` waited `d` from runnable to taken by a machine.

@@ -446,6 +446,13 @@ pub async fn render(admin: &Admin, scrapes: u64) -> Result<String, tonic::Status
         &histograms(&g.steps.job_wait),
     );
     p.histogram(
+        "qr_step_critical_path_seconds",
+        "A step's remaining critical path when it is queued (its priority within Hydra's order: \
+         expected seconds of the longest chain from its start to a build that needs it), by \
+         machine type.",
+        &histograms(&g.steps.critical_path),
+    );
+    p.histogram(
         "qr_step_input_drvs",
         "Input derivations per step, by machine type.",
         &histograms(&g.steps.input_drvs),

@@ -217,6 +217,9 @@ impl Machine for StepCore<Actix> {
                 // Read now, in the same turn as the message is sent: a later change of the path
                 // reaches the dispatcher after it (one sender thread, one mailbox).
                 step.priority.critical_path_ms = io.graph.critical_path_ms(&drv);
+                crate::metrics::global()
+                    .steps
+                    .queued(io.cell.group(), step.priority.critical_path_ms);
                 io.runnable_since
                     .get_or_insert_with(std::time::Instant::now);
                 let me = ctx.address().downgrade();
