@@ -5,6 +5,23 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Runs `qr bench ARGS` in a fresh state dir; the dir (removed when dropped) and the bench's one
+/// JSON document.
+fn run_bench(args: &[&str]) -> (tempfile::TempDir, Value) {
+    let state = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_qr"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("bench")
+        .args(args)
+        .output()
+        .expect("running qr bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "qr bench failed: {stderr}");
+    let doc = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    (state, doc)
+}
+
 fn num(v: &Value, pointer: &str) -> f64 {
     v.pointer(pointer)
         .and_then(Value::as_f64)
@@ -13,29 +30,19 @@ fn num(v: &Value, pointer: &str) -> f64 {
 
 #[test]
 fn bench_reports_every_figure_on_sqlite() {
-    let state = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_qr"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args([
-            "bench",
-            "--steps",
-            "200",
-            "--depth",
-            "4",
-            "--dispatch-steps",
-            "200",
-            "--pickup",
-            "5",
-            "--backend",
-            "sqlite",
-            "--json",
-        ])
-        .output()
-        .expect("running qr bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qr bench failed: {stderr}");
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let (_state, doc) = run_bench(&[
+        "--steps",
+        "200",
+        "--depth",
+        "4",
+        "--dispatch-steps",
+        "200",
+        "--pickup",
+        "5",
+        "--backend",
+        "sqlite",
+        "--json",
+    ]);
 
     assert!(num(&doc, "/machine/nproc") >= 1.0);
     let l = &doc["layered"][0];
@@ -100,34 +107,24 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 #[test]
 fn bench_with_remote_builders_reports_and_leaves_no_builder_behind() {
-    let state = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_qr"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args([
-            "bench",
-            "--steps",
-            "120",
-            "--depth",
-            "4",
-            "--no-layered",
-            "--dispatch-steps",
-            "0",
-            "--pickup",
-            "0",
-            "--remote-builders",
-            "3",
-            "--remote-jobs",
-            "2",
-            "--backend",
-            "sqlite",
-            "--json",
-        ])
-        .output()
-        .expect("running qr bench");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qr bench failed: {stderr}");
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let (state, doc) = run_bench(&[
+        "--steps",
+        "120",
+        "--depth",
+        "4",
+        "--no-layered",
+        "--dispatch-steps",
+        "0",
+        "--pickup",
+        "0",
+        "--remote-builders",
+        "3",
+        "--remote-jobs",
+        "2",
+        "--backend",
+        "sqlite",
+        "--json",
+    ]);
 
     let r = &doc["remote"][0];
     assert_eq!(r["backend"], "sqlite");
@@ -195,40 +192,30 @@ fn restart_scale_reports_fill_recovery_and_plans() {
         eprintln!("restart_scale_reports_fill_recovery_and_plans: no PostgreSQL at {url}: skipped");
         return;
     }
-    let state = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_qr"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .args([
-            "bench",
-            "--restart-scale",
-            "--backend",
-            "postgres",
-            "--postgres-url",
-            &url,
-            "--history-builds",
-            "200",
-            "--history-steps",
-            "1000",
-            "--queued-builds",
-            "60",
-            "--queued-steps",
-            "150",
-            "--queued-depth",
-            "3",
-            "--busy-rows",
-            "5",
-            "--resolved-rows",
-            "5",
-            "--slots",
-            "4",
-            "--json",
-        ])
-        .output()
-        .expect("running qr bench --restart-scale");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qr bench failed: {stderr}");
-    let doc: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let (_state, doc) = run_bench(&[
+        "--restart-scale",
+        "--backend",
+        "postgres",
+        "--postgres-url",
+        &url,
+        "--history-builds",
+        "200",
+        "--history-steps",
+        "1000",
+        "--queued-builds",
+        "60",
+        "--queued-steps",
+        "150",
+        "--queued-depth",
+        "3",
+        "--busy-rows",
+        "5",
+        "--resolved-rows",
+        "5",
+        "--slots",
+        "4",
+        "--json",
+    ]);
     let r = &doc["restart"];
     assert_eq!(r["backend"], "postgres");
     // the history: 200 builds of 5 steps, every other one's first step Resolved

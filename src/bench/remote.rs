@@ -26,7 +26,9 @@ use tonic::service::interceptor::InterceptedService;
 
 use super::graph::GraphSpec;
 use super::measure::{Percentiles, machine_cpu_s, process_cpu_s, processes_cpu_s, wait_until};
-use super::scenario::{DbTarget, FreshDb, Load, Params, Setup, leave, setup_and_load};
+use super::scenario::{
+    DbTarget, Load, Params, Scratch, Setup, leave, open_scratch, setup_and_load,
+};
 use crate::actors::env::Stats;
 use crate::grpc::auth::ServerAuth;
 use crate::grpc::clip::ClipStatus;
@@ -301,11 +303,7 @@ pub async fn remote(
     target: DbTarget,
 ) -> anyhow::Result<Remote> {
     anyhow::ensure!(remote.builders > 0, "--remote-builders must be at least 1");
-    let dir = tempfile::tempdir_in(&p.work_dir).context("scratch directory")?;
-    let root = dir.path().join("store");
-    let store =
-        Arc::new(LocalStore::open(StoreDir::new(root.display().to_string())?, &root).await?);
-    let fresh = FreshDb::open(&target, dir.path(), &p).await?;
+    let Scratch { dir, store, fresh } = open_scratch(&p, &target).await?;
     let db = fresh.db.clone();
     let result = async {
         let loaded = setup_and_load(&spec, &p, &store, &db, &fresh.setup).await?;

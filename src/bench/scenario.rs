@@ -435,13 +435,27 @@ pub(super) fn ns_to_us(v: &[u64]) -> Percentiles {
     Percentiles::of(v.iter().map(|&n| n as f64).collect()).scaled(1000.0)
 }
 
-/// The layered scenario (see the module docs).
-pub async fn layered(spec: GraphSpec, p: Params, target: DbTarget) -> anyhow::Result<Layered> {
+/// A scenario's scratch directory (removed when dropped), its store under it, and its fresh
+/// database.
+pub(super) struct Scratch {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) store: Arc<LocalStore>,
+    pub(super) fresh: FreshDb,
+}
+
+/// Makes a scenario's [`Scratch`] under `p.work_dir`, with a fresh database on `target`.
+pub(super) async fn open_scratch(p: &Params, target: &DbTarget) -> anyhow::Result<Scratch> {
     let dir = tempfile::tempdir_in(&p.work_dir).context("scratch directory")?;
     let root = dir.path().join("store");
     let store =
         Arc::new(LocalStore::open(StoreDir::new(root.display().to_string())?, &root).await?);
-    let fresh = FreshDb::open(&target, dir.path(), &p).await?;
+    let fresh = FreshDb::open(target, dir.path(), p).await?;
+    Ok(Scratch { dir, store, fresh })
+}
+
+/// The layered scenario (see the module docs).
+pub async fn layered(spec: GraphSpec, p: Params, target: DbTarget) -> anyhow::Result<Layered> {
+    let Scratch { dir, store, fresh } = open_scratch(&p, &target).await?;
     let db = fresh.db.clone();
     let result = async {
         let loaded = setup_and_load(&spec, &p, &store, &db, &fresh.setup).await?;
@@ -536,11 +550,7 @@ pub async fn dispatch(
         seed: 1,
         tag,
     };
-    let dir = tempfile::tempdir_in(&p.work_dir).context("scratch directory")?;
-    let root = dir.path().join("store");
-    let store =
-        Arc::new(LocalStore::open(StoreDir::new(root.display().to_string())?, &root).await?);
-    let fresh = FreshDb::open(&target, dir.path(), &p).await?;
+    let Scratch { dir, store, fresh } = open_scratch(&p, &target).await?;
     let db = fresh.db.clone();
     let result = async {
         let loaded = setup_and_load(&spec, &p, &store, &db, &fresh.setup).await?;
