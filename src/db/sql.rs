@@ -271,6 +271,21 @@ pub(crate) static CLEAR_STRAY_BUSY: Coded = LazyLock::new(|| {
     with_codes("update buildsteps set busy = {not_busy} where busy != {not_busy}")
 });
 
+/// The Resolved rows and the rows they point at, of the builds `o.build` is tested against (the
+/// backends differ in how the unfinished builds' ids are best given to their planner).
+macro_rules! resolved_steps_where {
+    () => {
+        concat!(
+            "select ",
+            step_cols!(o),
+            ", ",
+            step_cols!(r),
+            " from buildsteps o join buildsteps r on r.build = o.build \
+             and r.stepnr = o.resolvedtostep where o.status = {resolved} and o.build"
+        )
+    };
+}
+
 /// Restart recovery: the Resolved rows of unfinished builds and their targets. Driven by the
 /// unfinished builds (index `indexbuildsonunfinished`), each probing
 /// `indexbuildstepsonresolvedtostep` by build, then the primary key: the Resolved rows of finished
@@ -279,26 +294,16 @@ pub(crate) static CLEAR_STRAY_BUSY: Coded = LazyLock::new(|| {
 /// index probes whatever the planner thinks of the join; SQLite: [`RESOLVED_STEPS_SQLITE`].
 pub(crate) static RESOLVED_STEPS_PG: Coded = LazyLock::new(|| {
     with_codes(concat!(
-        "select ",
-        step_cols!(o),
-        ", ",
-        step_cols!(r),
-        " from buildsteps o join buildsteps r on r.build = o.build \
-         and r.stepnr = o.resolvedtostep where o.status = {resolved} \
-         and o.build = any(array(select id from builds where finished = 0))"
+        resolved_steps_where!(),
+        " = any(array(select id from builds where finished = 0))"
     ))
 });
 
 /// [`RESOLVED_STEPS_PG`] on SQLite: the unfinished builds as an `in` list it probes the index with.
 pub(crate) static RESOLVED_STEPS_SQLITE: Coded = LazyLock::new(|| {
     with_codes(concat!(
-        "select ",
-        step_cols!(o),
-        ", ",
-        step_cols!(r),
-        " from buildsteps o join buildsteps r on r.build = o.build \
-         and r.stepnr = o.resolvedtostep where o.status = {resolved} \
-         and o.build in (select id from builds where finished = 0)"
+        resolved_steps_where!(),
+        " in (select id from builds where finished = 0)"
     ))
 });
 
