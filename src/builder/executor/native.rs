@@ -537,7 +537,7 @@ async fn check_references(
     names: &[String],
     staged: &[StagedPath],
 ) -> Result<(), ExecError> {
-    let checks = checks_of(&job.drv, &job.drv_path).map_err(|e| ExecError::OutputRejected {
+    let checks = checks_of(&job.drv, job.structured.as_ref(), &job.drv_path).map_err(|e| ExecError::OutputRejected {
         message: e.to_string(),
     })?;
     if checks.is_empty() {

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use thiserror::Error;
 
 use super::structured_attrs;
@@ -115,9 +115,11 @@ fn json_u64(v: &Value, name: &str, drv: &str) -> Result<u64, OutputCheckError> {
 }
 
 /// The checks of each output of `drv` (named by `drv_path` in errors), by output name; outputs
-/// without checks are left out.
+/// without checks are left out. `parsed`: its structured attributes when the caller has parsed
+/// its `__json` already (else it is parsed here).
 pub fn checks_of(
     drv: &Derivation,
+    parsed: Option<&Map<String, Value>>,
     drv_path: &str,
 ) -> Result<BTreeMap<String, Checks>, OutputCheckError> {
     let mut out = BTreeMap::new();
@@ -142,10 +144,19 @@ pub fn checks_of(
             }
         }
         Some(json) => {
-            let attrs = structured_attrs::parse(json).map_err(|e| OutputCheckError::BadJson {
-                drv: drv_path.to_string(),
-                message: e.to_string(),
-            })?;
+            let owned;
+            let attrs = match parsed {
+                Some(a) => a,
+                None => {
+                    owned = structured_attrs::parse(json).map_err(|e| {
+                        OutputCheckError::BadJson {
+                            drv: drv_path.to_string(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    &owned
+                }
+            };
             let Some(Value::Object(per_output)) = attrs.get("outputChecks") else {
                 return Ok(out);
             };
@@ -339,7 +350,7 @@ mod tests {
 
     fn run(env: &[(&str, &str)]) -> Result<(), OutputCheckError> {
         let d = drv(env);
-        let checks = checks_of(&d, "/s/d.drv")?;
+        let checks = checks_of(&d, None, "/s/d.drv")?;
         check_outputs(&sd(), &checks, &outputs(), &other)
     }
 
@@ -442,7 +453,7 @@ mod tests {
     #[test]
     fn a_closure_reaching_an_unknown_path_is_an_error() {
         let d = drv(&[("allowedRequisites", "out")]);
-        let checks = checks_of(&d, "/s/d.drv").unwrap();
+        let checks = checks_of(&d, None, "/s/d.drv").unwrap();
         let e = check_outputs(&sd(), &checks, &outputs(), &|_| None).unwrap_err();
         assert_eq!(e, OutputCheckError::NotValid(DEP.into()));
     }
