@@ -8,7 +8,7 @@
 //! per visited step); a fall (a dependent left) recomputes the visited step from its remaining
 //! dependents. Pure: no runtime, deterministic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::actors::types::Drv;
 
@@ -85,7 +85,10 @@ impl CriticalPath {
     /// values change. Returns every value set or changed, new steps included.
     pub fn insert_all(&mut self, steps: &[(Drv, u64, Vec<Drv>)]) -> Changes {
         let mut changes = Changes::new();
+        // In insertion order, and as a set: a batch may hold every step of a big build, and
+        // looking each input up in a list made attaching quadratic in the batch.
         let mut fresh = Vec::new();
+        let mut is_fresh: HashSet<Drv> = HashSet::new();
         for (drv, own_ms, _) in steps {
             if !self.nodes.contains_key(drv) {
                 self.nodes.insert(
@@ -98,23 +101,31 @@ impl CriticalPath {
                     },
                 );
                 fresh.push(drv.clone());
+                is_fresh.insert(drv.clone());
             }
         }
         // Tracked steps that were there before and gained a dependent.
         let mut raised: Vec<Drv> = Vec::new();
+        let mut linked: HashSet<&Drv> = HashSet::new();
         for (drv, _, inputs) in steps {
+            // (The first time a step of the batch is linked: a repeat of it is linked as an old
+            // one is, looking for each edge first.)
+            let new_step = is_fresh.contains(drv) && linked.insert(drv);
+            // A new step is no input's dependent yet: only its own inputs' repeats are skipped
+            // (scanning a popular input's dependents for it was quadratic in their number).
+            let mut seen: HashSet<&Drv> = HashSet::new();
             for input in inputs {
-                if input == drv {
+                if input == drv || (new_step && !seen.insert(input)) {
                     continue;
                 }
                 let Some(i) = self.nodes.get_mut(input) else {
                     continue;
                 };
-                if i.dependents.contains(drv) {
+                if !new_step && i.dependents.contains(drv) {
                     continue;
                 }
                 i.dependents.push(drv.clone());
-                if !fresh.contains(input) {
+                if !is_fresh.contains(input) {
                     raised.push(input.clone());
                 }
                 if let Some(n) = self.nodes.get_mut(drv) {

@@ -512,7 +512,13 @@ impl<A: Wiring> StepCore<A> {
                 self.awaiting = cmd.replies();
                 return Some(cmd);
             }
-            let effect = self.effects.pop_front()?;
+            let Some(effect) = self.effects.pop_front() else {
+                // Drained: the queues' memory goes until the next event (most steps spend most
+                // of their life waiting, and a queue keeps room for four commands).
+                self.ready = VecDeque::new();
+                self.effects = VecDeque::new();
+                return None;
+            };
             self.translate(effect);
         }
     }
@@ -663,6 +669,10 @@ impl<A: Wiring> StepCore<A> {
     fn builds_added(&mut self, builds: Vec<(i64, BuildPrio)>) -> &mut Self {
         self.ready.push_back(Cmd::Count(Counter::MembershipHandled));
         let before = (self.owner(), self.priority());
+        if self.builds.capacity() == 0 {
+            // Most steps belong to one build: room for exactly the builds added first.
+            self.builds.reserve_exact(builds.len());
+        }
         for (id, prio) in &builds {
             match self.builds.binary_search_by_key(id, |b| b.0) {
                 Ok(i) => self.builds[i].1 = prio.clone(),

@@ -664,6 +664,10 @@ impl<W: WaiterRef> StepMachine<W> {
     fn waiter_added(&mut self, w: W) -> Vec<Effect<W>> {
         // A waiter added again replaces its old entry (a new address for the same key).
         let key = w.key();
+        if self.waiters.capacity() == 0 {
+            // Most steps have one waiter: room for exactly it (then the usual doubling).
+            self.waiters.reserve_exact(1);
+        }
         match self.waiters.binary_search_by(|a| a.cmp_key(&key)) {
             Ok(i) => self.waiters[i] = w.clone(),
             Err(i) => self.waiters.insert(i, w.clone()),

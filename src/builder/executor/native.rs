@@ -537,8 +537,10 @@ async fn check_references(
     names: &[String],
     staged: &[StagedPath],
 ) -> Result<(), ExecError> {
-    let checks = checks_of(&job.drv, job.structured.as_ref(), &job.drv_path).map_err(|e| ExecError::OutputRejected {
-        message: e.to_string(),
+    let checks = checks_of(&job.drv, job.structured.as_ref(), &job.drv_path).map_err(|e| {
+        ExecError::OutputRejected {
+            message: e.to_string(),
+        }
     })?;
     if checks.is_empty() {
         return Ok(());

@@ -148,12 +148,11 @@ pub fn checks_of(
             let attrs = match parsed {
                 Some(a) => a,
                 None => {
-                    owned = structured_attrs::parse(json).map_err(|e| {
-                        OutputCheckError::BadJson {
+                    owned =
+                        structured_attrs::parse(json).map_err(|e| OutputCheckError::BadJson {
                             drv: drv_path.to_string(),
                             message: e.to_string(),
-                        }
-                    })?;
+                        })?;
                     &owned
                 }
             };
