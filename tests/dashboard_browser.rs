@@ -646,3 +646,68 @@ fn supervision_tree_at_10000_actors_is_collapsed_and_searchable() {
     assert!((3..=6).contains(&rows), "{rows} rows for one match:\n{dom}");
     screenshot(&chrome, &search, "dashboard-tree.png");
 }
+
+/// Dynamic derivations: the build page nests each produced drv's step under the step whose
+/// output holds it (`producedsteps`, edge `rel: "produced"`), two levels deep in
+/// `examples/dynamic.json`.
+#[test]
+fn build_page_nests_produced_steps_under_their_producer() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(chrome) = browser() else {
+        return;
+    };
+    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+        return;
+    };
+    c.serve_env = vec![("QR_LOCAL_BUILDER_ENABLED".into(), "true".into())];
+    c.start_serve();
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/dynamic.json");
+    let (out, builds) = c.finish(c.submit(&[&file], 120));
+    assert!(out.status.success(), "{out:?}");
+    let id = builds[0]["id"].as_i64().expect("a build id");
+    let t = get_json(&c, &format!("/api/builds/{id}/tree"));
+    let name_of = |nr: &Value| -> String {
+        let s = t["steps"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["stepnr"] == *nr))
+            .unwrap_or_else(|| panic!("no step {nr}: {t}"));
+        let p = s["drv_path"].as_str().unwrap_or_default();
+        p.rsplit('/').next().unwrap_or_default()[33..].to_string()
+    };
+    let produced: Vec<(i64, i64, String, String)> = t["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .filter(|e| e["rel"] == "produced")
+        .map(|e| {
+            let (from, to) = (e["from"].as_i64().unwrap(), e["to"].as_i64().unwrap());
+            (from, to, name_of(&e["from"]), name_of(&e["to"]))
+        })
+        .collect();
+    let names: Vec<(&str, &str)> = produced
+        .iter()
+        .map(|(_, _, f, t)| (f.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("dyn-leaf.drv.drv.drv", "dyn-leaf.drv.drv"),
+            ("dyn-leaf.drv.drv", "dyn-leaf.drv")
+        ],
+        "{t}"
+    );
+    let dom = dump(
+        &chrome,
+        &format!("http://127.0.0.1:{}/?settle=2000#/build/{id}", c.http_port),
+    );
+    for (from, to, _, _) in &produced {
+        let row = format!(r#"data-step="{to}""#);
+        assert_eq!(
+            attr(&dom, &row, "data-parent").as_deref(),
+            Some(from.to_string().as_str()),
+            "step {to} is not under its producer {from}:\n{dom}"
+        );
+        assert_eq!(attr(&dom, &row, "data-rel").as_deref(), Some("produced"));
+    }
+    assert_eq!(count(&dom, "⤷ produced"), 2, "{dom}");
+}
