@@ -135,6 +135,15 @@ fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// What every test here starts with: the lock that runs them one at a time, the browser, and a
+/// cluster on SQLite; `None` when the browser or the cluster is missing (each says why).
+fn browser_and_cluster() -> Option<(std::sync::MutexGuard<'static, ()>, PathBuf, Cluster)> {
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let chrome = browser()?;
+    let c = Cluster::new(Backend::Sqlite)?;
+    Some((serial, chrome, c))
+}
+
 /// Writes `g`'s drvs into `dir` as a directory laid out as a store (`qr submit --from`).
 fn write_store_dir(g: &Gen, dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
@@ -146,11 +155,7 @@ fn write_store_dir(g: &Gen, dir: &Path) {
 
 #[test]
 fn dashboard_shows_a_resolved_step_and_live_events() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(chrome) = browser() else {
-        return;
-    };
-    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+    let Some((_serial, chrome, mut c)) = browser_and_cluster() else {
         return;
     };
     c.serve_env = vec![("QR_LOCAL_BUILDER_ENABLED".into(), "true".into())];
@@ -282,11 +287,7 @@ fn text_of<'a>(dom: &'a str, marker: &str) -> &'a str {
 
 #[test]
 fn evaluation_and_build_pages_with_a_live_log_and_machine_load() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(chrome) = browser() else {
-        return;
-    };
-    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+    let Some((_serial, chrome, mut c)) = browser_and_cluster() else {
         return;
     };
     c.serve_env = vec![
@@ -568,11 +569,7 @@ fn follow_sse(c: &Cluster, path: &str, last_event_id: Option<u64>) -> (String, O
 
 #[test]
 fn supervision_tree_at_10000_actors_is_collapsed_and_searchable() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(chrome) = browser() else {
-        return;
-    };
-    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+    let Some((_serial, chrome, mut c)) = browser_and_cluster() else {
         return;
     };
     // No machine: the steps stay live, waiting for one (and are not given up on meanwhile).
@@ -652,11 +649,7 @@ fn supervision_tree_at_10000_actors_is_collapsed_and_searchable() {
 /// `examples/dynamic.json`.
 #[test]
 fn build_page_nests_produced_steps_under_their_producer() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(chrome) = browser() else {
-        return;
-    };
-    let Some(mut c) = Cluster::new(Backend::Sqlite) else {
+    let Some((_serial, chrome, mut c)) = browser_and_cluster() else {
         return;
     };
     c.serve_env = vec![("QR_LOCAL_BUILDER_ENABLED".into(), "true".into())];
