@@ -51,6 +51,8 @@ fn bench_reports_every_figure_on_sqlite() {
     // load: every step actor made, the leaves queued, memory read
     assert_eq!(num(l, "/load/live_steps"), 200.0);
     assert_eq!(num(l, "/load/runnable"), 50.0);
+    // the 150 steps above the leaves only wait for their inputs: plain state, no actor
+    assert_eq!(num(l, "/load/dormant_steps"), 150.0);
     assert!(num(l, "/load/steps_per_s") > 0.0);
     assert!(num(l, "/load/rss_after_bytes") > 0.0);
     num(l, "/load/rss_per_step_bytes");

@@ -43,7 +43,8 @@ pub trait Machine: Sized + Unpin + 'static {
     /// Called after every event has been taken and its commands performed (e.g. to refresh
     /// introspection).
     fn observe(&self, _io: &mut Self::Io) {}
-    /// The event fed when the actor starts.
+    /// The event fed when the actor starts (`None`: it starts by performing what its machine
+    /// holds).
     fn start_event() -> Option<Self::In> {
         None
     }
@@ -100,7 +101,9 @@ impl<M: Machine> Actor for Driver<M> {
     fn started(&mut self, ctx: &mut Context<Self>) {
         match M::start_event() {
             Some(ev) => self.feed(ev, ctx),
-            None => self.machine.observe(&mut self.io),
+            // A machine made from state that already took events (a dormant step waking) may
+            // hold commands for the actor: they are its first work.
+            None => self.drain(ctx),
         }
     }
 

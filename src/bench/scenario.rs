@@ -106,6 +106,8 @@ pub struct Load {
     pub seconds: f64,
     pub steps_per_s: f64,
     pub live_steps: usize,
+    /// Of those, the steps held as plain state (waiting for inputs, no actor).
+    pub dormant_steps: usize,
     pub runnable: usize,
     pub rss_before_bytes: u64,
     pub rss_after_bytes: u64,
@@ -393,6 +395,7 @@ pub(super) async fn setup_and_load(
         seconds,
         steps_per_s: n as f64 / seconds,
         live_steps: live,
+        dormant_steps: sched.graph.dormant(),
         runnable: status.runnable,
         rss_before_bytes: rss_before,
         rss_after_bytes: rss_after,

@@ -394,6 +394,13 @@ fn summarise(
             "bytes",
             Some(("<= 2048", l.load.rss_per_step_bytes <= TARGET_RSS_PER_STEP)),
         );
+        row(
+            "steps held dormant after the load".into(),
+            b,
+            l.load.dormant_steps as f64,
+            "steps",
+            None,
+        );
         let Some(build) = &l.build else {
             continue;
         };

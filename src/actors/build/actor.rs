@@ -17,7 +17,7 @@ use crate::actors::limits::BuildLimits;
 use crate::actors::messages::{
     AddBuilds, BuildPrio, BumpBuild, CancelBuild, OutputsLanded, RemoveWaiter, StepFailed,
 };
-use crate::actors::step::actor::{AddWaiter, StepActor, WaiterAddr};
+use crate::actors::step::actor::{AddWaiter, StepRef, WaiterAddr};
 use crate::actors::types::Waiter;
 use crate::db::types::Build;
 
@@ -34,7 +34,7 @@ pub type BuildActor = Driver<BuildCore<ActixBuild>>;
 pub struct ActixBuild;
 
 impl BuildWiring for ActixBuild {
-    type Step = Addr<StepActor>;
+    type Step = StepRef;
 }
 
 /// What performing needs.
@@ -168,16 +168,16 @@ impl Machine for BuildCore<ActixBuild> {
                 Done::Later(Box::pin(async move { In::Written(fut.await) }))
             }
             Cmd::Wait(step) => {
-                step.do_send(AddWaiter(WaiterAddr::build(id, ctx.address().downgrade())));
+                step.send(AddWaiter(WaiterAddr::build(id, ctx.address().downgrade())));
                 Done::Nothing
             }
             Cmd::Release(step) => {
-                step.do_send(RemoveWaiter(Waiter::Build(id)));
+                step.send(RemoveWaiter(Waiter::Build(id)));
                 Done::Nothing
             }
             Cmd::Reprioritise(step, prio) => {
                 io.env.stats.membership();
-                step.do_send(AddBuilds(vec![(id, prio)]));
+                step.send(AddBuilds(vec![(id, prio)]));
                 Done::Nothing
             }
             Cmd::CheckMarker { outputs, cached } => {

@@ -6,13 +6,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use actix::prelude::*;
-
 use super::Graph;
 use super::plan::{Node, Plan};
 use crate::actors::messages::{AddBuilds, BuildPrio, StepFailed};
 use crate::actors::step::actor::StepRef;
-use crate::actors::step::actor::{AddWaiter, StepActor, WaiterAddr};
+use crate::actors::step::actor::{AddWaiter, WaiterAddr};
 use crate::actors::step::{DynamicNeed, StepMachine};
 use crate::actors::types::{Drv, Failure, Outputs, Status};
 
@@ -20,7 +18,7 @@ use crate::actors::types::{Drv, Failure, Outputs, Status};
 pub enum Top {
     Built(Outputs),
     Failed(Failure),
-    Step(Addr<StepActor>),
+    Step(StepRef),
     /// The graph changed while planning: plan again.
     Replan,
 }
@@ -45,7 +43,7 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
     for drv_path in &plan.order {
         if let Some((key, live)) = graph.live(drv_path) {
             graph.env.stats.membership();
-            live.do_send(AddBuilds(vec![(build, prio.clone())]));
+            live.send(AddBuilds(vec![(build, prio.clone())]));
             actors.insert(drv_path.clone(), (key, live));
             continue;
         }
@@ -108,11 +106,14 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
             false,
         );
         for d in dep_keys.iter().filter_map(|k| actors.get(&**k)) {
-            d.1.do_send(AddWaiter(WaiterAddr::Step(key.clone(), actor.downgrade())));
+            d.1.send(AddWaiter(WaiterAddr::Step(
+                key.clone(),
+                Arc::downgrade(actor.slot()),
+            )));
         }
         tracked.push((key.clone(), dep_keys));
         for f in failed_inputs {
-            actor.do_send(StepFailed {
+            actor.send(StepFailed {
                 from: f.as_str().into(),
                 failure: Failure::new(
                     Status::CachedFailure,
@@ -130,7 +131,7 @@ pub fn attach(graph: &Arc<Graph>, plan: Plan, build: i64, prio: BuildPrio) -> To
             format!("{} failed before (cached failure)", plan.top),
         )),
         _ => match actors.get(&plan.top) {
-            Some((_, a)) => Top::Step(Addr::clone(a)),
+            Some((_, a)) => Top::Step(a.clone()),
             None => Top::Failed(Failure::new(
                 Status::Aborted,
                 format!("step for {} vanished while attaching", plan.top),

@@ -25,7 +25,8 @@ use crate::actors::env::{Env, Stats};
 use crate::actors::messages::BuildPrio;
 use crate::actors::step::StepMachine;
 pub use crate::actors::step::actor::StepRef;
-use crate::actors::step::actor::{ExpandProduced, StepActor, StepGraph, WaiterAddr};
+use crate::actors::step::actor::{ExpandProduced, StepActor, StepGraph, StepSlot, WaiterAddr};
+use crate::actors::step::core::In;
 use crate::actors::step::core::Row;
 use crate::actors::types::Drv;
 use crate::db::types::StepDuration;
@@ -133,9 +134,9 @@ impl Graph {
         (opts.required_features, prefer_local)
     }
 
-    /// Whether a step for `drv` is live.
+    /// Whether a step for `drv` is live (dormant or an actor).
     pub fn is_live(&self, drv: &str) -> bool {
-        self.registry.get(drv).is_some()
+        self.registry.contains(drv)
     }
 
     /// The live step for `drv`, with its shared drv path and the strong reference its dependents
@@ -144,16 +145,23 @@ impl Graph {
         self.registry.get_keyed(drv)
     }
 
-    /// Live steps.
+    /// Live steps (dormant ones included).
     pub fn len(&self) -> usize {
         self.registry.len()
+    }
+
+    /// Steps held dormant: plain state waiting for inputs, no actor.
+    pub fn dormant(&self) -> usize {
+        self.registry.dormant()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Makes, registers and starts a step: the one place a step is made.
+    /// Makes, registers and starts a step: the one place a step is made. It starts dormant
+    /// (plain state, see [`slot`](crate::actors::step::slot)) and takes its start event at once:
+    /// a step that only waits for inputs stays so, any other gets its actor.
     pub fn spawn(
         self: &Arc<Self>,
         machine: StepMachine<WaiterAddr>,
@@ -178,11 +186,12 @@ impl Graph {
             recorded,
             resolved_child,
         );
-        let actor = Arc::new(actor.start());
-        self.registry.insert(&key, &actor);
+        let step = StepSlot::dormant(actor);
+        self.registry.insert(&key, &step);
         crate::metrics::global().steps.spawned(&self.env, &key, drv);
         Stats::inc(&self.env.stats.steps_created);
-        (key, actor)
+        step.slot().post(In::Start);
+        (key, step)
     }
 }
 

@@ -1,88 +1,107 @@
-//! The one registry of step actors, keyed by drv path: whoever needs a drv built finds the live
-//! step here (weakly held: a step lives as long as something downstream holds it).
+//! The one registry of steps, keyed by drv path: whoever needs a drv built finds its step here,
+//! dormant or live (weakly held: a step lives as long as something downstream holds it, or its
+//! actor still runs).
 
 use std::sync::{Arc, Weak};
 
-use actix::{Addr, WeakAddr};
 use dashmap::DashMap;
 
-use crate::actors::step::actor::{StepActor, StepRef};
+use crate::actors::step::actor::{StepRef, StepSlot};
 use crate::actors::types::Drv;
-
-/// A registered step: its address (weak: whether the actor lives), and the shared strong
-/// reference handed to dependents while one of them holds it.
-struct Entry {
-    addr: WeakAddr<StepActor>,
-    shared: Weak<Addr<StepActor>>,
-}
 
 /// Keyed by the step's own [`Drv`] (shared with the step, not a copy).
 #[derive(Default)]
 pub struct Registry {
-    steps: DashMap<Drv, Entry>,
+    steps: DashMap<Drv, Weak<StepSlot>>,
 }
 
+fn alive(slot: &Weak<StepSlot>) -> bool {
+    slot.upgrade().is_some_and(|s| s.alive())
+}
+
+// No step is upgraded while a map guard is held: the upgraded reference may be the last one
+// (its holders went on another thread), and dropping a step forgets it here.
 impl Registry {
-    /// The live step for `drv`, if any.
-    pub fn get(&self, drv: &str) -> Option<Addr<StepActor>> {
-        let addr = self.steps.get(drv).and_then(|e| e.addr.upgrade());
-        if addr.is_none() {
-            self.steps.remove_if(drv, |_, e| e.addr.upgrade().is_none());
-        }
-        addr
+    fn entry(&self, drv: &str) -> Option<(Drv, Weak<StepSlot>)> {
+        self.steps
+            .get(drv)
+            .map(|e| (e.key().clone(), e.value().clone()))
     }
 
-    /// The live step for `drv` with its shared drv path (for whoever names it from now on) and
-    /// the strong reference its dependents share.
-    pub fn get_keyed(&self, drv: &str) -> Option<(Drv, StepRef)> {
-        let found = self.steps.get_mut(drv).and_then(|mut e| {
-            let key = e.key().clone();
-            if let Some(s) = e.shared.upgrade() {
-                return Some((key, s));
-            }
-            let s = Arc::new(e.addr.upgrade()?);
-            e.shared = Arc::downgrade(&s);
-            Some((key, s))
-        });
-        if found.is_none() {
-            self.steps.remove_if(drv, |_, e| e.addr.upgrade().is_none());
+    /// Forgets `drv`'s entry when it is still `slot` and that step went.
+    fn forget_dead(&self, drv: &str, slot: &Weak<StepSlot>) {
+        if !alive(slot) {
+            self.steps.remove_if(drv, |_, e| e.ptr_eq(slot));
+        }
+    }
+
+    fn slots(&self) -> Vec<(Drv, Weak<StepSlot>)> {
+        self.steps
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect()
+    }
+
+    /// Whether a step for `drv` lives.
+    pub fn contains(&self, drv: &str) -> bool {
+        let Some((_, slot)) = self.entry(drv) else {
+            return false;
+        };
+        let found = alive(&slot);
+        if !found {
+            self.forget_dead(drv, &slot);
         }
         found
     }
 
-    pub fn insert(&self, drv: &Drv, addr: &StepRef) {
-        self.steps.insert(
-            drv.clone(),
-            Entry {
-                addr: addr.downgrade(),
-                shared: Arc::downgrade(addr),
-            },
-        );
+    /// The step for `drv` with its shared drv path (for whoever names it from now on) and the
+    /// strong reference its dependents share.
+    pub fn get_keyed(&self, drv: &str) -> Option<(Drv, StepRef)> {
+        let (key, slot) = self.entry(drv)?;
+        let found = slot.upgrade().and_then(|s| s.holder());
+        match found {
+            Some(holder) => Some((key, holder)),
+            None => {
+                self.forget_dead(drv, &slot);
+                None
+            }
+        }
     }
 
-    /// Forgets `drv` (when its actor stops).
+    pub fn insert(&self, drv: &Drv, step: &StepRef) {
+        self.steps.insert(drv.clone(), Arc::downgrade(step.slot()));
+    }
+
+    /// Forgets `drv` (when its step stops), unless a step made for it since lives.
     pub fn remove(&self, drv: &str) {
-        self.steps.remove_if(drv, |_, e| e.addr.upgrade().is_none());
+        if let Some((_, slot)) = self.entry(drv) {
+            self.forget_dead(drv, &slot);
+        }
     }
 
-    /// Live step actors.
+    /// Live steps (dormant ones included).
     pub fn len(&self) -> usize {
-        self.steps
-            .iter()
-            .filter(|e| e.value().addr.upgrade().is_some())
-            .count()
+        self.slots().iter().filter(|(_, s)| alive(s)).count()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Steps held dormant (plain state, no actor).
+    pub fn dormant(&self) -> usize {
+        self.slots()
+            .iter()
+            .filter(|(_, s)| s.upgrade().is_some_and(|s| s.alive() && s.is_dormant()))
+            .count()
+    }
+
     /// Drv paths of the live steps.
     pub fn drvs(&self) -> Vec<String> {
-        self.steps
-            .iter()
-            .filter(|e| e.value().addr.upgrade().is_some())
-            .map(|e| e.key().to_string())
+        self.slots()
+            .into_iter()
+            .filter(|(_, s)| alive(s))
+            .map(|(d, _)| d.to_string())
             .collect()
     }
 }

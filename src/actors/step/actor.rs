@@ -12,7 +12,7 @@ use super::core::{Cmd, Found, In, Note, Produced, StepCore};
 use super::describe::Described;
 use super::machine::StepMachine;
 pub use super::wiring::{
-    Actix, AddWaiter, ExpandProduced, JobRoute, StepActor, StepGraph, StepRef, WaiterAddr,
+    Actix, AddWaiter, ExpandProduced, JobRoute, StepActor, StepGraph, StepRef, StepSlot, WaiterAddr,
 };
 use super::{outbox, perform};
 use crate::actors::carried::CarriedRow;
@@ -30,7 +30,7 @@ pub struct StepIo {
     /// Shared by every step actor (an `Addr` clone allocates twice).
     dispatcher: Arc<Addr<DispatcherActor>>,
     graph: Arc<dyn StepGraph>,
-    drv: Drv,
+    pub(super) drv: Drv,
     cell: Arc<ActorCell>,
     described: Described,
     /// When it last became runnable (dispatch latency).
@@ -39,6 +39,9 @@ pub struct StepIo {
     started: Option<std::time::Instant>,
     /// The job key (`BuildPrio::job_key`) of the build that first needed it: whose history it adds to.
     job: Option<String>,
+    /// Its identity, held while the actor runs (set when a dormant step wakes): what its
+    /// waiters reach it by.
+    pub(super) slot: Option<Arc<StepSlot>>,
     #[cfg(feature = "test-hooks")]
     resolved_child: bool,
 }
@@ -94,6 +97,7 @@ impl StepActor {
             runnable_since: None,
             started: None,
             job,
+            slot: None,
             #[cfg(feature = "test-hooks")]
             resolved_child,
         };
@@ -118,15 +122,17 @@ impl Machine for StepCore<Actix> {
         io.cell.handled();
     }
 
-    fn start_event() -> Option<In<Actix>> {
-        Some(In::Start)
-    }
+    // No start event: the graph feeds `Start` to the dormant step it makes, and the actor
+    // starts with whatever that (and what followed) left to do.
 
     fn observe(&self, io: &mut StepIo) {
         io.described.refresh(self, &io.cell);
     }
 
     fn perform(io: &mut StepIo, cmd: Cmd<Actix>, ctx: &mut Context<StepActor>) -> Done<In<Actix>> {
+        let Some(cmd) = perform_plain(io, cmd) else {
+            return Done::Nothing;
+        };
         let env = io.env.clone();
         let drv = io.drv.clone();
         match cmd {
@@ -209,7 +215,11 @@ impl Machine for StepCore<Actix> {
                 }))
             }
             Cmd::JoinChild { dep, adopt, builds } => {
-                let me = WaiterAddr::Step(drv, ctx.address().downgrade());
+                let Some(slot) = &io.slot else {
+                    tracing::error!(drv = %drv, "a step without its slot cannot wait on its resolved step");
+                    return Done::Nothing;
+                };
+                let me = WaiterAddr::Step(drv, Arc::downgrade(slot));
                 outbox::join_child(&env, &dep, me, adopt, builds);
                 Done::Nothing
             }
@@ -228,14 +238,6 @@ impl Machine for StepCore<Actix> {
                     no_machine: me.recipient(),
                 };
                 io.dispatcher.do_send(Runnable { step, addr });
-                Done::Nothing
-            }
-            Cmd::LeaveQueue => {
-                io.dispatcher.do_send(StepLeft(drv.to_string()));
-                Done::Nothing
-            }
-            Cmd::FreeSlot(machine) => {
-                io.dispatcher.do_send(SlotFreed(machine));
                 Done::Nothing
             }
             Cmd::StartRow {
@@ -310,89 +312,118 @@ impl Machine for StepCore<Actix> {
                         .await
                 })
             }
-            Cmd::Notify { to, notice } => {
-                for w in to {
-                    outbox::notify(&w, &drv, &notice);
-                }
-                Done::Nothing
-            }
-            Cmd::PassBuilds { to, builds } => {
-                outbox::pass_builds(&env, to, builds);
-                Done::Nothing
-            }
             Cmd::Timer(after) => {
                 crate::metrics::global().steps.retries.inc();
                 ctx.run_later(after, |act, ctx| act.feed(In::RetryDue, ctx));
-                Done::Nothing
-            }
-            Cmd::Gauge { left, entered } => {
-                outbox::account(&env.stats, left, entered);
-                Done::Nothing
-            }
-            Cmd::Count(c) => {
-                if c == super::core::Counter::StepsBuilt {
-                    env.probe.built(&drv);
-                }
-                outbox::count(&env.stats, c);
-                Done::Nothing
-            }
-            Cmd::Note(Note::Dispatched) => {
-                if let Some(t) = io.runnable_since.take() {
-                    env.stats.dispatch.observe(t.elapsed());
-                    crate::metrics::global()
-                        .steps
-                        .waited(io.cell.group(), t.elapsed());
-                }
-                Done::Nothing
-            }
-            Cmd::Note(n) => {
-                match &n {
-                    Note::Started { .. } => io.started = Some(std::time::Instant::now()),
-                    Note::Finished { status, built } => {
-                        let took = io.started.take().map(|t| t.elapsed());
-                        let learnt = match took {
-                            Some(t) if *built && *status == Status::Success => {
-                                Some((io.job.as_deref(), t))
-                            }
-                            _ => None,
-                        };
-                        io.graph.finished(&drv, learnt);
-                    }
-                    _ => {}
-                }
-                outbox::note(&env, &drv, n);
                 Done::Nothing
             }
             Cmd::Stop => {
                 ctx.stop();
                 Done::Nothing
             }
+            plain => {
+                tracing::error!(drv = %drv, cmd = ?plain, "a plain command was left to the actor");
+                Done::Nothing
+            }
         }
     }
 
     fn stopped(&mut self, io: &mut StepIo, _ctx: &mut Context<StepActor>) {
-        // What must outlive the actor is done without it: nothing is fed back.
-        let env = io.env.clone();
-        let drv = io.drv.clone();
-        for cmd in self.on_stop() {
-            match cmd {
-                Cmd::Gauge { left, entered } => outbox::account(&env.stats, left, entered),
-                Cmd::LeaveQueue => io.dispatcher.do_send(StepLeft(drv.to_string())),
-                Cmd::AbortJob(job) => outbox::abort_job(&drv, job),
-                Cmd::Db {
-                    writes, on_error, ..
-                } => {
-                    let producers = io.graph.producers_of(&drv);
-                    perform::write_detached(env.clone(), drv.clone(), writes, on_error, producers)
-                }
-                other => {
-                    tracing::error!(drv = %drv, cmd = ?other, "a stopping step gave a command it cannot perform")
-                }
+        if let Some(slot) = io.slot.take() {
+            slot.stopped();
+        }
+        wind_up(self, io);
+    }
+}
+
+/// Whether `cmd` needs no actor to be performed (see [`perform_plain`]).
+pub(super) fn is_plain(cmd: &Cmd<Actix>) -> bool {
+    matches!(
+        cmd,
+        Cmd::LeaveQueue
+            | Cmd::FreeSlot(_)
+            | Cmd::Notify { .. }
+            | Cmd::PassBuilds { .. }
+            | Cmd::Gauge { .. }
+            | Cmd::Count(_)
+            | Cmd::Note(_)
+    )
+}
+
+/// Performs a command that needs no actor (no address of its own, no reply, no timer): a
+/// dormant step performs these where it stands. Gives back any other.
+pub(super) fn perform_plain(io: &mut StepIo, cmd: Cmd<Actix>) -> Option<Cmd<Actix>> {
+    let env = &io.env;
+    let drv = &io.drv;
+    match cmd {
+        Cmd::LeaveQueue => io.dispatcher.do_send(StepLeft(drv.to_string())),
+        Cmd::FreeSlot(machine) => io.dispatcher.do_send(SlotFreed(machine)),
+        Cmd::Notify { to, notice } => {
+            for w in to {
+                outbox::notify(&w, drv, &notice);
             }
         }
-        io.graph.forget(&io.drv);
-        io.env.actors.unregister(&io.cell);
+        Cmd::PassBuilds { to, builds } => outbox::pass_builds(env, to, builds),
+        Cmd::Gauge { left, entered } => outbox::account(&env.stats, left, entered),
+        Cmd::Count(c) => {
+            if c == super::core::Counter::StepsBuilt {
+                env.probe.built(drv);
+            }
+            outbox::count(&env.stats, c);
+        }
+        Cmd::Note(Note::Dispatched) => {
+            if let Some(t) = io.runnable_since.take() {
+                env.stats.dispatch.observe(t.elapsed());
+                crate::metrics::global()
+                    .steps
+                    .waited(io.cell.group(), t.elapsed());
+            }
+        }
+        Cmd::Note(n) => {
+            match &n {
+                Note::Started { .. } => io.started = Some(std::time::Instant::now()),
+                Note::Finished { status, built } => {
+                    let took = io.started.take().map(|t| t.elapsed());
+                    let learnt = match took {
+                        Some(t) if *built && *status == Status::Success => {
+                            Some((io.job.as_deref(), t))
+                        }
+                        _ => None,
+                    };
+                    io.graph.finished(drv, learnt);
+                }
+                _ => {}
+            }
+            outbox::note(env, drv, n);
+        }
+        other => return Some(other),
     }
+    None
+}
+
+/// What a step leaves behind when it stops, as an actor or dormant: what must outlive it is done
+/// without it (nothing is fed back), and the graph forgets it.
+pub(super) fn wind_up(core: &mut StepCore<Actix>, io: &mut StepIo) {
+    let env = io.env.clone();
+    let drv = io.drv.clone();
+    for cmd in core.on_stop() {
+        match cmd {
+            Cmd::Gauge { left, entered } => outbox::account(&env.stats, left, entered),
+            Cmd::LeaveQueue => io.dispatcher.do_send(StepLeft(drv.to_string())),
+            Cmd::AbortJob(job) => outbox::abort_job(&drv, job),
+            Cmd::Db {
+                writes, on_error, ..
+            } => {
+                let producers = io.graph.producers_of(&drv);
+                perform::write_detached(env.clone(), drv.clone(), writes, on_error, producers)
+            }
+            other => {
+                tracing::error!(drv = %drv, cmd = ?other, "a stopping step gave a command it cannot perform")
+            }
+        }
+    }
+    io.graph.forget(&io.drv);
+    io.env.actors.unregister(&io.cell);
 }
 
 /// I/O on the I/O runtime, its reply fed back when done.

@@ -523,6 +523,31 @@ impl<A: Wiring> StepCore<A> {
         }
     }
 
+    /// Gives back a command `poll` handed out, unperformed: it is the next one `poll` hands out
+    /// (given back last-first, commands keep their order). A dormant step gives back what it
+    /// cannot perform where it stands, and wakes first.
+    pub fn unpoll(&mut self, cmd: Cmd<A>) {
+        self.awaiting = false;
+        self.ready.push_front(cmd);
+    }
+
+    /// Whether the step may be held as plain state, without a runtime of its own: it only waits
+    /// for inputs, has nothing left to do, and holds nothing that stopping would have to close
+    /// (no row, no job).
+    pub fn may_sleep(&self) -> bool {
+        matches!(self.machine.phase(), Phase::WaitingForInputs)
+            && !self.awaiting
+            && self.effects.is_empty()
+            && self.ready.is_empty()
+            && self.pending_rows.is_empty()
+            && self.running_row.is_none()
+            && self.carried_row.is_none()
+            && self.resolved_row.is_none()
+            && self.child_row.is_none()
+            && self.job.is_none()
+            && !self.in_flight
+    }
+
     /// What stopping leaves behind, done without waiting (the actor is gone): the phase's gauge;
     /// and, when the step stops unfinished because nothing references it any more (no build needs
     /// it), what abandoning does — out of the queue, its job aborted, its open rows closed as

@@ -1,10 +1,18 @@
 //! Messages to a step, as the events its core takes.
 
 use super::core::In;
+use super::slot::Deliver;
 use super::wiring::{Actix, AddWaiter, JobRoute};
 use crate::actors::messages::{
     AddBuilds, AdoptRow, Assigned, JobDone, NoMachine, OutputsLanded, RemoveWaiter, StepFailed,
 };
+
+/// An event queued for the step while it was dormant, delivered after it woke.
+impl From<Deliver<In<Actix>>> for In<Actix> {
+    fn from(m: Deliver<In<Actix>>) -> Self {
+        m.0
+    }
+}
 
 impl From<OutputsLanded> for In<Actix> {
     fn from(m: OutputsLanded) -> Self {

@@ -3,10 +3,12 @@
 pub mod actor;
 pub mod core;
 pub mod describe;
+mod dormant;
 mod inbox;
 pub mod machine;
 mod outbox;
 pub mod perform;
+pub mod slot;
 pub mod wiring;
 
 pub use machine::{

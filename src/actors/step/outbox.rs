@@ -20,7 +20,7 @@ pub fn notify(w: &WaiterAddr, from: &Drv, notice: &Notice) {
                 outputs: outputs.clone(),
             };
             match w {
-                WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.do_send(msg)),
+                WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.send(msg)),
                 WaiterAddr::Build(_, a, _) => a.upgrade().map(|a| a.do_send(msg)),
             };
         }
@@ -30,7 +30,7 @@ pub fn notify(w: &WaiterAddr, from: &Drv, notice: &Notice) {
                 failure: failure.clone(),
             };
             match w {
-                WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.do_send(msg)),
+                WaiterAddr::Step(_, a) => a.upgrade().map(|a| a.send(msg)),
                 WaiterAddr::Build(_, _, a) => a.upgrade().map(|a| a.do_send(msg)),
             };
         }
@@ -47,19 +47,19 @@ pub fn join_child(
     builds: Option<Vec<(i64, BuildPrio)>>,
 ) {
     if let Some((build, stepnr)) = adopt {
-        dep.do_send(AdoptRow { build, stepnr });
+        dep.send(AdoptRow { build, stepnr });
     }
     if let Some(b) = builds {
         env.stats.membership();
-        dep.do_send(AddBuilds(b));
+        dep.send(AddBuilds(b));
     }
-    dep.do_send(AddWaiter(me));
+    dep.send(AddWaiter(me));
 }
 
 pub fn pass_builds(env: &Env, to: Vec<StepRef>, builds: Vec<(i64, BuildPrio)>) {
     for d in to {
         env.stats.membership();
-        d.do_send(AddBuilds(builds.clone()));
+        d.send(AddBuilds(builds.clone()));
     }
 }
 

@@ -1,12 +1,13 @@
 //! What a step actor holds of the others, as actix addresses: its waiters, its inputs and child,
 //! the machine running its job, and the graph it was made in.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use actix::prelude::*;
 use actix::{WeakAddr, WeakRecipient};
 
 use super::core::{Produced, StepCore, Wiring};
+use super::slot::{Holder, Slot};
 use crate::actors::driver::Driver;
 use crate::actors::messages::{AbortJob, BuildPrio, OutputsLanded, RunJob, StepFailed};
 use crate::actors::types::{Drv, Waiter, WaiterRef};
@@ -15,10 +16,13 @@ use crate::store::Derivation;
 /// The step actor.
 pub type StepActor = Driver<StepCore<Actix>>;
 
-/// A strong reference to a step shared by the steps that need it: each clone of an actix `Addr`
-/// allocates twice, so a step's dependents hold one `Addr` between them instead of one each.
-/// The step lives while any clone does (or any other `Addr` of it), as with plain `Addr`s.
-pub type StepRef = Arc<Addr<StepActor>>;
+/// A step's identity: dormant state or a live actor (see [`slot`](super::slot)); its waiters
+/// hold it weakly.
+pub type StepSlot = Slot<StepActor>;
+
+/// A strong reference to a step shared by the steps and builds that need it: the step lives
+/// while any clone does (or, once live, while its actor runs).
+pub type StepRef = Arc<Holder<StepActor>>;
 
 /// How a step reaches its graph (implemented by [`Graph`](crate::actors::graph::Graph)): the
 /// registry, and the making of a resolution's child.
@@ -66,7 +70,7 @@ impl Message for ExpandProduced {
 /// How to reach a waiter (weakly: references point up the graph weakly).
 #[derive(Clone, Debug)]
 pub enum WaiterAddr {
-    Step(Drv, WeakAddr<StepActor>),
+    Step(Drv, Weak<StepSlot>),
     Build(i64, WeakRecipient<OutputsLanded>, WeakRecipient<StepFailed>),
 }
 
