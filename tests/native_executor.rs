@@ -370,6 +370,42 @@ async fn the_sandbox_shows_the_store_at_its_logical_dir_and_nothing_else() {
 }
 
 #[tokio::test]
+async fn builds_share_a_read_only_sandbox_skeleton_and_keep_their_own_tmp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store(tmp.path(), true).await;
+    let exec = executor(store.clone(), tmp.path());
+    // Each build tries to change what the next one would see: the skeleton's files, its root,
+    // and /tmp (which is the build's own).
+    let script = "exec > $out; \
+         if (echo x >> /etc/passwd) 2>/dev/null; then echo etc-writable; else echo etc-read-only; fi; \
+         if (: > /stray) 2>/dev/null; then echo root-writable; else echo root-read-only; fi; \
+         ls /tmp | wc -l; echo left > /tmp/mark; grep -c nixbld /etc/passwd";
+    let mut texts = Vec::new();
+    for name in ["first", "second"] {
+        let d = ia_drv(store.store_dir(), name, script, &[]);
+        let p = add(&store, &d).await;
+        let r = exec.build(&p, &d, Limits::default()).await.unwrap();
+        let out = store.physical_path(&r.outputs["out"].path).unwrap();
+        texts.push(std::fs::read_to_string(out).unwrap());
+    }
+    let want = "etc-read-only\nroot-read-only\n0\n1\n";
+    assert_eq!(texts, [want, want]);
+    // One skeleton, made by the first build, kept beside the store's metadata.
+    let skeletons = std::fs::read_dir(store.root().join(".qr-meta/sandboxes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(skeletons.len(), 1, "{skeletons:?}");
+    assert!(!skeletons[0].starts_with(".tmp-"));
+    // Nothing of either build is left in the root but its output and drv.
+    assert!(
+        root_entries(&store).iter().all(|n| !n.starts_with(".qr-")),
+        "{:?}",
+        root_entries(&store)
+    );
+}
+
+#[tokio::test]
 async fn unbuildable_derivations_are_refused_before_running() {
     let tmp = tempfile::tempdir().unwrap();
     let store = store(tmp.path(), false).await;

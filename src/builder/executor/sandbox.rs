@@ -1,17 +1,20 @@
 //! The private mount namespace a builder runs in when the store's physical root differs from its
 //! logical dir, as Nix does for chroot stores (`local?root=X`) and sandboxed builds:
 //!
-//! - the parent prepares a chroot directory under the physical root (`<root>/.qr-chroot-…`): the
-//!   logical store dir inside it (writable: outputs land there), one mountpoint per input path of
-//!   the closure, `/build` (the build dir), `/tmp`, `/etc/{passwd,group,hosts}`, and mountpoints for
-//!   `/bin`, `/usr`, `/lib`, `/lib64` (whichever exist here), `/dev` and `/proc`;
+//! - the parent prepares the chroot: a skeleton shared by every build of the store root
+//!   (`<root>/.qr-meta/sandboxes/<key>`, made once: the logical store dir, `/build`, `/tmp`,
+//!   `/etc/{passwd,group,hosts}`, and mountpoints for `/bin`, `/usr`, `/lib`, `/lib64` (whichever
+//!   exist here), `/dev` and `/proc`), and the build's own directory under the physical root
+//!   (`<root>/.qr-chroot-…`): its store dir (writable: outputs land there) with one mountpoint per
+//!   input path of the closure, and its `/tmp`;
 //! - the child (in `pre_exec`, between fork and exec: only system calls, no allocation) enters new
 //!   user, mount, UTS, IPC (and, unless fixed-output, network) namespaces, maps its user to uid 1000
 //!   / gid 100 (Nix's sandbox ids), makes `/` private so nothing propagates back, bind-mounts
-//!   everything (inputs and system directories read-only), sets the hostname to `localhost`, and
+//!   the skeleton read-only and on it the build's store dir, the inputs (read-only), `/build`,
+//!   `/tmp` and the system directories (read-only), sets the hostname to `localhost`, and
 //!   `chroot`s + `chdir`s to `/build`.
 //!
-//! Outputs are then picked up from `<chroot><store dir>/…`; anything else written there is a write
+//! Outputs are then picked up from the build's store dir (`<root>/.qr-chroot-…/store/…`); anything else written there is a write
 //! outside the outputs. Failures name the step that failed (via a pipe, since the child cannot
 //! allocate an error message).
 
@@ -131,29 +134,162 @@ pub struct SandboxSpec<'a> {
     pub private_network: bool,
 }
 
-impl Sandbox {
-    /// Prepares the chroot (parent side).
-    pub fn prepare(spec: &SandboxSpec<'_>) -> io::Result<Sandbox> {
-        let chroot =
-            StagingDir::new(spec.root, "chroot").map_err(|e| io::Error::other(e.to_string()))?;
-        let base = chroot.path().to_path_buf();
-        fs::set_permissions(&base, fs::Permissions::from_mode(0o755))
-            .map_err(io_ctx("chmod", &base))?;
-        let inside = |p: &str| base.join(p.trim_start_matches('/'));
-        let mut binds = Vec::new();
+/// A system path to bind: (path inside, path here, read-only, a directory).
+type SystemPath = (String, PathBuf, bool, bool);
 
-        let store_in_chroot = inside(spec.store_dir);
+/// Bumped whenever what a skeleton holds changes, so that an older runner's is not used.
+const SKELETON_LAYOUT: &str = "qr-sandbox-skeleton-1";
+
+/// The skeleton every sandbox of a store root with the same store dir and system paths shares,
+/// made once: the mountpoints (`<store dir>`, `/build`, `/tmp`, `/dev`, `/proc`, the system
+/// paths) and `/etc/{passwd,group,hosts}`. Each builder's namespace mounts it read-only and its
+/// own store dir, build dir and `/tmp` on top, so a build creates (and later removes) four
+/// entries on the host plus one per input, not two dozen: on a file system without a journal,
+/// ext4 scans its inode tables past every recently deleted inode on each create, and the
+/// per-build skeleton was the largest share of that.
+fn skeleton(spec: &SandboxSpec<'_>, system: &[SystemPath]) -> io::Result<PathBuf> {
+    use sha2::Digest;
+    let mut key = sha2::Sha256::new();
+    for part in [SKELETON_LAYOUT, spec.store_dir] {
+        key.update(part.as_bytes());
+        key.update([0]);
+    }
+    for (inside, _, _, is_dir) in system {
+        key.update(inside.as_bytes());
+        key.update([u8::from(*is_dir), 0]);
+    }
+    let dir = spec
+        .root
+        .join(crate::store::local::META_DIR)
+        .join("sandboxes");
+    let path = dir.join(crate::store::hash::to_hex(&key.finalize()[..10]));
+    if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+        return Ok(path);
+    }
+    fs::create_dir_all(&dir).map_err(io_ctx("creating", &dir))?;
+    // Made aside, then renamed into place: a skeleton that exists is whole.
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(&dir)
+        .map_err(io_ctx("creating a directory in", &dir))?;
+    let base = tmp.path();
+    fs::set_permissions(base, fs::Permissions::from_mode(0o755)).map_err(io_ctx("chmod", base))?;
+    let inside = |p: &str| base.join(p.trim_start_matches('/'));
+    let mut dirs = vec![
+        inside(spec.store_dir),
+        inside(SANDBOX_BUILD_DIR),
+        inside("/tmp"),
+    ];
+    let mut files = Vec::new();
+    for (in_path, _, _, is_dir) in system {
+        if *is_dir {
+            dirs.push(inside(in_path));
+        } else {
+            files.push(inside(in_path));
+        }
+    }
+    for d in &dirs {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
+            .create(d)
+            .map_err(io_ctx("creating", d))?;
+    }
+    for f in &files {
+        if let Some(parent) = f.parent() {
+            fs::create_dir_all(parent).map_err(io_ctx("creating", parent))?;
+        }
+        fs::write(f, b"").map_err(io_ctx("creating", f))?;
+    }
+    let etc = inside("/etc");
+    fs::create_dir_all(&etc).map_err(io_ctx("creating", &etc))?;
+    let etc_files = [
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
+                 nixbld:x:{SANDBOX_UID}:{SANDBOX_GID}:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
+                 nobody:x:65534:65534:Nobody:/:/noshell\n"
+            ),
+        ),
+        (
+            "group",
+            format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"),
+        ),
+        ("hosts", "127.0.0.1 localhost\n::1 localhost\n".to_string()),
+    ];
+    for (name, contents) in etc_files {
+        let p = etc.join(name);
+        fs::write(&p, contents).map_err(io_ctx("writing", &p))?;
+    }
+    match fs::rename(base, &path) {
+        Ok(()) => Ok(path),
+        // Another build made it first.
+        Err(_) if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) => Ok(path),
+        Err(e) => Err(io_ctx("renaming the sandbox skeleton to", &path)(e)),
+    }
+}
+
+impl Sandbox {
+    /// Prepares the chroot (parent side): the shared skeleton (made once) and this build's own
+    /// store dir and `/tmp`.
+    pub fn prepare(spec: &SandboxSpec<'_>) -> io::Result<Sandbox> {
+        let mut system: Vec<SystemPath> = Vec::new();
+        let all = spec
+            .system_paths
+            .iter()
+            .map(|(i, h)| (i.clone(), h.clone(), true))
+            .chain([
+                ("/dev".to_string(), PathBuf::from("/dev"), false),
+                ("/proc".to_string(), PathBuf::from("/proc"), false),
+            ]);
+        for (in_path, host, readonly) in all {
+            // Follow a symlink on the host (e.g. /bin -> usr/bin): the mount does too.
+            if let Ok(meta) = fs::metadata(&host) {
+                system.push((in_path, host, readonly, meta.is_dir()));
+            }
+        }
+        let skel = skeleton(spec, &system)?;
+        let inside = |p: &str| skel.join(p.trim_start_matches('/'));
+
+        let chroot =
+            StagingDir::new(spec.root, "chroot").map_err(|e| io::Error::other(e.to_string()))?;
+        let own = chroot.path().to_path_buf();
+        let store_in_chroot = own.join("store");
+        let tmp = own.join("tmp");
+        fs::DirBuilder::new()
+            .mode(0o755)
             .create(&store_in_chroot)
             .map_err(io_ctx("creating", &store_in_chroot))?;
+        fs::create_dir(&tmp).map_err(io_ctx("creating", &tmp))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
+            .map_err(io_ctx("chmod", &tmp))?;
+
+        // The skeleton, read-only; then, on top, what is this build's.
+        let mut binds = vec![
+            Bind {
+                src: cstring(&skel)?,
+                dst: cstring(&skel)?,
+                recursive: false,
+                readonly: true,
+                keep_flags: mount_flags_of(&skel),
+                desc: "/".to_string(),
+            },
+            Bind {
+                src: cstring(&store_in_chroot)?,
+                dst: cstring(&inside(spec.store_dir))?,
+                recursive: false,
+                readonly: false,
+                keep_flags: 0,
+                desc: spec.store_dir.to_string(),
+            },
+        ];
+        let store_mp = inside(spec.store_dir);
         for (name, phys) in &spec.inputs {
-            let dst = store_in_chroot.join(name);
-            if mountpoint_like(phys, &dst)? {
+            if mountpoint_like(phys, &store_in_chroot.join(name))? {
                 binds.push(Bind {
                     src: cstring(phys)?,
-                    dst: cstring(&dst)?,
+                    dst: cstring(&store_mp.join(name))?,
                     recursive: false,
                     readonly: true,
                     keep_flags: mount_flags_of(phys),
@@ -161,69 +297,20 @@ impl Sandbox {
                 });
             }
         }
-
-        let build_mp = inside(SANDBOX_BUILD_DIR);
-        fs::create_dir_all(&build_mp).map_err(io_ctx("creating", &build_mp))?;
-        binds.push(Bind {
-            src: cstring(spec.build_dir)?,
-            dst: cstring(&build_mp)?,
-            recursive: false,
-            readonly: false,
-            keep_flags: 0,
-            desc: SANDBOX_BUILD_DIR.to_string(),
-        });
-
-        let tmp = inside("/tmp");
-        fs::create_dir_all(&tmp).map_err(io_ctx("creating", &tmp))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
-            .map_err(io_ctx("chmod", &tmp))?;
-
-        let etc = inside("/etc");
-        fs::create_dir_all(&etc).map_err(io_ctx("creating", &etc))?;
-        let files = [
-            (
-                "passwd",
-                format!(
-                    "root:x:0:0:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
-                     nixbld:x:{SANDBOX_UID}:{SANDBOX_GID}:Nix build user:{SANDBOX_BUILD_DIR}:/noshell\n\
-                     nobody:x:65534:65534:Nobody:/:/noshell\n"
-                ),
-            ),
-            (
-                "group",
-                format!("root:x:0:\nnixbld:!:{SANDBOX_GID}:\nnogroup:x:65534:\n"),
-            ),
-            ("hosts", "127.0.0.1 localhost\n::1 localhost\n".to_string()),
-        ];
-        for (name, contents) in files {
-            let p = etc.join(name);
-            fs::write(&p, contents).map_err(io_ctx("writing", &p))?;
+        for (src, at) in [(spec.build_dir, SANDBOX_BUILD_DIR), (tmp.as_path(), "/tmp")] {
+            binds.push(Bind {
+                src: cstring(src)?,
+                dst: cstring(&inside(at))?,
+                recursive: false,
+                readonly: false,
+                keep_flags: 0,
+                desc: at.to_string(),
+            });
         }
-
-        let mut system: Vec<(String, PathBuf, bool)> = spec
-            .system_paths
-            .iter()
-            .map(|(i, h)| (i.clone(), h.clone(), true))
-            .collect();
-        system.push(("/dev".into(), PathBuf::from("/dev"), false));
-        system.push(("/proc".into(), PathBuf::from("/proc"), false));
-        for (in_path, host, readonly) in system {
-            // Follow a symlink on the host (e.g. /bin -> usr/bin): the mount does too.
-            let Ok(meta) = fs::metadata(&host) else {
-                continue;
-            };
-            let dst = inside(&in_path);
-            if meta.is_dir() {
-                fs::create_dir_all(&dst).map_err(io_ctx("creating", &dst))?;
-            } else {
-                if let Some(parent) = dst.parent() {
-                    fs::create_dir_all(parent).map_err(io_ctx("creating", parent))?;
-                }
-                fs::write(&dst, b"").map_err(io_ctx("creating", &dst))?;
-            }
+        for (in_path, host, readonly, _) in system {
             binds.push(Bind {
                 src: cstring(&host)?,
-                dst: cstring(&dst)?,
+                dst: cstring(&inside(&in_path))?,
                 recursive: true,
                 readonly,
                 keep_flags: mount_flags_of(&host),
@@ -234,7 +321,7 @@ impl Sandbox {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Ok(Sandbox {
-            chroot_c: cstring(&base)?,
+            chroot_c: cstring(&skel)?,
             build_dir_c: CString::new(SANDBOX_BUILD_DIR)
                 .map_err(|_| io::Error::other("NUL in the sandbox build dir"))?,
             chroot,
@@ -251,7 +338,7 @@ impl Sandbox {
         &self.store_in_chroot
     }
 
-    /// The chroot directory.
+    /// The build's own directory (its store dir and `/tmp`; the skeleton is shared).
     pub fn chroot_dir(&self) -> &Path {
         self.chroot.path()
     }
