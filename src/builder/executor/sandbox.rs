@@ -265,26 +265,46 @@ impl Sandbox {
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777))
             .map_err(io_ctx("chmod", &tmp))?;
 
-        // The skeleton, read-only; then, on top, what is this build's.
-        let mut binds = vec![
-            Bind {
-                src: cstring(&skel)?,
-                dst: cstring(&skel)?,
-                recursive: false,
-                readonly: true,
-                keep_flags: mount_flags_of(&skel),
-                desc: "/".to_string(),
-            },
-            Bind {
-                src: cstring(&store_in_chroot)?,
-                dst: cstring(&inside(spec.store_dir))?,
+        // A store dir under /tmp (a test's, say) is mounted on this build's /tmp: its mountpoint
+        // is made there.
+        if let Ok(rest) = Path::new(spec.store_dir).strip_prefix("/tmp") {
+            let mp = tmp.join(rest);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&mp)
+                .map_err(io_ctx("creating", &mp))?;
+        }
+
+        // The skeleton, read-only; then, on top, what is this build's: its /build and /tmp
+        // before its store dir, which may lie under /tmp.
+        let mut binds = vec![Bind {
+            src: cstring(&skel)?,
+            dst: cstring(&skel)?,
+            recursive: false,
+            readonly: true,
+            keep_flags: mount_flags_of(&skel),
+            desc: "/".to_string(),
+        }];
+        for (src, at) in [(spec.build_dir, SANDBOX_BUILD_DIR), (tmp.as_path(), "/tmp")] {
+            binds.push(Bind {
+                src: cstring(src)?,
+                dst: cstring(&inside(at))?,
                 recursive: false,
                 readonly: false,
                 keep_flags: 0,
-                desc: spec.store_dir.to_string(),
-            },
-        ];
+                desc: at.to_string(),
+            });
+        }
         let store_mp = inside(spec.store_dir);
+        binds.push(Bind {
+            src: cstring(&store_in_chroot)?,
+            dst: cstring(&store_mp)?,
+            recursive: false,
+            readonly: false,
+            keep_flags: 0,
+            desc: spec.store_dir.to_string(),
+        });
         for (name, phys) in &spec.inputs {
             if mountpoint_like(phys, &store_in_chroot.join(name))? {
                 binds.push(Bind {
@@ -296,16 +316,6 @@ impl Sandbox {
                     desc: format!("{}/{name}", spec.store_dir),
                 });
             }
-        }
-        for (src, at) in [(spec.build_dir, SANDBOX_BUILD_DIR), (tmp.as_path(), "/tmp")] {
-            binds.push(Bind {
-                src: cstring(src)?,
-                dst: cstring(&inside(at))?,
-                recursive: false,
-                readonly: false,
-                keep_flags: 0,
-                desc: at.to_string(),
-            });
         }
         for (in_path, host, readonly, _) in system {
             binds.push(Bind {
