@@ -7,8 +7,10 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
+
+use super::spawn::Process;
 
 /// How many lines of the log's end a failure reports.
 pub const TAIL_LINES: usize = 20;
@@ -95,7 +97,7 @@ impl Tail {
 /// Supervises `child` (leader of process group `child.id()`), reading its output from `out`
 /// into `log`. `cancel` becoming readable or hung up cancels the build.
 pub fn supervise(
-    child: &mut Child,
+    child: &mut Process,
     out: OwnedFd,
     cancel: Option<&OwnedFd>,
     log: &mut File,

@@ -11,6 +11,7 @@ mod native;
 pub mod nix;
 pub mod output_checks;
 pub mod sandbox;
+mod spawn;
 pub mod structured_attrs;
 
 use std::collections::BTreeMap;

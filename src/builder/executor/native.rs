@@ -22,14 +22,14 @@
 //!   `ca-derivations`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +43,7 @@ use super::export_refs::{self, ExportError, Exported};
 use super::log::{Outcome, SuperviseLimits, TimeLimit, kill_group, supervise};
 use super::output_checks::{OutputCheckError, check_outputs, checks_of};
 use super::sandbox::{SANDBOX_BUILD_DIR, Sandbox, SandboxSpec, cloexec_pipe, read_failed_step};
+use super::spawn::{Setup, Spawn, spawn};
 use super::{BuildResult, ExecError, ExecutorConfig, Limits};
 use crate::store::api::{PathInfo, Store};
 use crate::store::ca_output::{CaOutputError, ScratchOutput, finalize_ca_outputs, scratch_path};
@@ -687,48 +688,46 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
         let fl = libc::fcntl(err_r.as_raw_fd(), libc::F_GETFL);
         libc::fcntl(err_r.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
     }
-    let out_w2 = out_w.try_clone().map_err(io_msg("duplicating a pipe"))?;
-    let mut cmd = Command::new(&builder);
-    cmd.arg0(
-        Path::new(&builder)
-            .file_name()
-            .map(|f| f.to_os_string())
-            .unwrap_or_else(|| builder.clone().into()),
-    )
-    .args(&args)
-    .env_clear()
-    .envs(&env.vars)
-    .stdin(Stdio::null())
-    .stdout(Stdio::from(out_w))
-    .stderr(Stdio::from(out_w2));
-    if !job.namespace {
-        cmd.current_dir(&build_dir.0);
-    }
-    {
-        let sb = sandbox.clone();
-        let err_w = err_w;
-        // SAFETY: the closure runs between fork and exec and only makes system calls (see
-        // `Sandbox::child_setup`); everything it touches was allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // If the runner dies (even by SIGKILL), so does the builder: a restarted runner
-                // never races an orphaned build for the same scratch paths. The forking thread is
-                // the one that supervises the build, so it lives as long as the builder does.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                match &sb {
-                    Some(sb) => sb.child_setup(err_w.as_raw_fd()),
-                    None => Ok(()),
-                }
-            });
-        }
-    }
-    let spawned = cmd.spawn();
-    drop(cmd); // closes our copies of the pipes' write ends
+    let nul = |what: &str| ExecError::BadDerivation {
+        message: format!("derivation '{drv_path}': its {what} contains a NUL byte"),
+    };
+    let arg0 = Path::new(&builder)
+        .file_name()
+        .map(|f| f.as_bytes().to_vec())
+        .unwrap_or_else(|| builder.clone().into_bytes());
+    let spawn_args = Spawn {
+        program: CString::new(builder.as_bytes()).map_err(|_| nul("builder"))?,
+        argv: std::iter::once(arg0)
+            .chain(args.iter().map(|a| a.as_bytes().to_vec()))
+            .map(CString::new)
+            .collect::<Result<_, _>>()
+            .map_err(|_| nul("arguments"))?,
+        env: env
+            .vars
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()
+            .map_err(|_| nul("environment"))?,
+        // In the sandbox, its set-up changes to `/build`.
+        cwd: if job.namespace {
+            None
+        } else {
+            Some(CString::new(build_dir.0.as_os_str().as_bytes()).map_err(|_| nul("build dir"))?)
+        },
+        stdout: &out_w,
+        stderr: &out_w,
+        setup: None,
+    };
+    let setup_sandbox = sandbox
+        .as_ref()
+        .map(|sb| move || sb.child_setup(err_w.as_raw_fd()));
+    let spawned = spawn(&Spawn {
+        setup: setup_sandbox.as_ref().map(|f| f as Setup<'_>),
+        ..spawn_args
+    });
+    // Our copies of the pipes' write ends: the builder holds its own.
+    drop(setup_sandbox);
+    drop(out_w);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {

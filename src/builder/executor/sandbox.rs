@@ -7,7 +7,8 @@
 //!   exist here), `/dev` and `/proc`), and the build's own directory under the physical root
 //!   (`<root>/.qr-chroot-…`): its store dir (writable: outputs land there) with one mountpoint per
 //!   input path of the closure, and its `/tmp`;
-//! - the child (in `pre_exec`, between fork and exec: only system calls, no allocation) enters new
+//! - the child (between `clone` and `execve`, in the runner's memory: only system calls, no
+//!   allocation; see [`super::spawn`]) enters new
 //!   user, mount, UTS, IPC (and, unless fixed-output, network) namespaces, maps its user to uid 1000
 //!   / gid 100 (Nix's sandbox ids), makes `/` private so nothing propagates back, bind-mounts
 //!   the skeleton read-only and on it the build's store dir, the inputs (read-only), `/build`,
@@ -376,7 +377,8 @@ impl Sandbox {
         }
     }
 
-    /// The child side, run between fork and exec. Only system calls: no allocation, no locks.
+    /// The child side, run between clone and exec (`super::spawn`). Only system calls: no
+    /// allocation, no locks.
     /// On failure, writes `[step, index (4 bytes LE)]` to `err_fd` and returns the OS error.
     pub fn child_setup(&self, err_fd: i32) -> io::Result<()> {
         let fail = |step: u8, index: u32| -> io::Error {
