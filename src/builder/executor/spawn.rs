@@ -84,21 +84,19 @@ struct ChildArgs<'a> {
 
 const STACK: usize = 256 * 1024;
 
+/// The pointers `execve` takes: one per string, then a null.
+fn null_terminated(v: &[CString]) -> Vec<*const c_char> {
+    v.iter()
+        .map(|c| c.as_ptr())
+        .chain([std::ptr::null()])
+        .collect()
+}
+
 /// Starts the builder; returns once it has exec'd, or the error of the step that failed in the
 /// child (the errno of `execve` itself: `ENOENT` for a builder that is not there).
 pub fn spawn(s: &Spawn<'_>) -> io::Result<Process> {
-    let argv: Vec<*const c_char> = s
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let envp: Vec<*const c_char> = s
-        .env
-        .iter()
-        .map(|e| e.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
+    let argv = null_terminated(&s.argv);
+    let envp = null_terminated(&s.env);
     let devnull: &CStr = c"/dev/null";
     // SAFETY: open of a NUL-terminated path.
     let fd = unsafe { libc::open(devnull.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
