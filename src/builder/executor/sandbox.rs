@@ -8,7 +8,7 @@
 //!   (`<root>/.qr-chroot-…`): its store dir (writable: outputs land there) with one mountpoint per
 //!   input path of the closure, and its `/tmp`;
 //! - the child (between `clone` and `execve`, in the runner's memory: only system calls, no
-//!   allocation; see [`super::spawn`]) enters new
+//!   allocation; see `spawn.rs`) enters new
 //!   user, mount, UTS, IPC (and, unless fixed-output, network) namespaces, maps its user to uid 1000
 //!   / gid 100 (Nix's sandbox ids), makes `/` private so nothing propagates back, bind-mounts
 //!   the skeleton read-only and on it the build's store dir, the inputs (read-only), `/build`,
