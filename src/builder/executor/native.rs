@@ -695,7 +695,10 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
         .file_name()
         .map(|f| f.as_bytes().to_vec())
         .unwrap_or_else(|| builder.clone().into_bytes());
-    let spawn_args = Spawn {
+    let setup_sandbox = sandbox
+        .as_ref()
+        .map(|sb| move || sb.child_setup(err_w.as_raw_fd()));
+    let spawned = spawn(&Spawn {
         program: CString::new(builder.as_bytes()).map_err(|_| nul("builder"))?,
         argv: std::iter::once(arg0)
             .chain(args.iter().map(|a| a.as_bytes().to_vec()))
@@ -716,14 +719,7 @@ fn run_builder(job: &Job, counters: &Counters, cancel_r: OwnedFd) -> Result<Ran,
         },
         stdout: &out_w,
         stderr: &out_w,
-        setup: None,
-    };
-    let setup_sandbox = sandbox
-        .as_ref()
-        .map(|sb| move || sb.child_setup(err_w.as_raw_fd()));
-    let spawned = spawn(&Spawn {
         setup: setup_sandbox.as_ref().map(|f| f as Setup<'_>),
-        ..spawn_args
     });
     // Our copies of the pipes' write ends: the builder holds its own.
     drop(setup_sandbox);

@@ -8,16 +8,15 @@
 //!   (`<root>/.qr-chroot-…`): its store dir (writable: outputs land there) with one mountpoint per
 //!   input path of the closure, and its `/tmp`;
 //! - the child (between `clone` and `execve`, in the runner's memory: only system calls, no
-//!   allocation; see `spawn.rs`) enters new
-//!   user, mount, UTS, IPC (and, unless fixed-output, network) namespaces, maps its user to uid 1000
-//!   / gid 100 (Nix's sandbox ids), makes `/` private so nothing propagates back, bind-mounts
-//!   the skeleton read-only and on it the build's store dir, the inputs (read-only), `/build`,
-//!   `/tmp` and the system directories (read-only), sets the hostname to `localhost`, and
-//!   `chroot`s + `chdir`s to `/build`.
+//!   allocation; see `spawn.rs`) enters new user, mount, UTS, IPC (and, unless fixed-output,
+//!   network) namespaces, maps its user to uid 1000 / gid 100 (Nix's sandbox ids), makes `/`
+//!   private so nothing propagates back, bind-mounts the skeleton read-only and on it `/build`,
+//!   `/tmp`, the build's store dir, the inputs (read-only) and the system directories
+//!   (read-only), sets the hostname to `localhost`, and `chroot`s + `chdir`s to `/build`.
 //!
-//! Outputs are then picked up from the build's store dir (`<root>/.qr-chroot-…/store/…`); anything else written there is a write
-//! outside the outputs. Failures name the step that failed (via a pipe, since the child cannot
-//! allocate an error message).
+//! Outputs are then picked up from the build's store dir (`<root>/.qr-chroot-…/store/…`);
+//! anything else written there is a write outside the outputs. Failures name the step that
+//! failed (via a pipe, since the child cannot allocate an error message).
 
 use std::ffi::CString;
 use std::fs;
